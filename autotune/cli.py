@@ -1,0 +1,66 @@
+"""The ``autotune`` command line: ``make_cli(pm)`` builds it, ``main()`` runs it."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+import pluggy
+
+from autotune import __version__
+from autotune.errors import AutotuneError
+
+COMMANDS = ("models", "probe", "estimate")
+
+
+def make_cli(pm: pluggy.PluginManager) -> click.Group:
+    """Build the CLI for one plugin manager (tests pass their own)."""
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, prog_name="autotune")
+    @click.pass_context
+    def cli(ctx: click.Context) -> None:
+        """Hardware-aware auto-tuner for fine-tuning large language models.
+
+        \b
+        autotune probe                      what GPUs this machine has
+        autotune estimate --model deepseek-7b --method lora --rank 16
+        autotune models                     model profiles and aliases
+        """
+        ctx.obj = pm
+
+    for name in COMMANDS:
+        module = importlib.import_module(f"autotune.commands.{name}")
+        cli.add_command(module.command, name=name)
+    pm.hook.register_commands(cli=cli)
+    return cli
+
+
+def main() -> None:
+    """Entry point of the ``autotune`` script: errors end in one line, not a traceback."""
+    try:
+        from autotune.plugins import get_plugin_manager
+
+        make_cli(get_plugin_manager()).main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("autotune: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except AutotuneError as exc:
+        click.echo(f"autotune: error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("autotune: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 -- a bug still ends in one line unless debugging
+        if os.environ.get("AUTOTUNE_DEBUG"):
+            raise
+        click.echo(f"autotune: internal error: {type(exc).__name__}: {exc} "
+                   "(set AUTOTUNE_DEBUG=1 for the traceback)", err=True)
+        sys.exit(70)

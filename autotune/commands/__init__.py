@@ -1,0 +1,1 @@
+"""The built-in CLI commands, one module each."""

@@ -1,0 +1,9 @@
+"""Errors that reach the user as one line, never as a traceback."""
+
+
+class AutotuneError(Exception):
+    """A problem with the user's input or environment, reported as ``autotune: error: ...``."""
+
+
+class DuplicateNameError(AutotuneError):
+    """Two plugins registered an object under the same name."""

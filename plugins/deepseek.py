@@ -1,0 +1,38 @@
+"""Model family: DeepSeek -- DeepSeek-LLM (Llama architecture), DeepSeek-MoE, DeepSeek-V2 (MLA + MoE).
+
+DeepSeek-V2 is built by transformers (fused expert tensors). DeepSeek-MoE ships as
+remote code (``model_type: deepseek``) with one ``nn.Linear`` per expert, which this
+plugin describes by hand.
+"""
+
+from autotune import hookimpl
+from autotune.architecture import decoder
+from autotune.registry import ModelFamily
+
+MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+
+class DeepSeek(ModelFamily):
+    name = "deepseek"
+    model_types = ("deepseek", "deepseek_v2")
+
+    def remote_code(self, config):
+        return config.get("model_type") == "deepseek"
+
+    def module_groups(self, config):
+        groups = super().module_groups(config)
+        if config.get("kv_lora_rank"):
+            groups["attention"] = MLA
+        if config.get("n_routed_experts"):
+            groups["experts"] = ("experts", "shared_experts")
+        return groups
+
+    def describe(self, config):
+        if config.get("model_type") == "deepseek":
+            config = {**config, "experts_as_linears": True}
+        return decoder(config, counted_by="plugin deepseek")
+
+
+@hookimpl
+def register_model_families(register):
+    register(DeepSeek())

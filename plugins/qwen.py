@@ -1,0 +1,18 @@
+"""Model family: Qwen2 / Qwen2.5 (biases on q, k and v; small models tie their embeddings)."""
+
+from autotune import hookimpl
+from autotune.architecture import decoder
+from autotune.registry import ModelFamily
+
+
+class Qwen(ModelFamily):
+    name = "qwen"
+    model_types = ("qwen2",)
+
+    def describe(self, config):
+        return decoder(config, qkv_bias=True, o_bias=False, counted_by="plugin qwen")
+
+
+@hookimpl
+def register_model_families(register):
+    register(Qwen())

@@ -1,0 +1,39 @@
+"""Model family: Yuan 2.0 (remote code): Llama-style layers plus Localized Filtering-based Attention.
+
+Each attention block carries ``lf_gate``: two (2, 1) convolutions (hidden -> hidden/2 ->
+hidden, with biases) and an RMSNorm, applied to the hidden states before q and k.
+"""
+
+from autotune import hookimpl
+from autotune.architecture import decoder
+from autotune.registry import ModelFamily
+
+
+class Yuan(ModelFamily):
+    name = "yuan"
+    model_types = ("yuan",)
+
+    def remote_code(self, config):
+        return True
+
+    def module_groups(self, config):
+        groups = super().module_groups(config)
+        groups["lfa"] = ("lf_gate",)
+        return groups
+
+    def describe(self, config):
+        h = config["hidden_size"]
+        half = h // 2
+        lfa = {
+            "self_attn.lf_gate.conv1.weight": half * h * 2,
+            "self_attn.lf_gate.conv1.bias": half,
+            "self_attn.lf_gate.conv2.weight": h * half * 2,
+            "self_attn.lf_gate.conv2.bias": h,
+            "self_attn.lf_gate.output_layernorm.weight": h,
+        }
+        return decoder(config, extras=lfa, tags=("lfa",), counted_by="plugin yuan")
+
+
+@hookimpl
+def register_model_families(register):
+    register(Yuan())

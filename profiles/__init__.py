@@ -1,0 +1,1 @@
+"""Model profiles and the GPU catalogue, shipped as data (read with importlib.resources)."""
