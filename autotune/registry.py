@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-STANDARD_GROUPS = ("attention", "mlp", "experts", "embeddings", "head")
+STANDARD_GROUPS = ("qv", "attention", "mlp", "experts", "embeddings", "head")
 
 
 class ModelFamily:
@@ -46,10 +46,11 @@ class ModelFamily:
     def module_groups(self, config: dict) -> dict[str, tuple[str, ...]]:
         """Name the module groups LoRA targets refer to, as module-name suffixes.
 
-        Standard keys: ``attention``, ``mlp``, ``experts``, ``embeddings``, ``head``;
-        a family may add its own (e.g. ``lfa`` for Yuan's convolutions).
+        Standard keys: ``qv``, ``attention``, ``mlp``, ``experts``, ``embeddings``,
+        ``head``; a family may add its own (e.g. ``lfa`` for Yuan's convolutions).
         """
         return {
+            "qv": ("q_proj", "v_proj"),
             "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
             "mlp": ("gate_proj", "up_proj", "down_proj"),
             "experts": (),

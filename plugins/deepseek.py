@@ -23,6 +23,7 @@ class DeepSeek(ModelFamily):
         groups = super().module_groups(config)
         if config.get("kv_lora_rank"):
             groups["attention"] = MLA
+            groups["qv"] = ("q_proj", "q_b_proj", "kv_b_proj")  # MLA has no v_proj
         if config.get("n_routed_experts"):
             groups["experts"] = ("experts", "shared_experts")
         return groups

@@ -1,0 +1,56 @@
+"""The cost model's front door: a model and a recipe in, parameter counts and memory out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pluggy
+
+from autotune.architecture import Architecture
+from autotune.errors import AutotuneError
+from autotune.memory import MemoryEstimate, StepShape, estimate_memory
+from autotune.params import ParamCounts, count
+from autotune.recipe import Recipe
+from autotune.registry import ModelFamily, family_for, stage_named
+
+
+@dataclass
+class Estimate:
+    """Everything ``autotune estimate`` reports for one model and recipe."""
+
+    family: ModelFamily
+    arch: Architecture
+    recipe: Recipe
+    params: ParamCounts
+    memory: MemoryEstimate
+
+
+def describe(config: dict, family: ModelFamily) -> Architecture:
+    """The exact architecture: the family's own description, else a meta-device build."""
+    try:
+        arch = family.describe(config)
+    except KeyError as exc:
+        raise AutotuneError(f"config.json lacks {exc.args[0]!r}, which the {family.name} "
+                            "family needs") from exc
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise AutotuneError(f"config.json is not a valid {family.name} config: {exc}") from exc
+    if arch is None:
+        from autotune.metabuild import from_transformers
+
+        arch = from_transformers(config)
+    return arch
+
+
+def estimate(pm: pluggy.PluginManager, config: dict, recipe: Recipe, family_name: str | None = None,
+             device: str = "cuda") -> Estimate:
+    """Count parameters and simulate a training step's memory for ``recipe``."""
+    family = family_for(pm, config, family_name)
+    arch = describe(config, family)
+    stage = stage_named(pm, recipe.stage)
+    counts = count(arch, recipe, family.module_groups(config))
+    if not stage.trains:
+        memory = stage.extra_memory(arch, StepShape(recipe.batch, recipe.seq_len), recipe)
+        return Estimate(family, arch, recipe, counts, memory)
+    extras = stage.extra_memory(arch, StepShape(recipe.batch, recipe.seq_len), recipe)
+    memory = estimate_memory(arch, recipe, counts, extras, device, stage.sequences_per_example())
+    return Estimate(family, arch, recipe, counts, memory)

@@ -1,0 +1,283 @@
+"""The memory model: bytes per component at the peak of a training step.
+
+A step is simulated as the allocator sees it -- static state, the forward pass saving
+activations layer by layer, the loss on the logits, the backward pass freeing them and
+allocating gradients, the optimizer step -- and the peak is the largest live total, with
+its components. ``tensor_peak`` is what ``torch.cuda.max_memory_allocated`` reports;
+``peak`` adds the device's own overhead (CUDA context, workspaces, allocator slack),
+which is what nvidia-smi shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autotune.activations import FP32, INDEX, LinearRole, Precision, layer_saved
+from autotune.architecture import Architecture, Linear, layer_index
+from autotune.params import ParamCounts, trainable_layers
+from autotune.recipe import Recipe
+
+COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "logits",
+              "temporaries", "inputs", "stage_extras")
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+NF4_BLOCK, NF4_BLOCK2 = 64, 256
+EIGHT_BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
+EIGHT_BIT_BLOCK = 2048
+
+CUDA_CONTEXT = 600 * 2**20
+"""CUDA context plus cuBLAS/cuDNN workspaces before any tensor (a few hundred MB)."""
+ALLOCATOR_SLACK = 0.05
+"""Reserved above allocated by the caching allocator's rounding and free blocks."""
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """Sequences per micro batch and their length, as the model sees them."""
+
+    batch: int
+    seq_len: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak memory of one training step, by component."""
+
+    breakdown: dict[str, int]
+    tensor_peak: int
+    device_overhead: int
+    phase: str
+    """Where in the step the peak falls (forward, loss, backward, optimizer)."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return self.tensor_peak + self.device_overhead
+
+
+class _Timeline:
+    """Live bytes by component; remembers the largest total and what made it up."""
+
+    def __init__(self) -> None:
+        self.live = dict.fromkeys(COMPONENTS, 0)
+        self.peak = 0
+        self.at: dict[str, int] = dict(self.live)
+        self.phase = ""
+
+    def add(self, component: str, nbytes: int, phase: str) -> None:
+        self.live[component] += nbytes
+        total = sum(self.live.values())
+        if total > self.peak:
+            self.peak, self.at, self.phase = total, dict(self.live), phase
+
+    def spike(self, component: str, nbytes: int, phase: str) -> None:
+        """A transient that is freed right away."""
+        self.add(component, nbytes, phase)
+        self.add(component, -nbytes, phase)
+
+
+def weight_bytes(arch: Architecture, recipe: Recipe) -> int:
+    """Base weights in their storage format; bitsandbytes quantises linear layers only."""
+    if recipe.bits == 16:
+        return arch.total * BYTES[recipe.weight_dtype]
+    kept = BYTES[recipe.weight_dtype]
+    if recipe.adapter:
+        kept = FP32  # prepare_model_for_kbit_training upcasts what stays unquantised
+    quantised = [lin for lin in arch.linears if lin.path != arch.head]
+    q_params = sum(lin.in_features * lin.out_features for lin in quantised)
+    biases = sum(lin.out_features for lin in quantised if lin.bias)
+    if recipe.bits == 4:
+        blocks = -(-q_params // NF4_BLOCK)
+        packed = q_params // 2 + blocks + 4 * -(-blocks // NF4_BLOCK2) + 2 * 16 * FP32
+    else:
+        packed = q_params + sum(lin.out_features for lin in quantised) * FP32
+    rest = arch.total - q_params - biases
+    return packed + (rest + biases) * kept
+
+
+def _trainable(arch: Architecture, recipe: Recipe, counts: ParamCounts):
+    """(roles by layer and short name, trainable tensors' sizes, embeddings/head trainable)."""
+    roles: list[dict[str, LinearRole]] = [{} for _ in arch.layers]
+    adapted = {lin.path for lin in counts.targets}
+    trained_layers = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
+    for lin in arch.linears:
+        index = layer_index(lin.path)
+        if index is None or index >= arch.num_layers:
+            continue
+        trainable = recipe.method == "full" or (trained_layers is not None and index in trained_layers)
+        role = LinearRole(trainable, lin.path in adapted, recipe.rank, recipe.method == "dora")
+        roles[index][_role_key(lin.path, index)] = role
+    return roles
+
+
+def _role_key(path: str, index: int) -> str:
+    rest = path.split(f".{index}.", 1)[1]
+    for prefix in ("self_attn.", "mlp."):
+        if rest.startswith(prefix):
+            rest = rest[len(prefix):]
+    return "experts" if rest.startswith("experts.") else rest
+
+
+def _trainable_tensors(arch: Architecture, recipe: Recipe, counts: ParamCounts) -> list[int]:
+    """Sizes (elements) of every trainable tensor."""
+    if recipe.adapter:
+        sizes = []
+        for lin in counts.targets:
+            sizes += [recipe.rank * lin.in_features, lin.out_features * recipe.rank]
+            if recipe.method == "dora":
+                sizes.append(lin.out_features)
+        return sizes
+    sizes = []
+    keep = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
+    for item in (*arch.linears, *arch.tensors):
+        if keep is not None and layer_index(item.path) not in keep:
+            continue
+        if item.path == arch.head and arch.tied_embeddings:
+            continue
+        if isinstance(item, Linear):
+            sizes.append(item.in_features * item.out_features)
+            if item.bias:
+                sizes.append(item.out_features)
+        else:
+            sizes.append(item.numel)
+    return sizes
+
+
+def optimizer_state_bytes(recipe: Recipe, sizes: list[int], param_bytes: int) -> int:
+    """Optimizer state for tensors of ``sizes`` elements held at ``param_bytes`` each."""
+    if recipe.optim == "sgd":
+        return 0
+    if recipe.optim == "adafactor":
+        return sum(n * FP32 for n in sizes)  # upper bound: unfactored tensors keep full state
+    steps = len(sizes) * FP32
+    if recipe.optim == "adamw_torch":
+        return 2 * sum(sizes) * param_bytes + steps
+    big = [n for n in sizes if n >= EIGHT_BIT_MIN_SIZE]
+    small = [n for n in sizes if n < EIGHT_BIT_MIN_SIZE]
+    absmax = sum(-(-n // EIGHT_BIT_BLOCK) for n in big) * FP32
+    return 2 * (sum(big) + absmax) + 2 * sum(small) * FP32 + steps
+
+
+def optimizer_temporaries(recipe: Recipe, sizes: list[int], param_bytes: int, device: str) -> int:
+    """Scratch memory inside ``optimizer.step()``.
+
+    On CUDA torch's AdamW takes its multi-tensor (foreach) path: ``sqrt`` of every second
+    moment at once, the size of all trainable parameters. On the CPU it goes tensor by
+    tensor: two temporaries the size of the largest tensor.
+    """
+    if not sizes or recipe.optim != "adamw_torch":
+        return 0
+    if device == "cuda":
+        return sum(sizes) * param_bytes
+    return 2 * max(sizes) * param_bytes
+
+
+def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
+                    extras: dict[str, int] | None = None, device: str = "cuda",
+                    sequences: int = 1) -> MemoryEstimate:
+    """Simulate one training step (after the first) and return its peak, by component.
+
+    ``sequences`` multiplies the batch (2 for preference pairs); ``extras`` are a stage's
+    additional bytes (a reference model, say), live for the whole step.
+    """
+    shape = StepShape(recipe.batch * sequences, recipe.seq_len)
+    t, c = shape.tokens, BYTES[recipe.compute_dtype]
+    w = BYTES[recipe.weight_dtype]
+    p = Precision(compute=c, residual=w, autocast=recipe.compute_dtype != "fp32")
+    sizes = _trainable_tensors(arch, recipe, counts)
+    param_bytes = FP32 if recipe.adapter else w
+    roles = _trainable(arch, recipe, counts)
+    full = recipe.method == "full"
+    head_trainable = full and not arch.tied_embeddings or (full and arch.tied_embeddings)
+    embed_trainable = full
+    trained = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
+
+    tl = _Timeline()
+    tl.add("weights", weight_bytes(arch, recipe), "start")
+    tl.add("adapters", sum(sizes) * FP32 if recipe.adapter else 0, "start")
+    tl.add("optimizer", optimizer_state_bytes(recipe, sizes, param_bytes), "start")
+    tl.add("inputs", t * INDEX, "start")
+    tl.add("stage_extras", sum((extras or {}).values()), "start")
+
+    # -- forward: each layer's saved tensors stay until its backward
+    grad_in = embed_trainable or (recipe.bits < 16 and recipe.grad_ckpt)
+    per_layer = []
+    for i, layer in enumerate(arch.layers):
+        norms = full or (trained is not None and i in trained)
+        saved = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len, roles[i], norms,
+                            grad_in, p, recipe.attn)
+        per_layer.append(saved)
+        grad_in = grad_in or saved > 0
+        kept = t * arch.hidden * w if recipe.grad_ckpt and grad_in else saved
+        tl.add("activations", kept, "forward")
+    if p.autocast and w == FP32:
+        trainable_weights = sum(sizes) if not recipe.adapter else 0
+        tl.add("temporaries", trainable_weights * c, "forward")  # autocast's weight copies
+    final_norm = t * arch.hidden * FP32 + t * FP32 + (t * arch.hidden * w if full else 0)
+    head_in = t * arch.hidden * c if head_trainable else 0
+    tl.add("activations", final_norm + head_in, "forward")
+
+    # -- loss: logits, their fp32 copy, log-softmax kept for backward
+    logits = t * arch.vocab
+    tl.add("logits", logits * c, "loss")
+    if c != FP32:
+        tl.add("logits", logits * FP32, "loss")
+    tl.add("logits", logits * FP32, "loss")                     # log_softmax output
+    tl.add("logits", -logits * (c if c == FP32 else c + FP32), "loss")
+    # -- backward: grad of the log-probs and of the logits, next to the saved log-probs
+    tl.add("logits", 2 * logits * FP32, "backward (loss)")
+    tl.add("logits", -2 * logits * FP32, "backward (loss)")  # log-probs and their gradient
+    if c != FP32:
+        tl.spike("logits", logits * c, "backward (loss)")      # gradient cast back to 16 bit
+    tl.add("logits", -logits * FP32, "backward (loss)")
+    grads_so_far = 0
+    if head_trainable and not arch.tied_embeddings:
+        grads_so_far = arch.head_linear.numel * w
+        tl.add("gradients", grads_so_far, "backward (head)")
+    tl.add("activations", -(final_norm + head_in), "backward")
+    for i in reversed(range(arch.num_layers)):
+        layer = arch.layers[i]
+        if recipe.grad_ckpt and per_layer[i]:
+            tl.add("activations", per_layer[i], f"backward (recompute layer {i})")
+        transient = t * arch.hidden * c + 3 * t * _widest_mlp(layer) * c
+        layer_grads = _layer_grad_bytes(arch, sizes, recipe, i, counts, w)
+        tl.add("gradients", layer_grads, f"backward (layer {i})")
+        tl.spike("temporaries", transient if per_layer[i] else 0, f"backward (layer {i})")
+        freed = per_layer[i] + (t * arch.hidden * w if recipe.grad_ckpt and per_layer[i] else 0)
+        tl.add("activations", -freed if recipe.grad_ckpt else -per_layer[i], "backward")
+    if embed_trainable:
+        tl.add("gradients", _embedding_numel(arch) * w, "backward (embeddings)")
+    if p.autocast and w == FP32 and not recipe.adapter:
+        tl.add("temporaries", -sum(sizes) * c, "backward")
+
+    # -- optimizer step: every gradient exists, plus the step's own scratch
+    tl.spike("temporaries", optimizer_temporaries(recipe, sizes, param_bytes, device), "optimizer")
+    overhead = _device_overhead(tl.peak) if device == "cuda" else 0
+    return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase)
+
+
+def _widest_mlp(layer) -> int:
+    f = layer.mlp
+    return f.intermediate if not f.moe else max(f.shared_intermediate, f.expert_intermediate)
+
+
+def _embedding_numel(arch: Architecture) -> int:
+    return sum(x.numel for x in arch.tensors if x.kind == "embedding")
+
+
+def _layer_grad_bytes(arch, sizes, recipe, i, counts, w) -> int:
+    if recipe.adapter:
+        per = sum(recipe.rank * (lin.in_features + lin.out_features)
+                  + (lin.out_features if recipe.method == "dora" else 0)
+                  for lin in counts.targets if layer_index(lin.path) == i)
+        return per * FP32
+    if recipe.method == "freeze" and i not in set(trainable_layers(arch, recipe)):
+        return 0
+    return arch.layer_params()[i] * w
+
+
+def _device_overhead(tensor_peak: int) -> int:
+    return CUDA_CONTEXT + int(ALLOCATOR_SLACK * tensor_peak)
