@@ -27,6 +27,15 @@ class Precision:
     """The residual stream: the dtype the weights are held in (fp32 under amp)."""
     autocast: bool
     """16-bit autocast is on: fp32 inputs and weights are copied to 16 bit per op."""
+    copies_weights: bool = False
+    """Autocast copies fp32 (unquantised) linear weights to 16 bit for each matmul."""
+    act: int = 0
+    """Elementwise activations between linears: the compute width, except behind
+    bitsandbytes layers, which return their input's dtype (the fp32 residual)."""
+
+    def __post_init__(self) -> None:
+        if not self.act:
+            object.__setattr__(self, "act", self.compute)
 
 
 @dataclass(frozen=True)
@@ -68,8 +77,15 @@ def norm(saved: Saved, name: str, t: int, width: int, p: Precision, grad_in: boo
 
 
 def linear(saved: Saved, name: str, source: str, t: int, fan_in: int, fan_out: int,
-           role: LinearRole, p: Precision, in_bytes: int) -> None:
-    """A linear layer reading storage ``source`` (``in_bytes`` wide)."""
+           role: LinearRole, p: Precision, in_bytes: int, grad_x: bool = True) -> None:
+    """A linear layer reading storage ``source`` (``in_bytes`` wide).
+
+    ``grad_x``: a gradient must flow back through the input. Then, with fp32 weights
+    under autocast, a frozen weight's 16-bit copy is saved too (trainable weights' copies
+    are autocast's cached ones, counted with the weights).
+    """
+    if grad_x and not role.trainable and p.copies_weights:
+        saved.keep(f"{name}.w16", fan_in * fan_out * p.compute)
     if role.trainable:
         if p.autocast and in_bytes != p.compute:
             saved.keep(f"{name}.x16", t * fan_in * p.compute)  # autocast copies per op
@@ -111,9 +127,11 @@ def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Att
 def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: int,
               roles: dict[str, LinearRole], p: Precision, in_bytes: int, grad_in: bool) -> None:
     """SwiGLU: down(silu(gate(x)) * up(x))."""
-    c = p.compute
-    linear(saved, f"{name}.gate_proj", source, t, hidden, inter, roles["gate_proj"], p, in_bytes)
-    linear(saved, f"{name}.up_proj", source, t, hidden, inter, roles["up_proj"], p, in_bytes)
+    c = p.act
+    linear(saved, f"{name}.gate_proj", source, t, hidden, inter, roles["gate_proj"], p, in_bytes,
+           grad_in)
+    linear(saved, f"{name}.up_proj", source, t, hidden, inter, roles["up_proj"], p, in_bytes,
+           grad_in)
     grad_gate = grad_in or roles["gate_proj"].trainable or roles["gate_proj"].adapted
     grad_up = grad_in or roles["up_proj"].trainable or roles["up_proj"].adapted
     if grad_gate or grad_up:
@@ -123,7 +141,7 @@ def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: 
         if grad_up:
             saved.keep(f"{name}.act", t * inter * c)       # for d(up)
     linear(saved, f"{name}.down_proj", f"{name}.act_up", t, inter, hidden,
-           roles["down_proj"], p, c)
+           roles["down_proj"], p, c, grad_gate or grad_up)
 
 
 def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str, LinearRole],
@@ -134,11 +152,12 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
     a, f = layer.attention, layer.mlp
     out_bytes = norm(saved, "ln1", t, hidden, p, grad_in, norms_trainable, p.residual)
     attn_linears = _attention_linears(a, hidden)
-    for lname, (fan_in, fan_out, source) in attn_linears.items():
-        linear(saved, lname, source, t, fan_in, fan_out, roles.get(lname, LinearRole()), p,
-               out_bytes if source == "ln1.out" else p.compute)
     grad_attn = grad_in or any(roles.get(n, LinearRole()).trainable or
                                roles.get(n, LinearRole()).adapted for n in attn_linears)
+    for lname, (fan_in, fan_out, source) in attn_linears.items():
+        linear(saved, lname, source, t, fan_in, fan_out, roles.get(lname, LinearRole()), p,
+               out_bytes if source == "ln1.out" else p.compute,
+               grad_in if source == "ln1.out" else grad_attn)
     if "lfa" in layer.extras and grad_attn:
         # Yuan's localized filtering: two (2,1) convolutions and an RMSNorm on the input.
         saved.keep("lfa.x", t * hidden * p.compute)

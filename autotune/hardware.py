@@ -94,14 +94,18 @@ def _cc_tuple(cc: str) -> tuple[int, int] | None:
     return (int(found.group(1)), int(found.group(2))) if found else None
 
 
+_TYPE_NAMES = {str: "a string", list: "a list", int: "an integer", (int, float): "a number",
+               bool: "true or false"}
+
+
 def _check_type(where: str, key: str, value: Any, types: type | tuple[type, ...]) -> None:
     # bool is an int in Python; YAML ``true`` must not pass for a number (nor 1 for a bool).
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in
                                            (types if isinstance(types, tuple) else (types,)))
     if not ok:
-        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        names = _TYPE_NAMES.get(types, str(types))
         hint = ' (quote it, e.g. "8.6")' if key == "compute_capability" else ""
-        raise AutotuneError(f"{where}: {key} must be a {names}, not {value!r}{hint}")
+        raise AutotuneError(f"{where}: {key} must be {names}, not {value!r}{hint}")
 
 
 def parse_gpu(data: Any, where: str, stem: str | None = None) -> GPU:
@@ -120,7 +124,8 @@ def parse_gpu(data: Any, where: str, stem: str | None = None) -> GPU:
             _check_type(where, key, data[key], types)
     gpu_id = data["id"]
     if not _ID.match(gpu_id):
-        raise AutotuneError(f"{where}: id {gpu_id!r} must be lower-case letters, digits, '.' or '-'")
+        raise AutotuneError(
+            f"{where}: id {gpu_id!r} must be lower-case letters, digits, '.' or '-'")
     if stem is not None and gpu_id != stem:
         raise AutotuneError(f"{where}: id {gpu_id!r} does not match the file name {stem!r}")
     if not data["name"].strip():
@@ -128,7 +133,8 @@ def parse_gpu(data: Any, where: str, stem: str | None = None) -> GPU:
     for key in ("aliases", "match"):
         for item in data.get(key, []):
             if not isinstance(item, (str, int)) or isinstance(item, bool) or not str(item).strip():
-                raise AutotuneError(f"{where}: {key} entries must be non-empty strings, not {item!r}")
+                raise AutotuneError(
+                    f"{where}: {key} entries must be non-empty strings, not {item!r}")
     for key in ("memory_mib", "bf16_tflops", "fp32_tflops", "bandwidth_gbs"):
         if data[key] <= 0:
             raise AutotuneError(f"{where}: {key} must be positive, not {data[key]!r}")
@@ -167,7 +173,8 @@ def _load_catalogue() -> tuple[GPU, ...]:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     folder = files("autotune_profiles") / "gpus"
     found: list[GPU] = []
-    entries = sorted((e for e in folder.iterdir() if e.name.endswith(".yaml")), key=lambda e: e.name)
+    entries = sorted((e for e in folder.iterdir() if e.name.endswith(".yaml")),
+                     key=lambda e: e.name)
     for entry in entries:
         where = f"GPU profile {entry}"
         try:
@@ -231,13 +238,16 @@ def resolve_gpu(spec: str) -> GPU:
             return catalogue[next(iter(ids))]
         if len(ids) > 1:
             raise AutotuneError(f"GPU {spec!r} is ambiguous: {', '.join(sorted(ids))}")
-    # A name as the driver reports it: only when the match strings single out one card.
+    # A name as the driver reports it (``NVIDIA A100-SXM4-40GB``): when the match strings,
+    # helped by a "<n>GB" in the name, single out one card.
     matched = _match_candidates(text)
     if matched:
         best = max(length for length, _ in matched)
-        top = sorted({gpu.id for length, gpu in matched if length == best})
-        if len(top) == 1:
-            return catalogue[top[0]]
+        tied = {gpu.id for length, gpu in matched if length == best}
+        size = re.search(r"(\d+)\s*GB\b", text, re.IGNORECASE)
+        if len(tied) == 1 or size:
+            memory = int(size.group(1)) * 1024**3 if size else 0
+            return catalogue[gpu_from_name(text, memory).id]
     raise AutotuneError(f"unknown GPU {spec!r}{_suggest(text, index)}; "
                         "`autotune gpus` lists the catalogue, or give --vram instead")
 
@@ -374,14 +384,9 @@ def query_nvml() -> dict[str, Any]:
     try:
         raw: dict[str, Any] = {"driver_version": None, "cuda_driver_version": None,
                                "devices": [], "errors": []}
-        try:
-            raw["driver_version"] = _text(pynvml.nvmlSystemGetDriverVersion())
-        except Exception:  # noqa: BLE001
-            pass
-        try:
-            raw["cuda_driver_version"] = int(pynvml.nvmlSystemGetCudaDriverVersion())
-        except Exception:  # noqa: BLE001
-            pass
+        raw["driver_version"] = _optional(lambda: _text(pynvml.nvmlSystemGetDriverVersion()))
+        raw["cuda_driver_version"] = _optional(
+            lambda: int(pynvml.nvmlSystemGetCudaDriverVersion()))
         for index in range(int(pynvml.nvmlDeviceGetCount())):
             try:
                 handle = pynvml.nvmlDeviceGetHandleByIndex(index)
@@ -392,16 +397,14 @@ def query_nvml() -> dict[str, Any]:
             except Exception as exc:  # noqa: BLE001 -- one bad device must not hide the others
                 raw["errors"].append(f"GPU {index}: {type(exc).__name__}: {exc}")
                 continue
-            device["cc"] = _optional(lambda: tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle)))
-            device["uuid"] = _optional(lambda: _text(pynvml.nvmlDeviceGetUUID(handle)))
-            device["mig"] = _optional(lambda: bool(pynvml.nvmlDeviceGetMigMode(handle)[0]))
+            device["cc"] = _optional(
+                lambda h=handle: tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h)))
+            device["uuid"] = _optional(lambda h=handle: _text(pynvml.nvmlDeviceGetUUID(h)))
+            device["mig"] = _optional(lambda h=handle: bool(pynvml.nvmlDeviceGetMigMode(h)[0]))
             raw["devices"].append(device)
         return raw
     finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
+        _optional(pynvml.nvmlShutdown)
 
 
 def _optional(get: Any) -> Any:
@@ -556,7 +559,8 @@ def host_info() -> dict[str, Any]:
         "cpu_usable_cores": usable,
         "ram_total_bytes": total,
         "ram_available_bytes": available,
-        "ram_limit_bytes": limit if limit is not None and (total is None or limit < total) else None,
+        "ram_limit_bytes": (limit if limit is not None and (total is None or limit < total)
+                            else None),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "python_version": platform.python_version(),

@@ -186,7 +186,12 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     shape = StepShape(recipe.batch * sequences, recipe.seq_len)
     t, c = shape.tokens, BYTES[recipe.compute_dtype]
     w = BYTES[recipe.weight_dtype]
-    p = Precision(compute=c, residual=w, autocast=recipe.compute_dtype != "fp32")
+    autocast = recipe.compute_dtype != "fp32"
+    copies = autocast and w == FP32  # fp32 weights, cast to 16 bit per matmul
+    if recipe.bits < 16:  # prepare_model_for_kbit_training leaves the residual stream fp32
+        w = FP32
+    p = Precision(compute=c, residual=w, autocast=autocast, copies_weights=copies,
+                  act=w if recipe.bits < 16 else c)
     sizes = _trainable_tensors(arch, recipe, counts)
     param_bytes = FP32 if recipe.adapter else w
     roles = _trainable(arch, recipe, counts)
@@ -213,11 +218,13 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         grad_in = grad_in or saved > 0
         kept = t * arch.hidden * w if recipe.grad_ckpt and grad_in else saved
         tl.add("activations", kept, "forward")
-    if p.autocast and w == FP32:
-        trainable_weights = sum(sizes) if not recipe.adapter else 0
-        tl.add("temporaries", trainable_weights * c, "forward")  # autocast's weight copies
+    # autocast keeps a 16-bit copy of each fp32 trainable weight a matmul uses, until backward
+    cast_copies = _cast_copies(arch, recipe, trained) * c if copies else 0
+    tl.add("temporaries", cast_copies, "forward")
     final_norm = t * arch.hidden * FP32 + t * FP32 + (t * arch.hidden * w if full else 0)
     head_in = t * arch.hidden * c if head_trainable else 0
+    if not head_trainable and p.autocast and w == FP32:  # fp32 head: amp, or kept by bnb
+        head_in = arch.head_linear.in_features * arch.head_linear.out_features * c  # weight copy
     tl.add("activations", final_norm + head_in, "forward")
 
     # -- loss: logits, their fp32 copy, log-softmax kept for backward
@@ -250,13 +257,20 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         tl.add("activations", -freed if recipe.grad_ckpt else -per_layer[i], "backward")
     if embed_trainable:
         tl.add("gradients", _embedding_numel(arch) * w, "backward (embeddings)")
-    if p.autocast and w == FP32 and not recipe.adapter:
-        tl.add("temporaries", -sum(sizes) * c, "backward")
+    tl.add("temporaries", -cast_copies, "backward")
 
     # -- optimizer step: every gradient exists, plus the step's own scratch
     tl.spike("temporaries", optimizer_temporaries(recipe, sizes, param_bytes, device), "optimizer")
     overhead = _device_overhead(tl.peak) if device == "cuda" else 0
     return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase)
+
+
+def _cast_copies(arch: Architecture, recipe: Recipe, trained: set[int] | None) -> int:
+    """Elements of the trainable linear weights (and biases) that autocast copies."""
+    if recipe.adapter:
+        return 0
+    return sum(lin.numel for lin in arch.linears
+               if recipe.method == "full" or layer_index(lin.path) in trained)
 
 
 def _widest_mlp(layer) -> int:
