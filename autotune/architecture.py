@@ -14,6 +14,17 @@ from functools import cached_property
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
+# PEFT on transformers 5 MoE models: LoRA targets that named per-expert linears (and the
+# router) in transformers 4 are remapped to the fused expert parameters, with the rank
+# doubled on the fused gate+up tensor -- and taken off every nn.Linear of those names,
+# dense MLPs and shared experts included. Keyed by transformers' conversion pattern.
+PEFT_FUSED_TARGETS = {
+    "qwen2_moe": {"gate_proj": ("gate_up_proj", 2), "up_proj": ("gate_up_proj", 2),
+                  "down_proj": ("down_proj", 1), "gate": ("gate.weight", 1)},
+    "mixtral": {"w1": ("gate_up_proj", 2), "w3": ("gate_up_proj", 2),
+                "w2": ("down_proj", 1), "gate": ("gate.weight", 1)},
+}
+
 
 @dataclass(frozen=True)
 class Linear:
@@ -40,6 +51,7 @@ class Tensor:
     path: str
     numel: int
     kind: str
+    shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,8 +110,9 @@ class Architecture:
     head: str = "lm_head"
     counted_by: str = ""
     hidden_act: str = "silu"
-    norm: str = "rms"
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
+    fused_targets: dict[str, tuple[str, int]] = field(default_factory=dict, compare=False,
+                                                      hash=False)
+    """PEFT's remap of per-expert target names to fused parameters (see PEFT_FUSED_TARGETS)."""
 
     @cached_property
     def total(self) -> int:
@@ -147,7 +160,6 @@ def decoder(
     qkv_bias: bool | None = None,
     o_bias: bool | None = None,
     extras: dict[str, int] | None = None,
-    extra_linears: dict[str, tuple[int, int, bool]] | None = None,
     tags: tuple[str, ...] = (),
     counted_by: str = "",
 ) -> Architecture:
@@ -155,8 +167,7 @@ def decoder(
 
     Covers Llama, Mistral, Qwen2, DeepSeek-LLM, DeepSeek-V2 (MLA and MoE with fused
     experts) and, with ``extras``, remote-code variants. ``extras`` maps a per-layer
-    parameter suffix to its size (e.g. Yuan's convolutions); ``extra_linears`` adds
-    per-layer linears ``{suffix: (in, out, bias)}``; ``tags`` name family-specific
+    parameter suffix to its size (e.g. Yuan's convolutions); ``tags`` name family-specific
     blocks for the activation model (``"lfa"``).
     """
     h = config["hidden_size"]
@@ -180,15 +191,15 @@ def decoder(
         for suffix, size in (extras or {}).items():
             kind = "conv" if "conv" in suffix else "norm" if "norm" in suffix else "other"
             tensors.append(Tensor(f"{p}.{suffix}", size, kind))
-        for suffix, (fan_in, fan_out, bias) in (extra_linears or {}).items():
-            linears.append(Linear(f"{p}.{suffix}", fan_in, fan_out, bias))
         tensors.append(Tensor(f"{p}.input_layernorm.weight", h, "norm"))
         tensors.append(Tensor(f"{p}.post_attention_layernorm.weight", h, "norm"))
         layers.append(Layer(attention, mlp, tags))
     tensors.append(Tensor("model.norm.weight", h, "norm"))
     linears.append(Linear("lm_head", h, vocab, False))
+    fused = any(t.kind == "experts" for t in tensors)
     return Architecture(
         model_type=config.get("model_type", ""),
+        fused_targets=PEFT_FUSED_TARGETS["qwen2_moe"] if fused else {},
         hidden=h,
         vocab=vocab,
         layers=tuple(layers),
@@ -246,9 +257,11 @@ def _feed_forward(config, i, p, h, mlp_bias, linears, tensors) -> FeedForward:
         for e in range(experts):
             _mlp(linears, f"{p}.mlp.experts.{e}", h, moe_inter, False)
     else:  # transformers' fused expert tensors
-        tensors.append(Tensor(f"{p}.mlp.experts.gate_up_proj", experts * 2 * moe_inter * h, "experts"))
-        tensors.append(Tensor(f"{p}.mlp.experts.down_proj", experts * moe_inter * h, "experts"))
-    tensors.append(Tensor(f"{p}.mlp.gate.weight", experts * h, "router"))
+        tensors.append(Tensor(f"{p}.mlp.experts.gate_up_proj", experts * 2 * moe_inter * h,
+                              "experts", (experts, 2 * moe_inter, h)))
+        tensors.append(Tensor(f"{p}.mlp.experts.down_proj", experts * moe_inter * h, "experts",
+                              (experts, h, moe_inter)))
+    tensors.append(Tensor(f"{p}.mlp.gate.weight", experts * h, "router", (experts, h)))
     if shared:
         _mlp(linears, f"{p}.mlp.shared_experts", h, shared, False)
     return FeedForward(0, experts, config["num_experts_per_tok"], moe_inter, shared)

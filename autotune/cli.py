@@ -12,7 +12,7 @@ import pluggy
 from autotune import __version__
 from autotune.errors import AutotuneError
 
-COMMANDS = ("models", "probe", "estimate")
+COMMANDS = ("models", "probe", "gpus", "estimate")
 
 
 def make_cli(pm: pluggy.PluginManager) -> click.Group:

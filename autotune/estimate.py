@@ -8,7 +8,7 @@ import pluggy
 
 from autotune.architecture import Architecture
 from autotune.errors import AutotuneError
-from autotune.memory import MemoryEstimate, StepShape, estimate_memory
+from autotune.memory import MemoryEstimate, estimate_memory, serving_memory
 from autotune.params import ParamCounts, count
 from autotune.recipe import Recipe
 from autotune.registry import ModelFamily, family_for, stage_named
@@ -49,8 +49,10 @@ def estimate(pm: pluggy.PluginManager, config: dict, recipe: Recipe, family_name
     stage = stage_named(pm, recipe.stage)
     counts = count(arch, recipe, family.module_groups(config))
     if not stage.trains:
-        memory = stage.extra_memory(arch, StepShape(recipe.batch, recipe.seq_len), recipe)
-        return Estimate(family, arch, recipe, counts, memory)
-    extras = stage.extra_memory(arch, StepShape(recipe.batch, recipe.seq_len), recipe)
+        return Estimate(family, arch, recipe, counts, serving_memory(arch, recipe))
+    try:
+        extras = stage.extra_memory(arch, recipe, counts)
+    except Exception as exc:
+        raise AutotuneError(f"stage plugin {stage.plugin!r} failed: {exc}") from exc
     memory = estimate_memory(arch, recipe, counts, extras, device, stage.sequences_per_example())
     return Estimate(family, arch, recipe, counts, memory)

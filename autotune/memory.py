@@ -124,12 +124,7 @@ def _role_key(path: str, index: int) -> str:
 def _trainable_tensors(arch: Architecture, recipe: Recipe, counts: ParamCounts) -> list[int]:
     """Sizes (elements) of every trainable tensor."""
     if recipe.adapter:
-        sizes = []
-        for lin in counts.targets:
-            sizes += [recipe.rank * lin.in_features, lin.out_features * recipe.rank]
-            if recipe.method == "dora":
-                sizes.append(lin.out_features)
-        return sizes
+        return [n for _, n in counts.adapter_tensors]
     sizes = []
     keep = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
     for item in (*arch.linears, *arch.tensors):
@@ -159,6 +154,35 @@ def optimizer_state_bytes(recipe: Recipe, sizes: list[int], param_bytes: int) ->
     small = [n for n in sizes if n < EIGHT_BIT_MIN_SIZE]
     absmax = sum(-(-n // EIGHT_BIT_BLOCK) for n in big) * FP32
     return 2 * (sum(big) + absmax) + 2 * sum(small) * FP32 + steps
+
+
+def training_state_bytes(recipe: Recipe, params: ParamCounts) -> int:
+    """Adapter weights, gradients and optimizer state of a model trained like ``recipe``."""
+    param_bytes = FP32 if recipe.adapter else BYTES[recipe.weight_dtype]
+    adapters = params.trainable * FP32 if recipe.adapter else 0
+    return (adapters + params.trainable * param_bytes
+            + optimizer_state_bytes(recipe, [params.trainable], param_bytes))
+
+
+def serving_bytes(params: int, bits: int) -> int:
+    """The seeds' serving rule: M = P · 4 B / (32 / Q) · 1.2 (weights plus 20%)."""
+    return int(params * 4 / (32 / bits) * 1.2)
+
+
+def serving_memory(arch: Architecture, recipe: Recipe) -> MemoryEstimate:
+    """Memory to serve the model at ``recipe.bits``, by the seeds' rule (seed 004)."""
+    weights = arch.total * recipe.bits // 8
+    total = serving_bytes(arch.total, recipe.bits)
+    return MemoryEstimate({"weights": weights}, weights, total - weights, "inference",
+                          ["serving rule M = P x 4 B / (32 / Q) x 1.2: the 20% covers the "
+                           "KV cache and runtime buffers"])
+
+
+def checkpoint_bytes(arch: Architecture, recipe: Recipe, params: ParamCounts) -> int:
+    """Size of what a run saves: the adapter (fp32) or the full weights (16 bit)."""
+    if recipe.adapter:
+        return params.trainable * FP32
+    return arch.total * (2 if recipe.weight_dtype == "fp32" else BYTES[recipe.weight_dtype])
 
 
 def optimizer_temporaries(recipe: Recipe, sizes: list[int], param_bytes: int, device: str) -> int:
@@ -284,10 +308,7 @@ def _embedding_numel(arch: Architecture) -> int:
 
 def _layer_grad_bytes(arch, sizes, recipe, i, counts, w) -> int:
     if recipe.adapter:
-        per = sum(recipe.rank * (lin.in_features + lin.out_features)
-                  + (lin.out_features if recipe.method == "dora" else 0)
-                  for lin in counts.targets if layer_index(lin.path) == i)
-        return per * FP32
+        return sum(n for path, n in counts.adapter_tensors if layer_index(path) == i) * FP32
     if recipe.method == "freeze" and i not in set(trainable_layers(arch, recipe)):
         return 0
     return arch.layer_params()[i] * w

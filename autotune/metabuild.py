@@ -6,7 +6,15 @@ second. This is the ground truth the family plugins' analytic descriptions are h
 
 from __future__ import annotations
 
-from autotune.architecture import Architecture, Attention, FeedForward, Layer, Linear, Tensor
+from autotune.architecture import (
+    PEFT_FUSED_TARGETS,
+    Architecture,
+    Attention,
+    FeedForward,
+    Layer,
+    Linear,
+    Tensor,
+)
 from autotune.errors import AutotuneError
 
 
@@ -32,17 +40,23 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
     """An :class:`Architecture` for a built ``torch.nn.Module`` (meta or real)."""
     import torch
 
+    from transformers.pytorch_utils import Conv1D
+
     linears: list[Linear] = []
     owned: set[str] = set()
     for path, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            linears.append(Linear(path, module.in_features, module.out_features,
-                                  module.bias is not None))
-            owned.update(f"{path}.{n}" for n, _ in module.named_parameters(recurse=False))
+            shape = (module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):  # GPT-2 style: a linear layer with a transposed weight
+            shape = (module.nx, module.nf)
+        else:
+            continue
+        linears.append(Linear(path, *shape, module.bias is not None))
+        owned.update(f"{path}.{n}" for n, _ in module.named_parameters(recurse=False))
     kinds = _kinds(model)
     tensors = [
         Tensor(name, p.numel(), kinds.get(name.rsplit(".", 1)[0], "other") if p.dim() < 3
-               else "experts")
+               else "experts", tuple(p.shape))
         for name, p in model.named_parameters() if name not in owned
     ]
     out = model.get_output_embeddings()
@@ -59,7 +73,17 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         head=head,
         counted_by=counted_by,
         hidden_act=getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", "gelu"),
+        fused_targets=_peft_fused_targets(cfg.model_type),
     )
+
+
+def _peft_fused_targets(model_type: str) -> dict[str, tuple[str, int]]:
+    """PEFT's target remap for this MoE model type, if transformers converts its experts."""
+    try:  # PEFT's own copy of the table (it adds mixtral)
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN
+    except ImportError:  # older PEFT / transformers: experts are plain linears
+        return {}
+    return PEFT_FUSED_TARGETS.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type, ""), {})
 
 
 def from_transformers(config: dict) -> Architecture:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from autotune.architecture import Architecture, Linear
+from autotune.architecture import Architecture, Linear, Tensor
 from autotune.errors import AutotuneError
 from autotune.recipe import Recipe
 
@@ -25,6 +25,10 @@ class ParamCounts:
     """L·(12h² + 13h) + V·h (seed 004); ≈ 12·L·h² for large h."""
     twelve_l_h2: int
     targets: tuple[Linear, ...] = ()
+    target_params: tuple[Tensor, ...] = ()
+    """Fused expert parameters (and routers) PEFT adapts directly."""
+    adapter_tensors: tuple[tuple[str, int], ...] = ()
+    """Every adapter tensor: (the adapted module or parameter's path, elements)."""
     unmatched: tuple[str, ...] = ()
     """Requested target names that match no module (PEFT would silently skip them)."""
 
@@ -39,39 +43,48 @@ def rule_of_thumb(arch: Architecture) -> int:
     return arch.num_layers * (12 * h * h + 13 * h) + arch.vocab * h
 
 
-def resolve_targets(arch: Architecture, groups: dict[str, tuple[str, ...]],
-                    targets: str) -> tuple[tuple[Linear, ...], tuple[str, ...]]:
-    """The linear layers a LoRA ``targets`` spec selects, with PEFT's matching rules.
+def resolve_targets(arch: Architecture, groups: dict[str, tuple[str, ...]], targets: str
+                    ) -> tuple[tuple[Linear, ...], tuple[str, ...], dict[str, int]]:
+    """What a LoRA ``targets`` spec adapts, with PEFT's matching rules.
 
     ``targets`` is ``all-linear`` (every linear layer but the output head, as PEFT
     means it), or a comma- or plus-separated list of group names (``qv``, ``attn``,
     ``mlp``, ``experts`` and family groups) and module names (``q_proj``). A module
-    name matches a module path equal to it or ending in ``.name``, as in PEFT.
+    name matches a path equal to it or ending in ``.name``, as in PEFT. Returns the
+    linear layers, the names that matched nothing, and fused parameters PEFT adapts
+    instead (suffix -> rank multiplier; see ``Architecture.fused_targets``).
     """
     spec = targets.strip()
     if not spec:
         raise AutotuneError("no LoRA targets given")
+    fused = arch.fused_targets
     if spec == ALL_LINEAR:
-        return tuple(lin for lin in arch.linears if lin.path != arch.head), ()
-    names: list[str] = []
-    for item in filter(None, (t.strip() for t in spec.replace("+", ",").split(","))):
-        if item == ALL_LINEAR:
-            raise AutotuneError("all-linear cannot be combined with other targets")
-        group = GROUP_ALIASES.get(item, item)
-        names.extend(groups[group] if group in groups else (item,))
-    matched = {n: False for n in names}
+        names = {lin.name for lin in arch.linears if lin.path != arch.head}
+        if not fused:
+            return tuple(lin for lin in arch.linears if lin.path != arch.head), (), {}
+        names |= fused.keys()
+    else:
+        names = []
+        for item in filter(None, (t.strip() for t in spec.replace("+", ",").split(","))):
+            if item == ALL_LINEAR:
+                raise AutotuneError("all-linear cannot be combined with other targets")
+            group = GROUP_ALIASES.get(item, item)
+            names.extend(groups[group] if group in groups else (item,))
+    params = {fused[n][0]: fused[n][1] for n in names if n in fused}
+    modules = [n for n in dict.fromkeys(names) if n not in fused]
+    matched = {n: False for n in modules}
     chosen = []
     for lin in arch.linears:
-        hit = [n for n in names if lin.path == n or lin.path.endswith("." + n)]
+        hit = [n for n in modules if lin.path == n or lin.path.endswith("." + n)]
         for n in hit:
             matched[n] = True
         if hit:
             chosen.append(lin)
     unmatched = tuple(n for n, ok in matched.items() if not ok)
-    if not chosen:
+    if not chosen and not params:
         raise AutotuneError(f"LoRA targets {targets!r} match no linear layer of this model "
                             f"(its layers are named {', '.join(linear_names(arch))})")
-    return tuple(chosen), unmatched
+    return tuple(chosen), unmatched, params
 
 
 def linear_names(arch: Architecture) -> list[str]:
@@ -82,6 +95,30 @@ def linear_names(arch: Architecture) -> list[str]:
 def adapter_params(lin: Linear, rank: int, dora: bool) -> int:
     """LoRA A (r×in) and B (out×r), plus DoRA's magnitude vector (out)."""
     return rank * (lin.in_features + lin.out_features) + (lin.out_features if dora else 0)
+
+
+def _adapter_tensors(arch: Architecture, recipe: Recipe, chosen: tuple[Linear, ...],
+                     params: dict[str, int]) -> tuple[list[Tensor], list[tuple[str, int]]]:
+    dora = recipe.method == "dora"
+    sizes = []
+    for lin in chosen:
+        sizes += [(lin.path, recipe.rank * lin.in_features), (lin.path, lin.out_features * recipe.rank)]
+        if dora:
+            sizes.append((lin.path, lin.out_features))
+    wrapped = []
+    for tensor in arch.tensors:
+        suffix = next((s for s in params if tensor.path.endswith("." + s)), None)
+        if suffix is None:
+            continue
+        if dora:
+            raise AutotuneError("PEFT cannot apply DoRA to fused expert parameters "
+                                f"({tensor.path}); use lora, or name non-expert targets")
+        wrapped.append(tensor)
+        rank = recipe.rank * params[suffix]
+        experts, (fan_out, fan_in) = (tensor.shape[0], tensor.shape[1:]) if len(tensor.shape) == 3 \
+            else (1, tensor.shape)
+        sizes += [(tensor.path, rank * experts * fan_in), (tensor.path, fan_out * rank * experts)]
+    return wrapped, sizes
 
 
 def trainable_layers(arch: Architecture, recipe: Recipe) -> range:
@@ -96,9 +133,12 @@ def count(arch: Architecture, recipe: Recipe, groups: dict[str, tuple[str, ...]]
     quick = dict(rule_of_thumb=rule_of_thumb(arch),
                  twelve_l_h2=12 * arch.num_layers * arch.hidden**2)
     if recipe.adapter:
-        chosen, unmatched = resolve_targets(arch, groups, recipe.targets)
-        added = sum(adapter_params(lin, recipe.rank, recipe.method == "dora") for lin in chosen)
-        return ParamCounts(total, added, total + added, targets=chosen, unmatched=unmatched, **quick)
+        chosen, unmatched, fused = resolve_targets(arch, groups, recipe.targets)
+        wrapped, sizes = _adapter_tensors(arch, recipe, chosen, fused)
+        added = sum(n for _, n in sizes)
+        return ParamCounts(total, added, total + added, targets=chosen,
+                           target_params=tuple(wrapped), adapter_tensors=tuple(sizes),
+                           unmatched=unmatched, **quick)
     if recipe.method == "freeze":
         per_layer = arch.layer_params()
         trainable = sum(per_layer[i] for i in trainable_layers(arch, recipe))

@@ -12,7 +12,8 @@ from autotune.errors import AutotuneError, DuplicateNameError
 
 if TYPE_CHECKING:
     from autotune.architecture import Architecture
-    from autotune.memory import StepShape
+    from autotune.params import ParamCounts
+    from autotune.recipe import Recipe
 
 T = TypeVar("T")
 
@@ -76,11 +77,14 @@ class Stage:
     """False for stages that only run the model (inference)."""
     plugin: str = ""
 
-    def extra_memory(self, arch: Architecture, shape: StepShape, method: str) -> dict[str, int]:
-        """Bytes this stage needs beyond one policy model's training step, by component.
+    def extra_memory(self, arch: Architecture, recipe: Recipe,
+                     params: ParamCounts) -> dict[str, int]:
+        """Bytes this stage holds beyond one policy model's training step, by name.
 
-        Called by the cost model. ``shape`` is the step's batch and sequence length;
-        ``method`` is ``full``, ``freeze``, ``lora``, ``dora`` or ``qlora``.
+        Called by the cost model with the policy's exact parameter counts; the bytes are
+        live for the whole step (a frozen reference model, a
+        reward model, ...). The core's ``weight_bytes`` and ``training_state_bytes``
+        in :mod:`autotune.memory` price whole models in the recipe's format.
         """
         return {}
 
