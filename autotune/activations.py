@@ -146,7 +146,11 @@ def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: 
 
 def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str, LinearRole],
                 norms_trainable: bool, grad_in: bool, p: Precision, kernel: str) -> int:
-    """Bytes one decoder layer saves for backward."""
+    """Bytes one decoder layer saves for backward.
+
+    ``kernel``: ``sdpa`` and ``flash`` (fused: output and log-sum-exp), ``eager`` (scores
+    materialised) or ``math`` (SDPA's fallback on the CPU when head widths differ).
+    """
     t = batch * seq
     saved = Saved()
     a, f = layer.attention, layer.mlp
@@ -163,10 +167,10 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
         saved.keep("lfa.x", t * hidden * p.compute)
         saved.keep("lfa.conv1", t * hidden // 2 * p.compute)
         saved.keep("lfa.x32", t * hidden * FP32)
-    if grad_attn:
+    if grad_attn and a.mla:
+        _mla(saved, t, batch, seq, a, p, kernel, norms_trainable)
+    elif grad_attn:
         attention_core(saved, "attn", t, batch, seq, a, p, kernel)
-        if a.mla:
-            saved.keep("mla.kv_norm", t * a.kv_lora_rank * FP32)
     grad_mid = grad_attn or grad_in
     mid_bytes = norm(saved, "ln2", t, hidden, p, grad_mid, norms_trainable, p.residual)
     if f.moe:
@@ -176,6 +180,28 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
                   {n: roles.get(n, LinearRole()) for n in ("gate_proj", "up_proj", "down_proj")},
                   p, mid_bytes, grad_mid)
     return saved.total
+
+
+def _mla(saved: Saved, t: int, batch: int, seq: int, a: Attention, p: Precision, kernel: str,
+         norms_trainable: bool) -> None:
+    """Multi-head latent attention: normed low-rank q and kv, rotary in fp32.
+
+    q and k leave the fp32 rotary embedding in fp32; with q/k and v head widths unequal,
+    SDPA on the CPU takes its math path and keeps the fp32 probabilities.
+    """
+    for rank, name in ((a.q_lora_rank, "q_a"), (a.kv_lora_rank, "kv_a")):
+        if rank:
+            norm(saved, name, t, rank, p, True, norms_trainable, p.compute)
+            saved.keep(f"{name}.norm", t * rank * p.compute)
+    width = FP32 if kernel == "math" else p.compute
+    saved.keep("attn.q", t * a.heads * a.head_dim * width)
+    saved.keep("attn.k", t * a.heads * a.head_dim * width)
+    saved.keep("attn.v", t * a.heads * a.v_head_dim * width)
+    if kernel in ("math", "eager"):
+        saved.keep("attn.probs32", batch * a.heads * seq * seq * FP32)
+    else:
+        saved.keep("attn.out", t * a.heads * a.v_head_dim * p.compute)
+        saved.keep("attn.lse", batch * a.heads * seq * FP32)
 
 
 def _attention_linears(a: Attention, hidden: int) -> dict[str, tuple[int, int, str]]:
@@ -204,10 +230,14 @@ def _moe(saved: Saved, t: int, hidden: int, f: FeedForward, roles, p: Precision,
          in_bytes: int, grad_in: bool) -> None:
     """Routed experts see top_k tokens' worth of rows each on average, plus shared experts."""
     c = p.compute
-    saved.keep("router.logits32", t * f.experts * FP32)
     routed = t * f.top_k
     expert_role = roles.get("experts", LinearRole())
     if grad_in or expert_role.trainable:
+        if expert_role.trainable:
+            saved.keep("router.x", t * hidden * c)
+        saved.keep("router.logits", t * f.experts * (c + FP32))
+        saved.keep("router.index", (t * f.top_k + 3 * routed) * INDEX)
+        saved.keep("experts.weights", routed * FP32)
         saved.keep("experts.x", routed * hidden * c)
         saved.keep("experts.gate_up", routed * 2 * f.expert_intermediate * c)
         saved.keep("experts.act", routed * f.expert_intermediate * c)

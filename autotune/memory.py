@@ -236,8 +236,9 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     per_layer = []
     for i, layer in enumerate(arch.layers):
         norms = full or (trained is not None and i in trained)
+        kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
         saved = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len, roles[i], norms,
-                            grad_in, p, recipe.attn)
+                            grad_in, p, kernel)
         per_layer.append(saved)
         grad_in = grad_in or saved > 0
         kept = t * arch.hidden * w if recipe.grad_ckpt and grad_in else saved
