@@ -25,8 +25,18 @@ class Estimate:
     memory: MemoryEstimate
 
 
+SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+         "intermediate_size", "vocab_size", "head_dim", "n_embd", "n_layer", "n_head")
+
+
 def describe(config: dict, family: ModelFamily) -> Architecture:
     """The exact architecture: the family's own description, else a meta-device build."""
+    for key in SIZES:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 1):
+            raise AutotuneError(f"config.json: {key} must be a positive whole number, "
+                                f"not {value!r}")
     try:
         arch = family.describe(config)
     except KeyError as exc:

@@ -108,8 +108,7 @@ def to_json(model, result, card=None) -> dict:
     from autotune.memory import checkpoint_bytes
 
     params, memory, recipe, arch = result.params, result.memory, result.recipe, result.arch
-    breakdown = {k: v for k, v in memory.breakdown.items() if v}
-    breakdown["device_overhead"] = memory.device_overhead
+    breakdown = {**memory.breakdown, "device_overhead": memory.device_overhead}
     notes = list(memory.notes)
     if params.unmatched:
         notes.append(f"targets {', '.join(params.unmatched)} match no module of this model "
@@ -166,7 +165,7 @@ def render(report: dict) -> str:
         "",
         f"memory at the peak ({mem['peak_phase']})",
     ]
-    for name, nbytes in mem["breakdown"].items():
+    for name, nbytes in ((k, v) for k, v in mem["breakdown"].items() if v):
         lines.append(f"  {name.replace('_', ' '):<18} {nbytes / GiB:>10.2f} GiB")
     lines.append(f"  {'tensors':<18} {mem['tensor_peak_bytes'] / GiB:>10.2f} GiB   "
                  "(torch.cuda.max_memory_allocated)")

@@ -1,0 +1,122 @@
+"""The command line: JSON contracts, one-line errors, and light start-up."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from autotune.cli import make_cli
+
+
+@pytest.fixture
+def run(pm):
+    def invoke(*args):
+        return CliRunner().invoke(make_cli(pm), list(args))
+    return invoke
+
+
+def autotune(*args):
+    """Run the installed console script in a subprocess, as a user would."""
+    return subprocess.run([sys.executable, "-m", "autotune", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_estimate_json_contract(run):
+    result = run("estimate", "--model", "deepseek-7b", "--method", "lora", "--rank", "16",
+                 "--targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["params"]["total"] == 6_910_365_696
+    assert report["params"]["trainable"] == 37_478_400
+    assert report["params"]["all"] == 6_947_844_096
+    assert report["params"]["rule_of_thumb"] == 30 * (12 * 4096**2 + 13 * 4096) + 102400 * 4096
+    memory = report["memory"]
+    assert sum(memory["breakdown"].values()) == memory["peak_bytes"]
+    assert memory["peak_bytes"] == memory["tensor_peak_bytes"] + memory["breakdown"]["device_overhead"]
+    for key in ("weights", "adapters", "optimizer", "activations", "logits"):
+        assert memory["breakdown"][key] > 0
+
+
+def test_yuan_seed_counts_through_the_cli(run):
+    result = run("estimate", "--model", "yuan2-2b", "--rank", "8", "--targets",
+                 "q_proj,k_proj,v_proj", "--json")
+    report = json.loads(result.output)
+    assert (report["params"]["trainable"], report["params"]["all"]) == (2_359_296, 2_091_083_776)
+    assert any("trust-remote-code" in note for note in report["notes"])
+
+
+def test_gpu_comparison(run):
+    fits = json.loads(run("estimate", "--model", "qwen2.5-0.5b", "--gpu", "rtx3090",
+                          "--json").output)
+    assert fits["gpu"]["fits"] is True
+    short = json.loads(run("estimate", "--model", "llama-2-70b", "--method", "full",
+                           "--vram", "24GiB", "--json").output)
+    assert short["gpu"]["fits"] is False and short["gpu"]["spare_bytes"] < 0
+
+
+def test_any_config_json_is_counted_by_a_meta_build(run, tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    settings = {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 500, "bos_token_id": 0,
+                "eos_token_id": 0}
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "gpt2", **settings}))
+    report = json.loads(run("estimate", "--model", str(config), "--json").output)
+    assert report["model"]["counted_by"] == "meta-build"
+    model = AutoModelForCausalLM.from_config(GPT2Config(**settings))
+    assert report["params"]["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_inference_stage_uses_the_serving_rule(run):
+    report = json.loads(run("estimate", "--model", "llama-2-70b", "--stage", "inference",
+                            "--json").output)
+    total = report["params"]["total"]
+    assert report["memory"]["peak_bytes"] == int(total * 2 * 1.2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["estimate", "--model", "deepsek-7b"], "did you mean deepseek-7b"),
+    (["estimate", "--model", "deepseek-7b", "--targets", "nope"], "match no linear layer"),
+    (["estimate", "--model", "deepseek-7b", "--method", "full", "--bits", "4"], "16-bit base"),
+    (["estimate", "--model", "deepseek-7b", "--vram", "lots"], "cannot read 'lots'"),
+    (["estimate", "--model", "deepseek-7b", "--gpu", "a100"], "a100"),
+])
+def test_errors_are_one_line(args, message):
+    result = autotune(*args)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_malformed_config_is_one_line(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text('{"model_type": "llama", "hidden_size": 64')
+    result = autotune("estimate", "--model", str(bad))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_config_missing_sizes_is_one_line(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    result = autotune("estimate", "--model", str(bad))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "config.json lacks" in result.stderr
+
+
+def test_help_and_estimate_do_not_import_torch():
+    code = ("import sys; from autotune.cli import main; sys.argv = ['autotune'] + sys.argv[1:]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    for args in (["--help"], ["estimate", "--model", "deepseek-7b", "--json"], ["probe"]):
+        result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+
+
+def test_every_command_has_json(pm):
+    cli = make_cli(pm)
+    for name, command in cli.commands.items():
+        assert any(p.name == "as_json" for p in command.params), name

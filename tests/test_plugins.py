@@ -1,0 +1,153 @@
+"""The plugin spine: documented hooks, built-ins loaded like third parties, entry points."""
+
+import inspect
+import json
+import pkgutil
+import textwrap
+
+import pluggy
+import pytest
+from click.testing import CliRunner
+
+import autotune_plugins
+from autotune import hookimpl, hookspecs
+from autotune.cli import make_cli
+from autotune.errors import AutotuneError, DuplicateNameError
+from autotune.plugins import BUILTIN_PLUGINS, get_plugin_manager
+from autotune.registry import ModelFamily, model_families, stages
+
+
+def test_every_hookspec_documents_every_parameter():
+    specs = [f for _, f in inspect.getmembers(hookspecs, inspect.isfunction)
+             if hasattr(f, "autotune_spec")]
+    assert {f.__name__ for f in specs} >= {"register_model_families", "register_stages"}
+    for fn in specs:
+        for param in inspect.signature(fn).parameters:
+            assert f":param {param}:" in inspect.getdoc(fn), f"{fn.__name__}: document {param}"
+
+
+def test_builtin_list_matches_the_plugin_folder():
+    found = {f"autotune_plugins.{m.name}" for m in pkgutil.iter_modules(autotune_plugins.__path__)}
+    assert set(BUILTIN_PLUGINS) == found
+
+
+def test_families_and_stages_are_registered(pm):
+    assert {"llama", "qwen", "mistral", "deepseek", "yuan", "generic"} <= set(model_families(pm))
+    assert {"pt", "sft", "dpo", "ppo", "inference"} <= set(stages(pm))
+    assert model_families(pm)["llama"].plugin == "autotune_plugins.llama"
+
+
+def test_misspelt_hookimpl_fails_loudly():
+    pm = get_plugin_manager(load_entrypoints=False)
+
+    class Typo:
+        @hookimpl
+        def register_model_familys(self, register):
+            pass
+
+    pm.register(Typo())
+    with pytest.raises(pluggy.PluginValidationError):
+        pm.check_pending()
+
+
+def test_duplicate_family_names_both_plugins():
+    pm = get_plugin_manager(load_entrypoints=False)
+
+    class Llama2(ModelFamily):
+        name = "llama"
+
+    class Clash:
+        @hookimpl
+        def register_model_families(self, register):
+            register(Llama2())
+
+    pm.register(Clash(), name="clash")
+    with pytest.raises(DuplicateNameError, match="autotune_plugins.llama.*clash|clash.*llama"):
+        model_families(pm)
+
+
+def test_a_plugin_that_raises_is_named():
+    pm = get_plugin_manager(load_entrypoints=False)
+
+    class Broken:
+        @hookimpl
+        def register_stages(self, register):
+            raise RuntimeError("boom")
+
+    pm.register(Broken(), name="broken-plugin")
+    with pytest.raises(AutotuneError, match="broken-plugin"):
+        stages(pm)
+
+
+def test_disable_a_builtin(monkeypatch):
+    monkeypatch.setenv("AUTOTUNE_DISABLE_PLUGINS", "autotune_plugins.yuan")
+    pm = get_plugin_manager(load_entrypoints=False)
+    assert "yuan" not in model_families(pm)
+
+
+TOY_PLUGIN = '''
+    """A made-up architecture, counted by hand: no transformers model exists for it."""
+    from autotune import hookimpl
+    from autotune.architecture import Architecture, Attention, FeedForward, Layer, Linear, Tensor
+    from autotune.registry import ModelFamily
+
+
+    class Toy(ModelFamily):
+        name = "toy"
+        model_types = ("toy",)
+
+        def module_groups(self, config):
+            return {"attention": ("wqkv", "wo"), "mlp": ("w_in", "w_out"), "qv": ("wqkv",)}
+
+        def describe(self, config):
+            h, n, v = config["width"], config["depth"], config["vocab"]
+            linears, tensors, layers = [], [Tensor("model.embed.weight", v * h, "embedding")], []
+            for i in range(n):
+                linears += [Linear(f"model.blocks.{i}.wqkv", h, 3 * h),
+                            Linear(f"model.blocks.{i}.wo", h, h),
+                            Linear(f"model.blocks.{i}.w_in", h, 4 * h),
+                            Linear(f"model.blocks.{i}.w_out", 4 * h, h)]
+                tensors.append(Tensor(f"model.blocks.{i}.norm.weight", h, "norm"))
+                layers.append(Layer(Attention(4, 4, h // 4, h // 4), FeedForward(4 * h)))
+            linears.append(Linear("lm_head", h, v))
+            return Architecture("toy", h, v, tuple(layers), tuple(linears), tuple(tensors),
+                                counted_by="plugin toy")
+
+
+    @hookimpl
+    def register_model_families(register):
+        register(Toy())
+'''
+
+
+def install_fake_distribution(path, module, source, ep_name):
+    """An installed plugin without pip: a module and a .dist-info folder on sys.path."""
+    (path / f"{module}.py").write_text(textwrap.dedent(source))
+    info = path / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[autotune]\n{ep_name} = {module}\n")
+
+
+def test_third_party_family_from_an_entry_point(tmp_path, monkeypatch):
+    install_fake_distribution(tmp_path, "autotune_toy", TOY_PLUGIN, "toy")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pm = get_plugin_manager(load_entrypoints=True)
+    assert model_families(pm)["toy"].plugin == "toy"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "toy", "width": 64, "depth": 2, "vocab": 100}))
+    result = CliRunner().invoke(make_cli(pm), ["estimate", "--model", str(config), "--rank", "4",
+                                               "--targets", "qv", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["model"]["family"] == "toy"
+    assert report["params"]["total"] == 100 * 64 * 2 + 2 * (64 * 64 * 12 + 64)
+    assert report["params"]["trainable"] == 2 * 4 * (64 + 3 * 64)
+
+
+def test_a_broken_entry_point_warns_and_the_rest_works(tmp_path, monkeypatch, capsys):
+    install_fake_distribution(tmp_path, "autotune_broken", "raise ImportError('nope')\n", "broken")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pm = get_plugin_manager(load_entrypoints=True)
+    assert "llama" in model_families(pm)
+    assert "broken" in capsys.readouterr().err
