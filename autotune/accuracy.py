@@ -39,9 +39,11 @@ GRID: list[tuple[str, Recipe]] = [
     ("llama-gqa", Recipe(method="full", precision="bf16", batch=4, seq_len=128, grad_ckpt=True)),
     ("llama-gqa", Recipe(method="lora", batch=2, seq_len=64)),
     ("llama-gqa", Recipe(method="lora", batch=8, seq_len=64)),
+    ("llama-gqa", Recipe(method="lora", rank=16, dropout=0.1, batch=2, seq_len=64)),
     ("llama-gqa", Recipe(method="lora", batch=2, seq_len=256, grad_ckpt=True)),
     ("llama-gqa", Recipe(method="lora", batch=2, seq_len=64, attn="eager")),
     ("llama-gqa", Recipe(method="lora", precision="fp32", batch=2, seq_len=64)),
+    ("llama-gqa", Recipe(method="lora", precision="fp32", dropout=0.05, batch=2, seq_len=64)),
     ("llama-gqa", Recipe(method="qlora", batch=2, seq_len=64)),
     ("llama-gqa", Recipe(method="qlora", batch=2, seq_len=128, grad_ckpt=True)),
     ("llama-gqa", Recipe(method="lora", bits=8, batch=2, seq_len=64)),
@@ -94,6 +96,8 @@ def describe_recipe(recipe: Recipe) -> str:
              f"{recipe.batch}x{recipe.seq_len}"]
     if recipe.adapter:
         parts.append(f"r{recipe.rank} {recipe.targets}")
+        if recipe.dropout:
+            parts.append(f"dropout {recipe.dropout}")
     if recipe.grad_ckpt:
         parts.append("ckpt")
     if recipe.attn != "sdpa":

@@ -27,6 +27,9 @@ class Precision:
     """The residual stream: the dtype the weights are held in (fp32 under amp)."""
     autocast: bool
     """16-bit autocast is on: fp32 inputs and weights are copied to 16 bit per op."""
+    dropout_mask: int = 1
+    """Bytes per element of a dropout mask: bool on CUDA, the input's dtype (fp32 for
+    PEFT's upcast LoRA input) on the CPU."""
     copies_weights: bool = False
     """Autocast copies fp32 (unquantised) linear weights to 16 bit for each matmul."""
     act: int = 0
@@ -46,6 +49,7 @@ class LinearRole:
     adapted: bool = False
     rank: int = 0
     dora: bool = False
+    dropout: bool = False
 
 
 @dataclass
@@ -96,8 +100,12 @@ def linear(saved: Saved, name: str, source: str, t: int, fan_in: int, fan_out: i
         # to 16 bit for lora_A, once per adapted layer.
         if p.autocast:
             saved.keep(f"{name}.lora_x", t * fan_in * p.compute)
+        elif role.dropout or in_bytes != FP32:
+            saved.keep(f"{name}.lora_x32", t * fan_in * FP32)
         else:
-            saved.keep(source if in_bytes == FP32 else f"{name}.lora_x32", t * fan_in * FP32)
+            saved.keep(source, t * fan_in * FP32)
+        if role.dropout and grad_x:  # dropout keeps its mask when a gradient flows through
+            saved.keep(f"{name}.lora_mask", t * fan_in * p.dropout_mask)
         saved.keep(f"{name}.lora_ax", t * role.rank * p.compute)
         if p.autocast:  # 16-bit copies of the fp32 adapter weights, held until backward
             saved.keep(f"{name}.lora_w16", role.rank * (fan_in + fan_out) * p.compute)

@@ -133,6 +133,7 @@ class Architecture:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @cached_property
     def layer_params(self) -> list[int]:
         """Parameters per decoder layer (index order)."""
         counts = [0] * self.num_layers

@@ -21,6 +21,8 @@ COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "l
               "temporaries", "inputs", "stage_extras")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BLOCK, NF4_BLOCK2 = 64, 256
+QUANT_STATE = (256 + 16 + 1) * 4
+"""Per 4-bit layer: the nested 8-bit code, the NF4 code and the nested offset, all fp32."""
 EIGHT_BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
 EIGHT_BIT_BLOCK = 2048
 
@@ -91,24 +93,26 @@ def weight_bytes(arch: Architecture, recipe: Recipe) -> int:
     biases = sum(lin.out_features for lin in quantised if lin.bias)
     if recipe.bits == 4:
         blocks = -(-q_params // NF4_BLOCK)
-        packed = q_params // 2 + blocks + 4 * -(-blocks // NF4_BLOCK2) + 2 * 16 * FP32
+        packed = (q_params // 2 + blocks + FP32 * -(-blocks // NF4_BLOCK2)
+                  + QUANT_STATE * len(quantised))
     else:
         packed = q_params + sum(lin.out_features for lin in quantised) * FP32
     rest = arch.total - q_params - biases
     return packed + (rest + biases) * kept
 
 
-def _trainable(arch: Architecture, recipe: Recipe, counts: ParamCounts):
-    """(roles by layer and short name, trainable tensors' sizes, embeddings/head trainable)."""
+def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
+           trained_layers: set[int] | None) -> list[dict[str, LinearRole]]:
+    """How each linear layer takes part, by decoder layer and short name."""
     roles: list[dict[str, LinearRole]] = [{} for _ in arch.layers]
     adapted = {lin.path for lin in counts.targets}
-    trained_layers = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
     for lin in arch.linears:
         index = layer_index(lin.path)
         if index is None or index >= arch.num_layers:
             continue
         trainable = recipe.method == "full" or (trained_layers is not None and index in trained_layers)
-        role = LinearRole(trainable, lin.path in adapted, recipe.rank, recipe.method == "dora")
+        role = LinearRole(trainable, lin.path in adapted, recipe.rank, recipe.method == "dora",
+                          recipe.dropout > 0)
         roles[index][_role_key(lin.path, index)] = role
     return roles
 
@@ -215,14 +219,13 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     if recipe.bits < 16:  # prepare_model_for_kbit_training leaves the residual stream fp32
         w = FP32
     p = Precision(compute=c, residual=w, autocast=autocast, copies_weights=copies,
+                  dropout_mask=FP32 if device == "cpu" else 1,
                   act=w if recipe.bits < 16 else c)
     sizes = _trainable_tensors(arch, recipe, counts)
     param_bytes = FP32 if recipe.adapter else w
-    roles = _trainable(arch, recipe, counts)
     full = recipe.method == "full"
-    head_trainable = full and not arch.tied_embeddings or (full and arch.tied_embeddings)
-    embed_trainable = full
     trained = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
+    roles = _roles(arch, recipe, counts, trained)
 
     tl = _Timeline()
     tl.add("weights", weight_bytes(arch, recipe), "start")
@@ -231,24 +234,28 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     tl.add("inputs", t * INDEX, "start")
     tl.add("stage_extras", sum((extras or {}).values()), "start")
 
-    # -- forward: each layer's saved tensors stay until its backward
-    grad_in = embed_trainable or (recipe.bits < 16 and recipe.grad_ckpt)
-    per_layer = []
+    # -- forward: each layer's saved tensors stay until its backward; with checkpointing
+    # only its input stays, and the layer is recomputed in the backward pass.
+    # prepare_model_for_kbit_training makes the embeddings' output require grad when
+    # checkpointing, so even the first layer saves.
+    grad_in = full or (recipe.bits < 16 and recipe.grad_ckpt)
+    saved_by_layer, kept_by_layer = [], []
     for i, layer in enumerate(arch.layers):
         norms = full or (trained is not None and i in trained)
         kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
         saved = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len, roles[i], norms,
                             grad_in, p, kernel)
-        per_layer.append(saved)
         grad_in = grad_in or saved > 0
-        kept = t * arch.hidden * w if recipe.grad_ckpt and grad_in else saved
+        kept = t * arch.hidden * w if recipe.grad_ckpt and saved else saved
+        saved_by_layer.append(saved)
+        kept_by_layer.append(kept)
         tl.add("activations", kept, "forward")
     # autocast keeps a 16-bit copy of each fp32 trainable weight a matmul uses, until backward
     cast_copies = _cast_copies(arch, recipe, trained) * c if copies else 0
     tl.add("temporaries", cast_copies, "forward")
     final_norm = t * arch.hidden * FP32 + t * FP32 + (t * arch.hidden * w if full else 0)
-    head_in = t * arch.hidden * c if head_trainable else 0
-    if not head_trainable and p.autocast and w == FP32:  # fp32 head: amp, or kept by bnb
+    head_in = t * arch.hidden * c if full else 0
+    if not full and p.autocast and w == FP32:  # fp32 head: amp, or kept by bnb
         head_in = arch.head_linear.in_features * arch.head_linear.out_features * c  # weight copy
     tl.add("activations", final_norm + head_in, "forward")
 
@@ -265,22 +272,20 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     if c != FP32:
         tl.spike("logits", logits * c, "backward (loss)")      # gradient cast back to 16 bit
     tl.add("logits", -logits * FP32, "backward (loss)")
-    grads_so_far = 0
-    if head_trainable and not arch.tied_embeddings:
-        grads_so_far = arch.head_linear.numel * w
-        tl.add("gradients", grads_so_far, "backward (head)")
+    if full and not arch.tied_embeddings:
+        tl.add("gradients", arch.head_linear.numel * w, "backward (head)")
     tl.add("activations", -(final_norm + head_in), "backward")
     for i in reversed(range(arch.num_layers)):
-        layer = arch.layers[i]
-        if recipe.grad_ckpt and per_layer[i]:
-            tl.add("activations", per_layer[i], f"backward (recompute layer {i})")
-        transient = t * arch.hidden * c + 3 * t * _widest_mlp(layer) * c
-        layer_grads = _layer_grad_bytes(arch, sizes, recipe, i, counts, w)
-        tl.add("gradients", layer_grads, f"backward (layer {i})")
-        tl.spike("temporaries", transient if per_layer[i] else 0, f"backward (layer {i})")
-        freed = per_layer[i] + (t * arch.hidden * w if recipe.grad_ckpt and per_layer[i] else 0)
-        tl.add("activations", -freed if recipe.grad_ckpt else -per_layer[i], "backward")
-    if embed_trainable:
+        saved, kept = saved_by_layer[i], kept_by_layer[i]
+        if recipe.grad_ckpt:
+            tl.add("activations", saved, f"backward (recompute layer {i})")
+        tl.add("gradients", _layer_grad_bytes(arch, recipe, counts, trained, i, w),
+               f"backward (layer {i})")
+        # the incoming gradient and the MLP's gradient buffers
+        transient = t * arch.hidden * c + 3 * t * _widest_mlp(arch.layers[i]) * c
+        tl.spike("temporaries", transient if saved else 0, f"backward (layer {i})")
+        tl.add("activations", -(saved + kept if recipe.grad_ckpt else saved), "backward")
+    if full:
         tl.add("gradients", _embedding_numel(arch) * w, "backward (embeddings)")
     tl.add("temporaries", -cast_copies, "backward")
 
@@ -307,12 +312,14 @@ def _embedding_numel(arch: Architecture) -> int:
     return sum(x.numel for x in arch.tensors if x.kind == "embedding")
 
 
-def _layer_grad_bytes(arch, sizes, recipe, i, counts, w) -> int:
+def _layer_grad_bytes(arch: Architecture, recipe: Recipe, counts: ParamCounts,
+                      trained: set[int] | None, i: int, w: int) -> int:
+    """Gradient bytes layer ``i``'s backward allocates."""
     if recipe.adapter:
         return sum(n for path, n in counts.adapter_tensors if layer_index(path) == i) * FP32
-    if recipe.method == "freeze" and i not in set(trainable_layers(arch, recipe)):
+    if trained is not None and i not in trained:
         return 0
-    return arch.layer_params()[i] * w
+    return arch.layer_params[i] * w
 
 
 def _device_overhead(tensor_peak: int) -> int:

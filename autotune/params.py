@@ -140,7 +140,7 @@ def count(arch: Architecture, recipe: Recipe, groups: dict[str, tuple[str, ...]]
                            target_params=tuple(wrapped), adapter_tensors=tuple(sizes),
                            unmatched=unmatched, **quick)
     if recipe.method == "freeze":
-        per_layer = arch.layer_params()
+        per_layer = arch.layer_params
         trainable = sum(per_layer[i] for i in trainable_layers(arch, recipe))
         return ParamCounts(total, trainable, total, **quick)
     return ParamCounts(total, total, total, **quick)

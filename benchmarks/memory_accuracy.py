@@ -18,12 +18,12 @@ def main() -> None:
     pm = get_plugin_manager(load_entrypoints=False)
     started = time.perf_counter()
     errors = []
-    print(f"| {'model':<16} | {'recipe':<38} | {'estimated':>12} | {'measured':>12} | error |")
-    print(f"|{'-' * 18}|{'-' * 40}|{'-' * 14}|{'-' * 14}|-------|")
+    print(f"| {'model':<16} | {'recipe':<44} | {'estimated':>12} | {'measured':>12} | error |")
+    print(f"|{'-' * 18}|{'-' * 46}|{'-' * 14}|{'-' * 14}|-------|")
     for arch, recipe in GRID:
         row = compare(pm, arch, recipe)
         errors.append(abs(row.error))
-        print(f"| {arch:<16} | {describe_recipe(recipe):<38} | {row.estimated:>12,} | "
+        print(f"| {arch:<16} | {describe_recipe(recipe):<44} | {row.estimated:>12,} | "
               f"{row.measured:>12,} | {100 * row.error:+5.2f}% |", flush=True)
     print(f"\n{len(errors)} cases: median |error| {100 * statistics.median(errors):.2f}%, "
           f"worst {100 * max(errors):.2f}% ({time.perf_counter() - started:.0f} s)")

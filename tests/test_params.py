@@ -134,4 +134,4 @@ def test_freeze_trains_the_top_layers(pm):
     family = family_for(pm, config)
     arch = describe(config, family)
     c = count(arch, Recipe(method="freeze", freeze_layers=1), family.module_groups(config))
-    assert c.trainable == arch.layer_params()[-1]
+    assert c.trainable == arch.layer_params[-1]
