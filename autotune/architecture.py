@@ -183,7 +183,8 @@ def decoder(
     tied = bool(config.get("tie_word_embeddings", False))
 
     linears: list[Linear] = []
-    tensors: list[Tensor] = [Tensor("model.embed_tokens.weight", vocab * h, "embedding")]
+    tensors: list[Tensor] = [Tensor("model.embed_tokens.weight", vocab * h, "embedding",
+                                    (vocab, h))]
     layers: list[Layer] = []
     for i in range(n_layers):
         p = f"model.layers.{i}"

@@ -10,6 +10,7 @@ which is what nvidia-smi shows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from autotune.activations import FP32, INDEX, LinearRole, Precision, layer_saved
@@ -125,32 +126,40 @@ def _role_key(path: str, index: int) -> str:
     return "experts" if rest.startswith("experts.") else rest
 
 
-def _trainable_tensors(arch: Architecture, recipe: Recipe, counts: ParamCounts) -> list[int]:
-    """Sizes (elements) of every trainable tensor."""
+def _trainable_shapes(arch: Architecture, recipe: Recipe, counts: ParamCounts,
+                      trained: set[int] | None) -> list[tuple[int, ...]]:
+    """Shapes of every trainable tensor."""
     if recipe.adapter:
-        return [n for _, n in counts.adapter_tensors]
-    sizes = []
-    keep = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
+        return [shape for _, shape in counts.adapter_tensors]
+    shapes = []
     for item in (*arch.linears, *arch.tensors):
-        if keep is not None and layer_index(item.path) not in keep:
+        if trained is not None and layer_index(item.path) not in trained:
             continue
         if item.path == arch.head and arch.tied_embeddings:
             continue
         if isinstance(item, Linear):
-            sizes.append(item.in_features * item.out_features)
+            shapes.append((item.out_features, item.in_features))
             if item.bias:
-                sizes.append(item.out_features)
+                shapes.append((item.out_features,))
         else:
-            sizes.append(item.numel)
-    return sizes
+            shapes.append(item.shape or (item.numel,))
+    return shapes
 
 
-def optimizer_state_bytes(recipe: Recipe, sizes: list[int], param_bytes: int) -> int:
-    """Optimizer state for tensors of ``sizes`` elements held at ``param_bytes`` each."""
+def optimizer_state_bytes(recipe: Recipe, shapes: list[tuple[int, ...]], param_bytes: int) -> int:
+    """Optimizer state for tensors of ``shapes`` held at ``param_bytes`` each.
+
+    AdamW keeps two moments in the parameter's dtype; bitsandbytes' 8-bit AdamW keeps them
+    in 8 bits with a float per 2048-element block (32-bit for tensors under 4096
+    elements); Adafactor (no first moment) keeps fp32 row and column statistics of
+    matrices and a full fp32 second moment of vectors; SGD without momentum keeps none.
+    """
+    sizes = [math.prod(shape) for shape in shapes]
     if recipe.optim == "sgd":
         return 0
     if recipe.optim == "adafactor":
-        return sum(n * FP32 for n in sizes)  # upper bound: unfactored tensors keep full state
+        return FP32 * sum(math.prod(s[:-1]) + math.prod(s[:-2]) * s[-1] if len(s) >= 2
+                          else s[0] for s in shapes)
     steps = len(sizes) * FP32
     if recipe.optim == "adamw_torch":
         return 2 * sum(sizes) * param_bytes + steps
@@ -165,7 +174,7 @@ def training_state_bytes(recipe: Recipe, params: ParamCounts) -> int:
     param_bytes = FP32 if recipe.adapter else BYTES[recipe.weight_dtype]
     adapters = params.trainable * FP32 if recipe.adapter else 0
     return (adapters + params.trainable * param_bytes
-            + optimizer_state_bytes(recipe, [params.trainable], param_bytes))
+            + optimizer_state_bytes(recipe, [(params.trainable,)], param_bytes))
 
 
 def serving_bytes(params: int, bits: int) -> int:
@@ -189,15 +198,21 @@ def checkpoint_bytes(arch: Architecture, recipe: Recipe, params: ParamCounts) ->
     return arch.total * (2 if recipe.weight_dtype == "fp32" else BYTES[recipe.weight_dtype])
 
 
-def optimizer_temporaries(recipe: Recipe, sizes: list[int], param_bytes: int, device: str) -> int:
+def optimizer_temporaries(recipe: Recipe, shapes: list[tuple[int, ...]], param_bytes: int,
+                          device: str) -> int:
     """Scratch memory inside ``optimizer.step()``.
 
     On CUDA torch's AdamW takes its multi-tensor (foreach) path: ``sqrt`` of every second
     moment at once, the size of all trainable parameters. On the CPU it goes tensor by
-    tensor: two temporaries the size of the largest tensor.
+    tensor: two temporaries the size of the largest tensor. Adafactor works in fp32 one
+    tensor at a time: the update and its factored estimate, plus fp32 copies of a 16-bit
+    gradient and parameter.
     """
-    if not sizes or recipe.optim != "adamw_torch":
+    sizes = [math.prod(shape) for shape in shapes]
+    if not sizes or recipe.optim in ("sgd", "adamw_8bit", "paged_adamw_8bit"):
         return 0
+    if recipe.optim == "adafactor":
+        return max(sizes) * FP32 * (2 if param_bytes == FP32 else 4)
     if device == "cuda":
         return sum(sizes) * param_bytes
     return 2 * max(sizes) * param_bytes
@@ -221,16 +236,16 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     p = Precision(compute=c, residual=w, autocast=autocast, copies_weights=copies,
                   dropout_mask=FP32 if device == "cpu" else 1,
                   act=w if recipe.bits < 16 else c)
-    sizes = _trainable_tensors(arch, recipe, counts)
     param_bytes = FP32 if recipe.adapter else w
     full = recipe.method == "full"
     trained = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
+    shapes = _trainable_shapes(arch, recipe, counts, trained)
     roles = _roles(arch, recipe, counts, trained)
 
     tl = _Timeline()
     tl.add("weights", weight_bytes(arch, recipe), "start")
-    tl.add("adapters", sum(sizes) * FP32 if recipe.adapter else 0, "start")
-    tl.add("optimizer", optimizer_state_bytes(recipe, sizes, param_bytes), "start")
+    tl.add("adapters", counts.trainable * FP32 if recipe.adapter else 0, "start")
+    tl.add("optimizer", optimizer_state_bytes(recipe, shapes, param_bytes), "start")
     tl.add("inputs", t * INDEX, "start")
     tl.add("stage_extras", sum((extras or {}).values()), "start")
 
@@ -290,7 +305,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     tl.add("temporaries", -cast_copies, "backward")
 
     # -- optimizer step: every gradient exists, plus the step's own scratch
-    tl.spike("temporaries", optimizer_temporaries(recipe, sizes, param_bytes, device), "optimizer")
+    tl.spike("temporaries", optimizer_temporaries(recipe, shapes, param_bytes, device), "optimizer")
     overhead = _device_overhead(tl.peak) if device == "cuda" else 0
     return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase)
 
@@ -316,7 +331,8 @@ def _layer_grad_bytes(arch: Architecture, recipe: Recipe, counts: ParamCounts,
                       trained: set[int] | None, i: int, w: int) -> int:
     """Gradient bytes layer ``i``'s backward allocates."""
     if recipe.adapter:
-        return sum(n for path, n in counts.adapter_tensors if layer_index(path) == i) * FP32
+        return FP32 * sum(math.prod(shape) for path, shape in counts.adapter_tensors
+                          if layer_index(path) == i)
     if trained is not None and i not in trained:
         return 0
     return arch.layer_params[i] * w

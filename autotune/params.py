@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from autotune.architecture import Architecture, Linear, Tensor
@@ -27,8 +28,8 @@ class ParamCounts:
     targets: tuple[Linear, ...] = ()
     target_params: tuple[Tensor, ...] = ()
     """Fused expert parameters (and routers) PEFT adapts directly."""
-    adapter_tensors: tuple[tuple[str, int], ...] = ()
-    """Every adapter tensor: (the adapted module or parameter's path, elements)."""
+    adapter_tensors: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """Every adapter tensor: (the adapted module or parameter's path, shape)."""
     unmatched: tuple[str, ...] = ()
     """Requested target names that match no module (PEFT would silently skip them)."""
 
@@ -98,13 +99,14 @@ def adapter_params(lin: Linear, rank: int, dora: bool) -> int:
 
 
 def _adapter_tensors(arch: Architecture, recipe: Recipe, chosen: tuple[Linear, ...],
-                     params: dict[str, int]) -> tuple[list[Tensor], list[tuple[str, int]]]:
+                     params: dict[str, int]) -> tuple[list[Tensor], list[tuple[str, tuple]]]:
     dora = recipe.method == "dora"
-    sizes = []
+    r = recipe.rank
+    shapes = []
     for lin in chosen:
-        sizes += [(lin.path, recipe.rank * lin.in_features), (lin.path, lin.out_features * recipe.rank)]
+        shapes += [(lin.path, (r, lin.in_features)), (lin.path, (lin.out_features, r))]
         if dora:
-            sizes.append((lin.path, lin.out_features))
+            shapes.append((lin.path, (lin.out_features,)))
     wrapped = []
     for tensor in arch.tensors:
         suffix = next((s for s in params if tensor.path.endswith("." + s)), None)
@@ -117,8 +119,9 @@ def _adapter_tensors(arch: Architecture, recipe: Recipe, chosen: tuple[Linear, .
         rank = recipe.rank * params[suffix]
         experts, (fan_out, fan_in) = (tensor.shape[0], tensor.shape[1:]) if len(tensor.shape) == 3 \
             else (1, tensor.shape)
-        sizes += [(tensor.path, rank * experts * fan_in), (tensor.path, fan_out * rank * experts)]
-    return wrapped, sizes
+        shapes += [(tensor.path, (rank * experts, fan_in)),
+                   (tensor.path, (fan_out, rank * experts))]
+    return wrapped, shapes
 
 
 def trainable_layers(arch: Architecture, recipe: Recipe) -> range:
@@ -134,10 +137,10 @@ def count(arch: Architecture, recipe: Recipe, groups: dict[str, tuple[str, ...]]
                  twelve_l_h2=12 * arch.num_layers * arch.hidden**2)
     if recipe.adapter:
         chosen, unmatched, fused = resolve_targets(arch, groups, recipe.targets)
-        wrapped, sizes = _adapter_tensors(arch, recipe, chosen, fused)
-        added = sum(n for _, n in sizes)
+        wrapped, shapes = _adapter_tensors(arch, recipe, chosen, fused)
+        added = sum(math.prod(shape) for _, shape in shapes)
         return ParamCounts(total, added, total + added, targets=chosen,
-                           target_params=tuple(wrapped), adapter_tensors=tuple(sizes),
+                           target_params=tuple(wrapped), adapter_tensors=tuple(shapes),
                            unmatched=unmatched, **quick)
     if recipe.method == "freeze":
         per_layer = arch.layer_params
