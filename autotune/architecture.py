@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -144,6 +144,7 @@ class Architecture:
         return counts
 
 
+@lru_cache(maxsize=65536)
 def layer_index(path: str) -> int | None:
     """The decoder-layer index in a parameter or module path (``model.layers.3.mlp`` -> 3)."""
     found = _LAYER.search(path)

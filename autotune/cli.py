@@ -12,7 +12,7 @@ import pluggy
 from autotune import __version__
 from autotune.errors import AutotuneError
 
-COMMANDS = ("models", "probe", "gpus", "estimate")
+COMMANDS = ("models", "probe", "gpus", "estimate", "plan")
 
 
 def make_cli(pm: pluggy.PluginManager) -> click.Group:
@@ -25,8 +25,10 @@ def make_cli(pm: pluggy.PluginManager) -> click.Group:
         """Hardware-aware auto-tuner for fine-tuning large language models.
 
         \b
-        autotune probe                      what GPUs this machine has
+        autotune plan --model deepseek-7b                the best recipes, per card
+        autotune plan --model deepseek-7b --gpu rtx3090 -o plan.yaml
         autotune estimate --model deepseek-7b --method lora --rank 16
+        autotune probe                      what GPUs this machine has
         autotune models                     model profiles and aliases
         """
         ctx.obj = pm

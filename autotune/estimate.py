@@ -29,7 +29,7 @@ SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_val
          "intermediate_size", "vocab_size", "head_dim", "n_embd", "n_layer", "n_head")
 
 
-def describe(config: dict, family: ModelFamily) -> Architecture:
+def describe(config: dict, family: ModelFamily, remote_code: bool = False) -> Architecture:
     """The exact architecture: the family's own description, else a meta-device build."""
     for key in SIZES:
         value = config.get(key)
@@ -38,7 +38,8 @@ def describe(config: dict, family: ModelFamily) -> Architecture:
             raise AutotuneError(f"config.json: {key} must be a positive whole number, "
                                 f"not {value!r}")
     try:
-        arch = family.describe(config)
+        # plugins may omit the remote_code parameter: pass it only when asked
+        arch = family.describe(config, remote_code=True) if remote_code else family.describe(config)
     except KeyError as exc:
         raise AutotuneError(f"config.json lacks {exc.args[0]!r}, which the {family.name} "
                             "family needs") from exc
@@ -52,10 +53,10 @@ def describe(config: dict, family: ModelFamily) -> Architecture:
 
 
 def estimate(pm: pluggy.PluginManager, config: dict, recipe: Recipe, family_name: str | None = None,
-             device: str = "cuda") -> Estimate:
+             device: str = "cuda", remote_code: bool = False) -> Estimate:
     """Count parameters and simulate a training step's memory for ``recipe``."""
     family = family_for(pm, config, family_name)
-    arch = describe(config, family)
+    arch = describe(config, family, remote_code)
     stage = stage_named(pm, recipe.stage)
     counts = count(arch, recipe, family.module_groups(config))
     if not stage.trains:

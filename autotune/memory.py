@@ -254,12 +254,15 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     # prepare_model_for_kbit_training makes the embeddings' output require grad when
     # checkpointing, so even the first layer saves.
     grad_in = full or (recipe.bits < 16 and recipe.grad_ckpt)
-    saved_by_layer, kept_by_layer = [], []
+    saved_by_layer, kept_by_layer, seen = [], [], {}
     for i, layer in enumerate(arch.layers):
         norms = full or (trained is not None and i in trained)
         kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
-        saved = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len, roles[i], norms,
-                            grad_in, p, kernel)
+        key = (layer, tuple(sorted(roles[i].items())), norms, grad_in, kernel)
+        if key not in seen:  # most layers are alike: price each kind once
+            seen[key] = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len, roles[i],
+                                    norms, grad_in, p, kernel)
+        saved = seen[key]
         grad_in = grad_in or saved > 0
         kept = t * arch.hidden * w if recipe.grad_ckpt and saved else saved
         saved_by_layer.append(saved)
@@ -290,12 +293,12 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     if full and not arch.tied_embeddings:
         tl.add("gradients", arch.head_linear.numel * w, "backward (head)")
     tl.add("activations", -(final_norm + head_in), "backward")
+    grads = _grads_by_layer(arch, recipe, counts, trained, w)
     for i in reversed(range(arch.num_layers)):
         saved, kept = saved_by_layer[i], kept_by_layer[i]
         if recipe.grad_ckpt:
             tl.add("activations", saved, f"backward (recompute layer {i})")
-        tl.add("gradients", _layer_grad_bytes(arch, recipe, counts, trained, i, w),
-               f"backward (layer {i})")
+        tl.add("gradients", grads[i], f"backward (layer {i})")
         # the incoming gradient and the MLP's gradient buffers
         transient = t * arch.hidden * c + 3 * t * _widest_mlp(arch.layers[i]) * c
         tl.spike("temporaries", transient if saved else 0, f"backward (layer {i})")
@@ -327,15 +330,18 @@ def _embedding_numel(arch: Architecture) -> int:
     return sum(x.numel for x in arch.tensors if x.kind == "embedding")
 
 
-def _layer_grad_bytes(arch: Architecture, recipe: Recipe, counts: ParamCounts,
-                      trained: set[int] | None, i: int, w: int) -> int:
-    """Gradient bytes layer ``i``'s backward allocates."""
+def _grads_by_layer(arch: Architecture, recipe: Recipe, counts: ParamCounts,
+                    trained: set[int] | None, w: int) -> list[int]:
+    """Gradient bytes each layer's backward allocates."""
     if recipe.adapter:
-        return FP32 * sum(math.prod(shape) for path, shape in counts.adapter_tensors
-                          if layer_index(path) == i)
-    if trained is not None and i not in trained:
-        return 0
-    return arch.layer_params[i] * w
+        per = [0] * arch.num_layers
+        for path, shape in counts.adapter_tensors:
+            index = layer_index(path)
+            if index is not None and index < arch.num_layers:
+                per[index] += math.prod(shape) * FP32
+        return per
+    return [0 if trained is not None and i not in trained else n * w
+            for i, n in enumerate(arch.layer_params)]
 
 
 def _device_overhead(tensor_peak: int) -> int:

@@ -59,11 +59,13 @@ class ModelFamily:
             "head": ("lm_head",),
         }
 
-    def describe(self, config: dict) -> Architecture | None:
+    def describe(self, config: dict, remote_code: bool = False) -> Architecture | None:
         """Describe the architecture exactly (every parameter tensor and linear layer).
 
-        Return ``None`` to let the core build the model with transformers on the meta
-        device; families of remote-code models must describe them here.
+        ``remote_code``: describe the model as the hub's own modelling code builds it
+        (``--trust-remote-code``), where that differs from transformers' version. Return
+        ``None`` to let the core build the model with transformers on the meta device;
+        families of remote-code-only models must describe them here.
         """
         return None
 

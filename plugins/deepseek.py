@@ -28,10 +28,14 @@ class DeepSeek(ModelFamily):
             groups["experts"] = ("experts", "shared_experts")
         return groups
 
-    def describe(self, config):
-        if config.get("model_type") == "deepseek":
+    def describe(self, config, remote_code=False):
+        # The hub's modelling code (DeepSeek-MoE always, V2 with --trust-remote-code) keeps
+        # one nn.Linear per expert -- which bitsandbytes can quantise and all-linear adapts;
+        # transformers' own DeepSeek-V2 fuses them into 3-D tensors that stay 16-bit.
+        remote = config.get("model_type") == "deepseek" or (remote_code and config.get("auto_map"))
+        if remote:
             config = {**config, "experts_as_linears": True}
-        return decoder(config, counted_by="plugin deepseek")
+        return decoder(config, counted_by="plugin deepseek" + (" (remote code)" if remote else ""))
 
 
 @hookimpl

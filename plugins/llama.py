@@ -9,7 +9,7 @@ class Llama(ModelFamily):
     name = "llama"
     model_types = ("llama",)
 
-    def describe(self, config):
+    def describe(self, config, remote_code=False):
         return decoder(config, counted_by="plugin llama")
 
 

@@ -9,7 +9,7 @@ class Mistral(ModelFamily):
     name = "mistral"
     model_types = ("mistral",)
 
-    def describe(self, config):
+    def describe(self, config, remote_code=False):
         return decoder(config, counted_by="plugin mistral")
 
 

@@ -9,7 +9,7 @@ class Qwen(ModelFamily):
     name = "qwen"
     model_types = ("qwen2",)
 
-    def describe(self, config):
+    def describe(self, config, remote_code=False):
         return decoder(config, qkv_bias=True, o_bias=False, counted_by="plugin qwen")
 
 

@@ -21,7 +21,7 @@ class Yuan(ModelFamily):
         groups["lfa"] = ("lf_gate",)
         return groups
 
-    def describe(self, config):
+    def describe(self, config, remote_code=False):
         h = config["hidden_size"]
         half = h // 2
         lfa = {

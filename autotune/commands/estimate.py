@@ -53,6 +53,11 @@ def recipe_options(func):
     return func
 
 
+trust_remote_code_option = click.option(
+    "--trust-remote-code", is_flag=True,
+    help="Count the model as the hub's own modelling code builds it (never implied).")
+
+
 def make_recipe(method, bits, rank, alpha, lora_dropout, targets, freeze_layers, batch, seq_len,
                 grad_ckpt, precision, optim, attn, stage) -> Recipe:
     """A :class:`Recipe` from the CLI options (defaults filled in)."""
@@ -85,9 +90,10 @@ def target_gpu(gpu: str | None, vram: str | None):
 @click.option("--vram", help="Compare with a memory budget (e.g. 24GiB).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="Predict a CUDA step (foreach optimizer, CUDA context) or a CPU step.")
+@trust_remote_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.estimate/1).")
 @click.pass_obj
-def command(pm, model_spec, gpu, vram, device, as_json, **options) -> None:
+def command(pm, model_spec, gpu, vram, device, trust_remote_code, as_json, **options) -> None:
     """Count parameters exactly and predict the peak memory of a training step."""
     from autotune.estimate import estimate
     from autotune.profiles import resolve_model
@@ -95,7 +101,7 @@ def command(pm, model_spec, gpu, vram, device, as_json, **options) -> None:
     recipe = make_recipe(**options)
     card = target_gpu(gpu, vram)
     model = resolve_model(model_spec, pm)
-    result = estimate(pm, model.config, recipe, model.family, device)
+    result = estimate(pm, model.config, recipe, model.family, device, trust_remote_code)
     report = to_json(model, result, card)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -114,7 +120,7 @@ def to_json(model, result, card=None) -> dict:
         notes.append(f"targets {', '.join(params.unmatched)} match no module of this model "
                      "(PEFT skips them silently)")
     if result.family.remote_code(model.config):
-        notes.append(f"{result.family.name} models run remote code: `autotune run` needs "
+        notes.append(f"this {result.family.name} model runs remote code: `autotune run` needs "
                      "--trust-remote-code")
     report = {
         "schema": SCHEMA,

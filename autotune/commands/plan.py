@@ -1,0 +1,312 @@
+"""``autotune plan``: search the fine-tuning recipes that fit a card and explain the pick."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from autotune.commands.estimate import target_gpu, trust_remote_code_option
+from autotune.errors import AutotuneError
+from autotune.recipe import ATTENTION, OPTIMIZERS
+from autotune.space import METHODS
+from autotune.units import GiB, gib
+
+SCHEMA = "autotune.plan/1"
+OVERVIEW_CARDS = ("t4", "rtx3060", "v100-32gb", "rtx3090", "rtx4090", "a10", "l4", "a100-40gb",
+                  "l40s", "a100-80gb", "h100")
+INFEASIBLE = 3
+"""Exit code when no plan fits."""
+
+
+@click.command("plan")
+@click.option("--model", "model_spec", required=True,
+              help="Profile id or alias, config.json, model folder or cached hub id.")
+@click.option("--gpu", help="Plan for this card (default: this machine's GPU, else a table of "
+                            "common cards).")
+@click.option("--vram", help="Plan for a memory budget instead of a card (e.g. 24GiB).")
+@click.option("--seq-len", type=click.IntRange(1), default=2048, show_default=True,
+              help="Tokens per sequence.")
+@click.option("--stage", type=click.Choice(["pt", "sft", "dpo"]), default="sft",
+              show_default=True, help="Training stage.")
+@click.option("--effective-batch", type=click.IntRange(1), default=16, show_default=True,
+              help="Sequences per optimizer step (micro batch x accumulation).")
+@click.option("--headroom", default="5%", show_default=True,
+              help="Memory kept free: a share of the card (5%) or a size (1GiB).")
+@click.option("--objective", type=click.Choice(["quality", "speed", "balanced"]),
+              default="balanced", show_default=True, help="How to pick from the Pareto front.")
+@click.option("--method", type=click.Choice(list(METHODS)), help="Pin the method.")
+@click.option("--rank", type=click.IntRange(1), help="Pin the LoRA rank.")
+@click.option("--targets", help="Pin the LoRA targets (qv, attn, all-linear, q_proj,v_proj...).")
+@click.option("--batch", type=click.IntRange(1), help="Pin the micro batch.")
+@click.option("--grad-ckpt/--no-grad-ckpt", default=None, help="Pin gradient checkpointing.")
+@click.option("--optim", type=click.Choice(OPTIMIZERS), help="Pin the optimizer.")
+@click.option("--attn", type=click.Choice(ATTENTION), help="Pin the attention kernel.")
+@click.option("--top", type=click.IntRange(1), default=5, show_default=True,
+              help="How many plans to list.")
+@click.option("--storage", default=None,
+              help="Optuna storage URL (default: SQLite in the user cache; 'none' keeps "
+                   "nothing). A PostgreSQL/MySQL URL shares studies between machines.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
+@click.option("--measure", "measure_top", type=click.IntRange(0), default=0,
+              help="Run the K best plans for a few real steps on this machine and pick from "
+                   "what they measured.")
+@click.option("--measure-steps", type=click.IntRange(2), default=3, show_default=True,
+              help="Optimizer steps per measured plan.")
+@trust_remote_code_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the pick as plan.yaml.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.plan/1).")
+@click.pass_obj
+def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, headroom, objective,
+            method, rank, targets, batch, grad_ckpt, optim, attn, top, storage, seed,
+            measure_top, measure_steps, trust_remote_code, output, as_json) -> None:
+    """Search the recipes that fit a GPU and explain the pick.
+
+    Searches method, LoRA rank and targets, micro batch and accumulation,
+    checkpointing and optimizer with Optuna, the cost model as the constraint.
+    """
+    from autotune.planner import Planner, default_storage
+    from autotune.profiles import resolve_model
+    from autotune.space import Pins, Space
+
+    pins = Pins(method, rank, targets, batch, grad_ckpt, optim, attn)
+    model = resolve_model(model_spec, pm)
+    planner = Planner(pm, model.config, model.family, model.id, trust_remote_code)
+    if storage is None:
+        storage = default_storage()
+    elif storage.lower() == "none":
+        storage = None
+    cards, local = _cards(gpu, vram)
+
+    def space_for(card):
+        return Space(card, seq_len, stage, effective_batch, planner.arch.num_layers,
+                     planner.family_groups(), pins)
+
+    if cards is None:  # no GPU here and none named: what each common card can do
+        from autotune.hardware import resolve_gpu
+
+        rows = []
+        for card_id in OVERVIEW_CARDS:
+            card = resolve_gpu(card_id)
+            budget = _budget(card, headroom)
+            rows.append(planner.plan(space_for(card), budget, objective, None, seed, 1))
+        report = _overview(model, planner, rows, seq_len, stage, objective)
+        click.echo(json.dumps(report, indent=2) if as_json else _render_overview(report))
+        return
+
+    card = cards[0]
+    budget = _budget(card, headroom)
+    result = planner.plan(space_for(card), budget, objective, storage, seed, top)
+    if result.feasible and measure_top:
+        from autotune.trials import measure_candidates
+
+        measure_candidates(planner, result, measure_top, measure_steps, storage, objective)
+    report = _report(model, planner, result, objective, effective_batch, len(cards), local)
+    if not result.feasible:
+        report["infeasible"] = _infeasible(planner, result, space_for, headroom, objective)
+        click.echo(json.dumps(report, indent=2) if as_json else _render(report))
+        sys.exit(INFEASIBLE)
+    if output:
+        from autotune.planfile import plan_document, write_yaml
+
+        write_yaml(output, plan_document(model, card, budget, objective, result.ranked[0],
+                                         effective_batch, len(cards)))
+        report["written"] = output
+    click.echo(json.dumps(report, indent=2) if as_json else _render(report))
+
+
+def _cards(gpu: str | None, vram: str | None):
+    """(cards to plan for, whether they are this machine's); ``None`` for the overview."""
+    card = target_gpu(gpu, vram)
+    if card is not None:
+        return [card], False
+    from autotune.hardware import gpu_from_name, probe
+
+    found = [g for g in probe()["gpus"] if g.get("visible", True)]
+    if not found:
+        return None, False
+    return [gpu_from_name(g["name"], g["memory_total_bytes"], g["compute_capability"])
+            for g in found], True
+
+
+def _budget(card, headroom: str) -> int:
+    """The card's memory less ``headroom`` (a percentage or a size)."""
+    from autotune.units import parse_size
+
+    text = headroom.strip()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1]) / 100
+        except ValueError as exc:
+            raise AutotuneError(f"cannot read headroom {headroom!r}") from exc
+        if not 0 <= share < 1:
+            raise AutotuneError(f"headroom {headroom!r} must be between 0% and 100%")
+        return int(card.memory_bytes * (1 - share))
+    budget = card.memory_bytes - parse_size(text)
+    if budget <= 0:
+        raise AutotuneError(f"headroom {headroom} leaves nothing of {gib(card.memory_bytes)}")
+    return budget
+
+
+def _report(model, planner, result, objective, effective_batch, gpus, local) -> dict:
+    plans = [c.to_dict() for c in result.ranked]
+    best = result.ranked[0] if result.ranked else None
+    for plan, candidate in zip(plans, result.ranked):
+        plan["why"] = _why(candidate, best, objective)
+    return {
+        "schema": SCHEMA,
+        "model": {"id": model.id, "name": model.name, "family": planner.family.name,
+                  "params": planner.arch.total},
+        "gpu": {"id": result.gpu.id, "name": result.gpu.name,
+                "memory_bytes": result.gpu.memory_bytes, "budget_bytes": result.budget,
+                "count": gpus, "local": local},
+        "stage": result.space.stage, "seq_len": result.space.seq_len,
+        "effective_batch": effective_batch, "objective": objective,
+        "pins": result.space.pins.to_dict(),
+        "study": {"name": result.study_name, "trials": result.trials, "reused": result.reused},
+        "plans": plans,
+        "notes": ([f"{gpus} GPUs found: each trains its own micro batch (data parallel); "
+                   "multi-GPU sharding plans are not searched yet"] if gpus > 1 else []),
+    }
+
+
+def _why(candidate, best, objective) -> str:
+    fid, tps, peak = candidate.fidelity, candidate.tokens_per_s, candidate.peak
+    if candidate is best:
+        lead = {"quality": "highest fidelity that fits", "speed": "fastest plan that fits",
+                "balanced": "best fidelity for its speed"}[objective]
+        return f"{lead} (fidelity {fid:.2f}, Pareto-optimal)"
+    parts = [f"fidelity {fid - best.fidelity:+.2f}",
+             f"tokens/s {100 * (tps / best.tokens_per_s - 1):+.0f}%",
+             f"memory {(peak - best.peak) / GiB:+.1f} GiB vs #1"]
+    return ", ".join(parts) + ("" if candidate.pareto else "; dominated")
+
+
+def _describe(plan: dict) -> str:
+    if plan["method"] in ("lora", "dora", "qlora"):
+        return f"{plan['method']} r{plan['rank']} {plan['targets']}"
+    if plan["method"] == "freeze":
+        return f"freeze top {plan['freeze_layers']}"
+    return f"full ({plan['precision']})"
+
+
+def _render(report: dict) -> str:
+    g = report["gpu"]
+    lines = [f"{report['model']['id']} on {g['name']} ({gib(g['memory_bytes'])}, budget "
+             f"{gib(g['budget_bytes'])}): {report['stage']}, {report['seq_len']} tokens, "
+             f"effective batch {report['effective_batch']}, objective {report['objective']}",
+             f"study {report['study']['name']}: {report['study']['trials']} trials"
+             + (" (reused)" if report["study"]["reused"] else "")]
+    if report["plans"]:
+        lines += ["", f"{'#':>2}  {'recipe':<26} {'bits':>4} {'batch':>8} {'ckpt':>4} "
+                      f"{'optim':<11} {'peak GiB':>9} {'tok/s':>8} {'fid':>5}  why"]
+        for i, p in enumerate(report["plans"], 1):
+            measured = p.get("measured", {})
+            peak = p["memory"]["peak_bytes"] / GiB
+            tps = p["throughput"]["tokens_per_s"]
+            lines.append(f"{i:>2}  {_describe(p):<26} {p['bits']:>4} "
+                         f"{p['micro_batch']:>3} x {p['grad_accum']:<3} "
+                         f"{'on' if p['grad_ckpt'] else 'off':>4} {p['optim']:<11} "
+                         f"{peak:>9.2f} {tps:>8.0f} {p['fidelity']:>5.2f}  {p['why']}")
+            if measured:
+                lines.append(f"    measured: {measured.get('status')}, peak "
+                             f"{measured.get('peak_tensor_bytes', 0) / GiB:.2f} GiB tensors, "
+                             f"{measured.get('tokens_per_s', 0):.0f} tok/s")
+    if "infeasible" in report:
+        lines += ["", report["infeasible"]["message"]]
+    if report.get("written"):
+        lines.append(f"\nwrote {report['written']} (run it with `autotune run {report['written']}`)")
+    lines += [f"note: {n}" for n in report.get("notes", [])]
+    return "\n".join(lines)
+
+
+def _overview(model, planner, rows, seq_len, stage, objective) -> dict:
+    cards = []
+    for result in rows:
+        best = result.ranked[0].to_dict() if result.ranked else None
+        cards.append({"gpu": result.gpu.id, "name": result.gpu.name,
+                      "memory_bytes": result.gpu.memory_bytes, "budget_bytes": result.budget,
+                      "plan": best,
+                      "smallest_peak_bytes": result.smallest.peak if result.smallest else None})
+    return {"schema": SCHEMA, "model": {"id": model.id, "name": model.name,
+                                        "family": planner.family.name,
+                                        "params": planner.arch.total},
+            "stage": stage, "seq_len": seq_len, "objective": objective,
+            "note": "no GPU found here and none named (--gpu/--vram): the best plan per card",
+            "cards": cards, "plans": [c["plan"] for c in cards if c["plan"]]}
+
+
+def _render_overview(report: dict) -> str:
+    lines = [f"{report['model']['id']}: {report['stage']} at {report['seq_len']} tokens, "
+             f"objective {report['objective']}. No GPU found here: the best plan on common "
+             "cards (plan for one with --gpu, e.g. --gpu rtx3090):", "",
+             f"{'card':<12} {'memory':>10}  {'recipe':<26} {'bits':>4} {'batch':>8} {'ckpt':>4} "
+             f"{'peak GiB':>9} {'tok/s':>8}"]
+    for card in report["cards"]:
+        p = card["plan"]
+        memory = f"{card['memory_bytes'] / GiB:.0f} GiB"
+        if p is None:
+            need = card["smallest_peak_bytes"] / GiB if card["smallest_peak_bytes"] else 0
+            lines.append(f"{card['gpu']:<12} {memory:>10}  does not fit (needs {need:.1f} GiB)")
+            continue
+        lines.append(f"{card['gpu']:<12} {memory:>10}  {_describe(p):<26} {p['bits']:>4} "
+                     f"{p['micro_batch']:>3} x {p['grad_accum']:<3} "
+                     f"{'on' if p['grad_ckpt'] else 'off':>4} "
+                     f"{p['memory']['peak_bytes'] / GiB:>9.2f} "
+                     f"{p['throughput']['tokens_per_s']:>8.0f}")
+    return "\n".join(lines)
+
+
+def _infeasible(planner, result, space_for, headroom, objective) -> dict:
+    """The smallest plan, the budget, and what would make it fit."""
+    from autotune.hardware import gpu_catalogue
+    from autotune.planner import Planner
+    from autotune.space import Pins
+
+    smallest = result.smallest
+    need = smallest.peak if smallest else 0
+    fixes = []
+    space = result.space
+    if space.pins.method != "qlora":
+        loose = Pins(**{**space.pins.to_dict(), "method": "qlora"})
+        trial = _try(planner, space, loose, result.budget, objective)
+        if trial:
+            fixes.append(f"4-bit QLoRA fits (--method qlora: {gib(trial.peak)})")
+    for seq in (space.seq_len // 2, space.seq_len // 4, space.seq_len // 8):
+        if seq < 64:
+            break
+        shorter = _try(planner, space, space.pins, result.budget, objective, seq_len=seq)
+        if shorter:
+            fixes.append(f"--seq-len {seq} fits ({gib(shorter.peak)})")
+            break
+    fused = any(t.kind == "experts" for t in planner.arch.tensors)
+    if fused and planner.config.get("auto_map") and not planner.remote_code:
+        remote = Planner(planner.pm, planner.config, planner.family.name, planner.model_id, True)
+        trial = _try(remote, space, space.pins, result.budget, objective)
+        if trial:
+            fixes.append("--trust-remote-code: the hub's modelling code keeps each expert an "
+                         "nn.Linear, which bitsandbytes quantises (transformers' fused experts "
+                         f"stay 16-bit); then {trial.recipe.bits}-bit {_describe(trial.to_dict())} "
+                         f"needs {gib(trial.peak)}")
+    bigger = sorted((g for g in gpu_catalogue().values() if g.memory_bytes * 0.95 >= need),
+                    key=lambda g: g.memory_bytes)
+    if bigger:
+        fixes.append("a card with more memory: " + ", ".join(g.id for g in bigger[:4]))
+    cards = -(-need // result.budget) if need else 2
+    fixes.append(f"at least {max(cards, 2)} cards of this kind with ZeRO-3/FSDP sharding, "
+                 "or CPU offload of the optimizer state")
+    message = (f"no plan fits {result.gpu.name}: the smallest needs {gib(need)}, the budget is "
+               f"{gib(result.budget)}. It would fit with: " + "; ".join(fixes) + ".")
+    return {"smallest_peak_bytes": need, "budget_bytes": result.budget, "fixes": fixes,
+            "message": message,
+            "smallest_plan": smallest.to_dict() if smallest else None}
+
+
+def _try(planner, space, pins, budget, objective, seq_len=None):
+    """The best candidate of a changed space, or ``None`` when nothing fits either."""
+    from dataclasses import replace
+
+    changed = replace(space, pins=pins, seq_len=seq_len or space.seq_len)
+    result = planner.plan(changed, budget, objective, None, 0, 1)
+    return result.ranked[0] if result.ranked else None

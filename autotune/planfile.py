@@ -1,0 +1,60 @@
+"""plan.yaml: the file ``autotune plan -o`` writes and ``autotune run`` reads."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from autotune import __version__
+from autotune.errors import AutotuneError
+
+SCHEMA = "autotune.plan/1"
+
+
+def training_defaults(method: str) -> dict:
+    """Optimisation settings that go with a method (the common published defaults)."""
+    return {
+        "learning_rate": 1e-5 if method in ("full", "freeze") else 2e-4,
+        "epochs": 3,
+        "lr_scheduler": "cosine",
+        "warmup_ratio": 0.03,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+    }
+
+
+def plan_document(model, gpu, budget: int, objective: str, candidate, effective_batch: int,
+                  gpus: int = 1) -> dict:
+    """Everything ``autotune run`` needs to train ``candidate`` as planned."""
+    plan = candidate.to_dict()
+    recipe = candidate.recipe.to_dict()
+    return {
+        "schema": SCHEMA,
+        "autotune_version": __version__,
+        "model": {"id": model.id, "name": model.name, "family": model.family,
+                  "source": model.source, "path": model.path},
+        "hardware": {"gpu": gpu.id, "name": gpu.name, "memory_bytes": gpu.memory_bytes,
+                     "budget_bytes": budget, "gpus": gpus},
+        "objective": objective,
+        "recipe": recipe,
+        "training": {"micro_batch": plan["micro_batch"], "grad_accum": plan["grad_accum"],
+                     "effective_batch": effective_batch,
+                     **training_defaults(candidate.recipe.method)},
+        "predictions": {"fidelity": plan["fidelity"], "memory": plan["memory"],
+                        "throughput": plan["throughput"]},
+    }
+
+
+def write_yaml(path: str, document: dict) -> None:
+    """Write ``document`` to ``path`` atomically: a temporary file renamed into place."""
+    import yaml
+
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=".plan-", suffix=".yaml.tmp", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            yaml.safe_dump(document, handle, sort_keys=False, allow_unicode=True)
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise AutotuneError(f"cannot write {path}: {exc.strerror or exc}") from exc

@@ -1,0 +1,325 @@
+"""The planner: an Optuna study over the search space, the cost model as its constraint.
+
+Each trial is one point of :class:`~autotune.space.Space`; its micro batch is the
+largest that fits (memory grows with the batch), its gradient accumulation makes up
+the effective batch. A point that fits at no batch is pruned with its smallest peak
+recorded. Feasible trials carry two objectives, fidelity and predicted tokens/s
+(:mod:`autotune.objectives`); the Pareto front is ``study.best_trials`` and
+``--objective`` picks from it. The space is small, so the seeded brute-force sampler
+visits all of it: the pick is the exhaustive optimum, and the study is deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import pluggy
+
+from autotune import __version__
+from autotune.errors import AutotuneError
+from autotune.estimate import Estimate, describe
+from autotune.hardware import GPU
+from autotune.memory import estimate_memory
+from autotune.objectives import fidelity, tokens_per_second
+from autotune.params import count, resolve_targets
+from autotune.recipe import Recipe
+from autotune.registry import STANDARD_GROUPS, family_for, stage_named
+from autotune.space import Pins, Space, suggest
+
+OBJECTIVES = ("quality", "speed", "balanced")
+BALANCE = 0.10
+"""``balanced``: each halving of throughput costs this much fidelity."""
+
+
+@dataclass
+class Candidate:
+    """One feasible (or smallest infeasible) point, priced."""
+
+    recipe: Recipe
+    grad_accum: int
+    fidelity: float
+    tokens_per_s: float
+    peak: int
+    tensor_peak: int
+    breakdown: dict[str, int]
+    pareto: bool = False
+    measured: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        r = self.recipe
+        return {
+            "method": r.method, "bits": r.bits, "precision": r.precision,
+            "rank": r.rank if r.adapter else None, "alpha": r.alpha if r.adapter else None,
+            "targets": r.targets if r.adapter else None,
+            "freeze_layers": r.freeze_layers if r.method == "freeze" else None,
+            "micro_batch": r.batch, "grad_accum": self.grad_accum, "grad_ckpt": r.grad_ckpt,
+            "optim": r.optim, "attn": r.attn, "seq_len": r.seq_len, "stage": r.stage,
+            "fidelity": self.fidelity, "pareto": self.pareto,
+            "memory": {"peak_bytes": self.peak, "tensor_peak_bytes": self.tensor_peak,
+                       "breakdown": self.breakdown},
+            "throughput": {"tokens_per_s": round(self.tokens_per_s, 1)},
+            **({"measured": self.measured} if self.measured else {}),
+        }
+
+
+@dataclass
+class PlanResult:
+    """What a study found for one card."""
+
+    gpu: GPU
+    budget: int
+    space: Space
+    ranked: list[Candidate]
+    smallest: Candidate | None
+    trials: int
+    reused: bool
+    study_name: str
+
+    @property
+    def feasible(self) -> bool:
+        return bool(self.ranked)
+
+
+class Planner:
+    """Prices recipes for one model and stage; runs studies for cards."""
+
+    def __init__(self, pm: pluggy.PluginManager, config: dict, family: str | None = None,
+                 model_id: str = "", remote_code: bool = False):
+        self.pm = pm
+        self.config = config
+        self.remote_code = remote_code
+        self.family = family_for(pm, config, family)
+        self.arch = describe(config, self.family, remote_code)
+        self.groups = self.family.module_groups(config)
+        self.model_id = model_id
+        self._priced: dict[Recipe, tuple] = {}
+        self._counts: dict[tuple, object] = {}
+
+    def family_groups(self) -> tuple[str, ...]:
+        """Family-named target groups that select at least one linear layer."""
+        found = []
+        for name in self.groups:
+            if name in STANDARD_GROUPS:
+                continue
+            try:
+                chosen, _, fused = resolve_targets(self.arch, self.groups, name)
+            except AutotuneError:
+                continue
+            if chosen or fused:
+                found.append(name)
+        return tuple(found)
+
+    def price(self, recipe: Recipe):
+        """(counts, memory, sequences) of ``recipe``, cached: cards share a recipe's memory."""
+        if recipe not in self._priced:
+            stage = stage_named(self.pm, recipe.stage)
+            adapter = (recipe.method, recipe.rank, recipe.targets, recipe.freeze_layers)
+            if adapter not in self._counts:
+                self._counts[adapter] = count(self.arch, recipe, self.groups)
+            counts = self._counts[adapter]
+            extras = stage.extra_memory(self.arch, recipe, counts)
+            memory = estimate_memory(self.arch, recipe, counts, extras, "cuda",
+                                     stage.sequences_per_example())
+            self._priced[recipe] = (counts, memory, stage.sequences_per_example())
+        return self._priced[recipe]
+
+    def evaluate(self, space: Space, choice: dict, budget: int) -> Candidate:
+        """``choice`` at the largest micro batch that fits ``budget`` (else at the smallest).
+
+        Memory grows with the batch, so a binary search over the batches suffices.
+        """
+        batches = sorted(space.batches())
+        low, high, best = 0, len(batches) - 1, None
+        while low <= high:
+            middle = (low + high) // 2
+            candidate = self._candidate_at(space, space.recipe(choice, batches[middle]))
+            if candidate.peak <= budget:
+                best, low = candidate, middle + 1
+            else:
+                high = middle - 1
+        return best or self._candidate_at(space, space.recipe(choice, batches[0]))
+
+    def _candidate_at(self, space: Space, recipe: Recipe) -> Candidate:
+        counts, memory, sequences = self.price(recipe)
+        accum = math.ceil(space.effective_batch / recipe.batch)
+        return Candidate(recipe, accum, fidelity(recipe, self.arch),
+                         tokens_per_second(self.arch, recipe, counts, space.gpu, accum, sequences),
+                         memory.peak, memory.tensor_peak,
+                         {**memory.breakdown, "device_overhead": memory.device_overhead})
+
+    def estimate_for(self, recipe: Recipe) -> Estimate:
+        counts, memory, _ = self.price(recipe)
+        return Estimate(self.family, self.arch, recipe, counts, memory)
+
+    def study_key(self, space: Space, budget: int) -> str:
+        """A name that changes with everything the study's answer depends on."""
+        payload = json.dumps({
+            "version": __version__, "model": self.model_id, "config": self.config,
+            "remote_code": self.remote_code,
+            "gpu": space.gpu.id, "memory": space.gpu.memory_bytes, "budget": budget,
+            "seq": space.seq_len, "stage": space.stage, "effective": space.effective_batch,
+            "pins": space.pins.to_dict(), "groups": space.family_groups,
+        }, sort_keys=True, default=str)
+        return f"autotune-{self.model_id or 'model'}-{space.gpu.id}-" + \
+            hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+    def plan(self, space: Space, budget: int, objective: str = "balanced",
+             storage: str | None = None, seed: int = 0, top: int = 5) -> PlanResult:
+        """Run (or reuse) the study for ``space`` and rank its feasible plans."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        name = self.study_key(space, budget)
+        points = space.points()
+        study, reused = None, False
+        if storage:
+            study = _load(storage, name, len(points))
+            reused = study is not None
+        if study is None:
+            study = self._run(space, budget, seed, len(points), optuna)
+            if storage:
+                _save(study, storage, name)
+        return self._rank(study, space, budget, objective, top, name, reused)
+
+    def _run(self, space: Space, budget: int, seed: int, n_trials: int, optuna):
+        import warnings
+
+        def objective(trial):
+            try:
+                candidate = self.evaluate(space, suggest(trial, space), budget)
+            except AutotuneError as exc:  # a point this model cannot take (DoRA on experts)
+                trial.set_user_attr("invalid", str(exc))
+                raise optuna.TrialPruned() from exc
+            trial.set_user_attr("plan", {"recipe": candidate.recipe.to_dict(),
+                                         "grad_accum": candidate.grad_accum,
+                                         "peak_bytes": candidate.peak})
+            if candidate.peak > budget:
+                raise optuna.TrialPruned()
+            return candidate.fidelity, candidate.tokens_per_s
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.BruteForceSampler(seed=seed)
+        study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+        study.optimize(objective, n_trials=n_trials)
+        return study
+
+    def _rank(self, study, space: Space, budget: int, objective: str, top: int, name: str,
+              reused: bool) -> PlanResult:
+        import optuna
+
+        done = optuna.trial.TrialState.COMPLETE
+        analytic = [t for t in study.trials if "measured" not in t.user_attrs]
+        candidates = [self._candidate(t, space) for t in analytic if t.state == done]
+        mark_pareto(candidates)
+        measured = {json.dumps(t.user_attrs["plan"]["recipe"], sort_keys=True):
+                    t.user_attrs["measured"] for t in study.trials if "measured" in t.user_attrs}
+        for c in candidates:  # earlier --measure runs of this study
+            c.measured = measured.get(json.dumps(c.recipe.to_dict(), sort_keys=True), {})
+        pruned = [t for t in analytic if t.state == optuna.trial.TrialState.PRUNED
+                  and "plan" in t.user_attrs]
+        smallest = None
+        if not candidates and pruned:
+            least = min(pruned, key=lambda t: t.user_attrs["plan"]["peak_bytes"])
+            smallest = self._candidate(least, space)
+        ranked = pick(candidates, objective)[:top]
+        return PlanResult(space.gpu, budget, space, ranked, smallest, len(analytic), reused,
+                          name)
+
+    def _candidate(self, trial, space: Space) -> Candidate:
+        return self._candidate_at(space, Recipe(**trial.user_attrs["plan"]["recipe"]))
+
+
+def mark_pareto(candidates: list[Candidate]) -> None:
+    """Flag the candidates no other beats on both fidelity and tokens/s."""
+    for c in candidates:
+        c.pareto = not any(
+            o.fidelity >= c.fidelity and o.tokens_per_s >= c.tokens_per_s
+            and (o.fidelity > c.fidelity or o.tokens_per_s > c.tokens_per_s)
+            for o in candidates)
+
+
+def pick(candidates: list[Candidate], objective: str) -> list[Candidate]:
+    """Candidates ordered best first for ``objective``; Pareto-optimal ones lead."""
+    if objective not in OBJECTIVES:
+        raise AutotuneError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
+    if not candidates:
+        return []
+    fastest = max(c.tokens_per_s for c in candidates)
+
+    def key(c: Candidate):
+        if objective == "quality":
+            score = (c.fidelity, c.tokens_per_s)
+        elif objective == "speed":
+            score = (c.tokens_per_s, c.fidelity)
+        else:
+            score = (c.fidelity - BALANCE * math.log2(fastest / c.tokens_per_s), c.tokens_per_s)
+        return (c.pareto, *score, -c.peak)
+
+    return sorted(candidates, key=key, reverse=True)
+
+
+def default_storage() -> str:
+    """SQLite under the user cache folder (``$AUTOTUNE_CACHE_DIR`` or ``~/.cache/autotune``)."""
+    folder = os.environ.get("AUTOTUNE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "autotune")
+    os.makedirs(folder, exist_ok=True)
+    return f"sqlite:///{os.path.join(folder, 'studies.db')}"
+
+
+def open_storage(url: str):
+    import optuna
+
+    try:
+        storage = optuna.storages.RDBStorage(url)
+    except Exception as exc:  # noqa: BLE001 -- any driver error becomes one line
+        raise AutotuneError(f"cannot open study storage {url!r}: {exc}") from exc
+    if url.startswith("sqlite"):
+        from sqlalchemy import event
+
+        @event.listens_for(storage.engine, "connect")
+        def _fast(connection, _record):  # a cache, not a ledger: trade durability for speed
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA synchronous=OFF")
+            cursor.execute("PRAGMA journal_mode=MEMORY")
+            cursor.close()
+
+        storage.engine.dispose()
+    return storage
+
+
+def _load(url: str, name: str, size: int):
+    """A stored study that already covers the whole space, or ``None``."""
+    import optuna
+
+    storage = open_storage(url)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+    analytic = [t for t in study.trials if "measured" not in t.user_attrs]
+    return study if len(analytic) >= size else None
+
+
+def _save(study, url: str, name: str) -> None:
+    """Store a finished in-memory study under ``name``.
+
+    Trials keep their point in the ``plan`` user attribute rather than as Optuna
+    parameters: writing parameters costs a query each, and a stored plan must stay fast.
+    """
+    import optuna
+
+    storage = open_storage(url)
+    try:
+        optuna.delete_study(study_name=name, storage=storage)
+    except KeyError:
+        pass
+    stored = optuna.create_study(study_name=name, storage=storage,
+                                 directions=["maximize", "maximize"])
+    stored.add_trials([optuna.trial.create_trial(state=t.state, values=t.values,
+                                                 user_attrs=t.user_attrs)
+                       for t in study.trials])
