@@ -157,7 +157,6 @@ def measure(config: dict, recipe: Recipe, target_modules: list[str] | str | None
 
 
 def _measure_cpu(config, recipe, target_modules, steps, seed) -> Measurement:
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     gc.collect()

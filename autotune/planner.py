@@ -21,14 +21,14 @@ import pluggy
 
 from autotune import __version__
 from autotune.errors import AutotuneError
-from autotune.estimate import Estimate, describe
+from autotune.estimate import describe
 from autotune.hardware import GPU
 from autotune.memory import estimate_memory
 from autotune.objectives import fidelity, tokens_per_second
 from autotune.params import count, resolve_targets
 from autotune.recipe import Recipe
 from autotune.registry import STANDARD_GROUPS, family_for, stage_named
-from autotune.space import Pins, Space, suggest
+from autotune.space import Space, suggest
 
 OBJECTIVES = ("quality", "speed", "balanced")
 BALANCE = 0.10
@@ -150,10 +150,6 @@ class Planner:
                          tokens_per_second(self.arch, recipe, counts, space.gpu, accum, sequences),
                          memory.peak, memory.tensor_peak,
                          {**memory.breakdown, "device_overhead": memory.device_overhead})
-
-    def estimate_for(self, recipe: Recipe) -> Estimate:
-        counts, memory, _ = self.price(recipe)
-        return Estimate(self.family, self.arch, recipe, counts, memory)
 
     def study_key(self, space: Space, budget: int) -> str:
         """A name that changes with everything the study's answer depends on."""

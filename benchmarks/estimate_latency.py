@@ -21,7 +21,7 @@ COMMANDS = [
 def main() -> None:
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     exe = shutil.which("autotune") or sys.exit("autotune is not installed")
-    print(f"| command | runs | min s | median s | max s |\n|---|---|---|---|---|")
+    print("| command | runs | min s | median s | max s |\n|---|---|---|---|---|")
     for args in COMMANDS:
         times = []
         for _ in range(runs):

@@ -30,9 +30,9 @@ def planner_for(pm, model_id, remote_code=False):
     return Planner(pm, model.config, model.family, model.id, remote_code)
 
 
-def space_for(planner, gpu, seq_len=2048, stage="sft", effective=16, pins=Pins()):
+def space_for(planner, gpu, seq_len=2048, stage="sft", effective=16, pins=None):
     return Space(gpu, seq_len, stage, effective, planner.arch.num_layers,
-                 planner.family_groups(), pins)
+                 planner.family_groups(), pins or Pins())
 
 
 def dominates(a, b):
