@@ -12,7 +12,8 @@ import pluggy
 from autotune import __version__
 from autotune.errors import AutotuneError
 
-COMMANDS = ("models", "probe", "gpus", "estimate", "plan")
+COMMANDS = ("models", "probe", "gpus", "estimate", "plan", "run", "merge", "generate",
+            "plugins")
 
 
 def make_cli(pm: pluggy.PluginManager) -> click.Group:

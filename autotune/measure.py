@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from autotune.params import ALL_LINEAR
+from autotune.loading import DTYPES
 from autotune.recipe import Recipe
 
 STEP_MARK = "autotune_step_"
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass
@@ -42,65 +40,9 @@ class Measurement:
 def build_model(config: dict, recipe: Recipe, target_modules: list[str] | str | None = None,
                 device: str = "cpu", seed: int = 0):
     """A randomly initialised model prepared for ``recipe`` exactly as training would."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from autotune.loading import load_base, prepare
 
-    torch.manual_seed(seed)
-    settings = {k: v for k, v in config.items() if k not in ("auto_map", "transformers_version")}
-    hf_config = AutoConfig.for_model(settings.pop("model_type"), **settings)
-    hf_config.use_cache = False
-    dtype = getattr(torch, DTYPES[recipe.weight_dtype])
-    attn = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}[recipe.attn]
-    if recipe.bits < 16:
-        model = _quantised(hf_config, recipe, dtype, attn, device)
-    else:
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype,
-                                                     attn_implementation=attn)
-    if recipe.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.adapter:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
-                          target_modules=target_modules or ALL_LINEAR, bias="none",
-                          use_dora=recipe.method == "dora", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
-    elif recipe.method == "freeze":
-        _freeze_all_but_top(model, recipe.freeze_layers)
-    model.train()
-    return model
-
-
-def _quantised(hf_config, recipe: Recipe, dtype, attn: str, device: str):
-    """Save a random model and load it back through bitsandbytes, as a real checkpoint loads."""
-    import torch
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    compute = torch.bfloat16 if recipe.compute_dtype == "bf16" else torch.float16
-    if recipe.bits == 4:
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
-    else:
-        quant = BitsAndBytesConfig(load_in_8bit=True)
-    with tempfile.TemporaryDirectory() as folder:
-        AutoModelForCausalLM.from_config(hf_config, dtype=dtype).save_pretrained(folder)
-        gc.collect()
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=quant, dtype=dtype, attn_implementation=attn,
-            device_map={"": device})
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.grad_ckpt,
-                                           gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _freeze_all_but_top(model, n: int) -> None:
-    from autotune.architecture import layer_index
-
-    layers = model.config.num_hidden_layers
-    for name, param in model.named_parameters():
-        index = layer_index(name)
-        param.requires_grad_(index is not None and index >= layers - n)
+    return prepare(load_base(config, recipe, None, device, seed), recipe, target_modules)
 
 
 def make_optimizer(recipe: Recipe, params, lr: float = 1e-4):

@@ -58,3 +58,45 @@ def write_yaml(path: str, document: dict) -> None:
         os.replace(temporary, path)
     except OSError as exc:
         raise AutotuneError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+REQUIRED = ("schema", "model", "recipe")
+KNOWN = ("schema", "autotune_version", "model", "hardware", "objective", "recipe", "training",
+         "predictions")
+
+
+def read_plan(path: str) -> dict:
+    """A plan file, checked: known keys, this schema, and a valid recipe."""
+    import yaml
+
+    from autotune.recipe import Recipe
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = yaml.safe_load(handle)
+    except OSError as exc:
+        raise AutotuneError(f"cannot read plan {path}: {exc.strerror or exc}") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise AutotuneError(f"{path} is not a valid plan file: "
+                            f"{str(exc).splitlines()[0]}") from exc
+    if not isinstance(document, dict):
+        raise AutotuneError(f"{path} is not a plan file (expected a mapping)")
+    missing = [k for k in REQUIRED if k not in document]
+    unknown = [k for k in document if k not in KNOWN]
+    if missing or unknown:
+        problem = (f"missing {', '.join(missing)}" if missing else
+                   f"unknown key(s) {', '.join(map(str, unknown))}")
+        raise AutotuneError(f"{path}: {problem}")
+    if document["schema"] != SCHEMA:
+        raise AutotuneError(f"{path}: schema {document['schema']!r} is not {SCHEMA!r} "
+                            "(written by another autotune version? re-run `autotune plan`)")
+    recipe = document["recipe"]
+    if not isinstance(recipe, dict) or not isinstance(document["model"], dict):
+        raise AutotuneError(f"{path}: model and recipe must be mappings")
+    try:
+        Recipe(**recipe)
+    except TypeError as exc:
+        raise AutotuneError(f"{path}: recipe: {exc}") from exc
+    if "id" not in document["model"]:
+        raise AutotuneError(f"{path}: model needs an id")
+    return document

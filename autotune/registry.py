@@ -20,6 +20,14 @@ T = TypeVar("T")
 STANDARD_GROUPS = ("qv", "attention", "mlp", "experts", "embeddings", "head")
 
 
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""The ChatML template: the default for models whose tokenizer has no chat template."""
+
+
 class ModelFamily:
     """A family of model architectures. Plugins subclass it and register an instance.
 
@@ -59,6 +67,18 @@ class ModelFamily:
             "head": ("lm_head",),
         }
 
+    def chat_template(self, config: dict) -> str:
+        """A Jinja chat template for tokenizers that ship none (ChatML by default)."""
+        return CHATML
+
+    def load_kwargs(self, config: dict) -> dict:
+        """Extra ``from_pretrained`` arguments this family needs (beyond dtype and quantisation)."""
+        return {}
+
+    def quirks(self, config: dict) -> list[str]:
+        """Known pitfalls worth telling the user before a run, one sentence each."""
+        return []
+
     def describe(self, config: dict, remote_code: bool = False) -> Architecture | None:
         """Describe the architecture exactly (every parameter tensor and linear layer).
 
@@ -89,6 +109,17 @@ class Stage:
         in :mod:`autotune.memory` price whole models in the recipe's format.
         """
         return {}
+
+    def make_trainer(self, model, tokenizer, dataset, args: dict, recipe: Recipe,
+                     training: dict):
+        """Build the ``transformers.Trainer`` (usually a TRL trainer) that runs this stage.
+
+        ``dataset`` holds rows normalised by :mod:`autotune.data` for this stage; ``args``
+        are the keyword arguments of the trainer's config common to every stage (batch,
+        accumulation, learning rate, precision, ``max_length``...); ``training`` is the
+        plan's ``training`` section, for stage-specific settings (DPO's ``beta``).
+        """
+        raise AutotuneError(f"stage {self.name!r} cannot train (no make_trainer)")
 
     def sequences_per_example(self) -> int:
         """How many sequences one example puts through the model (2 for preference pairs)."""

@@ -28,6 +28,23 @@ class DeepSeek(ModelFamily):
             groups["experts"] = ("experts", "shared_experts")
         return groups
 
+    def chat_template(self, config):
+        # deepseek-llm-7b-chat's own format
+        return ("{{ bos_token }}{% for message in messages %}"
+                "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+                "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content']"
+                " + eos_token }}{% else %}{{ message['content'] + '\n\n' }}{% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+    def quirks(self, config):
+        found = []
+        if config.get("n_routed_experts") and config.get("model_type") == "deepseek_v2":
+            found.append("transformers fuses DeepSeek-V2's experts into 3-D tensors: bitsandbytes "
+                         "leaves them 16-bit and PEFT moves MLP targets onto them (dropping LoRA "
+                         "from the dense and shared-expert MLPs); --trust-remote-code keeps one "
+                         "nn.Linear per expert")
+        return found
+
     def describe(self, config, remote_code=False):
         # The hub's modelling code (DeepSeek-MoE always, V2 with --trust-remote-code) keeps
         # one nn.Linear per expert -- which bitsandbytes can quantise and all-linear adapts;

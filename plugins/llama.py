@@ -9,6 +9,13 @@ class Llama(ModelFamily):
     name = "llama"
     model_types = ("llama",)
 
+    def chat_template(self, config):
+        # Llama 2's [INST] format (Llama 3 tokenizers ship their own template)
+        return ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+                "{{ '<<SYS>>\n' + message['content'] + '\n<</SYS>>\n\n' }}"
+                "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+                "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
+
     def describe(self, config, remote_code=False):
         return decoder(config, counted_by="plugin llama")
 

@@ -9,6 +9,15 @@ class Mistral(ModelFamily):
     name = "mistral"
     model_types = ("mistral",)
 
+    def chat_template(self, config):
+        return ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+                "{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+                "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+                "{% endif %}{% endfor %}")
+
+    def quirks(self, config):
+        return ["Mistral's template has no system role: system messages are dropped"]
+
     def describe(self, config, remote_code=False):
         return decoder(config, counted_by="plugin mistral")
 

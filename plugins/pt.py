@@ -1,4 +1,4 @@
-"""Training stage: pt -- continued pre-training, causal LM loss on raw text."""
+"""Training stage: pt -- continued pre-training, causal LM loss on raw text (optional packing)."""
 
 from autotune import hookimpl
 from autotune.registry import Stage
@@ -7,6 +7,14 @@ from autotune.registry import Stage
 class PreTraining(Stage):
     name = "pt"
     description = "causal LM on raw text"
+
+    def make_trainer(self, model, tokenizer, dataset, args, recipe, training):
+        from trl import SFTConfig, SFTTrainer
+
+        config = SFTConfig(**args, dataset_text_field="text", completion_only_loss=False,
+                           packing=bool(training.get("packing", False)))
+        return SFTTrainer(model=model, args=config, train_dataset=dataset,
+                          processing_class=tokenizer)
 
 
 @hookimpl

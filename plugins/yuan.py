@@ -21,6 +21,16 @@ class Yuan(ModelFamily):
         groups["lfa"] = ("lf_gate",)
         return groups
 
+    def chat_template(self, config):
+        # Yuan 2.0 separates turns with <sep> and ends answers with <eod>
+        return ("{% for message in messages %}{% if message['role'] == 'assistant' %}"
+                "{{ message['content'] + '<eod>' }}{% else %}{{ message['content'] + '<sep>' }}"
+                "{% endif %}{% endfor %}")
+
+    def quirks(self, config):
+        return ["remote code: loading needs --trust-remote-code (never implied)",
+                "the tokenizer needs pad_token set to <unk> and add_eos_token=False (seed 001)"]
+
     def describe(self, config, remote_code=False):
         h = config["hidden_size"]
         half = h // 2

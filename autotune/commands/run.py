@@ -1,0 +1,141 @@
+"""``autotune run``: train a plan (or plan, then train) with PEFT + TRL."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import click
+
+from autotune.commands.estimate import trust_remote_code_option
+from autotune.errors import AutotuneError
+
+DEMO_STEPS = 30
+
+
+@click.command("run")
+@click.argument("plan_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--data", type=click.Path(), help="Training data: JSON/JSONL/CSV/Parquet, a .txt "
+                                                "(pt), or a saved datasets folder.")
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Where the run is written (default runs/<model>-<stage>-<time>).")
+@click.option("--max-steps", type=click.IntRange(1), help="Stop after this many optimizer steps.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Epochs over the data.")
+@click.option("--report-to", default="none", show_default=True,
+              help="Experiment tracking: none, tensorboard, wandb, swanlab, ...")
+@click.option("--model", "model_spec", help="Plan for this model first, then run the pick.")
+@click.option("--stage", type=click.Choice(["pt", "sft", "dpo"]), default="sft",
+              show_default=True, help="With --model: the stage to plan.")
+@click.option("--gpu", help="With --model: plan for this card.")
+@click.option("--vram", help="With --model: plan for this memory budget.")
+@click.option("--seq-len", type=click.IntRange(1), default=512, show_default=True,
+              help="With --model: tokens per sequence.")
+@click.option("--random-init", is_flag=True,
+              help="Train from random weights (no checkpoint needed: tests and demos).")
+@click.option("--demo", is_flag=True, help="Plan and train the tiny model on the shipped data, "
+                                           "on the CPU, in under a minute.")
+@trust_remote_code_option
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
+@click.pass_obj
+def command(pm, plan_file, data, output_dir, max_steps, epochs, report_to, model_spec, stage, gpu,
+            vram, seq_len, random_init, demo, trust_remote_code, quiet, as_json) -> None:
+    """Train a plan with transformers + PEFT + TRL and write a run report.
+
+    \b
+    autotune run plan.yaml --data train.jsonl
+    autotune run --model qwen2.5-0.5b --data train.jsonl --gpu a10
+    autotune run --demo
+    """
+    from autotune.executor import RunSettings, run
+
+    if demo:
+        from autotune.demo import dataset_path
+
+        model_spec, random_init = model_spec or "tiny", True
+        data = data or dataset_path(stage)
+        max_steps = max_steps or DEMO_STEPS
+        vram, seq_len = vram or "2GiB", min(seq_len, 256)
+        output_dir = output_dir or _fresh("autotune-demo")
+    if not data:
+        raise AutotuneError("give the training data with --data FILE")
+    if plan_file and model_spec:
+        raise AutotuneError("give a plan file or --model, not both")
+    if plan_file:
+        from autotune.planfile import read_plan
+
+        plan = read_plan(plan_file)
+    elif model_spec:
+        plan = _plan(pm, model_spec, stage, gpu, vram, seq_len, trust_remote_code, quiet)
+    else:
+        raise AutotuneError("give a plan file (from `autotune plan -o`), --model, or --demo")
+    output_dir = output_dir or _fresh(os.path.join(
+        "runs", f"{plan['model']['id'].replace('/', '_')}-{plan['recipe']['stage']}"))
+    settings = RunSettings(data=data, output_dir=output_dir, max_steps=max_steps, epochs=epochs,
+                           report_to=report_to, remote_code=trust_remote_code,
+                           random_init=random_init, quiet=quiet or as_json)
+    report = run(pm, plan, settings)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        click.echo(_render(report, output_dir))
+
+
+def _fresh(stem: str) -> str:
+    """``stem`` if free, else ``stem-<time>``."""
+    if not os.path.exists(stem):
+        return stem
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _plan(pm, model_spec, stage, gpu, vram, seq_len, remote_code, quiet) -> dict:
+    """Plan on the analytic model and return the pick as a plan document."""
+    import sys
+
+    from autotune.commands.estimate import target_gpu
+    from autotune.commands.plan import _budget, _cards
+    from autotune.hardware import budget_gpu, probe
+    from autotune.planfile import plan_document
+    from autotune.planner import Planner
+    from autotune.profiles import resolve_model
+    from autotune.space import Pins, Space
+
+    model = resolve_model(model_spec, pm)
+    planner = Planner(pm, model.config, model.family, model.id, remote_code)
+    card = target_gpu(gpu, vram)
+    if card is None:
+        cards, _ = _cards(None, None)
+        if cards:
+            card = cards[0]
+        else:  # train on the CPU: plan for half the available RAM
+            available = probe()["host"].get("ram_available_bytes") or 8 * 2**30
+            card = budget_gpu(available // 2, bf16=True)
+    budget = _budget(card, "5%")
+    effective = 8
+    space = Space(card, seq_len, stage, effective, planner.arch.num_layers,
+                  planner.family_groups(), Pins())
+    result = planner.plan(space, budget, "quality", None)
+    if not result.ranked:
+        raise AutotuneError(f"no plan for {model.id} fits {card.name}; see `autotune plan`")
+    best = result.ranked[0]
+    if not quiet:
+        print(f"autotune: planned {best.recipe.method} (r{best.recipe.rank}, "
+              f"{best.recipe.targets}), batch {best.recipe.batch} x {best.grad_accum} for "
+              f"{card.name}", file=sys.stderr)
+    return plan_document(model, card, budget, "quality", best, effective)
+
+
+def _render(report: dict, output_dir: str) -> str:
+    measured, predicted = report["measured"], report["predicted"]
+    memory = (f"peak {measured['peak_tensor_bytes'] / 2**30:.2f} GiB of tensors "
+              f"(predicted {predicted['tensor_peak_bytes'] / 2**30:.2f})"
+              if "peak_tensor_bytes" in measured else
+              f"process peak RSS {measured['peak_rss_bytes'] / 2**30:.2f} GiB on the CPU")
+    lines = [f"trained {report['model']['id']} ({report['stage']}, {report['recipe']['method']}) "
+             f"for {report['steps']} steps in {report['duration_s']:.0f} s",
+             f"loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}; "
+             f"{measured['tokens_per_s'] or 0:.0f} tokens/s; {memory}",
+             f"wrote {output_dir}/ ({', '.join(report['saved'].values())}, run_report.json)"]
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)

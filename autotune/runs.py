@@ -1,0 +1,56 @@
+"""Finished runs: load a run folder's model (base + adapter, or full weights) and tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pluggy
+
+from autotune.errors import AutotuneError
+from autotune.executor import REPORT
+
+
+def read_report(run_dir: str) -> dict:
+    """The ``run_report.json`` of a finished run."""
+    path = os.path.join(run_dir, REPORT)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError as exc:
+        raise AutotuneError(f"{run_dir} is not a finished autotune run (no {REPORT})") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AutotuneError(f"cannot read {path}: {exc}") from exc
+
+
+def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
+             remote_code: bool = False):
+    """(model, tokenizer, report) of a run; adapters are merged into the base if ``merge``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report = read_report(run_dir)
+    saved = report["saved"]
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, saved["tokenizer"]))
+    dtype = torch.float32 if not torch.cuda.is_available() else torch.bfloat16
+    if "model" in saved:
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, saved["model"]),
+                                                     dtype=dtype, trust_remote_code=remote_code)
+        return model, tokenizer, report
+    from peft import PeftModel
+
+    if "base" in saved:
+        base_path = os.path.join(run_dir, saved["base"])
+    else:
+        from autotune.profiles import resolve_model
+
+        base_path = resolve_model(report["model"]["id"], pm).path
+        if not base_path:
+            raise AutotuneError(f"the base weights of {report['model']['id']} are not on this "
+                                "machine (autotune never downloads)")
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype,
+                                                trust_remote_code=remote_code)
+    model = PeftModel.from_pretrained(base, os.path.join(run_dir, saved["adapter"]))
+    if merge:
+        model = model.merge_and_unload()
+    return model.eval(), tokenizer, report
