@@ -41,8 +41,24 @@ def make_cli(pm: pluggy.PluginManager) -> click.Group:
     return cli
 
 
+def _quiet_libraries() -> None:
+    """Keep the libraries' deprecation chatter and progress bars out of autotune's output."""
+    import logging
+    import warnings
+
+    for variable, value in (("TRANSFORMERS_VERBOSITY", "error"),
+                            ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+                            ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(variable, value)
+    if not os.environ.get("AUTOTUNE_DEBUG"):
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main() -> None:
     """Entry point of the ``autotune`` script: errors end in one line, not a traceback."""
+    _quiet_libraries()
     try:
         from autotune.plugins import get_plugin_manager
 

@@ -54,7 +54,7 @@ def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
 
     started = time.perf_counter()
     recipe = Recipe(**plan["recipe"])
-    model_spec = resolve_model(plan["model"].get("path") or plan["model"]["id"], pm)
+    model_spec = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
     family = family_for(pm, model_spec.config, model_spec.family)
     if family.remote_code(model_spec.config) and not settings.remote_code:
         raise AutotuneError(f"{model_spec.id} runs remote code from its repository: pass "
@@ -74,13 +74,13 @@ def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
         recipe = recipe.but(precision="bf16")
         notes.append("no GPU: fp16 replaced by bf16")
     tokenizer = _tokenizer(model_spec, family, settings)
-    model, targets = _model(pm, model_spec, family, recipe, tokenizer, device, settings)
-
     parent = os.path.dirname(final) or "."
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=parent)
     try:
         from datasets import Dataset
+
+        model, targets = _model(model_spec, family, recipe, tokenizer, device, settings, work)
 
         args = _trainer_args(plan, recipe, settings, device, os.path.join(work, "trainer"))
         tracker = _Tracker(settings.quiet, recipe)
@@ -94,8 +94,12 @@ def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
+        from accelerate.utils import extract_model_from_parallel
+
+        # drop accelerate's autocast wrapper: the saved model must be the plain one
+        model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
         shutil.rmtree(os.path.join(work, "trainer"), ignore_errors=True)
-        saved = _save(model, tokenizer, recipe, work, settings.random_init)
+        saved = _save(model, tokenizer, recipe, work)
         report = _report(pm, plan, model_spec, recipe, settings, tracker, device, saved, notes,
                          time.perf_counter() - started, len(rows), targets)
         report["probe"] = probe_logits(model, tokenizer)
@@ -132,17 +136,29 @@ def _tokenizer(model_spec, family, settings: RunSettings):
     return tokenizer
 
 
-def _model(pm, model_spec, family, recipe: Recipe, tokenizer, device: str,
-           settings: RunSettings):
+def _model(model_spec, family, recipe: Recipe, tokenizer, device: str, settings: RunSettings,
+           work: str):
+    """The model prepared for training, and the adapter target names given to PEFT.
+
+    Random-init runs first write their random base as a checkpoint beside the run
+    (``base/``), then load it like any checkpoint, so merge and generate can find it.
+    """
     from autotune.estimate import describe
-    from autotune.loading import load_base, prepare
+    from autotune.loading import hf_config, load_base, prepare
     from autotune.params import ALL_LINEAR, resolve_targets
 
     config = dict(model_spec.config)
-    if settings.random_init:  # special tokens the tokenizer defines must exist in the model
+    path = model_spec.path
+    if settings.random_init:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        # special tokens the tokenizer defines must exist in the model
         config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
-    path = None if settings.random_init else model_spec.path
+        torch.manual_seed(settings.seed)
+        path = os.path.join(work, "base")
+        AutoModelForCausalLM.from_config(hf_config(config)).save_pretrained(path)
     base = load_base(config, recipe, path, device, settings.seed, settings.remote_code)
     targets = None
     if recipe.adapter and recipe.targets != ALL_LINEAR:
@@ -211,8 +227,10 @@ class _Tracker:
                     tracker.losses.append(entry)
                     tracker.tokens = int(float(logs.get("num_tokens", tracker.tokens)))
                     if not tracker.quiet:
+                        elapsed = time.perf_counter() - tracker.started
                         print(f"autotune: step {state.global_step}/{state.max_steps} "
-                              f"loss {entry['loss']:.4f}", file=sys.stderr, flush=True)
+                              f"loss {entry['loss']:.4f} ({elapsed:.0f} s)", file=sys.stderr,
+                              flush=True)
 
             def on_train_end(self, args, state, control, **kwargs):
                 tracker.train_seconds = time.perf_counter() - tracker.started
@@ -220,8 +238,8 @@ class _Tracker:
         return Callback()
 
 
-def _save(model, tokenizer, recipe: Recipe, folder: str, random_init: bool) -> dict:
-    """Adapter or full weights, the tokenizer, and (random-init runs) the base weights."""
+def _save(model, tokenizer, recipe: Recipe, folder: str) -> dict:
+    """Adapter or full weights, the tokenizer, and the random base of a random-init run."""
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -229,10 +247,10 @@ def _save(model, tokenizer, recipe: Recipe, folder: str, random_init: bool) -> d
     if recipe.adapter:
         model.save_pretrained(os.path.join(folder, "adapter"))
         saved["adapter"] = "adapter"
-        if random_init:  # no checkpoint exists anywhere else: keep the base beside the adapter
-            model.get_base_model().save_pretrained(os.path.join(folder, "base"))
+        if os.path.isdir(os.path.join(folder, "base")):
             saved["base"] = "base"
     else:
+        shutil.rmtree(os.path.join(folder, "base"), ignore_errors=True)  # trained copy saved
         model.save_pretrained(os.path.join(folder, "model"))
         saved["model"] = "model"
     tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
@@ -260,8 +278,9 @@ def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, device, s
     return {
         "schema": "autotune.run/1",
         "autotune_version": __version__,
-        "model": {"id": model_spec.id, "name": model_spec.name, "random_init":
-                  settings.random_init},
+        "model": {"id": model_spec.id, "name": model_spec.name,
+                  "spec": plan["model"].get("spec") or model_spec.id,
+                  "random_init": settings.random_init},
         "stage": recipe.stage,
         "recipe": recipe.to_dict(),
         "data": {"path": os.path.abspath(settings.data), "rows": rows},

@@ -32,7 +32,9 @@ def plan_document(model, gpu, budget: int, objective: str, candidate, effective_
         "schema": SCHEMA,
         "autotune_version": __version__,
         "model": {"id": model.id, "name": model.name, "family": model.family,
-                  "source": model.source, "path": model.path},
+                  "source": model.source, "path": model.path,
+                  # what `--model` resolves again: the profile id, else the config/folder/hub id
+                  "spec": model.id if model.source == "profile" else model.name},
         "hardware": {"gpu": gpu.id, "name": gpu.name, "memory_bytes": gpu.memory_bytes,
                      "budget_bytes": budget, "gpus": gpus},
         "objective": objective,

@@ -26,17 +26,20 @@ def read_report(run_dir: str) -> dict:
 def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
              remote_code: bool = False):
     """(model, tokenizer, report) of a run; adapters are merged into the base if ``merge``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from autotune.loading import load_base
+    from autotune.recipe import Recipe
 
     report = read_report(run_dir)
     saved = report["saved"]
+    recipe = Recipe(**report["recipe"])
+    device = report["measured"]["device"]
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, saved["tokenizer"]))
-    dtype = torch.float32 if not torch.cuda.is_available() else torch.bfloat16
-    if "model" in saved:
-        model = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, saved["model"]),
-                                                     dtype=dtype, trust_remote_code=remote_code)
-        return model, tokenizer, report
+    if "model" in saved:  # full or freeze tuning: the trained weights themselves
+        full = recipe.but(method="full", bits=16)
+        return (load_base({}, full, os.path.join(run_dir, saved["model"]), device,
+                          remote_code=remote_code).eval(), tokenizer, report)
     from peft import PeftModel
 
     if "base" in saved:
@@ -44,12 +47,13 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
     else:
         from autotune.profiles import resolve_model
 
-        base_path = resolve_model(report["model"]["id"], pm).path
+        base_path = resolve_model(report["model"]["spec"], pm).path
         if not base_path:
             raise AutotuneError(f"the base weights of {report['model']['id']} are not on this "
                                 "machine (autotune never downloads)")
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype,
-                                                trust_remote_code=remote_code)
+    if merge:  # merging needs a 16-bit base: quantised weights cannot absorb the adapter
+        recipe = recipe.but(method="lora", bits=16)
+    base = load_base({}, recipe, base_path, device, remote_code=remote_code)
     model = PeftModel.from_pretrained(base, os.path.join(run_dir, saved["adapter"]))
     if merge:
         model = model.merge_and_unload()

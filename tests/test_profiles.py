@@ -125,7 +125,7 @@ def test_tiny_profile(pm):
     assert (c["model_type"], c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"],
             c["num_attention_heads"], c["num_key_value_heads"], c["vocab_size"],
             c["max_position_embeddings"], c["tie_word_embeddings"]) == (
-        "llama", 128, 344, 2, 4, 2, 2048, 2048, False)
+        "llama", 128, 384, 2, 4, 2, 2048, 2048, False)
 
 
 def test_remote_code_profiles(pm):
