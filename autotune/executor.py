@@ -84,8 +84,11 @@ def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
 
         args = _trainer_args(plan, recipe, settings, device, os.path.join(work, "trainer"))
         tracker = _Tracker(settings.quiet, recipe)
-        trainer = stage.make_trainer(model, tokenizer, Dataset.from_list(rows), args, recipe,
-                                     plan.get("training", {}))
+        try:
+            trainer = stage.make_trainer(model, tokenizer, Dataset.from_list(rows), args, recipe,
+                                         plan.get("training", {}))
+        except ImportError as exc:  # e.g. --report-to tensorboard without tensorboard
+            raise AutotuneError(f"stage {stage.name!r} cannot start: {exc}") from exc
         from transformers import PrinterCallback, ProgressCallback
 
         for noisy in (PrinterCallback, ProgressCallback):  # the tracker reports progress
@@ -159,7 +162,8 @@ def _model(model_spec, family, recipe: Recipe, tokenizer, device: str, settings:
         torch.manual_seed(settings.seed)
         path = os.path.join(work, "base")
         AutoModelForCausalLM.from_config(hf_config(config)).save_pretrained(path)
-    base = load_base(config, recipe, path, device, settings.seed, settings.remote_code)
+    base = load_base(config, recipe, path, device, settings.seed, settings.remote_code,
+                     family.load_kwargs(config))
     targets = None
     if recipe.adapter and recipe.targets != ALL_LINEAR:
         arch = describe(config, family, settings.remote_code)

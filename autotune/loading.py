@@ -27,8 +27,11 @@ def hf_config(config: dict):
 
 
 def load_base(config: dict, recipe: Recipe, path: str | None = None, device: str = "cpu",
-              seed: int = 0, remote_code: bool = False):
-    """The base model in the recipe's dtype and bit width: from ``path``, else random."""
+              seed: int = 0, remote_code: bool = False, extra: dict | None = None):
+    """The base model in the recipe's dtype and bit width: from ``path``, else random.
+
+    ``extra``: further ``from_pretrained`` arguments (a family's ``load_kwargs``).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -41,18 +44,19 @@ def load_base(config: dict, recipe: Recipe, path: str | None = None, device: str
                 AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype).save_pretrained(
                     folder)
                 gc.collect()
-                return _quantised(folder, recipe, dtype, attn, device, remote_code)
-        return _quantised(path, recipe, dtype, attn, device, remote_code)
+                return _quantised(folder, recipe, dtype, attn, device, remote_code, extra)
+        return _quantised(path, recipe, dtype, attn, device, remote_code, extra)
     if path is None:
         with torch.device(device):
             return AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype,
                                                     attn_implementation=attn)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
-                                                device_map={"": device},
-                                                trust_remote_code=remote_code)
+    return AutoModelForCausalLM.from_pretrained(
+        path, **{"dtype": dtype, "attn_implementation": attn, "device_map": {"": device},
+                 "trust_remote_code": remote_code, **(extra or {})})
 
 
-def _quantised(path: str, recipe: Recipe, dtype, attn: str, device: str, remote_code: bool):
+def _quantised(path: str, recipe: Recipe, dtype, attn: str, device: str, remote_code: bool,
+               extra: dict | None = None):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -63,8 +67,8 @@ def _quantised(path: str, recipe: Recipe, dtype, attn: str, device: str, remote_
     else:
         quant = BitsAndBytesConfig(load_in_8bit=True)
     return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=quant, dtype=dtype, attn_implementation=attn,
-        device_map={"": device}, trust_remote_code=remote_code)
+        path, **{"quantization_config": quant, "dtype": dtype, "attn_implementation": attn,
+                 "device_map": {"": device}, "trust_remote_code": remote_code, **(extra or {})})
 
 
 def prepare(model, recipe: Recipe, target_modules: list[str] | str | None = None):

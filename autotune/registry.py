@@ -97,6 +97,8 @@ class Stage:
     description: ClassVar[str] = ""
     trains: ClassVar[bool] = True
     """False for stages that only run the model (inference)."""
+    schema: ClassVar[str] = ""
+    """The dataset rows this stage trains on, in words (shown by ``autotune plugins``)."""
     plugin: str = ""
 
     def extra_memory(self, arch: Architecture, recipe: Recipe,

@@ -7,12 +7,14 @@ adapter, TRL switches the adapter off to get the reference log-probabilities ins
 
 from autotune import hookimpl
 from autotune.memory import weight_bytes
+from autotune.data import STAGE_SCHEMAS
 from autotune.registry import Stage
 
 
 class DirectPreference(Stage):
     name = "dpo"
     description = "direct preference optimisation (chosen and rejected)"
+    schema = STAGE_SCHEMAS["dpo"]
 
     def sequences_per_example(self):
         return 2

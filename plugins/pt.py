@@ -1,12 +1,14 @@
 """Training stage: pt -- continued pre-training, causal LM loss on raw text (optional packing)."""
 
 from autotune import hookimpl
+from autotune.data import STAGE_SCHEMAS
 from autotune.registry import Stage
 
 
 class PreTraining(Stage):
     name = "pt"
     description = "causal LM on raw text"
+    schema = STAGE_SCHEMAS["pt"]
 
     def make_trainer(self, model, tokenizer, dataset, args, recipe, training):
         from trl import SFTConfig, SFTTrainer

@@ -5,12 +5,14 @@ Rows arrive as conversational prompt/completion pairs, so the loss is on the com
 """
 
 from autotune import hookimpl
+from autotune.data import STAGE_SCHEMAS
 from autotune.registry import Stage
 
 
 class SupervisedFineTuning(Stage):
     name = "sft"
     description = "supervised fine-tuning (loss on completions)"
+    schema = STAGE_SCHEMAS["sft"]
 
     def make_trainer(self, model, tokenizer, dataset, args, recipe, training):
         from trl import SFTConfig, SFTTrainer

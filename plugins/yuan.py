@@ -27,6 +27,10 @@ class Yuan(ModelFamily):
                 "{{ message['content'] + '<eod>' }}{% else %}{{ message['content'] + '<sep>' }}"
                 "{% endif %}{% endfor %}")
 
+    def load_kwargs(self, config):
+        # the hub's modelling code does not declare SDPA support: transformers refuses it
+        return {"attn_implementation": "eager"}
+
     def quirks(self, config):
         return ["remote code: loading needs --trust-remote-code (never implied)",
                 "the tokenizer needs pad_token set to <unk> and add_eos_token=False (seed 001)"]
