@@ -12,8 +12,8 @@ import pluggy
 from autotune import __version__
 from autotune.errors import AutotuneError
 
-COMMANDS = ("models", "probe", "gpus", "estimate", "plan", "run", "merge", "generate",
-            "plugins")
+COMMANDS = ("models", "probe", "gpus", "estimate", "plan", "explain", "run", "report", "merge",
+            "generate", "plugins", "completion")
 
 
 def make_cli(pm: pluggy.PluginManager) -> click.Group:
@@ -21,18 +21,26 @@ def make_cli(pm: pluggy.PluginManager) -> click.Group:
 
     @click.group(context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="autotune")
+    @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+    @click.option("-v", "--verbose", is_flag=True,
+                  help="Show the libraries' warnings and progress bars too.")
     @click.pass_context
-    def cli(ctx: click.Context) -> None:
+    def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
         """Hardware-aware auto-tuner for fine-tuning large language models.
 
         \b
         autotune plan --model deepseek-7b                the best recipes, per card
         autotune plan --model deepseek-7b --gpu rtx3090 -o plan.yaml
+        autotune explain plan.yaml                       why, and what else costs
+        autotune run plan.yaml --data train.jsonl        train it (autotune run --demo)
         autotune estimate --model deepseek-7b --method lora --rank 16
-        autotune probe                      what GPUs this machine has
-        autotune models                     model profiles and aliases
+        autotune probe                                   what GPUs this machine has
+        autotune models                                  model profiles and aliases
         """
         ctx.obj = pm
+        ctx.meta["autotune.quiet"] = quiet
+        if verbose:
+            _loud_libraries()
 
     for name in COMMANDS:
         module = importlib.import_module(f"autotune.commands.{name}")
@@ -54,6 +62,15 @@ def _quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _loud_libraries() -> None:
+    import logging
+    import warnings
+
+    warnings.resetwarnings()
+    os.environ["TRANSFORMERS_VERBOSITY"] = "warning"
+    logging.getLogger("bitsandbytes").setLevel(logging.WARNING)
 
 
 def main() -> None:

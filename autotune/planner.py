@@ -78,6 +78,10 @@ class PlanResult:
     trials: int
     reused: bool
     study_name: str
+    feasible_all: list[Candidate] = field(default_factory=list)
+    """Every feasible candidate (for the Pareto plot)."""
+    infeasible_all: list[Candidate] = field(default_factory=list)
+    """Every point that fits at no batch, at its smallest batch."""
 
     @property
     def feasible(self) -> bool:
@@ -224,7 +228,7 @@ class Planner:
             smallest = self._candidate(least, space)
         ranked = pick(candidates, objective)[:top]
         return PlanResult(space.gpu, budget, space, ranked, smallest, len(analytic), reused,
-                          name)
+                          name, candidates, [self._candidate(t, space) for t in pruned])
 
     def _candidate(self, trial, space: Space) -> Candidate:
         return self._candidate_at(space, Recipe(**trial.user_attrs["plan"]["recipe"]))

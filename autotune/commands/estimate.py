@@ -91,9 +91,12 @@ def target_gpu(gpu: str | None, vram: str | None):
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="Predict a CUDA step (foreach optimizer, CUDA context) or a CPU step.")
 @trust_remote_code_option
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Draw the memory breakdown against the card as a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.estimate/1).")
 @click.pass_obj
-def command(pm, model_spec, gpu, vram, device, trust_remote_code, as_json, **options) -> None:
+def command(pm, model_spec, gpu, vram, device, trust_remote_code, plot, as_json,
+            **options) -> None:
     """Count parameters exactly and predict the peak memory of a training step."""
     from autotune.estimate import estimate
     from autotune.profiles import resolve_model
@@ -103,6 +106,10 @@ def command(pm, model_spec, gpu, vram, device, trust_remote_code, as_json, **opt
     model = resolve_model(model_spec, pm)
     result = estimate(pm, model.config, recipe, model.family, device, trust_remote_code)
     report = to_json(model, result, card)
+    if plot:
+        from autotune.plots import memory_breakdown
+
+        report["plot"] = memory_breakdown(report, plot)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -183,6 +190,8 @@ def render(report: dict) -> str:
         lines.append(f"{g['name']}: {gib(g['memory_bytes'])} -> {verdict} "
                      f"({gib(abs(g['spare_bytes']))} {'spare' if g['fits'] else 'short'})")
     lines += [f"note: {n}" for n in report["notes"]]
+    if report.get("plot"):
+        lines.append(f"plot: {report['plot']}")
     return "\n".join(lines)
 
 

@@ -55,12 +55,14 @@ INFEASIBLE = 3
 @click.option("--measure-steps", type=click.IntRange(2), default=3, show_default=True,
               help="Optimizer steps per measured plan.")
 @trust_remote_code_option
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Draw the Pareto front (fidelity vs tokens/s) as a PNG.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the pick as plan.yaml.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.plan/1).")
 @click.pass_obj
 def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, headroom, objective,
             method, rank, targets, batch, grad_ckpt, optim, attn, top, storage, seed,
-            measure_top, measure_steps, trust_remote_code, output, as_json) -> None:
+            measure_top, measure_steps, trust_remote_code, plot, output, as_json) -> None:
     """Search the recipes that fit a GPU and explain the pick.
 
     Searches method, LoRA rank and targets, micro batch and accumulation,
@@ -83,6 +85,8 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, headroom
         return Space(card, seq_len, stage, effective_batch, planner.arch.num_layers,
                      planner.family_groups(), pins)
 
+    if cards is None and plot:
+        raise AutotuneError("--plot draws one card's study: name it with --gpu or --vram")
     if cards is None:  # no GPU here and none named: what each common card can do
         from autotune.hardware import resolve_gpu
 
@@ -103,6 +107,10 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, headroom
 
         measure_candidates(planner, result, measure_top, measure_steps, storage, objective)
     report = _report(model, planner, result, objective, effective_batch, len(cards), local)
+    if plot:
+        from autotune.plots import pareto_front
+
+        report["plot"] = pareto_front(result, plot)
     if not result.feasible:
         report["infeasible"] = _infeasible(planner, result, space_for, headroom, objective)
         click.echo(json.dumps(report, indent=2) if as_json else _render(report))
@@ -218,6 +226,8 @@ def _render(report: dict) -> str:
     if report.get("written"):
         lines.append(f"\nwrote {report['written']} (run it with `autotune run {report['written']}`)")
     lines += [f"note: {n}" for n in report.get("notes", [])]
+    if report.get("plot"):
+        lines.append(f"plot: {report['plot']}")
     return "\n".join(lines)
 
 

@@ -38,8 +38,8 @@ DEMO_STEPS = 30
 @trust_remote_code_option
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
-@click.pass_obj
-def command(pm, plan_file, data, output_dir, max_steps, epochs, report_to, model_spec, stage, gpu,
+@click.pass_context
+def command(ctx, plan_file, data, output_dir, max_steps, epochs, report_to, model_spec, stage, gpu,
             vram, seq_len, random_init, demo, trust_remote_code, quiet, as_json) -> None:
     """Train a plan with transformers + PEFT + TRL and write a run report.
 
@@ -50,6 +50,8 @@ def command(pm, plan_file, data, output_dir, max_steps, epochs, report_to, model
     """
     from autotune.executor import RunSettings, run
 
+    pm = ctx.obj
+    quiet = quiet or ctx.find_root().meta.get("autotune.quiet", False)
     if demo:
         from autotune.demo import dataset_path
 

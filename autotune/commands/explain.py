@@ -1,0 +1,104 @@
+"""``autotune explain``: why a plan, what each part of its memory is, what alternatives cost."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from autotune.units import GiB
+
+MEANING = {
+    "weights": "the base model's weights in their storage format",
+    "adapters": "LoRA/DoRA adapter weights (fp32, as PEFT keeps them)",
+    "gradients": "gradients of the trainable parameters alive at the peak",
+    "optimizer": "optimizer state (moments) of the trainable parameters",
+    "activations": "tensors the forward pass saves for backward",
+    "logits": "vocabulary-sized logits, their fp32 copy in the loss and its gradients",
+    "temporaries": "short-lived buffers (autocast weight copies, backward and optimizer scratch)",
+    "inputs": "the token ids of the micro batch",
+    "stage_extras": "what the stage holds beside the policy (reference or reward models)",
+    "device_overhead": "CUDA context, library workspaces and allocator slack",
+}
+
+
+@click.command("explain")
+@click.argument("plan_file", type=click.Path(dir_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.explain/1).")
+@click.pass_obj
+def command(pm, plan_file, as_json) -> None:
+    """Explain a plan in words and numbers: why it, its memory, and what alternatives cost."""
+    from autotune.alternatives import price
+    from autotune.estimate import estimate
+    from autotune.hardware import gpu_catalogue
+    from autotune.planfile import read_plan
+    from autotune.profiles import resolve_model
+    from autotune.recipe import Recipe
+
+    plan = read_plan(plan_file)
+    recipe = Recipe(**plan["recipe"])
+    model = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
+    hardware = plan.get("hardware", {})
+    gpu = gpu_catalogue().get(hardware.get("gpu", ""))
+    result = estimate(pm, model.config, recipe, model.family)
+    alternatives = price(pm, model.config, model.family, result, gpu)
+    breakdown = {**result.memory.breakdown, "device_overhead": result.memory.device_overhead}
+    report = {
+        "schema": "autotune.explain/1", "plan": plan_file, "model": model.id,
+        "recipe": recipe.to_dict(), "hardware": hardware,
+        "why": _why(plan, recipe, result, hardware),
+        "memory": {"peak_bytes": result.memory.peak, "peak_phase": result.memory.phase,
+                   "components": [{"name": k, "bytes": v, "meaning": MEANING.get(k, "")}
+                                  for k, v in breakdown.items() if v]},
+        "alternatives": [a.to_dict() for a in alternatives],
+    }
+    click.echo(json.dumps(report, indent=2) if as_json else _render(report))
+
+
+def _why(plan, recipe, result, hardware) -> list[str]:
+    lines = []
+    predictions = plan.get("predictions", {})
+    objective = plan.get("objective", "balanced")
+    budget = hardware.get("budget_bytes")
+    if budget:
+        lines.append(f"It is the {objective} pick among the recipes that fit "
+                     f"{hardware.get('name', 'the card')} with "
+                     f"{(budget - result.memory.peak) / GiB:.2f} GiB to spare under the "
+                     f"{budget / GiB:.2f} GiB budget.")
+    if "fidelity" in predictions:
+        lines.append(f"Fidelity {predictions['fidelity']:.2f} (1.00 = full fine-tuning with fp32 "
+                     "master weights); predicted "
+                     f"{predictions.get('throughput', {}).get('tokens_per_s', 0):.0f} tokens/s.")
+    if recipe.adapter:
+        lines.append(f"It trains {result.params.trainable:,} adapter parameters "
+                     f"({result.params.trainable_percent:.2f}% of {result.params.all:,}) on "
+                     f"{recipe.targets} at rank {recipe.rank}, over a "
+                     f"{recipe.bits}-bit base.")
+    else:
+        lines.append(f"It trains {result.params.trainable:,} of {result.params.total:,} "
+                     f"parameters ({recipe.method}, {recipe.precision}).")
+    training = plan.get("training", {})
+    if training:
+        lines.append(f"Micro batch {training.get('micro_batch')} x accumulation "
+                     f"{training.get('grad_accum')} = {training.get('effective_batch')} sequences "
+                     f"of {recipe.seq_len} tokens per optimizer step; checkpointing "
+                     f"{'on' if recipe.grad_ckpt else 'off'}.")
+    return lines
+
+
+def _render(report: dict) -> str:
+    lines = [f"{report['plan']}: {report['model']}", ""]
+    lines += report["why"]
+    memory = report["memory"]
+    lines += ["", f"memory at the peak ({memory['peak_phase']}): "
+                  f"{memory['peak_bytes'] / GiB:.2f} GiB"]
+    for c in memory["components"]:
+        lines.append(f"  {c['name'].replace('_', ' '):<16} {c['bytes'] / GiB:>8.2f} GiB  "
+                     f"{c['meaning']}")
+    if report["alternatives"]:
+        lines += ["", "alternatives (one change each, from two full estimates):"]
+        for a in report["alternatives"]:
+            speed = ("" if a["tokens_per_s_delta"] is None
+                     else f", {a['tokens_per_s_delta']:+.0f} tokens/s")
+            lines.append(f"  {a['change']:<32} {a['peak_delta_bytes'] / GiB:+8.2f} GiB{speed}")
+    return "\n".join(lines)

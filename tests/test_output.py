@@ -1,0 +1,92 @@
+"""What users see: pictures, explanations, reports, completion, quiet runs."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from autotune.cli import make_cli
+
+
+@pytest.fixture(autouse=True)
+def no_gpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("autotune.hardware.probe",
+                        lambda: {"gpus": [], "nvidia": {"available": False}, "host": {}})
+
+
+def invoke(pm, *args):
+    result = CliRunner().invoke(make_cli(pm), [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def assert_png(path, min_width=500, min_height=200):
+    import matplotlib.image
+
+    image = matplotlib.image.imread(str(path))
+    height, width = image.shape[:2]
+    assert width >= min_width and height >= min_height
+    assert image.std() > 0.05  # not a blank canvas
+
+
+def test_estimate_plot(pm, tmp_path):
+    report = json.loads(invoke(pm, "estimate", "--model", "deepseek-7b", "--gpu", "rtx3090",
+                               "--plot", tmp_path / "memory.png", "--json"))
+    assert report["plot"].endswith("memory.png")
+    assert_png(tmp_path / "memory.png")
+
+
+def test_plan_plot(pm, tmp_path):
+    invoke(pm, "plan", "--model", "qwen2.5-1.5b", "--gpu", "rtx3060", "--storage", "none",
+           "--plot", tmp_path / "pareto.png")
+    assert_png(tmp_path / "pareto.png", 400, 300)
+
+
+def test_run_report_plot_and_quiet_demo(pm, tmp_path):
+    result = CliRunner().invoke(make_cli(pm), ["--quiet", "run", "--demo", "--max-steps", "6",
+                                               "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "autotune: step" not in result.output  # --quiet silences progress
+    text = invoke(pm, "report", tmp_path / "run", "--plot", tmp_path / "curves.png")
+    assert "trained tiny" in text
+    assert_png(tmp_path / "curves.png")
+
+
+def test_progress_lines_during_a_run(pm, tmp_path):
+    result = CliRunner().invoke(make_cli(pm), ["run", "--demo", "--max-steps", "3",
+                                               "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0
+    assert "autotune: step 3/3" in result.stderr
+
+
+def test_explain_a_plan(pm, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    invoke(pm, "plan", "--model", "deepseek-7b", "--gpu", "a100-80gb", "--method", "lora",
+           "--rank", "64", "--no-grad-ckpt", "--storage", "none", "-o", plan)
+    report = json.loads(invoke(pm, "explain", plan, "--json"))
+    names = {c["name"] for c in report["memory"]["components"]}
+    assert {"weights", "activations", "logits", "device_overhead"} <= names
+    assert any("rank 64 -> 16" == a["change"] for a in report["alternatives"])
+    text = invoke(pm, "explain", plan)
+    assert "alternatives" in text and "Fidelity" in text
+
+
+def test_alternatives_equal_differences_of_two_full_estimates(pm):
+    from autotune.alternatives import price
+    from autotune.estimate import estimate
+    from autotune.hardware import resolve_gpu
+    from autotune.profiles import resolve_model
+    from autotune.recipe import Recipe
+
+    config = resolve_model("qwen2.5-7b", pm).config
+    base = estimate(pm, config, Recipe(method="lora", rank=64, batch=4, seq_len=1024), "qwen")
+    for alt in price(pm, config, "qwen", base, resolve_gpu("a100-80gb")):
+        other = estimate(pm, config, alt.recipe, "qwen")
+        assert alt.peak_delta == other.memory.peak - base.memory.peak
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_scripts(pm, shell):
+    script = invoke(pm, "completion", shell)
+    assert "_AUTOTUNE_COMPLETE" in script
