@@ -9,6 +9,7 @@ import click
 
 from autotune.commands.estimate import target_gpu, trust_remote_code_option
 from autotune.errors import AutotuneError
+from autotune.output import table
 from autotune.recipe import ATTENTION, OPTIMIZERS
 from autotune.space import METHODS
 from autotune.units import GiB, gib
@@ -207,20 +208,21 @@ def _render(report: dict) -> str:
              f"study {report['study']['name']}: {report['study']['trials']} trials"
              + (" (reused)" if report["study"]["reused"] else "")]
     if report["plans"]:
-        lines += ["", f"{'#':>2}  {'recipe':<26} {'bits':>4} {'batch':>8} {'ckpt':>4} "
-                      f"{'optim':<11} {'peak GiB':>9} {'tok/s':>8} {'fid':>5}  why"]
+        rows = []
         for i, p in enumerate(report["plans"], 1):
-            measured = p.get("measured", {})
-            peak = p["memory"]["peak_bytes"] / GiB
-            tps = p["throughput"]["tokens_per_s"]
-            lines.append(f"{i:>2}  {_describe(p):<26} {p['bits']:>4} "
-                         f"{p['micro_batch']:>3} x {p['grad_accum']:<3} "
-                         f"{'on' if p['grad_ckpt'] else 'off':>4} {p['optim']:<11} "
-                         f"{peak:>9.2f} {tps:>8.0f} {p['fidelity']:>5.2f}  {p['why']}")
+            rows.append([i, _describe(p), p["bits"], f"{p['micro_batch']} x {p['grad_accum']}",
+                         "on" if p["grad_ckpt"] else "off", p["optim"],
+                         f"{p['memory']['peak_bytes'] / GiB:.2f}",
+                         f"{p['throughput']['tokens_per_s']:.0f}", f"{p['fidelity']:.2f}",
+                         p["why"]])
+            measured = p.get("measured")
             if measured:
-                lines.append(f"    measured: {measured.get('status')}, peak "
-                             f"{measured.get('peak_tensor_bytes', 0) / GiB:.2f} GiB tensors, "
-                             f"{measured.get('tokens_per_s', 0):.0f} tok/s")
+                rows.append(["", f"measured: {measured.get('status')}", "", "", "", "",
+                             f"{measured.get('peak_tensor_bytes', 0) / GiB:.2f}",
+                             f"{measured.get('tokens_per_s', 0):.0f}", "", "tensor peak"])
+        lines += ["", table(["#", "recipe", "bits", "batch", "ckpt", "optim", "peak GiB",
+                             "tok/s", "fid", "why"], rows, right={0, 2, 6, 7, 8},
+                            highlight_first=True)]
     if "infeasible" in report:
         lines += ["", report["infeasible"]["message"]]
     if report.get("written"):
@@ -250,21 +252,22 @@ def _overview(model, planner, rows, seq_len, stage, objective) -> dict:
 def _render_overview(report: dict) -> str:
     lines = [f"{report['model']['id']}: {report['stage']} at {report['seq_len']} tokens, "
              f"objective {report['objective']}. No GPU found here: the best plan on common "
-             "cards (plan for one with --gpu, e.g. --gpu rtx3090):", "",
-             f"{'card':<12} {'memory':>10}  {'recipe':<26} {'bits':>4} {'batch':>8} {'ckpt':>4} "
-             f"{'peak GiB':>9} {'tok/s':>8}"]
+             "cards (plan for one with --gpu, e.g. --gpu rtx3090):", ""]
+    rows = []
     for card in report["cards"]:
         p = card["plan"]
         memory = f"{card['memory_bytes'] / GiB:.0f} GiB"
         if p is None:
             need = card["smallest_peak_bytes"] / GiB if card["smallest_peak_bytes"] else 0
-            lines.append(f"{card['gpu']:<12} {memory:>10}  does not fit (needs {need:.1f} GiB)")
+            rows.append([card["gpu"], memory, f"does not fit (needs {need:.1f} GiB)", "", "",
+                         "", "", ""])
             continue
-        lines.append(f"{card['gpu']:<12} {memory:>10}  {_describe(p):<26} {p['bits']:>4} "
-                     f"{p['micro_batch']:>3} x {p['grad_accum']:<3} "
-                     f"{'on' if p['grad_ckpt'] else 'off':>4} "
-                     f"{p['memory']['peak_bytes'] / GiB:>9.2f} "
-                     f"{p['throughput']['tokens_per_s']:>8.0f}")
+        rows.append([card["gpu"], memory, _describe(p), p["bits"],
+                     f"{p['micro_batch']} x {p['grad_accum']}", "on" if p["grad_ckpt"] else "off",
+                     f"{p['memory']['peak_bytes'] / GiB:.2f}",
+                     f"{p['throughput']['tokens_per_s']:.0f}"])
+    lines.append(table(["card", "memory", "recipe", "bits", "batch", "ckpt", "peak GiB", "tok/s"],
+                       rows, right={1, 3, 6, 7}))
     return "\n".join(lines)
 
 
