@@ -65,6 +65,11 @@ def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
         raise AutotuneError(f"{settings.output_dir} exists and is not empty: choose another "
                             "--output-dir")
     rows = load_rows(settings.data, recipe.stage)
+    if not settings.quiet:
+        from autotune.data import describe_format
+
+        print(f"autotune: read {len(rows)} {recipe.stage} rows from {settings.data} "
+              f"({describe_format(settings.data, recipe.stage)})", file=sys.stderr, flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     notes = list(family.quirks(model_spec.config))
     if device == "cpu" and recipe.attn == "flash":
@@ -74,6 +79,9 @@ def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
         recipe = recipe.but(precision="bf16")
         notes.append("no GPU: fp16 replaced by bf16")
     tokenizer = _tokenizer(model_spec, family, settings)
+    if not settings.quiet:
+        print(f"autotune: loading {model_spec.id} ({recipe.method}, {recipe.bits}-bit) on "
+              f"{device}", file=sys.stderr, flush=True)
     parent = os.path.dirname(final) or "."
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=parent)
@@ -213,7 +221,7 @@ class _Tracker:
         self.losses: list[dict] = []
         self.tokens = 0
         self.train_seconds = 0.0
-        self.peak_rss = 0
+        self.started = time.perf_counter()
 
     def callback(self):
         from transformers import TrainerCallback

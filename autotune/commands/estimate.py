@@ -7,6 +7,7 @@ import json
 import click
 
 from autotune.errors import AutotuneError
+from autotune.output import table
 from autotune.recipe import ATTENTION, METHODS, OPTIMIZERS, PRECISIONS, Recipe
 from autotune.units import GiB, gib, parse_size
 
@@ -178,11 +179,12 @@ def render(report: dict) -> str:
         "",
         f"memory at the peak ({mem['peak_phase']})",
     ]
-    for name, nbytes in ((k, v) for k, v in mem["breakdown"].items() if v):
-        lines.append(f"  {name.replace('_', ' '):<18} {nbytes / GiB:>10.2f} GiB")
-    lines.append(f"  {'tensors':<18} {mem['tensor_peak_bytes'] / GiB:>10.2f} GiB   "
-                 "(torch.cuda.max_memory_allocated)")
-    lines.append(f"  {'peak':<18} {mem['peak_bytes'] / GiB:>10.2f} GiB   (nvidia-smi)")
+    rows = [[name.replace("_", " "), f"{nbytes / GiB:.2f}", ""]
+            for name, nbytes in mem["breakdown"].items() if nbytes]
+    rows += [["tensors", f"{mem['tensor_peak_bytes'] / GiB:.2f}",
+              "what torch.cuda.max_memory_allocated shows"],
+             ["peak", f"{mem['peak_bytes'] / GiB:.2f}", "what nvidia-smi shows"]]
+    lines.append(table(["component", "GiB", ""], rows, right={1}))
     lines.append(f"checkpoint on disk  {gib(report['disk']['checkpoint_bytes'])}")
     if "gpu" in report:
         g = report["gpu"]

@@ -7,23 +7,22 @@ import json
 import click
 
 from autotune.hardware import probe
-from autotune.units import gib
+from autotune.output import table
+from autotune.units import GiB, gib
 
 SCHEMA = "autotune.probe/1"
 
 
-def _gpu_line(gpu: dict) -> str:
-    catalogue = gpu["catalogue_id"] or "none (throughput unknown; plan with --gpu ID)"
-    cc = gpu["compute_capability"] or "?"
-    line = (f"GPU {gpu['index']}: {gpu['name']}  "
-            f"{gib(gpu['memory_total_bytes'])} total, {gib(gpu['memory_free_bytes'])} free  "
-            f"cc {cc}  bf16 {'yes' if gpu['bf16'] else 'no'}  catalogue: {catalogue}")
+def _gpu_row(gpu: dict) -> list:
     notes = []
     if gpu.get("mig"):
         notes.append("MIG mode on: CUDA sees its MIG slices, not the whole card")
     if not gpu.get("visible", True):
         notes.append("hidden by CUDA_VISIBLE_DEVICES")
-    return line + (f"  [{'; '.join(notes)}]" if notes else "")
+    return [gpu["index"], gpu["name"], f"{gpu['memory_total_bytes'] / GiB:.2f}",
+            f"{gpu['memory_free_bytes'] / GiB:.2f}", gpu["compute_capability"] or "?",
+            "yes" if gpu["bf16"] else "no",
+            gpu["catalogue_id"] or "none (plan with --gpu ID)", "; ".join(notes)]
 
 
 def _host_line(host: dict) -> str:
@@ -56,8 +55,8 @@ def command(as_json: bool) -> None:
         return
     nvidia = result["nvidia"]
     if result["gpus"]:
-        for gpu in result["gpus"]:
-            click.echo(_gpu_line(gpu))
+        click.echo(table(["GPU", "name", "total GiB", "free GiB", "cc", "bf16", "catalogue",
+                          "notes"], [_gpu_row(gpu) for gpu in result["gpus"]], right={0, 2, 3}))
         click.echo(f"NVIDIA driver {nvidia.get('driver_version') or '?'}, "
                    f"CUDA {nvidia.get('cuda_driver_version') or '?'}")
         for error in nvidia.get("errors", []):
