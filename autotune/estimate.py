@@ -52,10 +52,20 @@ def describe(config: dict, family: ModelFamily, remote_code: bool = False) -> Ar
     return arch
 
 
+KERNEL_NAMES = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash"}
+
+
+def family_kernel(family: ModelFamily, config: dict, recipe: Recipe) -> Recipe:
+    """``recipe`` with the attention kernel the family insists on (its ``load_kwargs``)."""
+    forced = KERNEL_NAMES.get(family.load_kwargs(config).get("attn_implementation", ""))
+    return recipe.but(attn=forced) if forced and forced != recipe.attn else recipe
+
+
 def estimate(pm: pluggy.PluginManager, config: dict, recipe: Recipe, family_name: str | None = None,
              device: str = "cuda", remote_code: bool = False) -> Estimate:
     """Count parameters and simulate a training step's memory for ``recipe``."""
     family = family_for(pm, config, family_name)
+    recipe = family_kernel(family, config, recipe)
     arch = describe(config, family, remote_code)
     stage = stage_named(pm, recipe.stage)
     counts = count(arch, recipe, family.module_groups(config))

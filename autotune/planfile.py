@@ -40,7 +40,9 @@ def plan_document(model, gpu, budget: int, objective: str, candidate, effective_
         "objective": objective,
         "recipe": recipe,
         "training": {"micro_batch": plan["micro_batch"], "grad_accum": plan["grad_accum"],
-                     "effective_batch": effective_batch,
+                     # accumulation rounds up: what trains, beside what was asked for
+                     "effective_batch": plan["micro_batch"] * plan["grad_accum"],
+                     "requested_effective_batch": effective_batch,
                      **training_defaults(candidate.recipe.method)},
         "predictions": {"fidelity": plan["fidelity"], "memory": plan["memory"],
                         "throughput": plan["throughput"]},

@@ -21,7 +21,7 @@ import pluggy
 
 from autotune import __version__
 from autotune.errors import AutotuneError
-from autotune.estimate import describe
+from autotune.estimate import describe, family_kernel
 from autotune.hardware import GPU
 from autotune.memory import estimate_memory
 from autotune.objectives import fidelity, tokens_per_second
@@ -148,6 +148,7 @@ class Planner:
         return best or self._candidate_at(space, space.recipe(choice, batches[0]))
 
     def _candidate_at(self, space: Space, recipe: Recipe) -> Candidate:
+        recipe = family_kernel(self.family, self.config, recipe)
         counts, memory, sequences = self.price(recipe)
         accum = math.ceil(space.effective_batch / recipe.batch)
         return Candidate(recipe, accum, fidelity(recipe, self.arch),

@@ -107,6 +107,7 @@ def command(pm, model_spec, gpu, vram, device, trust_remote_code, plot, as_json,
     model = resolve_model(model_spec, pm)
     result = estimate(pm, model.config, recipe, model.family, device, trust_remote_code)
     report = to_json(model, result, card)
+    report["device"] = device
     if plot:
         from autotune.plots import memory_breakdown
 
@@ -181,9 +182,12 @@ def render(report: dict) -> str:
     ]
     rows = [[name.replace("_", " "), f"{nbytes / GiB:.2f}", ""]
             for name, nbytes in mem["breakdown"].items() if nbytes]
+    on_cpu = report["device"] == "cpu"
     rows += [["tensors", f"{mem['tensor_peak_bytes'] / GiB:.2f}",
-              "what torch.cuda.max_memory_allocated shows"],
-             ["peak", f"{mem['peak_bytes'] / GiB:.2f}", "what nvidia-smi shows"]]
+              "live tensors (the CPU allocator's peak)" if on_cpu
+              else "what torch.cuda.max_memory_allocated shows"],
+             ["peak", f"{mem['peak_bytes'] / GiB:.2f}",
+              "with no device overhead on the CPU" if on_cpu else "what nvidia-smi shows"]]
     lines.append(table(["component", "GiB", ""], rows, right={1}))
     lines.append(f"checkpoint on disk  {gib(report['disk']['checkpoint_bytes'])}")
     if "gpu" in report:

@@ -19,7 +19,8 @@ DEMO_STEPS = 30
 @click.option("--data", type=click.Path(), help="Training data: JSON/JSONL/CSV/Parquet, a .txt "
                                                 "(pt), or a saved datasets folder.")
 @click.option("--output-dir", type=click.Path(file_okay=False),
-              help="Where the run is written (default runs/<model>-<stage>-<time>).")
+              help="Where the run is written (default runs/<model>-<stage>, with the time "
+                   "appended if that exists).")
 @click.option("--max-steps", type=click.IntRange(1), help="Stop after this many optimizer steps.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Epochs over the data.")
 @click.option("--report-to", default="none", show_default=True,
