@@ -15,11 +15,7 @@ METHODS = ["lora", "dora", "qlora", "full"]
 STAGES = ["sft", "dpo", "pt"]
 
 
-@pytest.fixture(autouse=True)
-def no_gpu(monkeypatch, tmp_path):
-    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr("autotune.hardware.probe",
-                        lambda: {"gpus": [], "nvidia": {"available": False}, "host": {}})
+pytestmark = pytest.mark.usefixtures("offline_machine")
 
 
 def invoke(pm, *args):

@@ -46,7 +46,7 @@ def test_group_names_expand_to_family_modules(pm):
 
 
 def test_unmatched_target_is_reported(pm):
-    config = TINY["deepseek-v2-mla-moe"]
+    config = TINY["deepseek-v2-moe"]
     c = counts_for(pm, config, method="lora", targets="q_a_proj,v_proj")
     assert c.unmatched == ("v_proj",)  # MLA has no v_proj: seed 003's lora_target half-applies
 
@@ -63,7 +63,7 @@ PEFT_CASES = [
     for name in TINY
     for targets in ("all-linear", "q_proj,v_proj", "attn", "mlp")
     for method in ("lora", "dora")
-    if not (name == "deepseek-v2-mla-moe" and (targets == "q_proj,v_proj" or method == "dora"))
+    if not (name == "deepseek-v2-moe" and (targets == "q_proj,v_proj" or method == "dora"))
 ]
 
 
@@ -91,7 +91,7 @@ def test_counts_equal_peft(pm, name, targets, method):
 
 
 @pytest.mark.parametrize("config", [
-    TINY["llama-gqa"], TINY["qwen2-bias-64k-tied"], TINY["mistral"], TINY["deepseek-v2-mla-moe"],
+    TINY["llama-gqa"], TINY["qwen2-64k-tied"], TINY["mistral"], TINY["deepseek-v2-moe"],
     dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=500, bos_token_id=0,
          eos_token_id=0),
     dict(model_type="phi3", hidden_size=96, intermediate_size=192, num_hidden_layers=2,

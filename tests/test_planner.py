@@ -17,12 +17,7 @@ from autotune.recipe import Recipe
 from autotune.space import Pins, Space
 
 
-@pytest.fixture(autouse=True)
-def no_gpu_and_private_cache(monkeypatch, tmp_path):
-    """Plans never see this machine's GPUs or the user's stored studies."""
-    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr("autotune.hardware.probe",
-                        lambda: {"gpus": [], "nvidia": {"available": False}, "host": {}})
+pytestmark = pytest.mark.usefixtures("offline_machine")
 
 
 def planner_for(pm, model_id, remote_code=False):
