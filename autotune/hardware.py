@@ -20,6 +20,7 @@ from functools import cache
 from typing import Any
 
 from autotune.errors import AutotuneError
+from autotune.schema import check_keys
 from autotune.units import gib
 
 MiB = 1024**2
@@ -110,15 +111,7 @@ def _check_type(where: str, key: str, value: Any, types: type | tuple[type, ...]
 
 def parse_gpu(data: Any, where: str, stem: str | None = None) -> GPU:
     """Validate one catalogue entry (a parsed YAML mapping); errors name ``where``."""
-    if not isinstance(data, dict):
-        raise AutotuneError(f"{where}: expected a mapping of GPU fields, got {type(data).__name__}")
-    unknown = sorted(set(map(str, data)) - set(_FIELDS))
-    if unknown:
-        raise AutotuneError(f"{where}: unknown key(s) {', '.join(unknown)} "
-                            f"(allowed: {', '.join(_FIELDS)})")
-    missing = [k for k, (_, required) in _FIELDS.items() if required and k not in data]
-    if missing:
-        raise AutotuneError(f"{where}: missing key(s) {', '.join(missing)}")
+    check_keys(data, _FIELDS, where, "GPU")
     for key, (types, _) in _FIELDS.items():
         if key in data:
             _check_type(where, key, data[key], types)

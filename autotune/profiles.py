@@ -39,6 +39,7 @@ import pluggy
 import yaml
 
 from autotune.errors import AutotuneError
+from autotune.schema import check_keys
 
 PROFILES_PATH_ENV = "AUTOTUNE_PROFILES_PATH"
 SOURCES = ("profile", "config", "folder", "hf-cache")
@@ -168,16 +169,7 @@ def _check_json(where: str, key: str, value: Any) -> None:
 
 def parse_profile(data: Any, where: str, stem: str | None = None) -> ModelProfile:
     """Validate one profile (a parsed YAML mapping); every error names ``where``."""
-    if not isinstance(data, dict):
-        raise AutotuneError(f"{where}: expected a mapping of profile fields, "
-                            f"got {type(data).__name__}")
-    unknown = sorted(set(map(str, data)) - set(_FIELDS))
-    if unknown:
-        raise AutotuneError(f"{where}: unknown key(s) {', '.join(unknown)} "
-                            f"(allowed: {', '.join(_FIELDS)})")
-    missing = [k for k, (_, required) in _FIELDS.items() if required and k not in data]
-    if missing:
-        raise AutotuneError(f"{where}: missing key(s) {', '.join(missing)}")
+    check_keys(data, _FIELDS, where, "profile")
     for key, (kind, _) in _FIELDS.items():
         if key not in data:
             continue

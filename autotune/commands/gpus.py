@@ -7,6 +7,7 @@ import json
 import click
 
 from autotune.hardware import GPU, gpu_catalogue, resolve_gpu
+from autotune.output import table
 
 SCHEMA = "autotune.gpus/1"
 
@@ -18,16 +19,8 @@ def _row(gpu: GPU) -> tuple[str, ...]:
 
 
 def _table(gpus: list[GPU]) -> str:
-    header = ("ID", "GiB", "TFLOPS", "GB/s", "CC", "BF16", "NAME", "ALIASES")
-    rows = [header] + [_row(g) for g in gpus]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    right = {1, 2, 3}
-    lines = []
-    for row in rows:
-        cells = [cell.rjust(w) if i in right else cell.ljust(w)
-                 for i, (cell, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells + [row[-1]]).rstrip())
-    return "\n".join(lines)
+    return table(["ID", "GiB", "TFLOPS", "GB/s", "CC", "BF16", "NAME", "ALIASES"],
+                 [_row(g) for g in gpus], right={1, 2, 3})
 
 
 @click.command("gpus")

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from autotune.output import table
 from autotune.profiles import ModelProfile, hidden_profiles, model_profiles, resolve_model
 
 SCHEMA = "autotune.models/1"
@@ -17,20 +18,9 @@ def _billions(params: int) -> str:
 
 
 def _table(profiles: list[ModelProfile]) -> str:
-    header = ("ID", "FAMILY", "PARAMS (B)", "CONTEXT", "NAME", "ALIASES")
-    rows = [header] + [
-        (p.id, p.family, _billions(p.params), str(p.context or "-"), p.name,
-         ", ".join(p.aliases) or "-")
-        for p in profiles
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    right = {2, 3}
-    lines = []
-    for row in rows:
-        cells = [cell.rjust(w) if i in right else cell.ljust(w)
-                 for i, (cell, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells + [row[-1]]).rstrip())
-    return "\n".join(lines)
+    return table(["ID", "FAMILY", "PARAMS (B)", "CONTEXT", "NAME", "ALIASES"],
+                 [(p.id, p.family, _billions(p.params), str(p.context or "-"), p.name,
+                   ", ".join(p.aliases) or "-") for p in profiles], right={2, 3})
 
 
 def _pm(obj):
