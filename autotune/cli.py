@@ -90,7 +90,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except AutotuneError as exc:
         click.echo(f"autotune: error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("autotune: interrupted", err=True)
         sys.exit(130)

@@ -4,6 +4,8 @@
 class AutotuneError(Exception):
     """A problem with the user's input or environment, reported as ``autotune: error: ...``."""
 
+    exit_code = 1
+
 
 class DuplicateNameError(AutotuneError):
     """Two plugins registered an object under the same name."""

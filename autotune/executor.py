@@ -9,23 +9,30 @@ everything is written: a crash never leaves an output folder that looks complete
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pluggy
 
-from autotune import __version__
+from autotune import __version__, checkpoints
+from autotune.checkpoints import write_json
 from autotune.errors import AutotuneError
+from autotune.fallback import FaultInjector, is_out_of_memory, step_down
 from autotune.recipe import Recipe
 
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit",
               "paged_adamw_8bit": "paged_adamw_8bit", "adafactor": "adafactor", "sgd": "sgd"}
 REPORT = "run_report.json"
+STATE = "run.json"
+STATE_SCHEMA = "autotune.runstate/1"
+PARTIAL = ".partial"
+SAVE_MINUTES = 30.0
 
 
 @dataclass
@@ -41,94 +48,250 @@ class RunSettings:
     random_init: bool = False
     """Train from random weights (tests and the demo: no weights need downloading)."""
     seed: int = 0
+    save_every: int | None = None
+    """Checkpoint every this many optimizer steps (besides every ``save_minutes``)."""
+    save_minutes: float | None = SAVE_MINUTES
     quiet: bool = False
 
 
 def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
-    """Train ``plan`` on ``settings.data``; return the run report."""
+    """Train ``plan`` on ``settings.data``; return the run report.
+
+    The run lives in ``<output-dir>.partial/`` (plan, settings, checkpoints) until it
+    finishes, then is renamed to ``<output-dir>``; an interrupted or killed run can be
+    continued with :func:`resume`.
+    """
+    from autotune.data import describe_format, load_rows
+
+    final = os.path.abspath(settings.output_dir)
+    if os.path.exists(final) and os.listdir(final):
+        raise AutotuneError(f"{settings.output_dir} exists and is not empty: choose another "
+                            "--output-dir")
+    partial = final + PARTIAL
+    if os.path.exists(partial):
+        raise AutotuneError(f"an unfinished run is in {partial}: continue it with `autotune run "
+                            f"--resume {settings.output_dir}`, or remove it")
+    recipe = Recipe(**plan["recipe"])
+    rows = load_rows(settings.data, recipe.stage)
+    _say(settings.quiet, f"read {len(rows)} {recipe.stage} rows from {settings.data} "
+                         f"({describe_format(settings.data, recipe.stage)})")
+    state = {"schema": STATE_SCHEMA, "plan": plan, "original_plan": plan,
+             "settings": {k: v for k, v in asdict(settings).items() if k != "quiet"},
+             "data_fingerprint": fingerprint(settings.data), "events": []}
+    os.makedirs(partial)
+    try:
+        write_json(os.path.join(partial, STATE), state)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return _train(pm, state, partial, final, rows, settings.quiet)
+
+
+def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
+    """Continue the run whose output folder (or ``.partial`` folder) is ``folder``."""
+    from autotune.data import load_rows
+
+    path = os.path.abspath(folder)
+    partial = path if path.endswith(PARTIAL) else path + PARTIAL
+    final = partial[: -len(PARTIAL)]
+    if not os.path.exists(os.path.join(partial, STATE)):
+        if os.path.exists(os.path.join(final, REPORT)):
+            raise AutotuneError(f"the run in {folder} has finished: nothing to resume")
+        raise AutotuneError(f"no unfinished run in {folder} (looked for {partial}/{STATE})")
+    try:
+        with open(os.path.join(partial, STATE), encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise AutotuneError(f"cannot read {partial}/{STATE}: {exc}") from exc
+    if state.get("schema") != STATE_SCHEMA:
+        raise AutotuneError(f"{partial}/{STATE} was written by another autotune version")
+    data = state["settings"]["data"]
+    if fingerprint(data) != state["data_fingerprint"]:
+        raise AutotuneError(f"{data} changed since the run began: resuming would not see the "
+                            "same data in the same order")
+    rows = load_rows(data, state["plan"]["recipe"]["stage"])
+    return _train(pm, state, partial, final, rows, quiet)
+
+
+def _train(pm, state: dict, partial: str, final: str, rows: list, quiet: bool) -> dict:
+    """Train (from the newest checkpoint, if any), stepping down on out-of-memory."""
     import torch
 
-    from autotune.data import load_rows
     from autotune.profiles import resolve_model
     from autotune.registry import family_for, stage_named
 
     started = time.perf_counter()
-    recipe = Recipe(**plan["recipe"])
+    settings = RunSettings(**state["settings"], quiet=quiet)
+    plan = state["plan"]
     model_spec = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
     family = family_for(pm, model_spec.config, model_spec.family)
     if family.remote_code(model_spec.config) and not settings.remote_code:
         raise AutotuneError(f"{model_spec.id} runs remote code from its repository: pass "
                             "--trust-remote-code if you trust it")
-    stage = stage_named(pm, recipe.stage)
-    final = os.path.abspath(settings.output_dir)
-    if os.path.exists(final) and os.listdir(final):
-        raise AutotuneError(f"{settings.output_dir} exists and is not empty: choose another "
-                            "--output-dir")
-    rows = load_rows(settings.data, recipe.stage)
-    if not settings.quiet:
-        from autotune.data import describe_format
-
-        print(f"autotune: read {len(rows)} {recipe.stage} rows from {settings.data} "
-              f"({describe_format(settings.data, recipe.stage)})", file=sys.stderr, flush=True)
+    stage = stage_named(pm, plan["recipe"]["stage"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     notes = list(family.quirks(model_spec.config))
-    if device == "cpu" and recipe.attn == "flash":
-        recipe = recipe.but(attn="sdpa")
-        notes.append("no GPU: FlashAttention-2 replaced by SDPA")
-    if device == "cpu" and recipe.compute_dtype == "fp16":
-        recipe = recipe.but(precision="bf16")
-        notes.append("no GPU: fp16 replaced by bf16")
-    tokenizer = _tokenizer(model_spec, family, settings)
-    if not settings.quiet:
-        print(f"autotune: loading {model_spec.id} ({recipe.method}, {recipe.bits}-bit) on "
-              f"{device}", file=sys.stderr, flush=True)
-    parent = os.path.dirname(final) or "."
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=parent)
+    trainer_dir = os.path.join(partial, "trainer")
+    injector = FaultInjector()
     try:
-        from datasets import Dataset
-
-        model, targets = _model(model_spec, family, recipe, tokenizer, device, settings, work)
-
-        args = _trainer_args(plan, recipe, settings, device, os.path.join(work, "trainer"))
-        tracker = _Tracker(settings.quiet, recipe)
-        try:
-            trainer = stage.make_trainer(model, tokenizer, Dataset.from_list(rows), args, recipe,
-                                         plan.get("training", {}))
-        except ImportError as exc:  # e.g. --report-to tensorboard without tensorboard
-            raise AutotuneError(f"stage {stage.name!r} cannot start: {exc}") from exc
-        from transformers import PrinterCallback, ProgressCallback
-
-        for noisy in (PrinterCallback, ProgressCallback):  # the tracker reports progress
-            trainer.remove_callback(noisy)
-        trainer.add_callback(tracker.callback())
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        trainer.train()
+        tokenizer = _tokenizer(model_spec, family, settings, partial)
+        base = _random_base(model_spec, tokenizer, settings, partial)
+        checkpoint = checkpoints.latest(trainer_dir)
+        if checkpoint:
+            _say(quiet, f"resuming from {os.path.basename(checkpoint)}")
+        while True:
+            recipe = _for_device(Recipe(**plan["recipe"]), device, notes)
+            _say(quiet, f"loading {model_spec.id} ({recipe.method}, {recipe.bits}-bit, micro "
+                        f"batch {plan['training']['micro_batch']}) on {device}")
+            model, targets = _model(model_spec, family, recipe, device, settings, base)
+            args = _trainer_args(plan, recipe, settings, device, trainer_dir)
+            tracker = _Tracker(quiet)
+            schedule = checkpoints.SaveSchedule(
+                settings.save_every, settings.save_minutes and settings.save_minutes * 60, quiet)
+            trainer = _trainer(stage, model, tokenizer, rows, args, recipe, plan,
+                               [tracker.callback(), schedule.callback(), injector.callback()])
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            failure = None
+            try:
+                with schedule:
+                    trainer.train(resume_from_checkpoint=checkpoint)
+            except Exception as exc:  # only out-of-memory is handled here
+                if not is_out_of_memory(exc):
+                    raise
+                failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            if failure is None:
+                break
+            step = trainer.state.global_step + 1
+            del trainer, model
+            _free(device)
+            plan = _stepped_down(plan, failure, step, state, partial, quiet)
+            checkpoint = checkpoints.latest(trainer_dir)
+        if schedule.signalled:
+            raise RunInterrupted(
+                f"stopped by {signal.Signals(schedule.signalled).name} at step "
+                f"{trainer.state.global_step}; a checkpoint is in {partial}: continue with "
+                f"`autotune run --resume {_shown(final)}`")
         from accelerate.utils import extract_model_from_parallel
 
         # drop accelerate's autocast wrapper: the saved model must be the plain one
         model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
-        shutil.rmtree(os.path.join(work, "trainer"), ignore_errors=True)
-        saved = _save(model, tokenizer, recipe, work)
-        report = _report(pm, plan, model_spec, recipe, settings, tracker, device, saved, notes,
-                         time.perf_counter() - started, len(rows), targets)
+        saved = _save(model, tokenizer, recipe, partial)
+        report = _report(pm, plan, model_spec, recipe, settings, tracker, trainer, device, saved,
+                         notes, time.perf_counter() - started, len(rows), targets, state)
         report["probe"] = probe_logits(model, tokenizer)
-        _write_json(os.path.join(work, "plan.json"), plan)
-        _write_json(os.path.join(work, REPORT), report)
+        write_json(os.path.join(partial, "plan.json"), plan)
+        write_json(os.path.join(partial, REPORT), report)
+        shutil.rmtree(trainer_dir, ignore_errors=True)
+        os.remove(os.path.join(partial, STATE))
         if os.path.exists(final):
-            os.rmdir(final)  # empty, checked above
-        os.replace(work, final)
+            os.rmdir(final)  # empty, checked when the run began
+        os.replace(partial, final)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        if not checkpoints.latest(trainer_dir):  # nothing to resume from: leave nothing behind
+            shutil.rmtree(partial, ignore_errors=True)
         raise
     return report
 
 
-def _tokenizer(model_spec, family, settings: RunSettings):
-    if model_spec.path:
-        from transformers import AutoTokenizer
+class RunInterrupted(AutotuneError):
+    """A signal stopped training after a checkpoint was saved."""
 
+    exit_code = 130
+
+
+def fingerprint(path: str) -> str:
+    """A digest of the data file (or folder) a run reads, to refuse resuming on other data."""
+    digest = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    for name in files:
+        digest.update(os.path.relpath(name, path).encode())
+        with open(name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _stepped_down(plan: dict, failure: str, step: int, state: dict, partial: str,
+                  quiet: bool) -> dict:
+    """The plan one step down after out-of-memory at ``step``, recorded in the run state."""
+    training = plan["training"]
+    lower = step_down(Recipe(**plan["recipe"]), training["micro_batch"], training["grad_accum"])
+    if lower is None:
+        raise AutotuneError(f"out of memory at step {step} ({failure}) with nothing left to "
+                            "step down to (micro batch 1, checkpointing, lowest bit width)")
+    recipe, micro, accum, change = lower
+    plan = {**plan, "recipe": recipe.to_dict(),
+            "training": {**training, "micro_batch": micro, "grad_accum": accum,
+                         "effective_batch": micro * accum}}
+    state["events"].append({"event": "out_of_memory", "step": step, "error": failure,
+                            "change": change, "recipe": recipe.to_dict(),
+                            "micro_batch": micro, "grad_accum": accum})
+    state["plan"] = plan
+    write_json(os.path.join(partial, STATE), state)
+    _say(quiet, f"out of memory at step {step}: {change}; continuing from the last checkpoint")
+    return plan
+
+
+def _free(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _for_device(recipe: Recipe, device: str, notes: list[str]) -> Recipe:
+    """Kernels and dtypes a CPU cannot run, replaced (noted once)."""
+    changes = []
+    if device == "cpu" and recipe.attn == "flash":
+        recipe = recipe.but(attn="sdpa")
+        changes.append("no GPU: FlashAttention-2 replaced by SDPA")
+    if device == "cpu" and recipe.compute_dtype == "fp16":
+        recipe = recipe.but(precision="bf16")
+        changes.append("no GPU: fp16 replaced by bf16")
+    notes.extend(c for c in changes if c not in notes)
+    return recipe
+
+
+def _trainer(stage, model, tokenizer, rows, args, recipe, plan, callbacks):
+    from datasets import Dataset
+    from transformers import PrinterCallback, ProgressCallback
+
+    try:
+        trainer = stage.make_trainer(model, tokenizer, Dataset.from_list(rows), args, recipe,
+                                     plan.get("training", {}))
+    except ImportError as exc:  # e.g. --report-to tensorboard without tensorboard
+        raise AutotuneError(f"stage {stage.name!r} cannot start: {exc}") from exc
+    for noisy in (PrinterCallback, ProgressCallback):  # the tracker reports progress
+        trainer.remove_callback(noisy)
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    return trainer
+
+
+def _say(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(f"autotune: {message}", file=sys.stderr, flush=True)
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the working folder when it is inside it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def _tokenizer(model_spec, family, settings: RunSettings, partial: str):
+    """The run's tokenizer, kept in the run folder so a resumed run uses the same one."""
+    from transformers import AutoTokenizer
+
+    kept = os.path.join(partial, "tokenizer")
+    if os.path.isdir(kept):
+        return AutoTokenizer.from_pretrained(kept)
+    if model_spec.path:
         tokenizer = AutoTokenizer.from_pretrained(model_spec.path,
                                                   trust_remote_code=settings.remote_code)
     elif settings.random_init:
@@ -144,32 +307,40 @@ def _tokenizer(model_spec, family, settings: RunSettings):
         tokenizer.chat_template = family.chat_template(model_spec.config)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(kept + ".tmp")
+    os.replace(kept + ".tmp", kept)
     return tokenizer
 
 
-def _model(model_spec, family, recipe: Recipe, tokenizer, device: str, settings: RunSettings,
-           work: str):
-    """The model prepared for training, and the adapter target names given to PEFT.
-
-    Random-init runs first write their random base as a checkpoint beside the run
-    (``base/``), then load it like any checkpoint, so merge and generate can find it.
-    """
-    from autotune.estimate import describe
-    from autotune.loading import hf_config, load_base, prepare
-    from autotune.params import ALL_LINEAR, resolve_targets
-
-    config = dict(model_spec.config)
-    path = model_spec.path
-    if settings.random_init:
+def _random_base(model_spec, tokenizer, settings: RunSettings, partial: str) -> str | None:
+    """Where the base weights are: the model's folder, or for a random-init run a random
+    checkpoint written once into the run folder (so resume, merge and generate find it)."""
+    if not settings.random_init:
+        return model_spec.path
+    path = os.path.join(partial, "base")
+    if not os.path.isdir(path):
         import torch
         from transformers import AutoModelForCausalLM
 
+        from autotune.loading import hf_config
+
         # special tokens the tokenizer defines must exist in the model
-        config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
+        config = {**model_spec.config, "bos_token_id": tokenizer.bos_token_id,
+                  "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
         torch.manual_seed(settings.seed)
-        path = os.path.join(work, "base")
-        AutoModelForCausalLM.from_config(hf_config(config)).save_pretrained(path)
+        AutoModelForCausalLM.from_config(hf_config(config)).save_pretrained(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def _model(model_spec, family, recipe: Recipe, device: str, settings: RunSettings,
+           path: str | None):
+    """The model prepared for training, and the adapter target names given to PEFT."""
+    from autotune.estimate import describe
+    from autotune.loading import load_base, prepare
+    from autotune.params import ALL_LINEAR, resolve_targets
+
+    config = dict(model_spec.config)
     base = load_base(config, recipe, path, device, settings.seed, settings.remote_code,
                      family.load_kwargs(config))
     targets = None
@@ -196,7 +367,8 @@ def _trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str
         "max_grad_norm": training.get("max_grad_norm", 1.0),
         "optim": OPTIMIZERS[recipe.optim],
         "logging_steps": 1,
-        "save_strategy": "no",
+        "save_strategy": "no",  # checkpoints.SaveSchedule decides when to save
+        "save_total_limit": 2,
         "report_to": settings.report_to,
         "seed": settings.seed,
         "bf16": recipe.compute_dtype == "bf16",
@@ -213,12 +385,10 @@ def _trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str
 
 
 class _Tracker:
-    """Progress on stderr, and the loss curve and token counts for the report."""
+    """Progress on stderr, and this session's token count and training time."""
 
-    def __init__(self, quiet: bool, recipe: Recipe):
+    def __init__(self, quiet: bool):
         self.quiet = quiet
-        self.recipe = recipe
-        self.losses: list[dict] = []
         self.tokens = 0
         self.train_seconds = 0.0
         self.started = time.perf_counter()
@@ -235,14 +405,10 @@ class _Tracker:
             def on_log(self, args, state, control, logs=None, **kwargs):
                 logs = logs or {}
                 if "loss" in logs:
-                    entry = {"step": state.global_step, "loss": float(logs["loss"])}
-                    tracker.losses.append(entry)
                     tracker.tokens = int(float(logs.get("num_tokens", tracker.tokens)))
-                    if not tracker.quiet:
-                        elapsed = time.perf_counter() - tracker.started
-                        print(f"autotune: step {state.global_step}/{state.max_steps} "
-                              f"loss {entry['loss']:.4f} ({elapsed:.0f} s)", file=sys.stderr,
-                              flush=True)
+                    elapsed = time.perf_counter() - tracker.started
+                    _say(tracker.quiet, f"step {state.global_step}/{state.max_steps} loss "
+                                        f"{float(logs['loss']):.4f} ({elapsed:.0f} s)")
 
             def on_train_end(self, args, state, control, **kwargs):
                 tracker.train_seconds = time.perf_counter() - tracker.started
@@ -270,8 +436,8 @@ def _save(model, tokenizer, recipe: Recipe, folder: str) -> dict:
     return saved
 
 
-def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, device, saved, notes,
-            seconds, rows, targets) -> dict:
+def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, trainer, device, saved,
+            notes, seconds, rows, targets, state) -> dict:
     import torch
 
     from autotune.estimate import estimate
@@ -287,6 +453,9 @@ def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, device, s
 
         measured["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     train_seconds = tracker.train_seconds or seconds
+    # the Trainer's log history spans every session of a resumed run
+    losses = [{"step": e["step"], "loss": float(e["loss"])}
+              for e in trainer.state.log_history if "loss" in e]
     return {
         "schema": "autotune.run/1",
         "autotune_version": __version__,
@@ -297,11 +466,14 @@ def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, device, s
         "recipe": recipe.to_dict(),
         "data": {"path": os.path.abspath(settings.data), "rows": rows},
         "targets": targets or recipe.targets,
-        "steps": tracker.losses[-1]["step"] if tracker.losses else 0,
-        "loss_curve": tracker.losses,
-        "first_loss": tracker.losses[0]["loss"] if tracker.losses else None,
-        "final_loss": tracker.losses[-1]["loss"] if tracker.losses else None,
+        "steps": trainer.state.global_step,
+        "loss_curve": losses,
+        "first_loss": losses[0]["loss"] if losses else None,
+        "final_loss": losses[-1]["loss"] if losses else None,
         "tokens": tracker.tokens,
+        "training": {k: plan["training"][k] for k in ("micro_batch", "grad_accum")},
+        "events": state["events"],
+        "planned_recipe": state["original_plan"]["recipe"],
         "duration_s": round(seconds, 2),
         "predicted": {"peak_bytes": predicted.memory.peak,
                       "tensor_peak_bytes": predicted.memory.tensor_peak,
@@ -328,10 +500,3 @@ def probe_logits(model, tokenizer) -> dict:
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float()
     return {"text": PROBE, "sum": float(logits.sum()), "head": logits[0, -1, :8].tolist()}
-
-
-def _write_json(path: str, document: dict) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(document, handle, indent=2, ensure_ascii=False)
-    os.replace(temporary, path)

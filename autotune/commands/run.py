@@ -36,23 +36,42 @@ DEMO_STEPS = 30
               help="Train from random weights (no checkpoint needed: tests and demos).")
 @click.option("--demo", is_flag=True, help="Plan LoRA for the tiny model and train it on the "
                                            "shipped data, on the CPU, in under a minute.")
+@click.option("--save-every", type=click.IntRange(1), metavar="STEPS",
+              help="Checkpoint every STEPS optimizer steps (as well as every --save-minutes).")
+@click.option("--save-minutes", type=click.FloatRange(min=0), default=30, show_default=True,
+              help="Checkpoint at least this often (0: only on --save-every and on a signal).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue an interrupted or killed run from its last checkpoint.")
 @trust_remote_code_option
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
 @click.pass_context
 def command(ctx, plan_file, data, output_dir, max_steps, epochs, report_to, model_spec, stage, gpu,
-            vram, seq_len, random_init, demo, trust_remote_code, quiet, as_json) -> None:
+            vram, seq_len, random_init, demo, save_every, save_minutes, resume_dir,
+            trust_remote_code, quiet, as_json) -> None:
     """Train a plan with transformers + PEFT + TRL and write a run report.
+
+    Checkpoints are taken every --save-minutes (and --save-every steps); Ctrl-C or
+    SIGTERM saves one and stops, and out-of-memory steps the plan down (smaller micro
+    batch, then checkpointing, then a lower-bit base) and continues.
 
     \b
     autotune run plan.yaml --data train.jsonl
     autotune run --model qwen2.5-0.5b --data train.jsonl --gpu a10
+    autotune run --resume runs/qwen2.5-0.5b-sft
     autotune run --demo
     """
-    from autotune.executor import RunSettings, run
+    from autotune.executor import RunSettings, resume, run
 
     pm = ctx.obj
     quiet = quiet or ctx.find_root().meta.get("autotune.quiet", False)
+    if resume_dir:
+        if plan_file or model_spec or data or demo:
+            raise AutotuneError("--resume continues a run as it was planned: give no plan "
+                                "file, --model, --data or --demo with it")
+        report = resume(pm, resume_dir, quiet or as_json)
+        _show(report, resume_dir.rstrip("/").removesuffix(".partial"), as_json)
+        return
     if demo:
         from autotune.demo import dataset_path
 
@@ -80,8 +99,12 @@ def command(ctx, plan_file, data, output_dir, max_steps, epochs, report_to, mode
         "runs", f"{plan['model']['id'].replace('/', '_')}-{plan['recipe']['stage']}"))
     settings = RunSettings(data=data, output_dir=output_dir, max_steps=max_steps, epochs=epochs,
                            report_to=report_to, remote_code=trust_remote_code,
-                           random_init=random_init, quiet=quiet or as_json)
-    report = run(pm, plan, settings)
+                           random_init=random_init, save_every=save_every,
+                           save_minutes=save_minutes or None, quiet=quiet or as_json)
+    _show(run(pm, plan, settings), output_dir, as_json)
+
+
+def _show(report: dict, output_dir: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
@@ -144,5 +167,7 @@ def _render(report: dict, output_dir: str) -> str:
              f"loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}; "
              f"{measured['tokens_per_s'] or 0:.0f} tokens/s; {memory}",
              f"wrote {output_dir}/ ({', '.join(report['saved'].values())}, run_report.json)"]
+    lines += [f"out of memory at step {e['step']}: stepped down ({e['change']})"
+              for e in report["events"]]
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
