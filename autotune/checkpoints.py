@@ -8,7 +8,6 @@ folders without one are removed before resuming.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -16,18 +15,10 @@ import signal
 import sys
 import time
 
+from autotune.atomic import write_json
+
 MARKER = "autotune-complete.json"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
-
-
-def write_json(path: str, document: dict) -> None:
-    """Write ``document`` to ``path`` through a temporary name, synced, then renamed."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(document, handle, indent=2, ensure_ascii=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def commit(folder: str, step: int) -> None:

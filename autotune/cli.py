@@ -13,7 +13,7 @@ from autotune import __version__
 from autotune.errors import AutotuneError
 
 COMMANDS = ("models", "probe", "gpus", "estimate", "plan", "explain", "run", "report", "merge",
-            "generate", "plugins", "completion")
+            "generate", "plugins", "completion", "calibrate", "export")
 
 
 def make_cli(pm: pluggy.PluginManager) -> click.Group:
@@ -45,7 +45,12 @@ def make_cli(pm: pluggy.PluginManager) -> click.Group:
     for name in COMMANDS:
         module = importlib.import_module(f"autotune.commands.{name}")
         cli.add_command(module.command, name=name)
-    pm.hook.register_commands(cli=cli)
+    for impl in reversed(pm.hook.register_commands.get_hookimpls()):  # pluggy's order
+        try:
+            impl.function(**{name: cli for name in impl.argnames})  # as pluggy calls it
+        except Exception as exc:  # a broken plugin is named, not a traceback
+            raise AutotuneError(f"plugin {impl.plugin_name!r} failed in register_commands: "
+                                f"{type(exc).__name__}: {exc}") from exc
     return cli
 
 

@@ -11,7 +11,7 @@ from autotune.errors import AutotuneError
 from autotune.memory import MemoryEstimate, estimate_memory, serving_memory
 from autotune.params import ParamCounts, count
 from autotune.recipe import Recipe
-from autotune.registry import ModelFamily, family_for, stage_named
+from autotune.registry import ModelFamily, blame, family_for, plugin_failed, stage_named
 
 
 @dataclass
@@ -27,16 +27,37 @@ class Estimate:
 
 SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
          "intermediate_size", "vocab_size", "head_dim", "n_embd", "n_layer", "n_head")
+COUNTS = ("n_routed_experts", "num_local_experts", "num_experts", "n_shared_experts",
+          "num_experts_per_tok", "moe_intermediate_size", "kv_lora_rank", "q_lora_rank",
+          "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "first_k_dense_replace",
+          "moe_layer_freq")
+"""Sizes that may be 0 (no experts, no low-rank attention)."""
+MAX_SIZE = 2**31 - 1
+MAX_COUNT = {"num_hidden_layers": 1024, "n_layer": 1024, "n_routed_experts": 1024,
+             "num_local_experts": 1024, "num_experts": 1024}
+"""Layers and experts are built one by one: a bound keeps a hostile config from hanging."""
+
+
+def check_sizes(config: dict) -> dict:
+    """``config`` with its sizes checked (whole numbers in range) and null sizes dropped."""
+    for key in (*SIZES, *COUNTS):
+        value = config.get(key)
+        if value is None:
+            continue
+        low = 1 if key in SIZES else 0
+        high = MAX_COUNT.get(key, MAX_SIZE)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            what = "a positive" if low else "a non-negative"
+            raise AutotuneError(f"config.json: {key} must be {what} whole number, "
+                                f"not {value!r}")
+        if value > high:
+            raise AutotuneError(f"config.json: {key} {value} is too large (at most {high:,})")
+    return {k: v for k, v in config.items() if not (v is None and k in (*SIZES, *COUNTS))}
 
 
 def describe(config: dict, family: ModelFamily, remote_code: bool = False) -> Architecture:
     """The exact architecture: the family's own description, else a meta-device build."""
-    for key in SIZES:
-        value = config.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < 1):
-            raise AutotuneError(f"config.json: {key} must be a positive whole number, "
-                                f"not {value!r}")
+    config = check_sizes(config)
     try:
         # plugins may omit the remote_code parameter: pass it only when asked
         arch = family.describe(config, remote_code=True) if remote_code else family.describe(config)
@@ -44,7 +65,12 @@ def describe(config: dict, family: ModelFamily, remote_code: bool = False) -> Ar
         raise AutotuneError(f"config.json lacks {exc.args[0]!r}, which the {family.name} "
                             "family needs") from exc
     except (TypeError, ValueError, ZeroDivisionError) as exc:
-        raise AutotuneError(f"config.json is not a valid {family.name} config: {exc}") from exc
+        raise AutotuneError(f"config.json is not a valid {family.name} config (plugin "
+                            f"{family.plugin!r}): {exc}") from exc
+    except AutotuneError:
+        raise
+    except Exception as exc:  # a bug in the plugin: name it
+        raise plugin_failed(family, "describe", exc) from exc
     if arch is None:
         from autotune.metabuild import from_transformers
 
@@ -65,10 +91,13 @@ def estimate(pm: pluggy.PluginManager, config: dict, recipe: Recipe, family_name
              device: str = "cuda", remote_code: bool = False) -> Estimate:
     """Count parameters and simulate a training step's memory for ``recipe``."""
     family = family_for(pm, config, family_name)
-    recipe = family_kernel(family, config, recipe)
+    with blame(family, "load_kwargs"):
+        recipe = family_kernel(family, config, recipe)
     arch = describe(config, family, remote_code)
     stage = stage_named(pm, recipe.stage)
-    counts = count(arch, recipe, family.module_groups(config))
+    with blame(family, "module_groups"):
+        groups = family.module_groups(config)
+    counts = count(arch, recipe, groups)
     if not stage.trains:
         return Estimate(family, arch, recipe, counts, serving_memory(arch, recipe))
     try:

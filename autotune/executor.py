@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass
 import pluggy
 
 from autotune import __version__, checkpoints
-from autotune.checkpoints import write_json
+from autotune.atomic import write_json
 from autotune.errors import AutotuneError
 from autotune.fallback import FaultInjector, is_out_of_memory, step_down
+from autotune.parallel import Parallel
 from autotune.recipe import Recipe
 
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit",
@@ -33,6 +34,7 @@ STATE = "run.json"
 STATE_SCHEMA = "autotune.runstate/1"
 PARTIAL = ".partial"
 SAVE_MINUTES = 30.0
+DEEPSPEED_CONFIG = "ds_config.json"
 
 
 @dataclass
@@ -73,7 +75,7 @@ def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
                             f"--resume {settings.output_dir}`, or remove it")
     recipe = Recipe(**plan["recipe"])
     rows = load_rows(settings.data, recipe.stage)
-    _say(settings.quiet, f"read {len(rows)} {recipe.stage} rows from {settings.data} "
+    say(settings.quiet, f"read {len(rows)} {recipe.stage} rows from {settings.data} "
                          f"({describe_format(settings.data, recipe.stage)})")
     state = {"schema": STATE_SCHEMA, "plan": plan, "original_plan": plan,
              "settings": {k: v for k, v in asdict(settings).items() if k != "quiet"},
@@ -84,7 +86,7 @@ def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return _train(pm, state, partial, final, rows, settings.quiet)
+    return _start(pm, state, partial, final, rows, settings.quiet)
 
 
 def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
@@ -110,17 +112,33 @@ def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
         raise AutotuneError(f"{data} changed since the run began: resuming would not see the "
                             "same data in the same order")
     rows = load_rows(data, state["plan"]["recipe"]["stage"])
+    return _start(pm, state, partial, final, rows, quiet)
+
+
+def _start(pm, state: dict, partial: str, final: str, rows: list, quiet: bool) -> dict:
+    """Train in this process, or launch one process per GPU for a multi-GPU plan."""
+    if Parallel.from_dict(state["plan"].get("distributed")).world > 1:
+        from autotune.launch import launch
+
+        return launch(pm, state, partial, final, quiet)
     return _train(pm, state, partial, final, rows, quiet)
 
 
-def _train(pm, state: dict, partial: str, final: str, rows: list, quiet: bool) -> dict:
-    """Train (from the newest checkpoint, if any), stepping down on out-of-memory."""
+def _train(pm, state: dict, partial: str, final: str, rows: list, quiet: bool,
+           launched: bool = False) -> dict | None:
+    """Train (from the newest checkpoint, if any), stepping down on out-of-memory.
+
+    ``launched``: this is one rank of a multi-process run; rank 0 saves and reports
+    into the run folder and the launching process finishes it.
+    """
     import torch
 
     from autotune.profiles import resolve_model
     from autotune.registry import family_for, stage_named
 
     started = time.perf_counter()
+    rank = int(os.environ.get("RANK", "0")) if launched else 0
+    quiet = quiet or rank != 0
     settings = RunSettings(**state["settings"], quiet=quiet)
     plan = state["plan"]
     model_spec = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
@@ -134,14 +152,14 @@ def _train(pm, state: dict, partial: str, final: str, rows: list, quiet: bool) -
     trainer_dir = os.path.join(partial, "trainer")
     injector = FaultInjector()
     try:
-        tokenizer = _tokenizer(model_spec, family, settings, partial)
-        base = _random_base(model_spec, tokenizer, settings, partial)
+        tokenizer = prepare_tokenizer(model_spec, family, settings, partial)
+        base = random_base(model_spec, tokenizer, settings, partial)
         checkpoint = checkpoints.latest(trainer_dir)
         if checkpoint:
-            _say(quiet, f"resuming from {os.path.basename(checkpoint)}")
+            say(quiet, f"resuming from {os.path.basename(checkpoint)}")
         while True:
             recipe = _for_device(Recipe(**plan["recipe"]), device, notes)
-            _say(quiet, f"loading {model_spec.id} ({recipe.method}, {recipe.bits}-bit, micro "
+            say(quiet, f"loading {model_spec.id} ({recipe.method}, {recipe.bits}-bit, micro "
                         f"batch {plan['training']['micro_batch']}) on {device}")
             model, targets = _model(model_spec, family, recipe, device, settings, base)
             args = _trainer_args(plan, recipe, settings, device, trainer_dir)
@@ -160,18 +178,25 @@ def _train(pm, state: dict, partial: str, final: str, rows: list, quiet: bool) -
                 if not is_out_of_memory(exc):
                     raise
                 failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                if launched:  # every rank must step down together: the launcher does it
+                    raise RankOutOfMemory(failure, trainer.state.global_step + 1) from exc
             if failure is None:
                 break
             step = trainer.state.global_step + 1
             del trainer, model
             _free(device)
-            plan = _stepped_down(plan, failure, step, state, partial, quiet)
+            plan = stepped_down(plan, failure, step, state, partial, quiet)
             checkpoint = checkpoints.latest(trainer_dir)
         if schedule.signalled:
             raise RunInterrupted(
                 f"stopped by {signal.Signals(schedule.signalled).name} at step "
                 f"{trainer.state.global_step}; a checkpoint is in {partial}: continue with "
                 f"`autotune run --resume {_shown(final)}`")
+        if launched:  # what this rank saw, for the launcher's report
+            write_json(os.path.join(partial, f"rank-{rank}.json"),
+                       {"rank": rank, "losses": _losses(trainer)})
+            if rank != 0:
+                return None
         from accelerate.utils import extract_model_from_parallel
 
         # drop accelerate's autocast wrapper: the saved model must be the plain one
@@ -180,18 +205,44 @@ def _train(pm, state: dict, partial: str, final: str, rows: list, quiet: bool) -
         report = _report(pm, plan, model_spec, recipe, settings, tracker, trainer, device, saved,
                          notes, time.perf_counter() - started, len(rows), targets, state)
         report["probe"] = probe_logits(model, tokenizer)
+        if device == "cuda" and not launched:  # one card: a measurement for `calibrate`
+            from autotune import calibration
+
+            calibration.remember_run(report, pm=pm)
         write_json(os.path.join(partial, "plan.json"), plan)
         write_json(os.path.join(partial, REPORT), report)
-        shutil.rmtree(trainer_dir, ignore_errors=True)
-        os.remove(os.path.join(partial, STATE))
-        if os.path.exists(final):
-            os.rmdir(final)  # empty, checked when the run began
-        os.replace(partial, final)
+        if not launched:
+            finish(partial, final)
     except BaseException:
-        if not checkpoints.latest(trainer_dir):  # nothing to resume from: leave nothing behind
-            shutil.rmtree(partial, ignore_errors=True)
+        if not launched and not checkpoints.latest(trainer_dir):
+            shutil.rmtree(partial, ignore_errors=True)  # nothing to resume from: leave nothing
         raise
     return report
+
+
+def finish(partial: str, final: str) -> None:
+    """Drop the run's working state and rename the finished run into place."""
+    shutil.rmtree(os.path.join(partial, "trainer"), ignore_errors=True)
+    os.remove(os.path.join(partial, STATE))
+    if os.path.exists(final):
+        os.rmdir(final)  # empty, checked when the run began
+    os.replace(partial, final)
+
+
+class RankOutOfMemory(AutotuneError):
+    """One rank of a launched run ran out of memory (the launcher steps the plan down)."""
+
+    exit_code = 75
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def _losses(trainer) -> list[dict]:
+    """The loss curve; the Trainer's log history spans every session of a resumed run."""
+    return [{"step": e["step"], "loss": float(e["loss"])}
+            for e in trainer.state.log_history if "loss" in e]
 
 
 class RunInterrupted(AutotuneError):
@@ -213,7 +264,7 @@ def fingerprint(path: str) -> str:
     return digest.hexdigest()
 
 
-def _stepped_down(plan: dict, failure: str, step: int, state: dict, partial: str,
+def stepped_down(plan: dict, failure: str, step: int, state: dict, partial: str,
                   quiet: bool) -> dict:
     """The plan one step down after out-of-memory at ``step``, recorded in the run state."""
     training = plan["training"]
@@ -224,13 +275,14 @@ def _stepped_down(plan: dict, failure: str, step: int, state: dict, partial: str
     recipe, micro, accum, change = lower
     plan = {**plan, "recipe": recipe.to_dict(),
             "training": {**training, "micro_batch": micro, "grad_accum": accum,
-                         "effective_batch": micro * accum}}
+                         "effective_batch": micro * accum * Parallel.from_dict(
+                             plan.get("distributed")).world}}
     state["events"].append({"event": "out_of_memory", "step": step, "error": failure,
                             "change": change, "recipe": recipe.to_dict(),
                             "micro_batch": micro, "grad_accum": accum})
     state["plan"] = plan
     write_json(os.path.join(partial, STATE), state)
-    _say(quiet, f"out of memory at step {step}: {change}; continuing from the last checkpoint")
+    say(quiet, f"out of memory at step {step}: {change}; continuing from the last checkpoint")
     return plan
 
 
@@ -273,7 +325,7 @@ def _trainer(stage, model, tokenizer, rows, args, recipe, plan, callbacks):
     return trainer
 
 
-def _say(quiet: bool, message: str) -> None:
+def say(quiet: bool, message: str) -> None:
     if not quiet:
         print(f"autotune: {message}", file=sys.stderr, flush=True)
 
@@ -284,7 +336,7 @@ def _shown(path: str) -> str:
     return path if relative.startswith("..") else relative
 
 
-def _tokenizer(model_spec, family, settings: RunSettings, partial: str):
+def prepare_tokenizer(model_spec, family, settings: RunSettings, partial: str):
     """The run's tokenizer, kept in the run folder so a resumed run uses the same one."""
     from transformers import AutoTokenizer
 
@@ -312,7 +364,7 @@ def _tokenizer(model_spec, family, settings: RunSettings, partial: str):
     return tokenizer
 
 
-def _random_base(model_spec, tokenizer, settings: RunSettings, partial: str) -> str | None:
+def random_base(model_spec, tokenizer, settings: RunSettings, partial: str) -> str | None:
     """Where the base weights are: the model's folder, or for a random-init run a random
     checkpoint written once into the run folder (so resume, merge and generate find it)."""
     if not settings.random_init:
@@ -381,6 +433,11 @@ def _trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str
     }
     if settings.max_steps:
         args["max_steps"] = settings.max_steps
+    parallel = Parallel.from_dict(plan.get("distributed"))
+    if parallel.deepspeed:
+        args["deepspeed"] = os.path.join(os.path.dirname(folder), DEEPSPEED_CONFIG)
+    elif parallel.strategy == "fsdp":
+        args["fsdp"] = "full_shard auto_wrap" + (" offload" if parallel.offload_params else "")
     return args
 
 
@@ -407,7 +464,7 @@ class _Tracker:
                 if "loss" in logs:
                     tracker.tokens = int(float(logs.get("num_tokens", tracker.tokens)))
                     elapsed = time.perf_counter() - tracker.started
-                    _say(tracker.quiet, f"step {state.global_step}/{state.max_steps} loss "
+                    say(tracker.quiet, f"step {state.global_step}/{state.max_steps} loss "
                                         f"{float(logs['loss']):.4f} ({elapsed:.0f} s)")
 
             def on_train_end(self, args, state, control, **kwargs):
@@ -453,9 +510,7 @@ def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, trainer, 
 
         measured["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     train_seconds = tracker.train_seconds or seconds
-    # the Trainer's log history spans every session of a resumed run
-    losses = [{"step": e["step"], "loss": float(e["loss"])}
-              for e in trainer.state.log_history if "loss" in e]
+    losses = _losses(trainer)
     return {
         "schema": "autotune.run/1",
         "autotune_version": __version__,

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 from autotune.activations import FP32, INDEX, LinearRole, Precision, layer_saved
 from autotune.architecture import Architecture, Linear, layer_index
+from autotune.parallel import SINGLE, Parallel, deepspeed_optimizer_bytes, shares
 from autotune.params import ParamCounts, trainable_layers
 from autotune.recipe import Recipe
 
 COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "logits",
-              "temporaries", "inputs", "stage_extras")
+              "temporaries", "inputs", "stage_extras", "communication")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BLOCK, NF4_BLOCK2 = 64, 256
 QUANT_STATE = (256 + 16 + 1) * 4
@@ -218,14 +219,24 @@ def optimizer_temporaries(recipe: Recipe, shapes: list[tuple[int, ...]], param_b
     return 2 * max(sizes) * param_bytes
 
 
+def largest_module(arch: Architecture) -> int:
+    """Parameters of the largest module: what ZeRO-3 and FSDP gather at a time."""
+    return max(item.numel + (item.out_features if isinstance(item, Linear) and item.bias else 0)
+               for item in (*arch.linears, *arch.tensors))
+
+
 def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
                     extras: dict[str, int] | None = None, device: str = "cuda",
-                    sequences: int = 1) -> MemoryEstimate:
+                    sequences: int = 1, parallel: Parallel = SINGLE) -> MemoryEstimate:
     """Simulate one training step (after the first) and return its peak, by component.
 
     ``sequences`` multiplies the batch (2 for preference pairs); ``extras`` are a stage's
-    additional bytes (a reference model, say), live for the whole step.
+    additional bytes (a reference model, say), live for the whole step. With several
+    GPUs the figures are one rank's (:mod:`autotune.parallel`).
     """
+    if parallel.deepspeed and recipe.precision == "amp":
+        # DeepSpeed runs the model in 16 bit; its fp32 master weights are optimizer state
+        recipe = recipe.but(precision="bf16")
     shape = StepShape(recipe.batch * sequences, recipe.seq_len)
     t, c = shape.tokens, BYTES[recipe.compute_dtype]
     w = BYTES[recipe.weight_dtype]
@@ -241,11 +252,16 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     trained = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
     shapes = _trainable_shapes(arch, recipe, counts, trained)
     roles = _roles(arch, recipe, counts, trained)
+    share = shares(parallel, counts.trainable, param_bytes, largest_module(arch))
+    optimizer = (deepspeed_optimizer_bytes(counts.trainable) if parallel.deepspeed
+                 else optimizer_state_bytes(recipe, shapes, param_bytes))
 
     tl = _Timeline()
-    tl.add("weights", weight_bytes(arch, recipe), "start")
-    tl.add("adapters", counts.trainable * FP32 if recipe.adapter else 0, "start")
-    tl.add("optimizer", optimizer_state_bytes(recipe, shapes, param_bytes), "start")
+    tl.add("weights", int(weight_bytes(arch, recipe) * share.weights), "start")
+    tl.add("adapters", int(counts.trainable * FP32 * share.weights) if recipe.adapter else 0,
+           "start")
+    tl.add("optimizer", int(optimizer * share.optimizer), "start")
+    tl.add("communication", share.buffers, "start")
     tl.add("inputs", t * INDEX, "start")
     tl.add("stage_extras", sum((extras or {}).values()), "start")
 
@@ -291,24 +307,26 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         tl.spike("logits", logits * c, "backward (loss)")      # gradient cast back to 16 bit
     tl.add("logits", -logits * FP32, "backward (loss)")
     if full and not arch.tied_embeddings:
-        tl.add("gradients", arch.head_linear.numel * w, "backward (head)")
+        tl.add("gradients", int(arch.head_linear.numel * w * share.gradients), "backward (head)")
     tl.add("activations", -(final_norm + head_in), "backward")
     grads = _grads_by_layer(arch, recipe, counts, trained, w)
     for i in reversed(range(arch.num_layers)):
         saved, kept = saved_by_layer[i], kept_by_layer[i]
         if recipe.grad_ckpt:
             tl.add("activations", saved, f"backward (recompute layer {i})")
-        tl.add("gradients", grads[i], f"backward (layer {i})")
+        tl.add("gradients", int(grads[i] * share.gradients), f"backward (layer {i})")
         # the incoming gradient and the MLP's gradient buffers
         transient = t * arch.hidden * c + 3 * t * _widest_mlp(arch.layers[i]) * c
         tl.spike("temporaries", transient if saved else 0, f"backward (layer {i})")
         tl.add("activations", -(saved + kept if recipe.grad_ckpt else saved), "backward")
     if full:
-        tl.add("gradients", _embedding_numel(arch) * w, "backward (embeddings)")
+        tl.add("gradients", int(_embedding_numel(arch) * w * share.gradients),
+               "backward (embeddings)")
     tl.add("temporaries", -cast_copies, "backward")
 
     # -- optimizer step: every gradient exists, plus the step's own scratch
-    tl.spike("temporaries", optimizer_temporaries(recipe, shapes, param_bytes, device), "optimizer")
+    scratch = optimizer_temporaries(recipe, shapes, param_bytes, device)
+    tl.spike("temporaries", int(scratch * share.optimizer), "optimizer")
     overhead = _device_overhead(tl.peak) if device == "cuda" else 0
     return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase)
 

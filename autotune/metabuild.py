@@ -21,25 +21,35 @@ from autotune.errors import AutotuneError
 def build_on_meta(config: dict):
     """The ``AutoModelForCausalLM`` for ``config`` (a ``config.json`` dict), on the meta device."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
     settings = {k: v for k, v in config.items() if k not in ("auto_map", "transformers_version")}
     model_type = settings.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING:
+        raise AutotuneError(f"unknown model_type {model_type!r}: no installed model family and no "
+                            "transformers model knows it (see `autotune plugins`)")
     try:
         hf_config = AutoConfig.for_model(model_type, **settings)
-    except (ValueError, KeyError) as exc:
-        raise AutotuneError(f"transformers cannot build model_type {model_type!r}: {exc}") from exc
+    except Exception as exc:  # any exception: the config is at fault
+        raise AutotuneError(f"transformers cannot read this {model_type!r} config: "
+                            f"{_first_line(exc)}") from exc
     with torch.device("meta"):
         try:
             return AutoModelForCausalLM.from_config(hf_config)
-        except (ValueError, TypeError, RuntimeError, AttributeError) as exc:
-            raise AutotuneError(f"cannot build {model_type!r} from its config: {exc}") from exc
+        except Exception as exc:  # any exception: the config is at fault
+            raise AutotuneError(f"cannot build {model_type!r} from its config: "
+                                f"{_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def describe_model(model, config: dict, counted_by: str = "meta-build") -> Architecture:
     """An :class:`Architecture` for a built ``torch.nn.Module`` (meta or real)."""
     import torch
-
     from transformers.pytorch_utils import Conv1D
 
     linears: list[Linear] = []
@@ -60,7 +70,10 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         for name, p in model.named_parameters() if name not in owned
     ]
     out = model.get_output_embeddings()
-    head = next(path for path, m in model.named_modules() if m is out)
+    head = next((path for path, m in model.named_modules() if m is out), None)
+    if out is None or head is None:
+        raise AutotuneError(f"{model.config.model_type!r} builds without an output head: not a "
+                            "causal language model autotune can tune")
     cfg = model.config
     return Architecture(
         model_type=cfg.model_type,

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 
 import pluggy
 
-from autotune import __version__
+from autotune import __version__, calibration
 from autotune.errors import AutotuneError
 from autotune.estimate import describe, family_kernel
 from autotune.hardware import GPU
-from autotune.memory import estimate_memory
+from autotune.memory import estimate_memory, largest_module, optimizer_state_bytes, weight_bytes
 from autotune.objectives import fidelity, tokens_per_second
+from autotune.parallel import SINGLE, Parallel, communication_seconds, host_bytes
 from autotune.params import count, resolve_targets
 from autotune.recipe import Recipe
 from autotune.registry import STANDARD_GROUPS, family_for, stage_named
@@ -48,10 +49,18 @@ class Candidate:
     breakdown: dict[str, int]
     pareto: bool = False
     measured: dict = field(default_factory=dict)
+    parallel: Parallel = SINGLE
+    host_bytes: int = 0
+    """Host RAM a node needs (offloaded state, per-rank loading copies)."""
+    raw: tuple[int, int, float] | None = None
+    """(peak, tensor peak, tokens/s) before calibration; ``None`` when not calibrated."""
 
     def to_dict(self) -> dict:
         r = self.recipe
+        p = self.parallel
         return {
+            "strategy": p.strategy, "offload": p.to_dict()["offload"], "gpus": p.world,
+            "nodes": p.nodes, "host_ram_bytes": self.host_bytes,
             "method": r.method, "bits": r.bits, "precision": r.precision,
             "rank": r.rank if r.adapter else None, "alpha": r.alpha if r.adapter else None,
             "targets": r.targets if r.adapter else None,
@@ -60,8 +69,12 @@ class Candidate:
             "optim": r.optim, "attn": r.attn, "seq_len": r.seq_len, "stage": r.stage,
             "fidelity": self.fidelity, "pareto": self.pareto,
             "memory": {"peak_bytes": self.peak, "tensor_peak_bytes": self.tensor_peak,
-                       "breakdown": self.breakdown},
-            "throughput": {"tokens_per_s": round(self.tokens_per_s, 1)},
+                       "breakdown": self.breakdown,
+                       "raw_peak_bytes": self.raw[0] if self.raw else self.peak,
+                       "raw_tensor_peak_bytes": self.raw[1] if self.raw else self.tensor_peak},
+            "throughput": {"tokens_per_s": round(self.tokens_per_s, 1),
+                           "raw_tokens_per_s": round(self.raw[2] if self.raw
+                                                     else self.tokens_per_s, 1)},
             **({"measured": self.measured} if self.measured else {}),
         }
 
@@ -92,8 +105,11 @@ class Planner:
     """Prices recipes for one model and stage; runs studies for cards."""
 
     def __init__(self, pm: pluggy.PluginManager, config: dict, family: str | None = None,
-                 model_id: str = "", remote_code: bool = False):
+                 model_id: str = "", remote_code: bool = False, calibrated: bool = True):
         self.pm = pm
+        self.calibrated = calibrated
+        # fitted corrections by GPU id (`autotune calibrate`); none with calibrated=False
+        self.corrections = calibration.load() if calibrated else {}
         self.config = config
         self.remote_code = remote_code
         self.family = family_for(pm, config, family)
@@ -117,9 +133,11 @@ class Planner:
                 found.append(name)
         return tuple(found)
 
-    def price(self, recipe: Recipe):
-        """(counts, memory, sequences) of ``recipe``, cached: cards share a recipe's memory."""
-        if recipe not in self._priced:
+    def price(self, recipe: Recipe, parallel: Parallel = SINGLE):
+        """(counts, memory, sequences) of ``recipe`` on one rank of ``parallel``, cached:
+        cards share a recipe's memory."""
+        key = (recipe, parallel)
+        if key not in self._priced:
             stage = stage_named(self.pm, recipe.stage)
             adapter = (recipe.method, recipe.rank, recipe.targets, recipe.freeze_layers)
             if adapter not in self._counts:
@@ -127,9 +145,9 @@ class Planner:
             counts = self._counts[adapter]
             extras = stage.extra_memory(self.arch, recipe, counts)
             memory = estimate_memory(self.arch, recipe, counts, extras, "cuda",
-                                     stage.sequences_per_example())
-            self._priced[recipe] = (counts, memory, stage.sequences_per_example())
-        return self._priced[recipe]
+                                     stage.sequences_per_example(), parallel)
+            self._priced[key] = (counts, memory, stage.sequences_per_example())
+        return self._priced[key]
 
     def evaluate(self, space: Space, choice: dict, budget: int) -> Candidate:
         """``choice`` at the largest micro batch that fits ``budget`` (else at the smallest).
@@ -137,24 +155,45 @@ class Planner:
         Memory grows with the batch, so a binary search over the batches suffices.
         """
         batches = sorted(space.batches())
+        parallel = space.parallel(choice)
         low, high, best = 0, len(batches) - 1, None
         while low <= high:
             middle = (low + high) // 2
-            candidate = self._candidate_at(space, space.recipe(choice, batches[middle]))
+            candidate = self._candidate_at(space, space.recipe(choice, batches[middle]),
+                                           parallel)
             if candidate.peak <= budget:
                 best, low = candidate, middle + 1
             else:
                 high = middle - 1
-        return best or self._candidate_at(space, space.recipe(choice, batches[0]))
+        return best or self._candidate_at(space, space.recipe(choice, batches[0]), parallel)
 
-    def _candidate_at(self, space: Space, recipe: Recipe) -> Candidate:
+    def _candidate_at(self, space: Space, recipe: Recipe,
+                      parallel: Parallel = SINGLE) -> Candidate:
         recipe = family_kernel(self.family, self.config, recipe)
-        counts, memory, sequences = self.price(recipe)
-        accum = math.ceil(space.effective_batch / recipe.batch)
-        return Candidate(recipe, accum, fidelity(recipe, self.arch),
-                         tokens_per_second(self.arch, recipe, counts, space.gpu, accum, sequences),
+        counts, memory, sequences = self.price(recipe, parallel)
+        correction = self.corrections.get(space.gpu.id)
+        raw, memory = memory, calibration.apply(memory, correction)  # the one place it applies
+        world = parallel.world
+        accum = math.ceil(space.effective_batch / (recipe.batch * world))
+        per_card = tokens_per_second(self.arch, recipe, counts, space.gpu, accum, sequences)
+        tokens = recipe.batch * recipe.seq_len * sequences * accum  # one card, one step
+        weights = weight_bytes(self.arch, recipe)
+        grad_bytes = 4 if recipe.adapter else 2
+        talk = communication_seconds(parallel, space.gpu.id, counts.trainable, grad_bytes,
+                                     weights, accum)
+        total = world * tokens / (tokens / per_card + talk)
+        if correction:
+            raw = (raw.peak, raw.tensor_peak, total)
+            per_card = correction.tokens_per_s(per_card)
+            total = world * tokens / (tokens / per_card + talk)
+        host = host_bytes(parallel, self.arch.total, counts.trainable, weights,
+                          largest_module(self.arch),
+                          optimizer_state_bytes(recipe, [(counts.trainable,)], grad_bytes))
+        return Candidate(recipe, accum, fidelity(recipe, self.arch), total,
                          memory.peak, memory.tensor_peak,
-                         {**memory.breakdown, "device_overhead": memory.device_overhead})
+                         {**memory.breakdown, "device_overhead": memory.device_overhead},
+                         parallel=parallel, host_bytes=host if world > 1 else 0,
+                         raw=raw if correction else None)
 
     def study_key(self, space: Space, budget: int) -> str:
         """A name that changes with everything the study's answer depends on."""
@@ -164,6 +203,8 @@ class Planner:
             "gpu": space.gpu.id, "memory": space.gpu.memory_bytes, "budget": budget,
             "seq": space.seq_len, "stage": space.stage, "effective": space.effective_batch,
             "pins": space.pins.to_dict(), "groups": space.family_groups,
+            "gpus": space.gpus, "nodes": space.nodes, "strategy": space.strategy,
+            **({"calibration": c.key()} if (c := self.corrections.get(space.gpu.id)) else {}),
         }, sort_keys=True, default=str)
         return f"autotune-{self.model_id or 'model'}-{space.gpu.id}-" + \
             hashlib.sha1(payload.encode()).hexdigest()[:12]
@@ -196,6 +237,7 @@ class Planner:
                 trial.set_user_attr("invalid", str(exc))
                 raise optuna.TrialPruned() from exc
             trial.set_user_attr("plan", {"recipe": candidate.recipe.to_dict(),
+                                         "parallel": candidate.parallel.to_dict(),
                                          "grad_accum": candidate.grad_accum,
                                          "peak_bytes": candidate.peak})
             if candidate.peak > budget:
@@ -214,7 +256,7 @@ class Planner:
         import optuna
 
         done = optuna.trial.TrialState.COMPLETE
-        analytic = [t for t in study.trials if "measured" not in t.user_attrs]
+        analytic = [t for t in study.trials if _analytic(t)]
         candidates = [self._candidate(t, space) for t in analytic if t.state == done]
         mark_pareto(candidates)
         measured = {json.dumps(t.user_attrs["plan"]["recipe"], sort_keys=True):
@@ -232,7 +274,14 @@ class Planner:
                           name, candidates, [self._candidate(t, space) for t in pruned])
 
     def _candidate(self, trial, space: Space) -> Candidate:
-        return self._candidate_at(space, Recipe(**trial.user_attrs["plan"]["recipe"]))
+        plan = trial.user_attrs["plan"]
+        return self._candidate_at(space, Recipe(**plan["recipe"]),
+                                  Parallel.from_dict(plan.get("parallel")))
+
+
+def _analytic(trial) -> bool:
+    """A point of the cost model's search, not a worker's measurement (or claim of one)."""
+    return "measured" not in trial.user_attrs and "claim" not in trial.user_attrs
 
 
 def mark_pareto(candidates: list[Candidate]) -> None:
@@ -302,7 +351,7 @@ def _load(url: str, name: str, size: int):
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         return None
-    analytic = [t for t in study.trials if "measured" not in t.user_attrs]
+    analytic = [t for t in study.trials if _analytic(t)]
     return study if len(analytic) >= size else None
 
 

@@ -9,6 +9,7 @@ import sys
 import pluggy
 
 from autotune import hookspecs
+from autotune.errors import AutotuneError
 
 ENTRY_POINT_GROUP = "autotune"
 
@@ -64,7 +65,9 @@ def _load_entrypoints(pm: pluggy.PluginManager) -> None:
                 continue
             try:
                 pm.register(ep.load(), name=ep.name)
-            except Exception as exc:  # noqa: BLE001 -- one broken plugin must not stop the CLI
+            except Exception as exc:  # one broken plugin must not stop the CLI
+                where = f"plugin {ep.name!r} (from {dist.metadata['Name']})"
                 if os.environ.get("AUTOTUNE_STRICT_PLUGINS"):
-                    raise
-                print(f"autotune: plugin {ep.name!r} failed to load: {exc}", file=sys.stderr)
+                    raise AutotuneError(f"{where} failed to load: {type(exc).__name__}: "
+                                        f"{exc}") from exc
+                print(f"autotune: {where} failed to load: {exc}", file=sys.stderr)

@@ -134,6 +134,9 @@ def _parse_yaml(text: str, where: str) -> Any:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise AutotuneError(f"{where}: invalid YAML{at}: {problem}") from None
+    except (ValueError, RecursionError) as exc:  # !!int "x", a 13th month, nesting too deep
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise AutotuneError(f"{where}: invalid YAML: {problem}") from None
 
 
 # -- validation -------------------------------------------------------------------------
@@ -364,10 +367,13 @@ def read_config(path: str | os.PathLike) -> dict:
     except OSError as exc:
         raise AutotuneError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text.removeprefix("\ufeff"))
     except json.JSONDecodeError as exc:
         raise AutotuneError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, "
                             f"column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # a 5000-digit number, nesting too deep
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise AutotuneError(f"{path}: not valid JSON ({problem.split(';')[0]})") from None
     if not isinstance(data, dict):
         raise AutotuneError(f"{path}: expected a JSON object (a model's config.json), "
                             f"got a {type(data).__name__}")

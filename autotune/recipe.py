@@ -10,6 +10,9 @@ METHODS = ("full", "freeze", "lora", "dora", "qlora")
 PRECISIONS = ("bf16", "fp16", "fp32", "amp")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor")
 ATTENTION = ("sdpa", "flash", "eager")
+LIMITS = {"rank": 2**16, "batch": 2**16, "seq_len": 2**24, "freeze_layers": 2**16}
+"""The largest value of each whole-number setting: beyond them no model trains, and the
+cost model's floating-point figures would overflow."""
 
 
 @dataclass(frozen=True)
@@ -41,19 +44,32 @@ class Recipe:
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("optimizer", self.optim, OPTIMIZERS)
         _one_of("attention", self.attn, ATTENTION)
+        if not _whole(self.bits):  # 16.0 == 16: only a whole number is a bit width
+            raise AutotuneError(f"unknown bits {self.bits!r} (choose from 16, 8, 4)")
         _one_of("bits", self.bits, (16, 8, 4))
         if self.method == "qlora" and self.bits != 4:
             object.__setattr__(self, "bits", 4)
         if self.bits < 16 and self.method in ("full", "freeze"):
             raise AutotuneError(f"{self.method} fine-tuning needs a 16-bit base, not {self.bits}-bit "
                                 "(quantised weights cannot be trained; use lora or qlora)")
-        for name in ("rank", "batch", "seq_len", "freeze_layers"):
+        for name, limit in (*LIMITS.items(), ("alpha", None)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _whole(value) or value < 1:
                 raise AutotuneError(f"{name.replace('_', ' ')} must be a positive whole number, "
                                     f"not {value!r}")
-        if not 0 <= self.dropout < 1:
-            raise AutotuneError(f"LoRA dropout must be in [0, 1), not {self.dropout}")
+            if limit is not None and value > limit:
+                raise AutotuneError(f"{name.replace('_', ' ')} {value} is too large "
+                                    f"(at most {limit:,})")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0 <= self.dropout < 1:
+            raise AutotuneError(f"LoRA dropout must be a number in [0, 1), not {self.dropout!r}")
+        if not isinstance(self.grad_ckpt, bool):
+            raise AutotuneError(f"grad_ckpt must be true or false, not {self.grad_ckpt!r}")
+        if not isinstance(self.targets, str):
+            raise AutotuneError(f"LoRA targets must be a string (all-linear, qv, q_proj,v_proj, "
+                                f"...), not {self.targets!r}")
+        if not isinstance(self.stage, str) or not self.stage.strip():
+            raise AutotuneError(f"stage must be a name (sft, dpo, ...), not {self.stage!r}")
 
     @property
     def adapter(self) -> bool:
@@ -76,6 +92,11 @@ class Recipe:
     def but(self, **changes) -> Recipe:
         """A copy with some settings changed."""
         return replace(self, **changes)
+
+
+def _whole(value) -> bool:
+    """An int that is not a bool (YAML's ``true`` is no rank)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _one_of(what: str, value, allowed) -> None:

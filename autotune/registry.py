@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from importlib.resources.abc import Traversable
 from typing import TYPE_CHECKING, ClassVar, TypeVar
@@ -173,10 +175,30 @@ def family_for(pm: pluggy.PluginManager, config: dict, name: str | None = None) 
         return families[name]
     ordered = sorted(families.values(), key=lambda f: f.fallback)
     for family in ordered:
-        if family.matches(config):
-            return family
+        with blame(family, "matches"):
+            if family.matches(config):
+                return family
     raise AutotuneError(f"no installed model family recognises model_type "
                         f"{config.get('model_type')!r}")
+
+
+def plugin_failed(obj: ModelFamily | Stage, method: str, exc: Exception) -> AutotuneError:
+    """The one-line error for an exception a plugin's family or stage raised, naming the
+    plugin."""
+    kind = "model family" if isinstance(obj, ModelFamily) else "stage"
+    return AutotuneError(f"plugin {obj.plugin!r} failed: {kind} {obj.name!r} raised in "
+                         f"{method}(): {type(exc).__name__}: {exc}")
+
+
+@contextmanager
+def blame(obj: ModelFamily | Stage, method: str) -> Iterator[None]:
+    """Report an exception ``obj``'s ``method`` raises as one line naming its plugin."""
+    try:
+        yield
+    except AutotuneError:
+        raise
+    except Exception as exc:
+        raise plugin_failed(obj, method, exc) from exc
 
 
 def stage_named(pm: pluggy.PluginManager, name: str) -> Stage:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from autotune.errors import AutotuneError
 from autotune.hardware import GPU
+from autotune.parallel import SINGLE, Parallel, options
 from autotune.recipe import Recipe
 
 # method key -> (Recipe.method, bits, precision); precision "bf16" becomes fp16 on cards
@@ -57,6 +58,35 @@ class Space:
     num_layers: int
     family_groups: tuple[str, ...] = ()
     pins: Pins = field(default_factory=Pins)
+    gpus: int = 1
+    """Cards per node; with more than one card the strategy is part of the search."""
+    nodes: int = 1
+    strategy: str | None = None
+    """Pin the strategy (``zero3``, ``fsdp``...); its offload variants are still tried."""
+
+    @property
+    def world(self) -> int:
+        return self.gpus * self.nodes
+
+    def strategies(self, quantised: bool) -> tuple[Parallel, ...]:
+        """Strategies (with offload variants) for a 16-bit or a quantised base."""
+        found = options(self.gpus, self.nodes, quantised)
+        if self.pins.optim not in (None, "adamw_torch"):  # DeepSpeed/FSDP: torch's AdamW
+            found = tuple(p for p in found if p.strategy in ("single", "ddp"))
+        if self.strategy:
+            found = tuple(p for p in found if p.strategy == self.strategy)
+            if not found:
+                raise AutotuneError(f"strategy {self.strategy!r} is not available here "
+                                    f"({'one GPU' if self.world == 1 else 'quantised base'})")
+        return found
+
+    def parallel(self, choice: dict) -> Parallel:
+        """The :class:`Parallel` of one point (``SINGLE`` on one card)."""
+        label = choice.get("parallel")
+        if label is None:
+            return SINGLE
+        quantised = METHODS[choice["method"]][1] < 16
+        return next(p for p in self.strategies(quantised) if p.label == label)
 
     def dimensions(self) -> dict[str, tuple]:
         """Categorical choices per dimension (pins leave a single choice)."""
@@ -75,10 +105,12 @@ class Space:
         }
 
     def batches(self) -> tuple[int, ...]:
-        """Micro batches to try, largest first: powers of two up to the effective batch."""
+        """Micro batches to try, largest first: powers of two up to each card's share of
+        the effective batch."""
         if self.pins.batch:
             return (self.pins.batch,)
-        return tuple(b for b in reversed(BATCHES) if b <= self.effective_batch) or (1,)
+        share = self.effective_batch // self.world
+        return tuple(b for b in reversed(BATCHES) if b <= share) or (1,)
 
     @property
     def attn(self) -> str:
@@ -107,16 +139,30 @@ class Space:
         for method in dims["method"]:
             kind = METHODS[method][0]
             for ckpt in dims["grad_ckpt"]:
-                base = {"method": method, "grad_ckpt": ckpt}
-                if kind in ("lora", "dora", "qlora"):
-                    found += [{**base, "rank": r, "targets": t}
-                              for r in dims["rank"] for t in dims["targets"]]
-                elif kind == "freeze":
-                    found += [{**base, "freeze_layers": n, "optim": o}
-                              for n in dims["freeze_layers"] for o in dims["optim"]]
-                else:
-                    found += [{**base, "optim": o} for o in dims["optim"]]
+                for base in self._with_strategy({"method": method, "grad_ckpt": ckpt}):
+                    if kind in ("lora", "dora", "qlora"):
+                        found += [{**base, "rank": r, "targets": t}
+                                  for r in dims["rank"] for t in dims["targets"]]
+                    elif kind == "freeze":
+                        found += [{**base, "freeze_layers": n, "optim": o}
+                                  for n in dims["freeze_layers"]
+                                  for o in optimizers_for(dims, base)]
+                    else:
+                        found += [{**base, "optim": o} for o in optimizers_for(dims, base)]
         return found
+
+    def _with_strategy(self, base: dict) -> list[dict]:
+        if self.world == 1:
+            return [base]
+        quantised = METHODS[base["method"]][1] < 16
+        return [{**base, "parallel": p.label} for p in self.strategies(quantised)]
+
+
+def optimizers_for(dims: dict, choice: dict) -> tuple[str, ...]:
+    """Optimizers a point may use: DeepSpeed and FSDP run torch's AdamW only."""
+    if choice.get("parallel", "").startswith(("zero", "fsdp")):
+        return ("adamw_torch",)
+    return dims["optim"]
 
 
 def suggest(trial, space: Space) -> dict:
@@ -124,6 +170,11 @@ def suggest(trial, space: Space) -> dict:
     dims = space.dimensions()
     choice = {"method": trial.suggest_categorical("method", dims["method"]),
               "grad_ckpt": trial.suggest_categorical("grad_ckpt", dims["grad_ckpt"])}
+    if space.world > 1:
+        quantised = METHODS[choice["method"]][1] < 16
+        labels = tuple(p.label for p in space.strategies(quantised))
+        choice["parallel"] = trial.suggest_categorical(
+            "parallel_quantised" if quantised else "parallel", labels)
     kind = METHODS[choice["method"]][0]
     if kind in ("lora", "dora", "qlora"):
         choice["rank"] = trial.suggest_categorical("rank", dims["rank"])
@@ -132,7 +183,9 @@ def suggest(trial, space: Space) -> dict:
         if kind == "freeze":
             choice["freeze_layers"] = trial.suggest_categorical("freeze_layers",
                                                                 dims["freeze_layers"])
-        choice["optim"] = trial.suggest_categorical("optim", dims["optim"])
+        optims = optimizers_for(dims, choice)
+        choice["optim"] = trial.suggest_categorical(
+            "optim" if optims == dims["optim"] else "optim_sharded", optims)
     return choice
 
 

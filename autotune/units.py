@@ -22,7 +22,10 @@ def parse_size(text: str) -> int:
     if not found or found.group(2).lower() not in _UNITS:
         raise AutotuneError(f"cannot read {text!r} as a size (try 24GiB or 80GB)")
     value, unit = float(found.group(1)), found.group(2).lower()
-    size = int(value * (_UNITS[unit] if unit else GiB))
+    size = value * (_UNITS[unit] if unit else GiB)
+    if not size < 2**64:  # also inf: "9999...9GB" overflows a float
+        raise AutotuneError(f"size {text!r} is too large (at most 16 EiB)")
+    size = int(size)
     if size <= 0:
         raise AutotuneError(f"size {text!r} must be positive")
     return size

@@ -225,7 +225,8 @@ def test_infeasible_exits_non_zero_with_numbers_and_fixes(pm):
     infeasible = report["infeasible"]
     assert infeasible["smallest_peak_bytes"] > infeasible["budget_bytes"]
     assert "smallest needs" in infeasible["message"] and "budget is" in infeasible["message"]
-    assert any("cards of this kind" in fix for fix in infeasible["fixes"])
+    [cards] = [fix for fix in infeasible["fixes"] if "x rtx3090 (--gpus" in fix]
+    assert "zero3" in cards  # sharded: the only way full tuning of 7B fits 24 GB cards
 
 
 # -- the seeds' verdicts -----------------------------------------------------------------

@@ -8,7 +8,7 @@ import click
 
 from autotune.errors import AutotuneError
 from autotune.output import table
-from autotune.recipe import ATTENTION, METHODS, OPTIMIZERS, PRECISIONS, Recipe
+from autotune.recipe import ATTENTION, LIMITS, METHODS, OPTIMIZERS, PRECISIONS, Recipe
 from autotune.units import GiB, gib, parse_size
 
 SCHEMA = "autotune.estimate/1"
@@ -22,8 +22,8 @@ def recipe_options(func):
                      help="full, freeze (top layers), lora, dora or qlora (4-bit base)."),
         click.option("--bits", type=click.Choice(["16", "8", "4"]), default=None,
                      help="Base weight bits (qlora implies 4)."),
-        click.option("--rank", type=click.IntRange(1), default=8, show_default=True,
-                     help="LoRA rank r."),
+        click.option("--rank", type=click.IntRange(1, LIMITS["rank"]), default=8,
+                     show_default=True, help="LoRA rank r."),
         click.option("--alpha", type=click.IntRange(1), default=None,
                      help="LoRA alpha (default 2 x rank)."),
         click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
@@ -31,12 +31,12 @@ def recipe_options(func):
         click.option("--targets", default="all-linear", show_default=True,
                      help="all-linear, groups (qv, attn, mlp, experts, ...) or module names "
                           "(q_proj,v_proj)."),
-        click.option("--freeze-layers", type=click.IntRange(1), default=2, show_default=True,
-                     help="freeze: how many top layers train."),
-        click.option("--batch", type=click.IntRange(1), default=1, show_default=True,
-                     help="Micro batch (sequences per step per GPU)."),
-        click.option("--seq-len", type=click.IntRange(1), default=2048, show_default=True,
-                     help="Tokens per sequence."),
+        click.option("--freeze-layers", type=click.IntRange(1, LIMITS["freeze_layers"]),
+                     default=2, show_default=True, help="freeze: how many top layers train."),
+        click.option("--batch", type=click.IntRange(1, LIMITS["batch"]), default=1,
+                     show_default=True, help="Micro batch (sequences per step per GPU)."),
+        click.option("--seq-len", type=click.IntRange(1, LIMITS["seq_len"]), default=2048,
+                     show_default=True, help="Tokens per sequence."),
         click.option("--grad-ckpt/--no-grad-ckpt", default=False, show_default=True,
                      help="Gradient checkpointing."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="bf16",
@@ -83,6 +83,46 @@ def target_gpu(gpu: str | None, vram: str | None):
     return None
 
 
+no_calibration_option = click.option(
+    "--no-calibration", is_flag=True,
+    help="Raw figures: ignore the corrections `autotune calibrate` fitted to measured runs.")
+
+
+def calibration_for(card):
+    """(the stored correction for ``card``, else for this machine's GPU; the probed card).
+
+    Reads ``calibration.json`` only (no torch); probes the GPU only when a correction
+    exists and no card was named.
+    """
+    from autotune.calibration import load
+
+    corrections = load()
+    if not corrections:
+        return None, None
+    if card is not None:
+        return corrections.get(card.id), None
+    from autotune.hardware import gpu_from_name, probe
+
+    found = [g for g in probe()["gpus"] if g.get("visible", True)]
+    if not found:
+        return None, None
+    here = gpu_from_name(found[0]["name"], found[0]["memory_total_bytes"],
+                         found[0].get("compute_capability"))
+    correction = corrections.get(here.id)
+    return correction, here if correction else None
+
+
+def _raw_speed(pm, result, card):
+    """(card, roofline tokens/s of one micro batch per step) on a card with known throughput."""
+    if card is None or not card.has_throughput or result.memory.phase == "inference":
+        return None
+    from autotune.objectives import tokens_per_second
+    from autotune.registry import stage_named
+
+    sequences = stage_named(pm, result.recipe.stage).sequences_per_example()
+    return card, tokens_per_second(result.arch, result.recipe, result.params, card, 1, sequences)
+
+
 @click.command("estimate")
 @click.option("--model", "model_spec", required=True,
               help="Profile id or alias, config.json, model folder or cached hub id.")
@@ -92,11 +132,12 @@ def target_gpu(gpu: str | None, vram: str | None):
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="Predict a CUDA step (foreach optimizer, CUDA context) or a CPU step.")
 @trust_remote_code_option
+@no_calibration_option
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Draw the memory breakdown against the card as a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.estimate/1).")
 @click.pass_obj
-def command(pm, model_spec, gpu, vram, device, trust_remote_code, plot, as_json,
+def command(pm, model_spec, gpu, vram, device, trust_remote_code, no_calibration, plot, as_json,
             **options) -> None:
     """Count parameters exactly and predict the peak memory of a training step."""
     from autotune.estimate import estimate
@@ -106,7 +147,9 @@ def command(pm, model_spec, gpu, vram, device, trust_remote_code, plot, as_json,
     card = target_gpu(gpu, vram)
     model = resolve_model(model_spec, pm)
     result = estimate(pm, model.config, recipe, model.family, device, trust_remote_code)
-    report = to_json(model, result, card)
+    correction, probed = (None, None) if no_calibration or device != "cuda" else \
+        calibration_for(card)
+    report = to_json(model, result, card, correction, _raw_speed(pm, result, card or probed))
     report["device"] = device
     if plot:
         from autotune.plots import memory_breakdown
@@ -118,11 +161,16 @@ def command(pm, model_spec, gpu, vram, device, trust_remote_code, plot, as_json,
         click.echo(render(report))
 
 
-def to_json(model, result, card=None) -> dict:
-    """The ``autotune.estimate/1`` document."""
+def to_json(model, result, card=None, correction=None, speed=None) -> dict:
+    """The ``autotune.estimate/1`` document; ``correction`` calibrates it, ``speed`` is
+    (card, raw tokens/s) from :func:`_raw_speed`."""
+    from autotune.calibration import apply
     from autotune.memory import checkpoint_bytes
 
-    params, memory, recipe, arch = result.params, result.memory, result.recipe, result.arch
+    params, raw, recipe, arch = result.params, result.memory, result.recipe, result.arch
+    if raw.phase == "inference":
+        correction = None
+    memory = apply(raw, correction)
     breakdown = {**memory.breakdown, "device_overhead": memory.device_overhead}
     notes = list(memory.notes)
     if params.unmatched:
@@ -148,7 +196,9 @@ def to_json(model, result, card=None) -> dict:
         },
         "memory": {"tensor_peak_bytes": memory.tensor_peak, "peak_bytes": memory.peak,
                    "device_overhead_bytes": memory.device_overhead, "peak_phase": memory.phase,
-                   "breakdown": breakdown},
+                   "breakdown": breakdown, "raw_tensor_peak_bytes": raw.tensor_peak,
+                   "raw_peak_bytes": raw.peak, "raw_device_overhead_bytes": raw.device_overhead},
+        "calibration": correction.summary() if correction else None,
         "disk": {"checkpoint_bytes": checkpoint_bytes(arch, recipe, params)},
         "notes": notes,
     }
@@ -156,6 +206,12 @@ def to_json(model, result, card=None) -> dict:
         report["gpu"] = {"id": card.id, "name": card.name, "memory_bytes": card.memory_bytes,
                          "fits": memory.peak <= card.memory_bytes,
                          "spare_bytes": card.memory_bytes - memory.peak}
+    if speed is not None:
+        speed_card, tokens = speed
+        report["throughput"] = {
+            "gpu": speed_card.id, "micro_batch": recipe.batch, "grad_accum": 1,
+            "tokens_per_s": round(correction.tokens_per_s(tokens) if correction else tokens, 1),
+            "raw_tokens_per_s": round(tokens, 1)}
     return report
 
 
@@ -180,16 +236,38 @@ def render(report: dict) -> str:
         "",
         f"memory at the peak ({mem['peak_phase']})",
     ]
-    rows = [[name.replace("_", " "), f"{nbytes / GiB:.2f}", ""]
+    cal = report.get("calibration")
+    said = {}
+    if cal:
+        said = {"calibration": f"measured tensors x{cal['tensor_scale']:.3f} ({cal['gpu']})",
+                "device_overhead": f"fragmentation {100 * cal['fragmentation']:.1f}% + "
+                                   f"{gib(cal['device_overhead_bytes'])} context "
+                                   f"({cal['overhead_source']})"}
+    rows = [[name.replace("_", " "), f"{nbytes / GiB:.2f}", said.get(name, "")]
             for name, nbytes in mem["breakdown"].items() if nbytes]
     on_cpu = report["device"] == "cpu"
+    raw = {key: f"; raw {mem['raw_' + key] / GiB:.2f}" if cal else ""
+           for key in ("tensor_peak_bytes", "peak_bytes")}
     rows += [["tensors", f"{mem['tensor_peak_bytes'] / GiB:.2f}",
               "live tensors (the CPU allocator's peak)" if on_cpu
-              else "what torch.cuda.max_memory_allocated shows"],
+              else "what torch.cuda.max_memory_allocated shows" + raw["tensor_peak_bytes"]],
              ["peak", f"{mem['peak_bytes'] / GiB:.2f}",
-              "with no device overhead on the CPU" if on_cpu else "what nvidia-smi shows"]]
+              "with no device overhead on the CPU" if on_cpu
+              else "what nvidia-smi shows" + raw["peak_bytes"]]]
     lines.append(table(["component", "GiB", ""], rows, right={1}))
     lines.append(f"checkpoint on disk  {gib(report['disk']['checkpoint_bytes'])}")
+    speed = report.get("throughput")
+    if speed:
+        lines.append(f"throughput on {speed['gpu']}  {speed['tokens_per_s']:,.0f} tokens/s "
+                     + (f"(calibrated x{cal['efficiency']:.3f}; raw roofline "
+                        f"{speed['raw_tokens_per_s']:,.0f})" if cal else "(roofline)"))
+    if cal:
+        err = cal["errors"].get("peak", {})
+        fit = (f"; median peak error {100 * err['raw']:.1f}% raw -> "
+               f"{100 * err['calibrated']:.1f}% calibrated, in-sample"
+               if err.get("raw") is not None and err.get("calibrated") is not None else "")
+        lines.append(f"calibrated for {cal['gpu']} from {cal['n']} measured run(s){fit} "
+                     "(--no-calibration shows the raw estimate)")
     if "gpu" in report:
         g = report["gpu"]
         verdict = "fits" if g["fits"] else "does NOT fit"

@@ -7,10 +7,10 @@ import sys
 
 import click
 
-from autotune.commands.estimate import target_gpu, trust_remote_code_option
+from autotune.commands.estimate import no_calibration_option, target_gpu, trust_remote_code_option
 from autotune.errors import AutotuneError
 from autotune.output import table
-from autotune.recipe import ATTENTION, OPTIMIZERS
+from autotune.recipe import ATTENTION, LIMITS, OPTIMIZERS
 from autotune.space import METHODS
 from autotune.units import GiB, gib
 
@@ -27,20 +27,28 @@ INFEASIBLE = 3
 @click.option("--gpu", help="Plan for this card (default: this machine's GPU, else a table of "
                             "common cards).")
 @click.option("--vram", help="Plan for a memory budget instead of a card (e.g. 24GiB).")
-@click.option("--seq-len", type=click.IntRange(1), default=2048, show_default=True,
-              help="Tokens per sequence.")
+@click.option("--seq-len", type=click.IntRange(1, LIMITS["seq_len"]), default=2048,
+              show_default=True, help="Tokens per sequence.")
 @click.option("--stage", type=click.Choice(["pt", "sft", "dpo"]), default="sft",
               show_default=True, help="Training stage.")
-@click.option("--effective-batch", type=click.IntRange(1), default=16, show_default=True,
+@click.option("--effective-batch", type=click.IntRange(1, LIMITS["batch"]), default=16,
+              show_default=True,
               help="Sequences per optimizer step (micro batch x accumulation).")
+@click.option("--gpus", type=click.IntRange(1), help="Cards per node (default: 1, or the cards "
+                                                     "this machine has); with several, the "
+                                                     "strategy (DDP, ZeRO, FSDP) is searched.")
+@click.option("--nodes", type=click.IntRange(1), default=1, show_default=True,
+              help="Machines, each with --gpus cards.")
+@click.option("--strategy", type=click.Choice(["ddp", "zero1", "zero2", "zero3", "fsdp"]),
+              help="Pin the multi-GPU strategy (its CPU-offload variants are still tried).")
 @click.option("--headroom", default="5%", show_default=True,
               help="Memory kept free: a share of the card (5%) or a size (1GiB).")
 @click.option("--objective", type=click.Choice(["quality", "speed", "balanced"]),
               default="balanced", show_default=True, help="How to pick from the Pareto front.")
 @click.option("--method", type=click.Choice(list(METHODS)), help="Pin the method.")
-@click.option("--rank", type=click.IntRange(1), help="Pin the LoRA rank.")
+@click.option("--rank", type=click.IntRange(1, LIMITS["rank"]), help="Pin the LoRA rank.")
 @click.option("--targets", help="Pin the LoRA targets (qv, attn, all-linear, q_proj,v_proj...).")
-@click.option("--batch", type=click.IntRange(1), help="Pin the micro batch.")
+@click.option("--batch", type=click.IntRange(1, LIMITS["batch"]), help="Pin the micro batch.")
 @click.option("--grad-ckpt/--no-grad-ckpt", default=None, help="Pin gradient checkpointing.")
 @click.option("--optim", type=click.Choice(OPTIMIZERS), help="Pin the optimizer.")
 @click.option("--attn", type=click.Choice(ATTENTION), help="Pin the attention kernel.")
@@ -49,25 +57,30 @@ INFEASIBLE = 3
 @click.option("--storage", default=None,
               help="Optuna storage URL (default: SQLite in the user cache; 'none' keeps "
                    "nothing). A PostgreSQL/MySQL URL shares studies between machines.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Sampler seed.")
 @click.option("--measure", "measure_top", type=click.IntRange(0), default=0,
               help="Run the K best plans for a few real steps on this machine and pick from "
                    "what they measured.")
 @click.option("--measure-steps", type=click.IntRange(2), default=3, show_default=True,
               help="Optimizer steps per measured plan.")
 @trust_remote_code_option
+@no_calibration_option
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Draw the Pareto front (fidelity vs tokens/s) as a PNG.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the pick as plan.yaml.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.plan/1).")
 @click.pass_obj
-def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, headroom, objective,
-            method, rank, targets, batch, grad_ckpt, optim, attn, top, storage, seed,
-            measure_top, measure_steps, trust_remote_code, plot, output, as_json) -> None:
+def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, nodes, strategy,
+            headroom, objective, method, rank, targets, batch, grad_ckpt, optim, attn, top,
+            storage, seed, measure_top, measure_steps, trust_remote_code, plot, output,
+            as_json, no_calibration=False) -> None:
     """Search the recipes that fit a GPU and explain the pick.
 
     Searches method, LoRA rank and targets, micro batch and accumulation,
-    checkpointing and optimizer with Optuna, the cost model as the constraint.
+    checkpointing and optimizer with Optuna, the cost model as the constraint; with
+    several cards (--gpus, --nodes) also DDP, DeepSpeed ZeRO-1/2/3 and FSDP, with and
+    without CPU offload.
     """
     from autotune.planner import Planner, default_storage
     from autotune.profiles import resolve_model
@@ -75,19 +88,25 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, headroom
 
     pins = Pins(method, rank, targets, batch, grad_ckpt, optim, attn)
     model = resolve_model(model_spec, pm)
-    planner = Planner(pm, model.config, model.family, model.id, trust_remote_code)
+    planner = Planner(pm, model.config, model.family, model.id, trust_remote_code,
+                      calibrated=not no_calibration)
     if storage is None:
         storage = default_storage()
     elif storage.lower() == "none":
         storage = None
     cards, local = _cards(gpu, vram)
+    per_node = gpus or (len(cards) if cards else 1)
+    if strategy and per_node * nodes == 1:
+        raise AutotuneError("--strategy needs several cards: give --gpus N (and --nodes M)")
 
-    def space_for(card):
+    def space_for(card, count=per_node, pinned=pins):
         return Space(card, seq_len, stage, effective_batch, planner.arch.num_layers,
-                     planner.family_groups(), pins)
+                     planner.family_groups(), pinned, count, nodes, strategy)
 
     if cards is None and plot:
         raise AutotuneError("--plot draws one card's study: name it with --gpu or --vram")
+    if cards is None and per_node * nodes > 1:
+        raise AutotuneError("name the card to plan several of with --gpu (or --vram)")
     if cards is None:  # no GPU here and none named: what each common card can do
         from autotune.hardware import resolve_gpu
 
@@ -107,7 +126,7 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, headroom
         from autotune.trials import measure_candidates
 
         measure_candidates(planner, result, measure_top, measure_steps, storage, objective)
-    report = _report(model, planner, result, objective, effective_batch, len(cards), local)
+    report = _report(model, planner, result, objective, effective_batch, per_node * nodes, local)
     if plot:
         from autotune.plots import pareto_front
 
@@ -120,7 +139,7 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, headroom
         from autotune.planfile import plan_document, write_yaml
 
         write_yaml(output, plan_document(model, card, budget, objective, result.ranked[0],
-                                         effective_batch, len(cards)))
+                                         effective_batch))
         report["written"] = output
     click.echo(json.dumps(report, indent=2) if as_json else _render(report))
 
@@ -174,9 +193,9 @@ def _report(model, planner, result, objective, effective_batch, gpus, local) -> 
         "effective_batch": effective_batch, "objective": objective,
         "pins": result.space.pins.to_dict(),
         "study": {"name": result.study_name, "trials": result.trials, "reused": result.reused},
+        "calibration": _calibration(planner, result.gpu),
         "plans": plans,
-        "notes": ([f"{gpus} GPUs found: each trains its own micro batch (data parallel); "
-                   "multi-GPU sharding plans are not searched yet"] if gpus > 1 else []),
+        "notes": [],
     }
 
 
@@ -192,6 +211,11 @@ def _why(candidate, best, objective) -> str:
     return ", ".join(parts) + ("" if candidate.pareto else "; dominated")
 
 
+def _strategy(plan: dict) -> str:
+    offloaded = [k for k, v in plan["offload"].items() if v == "cpu"]
+    return plan["strategy"] + (f" +offload {','.join(offloaded)}" if offloaded else "")
+
+
 def _describe(plan: dict) -> str:
     if plan["method"] in ("lora", "dora", "qlora"):
         return f"{plan['method']} r{plan['rank']} {plan['targets']}"
@@ -202,27 +226,44 @@ def _describe(plan: dict) -> str:
 
 def _render(report: dict) -> str:
     g = report["gpu"]
-    lines = [f"{report['model']['id']} on {g['name']} ({gib(g['memory_bytes'])}, budget "
+    several = g["count"] > 1
+    cards = f"{g['count']} x {g['name']}" if several else g["name"]
+    each = " each" if several else ""
+    lines = [f"{report['model']['id']} on {cards} ({gib(g['memory_bytes'])}{each}, budget "
              f"{gib(g['budget_bytes'])}): {report['stage']}, {report['seq_len']} tokens, "
              f"effective batch {report['effective_batch']}, objective {report['objective']}",
              f"study {report['study']['name']}: {report['study']['trials']} trials"
              + (" (reused)" if report["study"]["reused"] else "")]
     if report["plans"]:
-        rows = []
+        rows, shift = [], 1 if several else 0
         for i, p in enumerate(report["plans"], 1):
-            rows.append([i, _describe(p), p["bits"], f"{p['micro_batch']} x {p['grad_accum']}",
+            rows.append([i, _describe(p)] + ([_strategy(p)] if several else []) + [
+                         p["bits"], f"{p['micro_batch']} x {p['grad_accum']}",
                          "on" if p["grad_ckpt"] else "off", p["optim"],
                          f"{p['memory']['peak_bytes'] / GiB:.2f}",
                          f"{p['throughput']['tokens_per_s']:.0f}", f"{p['fidelity']:.2f}",
                          p["why"]])
             measured = p.get("measured")
             if measured:
-                rows.append(["", f"measured: {measured.get('status')}", "", "", "", "",
+                rows.append(["", f"measured: {measured.get('status')}"]
+                            + [""] * shift + ["", "", "", "",
                              f"{measured.get('peak_tensor_bytes', 0) / GiB:.2f}",
                              f"{measured.get('tokens_per_s', 0):.0f}", "", "tensor peak"])
-        lines += ["", table(["#", "recipe", "bits", "batch", "ckpt", "optim", "peak GiB",
-                             "tok/s", "fid", "why"], rows, right={0, 2, 6, 7, 8},
+        head = ["#", "recipe"] + (["strategy"] if several else []) + [
+            "bits", "batch", "ckpt", "optim", "peak GiB", "tok/s", "fid", "why"]
+        lines += ["", table(head, rows, right={0, 2 + shift, 6 + shift, 7 + shift, 8 + shift},
                             highlight_first=True)]
+        if several:
+            lines.append(f"batch is per card; tok/s for all {g['count']} cards; host RAM for "
+                         f"#1: {gib(report['plans'][0]['host_ram_bytes'])} per node")
+    cal = report.get("calibration")
+    if cal:
+        first = report["plans"][0] if report["plans"] else None
+        lines.append(f"calibrated for {cal['gpu']} from {cal['n']} measured run(s): peaks and "
+                     "tok/s above are calibrated" + (
+                         f"; raw #1 {first['memory']['raw_peak_bytes'] / GiB:.2f} GiB, "
+                         f"{first['throughput']['raw_tokens_per_s']:.0f} tok/s" if first else "")
+                     + " (--no-calibration plans with the raw figures)")
     if "infeasible" in report:
         lines += ["", report["infeasible"]["message"]]
     if report.get("written"):
@@ -233,6 +274,12 @@ def _render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _calibration(planner, gpu) -> dict | None:
+    """The ``calibration`` object of the plan JSON: the correction used for ``gpu``, if any."""
+    correction = planner.corrections.get(gpu.id)
+    return correction.summary() if correction else None
+
+
 def _overview(model, planner, rows, seq_len, stage, objective) -> dict:
     cards = []
     for result in rows:
@@ -240,7 +287,8 @@ def _overview(model, planner, rows, seq_len, stage, objective) -> dict:
         cards.append({"gpu": result.gpu.id, "name": result.gpu.name,
                       "memory_bytes": result.gpu.memory_bytes, "budget_bytes": result.budget,
                       "plan": best,
-                      "smallest_peak_bytes": result.smallest.peak if result.smallest else None})
+                      "smallest_peak_bytes": result.smallest.peak if result.smallest else None,
+                      "calibration": _calibration(planner, result.gpu)})
     return {"schema": SCHEMA, "model": {"id": model.id, "name": model.name,
                                         "family": planner.family.name,
                                         "params": planner.arch.total},
@@ -268,6 +316,11 @@ def _render_overview(report: dict) -> str:
                      f"{p['throughput']['tokens_per_s']:.0f}"])
     lines.append(table(["card", "memory", "recipe", "bits", "batch", "ckpt", "peak GiB", "tok/s"],
                        rows, right={1, 3, 6, 7}))
+    calibrated = [f"{c['gpu']} ({c['calibration']['n']} runs)" for c in report["cards"]
+                  if c.get("calibration")]
+    if calibrated:
+        lines.append("calibrated from measured runs: " + ", ".join(calibrated)
+                     + " (--no-calibration shows the raw figures)")
     return "\n".join(lines)
 
 
@@ -295,7 +348,8 @@ def _infeasible(planner, result, space_for, headroom, objective) -> dict:
             break
     fused = any(t.kind == "experts" for t in planner.arch.tensors)
     if fused and planner.config.get("auto_map") and not planner.remote_code:
-        remote = Planner(planner.pm, planner.config, planner.family.name, planner.model_id, True)
+        remote = Planner(planner.pm, planner.config, planner.family.name, planner.model_id, True,
+                         calibrated=planner.calibrated)
         trial = _try(remote, space, space.pins, result.budget, objective)
         if trial:
             fixes.append("--trust-remote-code: the hub's modelling code keeps each expert an "
@@ -306,14 +360,48 @@ def _infeasible(planner, result, space_for, headroom, objective) -> dict:
                     key=lambda g: g.memory_bytes)
     if bigger:
         fixes.append("a card with more memory: " + ", ".join(g.id for g in bigger[:4]))
-    cards = -(-need // result.budget) if need else 2
-    fixes.append(f"at least {max(cards, 2)} cards of this kind with ZeRO-3/FSDP sharding, "
-                 "or CPU offload of the optimizer state")
+    if space.world == 1:
+        fixes.append(_cards_needed(planner, space, result.budget, objective))
     message = (f"no plan fits {result.gpu.name}: the smallest needs {gib(need)}, the budget is "
                f"{gib(result.budget)}. It would fit with: " + "; ".join(fixes) + ".")
     return {"smallest_peak_bytes": need, "budget_bytes": result.budget, "fixes": fixes,
             "message": message,
             "smallest_plan": smallest.to_dict() if smallest else None}
+
+
+def _cards_needed(planner, space, budget, objective) -> str:
+    """How many cards of this kind sharded plans need: fewest overall, and fewest without
+    CPU offload (which needs host RAM and PCIe time)."""
+    from dataclasses import replace
+
+    from autotune.parallel import cards_needed, gpus_per_node_split
+    from autotune.space import Pins
+
+    lean = Pins(**{"grad_ckpt": True, "batch": 1, **space.pins.to_dict()})
+
+    def smallest(n, offload):
+        per_node, nodes = gpus_per_node_split(n)
+        sharded = replace(space, pins=lean, gpus=per_node, nodes=nodes)
+        result = planner.plan(sharded, budget, "quality", None, 0, 10**6)
+        fitting = [c for c in result.ranked if offload or not c.parallel.offload_optimizer]
+        return min(fitting, key=lambda c: c.peak) if fitting else None
+
+    found = []
+    for offload in (True, False):
+        n = cards_needed(lambda k, offload=offload: smallest(k, offload) is not None, 256)
+        if n is None:
+            continue
+        plan = smallest(n, offload)
+        strategy = _strategy(plan.to_dict())
+        found.append(f"{n} x {space.gpu.id} (--gpus {plan.parallel.gpus}"
+                     f"{f' --nodes {plan.parallel.nodes}' if plan.parallel.nodes > 1 else ''}) "
+                     f"with {strategy}, {gib(plan.peak)} per card"
+                     + (f" and {gib(plan.host_bytes)} of host RAM per node"
+                        if plan.parallel.offload_optimizer else ""))
+        if not plan.parallel.offload_optimizer:
+            break  # the fewest cards need no offload: nothing more to say
+    return (" or ".join(found) if found
+            else "more than 256 cards of this kind, even sharded with CPU offload")
 
 
 def _try(planner, space, pins, budget, objective, seq_len=None):

@@ -1,0 +1,271 @@
+"""Measure real training steps on this machine's NVIDIA GPU and compare them with the estimate.
+
+    python benchmarks/gpu_sweep.py [--models deepseek-7b,qwen2.5-7b] [--layers 2]
+        [--methods full,lora,qlora] [--batches 1,2] [--seq-lens 512,2048] [--ckpt off,on]
+        [--steps 4] [--out FILE] [--device cuda|cpu]
+
+The models are randomly initialised from the real configs of the named profiles with only
+``--layers`` decoder layers (the embeddings, head and layer shapes are the real ones), so
+a 7B-shaped model fits and runs fast on one card. Each grid point is built and trained as
+:mod:`autotune.measure` does (the executor's loading path): one warm-up optimizer step,
+then ``--steps - 1`` timed steps. Measured: ``torch.cuda.max_memory_allocated`` (tensor
+peak), ``torch.cuda.max_memory_reserved`` and, through NVML, the process's device memory
+at the peak (reserved plus the CUDA context and library workspaces), and tokens/s.
+
+Each point becomes one record in the calibration store format (``autotune.measurement/1``,
+see ``autotune/calibration.py``), appended to ``profiles/measurements/<gpu-id>.jsonl``
+(``--out`` to change), which ``autotune calibrate`` fits. A table of predicted against
+measured is printed.
+
+Without a GPU it says so and exits with code 2. ``--device cpu`` runs a tiny grid on the
+CPU instead (configs shrunk to a 64-wide model): it tests this script, not the estimator's
+GPU terms, and its records (device ``cpu``, which calibration ignores) go to the cache
+folder, not into ``profiles/measurements``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = {"full": ("full", 16, "amp"), "full-bf16": ("full", 16, "bf16"),
+           "lora": ("lora", 16, "bf16"), "qlora": ("qlora", 4, "bf16")}
+CPU_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+             "vocab_size": 512}
+"""What ``--device cpu`` shrinks every config to (layers come from --layers)."""
+
+
+def parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="deepseek-7b,qwen2.5-7b",
+                        help="profile ids whose configs are measured (comma-separated)")
+    parser.add_argument("--layers", type=int, default=2,
+                        help="decoder layers kept of each config (default 2)")
+    parser.add_argument("--methods", default="full,lora,qlora",
+                        help=f"comma-separated, of {', '.join(METHODS)} (full is fp32 master "
+                             "weights under bf16 autocast, as the planner's full)")
+    parser.add_argument("--batches", default="1,2")
+    parser.add_argument("--seq-lens", default="512,2048")
+    parser.add_argument("--ckpt", default="off,on", help="gradient checkpointing: off, on or both")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="optimizer steps per point: one warm-up, the rest timed")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--out", help="JSONL file the records are appended to (default: "
+                                      "profiles/measurements/<gpu-id>.jsonl; on the CPU the "
+                                      "cache folder's sweep-cpu.jsonl)")
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (a warm-up and a timed step)")
+    if args.layers < 1:
+        parser.error("--layers must be at least 1")
+    unknown = [m for m in _split(args.methods) if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    return args
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def shaped(config: dict, layers: int, cpu: bool) -> dict:
+    """``config`` with ``layers`` decoder layers (and, on the CPU, a tiny width)."""
+    config = {k: v for k, v in config.items() if k not in ("layer_types", "torch_dtype")}
+    config["num_hidden_layers"] = layers
+    if "max_window_layers" in config:
+        config["max_window_layers"] = min(config["max_window_layers"], layers)
+    if cpu:
+        heads = CPU_SHAPE["num_attention_heads"]
+        groups = max(config["num_attention_heads"] // config.get("num_key_value_heads",
+                                                                config["num_attention_heads"]), 1)
+        config.update(CPU_SHAPE, num_key_value_heads=max(heads // groups, 1))
+        for key in ("head_dim", "bos_token_id", "eos_token_id", "pad_token_id"):
+            config.pop(key, None)
+    return config
+
+
+class DeviceMemory:
+    """This process's device memory through NVML (optional: without it, reserved still counts).
+
+    Created before CUDA is initialised, so that the memory other processes use can be told
+    apart when NVML cannot list this process (a container's PID namespace, say).
+    """
+
+    def __init__(self):
+        self.pynvml = self.handle = None
+        self.before: dict[int, int] = {}
+        self.baseline = 0
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.pynvml = pynvml
+            for index in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                self.before[index] = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+        except Exception as exc:  # noqa: BLE001 -- NVML is optional
+            print(f"note: NVML unavailable ({type(exc).__name__}: {exc}); device_used_bytes "
+                  "is left out and calibration keeps the prior CUDA context", flush=True)
+            self.pynvml = None
+
+    def attach(self, device: int) -> None:
+        """Find the NVML handle of torch's ``device`` (by UUID, else by index)."""
+        if self.pynvml is None:
+            return
+        import torch
+
+        nvml = self.pynvml
+        try:
+            uuid = str(torch.cuda.get_device_properties(device).uuid)
+            self.handle = nvml.nvmlDeviceGetHandleByUUID(
+                uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+        except Exception:  # noqa: BLE001 -- older torch or driver: CUDA order = NVML order
+            self.handle = nvml.nvmlDeviceGetHandleByIndex(device)
+        self.baseline = self.before.get(int(nvml.nvmlDeviceGetIndex(self.handle)), 0)
+
+    def used(self) -> int | None:
+        """Device memory of this process now: NVML's per-process figure, else the device's
+        used memory less what was used before this process started CUDA."""
+        if self.handle is None:
+            return None
+        mine = self._own()
+        if mine:
+            return mine
+        return int(self.pynvml.nvmlDeviceGetMemoryInfo(self.handle).used) - self.baseline
+
+    def _own(self) -> int | None:
+        """NVML's figure for this process (``None`` where NVML cannot see our PID)."""
+        try:
+            processes = self.pynvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+        except Exception:  # noqa: BLE001 -- not supported: the device total will do
+            return None
+        mine = [p.usedGpuMemory for p in processes if p.pid == os.getpid()]
+        return int(mine[0]) if mine and mine[0] else None
+
+    def at_peak(self, max_reserved: int) -> int | None:
+        """The nvidia-smi figure at the peak: the peak reserved plus what lies outside the
+        caching allocator (CUDA context, cuBLAS/cuDNN workspaces), measured now."""
+        import torch
+
+        try:
+            now = self.used()
+        except Exception:  # noqa: BLE001
+            return None
+        if now is None:
+            return None
+        return max_reserved + max(now - torch.cuda.memory_reserved(), 0)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    import torch
+
+    from autotune import calibration
+    from autotune.accuracy import describe_recipe
+    from autotune.hardware import gpu_from_name
+    from autotune.measure import measure
+    from autotune.plugins import get_plugin_manager
+    from autotune.profiles import resolve_model
+    from autotune.recipe import Recipe
+
+    cpu = args.device == "cpu"
+    if not cpu and not torch.cuda.is_available():
+        print("no NVIDIA GPU here (torch.cuda.is_available() is False): nothing to measure. "
+              "Run this on a machine with a GPU; --device cpu runs a tiny CPU grid that only "
+              "tests the script.", file=sys.stderr)
+        return 2
+    pm = get_plugin_manager(load_entrypoints=False)
+    nvml = gpu_name = gpu_memory = None
+    if not cpu:
+        nvml = DeviceMemory()  # before CUDA starts: what the device held without us
+    if cpu:
+        card_id = "cpu"
+        out = args.out or os.path.join(calibration.cache_dir(), "sweep-cpu.jsonl")
+    else:
+        nvml.attach(torch.cuda.current_device())
+        gpu_name = torch.cuda.get_device_name()
+        gpu_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        card = gpu_from_name(gpu_name, gpu_memory)
+        card_id = card.id if card.in_catalogue else "unknown-" + "".join(
+            c if c.isalnum() else "-" for c in gpu_name.lower()).strip("-")
+        out = args.out or str(REPO / "profiles" / "measurements" / f"{card_id}.jsonl")
+    device = "cpu" if cpu else "cuda"
+    print(f"device: {gpu_name or 'CPU (tests the script only)'} ({card_id}); records -> {out}")
+    grid = [(m, b, s, ckpt) for m in _split(args.methods) for b in map(int, _split(args.batches))
+            for s in map(int, _split(args.seq_lens)) for ckpt in _split(args.ckpt)]
+    unit, scale = ("MiB", 2**20) if cpu else ("GiB", 2**30)
+    rows, tensor_errors, speed_ratios = [], [], []
+    started = time.perf_counter()
+    for spec in _split(args.models):
+        model = resolve_model(spec, pm)
+        real = model.config["num_hidden_layers"]
+        config = shaped(model.config, args.layers, cpu)
+        model_id = f"{model.id}[{args.layers} of {real} layers{', 64 wide' if cpu else ''}]"
+        print(f"model: {model.id}'s config ({model.name}) with num_hidden_layers {args.layers} of "
+              f"{real}{' and a 64-wide tiny shape' if cpu else ''}, random init", flush=True)
+        for name, batch, seq_len, ckpt in grid:
+            method, bits, precision = METHODS[name]
+            recipe = Recipe(method=method, bits=bits, precision=precision, batch=batch,
+                            seq_len=seq_len, grad_ckpt=ckpt == "on")
+            label = f"{model.id} {describe_recipe(recipe)}"
+            try:
+                if not cpu:
+                    torch.cuda.empty_cache()
+                found = measure(config, recipe, None, args.steps, device)
+                used = nvml.at_peak(found.reserved_bytes) if nvml else None
+            except torch.OutOfMemoryError:
+                print(f"{label}: out of memory (no record)", flush=True)
+                continue
+            finally:
+                gc.collect()
+            record = calibration.record_from_measurement(
+                pm, config, recipe, found, model_id=model_id, family=model.family,
+                source="sweep", gpu_name=gpu_name, gpu_memory=gpu_memory, device_used=used)
+            calibration.append(record, out)
+            predicted, measured = record["predicted"], record["measured"]
+            tensor_error = predicted["tensor_peak_bytes"] / measured["peak_tensor_bytes"] - 1
+            tensor_errors.append(abs(tensor_error))
+            truth = measured["device_used_bytes"] or measured["peak_reserved_bytes"]
+            speed = (measured["tokens_per_s"] / predicted["tokens_per_s"]
+                     if predicted["tokens_per_s"] else None)
+            if speed:
+                speed_ratios.append(speed)
+            rows.append([model.id, describe_recipe(recipe),
+                         f"{predicted['tensor_peak_bytes'] / scale:.2f}",
+                         f"{measured['peak_tensor_bytes'] / scale:.2f}",
+                         f"{100 * tensor_error:+.1f}%",
+                         f"{predicted['peak_bytes'] / scale:.2f}",
+                         f"{truth / scale:.2f}" if truth else "-",
+                         f"{predicted['tokens_per_s']:.0f}" if predicted["tokens_per_s"] else "-",
+                         f"{measured['tokens_per_s']:.0f}",
+                         f"{speed:.2f}" if speed else "-"])
+            print(f"{label}: tensors {rows[-1][2]} predicted, {rows[-1][3]} measured {unit} "
+                  f"({rows[-1][4]}); {rows[-1][8]} tok/s", flush=True)
+    from autotune.output import table
+
+    print()
+    print(table(["model", "recipe", f"pred tensors {unit}", f"meas tensors {unit}", "error",
+                 f"pred peak {unit}", f"meas peak {unit}", "pred tok/s", "meas tok/s",
+                 "meas/pred"], rows, right={2, 3, 4, 5, 6, 7, 8, 9}))
+    if tensor_errors:
+        print(f"\n{len(rows)} points in {time.perf_counter() - started:.0f} s: median |tensor "
+              f"error| {100 * statistics.median(tensor_errors):.1f}%, worst "
+              f"{100 * max(tensor_errors):.1f}%"
+              + (f"; tokens/s measured / predicted median {statistics.median(speed_ratios):.2f}"
+                 if speed_ratios else ""))
+        print(f"records appended to {out}"
+              + ("" if cpu else "; `autotune calibrate` fits them"))
+    else:
+        print("no point could be measured")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Calibration: the measurement store, the fit, and estimates and plans that use it."""
+
+import importlib.util
+import json
+import math
+import multiprocessing
+import statistics
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from autotune import calibration
+from autotune.cli import make_cli
+
+pytestmark = pytest.mark.usefixtures("offline_machine")
+
+REPO = Path(__file__).resolve().parents[1]
+GiB, MiB = 2**30, 2**20
+A100 = "NVIDIA A100-SXM4-80GB"
+
+
+@pytest.fixture
+def cli(pm):
+    def invoke(*args):
+        return CliRunner().invoke(make_cli(pm), list(args))
+    return invoke
+
+
+def synthetic(tensor_peak, *, scale=1.2, reserved_extra=GiB, outside=700 * MiB,
+              predicted_speed=1000.0, measured_speed=800.0, gpu=A100):
+    """A record whose measured peak is ``scale`` x the prediction, plus 1 GiB reserved."""
+    allocated = int(tensor_peak * scale)
+    reserved = allocated + reserved_extra
+    return calibration.make_record(
+        gpu_name=gpu, gpu_memory=80 * GiB, device="cuda", model_id="synthetic",
+        model_params=7_000_000_000, recipe={"method": "lora"},
+        predicted={"tensor_peak_bytes": tensor_peak,
+                   "peak_bytes": int(tensor_peak * 1.05) + 600 * MiB,
+                   "tokens_per_s": predicted_speed},
+        measured={"peak_tensor_bytes": allocated, "peak_reserved_bytes": reserved,
+                  "device_used_bytes": reserved + outside, "tokens_per_s": measured_speed},
+        source="sweep")
+
+
+# -- (a) the store -------------------------------------------------------------------------
+
+def _writer(path: str, writer: int, count: int) -> None:
+    for i in range(count):  # big lines: a torn write would show
+        calibration.append({**synthetic(GiB), "writer": writer, "i": i, "pad": "x" * 8000},
+                           path)
+
+
+def test_concurrent_appends_never_interleave(tmp_path):
+    path = str(tmp_path / "store.jsonl")
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_writer, args=(path, w, 150)) for w in (1, 2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    lines = Path(path).read_text().splitlines()
+    assert len(lines) == 300
+    seen = {1: [], 2: []}
+    for line in lines:
+        record = json.loads(line)  # every line is one whole record
+        seen[record["writer"]].append(record["i"])
+    assert seen[1] == list(range(150)) and seen[2] == list(range(150))
+    assert calibration.read(path).skipped == 0
+
+
+def test_malformed_lines_are_skipped_and_counted(tmp_path, cli):
+    path = tmp_path / "store.jsonl"
+    good = [json.dumps(synthetic(n * GiB)) for n in (10, 20)]
+    path.write_text("\n".join([
+        good[0], "{not json", "[1, 2]", json.dumps({"schema": "other/1"}),
+        json.dumps({**synthetic(GiB), "measured": {"peak_tensor_bytes": -5}}),
+        "", good[1], good[0][: len(good[0]) // 2],  # a torn last line
+    ]) + "\n")
+    loaded = calibration.read(str(path))
+    assert len(loaded.records) == 2 and loaded.skipped == 5
+    assert "store.jsonl:2" in loaded.problems[0]
+    result = cli("calibrate", "--store", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    assert "skipped 5 malformed line(s)" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["skipped"] == 5 and report["corrections"]["a100-80gb"]["n"] == 2
+
+
+def test_nothing_to_fit_is_said_clearly(cli, tmp_path):
+    result = cli("calibrate")
+    assert result.exit_code == 0 and "nothing to fit: no GPU measurements yet" in result.output
+    one = tmp_path / "one.jsonl"
+    calibration.append(synthetic(GiB), str(one))
+    calibration.append({**synthetic(GiB), "device": "cpu"}, str(one))
+    result = cli("calibrate", "--store", str(one))
+    assert "a100-80gb has 1 run(s), and a GPU needs 2" in result.output
+    assert "1 record(s) not usable" in result.output
+    assert not Path(calibration.calibration_path()).exists()
+
+
+def test_record_from_run(pm, monkeypatch):
+    report = {
+        "model": {"id": "tiny", "spec": "tiny"}, "stage": "sft",
+        "recipe": {"method": "lora", "batch": 1, "seq_len": 512},
+        "training": {"micro_batch": 1, "grad_accum": 1},
+        "predicted": {"peak_bytes": 700 * MiB, "tensor_peak_bytes": 80 * MiB,
+                      "tokens_per_s": 123.0},  # a plan's (maybe calibrated) figure
+        "measured": {"device": "cuda", "peak_tensor_bytes": 90 * MiB,
+                     "peak_reserved_bytes": 120 * MiB, "tokens_per_s": 1000.0},
+    }
+    record = calibration.record_from_run(report, A100, 80 * GiB, pm=pm)
+    assert record["gpu"] == {"name": A100, "id": "a100-80gb", "memory_bytes": 80 * GiB}
+    assert record["device"] == "cuda" and record["source"] == "run"
+    assert record["predicted"]["tensor_peak_bytes"] == 80 * MiB
+    assert record["measured"]["peak_reserved_bytes"] == 120 * MiB
+    assert record["model"] == {"id": "tiny", "params": 918_144}
+    # tokens/s priced again, raw, for the card that ran: what estimate says for a100-80gb
+    estimate = json.loads(CliRunner().invoke(make_cli(pm), [
+        "estimate", "--model", "tiny", "--seq-len", "512", "--gpu", "a100-80gb",
+        "--json"]).output)
+    assert record["predicted"]["tokens_per_s"] == pytest.approx(
+        estimate["throughput"]["raw_tokens_per_s"], abs=0.1)
+    cpu = {**report, "measured": {"device": "cpu", "peak_rss_bytes": GiB, "tokens_per_s": 9.0}}
+    assert calibration.record_from_run(cpu, None, None, pm=pm) is None
+
+    # what the executor calls after a run: the card from torch, appended to the store
+    import types
+
+    import torch
+
+    properties = types.SimpleNamespace(total_memory=80 * GiB, uuid="no-such-gpu")
+    for name, value in (("current_device", lambda: 0), ("get_device_name", lambda i=0: A100),
+                        ("get_device_properties", lambda i=0: properties)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    assert calibration.remember_run(cpu, pm=pm) is None
+    assert not Path(calibration.store_path()).exists()
+    kept = calibration.remember_run(report, pm=pm)
+    assert kept["gpu"]["id"] == "a100-80gb" and kept["measured"]["device_used_bytes"] is None
+    assert calibration.read().records == [kept]
+
+
+# -- (b) calibration changes later estimates and plans ---------------------------------------
+
+def write_store(path):
+    records = [synthetic(n * GiB, measured_speed=speed)
+               for n, speed in ((10, 700.0), (20, 800.0), (30, 900.0))]
+    for record in records:
+        calibration.append(record, str(path))
+    return records
+
+
+def expected_correction(records):
+    """The fit, by hand from the record values."""
+    measured = [r["measured"] for r in records]
+    predicted = [r["predicted"] for r in records]
+    return {
+        "scale": statistics.median(m["peak_tensor_bytes"] / p["tensor_peak_bytes"]
+                                   for m, p in zip(measured, predicted)),
+        "fragmentation": statistics.median(m["peak_reserved_bytes"] / m["peak_tensor_bytes"] - 1
+                                           for m in measured),
+        "overhead": statistics.median(m["device_used_bytes"] - m["peak_reserved_bytes"]
+                                      for m in measured),
+        "efficiency": statistics.median(m["tokens_per_s"] / p["tokens_per_s"]
+                                        for m, p in zip(measured, predicted)),
+    }
+
+
+def test_calibration_changes_a_later_estimate(cli, tmp_path):
+    args = ["estimate", "--model", "tiny", "--gpu", "a100-80gb", "--json"]
+    before = json.loads(cli(*args).output)
+    assert before["calibration"] is None
+    assert before["memory"]["raw_peak_bytes"] == before["memory"]["peak_bytes"]
+
+    records = write_store(tmp_path / "store.jsonl")
+    result = cli("calibrate", "--store", str(tmp_path / "store.jsonl"))
+    assert result.exit_code == 0, result.output
+    assert "a100-80gb" in result.output and "saved" in result.output
+
+    after = json.loads(cli(*args).output)
+    want = expected_correction(records)
+    raw_tensor = before["memory"]["tensor_peak_bytes"]
+    memory = after["memory"]
+    assert want["scale"] == pytest.approx(1.2, rel=1e-6) and want["overhead"] == 700 * MiB
+    assert memory["raw_peak_bytes"] == before["memory"]["peak_bytes"]         # raw unchanged
+    assert memory["raw_tensor_peak_bytes"] == raw_tensor
+    assert abs(memory["peak_bytes"] - (raw_tensor * want["scale"] * (1 + want["fragmentation"])
+                                       + want["overhead"])) <= 2
+    assert abs(memory["tensor_peak_bytes"] - raw_tensor * want["scale"]) <= 1
+    assert sum(memory["breakdown"].values()) == memory["peak_bytes"]
+    assert memory["peak_bytes"] == memory["tensor_peak_bytes"] + memory["device_overhead_bytes"]
+    assert after["gpu"]["spare_bytes"] == after["gpu"]["memory_bytes"] - memory["peak_bytes"]
+    cal = after["calibration"]
+    assert cal["gpu"] == "a100-80gb" and cal["n"] == 3 and cal["overhead_source"] == "nvml"
+    assert cal["efficiency"] == pytest.approx(want["efficiency"]) == pytest.approx(0.8)
+    speed = after["throughput"]
+    assert speed["tokens_per_s"] == pytest.approx(speed["raw_tokens_per_s"] * 0.8, rel=1e-3)
+
+    raw = json.loads(cli(*args, "--no-calibration").output)
+    assert raw["calibration"] is None
+    assert raw["memory"]["peak_bytes"] == before["memory"]["peak_bytes"]
+    text = cli(*args[:-1]).output
+    assert "calibrated for a100-80gb from 3 measured run(s)" in text and "raw" in text
+    # another card has no correction; a GPU found here does
+    assert json.loads(cli("estimate", "--model", "tiny", "--gpu", "h100",
+                          "--json").output)["calibration"] is None
+
+
+def test_a_probed_card_is_calibrated_too(cli, tmp_path, monkeypatch):
+    write_store(tmp_path / "store.jsonl")
+    cli("calibrate", "--store", str(tmp_path / "store.jsonl"))
+    gpu = {"name": A100, "memory_total_bytes": 80 * GiB, "compute_capability": "8.0",
+           "visible": True}
+    monkeypatch.setattr("autotune.hardware.probe", lambda: {"gpus": [gpu]})
+    report = json.loads(cli("estimate", "--model", "tiny", "--json").output)
+    assert report["calibration"]["gpu"] == "a100-80gb" and "gpu" not in report
+    assert json.loads(cli("estimate", "--model", "tiny", "--device", "cpu",
+                          "--json").output)["calibration"] is None
+
+
+PINS = ["--model", "tiny", "--gpu", "a100-80gb", "--method", "lora", "--rank", "8",
+        "--targets", "qv", "--batch", "1", "--grad-ckpt", "--optim", "adamw_torch",
+        "--attn", "sdpa", "--seq-len", "1024", "--json"]
+
+
+def test_a_plan_that_fits_raw_does_not_fit_calibrated(cli, tmp_path):
+    raw = json.loads(cli("plan", *PINS).output)
+    assert raw["calibration"] is None
+    smallest = min(p["memory"]["peak_bytes"] for p in raw["plans"])
+    write_store(tmp_path / "store.jsonl")
+    cli("calibrate", "--store", str(tmp_path / "store.jsonl"))
+    wide = json.loads(cli("plan", *PINS).output)
+    assert wide["calibration"]["gpu"] == "a100-80gb"
+    assert wide["study"]["name"] != raw["study"]["name"] and not wide["study"]["reused"]
+    plan = wide["plans"][0]
+    assert plan["memory"]["raw_peak_bytes"] == smallest < plan["memory"]["peak_bytes"]
+    assert plan["throughput"]["tokens_per_s"] == pytest.approx(
+        0.8 * plan["throughput"]["raw_tokens_per_s"], rel=1e-3)
+    # a budget between the raw and the calibrated peak
+    budget = (smallest + plan["memory"]["peak_bytes"]) // 2
+    headroom = ["--headroom", f"{80 * GiB - budget}B"]
+    calibrated = cli("plan", *PINS, *headroom)
+    assert calibrated.exit_code == 3, calibrated.output
+    assert json.loads(calibrated.output)["infeasible"]["smallest_peak_bytes"] > budget
+    uncalibrated = cli("plan", *PINS, *headroom, "--no-calibration")
+    assert uncalibrated.exit_code == 0, uncalibrated.output
+    assert json.loads(uncalibrated.output)["plans"][0]["memory"]["peak_bytes"] <= budget
+
+
+def test_reset_forgets_the_fit(cli, tmp_path):
+    write_store(tmp_path / "store.jsonl")
+    cli("calibrate", "--store", str(tmp_path / "store.jsonl"))
+    assert calibration.load()
+    assert "removed" in cli("calibrate", "--reset").output
+    assert calibration.load() == {}
+    assert "no calibration stored" in cli("calibrate", "--reset").output
+
+
+def test_a_bad_calibration_file_is_ignored(cli, capsys):
+    path = Path(calibration.calibration_path())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{broken")
+    assert calibration.load() == {}
+    report = json.loads(cli("estimate", "--model", "tiny", "--gpu", "a100-80gb",
+                            "--json").stdout)
+    assert report["calibration"] is None
+
+
+# -- (c) the estimator on the GPU measurements that ship --------------------------------------
+
+def test_error_on_the_gpu_measurements_that_ship():
+    folder = REPO / "profiles" / "measurements"
+    files = sorted({*map(str, folder.glob("*.jsonl")), *calibration.shipped_stores()})
+    loaded = calibration.read(files)
+    assert loaded.skipped == 0, loaded.problems
+    groups = calibration.by_gpu(loaded.records)
+    if not groups:
+        pytest.skip("no GPU measurements ship yet (profiles/measurements/*.jsonl has no GPU "
+                    "records: no GPU has been lent to the project); run "
+                    "benchmarks/gpu_sweep.py on one")
+    lines = [(f"{'gpu':<12} {'runs':>4} {'tensor err':>10} {'peak err':>9} "
+              f"{'tok/s meas/pred':>15} {'peak err calibrated':>19}")]
+    for gpu, records in groups.items():
+        tensor = statistics.median(abs(r["predicted"]["tensor_peak_bytes"]
+                                       / r["measured"]["peak_tensor_bytes"] - 1)
+                                   for r in records)
+        correction = calibration.fit_one(gpu, records)
+        speeds = [r["measured"]["tokens_per_s"] / r["predicted"]["tokens_per_s"]
+                  for r in records if r["predicted"].get("tokens_per_s")
+                  and r["measured"].get("tokens_per_s")]
+        peak = correction.errors["peak"]
+        lines.append(f"{gpu:<12} {len(records):>4} {100 * tensor:>9.1f}% "
+                     f"{_pct(peak['raw']):>9} "
+                     f"{statistics.median(speeds) if speeds else math.nan:>15.2f} "
+                     f"{_pct(peak['calibrated']):>19}")
+        for r in records:
+            assert r["measured"]["peak_tensor_bytes"] > 0 and r["predicted"]["tensor_peak_bytes"] > 0
+    print("\nestimator error on the shipped GPU measurements (median |predicted/measured - 1|)")
+    print("\n".join(lines))
+
+
+def _pct(value):
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+# -- (d) the GPU sweep, on the CPU -----------------------------------------------------------
+
+def load_sweep():
+    spec = importlib.util.spec_from_file_location("gpu_sweep", REPO / "benchmarks" / "gpu_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_sweep_on_the_cpu_writes_valid_records(tmp_path, monkeypatch, capsys):
+    sweep = load_sweep()
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sweep.main(["--methods", "lora"]) == 2
+    assert "no NVIDIA GPU here" in capsys.readouterr().err
+    out = tmp_path / "sweep.jsonl"
+    assert sweep.main(["--device", "cpu", "--models", "deepseek-7b", "--layers", "1",
+                       "--methods", "lora", "--batches", "1", "--seq-lens", "32",
+                       "--ckpt", "off", "--steps", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "num_hidden_layers 1 of 30" in printed and "meas tensors" in printed
+    loaded = calibration.read(str(out))
+    assert loaded.skipped == 0 and len(loaded.records) == 1
+    record = loaded.records[0]
+    assert record["device"] == "cpu" and record["source"] == "sweep"
+    assert record["recipe"]["method"] == "lora" and record["recipe"]["seq_len"] == 32
+    assert record["model"]["id"].startswith("deepseek-7b[1 of 30 layers")
+    error = record["predicted"]["tensor_peak_bytes"] / record["measured"]["peak_tensor_bytes"] - 1
+    assert abs(error) < 0.1
+    assert not calibration.by_gpu(loaded.records)  # CPU records never calibrate
