@@ -94,7 +94,7 @@ def main() -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except AutotuneError as exc:
-        click.echo(f"autotune: error: {exc}", err=True)
+        click.echo(f"autotune: error: {one_line(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("autotune: interrupted", err=True)
@@ -102,6 +102,16 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 -- a bug still ends in one line unless debugging
         if os.environ.get("AUTOTUNE_DEBUG"):
             raise
-        click.echo(f"autotune: internal error: {type(exc).__name__}: {exc} "
+        click.echo(f"autotune: internal error: {type(exc).__name__}: {one_line(str(exc))} "
                    "(set AUTOTUNE_DEBUG=1 for the traceback)", err=True)
         sys.exit(70)
+
+
+_LINE_BREAKS = {ord(c): c.encode("unicode_escape").decode()
+                for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def one_line(message: str) -> str:
+    """``message`` with its line breaks escaped (a path or a name the user typed may hold
+    some): an error stays one line."""
+    return message.translate(_LINE_BREAKS)

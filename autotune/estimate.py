@@ -100,9 +100,9 @@ def estimate(pm: pluggy.PluginManager, config: dict, recipe: Recipe, family_name
     counts = count(arch, recipe, groups)
     if not stage.trains:
         return Estimate(family, arch, recipe, counts, serving_memory(arch, recipe))
-    try:
+    with blame(stage, "extra_memory"):
         extras = stage.extra_memory(arch, recipe, counts)
-    except Exception as exc:
-        raise AutotuneError(f"stage plugin {stage.plugin!r} failed: {exc}") from exc
-    memory = estimate_memory(arch, recipe, counts, extras, device, stage.sequences_per_example())
+    with blame(stage, "sequences_per_example"):
+        sequences = stage.sequences_per_example()
+    memory = estimate_memory(arch, recipe, counts, extras, device, sequences)
     return Estimate(family, arch, recipe, counts, memory)

@@ -74,6 +74,7 @@ def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
         raise AutotuneError(f"an unfinished run is in {partial}: continue it with `autotune run "
                             f"--resume {settings.output_dir}`, or remove it")
     recipe = Recipe(**plan["recipe"])
+    _model_and_stage(pm, plan, settings.remote_code)  # a bad plan leaves no run folder
     rows = load_rows(settings.data, recipe.stage)
     say(settings.quiet, f"read {len(rows)} {recipe.stage} rows from {settings.data} "
                          f"({describe_format(settings.data, recipe.stage)})")
@@ -115,6 +116,19 @@ def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
     return _start(pm, state, partial, final, rows, quiet)
 
 
+def _model_and_stage(pm, plan: dict, remote_code: bool):
+    """The plan's model, its family and the stage plugin, checked before anything runs."""
+    from autotune.profiles import resolve_model
+    from autotune.registry import family_for, stage_named
+
+    model_spec = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
+    family = family_for(pm, model_spec.config, model_spec.family)
+    if family.remote_code(model_spec.config) and not remote_code:
+        raise AutotuneError(f"{model_spec.id} runs remote code from its repository: pass "
+                            "--trust-remote-code if you trust it")
+    return model_spec, family, stage_named(pm, plan["recipe"]["stage"])
+
+
 def _start(pm, state: dict, partial: str, final: str, rows: list, quiet: bool) -> dict:
     """Train in this process, or launch one process per GPU for a multi-GPU plan."""
     if Parallel.from_dict(state["plan"].get("distributed")).world > 1:
@@ -133,20 +147,13 @@ def _train(pm, state: dict, partial: str, final: str, rows: list, quiet: bool,
     """
     import torch
 
-    from autotune.profiles import resolve_model
-    from autotune.registry import family_for, stage_named
 
     started = time.perf_counter()
     rank = int(os.environ.get("RANK", "0")) if launched else 0
     quiet = quiet or rank != 0
     settings = RunSettings(**state["settings"], quiet=quiet)
     plan = state["plan"]
-    model_spec = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
-    family = family_for(pm, model_spec.config, model_spec.family)
-    if family.remote_code(model_spec.config) and not settings.remote_code:
-        raise AutotuneError(f"{model_spec.id} runs remote code from its repository: pass "
-                            "--trust-remote-code if you trust it")
-    stage = stage_named(pm, plan["recipe"]["stage"])
+    model_spec, family, stage = _model_and_stage(pm, plan, settings.remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     notes = list(family.quirks(model_spec.config))
     trainer_dir = os.path.join(partial, "trainer")

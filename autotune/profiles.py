@@ -507,8 +507,15 @@ def resolve_model(spec: str, pm: pluggy.PluginManager) -> ModelSpec:
             params=profile.params,
         )
 
-    path = Path(spec).expanduser()
-    if path.is_file():
+    try:
+        path = Path(spec).expanduser()
+    except RuntimeError:  # ~someone, who has no home here
+        path = Path(spec)
+    try:
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except OSError as exc:  # a name too long for the file system
+        raise AutotuneError(f"cannot read {spec!r}: {exc.strerror or exc}") from None
+    if is_file:
         config = read_config(path)
         folder = path.resolve().parent
         model_id = folder.name if path.name == "config.json" else path.stem
@@ -520,7 +527,7 @@ def resolve_model(spec: str, pm: pluggy.PluginManager) -> ModelSpec:
             source="config",
             path=str(folder) if _holds_weights(folder) else None,
         )
-    if path.is_dir():
+    if is_dir:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise AutotuneError(f"{path}: no config.json in this folder (a model folder holds "

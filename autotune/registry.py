@@ -150,7 +150,8 @@ def _collect(hook: pluggy.HookCaller, base: type[T]) -> dict[str, T]:
         except AutotuneError:
             raise
         except Exception as exc:
-            raise AutotuneError(f"plugin {impl.plugin_name!r} failed: {exc}") from exc
+            raise AutotuneError(f"plugin {impl.plugin_name!r} failed in {hook.name}: "
+                                f"{type(exc).__name__}: {exc}") from exc
     return found
 
 

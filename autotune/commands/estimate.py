@@ -74,11 +74,11 @@ def target_gpu(gpu: str | None, vram: str | None):
     """The card to compare against: ``--gpu`` from the catalogue or a raw ``--vram``."""
     from autotune.hardware import budget_gpu, resolve_gpu
 
-    if gpu and vram:
+    if gpu is not None and vram is not None:
         raise AutotuneError("give --gpu or --vram, not both")
-    if gpu:
+    if gpu is not None:  # --gpu "" is a mistake, not "no card"
         return resolve_gpu(gpu)
-    if vram:
+    if vram is not None:
         return budget_gpu(parse_size(vram))
     return None
 

@@ -90,6 +90,10 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
     model = resolve_model(model_spec, pm)
     planner = Planner(pm, model.config, model.family, model.id, trust_remote_code,
                       calibrated=not no_calibration)
+    if targets is not None:  # pinned targets that match nothing: an error, not a full tune
+        from autotune.params import resolve_targets
+
+        resolve_targets(planner.arch, planner.groups, targets)
     if storage is None:
         storage = default_storage()
     elif storage.lower() == "none":
@@ -170,10 +174,11 @@ def _budget(card, headroom: str) -> int:
             raise AutotuneError(f"cannot read headroom {headroom!r}") from exc
         if not 0 <= share < 1:
             raise AutotuneError(f"headroom {headroom!r} must be between 0% and 100%")
-        return int(card.memory_bytes * (1 - share))
-    budget = card.memory_bytes - parse_size(text)
+        budget = int(card.memory_bytes * (1 - share))
+    else:
+        budget = card.memory_bytes - parse_size(text)
     if budget <= 0:
-        raise AutotuneError(f"headroom {headroom} leaves nothing of {gib(card.memory_bytes)}")
+        raise AutotuneError(f"headroom {headroom!r} leaves nothing of {gib(card.memory_bytes)}")
     return budget
 
 
