@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -10,6 +11,7 @@ import click
 
 from autotune.commands.estimate import trust_remote_code_option
 from autotune.errors import AutotuneError
+from autotune.recipe import LIMITS
 
 DEMO_STEPS = 30
 
@@ -22,7 +24,8 @@ DEMO_STEPS = 30
               help="Where the run is written (default runs/<model>-<stage>, with the time "
                    "appended if that exists).")
 @click.option("--max-steps", type=click.IntRange(1), help="Stop after this many optimizer steps.")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Epochs over the data.")
+@click.option("--epochs", type=click.FloatRange(min=0, max=1e6, min_open=True),
+              callback=lambda _c, _p, v: _finite(v), help="Epochs over the data.")
 @click.option("--report-to", default="none", show_default=True,
               help="Experiment tracking: none, tensorboard, wandb, swanlab, ...")
 @click.option("--model", "model_spec", help="Plan for this model first, then run the pick.")
@@ -30,7 +33,8 @@ DEMO_STEPS = 30
               show_default=True, help="With --model: the stage to plan.")
 @click.option("--gpu", help="With --model: plan for this card.")
 @click.option("--vram", help="With --model: plan for this memory budget.")
-@click.option("--seq-len", type=click.IntRange(1), default=512, show_default=True,
+@click.option("--seq-len", type=click.IntRange(1, LIMITS["seq_len"]),
+              default=512, show_default=True,
               help="With --model: tokens per sequence.")
 @click.option("--random-init", is_flag=True,
               help="Train from random weights (no checkpoint needed: tests and demos).")
@@ -38,7 +42,8 @@ DEMO_STEPS = 30
                                            "shipped data, on the CPU, in under a minute.")
 @click.option("--save-every", type=click.IntRange(1), metavar="STEPS",
               help="Checkpoint every STEPS optimizer steps (as well as every --save-minutes).")
-@click.option("--save-minutes", type=click.FloatRange(min=0), default=30, show_default=True,
+@click.option("--save-minutes", type=click.FloatRange(min=0, max=1e6), default=30,
+              callback=lambda _c, _p, v: _finite(v), show_default=True,
               help="Checkpoint at least this often (0: only on --save-every and on a signal).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue an interrupted or killed run from its last checkpoint.")
@@ -109,6 +114,13 @@ def _show(report: dict, output_dir: str, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         click.echo(_render(report, output_dir))
+
+
+def _finite(value: float | None) -> float | None:
+    """Ranges let nan through (every comparison with nan is false)."""
+    if value is not None and math.isnan(value):
+        raise click.BadParameter("must be a number, not nan")
+    return value
 
 
 def _fresh(stem: str) -> str:
