@@ -91,6 +91,14 @@ def _adapter(recipe: dict) -> bool:
     return recipe["method"] in ("lora", "dora", "qlora")
 
 
+def _trained_stage(recipe: dict) -> str:
+    """The recipe's stage, if it trains (an inference plan has nothing to export)."""
+    stage = recipe["stage"]
+    if stage not in ("pt", "sft", "dpo"):
+        raise AutotuneError(f"stage {stage!r} does not train: nothing to export")
+    return stage
+
+
 def _model_path(plan: dict) -> str:
     """What ``from_pretrained`` loads: the hub name for a profile or a cached hub model (a
     cluster resolves it in its own cache), else the local folder the plan was made from."""
@@ -322,9 +330,7 @@ def llamafactory_config(plan: dict, context: ExportContext | None = None,
     context = context or ExportContext()
     recipe, training = _recipe(plan), _training(plan)
     block = _offload_checks(plan)
-    stage = recipe["stage"]
-    if stage not in ("pt", "sft", "dpo"):
-        raise AutotuneError(f"stage {stage!r} does not train: nothing to export")
+    stage = _trained_stage(recipe)
     config: dict = {"model_name_or_path": _model_path(plan)}
     if context.remote_code:
         config["trust_remote_code"] = True
@@ -425,9 +431,7 @@ def axolotl_config(plan: dict, context: ExportContext | None = None, data: str |
     context = context or ExportContext()
     recipe, training = _recipe(plan), _training(plan)
     block = _offload_checks(plan)
-    stage = recipe["stage"]
-    if stage not in ("pt", "sft", "dpo"):
-        raise AutotuneError(f"stage {stage!r} does not train: nothing to export")
+    stage = _trained_stage(recipe)
     config: dict = {"base_model": _model_path(plan)}
     if context.remote_code:
         config["trust_remote_code"] = True
@@ -542,9 +546,7 @@ def trl_config(plan: dict, context: ExportContext | None = None, data: str | Non
     context = context or ExportContext()
     recipe, training = _recipe(plan), _training(plan)
     block = _offload_checks(plan)
-    stage = recipe["stage"]
-    if stage not in ("pt", "sft", "dpo"):
-        raise AutotuneError(f"stage {stage!r} does not train: nothing to export")
+    stage = _trained_stage(recipe)
     if recipe["method"] == "freeze":
         raise AutotuneError("TRL's CLI cannot freeze layers: export freeze tuning --to "
                             "llamafactory or --to axolotl")
@@ -758,8 +760,9 @@ def write(export: Export, force: bool = False) -> list[str]:
     if not force:
         existing = [p for p, _ in files if os.path.exists(p)]
         if existing:
-            raise AutotuneError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}"
-                                " (pass --force to overwrite)")
+            verb = "exists" if len(existing) == 1 else "exist"
+            raise AutotuneError(f"{', '.join(existing)} already {verb} (pass --force to "
+                                "overwrite)")
     written = []
     for path, config in files:
         write_text(path, dump(path, config))
