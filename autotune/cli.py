@@ -63,6 +63,9 @@ def _quiet_libraries() -> None:
                             ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
                             ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
         os.environ.setdefault(variable, value)
+    quiet = os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+    if quiet and "transformers" in sys.modules:  # imported already: the variable came late
+        sys.modules["transformers"].logging.set_verbosity_error()
     if not os.environ.get("AUTOTUNE_DEBUG"):
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
