@@ -20,6 +20,9 @@ from autotune.atomic import write_json
 MARKER = "autotune-complete.json"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
+KEPT = 2
+"""Checkpoints a run keeps (the Trainer's ``save_total_limit``): the newest two."""
+
 
 def commit(folder: str, step: int) -> None:
     """Mark ``folder`` as a complete checkpoint of ``step``."""

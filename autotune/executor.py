@@ -74,8 +74,9 @@ def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
         raise AutotuneError(f"an unfinished run is in {partial}: continue it with `autotune run "
                             f"--resume {settings.output_dir}`, or remove it")
     recipe = Recipe(**plan["recipe"])
-    _model_and_stage(pm, plan, settings.remote_code)  # a bad plan leaves no run folder
+    model_spec, _, _ = _model_and_stage(pm, plan, settings.remote_code)  # no folder if bad
     rows = load_rows(settings.data, recipe.stage)
+    check_machine(pm, plan, model_spec, final, settings.quiet)
     say(settings.quiet, f"read {len(rows)} {recipe.stage} rows from {settings.data} "
                          f"({describe_format(settings.data, recipe.stage)})")
     state = {"schema": STATE_SCHEMA, "plan": plan, "original_plan": plan,
@@ -127,6 +128,32 @@ def _model_and_stage(pm, plan: dict, remote_code: bool):
         raise AutotuneError(f"{model_spec.id} runs remote code from its repository: pass "
                             "--trust-remote-code if you trust it")
     return model_spec, family, stage_named(pm, plan["recipe"]["stage"])
+
+
+def check_machine(pm, plan: dict, model_spec, final: str, quiet: bool) -> None:
+    """Refuse, with numbers, a run this machine cannot hold: more host RAM than it has, or
+    more disk than the output folder's file system has free; warn when RAM is short now."""
+    import torch
+
+    from autotune.host import check_disk, check_ram, free_disk, machine_ram, weight_files
+    from autotune.planner import Planner
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    planner = Planner(pm, model_spec.config, model_spec.family, model_spec.id,
+                      calibrated=False, device=device, files=weight_files(model_spec.path))
+    recipe = Recipe(**plan["recipe"])
+    candidate = planner.assess(recipe, Parallel.from_dict(plan.get("distributed")), None,
+                               plan.get("training", {}).get("effective_batch", recipe.batch))
+    total, available = machine_ram()
+    folder = os.path.dirname(final)
+    ram = check_ram(candidate.host, total, available)
+    if ram.level == "refuse":
+        raise AutotuneError(ram.message)
+    disk = check_disk(candidate.disk, free_disk(folder), folder)
+    if disk.level != "ok":
+        raise AutotuneError(f"{disk.message}: free some space or choose another --output-dir")
+    if ram.level == "warn":
+        say(quiet, f"warning: {ram.message}")
 
 
 def _start(pm, state: dict, partial: str, final: str, rows: list, quiet: bool) -> dict:
@@ -427,7 +454,7 @@ def _trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str
         "optim": OPTIMIZERS[recipe.optim],
         "logging_steps": 1,
         "save_strategy": "no",  # checkpoints.SaveSchedule decides when to save
-        "save_total_limit": 2,
+        "save_total_limit": checkpoints.KEPT,
         "report_to": settings.report_to,
         "seed": settings.seed,
         "bf16": recipe.compute_dtype == "bf16",
@@ -446,6 +473,17 @@ def _trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str
     elif parallel.strategy == "fsdp":
         args["fsdp"] = "full_shard auto_wrap" + (" offload" if parallel.offload_params else "")
     return args
+
+
+def packing_args(training: dict) -> dict:
+    """TRL's packing settings for the plan's batching: ``packed`` is best-fit-decreasing
+    bins trained padding-free, ``wrapped`` cuts concatenated text into full rows."""
+    batching = training.get("batching")
+    if batching == "packed":
+        return {"packing": True, "packing_strategy": "bfd"}
+    if batching == "wrapped" or training.get("packing"):
+        return {"packing": True, "packing_strategy": "wrapped"}
+    return {}
 
 
 class _Tracker:

@@ -157,32 +157,27 @@ def deepspeed_optimizer_bytes(trainable: int) -> int:
     return MASTER_STATE * trainable
 
 
-def host_bytes(parallel: Parallel, total: int, trainable: int, weight_bytes: int,
-               largest_module: int, optimizer_bytes: int) -> int:
-    """Host RAM one node needs while training (DeepSpeed's published estimates for ZeRO).
+def host_bytes(parallel: Parallel, total: int, largest_module: int) -> int:
+    """DeepSpeed's published host-RAM estimate for one node (``estimate_zero2_`` and
+    ``estimate_zero3_model_states_mem_needs``), kept to compare with DeepSpeed.
 
-    ``total``: all parameters; ``weight_bytes``: the base weights as stored;
-    ``optimizer_bytes``: the unpartitioned optimizer state the recipe keeps.
+    It takes every parameter as trainable and, below ZeRO-3, an fp32 copy of the model
+    loaded by every rank; plans price loading and offload apart (:mod:`autotune.host`).
+    Under ZeRO-3 without offload it is ``zero.Init``'s loading.
     """
     g, n = parallel.gpus, parallel.world
-    if parallel.deepspeed and parallel.strategy != "zero3":
+    if not parallel.deepspeed:
+        raise AutotuneError(f"DeepSpeed publishes no host estimate for {parallel.strategy}")
+    if parallel.strategy != "zero3":
         if parallel.offload_optimizer:
             return int(total * max(4 * n, 16) * HOST_BUFFER)
         return int(total * 4 * g * HOST_BUFFER)
-    if parallel.strategy == "zero3":
-        per_node = 1 / parallel.nodes
-        if parallel.offload_params:
-            return int(total * 18 * per_node * HOST_BUFFER)
-        if parallel.offload_optimizer:
-            return int(total * 16 * per_node * HOST_BUFFER)
-        return int(largest_module * 4 * g * HOST_BUFFER)
-    loading = weight_bytes * (1 if parallel.strategy == "fsdp" else g)  # rank 0 loads for FSDP
-    offloaded = 0
-    if parallel.offload_optimizer:
-        offloaded += optimizer_bytes * g // n
+    per_node = 1 / parallel.nodes
     if parallel.offload_params:
-        offloaded += (weight_bytes + trainable * 4) * g // n
-    return int(max(loading, offloaded) * HOST_BUFFER) if offloaded else int(loading)
+        return int(total * 18 * per_node * HOST_BUFFER)
+    if parallel.offload_optimizer:
+        return int(total * 16 * per_node * HOST_BUFFER)
+    return int(largest_module * 4 * g * HOST_BUFFER)
 
 
 def communication_seconds(parallel: Parallel, gpu_id: str, trainable: int, grad_bytes: int,

@@ -42,10 +42,14 @@ def plan_document(model, gpu, budget: int, objective: str, candidate,
                      "effective_batch": plan["micro_batch"] * plan["grad_accum"]
                      * candidate.parallel.world,
                      "requested_effective_batch": effective_batch,
-                     **training_defaults(candidate.recipe.method)},
+                     **training_defaults(candidate.recipe.method),
+                     **({"batching": candidate.workload["batching"]} if candidate.workload
+                        else {})},
         "predictions": {"fidelity": plan["fidelity"], "memory": plan["memory"],
                         "throughput": plan["throughput"],
-                        "host_ram_bytes": plan["host_ram_bytes"]},
+                        "host_ram_bytes": plan["host_ram_bytes"],
+                        **({"data": candidate.workload} if candidate.workload else {}),
+                        **({"disk": plan["disk"]} if plan.get("disk") else {})},
         **({"distributed": candidate.parallel.to_dict()} if candidate.parallel.world > 1
            else {}),
     }
@@ -62,6 +66,7 @@ REQUIRED = ("schema", "model", "recipe")
 KNOWN = ("schema", "autotune_version", "model", "hardware", "objective", "recipe", "training",
          "predictions", "distributed")
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")
+BATCHINGS = ("padded", "packed", "wrapped")
 OFFLOAD_DEVICES = ("none", "cpu")
 
 
@@ -124,7 +129,8 @@ SECTIONS: dict[str, dict[str, str]] = {
                  "requested_effective_batch": _COUNT, "learning_rate": _NUMBER,
                  "epochs": _NUMBER, "lr_scheduler": _TEXT, "warmup_ratio": _NUMBER,
                  "weight_decay": _NUMBER, "max_grad_norm": _NUMBER, "beta": _NUMBER,
-                 "pref_ftx": _NUMBER, "packing": _FLAG, "completion_only_loss": _FLAG},
+                 "pref_ftx": _NUMBER, "packing": _FLAG, "completion_only_loss": _FLAG,
+                 "batching": _TEXT},
     "predictions": {"fidelity": _NUMBER, "memory": _MAPPING, "throughput": _MAPPING,
                     "host_ram_bytes": _NUMBER},
     "predictions.throughput": {"tokens_per_s": _NUMBER, "raw_tokens_per_s": _NUMBER},
@@ -165,6 +171,10 @@ def _check_sections(path: str, document: dict) -> None:
             if key in block and not _fits(block[key], kind):
                 raise AutotuneError(f"{path}: {section}.{key} must be {kind}, "
                                     f"not {block[key]!r}")
+    batching = (document.get("training") or {}).get("batching", "padded")
+    if batching not in BATCHINGS:
+        raise AutotuneError(f"{path}: training.batching must be one of {', '.join(BATCHINGS)}, "
+                            f"not {batching!r}")
     objective = document.get("objective", "balanced")
     if not isinstance(objective, str):
         raise AutotuneError(f"{path}: objective must be a string, not {objective!r}")

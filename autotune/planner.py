@@ -15,25 +15,30 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, replace
 
 import pluggy
 
-from autotune import __version__, calibration
+from autotune import __version__, alternatives, calibration
 from autotune.errors import AutotuneError
 from autotune.estimate import describe, family_kernel
 from autotune.hardware import GPU
-from autotune.memory import estimate_memory, largest_module, optimizer_state_bytes, weight_bytes
+from autotune.host import DiskNeeds, HostNeeds, WeightFiles, disk_needs, host_needs, weight_files
+from autotune.lengths import Workload
+from autotune.memory import estimate_memory, weight_bytes
 from autotune.objectives import fidelity, tokens_per_second
-from autotune.parallel import SINGLE, Parallel, communication_seconds, host_bytes
+from autotune.parallel import SINGLE, Parallel, communication_seconds
 from autotune.params import count, resolve_targets
 from autotune.recipe import Recipe
 from autotune.registry import STANDARD_GROUPS, family_for, stage_named
 from autotune.space import Space, suggest
+from autotune.uncertainty import CONFIDENCE, Band, band
 
 OBJECTIVES = ("quality", "speed", "balanced")
-BALANCE = 0.10
+BALANCE = alternatives.BALANCE
 """``balanced``: each halving of throughput costs this much fidelity."""
+DATASET_BYTES_PER_TOKEN = 24
+"""A tokenised example in host memory: input ids, labels and a mask, 8 bytes each."""
 
 
 @dataclass
@@ -54,6 +59,22 @@ class Candidate:
     """Host RAM a node needs (offloaded state, per-rank loading copies)."""
     raw: tuple[int, int, float] | None = None
     """(peak, tensor peak, tokens/s) before calibration; ``None`` when not calibrated."""
+    band: Band | None = None
+    """The peak's bounds at the planner's confidence."""
+    host: HostNeeds | None = None
+    disk: DiskNeeds | None = None
+    workload: dict | None = None
+    """How the data trains at this micro batch (:meth:`Workload.to_dict`), with ``--data``."""
+
+    @property
+    def high(self) -> int:
+        """The peak's upper bound: what must fit the card."""
+        return self.band.high if self.band else self.peak
+
+    def fits(self, budget: int, host_ram: int | None = None) -> bool:
+        """Whether the upper bound fits ``budget`` and the host needs fit ``host_ram``."""
+        return self.high <= budget and (host_ram is None or self.host is None
+                                        or self.host.peak <= host_ram)
 
     def to_dict(self) -> dict:
         r = self.recipe
@@ -69,12 +90,18 @@ class Candidate:
             "optim": r.optim, "attn": r.attn, "seq_len": r.seq_len, "stage": r.stage,
             "fidelity": self.fidelity, "pareto": self.pareto,
             "memory": {"peak_bytes": self.peak, "tensor_peak_bytes": self.tensor_peak,
+                       "peak_bytes_low": self.band.low if self.band else self.peak,
+                       "peak_bytes_high": self.high,
+                       "band": self.band.to_dict() if self.band else None,
                        "breakdown": self.breakdown,
                        "raw_peak_bytes": self.raw[0] if self.raw else self.peak,
                        "raw_tensor_peak_bytes": self.raw[1] if self.raw else self.tensor_peak},
             "throughput": {"tokens_per_s": round(self.tokens_per_s, 1),
                            "raw_tokens_per_s": round(self.raw[2] if self.raw
                                                      else self.tokens_per_s, 1)},
+            "host": self.host.to_dict() if self.host else None,
+            "disk": self.disk.to_dict() if self.disk else None,
+            **({"data": self.workload} if self.workload else {}),
             **({"measured": self.measured} if self.measured else {}),
         }
 
@@ -102,16 +129,26 @@ class PlanResult:
 
 
 class Planner:
-    """Prices recipes for one model and stage; runs studies for cards."""
+    """Prices recipes for one model and stage; runs studies for cards.
+
+    ``device``: price CUDA steps (the default) or CPU ones; ``confidence``: of the peak's
+    bounds (:mod:`autotune.uncertainty`); ``files``: the model's weight files on this
+    machine (for the host's loading peak).
+    """
 
     def __init__(self, pm: pluggy.PluginManager, config: dict, family: str | None = None,
-                 model_id: str = "", remote_code: bool = False, calibrated: bool = True):
+                 model_id: str = "", remote_code: bool = False, calibrated: bool = True,
+                 device: str = "cuda", confidence: float = CONFIDENCE,
+                 files: WeightFiles | None = None):
         self.pm = pm
         self.calibrated = calibrated
         # fitted corrections by GPU id (`autotune calibrate`); none with calibrated=False
-        self.corrections = calibration.load() if calibrated else {}
+        self.corrections = calibration.load() if calibrated and device == "cuda" else {}
         self.config = config
         self.remote_code = remote_code
+        self.device = device
+        self.confidence = confidence
+        self.files = files or weight_files(None)
         self.family = family_for(pm, config, family)
         self.arch = describe(config, self.family, remote_code)
         self.groups = self.family.module_groups(config)
@@ -144,7 +181,7 @@ class Planner:
                 self._counts[adapter] = count(self.arch, recipe, self.groups)
             counts = self._counts[adapter]
             extras = stage.extra_memory(self.arch, recipe, counts)
-            memory = estimate_memory(self.arch, recipe, counts, extras, "cuda",
+            memory = estimate_memory(self.arch, recipe, counts, extras, self.device,
                                      stage.sequences_per_example(), parallel)
             self._priced[key] = (counts, memory, stage.sequences_per_example())
         return self._priced[key]
@@ -161,7 +198,7 @@ class Planner:
             middle = (low + high) // 2
             candidate = self._candidate_at(space, space.recipe(choice, batches[middle]),
                                            parallel)
-            if candidate.peak <= budget:
+            if candidate.fits(budget, space.host_ram):
                 best, low = candidate, middle + 1
             else:
                 high = middle - 1
@@ -169,31 +206,52 @@ class Planner:
 
     def _candidate_at(self, space: Space, recipe: Recipe,
                       parallel: Parallel = SINGLE) -> Candidate:
+        return self.assess(recipe, parallel, space.gpu, space.effective_batch, space.workload)
+
+    def assess(self, recipe: Recipe, parallel: Parallel, gpu: GPU | None, effective_batch: int,
+               workload: Workload | None = None) -> Candidate:
+        """One full estimate of ``recipe`` on ``parallel``: memory (calibrated where a
+        correction exists, with its bounds), throughput on ``gpu``, fidelity, host RAM and
+        disk. ``workload``: the data's lengths, which set the worst micro batch and the share
+        of useful (unpadded) tokens."""
         recipe = family_kernel(self.family, self.config, recipe)
-        counts, memory, sequences = self.price(recipe, parallel)
-        correction = self.corrections.get(space.gpu.id)
+        shaped = recipe
+        if workload is not None and workload.seq_len != recipe.seq_len:
+            workload = replace(workload, seq_len=recipe.seq_len)
+        if workload is not None:  # the worst micro batch the sampler can form
+            shaped = recipe.but(seq_len=workload.worst_seq_len())
+        counts, memory, sequences = self.price(shaped, parallel)
+        correction = self.corrections.get(gpu.id) if gpu else None
         raw, memory = memory, calibration.apply(memory, correction)  # the one place it applies
         world = parallel.world
-        accum = math.ceil(space.effective_batch / (recipe.batch * world))
-        per_card = tokens_per_second(self.arch, recipe, counts, space.gpu, accum, sequences)
-        tokens = recipe.batch * recipe.seq_len * sequences * accum  # one card, one step
-        weights = weight_bytes(self.arch, recipe)
-        grad_bytes = 4 if recipe.adapter else 2
-        talk = communication_seconds(parallel, space.gpu.id, counts.trainable, grad_bytes,
-                                     weights, accum)
-        total = world * tokens / (tokens / per_card + talk)
-        if correction:
-            raw = (raw.peak, raw.tensor_peak, total)
-            per_card = correction.tokens_per_s(per_card)
-            total = world * tokens / (tokens / per_card + talk)
-        host = host_bytes(parallel, self.arch.total, counts.trainable, weights,
-                          largest_module(self.arch),
-                          optimizer_state_bytes(recipe, [(counts.trainable,)], grad_bytes))
-        return Candidate(recipe, accum, fidelity(recipe, self.arch), total,
+        per_row = workload.examples_per_row() if workload else 1.0
+        accum = max(math.ceil(effective_batch / (recipe.batch * world * per_row)), 1)
+        useful = workload.efficiency(recipe.batch) if workload else 1.0
+        raw_total = total = None
+        if gpu is not None and self.device == "cuda":
+            rows = recipe  # the rows' average shape, padding included
+            if workload is not None:
+                rows = recipe.but(seq_len=max(round(workload.row_len(recipe.batch)), 1))
+            per_card = tokens_per_second(self.arch, rows, counts, gpu, accum, sequences)
+            raw_total = total = useful * throughput(self.arch, rows, counts, gpu, parallel,
+                                                    accum, sequences, per_card)
+            if correction:
+                total = useful * throughput(self.arch, rows, counts, gpu, parallel, accum,
+                                            sequences, correction.tokens_per_s(per_card))
+        tokens = workload.lengths.stats()["total"] if workload else 0
+        host = host_needs(self.arch, recipe, counts, parallel=parallel, device=self.device,
+                          files=self.files,
+                          training_bytes=memory.peak if self.device == "cpu" else 0,
+                          dataset_bytes=tokens * DATASET_BYTES_PER_TOKEN)
+        return Candidate(recipe, accum, fidelity(recipe, self.arch), total or 0.0,
                          memory.peak, memory.tensor_peak,
                          {**memory.breakdown, "device_overhead": memory.device_overhead},
-                         parallel=parallel, host_bytes=host if world > 1 else 0,
-                         raw=raw if correction else None)
+                         parallel=parallel, host_bytes=host.peak,
+                         raw=(raw.peak, raw.tensor_peak, raw_total or 0.0) if correction else None,
+                         band=band(memory, device=self.device, correction=correction,
+                                   confidence=self.confidence),
+                         host=host, disk=disk_needs(self.arch, recipe, counts, parallel),
+                         workload=workload.to_dict(recipe.batch) if workload else None)
 
     def study_key(self, space: Space, budget: int) -> str:
         """A name that changes with everything the study's answer depends on."""
@@ -204,6 +262,9 @@ class Planner:
             "seq": space.seq_len, "stage": space.stage, "effective": space.effective_batch,
             "pins": space.pins.to_dict(), "groups": space.family_groups,
             "gpus": space.gpus, "nodes": space.nodes, "strategy": space.strategy,
+            "confidence": self.confidence, "host_ram": space.host_ram,
+            "files": astuple(self.files),
+            "data": [w.lengths.digest(), w.seq_len, w.batching] if (w := space.workload) else None,
             **({"calibration": c.key()} if (c := self.corrections.get(space.gpu.id)) else {}),
         }, sort_keys=True, default=str)
         return f"autotune-{self.model_id or 'model'}-{space.gpu.id}-" + \
@@ -239,8 +300,8 @@ class Planner:
             trial.set_user_attr("plan", {"recipe": candidate.recipe.to_dict(),
                                          "parallel": candidate.parallel.to_dict(),
                                          "grad_accum": candidate.grad_accum,
-                                         "peak_bytes": candidate.peak})
-            if candidate.peak > budget:
+                                         "peak_bytes": candidate.high})
+            if not candidate.fits(budget, space.host_ram):
                 raise optuna.TrialPruned()
             return candidate.fidelity, candidate.tokens_per_s
 
@@ -277,6 +338,17 @@ class Planner:
         plan = trial.user_attrs["plan"]
         return self._candidate_at(space, Recipe(**plan["recipe"]),
                                   Parallel.from_dict(plan.get("parallel")))
+
+
+def throughput(arch, recipe: Recipe, counts, gpu: GPU, parallel: Parallel, accum: int,
+               sequences: int, per_card: float) -> float:
+    """Tokens/s of all ``parallel`` cards: each card's ``per_card`` rate, slowed by the
+    communication of an optimizer step (no overlap assumed)."""
+    tokens = recipe.batch * recipe.seq_len * sequences * accum  # one card, one step
+    grad_bytes = 4 if recipe.adapter else 2
+    talk = communication_seconds(parallel, gpu.id, counts.trainable, grad_bytes,
+                                 weight_bytes(arch, recipe), accum)
+    return parallel.world * tokens / (tokens / per_card + talk)
 
 
 def _analytic(trial) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from autotune.errors import AutotuneError
 from autotune.hardware import GPU
+from autotune.lengths import Workload
 from autotune.parallel import SINGLE, Parallel, options
 from autotune.recipe import Recipe
 
@@ -63,6 +64,10 @@ class Space:
     nodes: int = 1
     strategy: str | None = None
     """Pin the strategy (``zero3``, ``fsdp``...); its offload variants are still tried."""
+    workload: Workload | None = field(default=None, compare=False)
+    """The data's lengths as they train (``--data``); ``seq_len`` is then its sequence length."""
+    host_ram: int | None = None
+    """Host RAM per node a plan may need (``None``: unchecked)."""
 
     @property
     def world(self) -> int:

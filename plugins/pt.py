@@ -2,6 +2,7 @@
 
 from autotune import hookimpl
 from autotune.data import STAGE_SCHEMAS
+from autotune.executor import packing_args
 from autotune.registry import Stage
 
 
@@ -14,7 +15,7 @@ class PreTraining(Stage):
         from trl import SFTConfig, SFTTrainer
 
         config = SFTConfig(**args, dataset_text_field="text", completion_only_loss=False,
-                           packing=bool(training.get("packing", False)))
+                           **packing_args(training))
         return SFTTrainer(model=model, args=config, train_dataset=dataset,
                           processing_class=tokenizer)
 

@@ -6,6 +6,7 @@ Rows arrive as conversational prompt/completion pairs, so the loss is on the com
 
 from autotune import hookimpl
 from autotune.data import STAGE_SCHEMAS
+from autotune.executor import packing_args
 from autotune.registry import Stage
 
 
@@ -17,8 +18,8 @@ class SupervisedFineTuning(Stage):
     def make_trainer(self, model, tokenizer, dataset, args, recipe, training):
         from trl import SFTConfig, SFTTrainer
 
-        config = SFTConfig(**args, completion_only_loss=training.get("completion_only_loss",
-                                                                      True))
+        config = SFTConfig(**args, **packing_args(training),
+                           completion_only_loss=training.get("completion_only_loss", True))
         return SFTTrainer(model=model, args=config, train_dataset=dataset,
                           processing_class=tokenizer)
 

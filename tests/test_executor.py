@@ -159,12 +159,12 @@ def test_an_external_family_plugin_is_used_by_plan_and_run(tmp_path, monkeypatch
         "model_type": "toyllama", "hidden_size": 64, "intermediate_size": 160,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": 2048, "max_position_embeddings": 512}))
-    plan = json.loads(invoke(pm, "plan", "--model", config, "--vram", "1GiB", "--seq-len", "64",
+    plan = json.loads(invoke(pm, "plan", "--model", config, "--vram", "2GiB", "--seq-len", "64",
                              "--method", "lora", "--targets", "qv", "--storage", "none",
                              "--json"))
     assert plan["model"]["family"] == "toy"
     out = tmp_path / "run"
-    report = json.loads(invoke(pm, "run", "--model", config, "--vram", "1GiB", "--seq-len", 64,
+    report = json.loads(invoke(pm, "run", "--model", config, "--vram", "2GiB", "--seq-len", 64,
                                "--data", dataset_path("sft"), "--random-init", "--max-steps", 4,
                                "--output-dir", out, "--json"))
     assert report["steps"] == 4 and (out / "run_report.json").exists()

@@ -41,6 +41,7 @@ from autotune import hookimpl
 from autotune.cli import main
 from autotune.plugins import get_plugin_manager
 from autotune.registry import ModelFamily, Stage
+from autotune.units import parse_size
 
 # AUTOTUNE_HOSTILE_SEARCH=N looks N times harder, with fresh random examples each run.
 SEARCH = int(os.environ.get("AUTOTUNE_HOSTILE_SEARCH", "0"))
@@ -287,9 +288,9 @@ HEADROOMS = [("5%", OK), ("0%", OK), (" 12.5% ", OK), ("100%", ERROR), ("-5%", E
 @given(vram=size_text(), headroom=st.sampled_from(HEADROOMS))
 def test_plan_budgets(vram, headroom, tmp_path_factory):
     (text, verdict), (room, room_verdict) = vram, headroom
-    # valid budgets from 1 GiB up only: the tiny model fits, and no slow "what would fit" search
-    assume(verdict == ERROR or (verdict == OK and text.strip().lower().endswith(
-        ("gib", "gb", "g", "tib", "tb")) or text.strip().isdigit()))
+    # valid budgets from 2 GiB up only: the tiny model fits at the upper bound of its peak
+    # (the CUDA context alone may take 1 GiB), and no slow "what would fit" search
+    assume(verdict == ERROR or (verdict == OK and parse_size(text) >= 2 * 2**30))
     out = tmp_path_factory.mktemp("plan") / "plan.yaml"
     result = autotune("plan", "--model", "tiny", "--seq-len", "64", "--vram", text,
                       "--headroom", room, "--storage", "none", "-o", str(out))

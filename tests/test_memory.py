@@ -2,10 +2,11 @@
 
 import pytest
 
-from autotune.accuracy import GRID, compare, describe_recipe
+from autotune.accuracy import ARCHITECTURES, GRID, compare, describe_recipe
 from autotune.estimate import estimate
 from autotune.memory import serving_bytes
 from autotune.recipe import Recipe
+from autotune.uncertainty import band
 from tests.conftest import TINY
 
 
@@ -14,6 +15,8 @@ from tests.conftest import TINY
 def test_estimate_within_ten_percent_of_a_measured_step(pm, arch, recipe):
     row = compare(pm, arch, recipe)
     assert abs(row.error) < 0.10, (row.estimated, row.measured)
+    b = band(estimate(pm, ARCHITECTURES[arch], recipe, device="cpu").memory, device="cpu")
+    assert b.low <= row.measured <= b.high, (b.low, row.measured, b.high)
 
 
 def test_breakdown_sums_to_the_peak(pm):

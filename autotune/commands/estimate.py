@@ -6,6 +6,15 @@ import json
 
 import click
 
+from autotune import alternatives
+from autotune.alternatives import Assessed, Setup
+from autotune.commands.sections import (
+    alternatives_table,
+    band_line,
+    data_lines,
+    fit_line,
+    host_lines,
+)
 from autotune.errors import AutotuneError
 from autotune.output import table
 from autotune.recipe import ATTENTION, LIMITS, METHODS, OPTIMIZERS, PRECISIONS, Recipe
@@ -112,33 +121,57 @@ def calibration_for(card):
     return correction, here if correction else None
 
 
-def _raw_speed(pm, result, card):
-    """(card, roofline tokens/s of one micro batch per step) on a card with known throughput."""
-    if card is None or not card.has_throughput or result.memory.phase == "inference":
-        return None
-    from autotune.objectives import tokens_per_second
-    from autotune.registry import stage_named
+data_option = click.option(
+    "--data", "data_path", type=click.Path(dir_okay=True),
+    help="A dataset (.jsonl, .json, .csv, .parquet, .txt): its token lengths set the sequence "
+         "length, the batching and the worst micro batch (docs/data.md).")
+confidence_option = click.option(
+    "--confidence", type=click.FloatRange(50, 99.9), default=95.0, show_default=True,
+    help="Confidence (%) of the peak's bounds; plans must fit at their upper bound.")
 
-    sequences = stage_named(pm, result.recipe.stage).sequences_per_example()
-    return card, tokens_per_second(result.arch, result.recipe, result.params, card, 1, sequences)
+
+def read_lengths(pm, model, stage: str, data_path: str | None, remote_code: bool = False):
+    """The token lengths of ``data_path`` as ``stage`` trains on it, with the model's own
+    tokenizer when this machine has it, else the documented approximation."""
+    if data_path is None:
+        return None
+    from autotune.lengths import local_tokenizer, measure_lengths
+    from autotune.registry import family_for
+
+    if stage not in ("pt", "sft", "dpo"):
+        raise AutotuneError(f"--data needs a training stage (pt, sft or dpo), not {stage}")
+    family = family_for(pm, model.config, model.family)
+    return measure_lengths(data_path, stage, tokenizer=local_tokenizer(model),
+                           chat_template=family.chat_template(model.config))
+
+
+def workload_for(lengths, recipe: Recipe):
+    """How ``recipe`` trains on data of ``lengths`` (``None`` without data)."""
+    if lengths is None:
+        return None
+    from autotune.lengths import Workload, batching_for
+
+    return Workload(lengths, recipe.seq_len, batching_for(recipe.stage, recipe.attn))
 
 
 @click.command("estimate")
 @click.option("--model", "model_spec", required=True,
               help="Profile id or alias, config.json, model folder or cached hub id.")
 @recipe_options
+@data_option
 @click.option("--gpu", help="Compare with this card (e.g. rtx3090, a100-80gb).")
 @click.option("--vram", help="Compare with a memory budget (e.g. 24GiB).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="Predict a CUDA step (foreach optimizer, CUDA context) or a CPU step.")
+@confidence_option
 @trust_remote_code_option
 @no_calibration_option
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Draw the memory breakdown against the card as a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.estimate/1).")
 @click.pass_obj
-def command(pm, model_spec, gpu, vram, device, trust_remote_code, no_calibration, plot, as_json,
-            **options) -> None:
+def command(pm, model_spec, data_path, gpu, vram, device, confidence, trust_remote_code,
+            no_calibration, plot, as_json, **options) -> None:
     """Count parameters exactly and predict the peak memory of a training step."""
     from autotune.estimate import estimate
     from autotune.profiles import resolve_model
@@ -147,10 +180,12 @@ def command(pm, model_spec, gpu, vram, device, trust_remote_code, no_calibration
     card = target_gpu(gpu, vram)
     model = resolve_model(model_spec, pm)
     result = estimate(pm, model.config, recipe, model.family, device, trust_remote_code)
-    correction, probed = (None, None) if no_calibration or device != "cuda" else \
-        calibration_for(card)
-    report = to_json(model, result, card, correction, _raw_speed(pm, result, card or probed))
-    report["device"] = device
+    probed = None
+    if not no_calibration and device == "cuda" and card is None:
+        probed = calibration_for(None)[1]
+    lengths = read_lengths(pm, model, recipe.stage, data_path)
+    report = to_json(pm, model, result, card, probed, device, confidence / 100,
+                     not no_calibration, trust_remote_code, lengths)
     if plot:
         from autotune.plots import memory_breakdown
 
@@ -161,18 +196,16 @@ def command(pm, model_spec, gpu, vram, device, trust_remote_code, no_calibration
         click.echo(render(report))
 
 
-def to_json(model, result, card=None, correction=None, speed=None) -> dict:
-    """The ``autotune.estimate/1`` document; ``correction`` calibrates it, ``speed`` is
-    (card, raw tokens/s) from :func:`_raw_speed`."""
-    from autotune.calibration import apply
-    from autotune.memory import checkpoint_bytes
+def to_json(pm, model, result, card=None, probed=None, device: str = "cuda",
+            confidence: float = 0.95, calibrated: bool = True, remote_code: bool = False,
+            lengths=None) -> dict:
+    """The ``autotune.estimate/1`` document. ``probed``: this machine's card, for its
+    calibration and throughput when none is named."""
+    from autotune.host import free_disk, machine_ram, weight_files
+    from autotune.planner import Planner
 
-    params, raw, recipe, arch = result.params, result.memory, result.recipe, result.arch
-    if raw.phase == "inference":
-        correction = None
-    memory = apply(raw, correction)
-    breakdown = {**memory.breakdown, "device_overhead": memory.device_overhead}
-    notes = list(memory.notes)
+    params, recipe, arch = result.params, result.recipe, result.arch
+    notes = list(result.memory.notes)
     if params.unmatched:
         notes.append(f"targets {', '.join(params.unmatched)} match no module of this model "
                      "(PEFT skips them silently)")
@@ -194,25 +227,90 @@ def to_json(model, result, card=None, correction=None, speed=None) -> dict:
             "targets": list(dict.fromkeys(lin.name for lin in params.targets)),
             "unmatched_targets": list(params.unmatched),
         },
-        "memory": {"tensor_peak_bytes": memory.tensor_peak, "peak_bytes": memory.peak,
-                   "device_overhead_bytes": memory.device_overhead, "peak_phase": memory.phase,
-                   "breakdown": breakdown, "raw_tensor_peak_bytes": raw.tensor_peak,
-                   "raw_peak_bytes": raw.peak, "raw_device_overhead_bytes": raw.device_overhead},
-        "calibration": correction.summary() if correction else None,
-        "disk": {"checkpoint_bytes": checkpoint_bytes(arch, recipe, params)},
+        "device": device,
         "notes": notes,
     }
-    if card is not None:
-        report["gpu"] = {"id": card.id, "name": card.name, "memory_bytes": card.memory_bytes,
-                         "fits": memory.peak <= card.memory_bytes,
-                         "spare_bytes": card.memory_bytes - memory.peak}
-    if speed is not None:
-        speed_card, tokens = speed
+    if result.memory.phase == "inference":  # the serving rule: no step to assess
+        memory = result.memory
+        report["memory"] = {"tensor_peak_bytes": memory.tensor_peak, "peak_bytes": memory.peak,
+                            "peak_bytes_low": memory.peak, "peak_bytes_high": memory.peak,
+                            "device_overhead_bytes": memory.device_overhead,
+                            "peak_phase": memory.phase,
+                            "breakdown": {**memory.breakdown,
+                                          "device_overhead": memory.device_overhead},
+                            "raw_tensor_peak_bytes": memory.tensor_peak,
+                            "raw_peak_bytes": memory.peak,
+                            "raw_device_overhead_bytes": memory.device_overhead}
+        report["calibration"] = None
+        _compare(report, card, memory.peak, memory.peak)
+        return report
+
+    planner = Planner(pm, model.config, model.family, model.id, remote_code,
+                      calibrated=calibrated, device=device, confidence=confidence,
+                      files=weight_files(model.path))
+    speed_card = card if card is not None else probed
+    if speed_card is not None and not speed_card.has_throughput:
+        speed_card = None if card is None else card
+    workload = workload_for(lengths, recipe)
+
+    def assess(setup):
+        return planner.assess(setup.recipe, setup.parallel, speed_card, setup.recipe.batch,
+                              workload)
+
+    base = assess(Setup(recipe))
+    correction = planner.corrections.get(speed_card.id) if speed_card else None
+    b = base.breakdown
+    report["memory"] = {
+        "tensor_peak_bytes": base.tensor_peak, "peak_bytes": base.peak,
+        "peak_bytes_low": base.band.low, "peak_bytes_high": base.band.high,
+        "band": base.band.to_dict(), "device_overhead_bytes": b["device_overhead"],
+        "peak_phase": result.memory.phase if workload is None else planner.price(
+            recipe.but(seq_len=workload.worst_seq_len()))[1].phase,
+        "breakdown": b,
+        "raw_tensor_peak_bytes": base.raw[1] if base.raw else base.tensor_peak,
+        "raw_peak_bytes": base.raw[0] if base.raw else base.peak,
+        "raw_device_overhead_bytes": (base.raw[0] - base.raw[1]) if base.raw
+        else b["device_overhead"]}
+    report["calibration"] = correction.summary() if correction else None
+    if lengths is not None:
+        report["data"] = {**lengths.to_dict(recipe.seq_len), **base.workload}
+    total, available = machine_ram()
+    report["host"] = {**base.host.to_dict(), "machine_ram_bytes": total,
+                      "machine_available_bytes": available}
+    report["disk"] = {**base.disk.to_dict(), "checkpoint_bytes": base.disk.checkpoint_bytes,
+                      "free_bytes": free_disk(".")}
+    if speed_card is not None and device == "cuda":
         report["throughput"] = {
             "gpu": speed_card.id, "micro_batch": recipe.batch, "grad_accum": 1,
-            "tokens_per_s": round(correction.tokens_per_s(tokens) if correction else tokens, 1),
-            "raw_tokens_per_s": round(tokens, 1)}
+            "tokens_per_s": round(base.tokens_per_s, 1),
+            "raw_tokens_per_s": round(base.raw[2] if base.raw else base.tokens_per_s, 1)}
+    budget = card.memory_bytes if card is not None else None
+    figures = _assessed(assess)
+    levers = alternatives.levers(Setup(recipe), figures, alternatives.truncation(lengths),
+                                 alternatives.covering(lengths))
+    found = alternatives.price(figures, Setup(recipe), levers, budget)
+    report["alternatives"] = [a.to_dict() for a in found]
+    _compare(report, card, base.peak, base.high)
+    if card is not None and base.high > card.memory_bytes:
+        fit = alternatives.cheapest_fit(figures, Setup(recipe), levers, budget)
+        report["gpu"]["cheapest_fit"] = fit.to_dict() if fit else None
     return report
+
+
+def _compare(report: dict, card, peak: int, high: int) -> None:
+    if card is not None:
+        report["gpu"] = {"id": card.id, "name": card.name, "memory_bytes": card.memory_bytes,
+                         "fits": peak <= card.memory_bytes,
+                         "fits_high": high <= card.memory_bytes,
+                         "spare_bytes": card.memory_bytes - peak}
+
+
+def _assessed(assess):
+    """``assess`` returning what alternatives compare."""
+    def figures(setup):
+        c = assess(setup)
+        return Assessed(c.peak, c.high, c.tokens_per_s or None, c.fidelity)
+    return figures
 
 
 def render(report: dict) -> str:
@@ -255,7 +353,11 @@ def render(report: dict) -> str:
               "with no device overhead on the CPU" if on_cpu
               else "what nvidia-smi shows" + raw["peak_bytes"]]]
     lines.append(table(["component", "GiB", ""], rows, right={1}))
-    lines.append(f"checkpoint on disk  {gib(report['disk']['checkpoint_bytes'])}")
+    if mem.get("band"):
+        lines.append(band_line(mem))
+    if report.get("data"):
+        lines += data_lines(report["data"])
+    lines += host_lines(report.get("host"), report.get("disk"))
     speed = report.get("throughput")
     if speed:
         lines.append(f"throughput on {speed['gpu']}  {speed['tokens_per_s']:,.0f} tokens/s "
@@ -271,8 +373,15 @@ def render(report: dict) -> str:
     if "gpu" in report:
         g = report["gpu"]
         verdict = "fits" if g["fits"] else "does NOT fit"
+        if g["fits"] and not g["fits_high"]:
+            verdict = "fits, but not at the upper bound"
         lines.append(f"{g['name']}: {gib(g['memory_bytes'])} -> {verdict} "
                      f"({gib(abs(g['spare_bytes']))} {'spare' if g['fits'] else 'short'})")
+        if "cheapest_fit" in g:
+            lines.append(fit_line(g["cheapest_fit"], g["memory_bytes"]))
+    lines += alternatives_table(report.get("alternatives", []),
+                                "alternatives (one change each, cheapest first; deltas are "
+                                "differences of two full estimates):")
     lines += [f"note: {n}" for n in report["notes"]]
     if report.get("plot"):
         lines.append(f"plot: {report['plot']}")

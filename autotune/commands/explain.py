@@ -6,6 +6,7 @@ import json
 
 import click
 
+from autotune.commands.sections import alternatives_table
 from autotune.units import GiB
 
 MEANING = {
@@ -28,12 +29,16 @@ MEANING = {
 @click.pass_obj
 def command(pm, plan_file, as_json) -> None:
     """Explain a plan in words and numbers: why it, its memory, and what alternatives cost."""
-    from autotune.alternatives import price
+    from autotune import alternatives
+    from autotune.commands.plan import _assess
     from autotune.estimate import estimate
     from autotune.hardware import gpu_catalogue
+    from autotune.parallel import Parallel
     from autotune.planfile import read_plan
+    from autotune.planner import Planner
     from autotune.profiles import resolve_model
     from autotune.recipe import Recipe
+    from autotune.space import Space
 
     plan = read_plan(plan_file)
     recipe = Recipe(**plan["recipe"])
@@ -41,7 +46,15 @@ def command(pm, plan_file, as_json) -> None:
     hardware = plan.get("hardware", {})
     gpu = gpu_catalogue().get(hardware.get("gpu", ""))
     result = estimate(pm, model.config, recipe, model.family)
-    alternatives = price(pm, model.config, model.family, result, gpu)
+    planner = Planner(pm, model.config, model.family, model.id)
+    training = plan.get("training", {})
+    effective = training.get("effective_batch") or recipe.batch
+    base = alternatives.Setup(recipe, Parallel.from_dict(plan.get("distributed")))
+    space = Space(gpu, recipe.seq_len, recipe.stage, effective, planner.arch.num_layers) \
+        if gpu else None
+    assess = _assess(planner, space) if space else _memory_only(planner, effective)
+    found = alternatives.price(assess, base, alternatives.levers(base, assess),
+                               hardware.get("budget_bytes"))
     breakdown = {**result.memory.breakdown, "device_overhead": result.memory.device_overhead}
     report = {
         "schema": "autotune.explain/1", "plan": plan_file, "model": model.id,
@@ -50,9 +63,19 @@ def command(pm, plan_file, as_json) -> None:
         "memory": {"peak_bytes": result.memory.peak, "peak_phase": result.memory.phase,
                    "components": [{"name": k, "bytes": v, "meaning": MEANING.get(k, "")}
                                   for k, v in breakdown.items() if v]},
-        "alternatives": [a.to_dict() for a in alternatives],
+        "alternatives": [a.to_dict() for a in found],
     }
     click.echo(json.dumps(report, indent=2) if as_json else _render(report))
+
+
+def _memory_only(planner, effective_batch: int):
+    """Figures without a known card: memory and fidelity, no throughput."""
+    from autotune.alternatives import Assessed
+
+    def figures(setup):
+        c = planner.assess(setup.recipe, setup.parallel, None, effective_batch)
+        return Assessed(c.peak, c.high, None, c.fidelity)
+    return figures
 
 
 def _why(plan, recipe, result, hardware) -> list[str]:
@@ -95,10 +118,6 @@ def _render(report: dict) -> str:
     for c in memory["components"]:
         lines.append(f"  {c['name'].replace('_', ' '):<16} {c['bytes'] / GiB:>8.2f} GiB  "
                      f"{c['meaning']}")
-    if report["alternatives"]:
-        lines += ["", "alternatives (one change each, from two full estimates):"]
-        for a in report["alternatives"]:
-            speed = ("" if a["tokens_per_s_delta"] is None
-                     else f", {a['tokens_per_s_delta']:+.0f} tokens/s")
-            lines.append(f"  {a['change']:<32} {a['peak_delta_bytes'] / GiB:+8.2f} GiB{speed}")
+    lines += alternatives_table(report["alternatives"], "alternatives (one change each, cheapest "
+                                                        "first, from two full estimates):")
     return "\n".join(lines)

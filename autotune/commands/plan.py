@@ -7,7 +7,20 @@ import sys
 
 import click
 
-from autotune.commands.estimate import no_calibration_option, target_gpu, trust_remote_code_option
+from autotune.commands.estimate import (
+    confidence_option,
+    data_option,
+    no_calibration_option,
+    read_lengths,
+    target_gpu,
+    trust_remote_code_option,
+)
+from autotune.commands.sections import (
+    alternatives_table,
+    data_lines,
+    fit_line,
+    host_lines,
+)
 from autotune.errors import AutotuneError
 from autotune.output import table
 from autotune.recipe import ATTENTION, LIMITS, OPTIMIZERS
@@ -41,8 +54,13 @@ INFEASIBLE = 3
               help="Machines, each with --gpus cards.")
 @click.option("--strategy", type=click.Choice(["ddp", "zero1", "zero2", "zero3", "fsdp"]),
               help="Pin the multi-GPU strategy (its CPU-offload variants are still tried).")
-@click.option("--headroom", default="5%", show_default=True,
-              help="Memory kept free: a share of the card (5%) or a size (1GiB).")
+@click.option("--headroom", default="0%", show_default=True,
+              help="Memory kept free beyond the peak's upper bound: a share of the card (5%) "
+                   "or a size (1GiB).")
+@confidence_option
+@data_option
+@click.option("--host-ram", help="Host RAM per node to plan for (e.g. 256GiB; default: this "
+                                 "machine's when planning for its own GPUs).")
 @click.option("--objective", type=click.Choice(["quality", "speed", "balanced"]),
               default="balanced", show_default=True, help="How to pick from the Pareto front.")
 @click.option("--method", type=click.Choice(list(METHODS)), help="Pin the method.")
@@ -72,9 +90,9 @@ INFEASIBLE = 3
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.plan/1).")
 @click.pass_obj
 def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, nodes, strategy,
-            headroom, objective, method, rank, targets, batch, grad_ckpt, optim, attn, top,
-            storage, seed, measure_top, measure_steps, trust_remote_code, plot, output,
-            as_json, no_calibration=False) -> None:
+            headroom, confidence, data_path, host_ram, objective, method, rank, targets, batch,
+            grad_ckpt, optim, attn, top, storage, seed, measure_top, measure_steps,
+            trust_remote_code, plot, output, as_json, no_calibration=False) -> None:
     """Search the recipes that fit a GPU and explain the pick.
 
     Searches method, LoRA rank and targets, micro batch and accumulation,
@@ -82,6 +100,7 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
     several cards (--gpus, --nodes) also DDP, DeepSpeed ZeRO-1/2/3 and FSDP, with and
     without CPU offload.
     """
+    from autotune.host import weight_files
     from autotune.planner import Planner, default_storage
     from autotune.profiles import resolve_model
     from autotune.space import Pins, Space
@@ -89,7 +108,16 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
     pins = Pins(method, rank, targets, batch, grad_ckpt, optim, attn)
     model = resolve_model(model_spec, pm)
     planner = Planner(pm, model.config, model.family, model.id, trust_remote_code,
-                      calibrated=not no_calibration)
+                      calibrated=not no_calibration, confidence=confidence / 100,
+                      files=weight_files(model.path))
+    lengths = read_lengths(pm, model, stage, data_path)
+    if lengths is not None:  # the data sets the length; an explicit --seq-len caps it
+        from autotune.lengths import choose_seq_len
+
+        explicit = click.get_current_context().get_parameter_source("seq_len")
+        cap = seq_len if explicit == click.core.ParameterSource.COMMANDLINE else \
+            _context(model.config)
+        seq_len = choose_seq_len(lengths, cap)
     if targets is not None:  # pinned targets that match nothing: an error, not a full tune
         from autotune.params import resolve_targets
 
@@ -102,10 +130,20 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
     per_node = gpus or (len(cards) if cards else 1)
     if strategy and per_node * nodes == 1:
         raise AutotuneError("--strategy needs several cards: give --gpus N (and --nodes M)")
+    host_limit = _host_limit(host_ram, local)
 
     def space_for(card, count=per_node, pinned=pins):
-        return Space(card, seq_len, stage, effective_batch, planner.arch.num_layers,
-                     planner.family_groups(), pinned, count, nodes, strategy)
+        space = Space(card, seq_len, stage, effective_batch, planner.arch.num_layers,
+                      planner.family_groups(), pinned, count, nodes, strategy,
+                      host_ram=host_limit)
+        if lengths is None:
+            return space
+        from dataclasses import replace
+
+        from autotune.lengths import Workload, batching_for
+
+        return replace(space, workload=Workload(lengths, seq_len,
+                                                batching_for(stage, space.attn)))
 
     if cards is None and plot:
         raise AutotuneError("--plot draws one card's study: name it with --gpu or --vram")
@@ -131,6 +169,13 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
 
         measure_candidates(planner, result, measure_top, measure_steps, storage, objective)
     report = _report(model, planner, result, objective, effective_batch, per_node * nodes, local)
+    report["confidence"] = planner.confidence
+    report["host_ram_limit_bytes"] = host_limit
+    if lengths is not None:
+        report["data"] = lengths.to_dict(seq_len)
+    if result.feasible:
+        report["alternatives"] = _alternatives(planner, result, lengths)
+        report["notes"] += _machine_notes(result.ranked[0], host_limit, local, output)
     if plot:
         from autotune.plots import pareto_front
 
@@ -146,6 +191,74 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
                                          effective_batch))
         report["written"] = output
     click.echo(json.dumps(report, indent=2) if as_json else _render(report))
+
+
+def _context(config: dict) -> int:
+    """The longest sequence the model takes (its position table), the cap for ``--data``."""
+    from autotune.recipe import LIMITS
+
+    value = config.get("max_position_embeddings") or config.get("n_positions")
+    return value if isinstance(value, int) and 0 < value <= LIMITS["seq_len"] else 4096
+
+
+def _host_limit(host_ram: str | None, local: bool) -> int | None:
+    """Host RAM a plan may use: ``--host-ram``, else this machine's when its GPUs are planned."""
+    from autotune.host import machine_ram
+    from autotune.units import parse_size
+
+    if host_ram is not None:
+        return parse_size(host_ram)
+    return machine_ram()[0] if local else None
+
+
+def _machine_notes(best, host_limit, local, output) -> list[str]:
+    """Warnings, with numbers, where this machine may not hold the pick: RAM free now, disk."""
+    import os
+
+    from autotune.host import check_disk, check_ram, free_disk, machine_ram
+
+    notes = []
+    total, available = machine_ram()
+    if best.host is not None:
+        if host_limit is None:
+            verdict = check_ram(best.host, total, available)
+            if verdict.level != "ok":
+                notes.append(verdict.message + " (this machine; planning for another: "
+                                               "--host-ram)")
+        elif local:
+            verdict = check_ram(best.host, host_limit, available)
+            if verdict.level == "warn":
+                notes.append(verdict.message)
+    if best.disk is not None:
+        folder = os.path.dirname(os.path.abspath(output)) if output else os.getcwd()
+        verdict = check_disk(best.disk, free_disk(folder), folder)
+        if verdict.level != "ok":
+            notes.append(verdict.message)
+    return notes
+
+
+def _alternatives(planner, result, lengths) -> list[dict]:
+    """The pick's costed single changes, cheapest first."""
+    from autotune import alternatives
+
+    best = result.ranked[0]
+    base = alternatives.Setup(best.recipe, best.parallel)
+    assess = _assess(planner, result.space)
+    levers = alternatives.levers(base, assess, alternatives.truncation(lengths),
+                                 alternatives.covering(lengths))
+    found = alternatives.price(assess, base, levers, result.budget)
+    return [a.to_dict() for a in found]
+
+
+def _assess(planner, space):
+    """A setup's figures as the planner prices them for ``space``."""
+    from autotune.alternatives import Assessed
+
+    def figures(setup):
+        c = planner.assess(setup.recipe, setup.parallel, space.gpu, space.effective_batch,
+                           space.workload)
+        return Assessed(c.peak, c.high, c.tokens_per_s or None, c.fidelity)
+    return figures
 
 
 def _cards(gpu: str | None, vram: str | None):
@@ -246,18 +359,23 @@ def _render(report: dict) -> str:
                          p["bits"], f"{p['micro_batch']} x {p['grad_accum']}",
                          "on" if p["grad_ckpt"] else "off", p["optim"],
                          f"{p['memory']['peak_bytes'] / GiB:.2f}",
+                         f"{p['memory']['peak_bytes_high'] / GiB:.2f}",
                          f"{p['throughput']['tokens_per_s']:.0f}", f"{p['fidelity']:.2f}",
                          p["why"]])
             measured = p.get("measured")
             if measured:
                 rows.append(["", f"measured: {measured.get('status')}"]
                             + [""] * shift + ["", "", "", "",
-                             f"{measured.get('peak_tensor_bytes', 0) / GiB:.2f}",
+                             f"{measured.get('peak_tensor_bytes', 0) / GiB:.2f}", "",
                              f"{measured.get('tokens_per_s', 0):.0f}", "", "tensor peak"])
         head = ["#", "recipe"] + (["strategy"] if several else []) + [
-            "bits", "batch", "ckpt", "optim", "peak GiB", "tok/s", "fid", "why"]
-        lines += ["", table(head, rows, right={0, 2 + shift, 6 + shift, 7 + shift, 8 + shift},
-                            highlight_first=True)]
+            "bits", "batch", "ckpt", "optim", "peak GiB", "at most", "tok/s", "fid", "why"]
+        lines += ["", table(head, rows, right={0, 2 + shift, 6 + shift, 7 + shift, 8 + shift,
+                                               9 + shift}, highlight_first=True)]
+        conf = report.get("confidence")
+        if conf:
+            lines.append(f"'at most': the peak's upper bound at {100 * conf:.0f}% confidence, "
+                         "which must fit the budget (docs/uncertainty.md)")
         if several:
             lines.append(f"batch is per card; tok/s for all {g['count']} cards; host RAM for "
                          f"#1: {gib(report['plans'][0]['host_ram_bytes'])} per node")
@@ -269,6 +387,15 @@ def _render(report: dict) -> str:
                          f"; raw #1 {first['memory']['raw_peak_bytes'] / GiB:.2f} GiB, "
                          f"{first['throughput']['raw_tokens_per_s']:.0f} tok/s" if first else "")
                      + " (--no-calibration plans with the raw figures)")
+    if report.get("data"):
+        data = dict(report["data"])
+        if report["plans"]:
+            data.update(report["plans"][0].get("data") or {})
+        lines += [""] + data_lines(data)
+    if report["plans"]:
+        lines += host_lines(report["plans"][0].get("host"), report["plans"][0].get("disk"))
+    lines += alternatives_table(report.get("alternatives", []),
+                                "alternatives to #1 (one change each, cheapest first):")
     if "infeasible" in report:
         lines += ["", report["infeasible"]["message"]]
     if report.get("written"):
@@ -336,7 +463,7 @@ def _infeasible(planner, result, space_for, headroom, objective) -> dict:
     from autotune.space import Pins
 
     smallest = result.smallest
-    need = smallest.peak if smallest else 0
+    need = smallest.high if smallest else 0
     fixes = []
     space = result.space
     if space.pins.method != "qlora":
@@ -365,13 +492,43 @@ def _infeasible(planner, result, space_for, headroom, objective) -> dict:
                     key=lambda g: g.memory_bytes)
     if bigger:
         fixes.append("a card with more memory: " + ", ".join(g.id for g in bigger[:4]))
-    if space.world == 1:
+    context = _context_bound(planner)
+    if context >= result.budget:
+        fixes.append(f"no number of cards: the CUDA context alone may take {gib(context)} "
+                     "of each")
+    elif space.world == 1:
         fixes.append(_cards_needed(planner, space, result.budget, objective))
-    message = (f"no plan fits {result.gpu.name}: the smallest needs {gib(need)}, the budget is "
-               f"{gib(result.budget)}. It would fit with: " + "; ".join(fixes) + ".")
+    cheapest = None
+    if smallest is not None:
+        from autotune import alternatives
+
+        base = alternatives.Setup(smallest.recipe, smallest.parallel)
+        lengths = space.workload.lengths if space.workload else None
+        assess = _assess(planner, space)
+        levers = alternatives.levers(base, assess, alternatives.truncation(lengths),
+                                     alternatives.covering(lengths))
+        cheapest = alternatives.cheapest_fit(assess, base, levers, result.budget)
+    host = ""
+    if smallest is not None and smallest.high <= result.budget and space.host_ram is not None:
+        host = (f" (its memory fits, but it needs {gib(smallest.host.peak)} of host RAM per "
+                f"node and the machine has {gib(space.host_ram)})")
+    message = (f"no plan fits {result.gpu.name}: the smallest needs {gib(need)} at its upper "
+               f"bound, the budget is {gib(result.budget)}{host}. It would fit with: "
+               + "; ".join(fixes) + ".")
+    if cheapest is not None:
+        message += " " + fit_line(cheapest.to_dict(), result.budget) + "."
     return {"smallest_peak_bytes": need, "budget_bytes": result.budget, "fixes": fixes,
-            "message": message,
+            "cheapest_fit": cheapest.to_dict() if cheapest else None, "message": message,
             "smallest_plan": smallest.to_dict() if smallest else None}
+
+
+def _context_bound(planner) -> int:
+    """The upper bound of a card's memory before any tensor: the CUDA context's."""
+    from autotune.memory import CUDA_CONTEXT, MemoryEstimate
+    from autotune.uncertainty import band
+
+    empty = MemoryEstimate({}, 0, CUDA_CONTEXT, "start")
+    return band(empty, confidence=planner.confidence).high
 
 
 def _cards_needed(planner, space, budget, objective) -> str:

@@ -35,7 +35,8 @@ DEMO_STEPS = 30
 @click.option("--vram", help="With --model: plan for this memory budget.")
 @click.option("--seq-len", type=click.IntRange(1, LIMITS["seq_len"]),
               default=512, show_default=True,
-              help="With --model: tokens per sequence.")
+              help="With --model: the longest sequence; the data's longest example, rounded "
+                   "up, sets it when shorter.")
 @click.option("--random-init", is_flag=True,
               help="Train from random weights (no checkpoint needed: tests and demos).")
 @click.option("--demo", is_flag=True, help="Plan LoRA for the tiny model and train it on the "
@@ -95,7 +96,7 @@ def command(ctx, plan_file, data, output_dir, max_steps, epochs, report_to, mode
         plan = read_plan(plan_file)
     elif model_spec:
         plan = _plan(pm, model_spec, stage, gpu, vram, seq_len, trust_remote_code, quiet,
-                     method="lora" if demo else None)
+                     data, method="lora" if demo else None)
     else:
         raise AutotuneError("give a plan file (from `autotune plan -o`), --model, or --demo")
     if demo:  # random weights: a livelier learning rate shows the loss fall in 30 steps
@@ -130,14 +131,18 @@ def _fresh(stem: str) -> str:
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _plan(pm, model_spec, stage, gpu, vram, seq_len, remote_code, quiet,
+def _plan(pm, model_spec, stage, gpu, vram, seq_len, remote_code, quiet, data: str,
           method: str | None = None) -> dict:
-    """Plan on the analytic model and return the pick as a plan document."""
+    """Plan on the analytic model for ``data`` (its lengths set the sequence length, capped
+    at ``seq_len``, and the batching) and return the pick as a plan document."""
     import sys
 
-    from autotune.commands.estimate import target_gpu
+    from dataclasses import replace
+
+    from autotune.commands.estimate import read_lengths, target_gpu
     from autotune.commands.plan import _budget, _cards
     from autotune.hardware import budget_gpu, probe
+    from autotune.lengths import Workload, batching_for, choose_seq_len
     from autotune.planfile import plan_document
     from autotune.planner import Planner
     from autotune.profiles import resolve_model
@@ -153,10 +158,13 @@ def _plan(pm, model_spec, stage, gpu, vram, seq_len, remote_code, quiet,
         else:  # train on the CPU: plan for half the available RAM
             available = probe()["host"].get("ram_available_bytes") or 8 * 2**30
             card = budget_gpu(available // 2, bf16=True)
-    budget = _budget(card, "5%")
+    budget = _budget(card, "0%")  # plans fit at the upper bound of their peak
     effective = 8
+    lengths = read_lengths(pm, model, stage, data)
+    seq_len = choose_seq_len(lengths, seq_len)
     space = Space(card, seq_len, stage, effective, planner.arch.num_layers,
                   planner.family_groups(), Pins(method=method))
+    space = replace(space, workload=Workload(lengths, seq_len, batching_for(stage, space.attn)))
     result = planner.plan(space, budget, "quality", None)
     if not result.ranked:
         raise AutotuneError(f"no plan for {model.id} fits {card.name}; see `autotune plan`")

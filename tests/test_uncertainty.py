@@ -1,0 +1,116 @@
+"""The band around the memory estimate: priors, confidence, and calibration's spread."""
+
+import math
+from statistics import NormalDist
+
+import pytest
+
+from autotune.calibration import Correction, apply
+from autotune.errors import AutotuneError
+from autotune.estimate import estimate
+from autotune.recipe import Recipe
+from autotune.uncertainty import CONFIDENCE, PRIORS, band, z
+from tests.conftest import TINY
+
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def memory(pm):
+    return estimate(pm, TINY["llama-gqa"], Recipe(method="lora", batch=2, seq_len=64)).memory
+
+
+def correction(n=10, spread=None):
+    return Correction(gpu="a100-80gb", n=n, tensor_scale=1.1, fragmentation=0.08,
+                      device_overhead=700 * MiB, efficiency=1.0,
+                      spread={"tensor": 0.02, "peak": 0.03} if spread is None else spread)
+
+
+def test_the_band_holds_the_peak_and_widens_with_confidence(memory):
+    b = band(memory)
+    assert 0 <= b.low <= memory.peak <= b.high
+    assert (b.confidence, b.source) == (CONFIDENCE, "priors")
+    wide = band(memory, confidence=0.999)
+    assert wide.low < b.low and wide.high > b.high
+    assert set(b.to_dict()) == {"low_bytes", "high_bytes", "confidence", "source", "components"}
+    assert b.to_dict()["components"]["device_overhead"] == {
+        "low_bytes": b.components["device_overhead"][0],
+        "high_bytes": b.components["device_overhead"][1]}
+
+
+def test_on_the_cpu_the_band_is_tensors_only(memory):
+    b = band(memory, device="cpu")
+    assert "device_overhead" not in b.components
+    assert b.low <= memory.tensor_peak <= b.high < band(memory).high
+
+
+def test_components_add_in_quadrature(memory):
+    b = band(memory)
+    k = NormalDist().inv_cdf(CONFIDENCE)
+    ups = [PRIORS[name][1] * value for name, value in memory.breakdown.items()]
+    downs = [PRIORS[name][0] * value for name, value in memory.breakdown.items()]
+    slack = memory.device_overhead - (context := 600 * MiB)
+    ups += [PRIORS["cuda_context"][1] * context, PRIORS["allocator_slack"][1] * slack]
+    downs += [PRIORS["cuda_context"][0] * context, PRIORS["allocator_slack"][0] * slack]
+    assert b.high - memory.peak == pytest.approx(k * math.hypot(*ups), abs=1)
+    assert memory.peak - b.low == pytest.approx(k * math.hypot(*downs), abs=1)
+    # the same sum from the components' own bounds
+    values = {**memory.breakdown, "device_overhead": memory.device_overhead}
+    assert b.high - memory.peak == pytest.approx(
+        math.hypot(*(b.components[name][1] - value for name, value in values.items())), abs=9)
+    # the device overhead is uncertain mostly upward: the context and the allocator's slack
+    low, high = b.components["device_overhead"]
+    assert high - memory.device_overhead > memory.device_overhead - low
+
+
+def test_z_is_the_one_sided_normal_quantile():
+    assert z(0.95) == pytest.approx(NormalDist().inv_cdf(0.95)) == pytest.approx(1.6449, abs=1e-4)
+    assert z(0.999) > z(0.95)
+    for bad in (0.5, 1.0, 0.3, 1.5, float("nan")):
+        with pytest.raises(AutotuneError, match="confidence"):
+            z(bad)
+    with pytest.raises(AutotuneError):
+        band(None, confidence=1.0)
+
+
+def test_a_calibration_with_a_spread_replaces_the_priors(pm):
+    raw = estimate(pm, TINY["llama-gqa"], Recipe(method="lora", batch=8, seq_len=64)).memory
+    fit = correction()
+    calibrated = apply(raw, fit)
+    b = band(calibrated, correction=fit)
+    assert b.source == "calibration (a100-80gb, 10 runs)"
+    assert b.low <= calibrated.peak <= b.high
+    priors = band(calibrated)
+    assert priors.high - priors.low > b.high - b.low
+    # one measured ratio moves every tensor component: they add up, not in quadrature
+    k, tensor = z(CONFIDENCE), 0.02 * math.sqrt(1.1)
+    spread = math.hypot(tensor * calibrated.tensor_peak, 0.03 * math.sqrt(1.1) * calibrated.peak)
+    assert b.high - calibrated.peak == pytest.approx(k * spread, abs=1)
+    activations = calibrated.breakdown["activations"]
+    assert b.components["activations"][1] == math.ceil(activations * (1 + k * tensor))
+    assert "calibration" in b.components
+
+
+def test_a_tiny_spread_is_floored(memory):
+    fit = correction(spread={"tensor": 0.0, "peak": 0.0})
+    b = band(apply(memory, fit), correction=fit, device="cpu")
+    assert b.high - b.low > 2 * z(CONFIDENCE) * 0.01 * memory.tensor_peak
+
+
+@pytest.mark.parametrize("fit", [correction(n=1, spread={"tensor": 0.0, "peak": 0.0}),
+                                 correction(spread={"tensor": None, "peak": None})],
+                         ids=["one-run", "no-spread"])
+def test_without_a_spread_the_priors_stay(memory, fit):
+    calibrated = apply(memory, fit)
+    b = band(calibrated, correction=fit)
+    assert b.source.startswith("priors") and "a100-80gb" in b.source
+    assert b.low <= calibrated.peak <= b.high
+    delta = calibrated.breakdown["calibration"]
+    assert b.components["calibration"][1] == math.ceil(
+        delta + z(CONFIDENCE) * PRIORS["calibration"][1] * delta)
+
+
+def test_a_missing_peak_spread_keeps_the_overhead_priors(memory):
+    fit = correction(spread={"tensor": 0.02, "peak": None})
+    b = band(apply(memory, fit), correction=fit)
+    assert b.source == "calibration (a100-80gb, 10 runs; device overhead from priors)"
