@@ -25,6 +25,8 @@ TRUNCATION = 0.10
 """Fidelity worth cutting every example short (10% of the examples: 0.01)."""
 MOST_CHANGES = 4
 """Combinations of at most this many changes are tried for the cheapest fit."""
+NODE_GPUS = 8
+"""Cards a node holds: a full node gets no "one more GPU"."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,15 @@ class Assessed:
     """The peak's upper bound at the stated confidence (what must fit)."""
     tokens_per_s: float | None
     fidelity: float
+    host: int = 0
+    """Host RAM per node."""
+
+    def fits(self, budget: int | None, host_ram: int | None = None) -> bool | None:
+        """Whether the upper bound fits ``budget`` and the host ``host_ram`` (``None``: no
+        card to fit)."""
+        if budget is None:
+            return None
+        return self.high <= budget and (host_ram is None or self.host <= host_ram)
 
 
 @dataclass(frozen=True)
@@ -104,9 +115,9 @@ def levers(base: Setup, assess: Callable[[Setup], Assessed],
     """
     r = base.recipe
     found = [
-        Change("rank -> 16", _rank),
+        Change(f"rank {r.rank} -> 16", _rank),
         Change("targets all-linear -> attention", _targets),
-        Change("LoRA r16 instead of full", _lora),
+        Change(f"LoRA r16 instead of {r.method}", _lora),
         Change("gradient checkpointing on", _checkpointing),
         Change("8-bit AdamW", _optimizer),
         Change("4-bit base", _four_bit),
@@ -117,20 +128,12 @@ def levers(base: Setup, assess: Callable[[Setup], Assessed],
     for n in lengths:
         found.append(Change(f"sequences {r.seq_len} -> {n}", _sequences(n),
                             truncates=truncated or (lambda _n: None)))
-    found.append(Change("one more GPU", _one_more_gpu(assess), cards=1))
-    named = []
-    for change in found:  # label with the base's own figures
-        changed = change.apply(base)
-        if changed is None:
-            continue
-        label = change.label
-        if change.label == "rank -> 16":
-            label = f"rank {r.rank} -> 16"
-        elif change.label == "one more GPU":
-            p = changed.parallel
-            label = f"one more GPU ({p.world} cards, {p.label})"
-        named.append(Change(label, change.apply, change.cards, change.truncates))
-    return named
+    more = _one_more_gpu(assess)
+    wider = more(base)
+    if wider is not None:
+        p = wider.parallel
+        found.append(Change(f"one more GPU ({p.world} cards, {p.label})", more, cards=1))
+    return found
 
 
 def truncation(lengths) -> Callable[[int], float] | None:
@@ -148,28 +151,30 @@ def covering(lengths, share: str = "p99", multiple: int = 64) -> tuple[int, ...]
 
 
 def price(assess: Callable[[Setup], Assessed], base: Setup, changes: list[Change],
-          budget: int | None = None) -> list[Alternative]:
+          budget: int | None = None, host_ram: int | None = None) -> list[Alternative]:
     """Every single change in ``changes``, cheapest first."""
     before = assess(base)
-    found = [_priced(assess, base, before, (c,), budget) for c in changes]
+    found = [_priced(assess, base, before, (c,), budget, host_ram) for c in changes]
     return sorted((a for a in found if a is not None), key=Alternative.key)
 
 
 def cheapest_fit(assess: Callable[[Setup], Assessed], base: Setup, changes: list[Change],
-                 budget: int, most: int = MOST_CHANGES) -> Alternative | None:
-    """The cheapest combination of ``changes`` whose upper bound fits ``budget``."""
+                 budget: int, host_ram: int | None = None,
+                 most: int = MOST_CHANGES) -> Alternative | None:
+    """The cheapest combination of ``changes`` whose upper bound fits ``budget`` (and whose
+    host needs fit ``host_ram``)."""
     before = assess(base)
     best = None
     for size in range(1, min(most, len(changes)) + 1):
         for combo in itertools.combinations(changes, size):
-            found = _priced(assess, base, before, combo, budget)
+            found = _priced(assess, base, before, combo, budget, host_ram)
             if found is not None and found.fits and (best is None or found.key() < best.key()):
                 best = found
     return best
 
 
 def _priced(assess, base: Setup, before: Assessed, combo: tuple[Change, ...],
-            budget: int | None) -> Alternative | None:
+            budget: int | None, host_ram: int | None = None) -> Alternative | None:
     setup = base
     for change in combo:
         setup = change.apply(setup)
@@ -194,8 +199,7 @@ def _priced(assess, base: Setup, before: Assessed, combo: tuple[Change, ...],
         cost += BALANCE * max(math.log2(before.tokens_per_s / after.tokens_per_s), 0.0)
     return Alternative(tuple(c.label for c in combo), setup, after, after.peak - before.peak,
                        after.high - before.high, speed, after.fidelity - before.fidelity,
-                       cards, truncated, cost,
-                       None if budget is None else after.high <= budget)
+                       cards, truncated, cost, after.fits(budget, host_ram))
 
 
 # -- the levers ------------------------------------------------------------------------------
@@ -250,13 +254,14 @@ def _sequences(n: int) -> Callable[[Setup], Setup | None]:
 
 
 def _one_more_gpu(assess: Callable[[Setup], Assessed]) -> Callable[[Setup], Setup | None]:
-    """One more card on the node, under the strategy (without CPU offload) that keeps the
-    least on each card: DDP only for a quantised base."""
+    """One more card on the node, under the strategy that keeps the least on each card
+    (offloading what the setup offloads): DDP only for a quantised base."""
     def apply(s: Setup) -> Setup | None:
         p = s.parallel
-        if p.nodes > 1:
+        if p.nodes > 1 or p.gpus >= NODE_GPUS:
             return None
         ways = [Setup(s.recipe, q) for q in options(p.gpus + 1, 1, s.recipe.bits < 16)
-                if not q.offload_optimizer]
+                if (q.offload_optimizer, q.offload_params)
+                == (p.offload_optimizer, p.offload_params)]
         return min(ways, key=lambda way: assess(way).high)
     return apply

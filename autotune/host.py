@@ -20,8 +20,8 @@ import zipfile
 from dataclasses import dataclass, field, replace
 
 from autotune.activations import FP32
-from autotune.checkpoints import KEPT
 from autotune.architecture import Architecture
+from autotune.checkpoints import KEPT
 from autotune.errors import AutotuneError
 from autotune.memory import BYTES, largest_module, optimizer_state_bytes, weight_bytes
 from autotune.parallel import HOST_BUFFER, MASTER_STATE, SINGLE, Parallel, host_bytes
@@ -234,7 +234,7 @@ class DiskNeeds:
                    self.kept * self.checkpoint_bytes + self.final_bytes)
 
     def to_dict(self) -> dict:
-        return {"checkpoint_bytes": self.checkpoint_bytes, "kept": self.kept,
+        return {"trainer_checkpoint_bytes": self.checkpoint_bytes, "kept": self.kept,
                 "while_saving": self.kept + 1, "final_bytes": self.final_bytes,
                 "total_bytes": self.total}
 

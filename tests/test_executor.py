@@ -168,3 +168,21 @@ def test_an_external_family_plugin_is_used_by_plan_and_run(tmp_path, monkeypatch
                                "--data", dataset_path("sft"), "--random-init", "--max-steps", 4,
                                "--output-dir", out, "--json"))
     assert report["steps"] == 4 and (out / "run_report.json").exists()
+
+
+def test_packed_batching_trains_several_examples_per_row(pm, tmp_path):
+    """A plan's ``training.batching: packed`` reaches TRL: rows hold several short chats."""
+    path = tmp_path / "plan.yaml"
+    invoke(pm, "plan", "--model", "tiny", "--vram", "2GiB", "--seq-len", "512", "--method",
+           "lora", "--batch", "4", "--effective-batch", "4", "--storage", "none", "-o", path)
+    tokens = {}
+    for batching in ("padded", "packed"):
+        plan = yaml.safe_load(path.read_text())
+        plan["training"]["batching"] = batching
+        changed = tmp_path / f"{batching}.yaml"
+        changed.write_text(yaml.safe_dump(plan))
+        report = json.loads(invoke(pm, "run", changed, "--data", dataset_path("sft"),
+                                   "--random-init", "--max-steps", 3, "--output-dir",
+                                   tmp_path / batching, "--json"))
+        tokens[batching] = report["tokens"]
+    assert tokens["packed"] > 1.5 * tokens["padded"], tokens

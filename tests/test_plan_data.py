@@ -167,7 +167,7 @@ def test_infeasible_plan_names_the_cheapest_combination(pm):
                   "--seq-len", "8192", "--grad-ckpt", "--optim", "adamw_torch", code=3)
     infeasible = report["infeasible"]
     assert infeasible["cheapest_fit"]["fits"]
-    assert "cheapest combination that fits" in infeasible["message"]
+    assert "Cheapest combination that fits" in infeasible["message"]
 
 
 def test_run_refuses_a_plan_needing_more_ram_than_the_machine_reports(pm, tmp_path,

@@ -202,6 +202,7 @@ def to_json(pm, model, result, card=None, probed=None, device: str = "cuda",
     """The ``autotune.estimate/1`` document. ``probed``: this machine's card, for its
     calibration and throughput when none is named."""
     from autotune.host import free_disk, machine_ram, weight_files
+    from autotune.memory import checkpoint_bytes
     from autotune.planner import Planner
 
     params, recipe, arch = result.params, result.recipe, result.arch
@@ -242,6 +243,7 @@ def to_json(pm, model, result, card=None, probed=None, device: str = "cuda",
                             "raw_peak_bytes": memory.peak,
                             "raw_device_overhead_bytes": memory.device_overhead}
         report["calibration"] = None
+        report["disk"] = {"checkpoint_bytes": checkpoint_bytes(arch, recipe, params)}
         _compare(report, card, memory.peak, memory.peak)
         return report
 
@@ -277,8 +279,8 @@ def to_json(pm, model, result, card=None, probed=None, device: str = "cuda",
     total, available = machine_ram()
     report["host"] = {**base.host.to_dict(), "machine_ram_bytes": total,
                       "machine_available_bytes": available}
-    report["disk"] = {**base.disk.to_dict(), "checkpoint_bytes": base.disk.checkpoint_bytes,
-                      "free_bytes": free_disk(".")}
+    report["disk"] = {**base.disk.to_dict(), "free_bytes": free_disk("."),
+                      "checkpoint_bytes": checkpoint_bytes(arch, recipe, params)}
     if speed_card is not None and device == "cuda":
         report["throughput"] = {
             "gpu": speed_card.id, "micro_batch": recipe.batch, "grad_accum": 1,
@@ -309,7 +311,8 @@ def _assessed(assess):
     """``assess`` returning what alternatives compare."""
     def figures(setup):
         c = assess(setup)
-        return Assessed(c.peak, c.high, c.tokens_per_s or None, c.fidelity)
+        return Assessed(c.peak, c.high, c.tokens_per_s or None, c.fidelity,
+                        c.host.peak if c.host else 0)
     return figures
 
 

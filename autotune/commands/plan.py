@@ -246,7 +246,7 @@ def _alternatives(planner, result, lengths) -> list[dict]:
     assess = _assess(planner, result.space)
     levers = alternatives.levers(base, assess, alternatives.truncation(lengths),
                                  alternatives.covering(lengths))
-    found = alternatives.price(assess, base, levers, result.budget)
+    found = alternatives.price(assess, base, levers, result.budget, result.space.host_ram)
     return [a.to_dict() for a in found]
 
 
@@ -257,7 +257,8 @@ def _assess(planner, space):
     def figures(setup):
         c = planner.assess(setup.recipe, setup.parallel, space.gpu, space.effective_batch,
                            space.workload)
-        return Assessed(c.peak, c.high, c.tokens_per_s or None, c.fidelity)
+        return Assessed(c.peak, c.high, c.tokens_per_s or None, c.fidelity,
+                        c.host.peak if c.host else 0)
     return figures
 
 
@@ -377,8 +378,7 @@ def _render(report: dict) -> str:
             lines.append(f"'at most': the peak's upper bound at {100 * conf:.0f}% confidence, "
                          "which must fit the budget (docs/uncertainty.md)")
         if several:
-            lines.append(f"batch is per card; tok/s for all {g['count']} cards; host RAM for "
-                         f"#1: {gib(report['plans'][0]['host_ram_bytes'])} per node")
+            lines.append(f"batch is per card; tok/s for all {g['count']} cards")
     cal = report.get("calibration")
     if cal:
         first = report["plans"][0] if report["plans"] else None
@@ -419,7 +419,7 @@ def _overview(model, planner, rows, seq_len, stage, objective) -> dict:
         cards.append({"gpu": result.gpu.id, "name": result.gpu.name,
                       "memory_bytes": result.gpu.memory_bytes, "budget_bytes": result.budget,
                       "plan": best,
-                      "smallest_peak_bytes": result.smallest.peak if result.smallest else None,
+                      "smallest_peak_bytes": result.smallest.high if result.smallest else None,
                       "calibration": _calibration(planner, result.gpu)})
     return {"schema": SCHEMA, "model": {"id": model.id, "name": model.name,
                                         "family": planner.family.name,
@@ -439,7 +439,7 @@ def _render_overview(report: dict) -> str:
         memory = f"{card['memory_bytes'] / GiB:.0f} GiB"
         if p is None:
             need = card["smallest_peak_bytes"] / GiB if card["smallest_peak_bytes"] else 0
-            rows.append([card["gpu"], memory, f"does not fit (needs {need:.1f} GiB)", "", "",
+            rows.append([card["gpu"], memory, f"does not fit (needs up to {need:.1f} GiB)", "", "",
                          "", "", ""])
             continue
         rows.append([card["gpu"], memory, _describe(p), p["bits"],
@@ -470,13 +470,13 @@ def _infeasible(planner, result, space_for, headroom, objective) -> dict:
         loose = Pins(**{**space.pins.to_dict(), "method": "qlora"})
         trial = _try(planner, space, loose, result.budget, objective)
         if trial:
-            fixes.append(f"4-bit QLoRA fits (--method qlora: {gib(trial.peak)})")
+            fixes.append(f"4-bit QLoRA fits (--method qlora: at most {gib(trial.high)})")
     for seq in (space.seq_len // 2, space.seq_len // 4, space.seq_len // 8):
         if seq < 64:
             break
         shorter = _try(planner, space, space.pins, result.budget, objective, seq_len=seq)
         if shorter:
-            fixes.append(f"--seq-len {seq} fits ({gib(shorter.peak)})")
+            fixes.append(f"--seq-len {seq} fits (at most {gib(shorter.high)})")
             break
     fused = any(t.kind == "experts" for t in planner.arch.tensors)
     if fused and planner.config.get("auto_map") and not planner.remote_code:
@@ -487,8 +487,8 @@ def _infeasible(planner, result, space_for, headroom, objective) -> dict:
             fixes.append("--trust-remote-code: the hub's modelling code keeps each expert an "
                          "nn.Linear, which bitsandbytes quantises (transformers' fused experts "
                          f"stay 16-bit); then {trial.recipe.bits}-bit {_describe(trial.to_dict())} "
-                         f"needs {gib(trial.peak)}")
-    bigger = sorted((g for g in gpu_catalogue().values() if g.memory_bytes * 0.95 >= need),
+                         f"needs at most {gib(trial.high)}")
+    bigger = sorted((g for g in gpu_catalogue().values() if g.memory_bytes >= need),
                     key=lambda g: g.memory_bytes)
     if bigger:
         fixes.append("a card with more memory: " + ", ".join(g.id for g in bigger[:4]))
@@ -507,7 +507,8 @@ def _infeasible(planner, result, space_for, headroom, objective) -> dict:
         assess = _assess(planner, space)
         levers = alternatives.levers(base, assess, alternatives.truncation(lengths),
                                      alternatives.covering(lengths))
-        cheapest = alternatives.cheapest_fit(assess, base, levers, result.budget)
+        cheapest = alternatives.cheapest_fit(assess, base, levers, result.budget,
+                                             space.host_ram)
     host = ""
     if smallest is not None and smallest.high <= result.budget and space.host_ram is not None:
         host = (f" (its memory fits, but it needs {gib(smallest.host.peak)} of host RAM per "
@@ -515,8 +516,8 @@ def _infeasible(planner, result, space_for, headroom, objective) -> dict:
     message = (f"no plan fits {result.gpu.name}: the smallest needs {gib(need)} at its upper "
                f"bound, the budget is {gib(result.budget)}{host}. It would fit with: "
                + "; ".join(fixes) + ".")
-    if cheapest is not None:
-        message += " " + fit_line(cheapest.to_dict(), result.budget) + "."
+    if smallest is not None:
+        message += " " + fit_line(cheapest.to_dict() if cheapest else None, result.budget) + "."
     return {"smallest_peak_bytes": need, "budget_bytes": result.budget, "fixes": fixes,
             "cheapest_fit": cheapest.to_dict() if cheapest else None, "message": message,
             "smallest_plan": smallest.to_dict() if smallest else None}
@@ -557,7 +558,7 @@ def _cards_needed(planner, space, budget, objective) -> str:
         strategy = _strategy(plan.to_dict())
         found.append(f"{n} x {space.gpu.id} (--gpus {plan.parallel.gpus}"
                      f"{f' --nodes {plan.parallel.nodes}' if plan.parallel.nodes > 1 else ''}) "
-                     f"with {strategy}, {gib(plan.peak)} per card"
+                     f"with {strategy}, at most {gib(plan.high)} per card"
                      + (f" and {gib(plan.host_bytes)} of host RAM per node"
                         if plan.parallel.offload_optimizer else ""))
         if not plan.parallel.offload_optimizer:

@@ -51,7 +51,7 @@ def host_lines(host: dict | None, disk: dict | None) -> list[str]:
         free = f"; {gib(disk['free_bytes'])} free here" if disk.get("free_bytes") is not None \
             else ""
         lines.append(f"disk: {gib(disk['total_bytes'])} at most ({disk['while_saving']} "
-                     f"checkpoints of {gib(disk['checkpoint_bytes'])} while saving, "
+                     f"checkpoints of {gib(disk['trainer_checkpoint_bytes'])} while saving, "
                      f"{disk['kept']} kept; final output {gib(disk['final_bytes'])}){free}")
     return lines
 
@@ -62,13 +62,13 @@ def alternatives_table(found: list[dict], title: str) -> list[str]:
         return []
     rows = []
     for a in found:
-        speed = "" if a["tokens_per_s_delta"] is None else f"{a['tokens_per_s_delta']:+,.0f}"
+        speed = "" if a["tokens_per_s_delta"] is None else _signed(a["tokens_per_s_delta"], 0)
         cut = a["truncated_share"]
         note = ("truncation unknown (give --data)" if cut is None
                 else f"truncates {100 * cut:.1f}% of examples" if cut else "")
         if a["extra_gpus"]:
             note = (note + "; " if note else "") + f"{a['extra_gpus']} more card"
-        rows.append([a["change"], f"{a['peak_delta_bytes'] / GiB:+.2f}", speed,
+        rows.append([a["change"], _signed(a["peak_delta_bytes"] / GiB, 2), speed,
                      f"{a['fidelity_delta']:+.3f}",
                      "" if a["fits"] is None else ("yes" if a["fits"] else "no"), note])
     return ["", title, table(["change", "GiB", "tok/s", "fidelity", "fits", ""], rows,
@@ -78,9 +78,15 @@ def alternatives_table(found: list[dict], title: str) -> list[str]:
 def fit_line(fit: dict | None, budget: int) -> str:
     """The cheapest combination of changes that fits, in one line."""
     if fit is None:
-        return f"no combination of up to four changes fits {gib(budget)}"
+        return f"No combination of up to four changes fits {gib(budget)}"
     speed = ("" if fit["tokens_per_s_delta"] is None
              else f", {fit['tokens_per_s_delta']:+,.0f} tokens/s")
-    return (f"cheapest combination that fits: {fit['change']} -> peak {gib(fit['peak_bytes'])} "
+    return (f"Cheapest combination that fits: {fit['change']} -> peak {gib(fit['peak_bytes'])} "
             f"(at most {gib(fit['peak_bytes_high'])}), fidelity {fit['fidelity_delta']:+.3f}"
             f"{speed}")
+
+
+def _signed(value: float, places: int) -> str:
+    """``value`` with its sign, and no ``-0`` for what rounds to zero."""
+    text = f"{value:+,.{places}f}"
+    return "+" + text[1:] if float(text.replace(",", "")) == 0 else text
