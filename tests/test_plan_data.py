@@ -186,3 +186,15 @@ def test_run_refuses_when_the_output_disk_is_too_small(pm, tmp_path, monkeypatch
                                                "--output-dir", str(tmp_path / "run")])
     message = str(result.exception)
     assert "of disk" in message and "--output-dir" in message
+
+
+def test_a_host_ram_shortfall_suggests_more_ram_not_bigger_cards(pm):
+    report = plan(pm, "--method", "qlora", "--seq-len", "512", "--host-ram", "1GiB", code=3)
+    message = report["infeasible"]["message"]
+    assert "its memory fits" in message and "--host-ram" in message
+    assert "a card with more memory" not in message
+
+
+def test_the_serving_rule_prints_without_a_run_to_save(pm):
+    text = run(pm, "estimate", "--model", "llama-2-70b", "--stage", "inference")
+    assert "serving rule" in text and "disk:" not in text

@@ -20,6 +20,7 @@ from autotune.commands.sections import (
     data_lines,
     fit_line,
     host_lines,
+    signed,
 )
 from autotune.errors import AutotuneError
 from autotune.output import table
@@ -325,7 +326,7 @@ def _why(candidate, best, objective) -> str:
                 "balanced": "best fidelity for its speed"}[objective]
         return f"{lead} (fidelity {fid:.2f}, Pareto-optimal)"
     parts = [f"fidelity {fid - best.fidelity:+.2f}",
-             f"tokens/s {100 * (tps / best.tokens_per_s - 1):+.0f}%",
+             f"tokens/s {signed(100 * (tps / best.tokens_per_s - 1), 0)}%",
              f"memory {(peak - best.peak) / GiB:+.1f} GiB vs #1"]
     return ", ".join(parts) + ("" if candidate.pareto else "; dominated")
 
@@ -458,14 +459,48 @@ def _render_overview(report: dict) -> str:
 
 def _infeasible(planner, result, space_for, headroom, objective) -> dict:
     """The smallest plan, the budget, and what would make it fit."""
+    smallest = result.smallest
+    need = smallest.high if smallest else 0
+    space = result.space
+    host = ""
+    if smallest is not None and smallest.high <= result.budget and space.host_ram is not None:
+        host = (f" (its memory fits, but it needs {gib(smallest.host.peak)} of host RAM per "
+                f"node and the machine has {gib(space.host_ram)})")
+        fixes = [f"a machine with at least {gib(smallest.host.peak)} of RAM per node "
+                 "(--host-ram)"]
+    else:
+        fixes = _memory_fixes(planner, result, need, objective)
+    cheapest = None
+    if smallest is not None:
+        from autotune import alternatives
+
+        base = alternatives.Setup(smallest.recipe, smallest.parallel)
+        lengths = space.workload.lengths if space.workload else None
+        assess = _assess(planner, space)
+        levers = alternatives.levers(base, assess, alternatives.truncation(lengths),
+                                     alternatives.covering(lengths))
+        cheapest = alternatives.cheapest_fit(assess, base, levers, result.budget,
+                                             space.host_ram)
+    message = (f"no plan fits {result.gpu.name}: the smallest needs {gib(need)} at its upper "
+               f"bound, the budget is {gib(result.budget)}{host}. It would fit with: "
+               + "; ".join(fixes) + ".")
+    if smallest is not None:
+        message += " " + fit_line(cheapest.to_dict() if cheapest else None, result.budget,
+                                  space.host_ram) + "."
+    return {"smallest_peak_bytes": need, "budget_bytes": result.budget, "fixes": fixes,
+            "cheapest_fit": cheapest.to_dict() if cheapest else None, "message": message,
+            "smallest_plan": smallest.to_dict() if smallest else None}
+
+
+def _memory_fixes(planner, result, need: int, objective) -> list[str]:
+    """What would make the smallest plan's memory fit: 4-bit, shorter sequences, remote code,
+    a bigger card, more cards."""
     from autotune.hardware import gpu_catalogue
     from autotune.planner import Planner
     from autotune.space import Pins
 
-    smallest = result.smallest
-    need = smallest.high if smallest else 0
-    fixes = []
     space = result.space
+    fixes = []
     if space.pins.method != "qlora":
         loose = Pins(**{**space.pins.to_dict(), "method": "qlora"})
         trial = _try(planner, space, loose, result.budget, objective)
@@ -498,29 +533,7 @@ def _infeasible(planner, result, space_for, headroom, objective) -> dict:
                      "of each")
     elif space.world == 1:
         fixes.append(_cards_needed(planner, space, result.budget, objective))
-    cheapest = None
-    if smallest is not None:
-        from autotune import alternatives
-
-        base = alternatives.Setup(smallest.recipe, smallest.parallel)
-        lengths = space.workload.lengths if space.workload else None
-        assess = _assess(planner, space)
-        levers = alternatives.levers(base, assess, alternatives.truncation(lengths),
-                                     alternatives.covering(lengths))
-        cheapest = alternatives.cheapest_fit(assess, base, levers, result.budget,
-                                             space.host_ram)
-    host = ""
-    if smallest is not None and smallest.high <= result.budget and space.host_ram is not None:
-        host = (f" (its memory fits, but it needs {gib(smallest.host.peak)} of host RAM per "
-                f"node and the machine has {gib(space.host_ram)})")
-    message = (f"no plan fits {result.gpu.name}: the smallest needs {gib(need)} at its upper "
-               f"bound, the budget is {gib(result.budget)}{host}. It would fit with: "
-               + "; ".join(fixes) + ".")
-    if smallest is not None:
-        message += " " + fit_line(cheapest.to_dict() if cheapest else None, result.budget) + "."
-    return {"smallest_peak_bytes": need, "budget_bytes": result.budget, "fixes": fixes,
-            "cheapest_fit": cheapest.to_dict() if cheapest else None, "message": message,
-            "smallest_plan": smallest.to_dict() if smallest else None}
+    return fixes
 
 
 def _context_bound(planner) -> int:

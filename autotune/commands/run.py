@@ -136,7 +136,6 @@ def _plan(pm, model_spec, stage, gpu, vram, seq_len, remote_code, quiet, data: s
     """Plan on the analytic model for ``data`` (its lengths set the sequence length, capped
     at ``seq_len``, and the batching) and return the pick as a plan document."""
     import sys
-
     from dataclasses import replace
 
     from autotune.commands.estimate import read_lengths, target_gpu

@@ -47,7 +47,7 @@ def host_lines(host: dict | None, disk: dict | None) -> list[str]:
                    f"({gib(host['machine_available_bytes'])} available)"
                    if host.get("machine_ram_bytes") else "")
         lines.append(f"host RAM per node: {gib(host['peak_bytes'])} ({parts} GiB){machine}")
-    if disk:
+    if disk and "total_bytes" in disk:  # (the serving rule has no run to save)
         free = f"; {gib(disk['free_bytes'])} free here" if disk.get("free_bytes") is not None \
             else ""
         lines.append(f"disk: {gib(disk['total_bytes'])} at most ({disk['while_saving']} "
@@ -62,23 +62,24 @@ def alternatives_table(found: list[dict], title: str) -> list[str]:
         return []
     rows = []
     for a in found:
-        speed = "" if a["tokens_per_s_delta"] is None else _signed(a["tokens_per_s_delta"], 0)
+        speed = "" if a["tokens_per_s_delta"] is None else signed(a["tokens_per_s_delta"], 0)
         cut = a["truncated_share"]
         note = ("truncation unknown (give --data)" if cut is None
                 else f"truncates {100 * cut:.1f}% of examples" if cut else "")
         if a["extra_gpus"]:
             note = (note + "; " if note else "") + f"{a['extra_gpus']} more card"
-        rows.append([a["change"], _signed(a["peak_delta_bytes"] / GiB, 2), speed,
+        rows.append([a["change"], signed(a["peak_delta_bytes"] / GiB, 2), speed,
                      f"{a['fidelity_delta']:+.3f}",
                      "" if a["fits"] is None else ("yes" if a["fits"] else "no"), note])
     return ["", title, table(["change", "GiB", "tok/s", "fidelity", "fits", ""], rows,
                              right={1, 2, 3})]
 
 
-def fit_line(fit: dict | None, budget: int) -> str:
+def fit_line(fit: dict | None, budget: int, host_ram: int | None = None) -> str:
     """The cheapest combination of changes that fits, in one line."""
     if fit is None:
-        return f"No combination of up to four changes fits {gib(budget)}"
+        host = f" with {gib(host_ram)} of host RAM" if host_ram is not None else ""
+        return f"No combination of up to four changes fits {gib(budget)}{host}"
     speed = ("" if fit["tokens_per_s_delta"] is None
              else f", {fit['tokens_per_s_delta']:+,.0f} tokens/s")
     return (f"Cheapest combination that fits: {fit['change']} -> peak {gib(fit['peak_bytes'])} "
@@ -86,7 +87,7 @@ def fit_line(fit: dict | None, budget: int) -> str:
             f"{speed}")
 
 
-def _signed(value: float, places: int) -> str:
+def signed(value: float, places: int) -> str:
     """``value`` with its sign, and no ``-0`` for what rounds to zero."""
     text = f"{value:+,.{places}f}"
     return "+" + text[1:] if float(text.replace(",", "")) == 0 else text
