@@ -90,6 +90,10 @@ class Lengths:
 
     def stats(self) -> dict:
         """min, median, p95, p99, max (nearest rank), mean and total tokens."""
+        return dict(self._stats)
+
+    @cached_property
+    def _stats(self) -> dict:
         n = len(self.tokens)
 
         def rank(p: float) -> int:
