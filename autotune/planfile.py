@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from autotune import __version__
 from autotune.atomic import write_text
 from autotune.errors import AutotuneError
@@ -22,8 +24,11 @@ def training_defaults(method: str) -> dict:
 
 
 def plan_document(model, gpu, budget: int, objective: str, candidate,
-                  effective_batch: int) -> dict:
-    """Everything ``autotune run`` needs to train ``candidate`` as planned."""
+                  effective_batch: int, confidence: float | None = None,
+                  data_path: str | None = None) -> dict:
+    """Everything ``autotune run`` needs to train ``candidate`` as planned; ``confidence``
+    of its bounds and the data it was planned for (``--data``) let ``explain`` price it
+    again the same way."""
     plan = candidate.to_dict()
     recipe = candidate.recipe.to_dict()
     return {
@@ -48,7 +53,10 @@ def plan_document(model, gpu, budget: int, objective: str, candidate,
         "predictions": {"fidelity": plan["fidelity"], "memory": plan["memory"],
                         "throughput": plan["throughput"],
                         "host_ram_bytes": plan["host_ram_bytes"],
-                        **({"data": candidate.workload} if candidate.workload else {}),
+                        **({"confidence": confidence} if confidence else {}),
+                        **({"data": {**candidate.workload,
+                                     "path": os.path.abspath(data_path) if data_path else None}}
+                           if candidate.workload else {}),
                         **({"disk": plan["disk"]} if plan.get("disk") else {})},
         **({"distributed": candidate.parallel.to_dict()} if candidate.parallel.world > 1
            else {}),
@@ -132,7 +140,8 @@ SECTIONS: dict[str, dict[str, str]] = {
                  "pref_ftx": _NUMBER, "packing": _FLAG, "completion_only_loss": _FLAG,
                  "batching": _TEXT},
     "predictions": {"fidelity": _NUMBER, "memory": _MAPPING, "throughput": _MAPPING,
-                    "host_ram_bytes": _NUMBER},
+                    "host_ram_bytes": _NUMBER, "confidence": _NUMBER, "data": _MAPPING},
+    "predictions.data": {"path": _NAME},
     "predictions.throughput": {"tokens_per_s": _NUMBER, "raw_tokens_per_s": _NUMBER},
 }
 

@@ -198,3 +198,11 @@ def test_a_host_ram_shortfall_suggests_more_ram_not_bigger_cards(pm):
 def test_the_serving_rule_prints_without_a_run_to_save(pm):
     text = run(pm, "estimate", "--model", "llama-2-70b", "--stage", "inference")
     assert "serving rule" in text and "disk:" not in text
+
+
+def test_explain_prices_a_data_plan_as_plan_did(pm, tmp_path):
+    path = tmp_path / "plan.yaml"
+    report = plan(pm, "--method", "qlora", "--data", SHORT_CHATS, "-o", path)
+    explained = json.loads(run(pm, "explain", path, "--json"))
+    assert explained["alternatives"] == report["alternatives"]
+    assert "packed rows" in run(pm, "explain", path)

@@ -30,15 +30,15 @@ MEANING = {
 def command(pm, plan_file, as_json) -> None:
     """Explain a plan in words and numbers: why it, its memory, and what alternatives cost."""
     from autotune import alternatives
-    from autotune.commands.plan import _assess
     from autotune.estimate import estimate
     from autotune.hardware import gpu_catalogue
+    from autotune.lengths import Workload
     from autotune.parallel import Parallel
     from autotune.planfile import read_plan
     from autotune.planner import Planner
     from autotune.profiles import resolve_model
     from autotune.recipe import Recipe
-    from autotune.space import Space
+    from autotune.uncertainty import CONFIDENCE
 
     plan = read_plan(plan_file)
     recipe = Recipe(**plan["recipe"])
@@ -46,15 +46,25 @@ def command(pm, plan_file, as_json) -> None:
     hardware = plan.get("hardware", {})
     gpu = gpu_catalogue().get(hardware.get("gpu", ""))
     result = estimate(pm, model.config, recipe, model.family)
-    planner = Planner(pm, model.config, model.family, model.id)
+    predictions = plan.get("predictions") or {}
+    planner = Planner(pm, model.config, model.family, model.id,
+                      confidence=predictions.get("confidence") or CONFIDENCE)
     training = plan.get("training", {})
-    effective = training.get("effective_batch") or recipe.batch
+    effective = (training.get("requested_effective_batch") or training.get("effective_batch")
+                 or recipe.batch)
+    lengths = _planned_data(pm, model, recipe, predictions.get("data"))
+    workload = Workload(lengths, recipe.seq_len, training.get("batching", "padded")) \
+        if lengths else None
     base = alternatives.Setup(recipe, Parallel.from_dict(plan.get("distributed")))
-    space = Space(gpu, recipe.seq_len, recipe.stage, effective, planner.arch.num_layers) \
-        if gpu else None
-    assess = _assess(planner, space) if space else _memory_only(planner, effective)
-    found = alternatives.price(assess, base, alternatives.levers(base, assess),
-                               hardware.get("budget_bytes"))
+
+    def assess(setup):
+        c = planner.assess(setup.recipe, setup.parallel, gpu, effective, workload)
+        return alternatives.Assessed(c.peak, c.high, c.tokens_per_s or None, c.fidelity,
+                                     c.host.peak if c.host else 0)
+
+    found = alternatives.price(assess, base, alternatives.levers(
+        base, assess, alternatives.truncation(lengths), alternatives.covering(lengths)),
+        hardware.get("budget_bytes"))
     breakdown = {**result.memory.breakdown, "device_overhead": result.memory.device_overhead}
     report = {
         "schema": "autotune.explain/1", "plan": plan_file, "model": model.id,
@@ -68,14 +78,16 @@ def command(pm, plan_file, as_json) -> None:
     click.echo(json.dumps(report, indent=2) if as_json else _render(report))
 
 
-def _memory_only(planner, effective_batch: int):
-    """Figures without a known card: memory and fidelity, no throughput."""
-    from autotune.alternatives import Assessed
+def _planned_data(pm, model, recipe, data: dict | None):
+    """The lengths of the data the plan was made for, when that file is still here."""
+    import os
 
-    def figures(setup):
-        c = planner.assess(setup.recipe, setup.parallel, None, effective_batch)
-        return Assessed(c.peak, c.high, None, c.fidelity)
-    return figures
+    from autotune.commands.estimate import read_lengths
+
+    path = (data or {}).get("path")
+    if not path or not os.path.exists(path):
+        return None
+    return read_lengths(pm, model, recipe.stage, path)
 
 
 def _why(plan, recipe, result, hardware) -> list[str]:
@@ -84,10 +96,11 @@ def _why(plan, recipe, result, hardware) -> list[str]:
     objective = plan.get("objective", "balanced")
     budget = hardware.get("budget_bytes")
     if budget:
+        high = predictions.get("memory", {}).get("peak_bytes_high", result.memory.peak)
         lines.append(f"It is the {objective} pick among the recipes that fit "
                      f"{hardware.get('name', 'the card')} with "
-                     f"{(budget - result.memory.peak) / GiB:.2f} GiB to spare under the "
-                     f"{budget / GiB:.2f} GiB budget.")
+                     f"{(budget - high) / GiB:.2f} GiB to spare under the "
+                     f"{budget / GiB:.2f} GiB budget at the peak's upper bound.")
     if "fidelity" in predictions:
         lines.append(f"Fidelity {predictions['fidelity']:.2f} (1.00 = full fine-tuning with fp32 "
                      "master weights); predicted "
@@ -102,8 +115,14 @@ def _why(plan, recipe, result, hardware) -> list[str]:
                      f"parameters ({recipe.method}, {recipe.precision}).")
     training = plan.get("training", {})
     if training:
+        rows = "sequences"
+        if training.get("batching") in ("packed", "wrapped"):
+            per_row = (predictions.get("data") or {}).get("examples_per_row")
+            rows = f"{training['batching']} rows" + (
+                f" (about {per_row:.2f} examples each)" if isinstance(per_row, (int, float))
+                else "")
         lines.append(f"Micro batch {training.get('micro_batch')} x accumulation "
-                     f"{training.get('grad_accum')} = {training.get('effective_batch')} sequences "
+                     f"{training.get('grad_accum')} = {training.get('effective_batch')} {rows} "
                      f"of {recipe.seq_len} tokens per optimizer step; checkpointing "
                      f"{'on' if recipe.grad_ckpt else 'off'}.")
     return lines

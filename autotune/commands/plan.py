@@ -189,7 +189,7 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
         from autotune.planfile import plan_document, write_yaml
 
         write_yaml(output, plan_document(model, card, budget, objective, result.ranked[0],
-                                         effective_batch))
+                                         effective_batch, planner.confidence, data_path))
         report["written"] = output
     click.echo(json.dumps(report, indent=2) if as_json else _render(report))
 

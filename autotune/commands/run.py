@@ -172,7 +172,8 @@ def _plan(pm, model_spec, stage, gpu, vram, seq_len, remote_code, quiet, data: s
         print(f"autotune: planned {best.recipe.method} (r{best.recipe.rank}, "
               f"{best.recipe.targets}), batch {best.recipe.batch} x {best.grad_accum} for "
               f"{card.name}", file=sys.stderr)
-    return plan_document(model, card, budget, "quality", best, effective)
+    return plan_document(model, card, budget, "quality", best, effective, planner.confidence,
+                         data)
 
 
 def _render(report: dict, output_dir: str) -> str:
