@@ -71,6 +71,11 @@ class Candidate:
         """The peak's upper bound: what must fit the card."""
         return self.band.high if self.band else self.peak
 
+    def assessed(self) -> alternatives.Assessed:
+        """The figures costed alternatives compare."""
+        return alternatives.Assessed(self.peak, self.high, self.tokens_per_s or None,
+                                     self.fidelity, self.host.peak if self.host else 0)
+
     def fits(self, budget: int, host_ram: int | None = None) -> bool:
         """Whether the upper bound fits ``budget`` and the host needs fit ``host_ram``."""
         return self.high <= budget and (host_ram is None or self.host is None

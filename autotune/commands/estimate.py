@@ -7,7 +7,7 @@ import json
 import click
 
 from autotune import alternatives
-from autotune.alternatives import Assessed, Setup
+from autotune.alternatives import Setup
 from autotune.commands.sections import (
     alternatives_table,
     band_line,
@@ -287,7 +287,10 @@ def to_json(pm, model, result, card=None, probed=None, device: str = "cuda",
             "tokens_per_s": round(base.tokens_per_s, 1),
             "raw_tokens_per_s": round(base.raw[2] if base.raw else base.tokens_per_s, 1)}
     budget = card.memory_bytes if card is not None else None
-    figures = _assessed(assess)
+
+    def figures(setup):
+        return assess(setup).assessed()
+
     levers = alternatives.levers(Setup(recipe), figures, alternatives.truncation(lengths),
                                  alternatives.covering(lengths))
     found = alternatives.price(figures, Setup(recipe), levers, budget)
@@ -305,15 +308,6 @@ def _compare(report: dict, card, peak: int, high: int) -> None:
                          "fits": peak <= card.memory_bytes,
                          "fits_high": high <= card.memory_bytes,
                          "spare_bytes": card.memory_bytes - peak}
-
-
-def _assessed(assess):
-    """``assess`` returning what alternatives compare."""
-    def figures(setup):
-        c = assess(setup)
-        return Assessed(c.peak, c.high, c.tokens_per_s or None, c.fidelity,
-                        c.host.peak if c.host else 0)
-    return figures
 
 
 def render(report: dict) -> str:

@@ -58,9 +58,8 @@ def command(pm, plan_file, as_json) -> None:
     base = alternatives.Setup(recipe, Parallel.from_dict(plan.get("distributed")))
 
     def assess(setup):
-        c = planner.assess(setup.recipe, setup.parallel, gpu, effective, workload)
-        return alternatives.Assessed(c.peak, c.high, c.tokens_per_s or None, c.fidelity,
-                                     c.host.peak if c.host else 0)
+        return planner.assess(setup.recipe, setup.parallel, gpu, effective,
+                              workload).assessed()
 
     found = alternatives.price(assess, base, alternatives.levers(
         base, assess, alternatives.truncation(lengths), alternatives.covering(lengths)),

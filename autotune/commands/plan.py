@@ -253,13 +253,9 @@ def _alternatives(planner, result, lengths) -> list[dict]:
 
 def _assess(planner, space):
     """A setup's figures as the planner prices them for ``space``."""
-    from autotune.alternatives import Assessed
-
     def figures(setup):
-        c = planner.assess(setup.recipe, setup.parallel, space.gpu, space.effective_batch,
-                           space.workload)
-        return Assessed(c.peak, c.high, c.tokens_per_s or None, c.fidelity,
-                        c.host.peak if c.host else 0)
+        return planner.assess(setup.recipe, setup.parallel, space.gpu, space.effective_batch,
+                              space.workload).assessed()
     return figures
 
 
