@@ -7,7 +7,7 @@
 The models are randomly initialised from the real configs of the named profiles with only
 ``--layers`` decoder layers (the embeddings, head and layer shapes are the real ones), so
 a 7B-shaped model fits and runs fast on one card. Each grid point is built and trained as
-:mod:`autotune.measure` does (the executor's loading path): one warm-up optimizer step,
+:mod:`autotune.run.measure` does (the executor's loading path): one warm-up optimizer step,
 then ``--steps - 1`` timed steps. Measured: ``torch.cuda.max_memory_allocated`` (tensor
 peak), ``torch.cuda.max_memory_reserved`` and, through NVML, the process's device memory
 at the peak (reserved plus the CUDA context and library workspaces), and tokens/s.
@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks.* from a checkout
 METHODS = {"full": ("full", 16, "amp"), "full-bf16": ("full", 16, "bf16"),
            "lora": ("lora", 16, "bf16"), "qlora": ("qlora", 4, "bf16")}
 CPU_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
@@ -166,13 +167,13 @@ def main(argv=None) -> int:
     args = parse(argv)
     import torch
 
-    from autotune import calibration
-    from autotune.accuracy import describe_recipe
-    from autotune.hardware import gpu_from_name
-    from autotune.measure import measure
-    from autotune.plugins import get_plugin_manager
-    from autotune.profiles import resolve_model
-    from autotune.recipe import Recipe
+    from autotune.calibrate import calibration
+    from benchmarks.accuracy_grid import describe_recipe
+    from autotune.catalog.gpus import gpu_from_name
+    from autotune.run.measure import measure
+    from autotune.plugin.manager import get_plugin_manager
+    from autotune.catalog.models import resolve_model
+    from autotune.cost.recipe import Recipe
 
     cpu = args.device == "cpu"
     if not cpu and not torch.cuda.is_available():
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
                          f"{speed:.2f}" if speed else "-"])
             print(f"{label}: tensors {rows[-1][2]} predicted, {rows[-1][3]} measured {unit} "
                   f"({rows[-1][4]}); {rows[-1][8]} tok/s", flush=True)
-    from autotune.output import table
+    from autotune.cli.output import table
 
     print()
     print(table(["model", "recipe", f"pred tensors {unit}", f"meas tensors {unit}", "error",

@@ -2,7 +2,7 @@
 
     python benchmarks/memory_accuracy.py [--docs]
 
-Prints one row per case of ``autotune.accuracy.GRID`` and the median and worst error;
+Prints one row per case of ``benchmarks.accuracy_grid.GRID`` and the median and worst error;
 ``--docs`` also writes the table into docs/accuracy.md.
 CPU peaks are reproducible to the byte, so the errors are the model's, not noise.
 """
@@ -10,9 +10,12 @@ CPU peaks are reproducible to the byte, so the errors are the model's, not noise
 import statistics
 import sys
 import time
+from pathlib import Path
 
-from autotune.accuracy import GRID, compare, describe_recipe
-from autotune.plugins import get_plugin_manager
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* from a checkout
+
+from benchmarks.accuracy_grid import GRID, compare, describe_recipe
+from autotune.plugin.manager import get_plugin_manager
 
 
 def main() -> None:

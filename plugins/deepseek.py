@@ -6,8 +6,8 @@ plugin describes by hand.
 """
 
 from autotune import hookimpl
-from autotune.architecture import decoder
-from autotune.registry import ModelFamily
+from autotune.cost.architecture import decoder
+from autotune.plugin.registry import ModelFamily
 
 MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 

@@ -6,9 +6,9 @@ adapter, TRL switches the adapter off to get the reference log-probabilities ins
 """
 
 from autotune import hookimpl
-from autotune.memory import weight_bytes
-from autotune.data import STAGE_SCHEMAS
-from autotune.registry import Stage
+from autotune.cost.memory import weight_bytes
+from autotune.catalog.datasets import STAGE_SCHEMAS
+from autotune.plugin.registry import Stage
 
 
 class DirectPreference(Stage):

@@ -1,7 +1,7 @@
 """Model family (fallback): any causal LM transformers can build, counted by a meta-device build."""
 
 from autotune import hookimpl
-from autotune.registry import ModelFamily
+from autotune.plugin.registry import ModelFamily
 
 
 class Generic(ModelFamily):

@@ -1,7 +1,7 @@
 """Stage: inference -- serving memory by the seeds' formula M = P * 4 B / (32 / Q) * 1.2."""
 
 from autotune import hookimpl
-from autotune.registry import Stage
+from autotune.plugin.registry import Stage
 
 
 class Inference(Stage):

@@ -1,8 +1,8 @@
 """Model family: Llama (Llama 2, Llama 3) and Llama-architecture models such as DeepSeek-LLM."""
 
 from autotune import hookimpl
-from autotune.architecture import decoder
-from autotune.registry import ModelFamily
+from autotune.cost.architecture import decoder
+from autotune.plugin.registry import ModelFamily
 
 
 class Llama(ModelFamily):

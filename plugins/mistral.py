@@ -1,8 +1,8 @@
 """Model family: Mistral (sliding-window attention, grouped-query attention)."""
 
 from autotune import hookimpl
-from autotune.architecture import decoder
-from autotune.registry import ModelFamily
+from autotune.cost.architecture import decoder
+from autotune.plugin.registry import ModelFamily
 
 
 class Mistral(ModelFamily):

@@ -7,8 +7,8 @@ adapter switched off.
 """
 
 from autotune import hookimpl
-from autotune.memory import training_state_bytes, weight_bytes
-from autotune.registry import Stage
+from autotune.cost.memory import training_state_bytes, weight_bytes
+from autotune.plugin.registry import Stage
 
 
 class ProximalPolicy(Stage):

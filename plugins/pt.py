@@ -1,9 +1,9 @@
 """Training stage: pt -- continued pre-training, causal LM loss on raw text (optional packing)."""
 
 from autotune import hookimpl
-from autotune.data import STAGE_SCHEMAS
-from autotune.executor import packing_args
-from autotune.registry import Stage
+from autotune.catalog.datasets import STAGE_SCHEMAS
+from autotune.run.executor import packing_args
+from autotune.plugin.registry import Stage
 
 
 class PreTraining(Stage):

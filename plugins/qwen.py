@@ -1,8 +1,8 @@
 """Model family: Qwen2 / Qwen2.5 (biases on q, k and v; small models tie their embeddings)."""
 
 from autotune import hookimpl
-from autotune.architecture import decoder
-from autotune.registry import ModelFamily
+from autotune.cost.architecture import decoder
+from autotune.plugin.registry import ModelFamily
 
 
 class Qwen(ModelFamily):

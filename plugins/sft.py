@@ -5,9 +5,9 @@ Rows arrive as conversational prompt/completion pairs, so the loss is on the com
 """
 
 from autotune import hookimpl
-from autotune.data import STAGE_SCHEMAS
-from autotune.executor import packing_args
-from autotune.registry import Stage
+from autotune.catalog.datasets import STAGE_SCHEMAS
+from autotune.run.executor import packing_args
+from autotune.plugin.registry import Stage
 
 
 class SupervisedFineTuning(Stage):

@@ -5,8 +5,8 @@ hidden, with biases) and an RMSNorm, applied to the hidden states before q and k
 """
 
 from autotune import hookimpl
-from autotune.architecture import decoder
-from autotune.registry import ModelFamily
+from autotune.cost.architecture import decoder
+from autotune.plugin.registry import ModelFamily
 
 
 class Yuan(ModelFamily):

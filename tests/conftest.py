@@ -7,8 +7,8 @@ try:
 except ImportError as exc:  # pragma: no cover - a hint, not a test
     raise SystemExit("autotune is not installed: run `pip install -e '.[test]'` first") from exc
 
-from autotune.accuracy import ARCHITECTURES
-from autotune.plugins import get_plugin_manager
+from benchmarks.accuracy_grid import ARCHITECTURES
+from autotune.plugin.manager import get_plugin_manager
 
 # Small configs of several architectures (GQA, biases, a vocabulary >= 64k, tied
 # embeddings, MLA + MoE): the accuracy benchmark's own, built in milliseconds.
@@ -25,5 +25,5 @@ def pm():
 def offline_machine(monkeypatch, tmp_path):
     """No GPU on this machine (whatever it has) and a private study cache."""
     monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr("autotune.hardware.probe",
+    monkeypatch.setattr("autotune.catalog.gpus.probe",
                         lambda: {"gpus": [], "nvidia": {"available": False}, "host": {}})

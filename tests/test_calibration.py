@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from autotune import calibration
-from autotune.cli import make_cli
+from autotune.calibrate import calibration
+from autotune.cli.main import make_cli
 
 pytestmark = pytest.mark.usefixtures("offline_machine")
 
@@ -212,7 +212,7 @@ def test_a_probed_card_is_calibrated_too(cli, tmp_path, monkeypatch):
     cli("calibrate", "--store", str(tmp_path / "store.jsonl"))
     gpu = {"name": A100, "memory_total_bytes": 80 * GiB, "compute_capability": "8.0",
            "visible": True}
-    monkeypatch.setattr("autotune.hardware.probe", lambda: {"gpus": [gpu]})
+    monkeypatch.setattr("autotune.catalog.gpus.probe", lambda: {"gpus": [gpu]})
     report = json.loads(cli("estimate", "--model", "tiny", "--json").output)
     assert report["calibration"]["gpu"] == "a100-80gb" and "gpu" not in report
     assert json.loads(cli("estimate", "--model", "tiny", "--device", "cpu",

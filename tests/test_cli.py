@@ -7,7 +7,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from autotune.cli import make_cli
+from autotune.cli.main import make_cli
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_config_missing_sizes_is_one_line(tmp_path):
 
 
 def test_help_and_estimate_do_not_import_torch():
-    code = ("import sys; from autotune.cli import main; sys.argv = ['autotune'] + sys.argv[1:]\n"
+    code = ("import sys; from autotune.cli.main import main; sys.argv = ['autotune'] + sys.argv[1:]\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     for args in (["--help"], ["estimate", "--model", "deepseek-7b", "--json"], ["probe"]):

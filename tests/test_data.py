@@ -1,4 +1,4 @@
-"""autotune.data: every source and row format, normalised per stage, and one-line errors."""
+"""autotune.catalog.datasets: every source and row format, normalised per stage, and one-line errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from autotune.data import FORMATS, STAGE_SCHEMAS, describe_format, load_rows
-from autotune.errors import AutotuneError
+from autotune.catalog.datasets import FORMATS, STAGE_SCHEMAS, describe_format, load_rows
+from autotune.util.errors import AutotuneError
 
 DATASETS = Path(__file__).resolve().parents[1] / "profiles" / "datasets"
 
@@ -55,7 +55,7 @@ def test_stage_schemas_are_one_line_each():
 
 
 def test_import_stays_light():
-    code = ("import sys, autotune.data; heavy = {'torch', 'transformers', 'datasets', 'pyarrow'}"
+    code = ("import sys, autotune.catalog.datasets; heavy = {'torch', 'transformers', 'datasets', 'pyarrow'}"
             " & set(sys.modules); print(sorted(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -499,7 +499,7 @@ def test_huge_bad_line_errors_in_one_short_line(tmp_path):
 
 
 def test_every_format_name_is_documented():
-    from autotune import data
+    from autotune.catalog import datasets as data
 
     for name in FORMATS:
         assert f"``{name}``" in data.__doc__

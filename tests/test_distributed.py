@@ -4,9 +4,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from autotune.cli import make_cli
-from autotune.demo import dataset_path
-from autotune.executor import RunSettings, run
+from autotune.cli.main import make_cli
+from autotune.catalog.demo import dataset_path
+from autotune.run.executor import RunSettings, run
 
 pytestmark = pytest.mark.usefixtures("offline_machine")
 
@@ -50,7 +50,7 @@ def test_two_workers_share_one_study_and_split_the_measurements(tmp_path):
 
     def worker(k):
         return subprocess.Popen(
-            [sys.executable, "-c", "from autotune.cli import main; main()", "plan", "--model",
+            [sys.executable, "-c", "from autotune.cli.main import main; main()", "plan", "--model",
              "tiny", "--vram", "2GiB", "--seq-len", "64", "--measure", str(k),
              "--measure-steps", "2", "--storage", url, "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from autotune.cli import make_cli
-from autotune.demo import dataset_path
+from autotune.cli.main import make_cli
+from autotune.catalog.demo import dataset_path
 
 METHODS = ["lora", "dora", "qlora", "full"]
 STAGES = ["sft", "dpo", "pt"]
@@ -43,8 +43,8 @@ def mean(values):
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("method", METHODS)
 def test_stage_and_method_train_save_reload(pm, tmp_path, stage, method):
-    from autotune.executor import PROBE
-    from autotune.runs import load_run
+    from autotune.run.executor import PROBE
+    from autotune.run.finished import load_run
 
     out = tmp_path / "run"
     report = json.loads(invoke(pm, "run", plan_file(pm, tmp_path, stage, method), "--data",
@@ -99,8 +99,8 @@ def test_a_profile_without_local_weights_is_a_clear_error(pm, tmp_path):
 
 
 def test_remote_code_is_never_implied(pm, tmp_path):
-    from autotune.errors import AutotuneError
-    from autotune.executor import RunSettings, run
+    from autotune.util.errors import AutotuneError
+    from autotune.run.executor import RunSettings, run
 
     plan = {"model": {"id": "yuan2-2b"}, "recipe": {"method": "lora", "stage": "sft"}}
     with pytest.raises(AutotuneError, match="--trust-remote-code"):
@@ -112,8 +112,8 @@ TOY_FAMILY = '''
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from autotune import hookimpl
-    from autotune.architecture import decoder
-    from autotune.registry import ModelFamily
+    from autotune.cost.architecture import decoder
+    from autotune.plugin.registry import ModelFamily
 
 
     class ToyConfig(LlamaConfig):
@@ -146,8 +146,8 @@ TOY_FAMILY = '''
 
 
 def test_an_external_family_plugin_is_used_by_plan_and_run(tmp_path, monkeypatch):
-    from autotune.plugins import get_plugin_manager
-    from autotune.registry import model_families
+    from autotune.plugin.manager import get_plugin_manager
+    from autotune.plugin.registry import model_families
     from tests.test_plugins import install_fake_distribution
 
     install_fake_distribution(tmp_path, "autotune_toyllama", TOY_FAMILY, "toyllama")

@@ -20,9 +20,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from autotune.cli import make_cli
-from autotune.errors import AutotuneError
-from autotune.planfile import read_plan
+from autotune.cli.main import make_cli
+from autotune.util.errors import AutotuneError
+from autotune.plan.planfile import read_plan
 
 # --- plans ---------------------------------------------------------------------------------
 
@@ -60,7 +60,7 @@ def base_plan(pm, tmp_path_factory):
     folder = tmp_path_factory.mktemp("plan")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("AUTOTUNE_CACHE_DIR", str(folder / "cache"))
-        patch.setattr("autotune.hardware.probe",
+        patch.setattr("autotune.catalog.gpus.probe",
                       lambda: {"gpus": [], "nvidia": {"available": False}, "host": {}})
         result = CliRunner().invoke(make_cli(pm), [
             "plan", "--model", "tiny", "--vram", "2GiB", "--seq-len", "256", "--method", "lora",
@@ -200,7 +200,7 @@ def test_data_file_is_named_as_each_tool_reads_it(pm, base_plan, tmp_path):
 
 
 def test_what_a_tool_cannot_express_is_refused(pm, base_plan, tmp_path):
-    from autotune import exports
+    from autotune.export import exports
 
     freeze = variant(base_plan, "freeze_fsdp")
     with pytest.raises(AutotuneError, match="cannot freeze"):
@@ -351,7 +351,7 @@ def test_accelerate_with_a_deepspeed_config_file(base_plan, tmp_path, monkeypatc
     pytest.importorskip("deepspeed", reason="DeepSpeedPlugin needs deepspeed installed")
     from accelerate.utils import DeepSpeedPlugin
 
-    from autotune.exports import accelerate_config, deepspeed_config, dump
+    from autotune.export.exports import accelerate_config, deepspeed_config, dump
 
     plan = variant(base_plan, "full_zero3")
     ds_path, acc_path = str(tmp_path / "ds.json"), str(tmp_path / "acc.yaml")

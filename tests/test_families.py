@@ -2,9 +2,9 @@
 
 import pytest
 
-from autotune.demo import build_tokenizer
-from autotune.profiles import resolve_model
-from autotune.registry import CHATML, model_families
+from autotune.catalog.demo import build_tokenizer
+from autotune.catalog.models import resolve_model
+from autotune.plugin.registry import CHATML, model_families
 
 CONVERSATION = [{"role": "system", "content": "Be kind."},
                 {"role": "user", "content": "I feel tired."},

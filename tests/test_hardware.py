@@ -12,11 +12,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from autotune import hardware
-from autotune.commands import gpus as gpus_command
-from autotune.commands import probe as probe_command
-from autotune.errors import AutotuneError
-from autotune.hardware import (
+from autotune.catalog import gpus as hardware
+from autotune.cli import gpus as gpus_command
+from autotune.cli import probe as probe_command
+from autotune.util.errors import AutotuneError
+from autotune.catalog.gpus import (
     CUSTOM_ID,
     UNKNOWN_ID,
     budget_gpu,
@@ -414,8 +414,8 @@ def test_real_probe_on_this_machine_does_not_raise():
 def test_probe_does_not_import_torch():
     import subprocess
 
-    code = ("import sys; from autotune.hardware import probe; probe(); "
-            "from autotune.commands import probe as p, gpus as g; "
+    code = ("import sys; from autotune.catalog.gpus import probe; probe(); "
+            "from autotune.cli import probe as p, gpus as g; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -10,10 +10,10 @@ import zipfile
 
 import pytest
 
-from autotune import host
-from autotune.checkpoints import KEPT
-from autotune.estimate import estimate
-from autotune.host import (
+from autotune.cost import host
+from autotune.cost.host import KEPT
+from autotune.cost.assess import estimate
+from autotune.cost.host import (
     DiskNeeds,
     HostNeeds,
     WeightFiles,
@@ -25,10 +25,10 @@ from autotune.host import (
     machine_ram,
     weight_files,
 )
-from autotune.memory import largest_module, weight_bytes
-from autotune.parallel import Parallel, host_bytes
-from autotune.recipe import Recipe
-from autotune.units import GiB
+from autotune.cost.memory import largest_module, weight_bytes
+from autotune.cost.parallel import Parallel, host_bytes
+from autotune.cost.recipe import Recipe
+from autotune.util.units import GiB
 from tests.conftest import TINY
 
 MiB = 2**20
@@ -74,7 +74,7 @@ def _write_weights(folder, config):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from autotune.loading import hf_config
+    from autotune.run.loading import hf_config
 
     built = hf_config(config)
     with torch.device("meta"):
@@ -280,8 +280,8 @@ def _checkpoint(model, tokenizer, folder, optim):
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_checkpoint_size_matches_a_real_trainer_checkpoint(pm, tmp_path, method):
-    from autotune.demo import build_tokenizer
-    from autotune.loading import load_base, prepare
+    from autotune.catalog.demo import build_tokenizer
+    from autotune.run.loading import load_base, prepare
 
     config = TINY["llama-gqa"]
     e = estimate(pm, config, Recipe(method=method), device="cpu")
@@ -301,7 +301,7 @@ def test_checkpoint_size_matches_a_real_trainer_checkpoint(pm, tmp_path, method)
 
 
 def test_the_run_keeps_as_many_checkpoints_as_the_executor_asks(tmp_path):
-    from autotune.executor import RunSettings, _trainer_args
+    from autotune.run.executor import RunSettings, _trainer_args
 
     args = _trainer_args({"training": {}}, Recipe(), RunSettings("data", str(tmp_path)), "cpu",
                          str(tmp_path / "trainer"))

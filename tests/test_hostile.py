@@ -2,7 +2,7 @@
 
 Property-based (hypothesis) over the arguments of ``estimate``, ``plan``, ``models``, ``gpus``
 and ``explain``, the contents of a ``config.json``, hand-edited ``plan.yaml`` files, and a
-few dataset files given to ``run``. Every case runs ``autotune.cli.main()`` in-process, so
+few dataset files given to ``run``. Every case runs ``autotune.cli.main.main()`` in-process, so
 the real error path (``AutotuneError`` -> exit 1, a bug -> exit 70) is what is tested, and
 must end in one of:
 
@@ -38,10 +38,10 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from autotune import hookimpl
-from autotune.cli import main
-from autotune.plugins import get_plugin_manager
-from autotune.registry import ModelFamily, Stage
-from autotune.units import parse_size
+from autotune.cli.main import main
+from autotune.plugin.manager import get_plugin_manager
+from autotune.plugin.registry import ModelFamily, Stage
+from autotune.util.units import parse_size
 
 # AUTOTUNE_HOSTILE_SEARCH=N looks N times harder, with fresh random examples each run.
 SEARCH = int(os.environ.get("AUTOTUNE_HOSTILE_SEARCH", "0"))
@@ -50,7 +50,7 @@ FAST = settings(max_examples=120 * (SEARCH or 1), deadline=None, derandomize=not
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 FEW = settings(FAST, max_examples=25 * (SEARCH or 1))
 
-# The documented limits (autotune.recipe.LIMITS and the config checks of autotune.estimate),
+# The documented limits (autotune.cost.recipe.LIMITS and the config checks of autotune.cost.assess),
 # written out again: the test's own rule of what is valid.
 RANK_MAX = BATCH_MAX = FREEZE_MAX = 2**16
 SEQ_MAX = 2**24
@@ -80,16 +80,16 @@ class Outcome:
 
 
 def autotune(*args: str, pm=PM) -> Outcome:
-    """``autotune ARGS`` through :func:`autotune.cli.main` (its error handling included),
+    """``autotune ARGS`` through :func:`autotune.cli.main.main` (its error handling included),
     with ``pm`` as the plugin manager (built-ins only by default) and no GPU probed."""
     out, err = io.StringIO(), io.StringIO()
     probe = {"gpus": [], "nvidia": {"available": False}, "host": {}}
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(sys, "argv", ["autotune", *args]))
         if pm is not None:
-            stack.enter_context(mock.patch("autotune.plugins.get_plugin_manager",
+            stack.enter_context(mock.patch("autotune.plugin.manager.get_plugin_manager",
                                            return_value=pm))
-        stack.enter_context(mock.patch("autotune.hardware.probe", return_value=probe))
+        stack.enter_context(mock.patch("autotune.catalog.gpus.probe", return_value=probe))
         stack.enter_context(contextlib.redirect_stdout(out))
         stack.enter_context(contextlib.redirect_stderr(err))
         try:
@@ -834,7 +834,7 @@ def test_console_script_with_odd_bytes_and_huge_numbers(tmp_path):
     """argv that is not UTF-8 and numbers too big for a float, through a real stderr."""
     script = textwrap.dedent("""
         import sys
-        from autotune.cli import main
+        from autotune.cli.main import main
         main()
     """)
     env = {**os.environ, "AUTOTUNE_DISABLE_PLUGIN_AUTOLOAD": "1",

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from autotune import lengths as lengths_module
-from autotune.demo import build_tokenizer, dataset_path
-from autotune.errors import AutotuneError
-from autotune.lengths import (
+from autotune.catalog import lengths as lengths_module
+from autotune.catalog.demo import build_tokenizer, dataset_path
+from autotune.util.errors import AutotuneError
+from autotune.catalog.lengths import (
     APPROXIMATION,
     Lengths,
     Workload,
@@ -22,8 +22,8 @@ from autotune.lengths import (
     local_tokenizer,
     measure_lengths,
 )
-from autotune.profiles import ModelSpec
-from autotune.registry import CHATML
+from autotune.catalog.models import ModelSpec
+from autotune.plugin.registry import CHATML
 
 
 @pytest.fixture(scope="module")

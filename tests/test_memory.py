@@ -2,11 +2,11 @@
 
 import pytest
 
-from autotune.accuracy import ARCHITECTURES, GRID, compare, describe_recipe
-from autotune.estimate import estimate
-from autotune.memory import serving_bytes
-from autotune.recipe import Recipe
-from autotune.uncertainty import band
+from benchmarks.accuracy_grid import ARCHITECTURES, GRID, compare, describe_recipe
+from autotune.cost.assess import estimate
+from autotune.cost.memory import serving_bytes
+from autotune.cost.recipe import Recipe
+from autotune.cost.uncertainty import band
 from tests.conftest import TINY
 
 
@@ -26,7 +26,7 @@ def test_breakdown_sums_to_the_peak(pm):
 
 
 def test_pure_bf16_full_is_8_bytes_and_amp_16_per_parameter_before_activations(pm):
-    from autotune.memory import training_state_bytes, weight_bytes
+    from autotune.cost.memory import training_state_bytes, weight_bytes
 
     config = TINY["mistral"]
     for precision, per_param in (("bf16", 8), ("amp", 16)):
@@ -57,7 +57,7 @@ def test_seed_serving_rule_llama_70b_at_16_bit_is_168_gb():
 
 
 def test_four_bit_keeps_embeddings_and_head_unquantised(pm):
-    from autotune.memory import weight_bytes
+    from autotune.cost.memory import weight_bytes
 
     config = TINY["qwen2-64k-tied"]
     e = estimate(pm, config, Recipe(method="qlora"))

@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from autotune.cli import make_cli
+from autotune.cli.main import make_cli
 
 
 pytestmark = pytest.mark.usefixtures("offline_machine")

@@ -6,14 +6,14 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from autotune.cli import make_cli
-from autotune.estimate import describe
-from autotune.memory import estimate_memory, largest_module
-from autotune.parallel import Parallel, host_bytes, options
-from autotune.params import count
-from autotune.profiles import resolve_model
-from autotune.recipe import Recipe
-from autotune.registry import family_for
+from autotune.cli.main import make_cli
+from autotune.cost.assess import describe
+from autotune.cost.memory import estimate_memory, largest_module
+from autotune.cost.parallel import Parallel, host_bytes, options
+from autotune.cost.params import count
+from autotune.catalog.models import resolve_model
+from autotune.cost.recipe import Recipe
+from autotune.plugin.registry import family_for
 
 try:  # DeepSpeed's estimators when it installs; else the same formulas, quoted below
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -96,7 +96,7 @@ def test_the_largest_module_is_what_deepspeed_counts(pm):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from autotune.loading import hf_config
+    from autotune.run.loading import hf_config
 
     model = resolve_model("deepseek-7b", pm)
     with torch.device("meta"):

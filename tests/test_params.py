@@ -2,11 +2,11 @@
 
 import pytest
 
-from autotune.estimate import describe
-from autotune.metabuild import from_transformers
-from autotune.params import count, resolve_targets, rule_of_thumb
-from autotune.recipe import Recipe
-from autotune.registry import family_for
+from autotune.cost.assess import describe
+from autotune.cost.metabuild import from_transformers
+from autotune.cost.params import count, resolve_targets, rule_of_thumb
+from autotune.cost.recipe import Recipe
+from autotune.plugin.registry import family_for
 from tests.conftest import TINY
 
 SEVEN = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -52,7 +52,7 @@ def test_unmatched_target_is_reported(pm):
 
 
 def test_targets_matching_nothing_is_an_error(pm):
-    from autotune.errors import AutotuneError
+    from autotune.util.errors import AutotuneError
 
     with pytest.raises(AutotuneError, match="match no linear layer"):
         counts_for(pm, TINY["llama-gqa"], method="lora", targets="c_attn")

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from autotune.cli import make_cli
-from autotune.units import GiB
+from autotune.cli.main import make_cli
+from autotune.util.units import GiB
 
 pytestmark = pytest.mark.usefixtures("offline_machine")
 
@@ -111,11 +111,11 @@ def test_alternatives_deltas_are_differences_of_two_full_estimates(pm):
 
 
 def test_one_more_gpu_is_the_difference_of_two_sharded_estimates(pm):
-    from autotune.estimate import estimate
-    from autotune.memory import estimate_memory
-    from autotune.parallel import Parallel
-    from autotune.profiles import resolve_model
-    from autotune.recipe import Recipe
+    from autotune.cost.assess import estimate
+    from autotune.cost.memory import estimate_memory
+    from autotune.cost.parallel import Parallel
+    from autotune.catalog.models import resolve_model
+    from autotune.cost.recipe import Recipe
 
     base = json.loads(run(pm, "estimate", "--model", "qwen2.5-7b", "--method", "full",
                           "--precision", "bf16", "--seq-len", "512", "--json"))
@@ -172,7 +172,7 @@ def test_infeasible_plan_names_the_cheapest_combination(pm):
 
 def test_run_refuses_a_plan_needing_more_ram_than_the_machine_reports(pm, tmp_path,
                                                                        monkeypatch):
-    monkeypatch.setattr("autotune.host.machine_ram", lambda: (256 * 2**20, 200 * 2**20))
+    monkeypatch.setattr("autotune.cost.host.machine_ram", lambda: (256 * 2**20, 200 * 2**20))
     result = CliRunner().invoke(make_cli(pm), ["run", "--demo", "--max-steps", "2",
                                                "--output-dir", str(tmp_path / "run")])
     message = str(result.exception)
@@ -181,7 +181,7 @@ def test_run_refuses_a_plan_needing_more_ram_than_the_machine_reports(pm, tmp_pa
 
 
 def test_run_refuses_when_the_output_disk_is_too_small(pm, tmp_path, monkeypatch):
-    monkeypatch.setattr("autotune.host.free_disk", lambda folder: 1024)
+    monkeypatch.setattr("autotune.cost.host.free_disk", lambda folder: 1024)
     result = CliRunner().invoke(make_cli(pm), ["run", "--demo", "--max-steps", "2",
                                                "--output-dir", str(tmp_path / "run")])
     message = str(result.exception)

@@ -8,13 +8,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from autotune.cli import make_cli
-from autotune.estimate import estimate
-from autotune.hardware import budget_gpu, resolve_gpu
-from autotune.planner import Planner
-from autotune.profiles import resolve_model
-from autotune.recipe import Recipe
-from autotune.space import Pins, Space
+from autotune.cli.main import make_cli
+from autotune.cost.assess import estimate
+from autotune.catalog.gpus import budget_gpu, resolve_gpu
+from autotune.plan.planner import Planner
+from autotune.catalog.models import resolve_model
+from autotune.cost.recipe import Recipe
+from autotune.plan.space import Pins, Space
 
 
 pytestmark = pytest.mark.usefixtures("offline_machine")
@@ -37,7 +37,7 @@ def dominates(a, b):
 
 def exhaustive_best(planner, space, budget, objective):
     """Every point of the space, priced and ranked by hand: the truth the study must match."""
-    from autotune.errors import AutotuneError
+    from autotune.util.errors import AutotuneError
 
     feasible = []
     for point in space.points():
@@ -113,7 +113,7 @@ def test_pins_are_respected(pm):
 
 
 def test_fidelity_orders_methods_as_documented(pm):
-    from autotune.objectives import fidelity
+    from autotune.cost.objectives import fidelity
 
     arch = planner_for(pm, "deepseek-7b").arch
     full = fidelity(Recipe(method="full", precision="amp"), arch)
@@ -126,7 +126,7 @@ def test_fidelity_orders_methods_as_documented(pm):
 
 
 def test_throughput_favours_bigger_batches_and_pays_for_checkpointing(pm):
-    from autotune.objectives import tokens_per_second
+    from autotune.cost.objectives import tokens_per_second
 
     e = estimate(pm, planner_for(pm, "deepseek-7b").config, Recipe(batch=1, seq_len=512))
     gpu = resolve_gpu("a100-80gb")
@@ -161,7 +161,7 @@ def test_out_of_memory_while_measuring_is_a_failed_trial(pm, tmp_path, monkeypat
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr("autotune.measure.measure", oom)
+    monkeypatch.setattr("autotune.run.measure.measure", oom)
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
     result = CliRunner().invoke(make_cli(pm), [
         "plan", "--model", "tiny", "--vram", "2GiB", "--seq-len", "64", "--storage", storage,
@@ -209,7 +209,7 @@ def test_no_gpu_and_no_target_gives_a_table_of_cards(pm):
 def test_a_local_gpu_is_planned_for(pm, monkeypatch):
     gpu = {"name": "NVIDIA A100-SXM4-80GB", "memory_total_bytes": 80 * 2**30,
            "compute_capability": "8.0", "visible": True}
-    monkeypatch.setattr("autotune.hardware.probe", lambda: {"gpus": [gpu]})
+    monkeypatch.setattr("autotune.catalog.gpus.probe", lambda: {"gpus": [gpu]})
     report = json.loads(CliRunner().invoke(make_cli(pm), [
         "plan", "--model", "qwen2.5-0.5b", "--storage", "none", "--json"]).output)
     assert report["gpu"]["id"] == "a100-80gb" and report["gpu"]["local"]

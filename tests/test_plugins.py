@@ -10,11 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 import autotune_plugins
-from autotune import hookimpl, hookspecs
-from autotune.cli import make_cli
-from autotune.errors import AutotuneError, DuplicateNameError
-from autotune.plugins import BUILTIN_PLUGINS, get_plugin_manager
-from autotune.registry import ModelFamily, model_families, stages
+from autotune import hookimpl
+from autotune.plugin import hookspecs
+from autotune.cli.main import make_cli
+from autotune.util.errors import AutotuneError, DuplicateNameError
+from autotune.plugin.manager import BUILTIN_PLUGINS, get_plugin_manager
+from autotune.plugin.registry import ModelFamily, model_families, stages
 
 
 def test_every_hookspec_documents_every_parameter():
@@ -88,8 +89,8 @@ def test_disable_a_builtin(monkeypatch):
 TOY_PLUGIN = '''
     """A made-up architecture, counted by hand: no transformers model exists for it."""
     from autotune import hookimpl
-    from autotune.architecture import Architecture, Attention, FeedForward, Layer, Linear, Tensor
-    from autotune.registry import ModelFamily
+    from autotune.cost.architecture import Architecture, Attention, FeedForward, Layer, Linear, Tensor
+    from autotune.plugin.registry import ModelFamily
 
 
     class Toy(ModelFamily):

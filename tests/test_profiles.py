@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 import autotune
-from autotune.errors import AutotuneError
-from autotune.plugins import get_plugin_manager
-from autotune.profiles import (
+from autotune.util.errors import AutotuneError
+from autotune.plugin.manager import get_plugin_manager
+from autotune.catalog.models import (
     PROFILES_PATH_ENV,
     ModelSpec,
     clear_cache,
@@ -22,7 +22,7 @@ from autotune.profiles import (
     parse_profile,
     resolve_model,
 )
-from autotune.registry import ModelFamily, model_families
+from autotune.plugin.registry import ModelFamily, model_families
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "profiles" / "models"
@@ -93,7 +93,7 @@ def test_shipped_profiles_exist():
 
 @pytest.mark.parametrize("path", SHIPPED_FILES, ids=lambda p: p.stem)
 def test_shipped_profile_parses(path, pm):
-    from autotune.profiles import _parse_yaml
+    from autotune.catalog.models import _parse_yaml
 
     profile = parse_profile(_parse_yaml(path.read_text(), str(path)), str(path), path.stem)
     assert profile.id == path.stem
@@ -541,8 +541,8 @@ def test_profiles_of_a_disabled_family_are_hidden(monkeypatch):
 
 def test_loader_does_not_import_torch():
     code = ("import sys, time; t = time.perf_counter()\n"
-            "from autotune.plugins import get_plugin_manager\n"
-            "from autotune.profiles import model_profiles, resolve_model\n"
+            "from autotune.plugin.manager import get_plugin_manager\n"
+            "from autotune.catalog.models import model_profiles, resolve_model\n"
             "pm = get_plugin_manager(load_entrypoints=False)\n"
             "assert len(model_profiles(pm)) >= 19\n"
             "resolve_model('deepseek-7b', pm)\n"
@@ -559,7 +559,7 @@ def test_loader_does_not_import_torch():
 
 
 def test_models_command_json(pm):
-    from autotune.commands.models import command
+    from autotune.cli.models import command
 
     result = CliRunner().invoke(command, ["--json"], obj=pm)
     assert result.exit_code == 0, result.output
@@ -574,7 +574,7 @@ def test_models_command_json(pm):
 
 
 def test_models_command_table(pm):
-    from autotune.commands.models import command
+    from autotune.cli.models import command
 
     result = CliRunner().invoke(command, [], obj=pm)
     assert result.exit_code == 0, result.output
@@ -587,7 +587,7 @@ def test_models_command_table(pm):
 
 
 def test_models_command_spec(pm):
-    from autotune.commands.models import command
+    from autotune.cli.models import command
 
     result = CliRunner().invoke(command, ["deepseek-llm-7b-base"], obj=pm)
     assert result.exit_code == 0, result.output

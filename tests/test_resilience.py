@@ -17,13 +17,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from autotune import checkpoints
-from autotune.cli import make_cli
-from autotune.demo import dataset_path
-from autotune.errors import AutotuneError
-from autotune.executor import RunSettings, resume, run
-from autotune.fallback import step_down
-from autotune.recipe import Recipe
+from autotune.run import checkpoints
+from autotune.cli.main import make_cli
+from autotune.catalog.demo import dataset_path
+from autotune.util.errors import AutotuneError
+from autotune.run.executor import RunSettings, resume, run
+from autotune.run.fallback import step_down
+from autotune.cost.recipe import Recipe
 
 STEPS = 10
 pytestmark = pytest.mark.usefixtures("offline_machine")
@@ -112,7 +112,7 @@ def test_running_out_of_steps_to_take_is_one_clear_error(pm, tmp_path, monkeypat
 
 
 def launch(plan_path, output, *extra):
-    command = [sys.executable, "-c", "from autotune.cli import main; main()", "run",
+    command = [sys.executable, "-c", "from autotune.cli.main import main; main()", "run",
                str(plan_path), "--data", dataset_path("sft"), "--output-dir", str(output),
                "--random-init", "--max-steps", str(STEPS), "--save-minutes", "0", *extra]
     return subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

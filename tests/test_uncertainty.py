@@ -5,11 +5,11 @@ from statistics import NormalDist
 
 import pytest
 
-from autotune.calibration import Correction, apply
-from autotune.errors import AutotuneError
-from autotune.estimate import estimate
-from autotune.recipe import Recipe
-from autotune.uncertainty import CONFIDENCE, PRIORS, band, z
+from autotune.calibrate.calibration import Correction, apply
+from autotune.util.errors import AutotuneError
+from autotune.cost.assess import estimate
+from autotune.cost.recipe import Recipe
+from autotune.cost.uncertainty import CONFIDENCE, PRIORS, band, z
 from tests.conftest import TINY
 
 MiB = 2**20

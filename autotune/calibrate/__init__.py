@@ -1,0 +1,1 @@
+"""Calibration: measured runs stored, and the estimate fitted to them."""

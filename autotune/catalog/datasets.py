@@ -1,0 +1,625 @@
+"""Read a local dataset and normalise its rows for a training stage.
+
+Sources (by extension): ``.jsonl``/``.ndjson`` (one JSON object a line; blank lines are
+skipped), ``.json`` (a list of objects, an object holding one list such as
+``{"data": [...]}``, a single row object, or JSON Lines under a ``.json`` name), ``.csv``
+(header on line 1; ``messages``/``conversations``/``history`` cells hold JSON), ``.parquet``,
+``.txt`` (pt only: paragraphs separated by blank lines, each one text) and a folder written by
+``datasets.Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (its ``train`` split).
+
+Row formats, detected per row from its keys (a file may not mix them):
+
+* ``alpaca``: ``instruction``, optional ``input``, ``output``, optional ``system`` and
+  ``history`` (``[[user, assistant], ...]``); the user turn is instruction + "\\n\\n" + input.
+  For dpo, ``chosen`` and ``rejected`` replace ``output``.
+* ``messages``: ``{"messages": [{"role", "content"}, ...]}``, ending with an assistant turn.
+* ``sharegpt``: ``{"conversations": [{"from", "value"}, ...]}`` (``human``/``gpt``;
+  ``role``/``content`` keys work too), optional top-level ``system``; for dpo, add ``chosen``
+  and ``rejected``.
+* ``prompt-completion``: ``prompt`` and ``completion``, strings or message lists.
+* ``dpo-pairs``: ``prompt``, ``chosen`` and ``rejected``, strings or message lists.
+* ``dpo-implicit``: ``chosen`` and ``rejected`` as whole conversations sharing every turn but
+  the last (TRL's implicit-prompt layout); the shared turns are the prompt.
+* ``seed-dpo``: ``{"messages": [prompt turns], "chosen": {...}, "rejected": {...}}``, where
+  chosen and rejected are an assistant message, a list of one, or a string.
+* ``text``: ``text`` (or ``content``), for pt. pt also takes every conversational sft format
+  above, joining all the turns' contents with newlines.
+
+Normalised rows: sft ``{"prompt": [turns], "completion": [assistant turn]}`` (the completion
+is the last assistant turn, the prompt every turn before it), dpo ``{"prompt": [turns],
+"chosen": [assistant turn], "rejected": [assistant turn]}``, pt ``{"text": str}``. Turns are
+``{"role": "system"|"user"|"assistant", "content": str}``.
+
+Every problem is an :class:`~autotune.util.errors.AutotuneError` of one line that names the file and
+the place: ``train.jsonl:7`` (physical line, JSONL/CSV/txt), ``train.json: item 7`` (1-based
+item of a JSON list), ``train.parquet: row 12`` (0-based row index, as ``dataset[12]``). No row
+is dropped: a row that cannot be used is an error. The only content dropped is a system turn
+with empty content (it says nothing); ``null`` or empty optional fields count as absent.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from autotune.util.errors import AutotuneError
+
+STAGES = ("pt", "sft", "dpo")
+
+STAGE_SCHEMAS: dict[str, str] = {
+    "pt": "plain text: rows with 'text' (or 'content'), a .txt file of paragraphs separated by "
+          "blank lines, or any sft row (its turns joined by newlines)",
+    "sft": "conversations ending in an assistant turn: alpaca (instruction, input, output), "
+           "messages, ShareGPT conversations, or prompt and completion",
+    "dpo": "a prompt with a chosen and a rejected answer: prompt/chosen/rejected, messages + "
+           "chosen/rejected, ShareGPT conversations + chosen/rejected, or alpaca "
+           "instruction/input + chosen/rejected",
+}
+
+FORMATS = ("alpaca", "messages", "sharegpt", "prompt-completion", "dpo-pairs", "dpo-implicit",
+           "seed-dpo", "text")
+
+SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
+            ".parquet": "parquet", ".txt": "txt"}
+
+_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
+          "gpt": "assistant"}
+_SFT_FORMATS = ("alpaca", "messages", "sharegpt", "prompt-completion")
+_DPO_ONLY = ("dpo-pairs", "dpo-implicit", "seed-dpo")
+_ROW_KEYS = {"messages", "conversations", "instruction", "output", "prompt", "completion",
+             "chosen", "rejected", "text", "content"}
+_CSV_JSON_COLUMNS = ("messages", "conversations", "history")
+_BATCH = 1024
+
+
+def load_rows(path: str | os.PathLike, stage: str, limit: int | None = None) -> list[dict]:
+    """Read ``path`` and return its rows normalised for ``stage`` (at most ``limit`` of them)."""
+    return _load(path, stage, limit)[0]
+
+
+def describe_format(path: str | os.PathLike, stage: str) -> str:
+    """The row format of ``path`` (one of :data:`FORMATS`), checked on its first row."""
+    return _load(path, stage, 1)[1]
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def _load(path, stage: str, limit: int | None) -> tuple[list[dict], str]:
+    if stage not in STAGES:
+        raise AutotuneError(f"unknown stage {stage!r} for a dataset (choose from "
+                            f"{', '.join(STAGES)})")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise AutotuneError(f"limit must be a positive whole number, not {limit!r}")
+    shown = os.fspath(path)
+    source = _source(Path(shown), shown, stage)
+    rows: list[dict] = []
+    first: tuple[str, str] | None = None
+    try:
+        for where, ref, row in source:
+            if not isinstance(row, dict):
+                _fail(where, f"a row must be an object, not {_kind(row)}")
+            fmt = _detect(row)
+            if fmt is None:
+                keys = ", ".join(_short(k, 30) for k in list(row)[:8]) or "none"
+                _fail(where, f"unrecognised row (keys: {keys}); {stage} takes "
+                             f"{STAGE_SCHEMAS[stage]}")
+            if first is None:
+                first = (fmt, ref)
+            elif fmt == "dpo-implicit" and first[0] == "dpo-pairs":
+                fmt = "dpo-pairs"  # a pair without its prompt: say 'missing prompt'
+            elif fmt != first[0]:
+                _fail(where, f"this row is {fmt} but the first row ({first[1]}) is {first[0]}; "
+                             "a file may not mix formats")
+            try:
+                rows.append(_normalise(row, fmt, stage))
+            except _RowError as exc:
+                _fail(where, str(exc))
+            if limit is not None and len(rows) >= limit:
+                break
+    finally:
+        source.close()
+    if not rows:
+        _fail(shown, "empty dataset (no rows)")
+    return rows, first[0]
+
+
+def _source(path: Path, shown: str, stage: str) -> Iterator[tuple[str, str, Any]]:
+    """Yield ``(where, ref, row)``: the error prefix, a short place and the raw row."""
+    try:
+        is_dir = path.is_dir()
+        exists = is_dir or path.exists()
+    except OSError as exc:
+        _fail(shown, f"cannot read: {exc.strerror or exc}")
+    if not exists:
+        _fail(shown, "no such file or directory")
+    if is_dir:
+        return _folder_rows(path, shown)
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        what = f"{path.suffix} files" if path.suffix else "files without an extension"
+        _fail(shown, f"cannot read {what} (autotune reads .jsonl, .json, .csv, .parquet, .txt "
+                     "and folders written by datasets' save_to_disk)")
+    if kind == "txt" and stage != "pt":
+        _fail(shown, f"a .txt file is plain text, which only the pt stage takes ({stage} takes "
+                     f"{STAGE_SCHEMAS[stage]})")
+    return {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows,
+            "parquet": _parquet_rows, "txt": _txt_rows}[kind](path, shown)
+
+
+def _read_text(path: Path, shown: str) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        _fail(shown, f"cannot read: {exc.strerror or exc}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        _fail(f"{shown}:{line}", f"not valid UTF-8 at byte {exc.start}")
+    return text.removeprefix("\ufeff")
+
+
+def _jsonl_rows(path: Path, shown: str) -> Iterator[tuple[str, str, Any]]:
+    try:
+        with open(path, "rb") as handle:
+            yield from _jsonl_lines(handle, shown)
+    except OSError as exc:
+        _fail(shown, f"cannot read: {exc.strerror or exc}")
+
+
+def _jsonl_lines(handle, shown: str) -> Iterator[tuple[str, str, Any]]:
+    offset = 0
+    for lineno, raw in enumerate(handle, 1):
+        start, offset = offset, offset + len(raw)
+        where = f"{shown}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            _fail(where, f"not valid UTF-8 at byte {start + exc.start}")
+        if lineno == 1:
+            line = line.removeprefix("\ufeff")
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            _fail(where, f"invalid JSON: {exc.msg} (column {exc.colno})")
+        except (ValueError, RecursionError) as exc:
+            _fail(where, f"invalid JSON: {_json_problem(exc)}")
+        yield where, f"line {lineno}", value
+
+
+def _json_rows(path: Path, shown: str) -> Iterator[tuple[str, str, Any]]:
+    text = _read_text(path, shown)
+    if not text.strip():
+        _fail(shown, "empty dataset (no rows)")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
+            yield from _jsonl_rows(path, shown)  # JSON Lines under a .json name
+            return
+        _fail(f"{shown}:{exc.lineno}", f"invalid JSON: {exc.msg} (column {exc.colno})")
+    except (ValueError, RecursionError) as exc:
+        _fail(shown, f"invalid JSON: {_json_problem(exc)}")
+    if isinstance(value, dict):
+        lists = [key for key, item in value.items() if isinstance(item, list)]
+        if _ROW_KEYS & set(value):
+            value = [value]
+        elif len(lists) == 1:
+            value = value[lists[0]]
+        else:
+            found = (f"several lists ({', '.join(_short(k, 30) for k in lists[:6])})" if lists
+                     else "no list")
+            _fail(shown, "expected a JSON list of rows or an object holding one list of rows "
+                         f"(like {{\"data\": [...]}}), found an object with {found}")
+    elif not isinstance(value, list):
+        _fail(shown, f"expected a JSON list of rows, not {_kind(value)}")
+    for index, item in enumerate(value, 1):
+        yield f"{shown}: item {index}", f"item {index}", item
+
+
+def _csv_rows(path: Path, shown: str) -> Iterator[tuple[str, str, Any]]:
+    text = _read_text(path, shown)
+    records: list[tuple[int, list[str]]] = []
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long cells are data, not errors
+    reader = csv.reader(io.StringIO(text, newline=""))
+    last = 0
+    try:
+        for record in reader:
+            start, last = last + 1, reader.line_num
+            if record:
+                records.append((start, record))
+    except csv.Error as exc:
+        _fail(f"{shown}:{reader.line_num}", f"invalid CSV: {exc}")
+    finally:
+        csv.field_size_limit(old_limit)
+    if not records:
+        return
+    header = records[0][1]
+    seen: set[str] = set()
+    for name in header:
+        if name and name in seen:
+            _fail(f"{shown}:1", f"column {_short(name, 30)} appears twice in the header")
+        seen.add(name)
+    for lineno, record in records[1:]:
+        where = f"{shown}:{lineno}"
+        if len(record) != len(header):
+            _fail(where, f"this row has {len(record)} fields but the header has {len(header)}")
+        row: dict[str, Any] = dict(zip(header, record, strict=True))
+        for column in _CSV_JSON_COLUMNS:
+            cell = row.get(column)
+            if cell is None:
+                continue
+            if not cell.strip():
+                row[column] = None
+                continue
+            try:
+                row[column] = json.loads(cell)
+            except (ValueError, RecursionError) as exc:
+                _fail(where, f"the {column!r} cell must hold JSON: {_json_problem(exc)}")
+        yield where, f"line {lineno}", row
+
+
+def _txt_rows(path: Path, shown: str) -> Iterator[tuple[str, str, Any]]:
+    text = _read_text(path, shown)
+    paragraph: list[str] = []
+    start = 0
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if line.strip():
+            if not paragraph:
+                start = lineno
+            paragraph.append(line)
+        elif paragraph:
+            yield f"{shown}:{start}", f"line {start}", {"text": "\n".join(paragraph)}
+            paragraph = []
+    if paragraph:
+        yield f"{shown}:{start}", f"line {start}", {"text": "\n".join(paragraph)}
+
+
+def _parquet_rows(path: Path, shown: str) -> Iterator[tuple[str, str, Any]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    index = 0
+    try:
+        batches = pq.ParquetFile(str(path)).iter_batches(batch_size=_BATCH)
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield f"{shown}: row {index}", f"row {index}", row
+                index += 1
+    except (pyarrow.ArrowException, OSError) as exc:
+        _fail(shown if index == 0 else f"{shown}: row {index}",
+              f"cannot read parquet: {_first_line(exc)}")
+
+
+def _folder_rows(path: Path, shown: str) -> Iterator[tuple[str, str, Any]]:
+    if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        _fail(shown, "a folder, but not a dataset written by datasets' save_to_disk (no "
+                     "state.json or dataset_dict.json); give a .jsonl, .json, .csv, .parquet "
+                     "or .txt file instead")
+    try:
+        import datasets
+    except ImportError:
+        _fail(shown, "reading a saved dataset folder needs the datasets package "
+                     "(pip install datasets)")
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 - any failure here is the folder's
+        _fail(shown, f"cannot load the saved dataset: {_first_line(exc)}")
+    prefix = shown
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            splits = ", ".join(_short(s, 30) for s in loaded) or "none"
+            _fail(shown, f"a DatasetDict without a 'train' split (it has: {splits})")
+        loaded = loaded["train"]
+        prefix = f"{shown.rstrip('/')}/train"
+    table = loaded.with_format("arrow")
+    for start in range(0, len(loaded), _BATCH):
+        for offset, row in enumerate(table[start:start + _BATCH].to_pylist()):
+            index = start + offset
+            yield f"{prefix}: row {index}", f"row {index}", row
+
+
+# --- normalising ------------------------------------------------------------------------------
+
+class _RowError(Exception):
+    """A problem inside one row; the caller prefixes the file and place."""
+
+
+def _detect(row: dict) -> str | None:
+    keys = {key for key, value in row.items() if value is not None}
+    if "messages" in keys:
+        return "seed-dpo" if keys & {"chosen", "rejected"} else "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if keys & {"instruction", "output"}:
+        return "alpaca"
+    if keys & {"chosen", "rejected"}:
+        return "dpo-pairs" if "prompt" in keys else "dpo-implicit"
+    if keys & {"prompt", "completion"}:
+        return "prompt-completion"
+    if keys & {"text", "content"}:
+        return "text"
+    return None
+
+
+def _normalise(row: dict, fmt: str, stage: str) -> dict:
+    if fmt == "text":
+        if stage != "pt":
+            raise _RowError(f"a text row is plain text, which only the pt stage takes; {stage} "
+                            f"takes {STAGE_SCHEMAS[stage]}")
+        key = "text" if row.get("text") is not None else "content"
+        return {"text": _required_text(row, key, "pt rows need text")}
+    if stage == "dpo":
+        return _dpo(row, fmt)
+    if fmt in _DPO_ONLY:
+        raise _RowError(f"{fmt} rows (chosen/rejected) are preference pairs for the dpo stage; "
+                        f"{stage} takes {STAGE_SCHEMAS[stage]}")
+    if fmt == "sharegpt" and _has_pair(row):
+        raise _RowError(f"this ShareGPT row has chosen/rejected, which is dpo data; {stage} "
+                        f"takes {STAGE_SCHEMAS[stage]}")
+    turns = _conversation(row, fmt)
+    if stage == "pt":
+        return {"text": "\n".join(turn["content"] for turn in turns)}
+    field = {"messages": "messages", "sharegpt": "conversations"}.get(fmt)
+    if field is not None:
+        if turns[-1]["role"] != "assistant":
+            raise _RowError(f"{field!r} must end with an assistant turn (it ends with "
+                            f"{turns[-1]['role']})")
+        _check_prompt(turns[:-1], field)
+    return {"prompt": turns[:-1], "completion": [turns[-1]]}
+
+
+def _conversation(row: dict, fmt: str) -> list[dict]:
+    """Every turn of an sft-style row, the answer last."""
+    if fmt == "alpaca":
+        hint = "alpaca rows need instruction and output"
+        if row.get("output") is None and _has_pair(row):
+            hint += "; chosen/rejected rows are for the dpo stage"
+        prompt = _alpaca_prompt(row, hint)
+        return prompt + [_turn("assistant", _required_text(row, "output", hint))]
+    if fmt == "messages":
+        return _messages(row["messages"], "messages")
+    if fmt == "sharegpt":
+        return _sharegpt(row)
+    hint = "prompt-completion rows need prompt and completion"
+    prompt = _prompt(_required(row, "prompt", hint), "prompt")
+    return prompt + _answer(_required(row, "completion", hint), "completion")
+
+
+def _dpo(row: dict, fmt: str) -> dict:
+    if fmt == "alpaca":
+        hint = "alpaca rows for dpo need instruction, chosen and rejected"
+        prompt = _alpaca_prompt(row, hint)
+    elif fmt == "seed-dpo":
+        hint = "dpo rows need messages, chosen and rejected"
+        prompt = _messages(row["messages"], "messages")
+        _check_prompt(prompt, "messages")
+    elif fmt == "sharegpt":
+        hint = "ShareGPT rows for dpo need conversations, chosen and rejected"
+        prompt = _sharegpt(row)
+        _check_prompt(prompt, "conversations")
+    elif fmt == "dpo-pairs":
+        hint = "dpo rows need prompt, chosen and rejected"
+        prompt = _prompt(_required(row, "prompt", hint), "prompt")
+    elif fmt == "dpo-implicit":
+        return _implicit_pair(row)
+    else:
+        raise _RowError(f"{fmt} rows have no chosen and rejected answers; dpo takes "
+                        f"{STAGE_SCHEMAS['dpo']}")
+    chosen = _answer(_required(row, "chosen", hint), "chosen")
+    rejected = _answer(_required(row, "rejected", hint), "rejected")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _implicit_pair(row: dict) -> dict:
+    hint = "dpo rows need prompt, chosen and rejected"
+    chosen = _required(row, "chosen", hint)
+    rejected = _required(row, "rejected", hint)
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise _RowError(f"missing 'prompt' ({hint}; without a prompt, chosen and rejected must "
+                        "be whole conversations)")
+    chosen_turns = _messages(chosen, "chosen")
+    rejected_turns = _messages(rejected, "rejected")
+    shared = 0
+    while (shared < min(len(chosen_turns), len(rejected_turns))
+           and chosen_turns[shared] == rejected_turns[shared]):
+        shared += 1
+    if len(chosen_turns) != shared + 1 or len(rejected_turns) != shared + 1:
+        raise _RowError("chosen and rejected must share every turn but their last (the "
+                        "answers), or give the prompt in 'prompt'")
+    for field, turns in (("chosen", chosen_turns), ("rejected", rejected_turns)):
+        if turns[-1]["role"] != "assistant":
+            raise _RowError(f"{field!r} must end with an assistant turn (it ends with "
+                            f"{turns[-1]['role']})")
+    prompt = chosen_turns[:shared]
+    _check_prompt(prompt, "chosen")
+    return {"prompt": prompt, "chosen": [chosen_turns[-1]], "rejected": [rejected_turns[-1]]}
+
+
+def _alpaca_prompt(row: dict, hint: str) -> list[dict]:
+    instruction = _required_text(row, "instruction", hint)
+    extra = _optional_text(row, "input")
+    system = _optional_text(row, "system")
+    prompt = [_turn("system", system)] if system else []
+    history = row.get("history")
+    if history is not None:
+        if not isinstance(history, (list, tuple)):
+            raise _RowError(f"'history' must be a list of [user, assistant] pairs, not "
+                            f"{_kind(history)}")
+        for index, pair in enumerate(history):
+            if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                    or not all(isinstance(text, str) and text.strip() for text in pair)):
+                raise _RowError(f"history[{index}] must be a [user, assistant] pair of "
+                                "non-empty strings")
+            prompt += [_turn("user", pair[0]), _turn("assistant", pair[1])]
+    user = instruction + ("\n\n" + extra if extra else "")
+    return prompt + [_turn("user", user)]
+
+
+def _sharegpt(row: dict) -> list[dict]:
+    turns = _messages(row["conversations"], "conversations")
+    system = _optional_text(row, "system")
+    if system and turns[0]["role"] != "system":
+        turns.insert(0, _turn("system", system))
+    return turns
+
+
+def _has_pair(row: dict) -> bool:
+    return row.get("chosen") is not None or row.get("rejected") is not None
+
+
+def _turn(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+def _message(value: Any, field: str) -> dict | None:
+    """One message as ``{"role", "content"}``; None for a system turn with empty content."""
+    if not isinstance(value, dict):
+        raise _RowError(f"{field} must be a message object, not {_kind(value)}")
+    role = value.get("role") if value.get("role") is not None else value.get("from")
+    if role is None:
+        raise _RowError(f"{field}: missing 'role'")
+    if not isinstance(role, str) or role.strip().lower() not in _ROLES:
+        raise _RowError(f"{field}: unknown role {_short(role, 30)} (use system, user or "
+                        "assistant; ShareGPT's human and gpt work too)")
+    role = _ROLES[role.strip().lower()]
+    content = value.get("content") if value.get("content") is not None else value.get("value")
+    if content is None:
+        raise _RowError(f"{field}: missing 'content'")
+    if not isinstance(content, str):
+        raise _RowError(f"{field}: content must be a string, not {_kind(content)}")
+    if not content.strip():
+        if role == "system":
+            return None
+        raise _RowError(f"{field}: content is empty")
+    return _turn(role, content)
+
+
+def _messages(value: Any, field: str) -> list[dict]:
+    if not isinstance(value, (list, tuple)):
+        raise _RowError(f"{field!r} must be a list of messages, not {_kind(value)}")
+    turns = [_message(item, f"{field}[{index}]") for index, item in enumerate(value)]
+    turns = [turn for turn in turns if turn is not None]
+    if not turns:
+        raise _RowError(f"{field!r} is empty")
+    return turns
+
+
+def _prompt(value: Any, field: str) -> list[dict]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise _RowError(f"{field!r} is empty")
+        return [_turn("user", value)]
+    turns = [_message(value, field)] if isinstance(value, dict) else _messages(value, field)
+    turns = [turn for turn in turns if turn is not None]
+    if not turns:
+        raise _RowError(f"{field!r} is empty")
+    _check_prompt(turns, field)
+    return turns
+
+
+def _check_prompt(turns: list[dict], field: str) -> None:
+    if not any(turn["role"] == "user" for turn in turns):
+        raise _RowError(f"{field!r} has no user turn before the answer")
+    if turns[-1]["role"] != "user":
+        raise _RowError(f"{field!r}: the turn before the answer must be a user turn, not "
+                        f"{turns[-1]['role']}")
+
+
+def _answer(value: Any, field: str) -> list[dict]:
+    """An answer (completion, chosen, rejected) as a list of one assistant turn."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise _RowError(f"{field!r} is empty")
+        return [_turn("assistant", value)]
+    if isinstance(value, dict):
+        message = _message(value, field)
+    elif isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise _RowError(f"{field!r} must be one assistant message, not {len(value)} "
+                            "messages")
+        message = _message(value[0], f"{field}[0]")
+    else:
+        raise _RowError(f"{field!r} must be a string or an assistant message, not "
+                        f"{_kind(value)}")
+    if message is None or message["role"] != "assistant":
+        role = "an empty system turn" if message is None else message["role"]
+        raise _RowError(f"{field!r} must be an assistant message, not {role}")
+    return [message]
+
+
+def _required(row: dict, key: str, hint: str) -> Any:
+    value = row.get(key)
+    if value is None:
+        raise _RowError(f"missing {key!r} ({hint})")
+    return value
+
+
+def _required_text(row: dict, key: str, hint: str) -> str:
+    value = _required(row, key, hint)
+    if not isinstance(value, str):
+        raise _RowError(f"{key!r} must be a string, not {_kind(value)}")
+    if not value.strip():
+        raise _RowError(f"{key!r} is empty ({hint})")
+    return value
+
+
+def _optional_text(row: dict, key: str) -> str | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _RowError(f"{key!r} must be a string, not {_kind(value)}")
+    return value if value.strip() else None
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+def _fail(where: str, message: str):
+    """Raise the one-line error ``where: message``."""
+    raise AutotuneError(" ".join(f"{where}: {message}".split()))
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return type(value).__name__
+
+
+def _short(value: Any, width: int) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _json_problem(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} (line {exc.lineno}, column {exc.colno})"
+    return _first_line(exc)

@@ -1,0 +1,1 @@
+"""The command line: each command parses its options, calls a service, and renders the answer."""

@@ -1,0 +1,389 @@
+"""``autotune estimate``: exact parameter counts and the memory of one training step."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from autotune.plan import alternatives
+from autotune.plan.alternatives import Setup
+from autotune.cli.sections import (
+    alternatives_table,
+    band_line,
+    data_lines,
+    fit_line,
+    host_lines,
+)
+from autotune.util.errors import AutotuneError
+from autotune.cli.output import table
+from autotune.cost.recipe import ATTENTION, LIMITS, METHODS, OPTIMIZERS, PRECISIONS, Recipe
+from autotune.util.units import GiB, gib, parse_size
+
+SCHEMA = "autotune.estimate/1"
+STAGES = ("pt", "sft", "dpo", "ppo", "inference")
+
+
+def recipe_options(func):
+    """The options that make up a :class:`~autotune.cost.recipe.Recipe` (shared with ``plan``)."""
+    options = [
+        click.option("--method", type=click.Choice(METHODS), default="lora", show_default=True,
+                     help="full, freeze (top layers), lora, dora or qlora (4-bit base)."),
+        click.option("--bits", type=click.Choice(["16", "8", "4"]), default=None,
+                     help="Base weight bits (qlora implies 4)."),
+        click.option("--rank", type=click.IntRange(1, LIMITS["rank"]), default=8,
+                     show_default=True, help="LoRA rank r."),
+        click.option("--alpha", type=click.IntRange(1), default=None,
+                     help="LoRA alpha (default 2 x rank)."),
+        click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+                     show_default=True, help="LoRA dropout."),
+        click.option("--targets", default="all-linear", show_default=True,
+                     help="all-linear, groups (qv, attn, mlp, experts, ...) or module names "
+                          "(q_proj,v_proj)."),
+        click.option("--freeze-layers", type=click.IntRange(1, LIMITS["freeze_layers"]),
+                     default=2, show_default=True, help="freeze: how many top layers train."),
+        click.option("--batch", type=click.IntRange(1, LIMITS["batch"]), default=1,
+                     show_default=True, help="Micro batch (sequences per step per GPU)."),
+        click.option("--seq-len", type=click.IntRange(1, LIMITS["seq_len"]), default=2048,
+                     show_default=True, help="Tokens per sequence."),
+        click.option("--grad-ckpt/--no-grad-ckpt", default=False, show_default=True,
+                     help="Gradient checkpointing."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="bf16",
+                     show_default=True,
+                     help="bf16/fp16: 16-bit weights; amp: fp32 master weights + autocast."),
+        click.option("--optim", type=click.Choice(OPTIMIZERS), default="adamw_torch",
+                     show_default=True, help="Optimizer."),
+        click.option("--attn", type=click.Choice(ATTENTION), default="sdpa", show_default=True,
+                     help="Attention implementation."),
+        click.option("--stage", type=click.Choice(STAGES), default="sft", show_default=True,
+                     help="Training stage (inference: the serving rule)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+trust_remote_code_option = click.option(
+    "--trust-remote-code", is_flag=True,
+    help="Count the model as the hub's own modelling code builds it (never implied).")
+
+
+def make_recipe(method, bits, rank, alpha, lora_dropout, targets, freeze_layers, batch, seq_len,
+                grad_ckpt, precision, optim, attn, stage) -> Recipe:
+    """A :class:`Recipe` from the CLI options (defaults filled in)."""
+    if bits is None:
+        bits = 4 if method == "qlora" else 16
+    return Recipe(method=method, bits=int(bits), precision=precision, rank=rank,
+                  alpha=alpha or 2 * rank, dropout=lora_dropout, targets=targets,
+                  freeze_layers=freeze_layers, batch=batch, seq_len=seq_len, grad_ckpt=grad_ckpt,
+                  optim=optim, attn=attn, stage=stage)
+
+
+def target_gpu(gpu: str | None, vram: str | None):
+    """The card to compare against: ``--gpu`` from the catalogue or a raw ``--vram``."""
+    from autotune.catalog.gpus import budget_gpu, resolve_gpu
+
+    if gpu is not None and vram is not None:
+        raise AutotuneError("give --gpu or --vram, not both")
+    if gpu is not None:  # --gpu "" is a mistake, not "no card"
+        return resolve_gpu(gpu)
+    if vram is not None:
+        return budget_gpu(parse_size(vram))
+    return None
+
+
+no_calibration_option = click.option(
+    "--no-calibration", is_flag=True,
+    help="Raw figures: ignore the corrections `autotune calibrate` fitted to measured runs.")
+
+
+def calibration_for(card):
+    """(the stored correction for ``card``, else for this machine's GPU; the probed card).
+
+    Reads ``calibration.json`` only (no torch); probes the GPU only when a correction
+    exists and no card was named.
+    """
+    from autotune.calibrate.calibration import load
+
+    corrections = load()
+    if not corrections:
+        return None, None
+    if card is not None:
+        return corrections.get(card.id), None
+    from autotune.catalog.gpus import gpu_from_name, probe
+
+    found = [g for g in probe()["gpus"] if g.get("visible", True)]
+    if not found:
+        return None, None
+    here = gpu_from_name(found[0]["name"], found[0]["memory_total_bytes"],
+                         found[0].get("compute_capability"))
+    correction = corrections.get(here.id)
+    return correction, here if correction else None
+
+
+data_option = click.option(
+    "--data", "data_path", type=click.Path(dir_okay=True),
+    help="A dataset (.jsonl, .json, .csv, .parquet, .txt): its token lengths set the sequence "
+         "length, the batching and the worst micro batch (docs/data.md).")
+confidence_option = click.option(
+    "--confidence", type=click.FloatRange(50, 99.9), default=95.0, show_default=True,
+    help="Confidence (%) of the peak's bounds; plans must fit at their upper bound.")
+
+
+def read_lengths(pm, model, stage: str, data_path: str | None, remote_code: bool = False):
+    """The token lengths of ``data_path`` as ``stage`` trains on it, with the model's own
+    tokenizer when this machine has it, else the documented approximation."""
+    if data_path is None:
+        return None
+    from autotune.catalog.lengths import local_tokenizer, measure_lengths
+    from autotune.plugin.registry import family_for
+
+    if stage not in ("pt", "sft", "dpo"):
+        raise AutotuneError(f"--data needs a training stage (pt, sft or dpo), not {stage}")
+    family = family_for(pm, model.config, model.family)
+    return measure_lengths(data_path, stage, tokenizer=local_tokenizer(model),
+                           chat_template=family.chat_template(model.config))
+
+
+def workload_for(lengths, recipe: Recipe):
+    """How ``recipe`` trains on data of ``lengths`` (``None`` without data)."""
+    if lengths is None:
+        return None
+    from autotune.catalog.lengths import Workload, batching_for
+
+    return Workload(lengths, recipe.seq_len, batching_for(recipe.stage, recipe.attn))
+
+
+@click.command("estimate")
+@click.option("--model", "model_spec", required=True,
+              help="Profile id or alias, config.json, model folder or cached hub id.")
+@recipe_options
+@data_option
+@click.option("--gpu", help="Compare with this card (e.g. rtx3090, a100-80gb).")
+@click.option("--vram", help="Compare with a memory budget (e.g. 24GiB).")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="Predict a CUDA step (foreach optimizer, CUDA context) or a CPU step.")
+@confidence_option
+@trust_remote_code_option
+@no_calibration_option
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Draw the memory breakdown against the card as a PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.estimate/1).")
+@click.pass_obj
+def command(pm, model_spec, data_path, gpu, vram, device, confidence, trust_remote_code,
+            no_calibration, plot, as_json, **options) -> None:
+    """Count parameters exactly and predict the peak memory of a training step."""
+    from autotune.cost.assess import estimate
+    from autotune.catalog.models import resolve_model
+
+    recipe = make_recipe(**options)
+    card = target_gpu(gpu, vram)
+    model = resolve_model(model_spec, pm)
+    result = estimate(pm, model.config, recipe, model.family, device, trust_remote_code)
+    probed = None
+    if not no_calibration and device == "cuda" and card is None:
+        probed = calibration_for(None)[1]
+    lengths = read_lengths(pm, model, recipe.stage, data_path)
+    report = to_json(pm, model, result, card, probed, device, confidence / 100,
+                     not no_calibration, trust_remote_code, lengths)
+    if plot:
+        from autotune.cli.plots import memory_breakdown
+
+        report["plot"] = memory_breakdown(report, plot)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(render(report))
+
+
+def to_json(pm, model, result, card=None, probed=None, device: str = "cuda",
+            confidence: float = 0.95, calibrated: bool = True, remote_code: bool = False,
+            lengths=None) -> dict:
+    """The ``autotune.estimate/1`` document. ``probed``: this machine's card, for its
+    calibration and throughput when none is named."""
+    from autotune.cost.host import free_disk, machine_ram, weight_files
+    from autotune.cost.memory import checkpoint_bytes
+    from autotune.plan.planner import Planner
+
+    params, recipe, arch = result.params, result.recipe, result.arch
+    notes = list(result.memory.notes)
+    if params.unmatched:
+        notes.append(f"targets {', '.join(params.unmatched)} match no module of this model "
+                     "(PEFT skips them silently)")
+    if result.family.remote_code(model.config):
+        notes.append(f"this {result.family.name} model runs remote code: `autotune run` needs "
+                     "--trust-remote-code")
+    report = {
+        "schema": SCHEMA,
+        "model": {"id": model.id, "name": model.name, "family": result.family.name,
+                  "model_type": arch.model_type, "source": model.source,
+                  "counted_by": arch.counted_by, "layers": arch.num_layers,
+                  "hidden": arch.hidden, "vocab": arch.vocab},
+        "recipe": recipe.to_dict(),
+        "params": {
+            "total": params.total, "trainable": params.trainable, "all": params.all,
+            "trainable_percent": round(params.trainable_percent, 4),
+            "rule_of_thumb": params.rule_of_thumb, "twelve_l_h2": params.twelve_l_h2,
+            "target_modules": len(params.targets),
+            "targets": list(dict.fromkeys(lin.name for lin in params.targets)),
+            "unmatched_targets": list(params.unmatched),
+        },
+        "device": device,
+        "notes": notes,
+    }
+    if result.memory.phase == "inference":  # the serving rule: no step to assess
+        memory = result.memory
+        report["memory"] = {"tensor_peak_bytes": memory.tensor_peak, "peak_bytes": memory.peak,
+                            "peak_bytes_low": memory.peak, "peak_bytes_high": memory.peak,
+                            "device_overhead_bytes": memory.device_overhead,
+                            "peak_phase": memory.phase,
+                            "breakdown": {**memory.breakdown,
+                                          "device_overhead": memory.device_overhead},
+                            "raw_tensor_peak_bytes": memory.tensor_peak,
+                            "raw_peak_bytes": memory.peak,
+                            "raw_device_overhead_bytes": memory.device_overhead}
+        report["calibration"] = None
+        report["disk"] = {"checkpoint_bytes": checkpoint_bytes(arch, recipe, params)}
+        _compare(report, card, memory.peak, memory.peak)
+        return report
+
+    planner = Planner(pm, model.config, model.family, model.id, remote_code,
+                      calibrated=calibrated, device=device, confidence=confidence,
+                      files=weight_files(model.path))
+    speed_card = card if card is not None else probed
+    if speed_card is not None and not speed_card.has_throughput:
+        speed_card = None if card is None else card
+    workload = workload_for(lengths, recipe)
+
+    def assess(setup):
+        return planner.assess(setup.recipe, setup.parallel, speed_card, setup.recipe.batch,
+                              workload)
+
+    base = assess(Setup(recipe))
+    correction = planner.corrections.get(speed_card.id) if speed_card else None
+    b = base.breakdown
+    report["memory"] = {
+        "tensor_peak_bytes": base.tensor_peak, "peak_bytes": base.peak,
+        "peak_bytes_low": base.band.low, "peak_bytes_high": base.band.high,
+        "band": base.band.to_dict(), "device_overhead_bytes": b["device_overhead"],
+        "peak_phase": result.memory.phase if workload is None else planner.price(
+            recipe.but(seq_len=workload.worst_seq_len()))[1].phase,
+        "breakdown": b,
+        "raw_tensor_peak_bytes": base.raw[1] if base.raw else base.tensor_peak,
+        "raw_peak_bytes": base.raw[0] if base.raw else base.peak,
+        "raw_device_overhead_bytes": (base.raw[0] - base.raw[1]) if base.raw
+        else b["device_overhead"]}
+    report["calibration"] = correction.summary() if correction else None
+    if lengths is not None:
+        report["data"] = {**lengths.to_dict(recipe.seq_len), **base.workload}
+    total, available = machine_ram()
+    report["host"] = {**base.host.to_dict(), "machine_ram_bytes": total,
+                      "machine_available_bytes": available}
+    report["disk"] = {**base.disk.to_dict(), "free_bytes": free_disk("."),
+                      "checkpoint_bytes": checkpoint_bytes(arch, recipe, params)}
+    if speed_card is not None and device == "cuda":
+        report["throughput"] = {
+            "gpu": speed_card.id, "micro_batch": recipe.batch, "grad_accum": 1,
+            "tokens_per_s": round(base.tokens_per_s, 1),
+            "raw_tokens_per_s": round(base.raw[2] if base.raw else base.tokens_per_s, 1)}
+    budget = card.memory_bytes if card is not None else None
+
+    def figures(setup):
+        return assess(setup).assessed()
+
+    levers = alternatives.levers(Setup(recipe), figures, alternatives.truncation(lengths),
+                                 alternatives.covering(lengths))
+    found = alternatives.price(figures, Setup(recipe), levers, budget)
+    report["alternatives"] = [a.to_dict() for a in found]
+    _compare(report, card, base.peak, base.high)
+    if card is not None and base.high > card.memory_bytes:
+        fit = alternatives.cheapest_fit(figures, Setup(recipe), levers, budget)
+        report["gpu"]["cheapest_fit"] = fit.to_dict() if fit else None
+    return report
+
+
+def _compare(report: dict, card, peak: int, high: int) -> None:
+    if card is not None:
+        report["gpu"] = {"id": card.id, "name": card.name, "memory_bytes": card.memory_bytes,
+                         "fits": peak <= card.memory_bytes,
+                         "fits_high": high <= card.memory_bytes,
+                         "spare_bytes": card.memory_bytes - peak}
+
+
+def render(report: dict) -> str:
+    """The human-readable breakdown."""
+    m, p, r, mem = report["model"], report["params"], report["recipe"], report["memory"]
+    lines = [f"{m['id']} ({m['name']}, family {m['family']}): {m['layers']} layers, "
+             f"hidden {m['hidden']}, vocab {m['vocab']}"]
+    method = r["method"] + (f" r={r['rank']} alpha={r['alpha']} on {r['targets']}"
+                            if r["method"] in ("lora", "dora", "qlora") else "")
+    lines.append(f"recipe: {r['stage']}, {method}, {r['bits']}-bit base, {r['precision']}, "
+                 f"batch {r['batch']} x {r['seq_len']} tokens, "
+                 f"checkpointing {'on' if r['grad_ckpt'] else 'off'}, {r['optim']}, {r['attn']}")
+    lines += [
+        "",
+        "parameters",
+        f"  exact total        {p['total']:>18,}   ({m['counted_by']})",
+        f"  rule of thumb      {p['rule_of_thumb']:>18,}   L(12h²+13h)+Vh "
+        f"({_pct(p['rule_of_thumb'], p['total'])} vs exact; 12Lh² = {p['twelve_l_h2']:,})",
+        f"  trainable          {p['trainable']:>18,}   ({p['trainable_percent']:.4f}% of all)",
+        f"  all (PEFT)         {p['all']:>18,}",
+        "",
+        f"memory at the peak ({mem['peak_phase']})",
+    ]
+    cal = report.get("calibration")
+    said = {}
+    if cal:
+        said = {"calibration": f"measured tensors x{cal['tensor_scale']:.3f} ({cal['gpu']})",
+                "device_overhead": f"fragmentation {100 * cal['fragmentation']:.1f}% + "
+                                   f"{gib(cal['device_overhead_bytes'])} context "
+                                   f"({cal['overhead_source']})"}
+    rows = [[name.replace("_", " "), f"{nbytes / GiB:.2f}", said.get(name, "")]
+            for name, nbytes in mem["breakdown"].items() if nbytes]
+    on_cpu = report["device"] == "cpu"
+    raw = {key: f"; raw {mem['raw_' + key] / GiB:.2f}" if cal else ""
+           for key in ("tensor_peak_bytes", "peak_bytes")}
+    rows += [["tensors", f"{mem['tensor_peak_bytes'] / GiB:.2f}",
+              "live tensors (the CPU allocator's peak)" if on_cpu
+              else "what torch.cuda.max_memory_allocated shows" + raw["tensor_peak_bytes"]],
+             ["peak", f"{mem['peak_bytes'] / GiB:.2f}",
+              "with no device overhead on the CPU" if on_cpu
+              else "what nvidia-smi shows" + raw["peak_bytes"]]]
+    lines.append(table(["component", "GiB", ""], rows, right={1}))
+    if mem.get("band"):
+        lines.append(band_line(mem))
+    if report.get("data"):
+        lines += data_lines(report["data"])
+    lines += host_lines(report.get("host"), report.get("disk"))
+    speed = report.get("throughput")
+    if speed:
+        lines.append(f"throughput on {speed['gpu']}  {speed['tokens_per_s']:,.0f} tokens/s "
+                     + (f"(calibrated x{cal['efficiency']:.3f}; raw roofline "
+                        f"{speed['raw_tokens_per_s']:,.0f})" if cal else "(roofline)"))
+    if cal:
+        err = cal["errors"].get("peak", {})
+        fit = (f"; median peak error {100 * err['raw']:.1f}% raw -> "
+               f"{100 * err['calibrated']:.1f}% calibrated, in-sample"
+               if err.get("raw") is not None and err.get("calibrated") is not None else "")
+        lines.append(f"calibrated for {cal['gpu']} from {cal['n']} measured run(s){fit} "
+                     "(--no-calibration shows the raw estimate)")
+    if "gpu" in report:
+        g = report["gpu"]
+        verdict = "fits" if g["fits"] else "does NOT fit"
+        if g["fits"] and not g["fits_high"]:
+            verdict = "fits, but not at the upper bound"
+        lines.append(f"{g['name']}: {gib(g['memory_bytes'])} -> {verdict} "
+                     f"({gib(abs(g['spare_bytes']))} {'spare' if g['fits'] else 'short'})")
+        if "cheapest_fit" in g:
+            lines.append(fit_line(g["cheapest_fit"], g["memory_bytes"]))
+    lines += alternatives_table(report.get("alternatives", []),
+                                "alternatives (one change each, cheapest first; deltas are "
+                                "differences of two full estimates):")
+    lines += [f"note: {n}" for n in report["notes"]]
+    if report.get("plot"):
+        lines.append(f"plot: {report['plot']}")
+    return "\n".join(lines)
+
+
+def _pct(approx: int, exact: int) -> str:
+    return f"{100 * (approx - exact) / exact:+.1f}%"

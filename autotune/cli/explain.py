@@ -1,0 +1,141 @@
+"""``autotune explain``: why a plan, what each part of its memory is, what alternatives cost."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from autotune.cli.sections import alternatives_table
+from autotune.util.units import GiB
+
+MEANING = {
+    "weights": "the base model's weights in their storage format",
+    "adapters": "LoRA/DoRA adapter weights (fp32, as PEFT keeps them)",
+    "gradients": "gradients of the trainable parameters alive at the peak",
+    "optimizer": "optimizer state (moments) of the trainable parameters",
+    "activations": "tensors the forward pass saves for backward",
+    "logits": "vocabulary-sized logits, their fp32 copy in the loss and its gradients",
+    "temporaries": "short-lived buffers (autocast weight copies, backward and optimizer scratch)",
+    "inputs": "the token ids of the micro batch",
+    "stage_extras": "what the stage holds beside the policy (reference or reward models)",
+    "device_overhead": "CUDA context, library workspaces and allocator slack",
+}
+
+
+@click.command("explain")
+@click.argument("plan_file", type=click.Path(dir_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.explain/1).")
+@click.pass_obj
+def command(pm, plan_file, as_json) -> None:
+    """Explain a plan in words and numbers: why it, its memory, and what alternatives cost."""
+    from autotune.plan import alternatives
+    from autotune.cost.assess import estimate
+    from autotune.catalog.gpus import gpu_catalogue
+    from autotune.catalog.lengths import Workload
+    from autotune.cost.parallel import Parallel
+    from autotune.plan.planfile import read_plan
+    from autotune.plan.planner import Planner
+    from autotune.catalog.models import resolve_model
+    from autotune.cost.recipe import Recipe
+    from autotune.cost.uncertainty import CONFIDENCE
+
+    plan = read_plan(plan_file)
+    recipe = Recipe(**plan["recipe"])
+    model = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
+    hardware = plan.get("hardware", {})
+    gpu = gpu_catalogue().get(hardware.get("gpu", ""))
+    result = estimate(pm, model.config, recipe, model.family)
+    predictions = plan.get("predictions") or {}
+    planner = Planner(pm, model.config, model.family, model.id,
+                      confidence=predictions.get("confidence") or CONFIDENCE)
+    training = plan.get("training", {})
+    effective = (training.get("requested_effective_batch") or training.get("effective_batch")
+                 or recipe.batch)
+    lengths = _planned_data(pm, model, recipe, predictions.get("data"))
+    workload = Workload(lengths, recipe.seq_len, training.get("batching", "padded")) \
+        if lengths else None
+    base = alternatives.Setup(recipe, Parallel.from_dict(plan.get("distributed")))
+
+    def assess(setup):
+        return planner.assess(setup.recipe, setup.parallel, gpu, effective,
+                              workload).assessed()
+
+    found = alternatives.price(assess, base, alternatives.levers(
+        base, assess, alternatives.truncation(lengths), alternatives.covering(lengths)),
+        hardware.get("budget_bytes"))
+    breakdown = {**result.memory.breakdown, "device_overhead": result.memory.device_overhead}
+    report = {
+        "schema": "autotune.explain/1", "plan": plan_file, "model": model.id,
+        "recipe": recipe.to_dict(), "hardware": hardware,
+        "why": _why(plan, recipe, result, hardware),
+        "memory": {"peak_bytes": result.memory.peak, "peak_phase": result.memory.phase,
+                   "components": [{"name": k, "bytes": v, "meaning": MEANING.get(k, "")}
+                                  for k, v in breakdown.items() if v]},
+        "alternatives": [a.to_dict() for a in found],
+    }
+    click.echo(json.dumps(report, indent=2) if as_json else _render(report))
+
+
+def _planned_data(pm, model, recipe, data: dict | None):
+    """The lengths of the data the plan was made for, when that file is still here."""
+    import os
+
+    from autotune.cli.estimate import read_lengths
+
+    path = (data or {}).get("path")
+    if not path or not os.path.exists(path):
+        return None
+    return read_lengths(pm, model, recipe.stage, path)
+
+
+def _why(plan, recipe, result, hardware) -> list[str]:
+    lines = []
+    predictions = plan.get("predictions", {})
+    objective = plan.get("objective", "balanced")
+    budget = hardware.get("budget_bytes")
+    if budget:
+        high = predictions.get("memory", {}).get("peak_bytes_high", result.memory.peak)
+        lines.append(f"It is the {objective} pick among the recipes that fit "
+                     f"{hardware.get('name', 'the card')} with "
+                     f"{(budget - high) / GiB:.2f} GiB to spare under the "
+                     f"{budget / GiB:.2f} GiB budget at the peak's upper bound.")
+    if "fidelity" in predictions:
+        lines.append(f"Fidelity {predictions['fidelity']:.2f} (1.00 = full fine-tuning with fp32 "
+                     "master weights); predicted "
+                     f"{predictions.get('throughput', {}).get('tokens_per_s', 0):.0f} tokens/s.")
+    if recipe.adapter:
+        lines.append(f"It trains {result.params.trainable:,} adapter parameters "
+                     f"({result.params.trainable_percent:.2f}% of {result.params.all:,}) on "
+                     f"{recipe.targets} at rank {recipe.rank}, over a "
+                     f"{recipe.bits}-bit base.")
+    else:
+        lines.append(f"It trains {result.params.trainable:,} of {result.params.total:,} "
+                     f"parameters ({recipe.method}, {recipe.precision}).")
+    training = plan.get("training", {})
+    if training:
+        rows = "sequences"
+        if training.get("batching") in ("packed", "wrapped"):
+            per_row = (predictions.get("data") or {}).get("examples_per_row")
+            rows = f"{training['batching']} rows" + (
+                f" (about {per_row:.2f} examples each)" if isinstance(per_row, (int, float))
+                else "")
+        lines.append(f"Micro batch {training.get('micro_batch')} x accumulation "
+                     f"{training.get('grad_accum')} = {training.get('effective_batch')} {rows} "
+                     f"of {recipe.seq_len} tokens per optimizer step; checkpointing "
+                     f"{'on' if recipe.grad_ckpt else 'off'}.")
+    return lines
+
+
+def _render(report: dict) -> str:
+    lines = [f"{report['plan']}: {report['model']}", ""]
+    lines += report["why"]
+    memory = report["memory"]
+    lines += ["", f"memory at the peak ({memory['peak_phase']}): "
+                  f"{memory['peak_bytes'] / GiB:.2f} GiB"]
+    for c in memory["components"]:
+        lines.append(f"  {c['name'].replace('_', ' '):<16} {c['bytes'] / GiB:>8.2f} GiB  "
+                     f"{c['meaning']}")
+    lines += alternatives_table(report["alternatives"], "alternatives (one change each, cheapest "
+                                                        "first, from two full estimates):")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""The ``autotune`` command line: ``make_cli(pm)`` builds it, ``main()`` runs it."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+import pluggy
+
+from autotune import __version__
+from autotune.util.errors import AutotuneError
+from autotune.util.quiet import loud_libraries, quiet_libraries
+
+COMMANDS = ("models", "probe", "gpus", "estimate", "plan", "explain", "run", "report", "merge",
+            "generate", "plugins", "completion", "calibrate", "export")
+
+
+def make_cli(pm: pluggy.PluginManager) -> click.Group:
+    """Build the CLI for one plugin manager (tests pass their own)."""
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, prog_name="autotune")
+    @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+    @click.option("-v", "--verbose", is_flag=True,
+                  help="Show the libraries' warnings and progress bars too.")
+    @click.pass_context
+    def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
+        """Hardware-aware auto-tuner for fine-tuning large language models.
+
+        \b
+        autotune plan --model deepseek-7b                the best recipes, per card
+        autotune plan --model deepseek-7b --gpu rtx3090 -o plan.yaml
+        autotune explain plan.yaml                       why, and what else costs
+        autotune run plan.yaml --data train.jsonl        train it (autotune run --demo)
+        autotune estimate --model deepseek-7b --method lora --rank 16
+        autotune probe                                   what GPUs this machine has
+        autotune models                                  model profiles and aliases
+        """
+        ctx.obj = pm
+        ctx.meta["autotune.quiet"] = quiet
+        if verbose:
+            loud_libraries()
+
+    for name in COMMANDS:
+        module = importlib.import_module(f"autotune.cli.{name}")
+        cli.add_command(module.command, name=name)
+    for impl in reversed(pm.hook.register_commands.get_hookimpls()):  # pluggy's order
+        try:
+            impl.function(**{name: cli for name in impl.argnames})  # as pluggy calls it
+        except Exception as exc:  # a broken plugin is named, not a traceback
+            raise AutotuneError(f"plugin {impl.plugin_name!r} failed in register_commands: "
+                                f"{type(exc).__name__}: {exc}") from exc
+    return cli
+
+
+def main() -> None:
+    """Entry point of the ``autotune`` script: errors end in one line, not a traceback."""
+    quiet_libraries()
+    try:
+        from autotune.plugin.manager import get_plugin_manager
+
+        make_cli(get_plugin_manager()).main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("autotune: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except AutotuneError as exc:
+        click.echo(f"autotune: error: {one_line(str(exc))}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("autotune: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 -- a bug still ends in one line unless debugging
+        if os.environ.get("AUTOTUNE_DEBUG"):
+            raise
+        click.echo(f"autotune: internal error: {type(exc).__name__}: {one_line(str(exc))} "
+                   "(set AUTOTUNE_DEBUG=1 for the traceback)", err=True)
+        sys.exit(70)
+
+
+_LINE_BREAKS = {ord(c): c.encode("unicode_escape").decode()
+                for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def one_line(message: str) -> str:
+    """``message`` with its line breaks escaped (a path or a name the user typed may hold
+    some): an error stays one line."""
+    return message.translate(_LINE_BREAKS)

@@ -1,0 +1,257 @@
+"""What one decoder layer saves for backward, tensor by tensor, as transformers and PEFT run it.
+
+The rules mirror autograd: an op saves an input only when a gradient must flow through
+it, so what a layer keeps depends on which weights train (full, frozen, LoRA-adapted)
+and on whether its input needs a gradient at all (nothing below the first trainable
+weight saves anything). Sizes are bytes for ``tokens`` tokens. Storages that several
+ops share are counted once, keyed by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autotune.cost.architecture import Attention, FeedForward, Layer
+
+FP32 = 4
+INDEX = 8  # int64
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Byte widths of one recipe's tensors."""
+
+    compute: int
+    """Matmul inputs and outputs (2 under 16-bit autocast or pure 16 bit, else 4)."""
+    residual: int
+    """The residual stream: the dtype the weights are held in (fp32 under amp)."""
+    autocast: bool
+    """16-bit autocast is on: fp32 inputs and weights are copied to 16 bit per op."""
+    dropout_mask: int = 1
+    """Bytes per element of a dropout mask: bool on CUDA, the input's dtype (fp32 for
+    PEFT's upcast LoRA input) on the CPU."""
+    copies_weights: bool = False
+    """Autocast copies fp32 (unquantised) linear weights to 16 bit for each matmul."""
+    act: int = 0
+    """Elementwise activations between linears: the compute width, except behind
+    bitsandbytes layers, which return their input's dtype (the fp32 residual)."""
+
+    def __post_init__(self) -> None:
+        if not self.act:
+            object.__setattr__(self, "act", self.compute)
+
+
+@dataclass(frozen=True)
+class LinearRole:
+    """How one linear layer takes part in the step."""
+
+    trainable: bool = False
+    adapted: bool = False
+    rank: int = 0
+    dora: bool = False
+    dropout: bool = False
+
+
+@dataclass
+class Saved:
+    """Saved tensors by storage name; a shared storage is counted once."""
+
+    storages: dict[str, int] = field(default_factory=dict)
+
+    def keep(self, name: str, nbytes: int) -> None:
+        self.storages.setdefault(name, nbytes)
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def norm(saved: Saved, name: str, t: int, width: int, p: Precision, grad_in: bool,
+         weight_trainable: bool, in_bytes: int) -> int:
+    """RMSNorm: an fp32 copy of the input, 1/rms, and (trainable weight) the normalised input.
+
+    Returns the byte width of its output.
+    """
+    if grad_in or weight_trainable:
+        saved.keep(f"{name}.x32", t * width * FP32)
+        saved.keep(f"{name}.rsqrt", t * FP32)
+        if weight_trainable:
+            saved.keep(f"{name}.xhat", t * width * in_bytes)
+    return max(in_bytes, p.residual)
+
+
+def linear(saved: Saved, name: str, source: str, t: int, fan_in: int, fan_out: int,
+           role: LinearRole, p: Precision, in_bytes: int, grad_x: bool = True) -> None:
+    """A linear layer reading storage ``source`` (``in_bytes`` wide).
+
+    ``grad_x``: a gradient must flow back through the input. Then, with fp32 weights
+    under autocast, a frozen weight's 16-bit copy is saved too (trainable weights' copies
+    are autocast's cached ones, counted with the weights).
+    """
+    if grad_x and not role.trainable and p.copies_weights:
+        saved.keep(f"{name}.w16", fan_in * fan_out * p.compute)
+    if role.trainable:
+        if p.autocast and in_bytes != p.compute:
+            saved.keep(f"{name}.x16", t * fan_in * p.compute)  # autocast copies per op
+        else:
+            saved.keep(source, t * fan_in * in_bytes)
+    if role.adapted:
+        # PEFT casts the input to the adapter dtype (fp32); autocast then copies it back
+        # to 16 bit for lora_A, once per adapted layer.
+        if p.autocast:
+            saved.keep(f"{name}.lora_x", t * fan_in * p.compute)
+        elif role.dropout or in_bytes != FP32:
+            saved.keep(f"{name}.lora_x32", t * fan_in * FP32)
+        else:
+            saved.keep(source, t * fan_in * FP32)
+        if role.dropout and grad_x:  # dropout keeps its mask when a gradient flows through
+            saved.keep(f"{name}.lora_mask", t * fan_in * p.dropout_mask)
+        saved.keep(f"{name}.lora_ax", t * role.rank * p.compute)
+        if p.autocast:  # 16-bit copies of the fp32 adapter weights, held until backward
+            saved.keep(f"{name}.lora_w16", role.rank * (fan_in + fan_out) * p.compute)
+        if role.dora:
+            saved.keep(f"{name}.dora_base", t * fan_out * p.compute)
+            saved.keep(f"{name}.dora_lora", t * fan_out * p.compute)
+
+
+def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Attention,
+                   p: Precision, kernel: str) -> None:
+    """Rotary q and k, v, the output and (fused kernels) the log-sum-exp; eager adds scores."""
+    c = p.compute
+    q_bytes = t * a.heads * a.head_dim * c
+    kv_heads = a.kv_heads if kernel != "eager" else a.heads  # eager repeats k and v
+    saved.keep(f"{name}.q", q_bytes)
+    saved.keep(f"{name}.k", t * kv_heads * a.head_dim * c)
+    saved.keep(f"{name}.v", t * kv_heads * a.v_head_dim * c)
+    saved.keep(f"{name}.out", t * a.heads * a.v_head_dim * c)
+    if kernel == "eager":
+        scores = batch * a.heads * seq * seq
+        saved.keep(f"{name}.probs32", scores * FP32)
+        saved.keep(f"{name}.probs", scores * c)
+    else:
+        saved.keep(f"{name}.lse", batch * a.heads * seq * FP32)
+
+
+def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: int,
+              roles: dict[str, LinearRole], p: Precision, in_bytes: int, grad_in: bool) -> None:
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    c = p.act
+    linear(saved, f"{name}.gate_proj", source, t, hidden, inter, roles["gate_proj"], p, in_bytes,
+           grad_in)
+    linear(saved, f"{name}.up_proj", source, t, hidden, inter, roles["up_proj"], p, in_bytes,
+           grad_in)
+    grad_gate = grad_in or roles["gate_proj"].trainable or roles["gate_proj"].adapted
+    grad_up = grad_in or roles["up_proj"].trainable or roles["up_proj"].adapted
+    if grad_gate or grad_up:
+        if grad_gate:
+            saved.keep(f"{name}.gate", t * inter * c)      # silu's input
+            saved.keep(f"{name}.up", t * inter * c)        # for d(act)
+        if grad_up:
+            saved.keep(f"{name}.act", t * inter * c)       # for d(up)
+    linear(saved, f"{name}.down_proj", f"{name}.act_up", t, inter, hidden,
+           roles["down_proj"], p, c, grad_gate or grad_up)
+
+
+def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str, LinearRole],
+                norms_trainable: bool, grad_in: bool, p: Precision, kernel: str) -> int:
+    """Bytes one decoder layer saves for backward.
+
+    ``kernel``: ``sdpa`` and ``flash`` (fused: output and log-sum-exp), ``eager`` (scores
+    materialised) or ``math`` (SDPA's fallback on the CPU when head widths differ).
+    """
+    t = batch * seq
+    saved = Saved()
+    a, f = layer.attention, layer.mlp
+    out_bytes = norm(saved, "ln1", t, hidden, p, grad_in, norms_trainable, p.residual)
+    attn_linears = _attention_linears(a, hidden)
+    grad_attn = grad_in or any(roles.get(n, LinearRole()).trainable or
+                               roles.get(n, LinearRole()).adapted for n in attn_linears)
+    for lname, (fan_in, fan_out, source) in attn_linears.items():
+        linear(saved, lname, source, t, fan_in, fan_out, roles.get(lname, LinearRole()), p,
+               out_bytes if source == "ln1.out" else p.compute,
+               grad_in if source == "ln1.out" else grad_attn)
+    if "lfa" in layer.extras and grad_attn:
+        # Yuan's localized filtering: two (2,1) convolutions and an RMSNorm on the input.
+        saved.keep("lfa.x", t * hidden * p.compute)
+        saved.keep("lfa.conv1", t * hidden // 2 * p.compute)
+        saved.keep("lfa.x32", t * hidden * FP32)
+    if grad_attn and a.mla:
+        _mla(saved, t, batch, seq, a, p, kernel, norms_trainable)
+    elif grad_attn:
+        attention_core(saved, "attn", t, batch, seq, a, p, kernel)
+    grad_mid = grad_attn or grad_in
+    mid_bytes = norm(saved, "ln2", t, hidden, p, grad_mid, norms_trainable, p.residual)
+    if f.moe:
+        _moe(saved, t, hidden, f, roles, p, mid_bytes, grad_mid)
+    else:
+        gated_mlp(saved, "mlp", "ln2.out", t, hidden, f.intermediate,
+                  {n: roles.get(n, LinearRole()) for n in ("gate_proj", "up_proj", "down_proj")},
+                  p, mid_bytes, grad_mid)
+    return saved.total
+
+
+def _mla(saved: Saved, t: int, batch: int, seq: int, a: Attention, p: Precision, kernel: str,
+         norms_trainable: bool) -> None:
+    """Multi-head latent attention: normed low-rank q and kv, rotary in fp32.
+
+    q and k leave the fp32 rotary embedding in fp32; with q/k and v head widths unequal,
+    SDPA on the CPU takes its math path and keeps the fp32 probabilities.
+    """
+    for rank, name in ((a.q_lora_rank, "q_a"), (a.kv_lora_rank, "kv_a")):
+        if rank:
+            norm(saved, name, t, rank, p, True, norms_trainable, p.compute)
+            saved.keep(f"{name}.norm", t * rank * p.compute)
+    width = FP32 if kernel == "math" else p.compute
+    saved.keep("attn.q", t * a.heads * a.head_dim * width)
+    saved.keep("attn.k", t * a.heads * a.head_dim * width)
+    saved.keep("attn.v", t * a.heads * a.v_head_dim * width)
+    if kernel in ("math", "eager"):
+        saved.keep("attn.probs32", batch * a.heads * seq * seq * FP32)
+    else:
+        saved.keep("attn.out", t * a.heads * a.v_head_dim * p.compute)
+        saved.keep("attn.lse", batch * a.heads * seq * FP32)
+
+
+def _attention_linears(a: Attention, hidden: int) -> dict[str, tuple[int, int, str]]:
+    q_out = a.heads * a.head_dim
+    if not a.mla:
+        return {
+            "q_proj": (hidden, q_out, "ln1.out"),
+            "k_proj": (hidden, a.kv_heads * a.head_dim, "ln1.out"),
+            "v_proj": (hidden, a.kv_heads * a.v_head_dim, "ln1.out"),
+            "o_proj": (a.heads * a.v_head_dim, hidden, "attn.out"),
+        }
+    nope = a.head_dim - a.rope_dim
+    found = {}
+    if a.q_lora_rank:
+        found["q_a_proj"] = (hidden, a.q_lora_rank, "ln1.out")
+        found["q_b_proj"] = (a.q_lora_rank, q_out, "q_a.norm")
+    else:
+        found["q_proj"] = (hidden, q_out, "ln1.out")
+    found["kv_a_proj_with_mqa"] = (hidden, a.kv_lora_rank + a.rope_dim, "ln1.out")
+    found["kv_b_proj"] = (a.kv_lora_rank, a.heads * (nope + a.v_head_dim), "kv_a.norm")
+    found["o_proj"] = (a.heads * a.v_head_dim, hidden, "attn.out")
+    return found
+
+
+def _moe(saved: Saved, t: int, hidden: int, f: FeedForward, roles, p: Precision,
+         in_bytes: int, grad_in: bool) -> None:
+    """Routed experts see top_k tokens' worth of rows each on average, plus shared experts."""
+    c = p.compute
+    routed = t * f.top_k
+    expert_role = roles.get("experts", LinearRole())
+    if grad_in or expert_role.trainable:
+        if expert_role.trainable:
+            saved.keep("router.x", t * hidden * c)
+        saved.keep("router.logits", t * f.experts * (c + FP32))
+        saved.keep("router.index", (t * f.top_k + 3 * routed) * INDEX)
+        saved.keep("experts.weights", routed * FP32)
+        saved.keep("experts.x", routed * hidden * c)
+        saved.keep("experts.gate_up", routed * 2 * f.expert_intermediate * c)
+        saved.keep("experts.act", routed * f.expert_intermediate * c)
+        saved.keep("experts.h", routed * f.expert_intermediate * c)
+        saved.keep("experts.out", routed * hidden * c)
+    if f.shared_intermediate:
+        gated_mlp(saved, "shared", "ln2.out", t, hidden, f.shared_intermediate,
+                  {n: roles.get(f"shared_experts.{n}", LinearRole())
+                   for n in ("gate_proj", "up_proj", "down_proj")}, p, in_bytes, grad_in)

@@ -1,0 +1,278 @@
+"""An exact, torch-free description of a model: every parameter tensor, every linear layer.
+
+Family plugins build one analytically from ``config.json`` (:func:`decoder`), which is
+instant; for anything else :mod:`autotune.cost.metabuild` builds the model with transformers
+on the meta device. Both give the same :class:`Architecture`, and the tests hold them
+to each other.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+# PEFT on transformers 5 MoE models: LoRA targets that named per-expert linears (and the
+# router) in transformers 4 are remapped to the fused expert parameters, with the rank
+# doubled on the fused gate+up tensor -- and taken off every nn.Linear of those names,
+# dense MLPs and shared experts included. Keyed by transformers' conversion pattern.
+PEFT_FUSED_TARGETS = {
+    "qwen2_moe": {"gate_proj": ("gate_up_proj", 2), "up_proj": ("gate_up_proj", 2),
+                  "down_proj": ("down_proj", 1), "gate": ("gate.weight", 1)},
+    "mixtral": {"w1": ("gate_up_proj", 2), "w3": ("gate_up_proj", 2),
+                "w2": ("down_proj", 1), "gate": ("gate.weight", 1)},
+}
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear layer (``torch.nn.Linear``): what LoRA adapts and bitsandbytes quantises."""
+
+    path: str
+    in_features: int
+    out_features: int
+    bias: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """Any other parameter tensor, with its role: embedding, norm, experts, router, conv, other."""
+
+    path: str
+    numel: int
+    kind: str
+    shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Attention:
+    """One attention block's shape. MLA (DeepSeek-V2) sets the ``*_lora_rank`` fields."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    rope_dim: int = 0
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+
+@dataclass(frozen=True)
+class FeedForward:
+    """One MLP block's shape: dense (``intermediate``) or mixture-of-experts."""
+
+    intermediate: int = 0
+    experts: int = 0
+    top_k: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+
+    @property
+    def moe(self) -> bool:
+        return self.experts > 0
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One decoder layer's shape, for the activation model."""
+
+    attention: Attention
+    mlp: FeedForward
+    extras: tuple[str, ...] = ()
+    """Family-specific blocks the activation model knows, e.g. ``"lfa"`` (Yuan)."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A model's exact parameter inventory plus the layer shapes the activation model needs."""
+
+    model_type: str
+    hidden: int
+    vocab: int
+    layers: tuple[Layer, ...]
+    linears: tuple[Linear, ...]
+    tensors: tuple[Tensor, ...]
+    tied_embeddings: bool = False
+    head: str = "lm_head"
+    counted_by: str = ""
+    hidden_act: str = "silu"
+    fused_targets: dict[str, tuple[str, int]] = field(default_factory=dict, compare=False,
+                                                      hash=False)
+    """PEFT's remap of per-expert target names to fused parameters (see PEFT_FUSED_TARGETS)."""
+
+    @cached_property
+    def total(self) -> int:
+        """Parameters as ``model.parameters()`` counts them (a tied head counted once)."""
+        n = sum(t.numel for t in self.tensors) + sum(lin.numel for lin in self.linears)
+        if self.tied_embeddings:
+            n -= self.head_linear.in_features * self.head_linear.out_features
+        return n
+
+    @cached_property
+    def head_linear(self) -> Linear:
+        for lin in self.linears:
+            if lin.path == self.head:
+                return lin
+        raise ValueError(f"no output head {self.head!r} among the linear layers")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @cached_property
+    def layer_params(self) -> list[int]:
+        """Parameters per decoder layer (index order)."""
+        counts = [0] * self.num_layers
+        for item in (*self.linears, *self.tensors):
+            index = layer_index(item.path)
+            if index is not None and index < self.num_layers:
+                counts[index] += item.numel
+        return counts
+
+
+@lru_cache(maxsize=65536)
+def layer_index(path: str) -> int | None:
+    """The decoder-layer index in a parameter or module path (``model.layers.3.mlp`` -> 3)."""
+    found = _LAYER.search(path)
+    return int(found.group(1)) if found else None
+
+
+def head_dim(config: dict) -> int:
+    """Per-head width: ``head_dim`` when the config sets it, else hidden / heads."""
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def decoder(
+    config: dict,
+    *,
+    qkv_bias: bool | None = None,
+    o_bias: bool | None = None,
+    extras: dict[str, int] | None = None,
+    tags: tuple[str, ...] = (),
+    counted_by: str = "",
+) -> Architecture:
+    """A Llama-style decoder described from its config, in transformers' module names.
+
+    Covers Llama, Mistral, Qwen2, DeepSeek-LLM, DeepSeek-V2 (MLA and MoE with fused
+    experts) and, with ``extras``, remote-code variants. ``extras`` maps a per-layer
+    parameter suffix to its size (e.g. Yuan's convolutions); ``tags`` name family-specific
+    blocks for the activation model (``"lfa"``).
+    """
+    h = config["hidden_size"]
+    vocab = config["vocab_size"]
+    n_layers = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    attn_bias = bool(config.get("attention_bias", False))
+    qkv_bias = attn_bias if qkv_bias is None else qkv_bias
+    o_bias = attn_bias if o_bias is None else o_bias
+    mlp_bias = bool(config.get("mlp_bias", False))
+    tied = bool(config.get("tie_word_embeddings", False))
+
+    linears: list[Linear] = []
+    tensors: list[Tensor] = [Tensor("model.embed_tokens.weight", vocab * h, "embedding",
+                                    (vocab, h))]
+    layers: list[Layer] = []
+    for i in range(n_layers):
+        p = f"model.layers.{i}"
+        attention = _attention(config, p, h, heads, kv_heads, qkv_bias, o_bias, linears, tensors)
+        mlp = _feed_forward(config, i, p, h, mlp_bias, linears, tensors)
+        for suffix, size in (extras or {}).items():
+            kind = "conv" if "conv" in suffix else "norm" if "norm" in suffix else "other"
+            tensors.append(Tensor(f"{p}.{suffix}", size, kind))
+        tensors.append(Tensor(f"{p}.input_layernorm.weight", h, "norm"))
+        tensors.append(Tensor(f"{p}.post_attention_layernorm.weight", h, "norm"))
+        layers.append(Layer(attention, mlp, tags))
+    tensors.append(Tensor("model.norm.weight", h, "norm"))
+    linears.append(Linear("lm_head", h, vocab, False))
+    fused = any(t.kind == "experts" for t in tensors)
+    return Architecture(
+        model_type=config.get("model_type", ""),
+        fused_targets=PEFT_FUSED_TARGETS["qwen2_moe"] if fused else {},
+        hidden=h,
+        vocab=vocab,
+        layers=tuple(layers),
+        linears=tuple(linears),
+        tensors=tuple(tensors),
+        tied_embeddings=tied,
+        counted_by=counted_by,
+        hidden_act=config.get("hidden_act", "silu"),
+    )
+
+
+def _attention(config, p, h, heads, kv_heads, qkv_bias, o_bias, linears, tensors) -> Attention:
+    kv_rank = config.get("kv_lora_rank") or 0
+    if not kv_rank:
+        d = head_dim(config)
+        linears += [
+            Linear(f"{p}.self_attn.q_proj", h, heads * d, qkv_bias),
+            Linear(f"{p}.self_attn.k_proj", h, kv_heads * d, qkv_bias),
+            Linear(f"{p}.self_attn.v_proj", h, kv_heads * d, qkv_bias),
+            Linear(f"{p}.self_attn.o_proj", heads * d, h, o_bias),
+        ]
+        return Attention(heads, kv_heads, d, d)
+    # Multi-head latent attention (DeepSeek-V2): low-rank joint K/V, optional low-rank Q.
+    nope, rope = config["qk_nope_head_dim"], config["qk_rope_head_dim"]
+    v_dim, q_rank = config["v_head_dim"], config.get("q_lora_rank") or 0
+    bias = bool(config.get("attention_bias", False))
+    if q_rank:
+        linears.append(Linear(f"{p}.self_attn.q_a_proj", h, q_rank, bias))
+        tensors.append(Tensor(f"{p}.self_attn.q_a_layernorm.weight", q_rank, "norm"))
+        linears.append(Linear(f"{p}.self_attn.q_b_proj", q_rank, heads * (nope + rope), False))
+    else:
+        linears.append(Linear(f"{p}.self_attn.q_proj", h, heads * (nope + rope), False))
+    linears.append(Linear(f"{p}.self_attn.kv_a_proj_with_mqa", h, kv_rank + rope, bias))
+    tensors.append(Tensor(f"{p}.self_attn.kv_a_layernorm.weight", kv_rank, "norm"))
+    linears.append(Linear(f"{p}.self_attn.kv_b_proj", kv_rank, heads * (nope + v_dim), False))
+    linears.append(Linear(f"{p}.self_attn.o_proj", heads * v_dim, h, bias))
+    return Attention(heads, heads, nope + rope, v_dim, q_rank, kv_rank, rope)
+
+
+def _is_moe_layer(config: dict, i: int) -> bool:
+    experts = config.get("n_routed_experts") or 0
+    first_dense = config.get("first_k_dense_replace") or 0
+    freq = config.get("moe_layer_freq") or 1
+    return bool(experts) and i >= first_dense and i % freq == 0
+
+
+def _feed_forward(config, i, p, h, mlp_bias, linears, tensors) -> FeedForward:
+    if not _is_moe_layer(config, i):
+        inter = config["intermediate_size"]
+        _mlp(linears, f"{p}.mlp", h, inter, mlp_bias)
+        return FeedForward(intermediate=inter)
+    experts, moe_inter = config["n_routed_experts"], config["moe_intermediate_size"]
+    shared = (config.get("n_shared_experts") or 0) * moe_inter
+    if config.get("experts_as_linears"):  # remote-code MoE: one nn.Linear per expert
+        for e in range(experts):
+            _mlp(linears, f"{p}.mlp.experts.{e}", h, moe_inter, False)
+    else:  # transformers' fused expert tensors
+        tensors.append(Tensor(f"{p}.mlp.experts.gate_up_proj", experts * 2 * moe_inter * h,
+                              "experts", (experts, 2 * moe_inter, h)))
+        tensors.append(Tensor(f"{p}.mlp.experts.down_proj", experts * moe_inter * h, "experts",
+                              (experts, h, moe_inter)))
+    tensors.append(Tensor(f"{p}.mlp.gate.weight", experts * h, "router", (experts, h)))
+    if shared:
+        _mlp(linears, f"{p}.mlp.shared_experts", h, shared, False)
+    return FeedForward(0, experts, config["num_experts_per_tok"], moe_inter, shared)
+
+
+def _mlp(linears: list[Linear], p: str, h: int, inter: int, bias: bool) -> None:
+    linears += [
+        Linear(f"{p}.gate_proj", h, inter, bias),
+        Linear(f"{p}.up_proj", h, inter, bias),
+        Linear(f"{p}.down_proj", inter, h, bias),
+    ]

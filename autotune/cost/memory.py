@@ -1,0 +1,366 @@
+"""The memory model: bytes per component at the peak of a training step.
+
+A step is simulated as the allocator sees it -- static state, the forward pass saving
+activations layer by layer, the loss on the logits, the backward pass freeing them and
+allocating gradients, the optimizer step -- and the peak is the largest live total, with
+its components. ``tensor_peak`` is what ``torch.cuda.max_memory_allocated`` reports;
+``peak`` adds the device's own overhead (CUDA context, workspaces, allocator slack),
+which is what nvidia-smi shows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from autotune.cost.activations import FP32, INDEX, LinearRole, Precision, layer_saved
+from autotune.cost.architecture import Architecture, Linear, layer_index
+from autotune.cost.parallel import SINGLE, Parallel, deepspeed_optimizer_bytes, shares
+from autotune.cost.params import ParamCounts, trainable_layers
+from autotune.cost.recipe import Recipe
+
+COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "logits",
+              "temporaries", "inputs", "stage_extras", "communication")
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+NF4_BLOCK, NF4_BLOCK2 = 64, 256
+QUANT_STATE = (256 + 16 + 1) * 4
+"""Per 4-bit layer: the nested 8-bit code, the NF4 code and the nested offset, all fp32."""
+EIGHT_BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
+EIGHT_BIT_BLOCK = 2048
+
+CUDA_CONTEXT = 600 * 2**20
+"""CUDA context plus cuBLAS/cuDNN workspaces before any tensor (a few hundred MB)."""
+ALLOCATOR_SLACK = 0.05
+"""Reserved above allocated by the caching allocator's rounding and free blocks."""
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """Sequences per micro batch and their length, as the model sees them."""
+
+    batch: int
+    seq_len: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak memory of one training step, by component."""
+
+    breakdown: dict[str, int]
+    tensor_peak: int
+    device_overhead: int
+    phase: str
+    """Where in the step the peak falls (forward, loss, backward, optimizer)."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return self.tensor_peak + self.device_overhead
+
+
+class _Timeline:
+    """Live bytes by component; remembers the largest total and what made it up."""
+
+    def __init__(self) -> None:
+        self.live = dict.fromkeys(COMPONENTS, 0)
+        self.peak = 0
+        self.at: dict[str, int] = dict(self.live)
+        self.phase = ""
+
+    def add(self, component: str, nbytes: int, phase: str) -> None:
+        self.live[component] += nbytes
+        total = sum(self.live.values())
+        if total > self.peak:
+            self.peak, self.at, self.phase = total, dict(self.live), phase
+
+    def spike(self, component: str, nbytes: int, phase: str) -> None:
+        """A transient that is freed right away."""
+        self.add(component, nbytes, phase)
+        self.add(component, -nbytes, phase)
+
+
+def weight_bytes(arch: Architecture, recipe: Recipe) -> int:
+    """Base weights in their storage format; bitsandbytes quantises linear layers only."""
+    if recipe.bits == 16:
+        return arch.total * BYTES[recipe.weight_dtype]
+    kept = BYTES[recipe.weight_dtype]
+    if recipe.adapter:
+        kept = FP32  # prepare_model_for_kbit_training upcasts what stays unquantised
+    quantised = [lin for lin in arch.linears if lin.path != arch.head]
+    q_params = sum(lin.in_features * lin.out_features for lin in quantised)
+    biases = sum(lin.out_features for lin in quantised if lin.bias)
+    if recipe.bits == 4:
+        blocks = -(-q_params // NF4_BLOCK)
+        packed = (q_params // 2 + blocks + FP32 * -(-blocks // NF4_BLOCK2)
+                  + QUANT_STATE * len(quantised))
+    else:
+        packed = q_params + sum(lin.out_features for lin in quantised) * FP32
+    rest = arch.total - q_params - biases
+    return packed + (rest + biases) * kept
+
+
+def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
+           trained_layers: set[int] | None) -> list[dict[str, LinearRole]]:
+    """How each linear layer takes part, by decoder layer and short name."""
+    roles: list[dict[str, LinearRole]] = [{} for _ in arch.layers]
+    adapted = {lin.path for lin in counts.targets}
+    for lin in arch.linears:
+        index = layer_index(lin.path)
+        if index is None or index >= arch.num_layers:
+            continue
+        trainable = recipe.method == "full" or (trained_layers is not None and index in trained_layers)
+        role = LinearRole(trainable, lin.path in adapted, recipe.rank, recipe.method == "dora",
+                          recipe.dropout > 0)
+        roles[index][_role_key(lin.path, index)] = role
+    return roles
+
+
+def _role_key(path: str, index: int) -> str:
+    rest = path.split(f".{index}.", 1)[1]
+    for prefix in ("self_attn.", "mlp."):
+        if rest.startswith(prefix):
+            rest = rest[len(prefix):]
+    return "experts" if rest.startswith("experts.") else rest
+
+
+def _trainable_shapes(arch: Architecture, recipe: Recipe, counts: ParamCounts,
+                      trained: set[int] | None) -> list[tuple[int, ...]]:
+    """Shapes of every trainable tensor."""
+    if recipe.adapter:
+        return [shape for _, shape in counts.adapter_tensors]
+    shapes = []
+    for item in (*arch.linears, *arch.tensors):
+        if trained is not None and layer_index(item.path) not in trained:
+            continue
+        if item.path == arch.head and arch.tied_embeddings:
+            continue
+        if isinstance(item, Linear):
+            shapes.append((item.out_features, item.in_features))
+            if item.bias:
+                shapes.append((item.out_features,))
+        else:
+            shapes.append(item.shape or (item.numel,))
+    return shapes
+
+
+def optimizer_state_bytes(recipe: Recipe, shapes: list[tuple[int, ...]], param_bytes: int) -> int:
+    """Optimizer state for tensors of ``shapes`` held at ``param_bytes`` each.
+
+    AdamW keeps two moments in the parameter's dtype; bitsandbytes' 8-bit AdamW keeps them
+    in 8 bits with a float per 2048-element block (32-bit for tensors under 4096
+    elements); Adafactor (no first moment) keeps fp32 row and column statistics of
+    matrices and a full fp32 second moment of vectors; SGD without momentum keeps none.
+    """
+    sizes = [math.prod(shape) for shape in shapes]
+    if recipe.optim == "sgd":
+        return 0
+    if recipe.optim == "adafactor":
+        return FP32 * sum(math.prod(s[:-1]) + math.prod(s[:-2]) * s[-1] if len(s) >= 2
+                          else s[0] for s in shapes)
+    steps = len(sizes) * FP32
+    if recipe.optim == "adamw_torch":
+        return 2 * sum(sizes) * param_bytes + steps
+    big = [n for n in sizes if n >= EIGHT_BIT_MIN_SIZE]
+    small = [n for n in sizes if n < EIGHT_BIT_MIN_SIZE]
+    absmax = sum(-(-n // EIGHT_BIT_BLOCK) for n in big) * FP32
+    return 2 * (sum(big) + absmax) + 2 * sum(small) * FP32 + steps
+
+
+def training_state_bytes(recipe: Recipe, params: ParamCounts) -> int:
+    """Adapter weights, gradients and optimizer state of a model trained like ``recipe``."""
+    param_bytes = FP32 if recipe.adapter else BYTES[recipe.weight_dtype]
+    adapters = params.trainable * FP32 if recipe.adapter else 0
+    return (adapters + params.trainable * param_bytes
+            + optimizer_state_bytes(recipe, [(params.trainable,)], param_bytes))
+
+
+def serving_bytes(params: int, bits: int) -> int:
+    """The seeds' serving rule: M = P · 4 B / (32 / Q) · 1.2 (weights plus 20%)."""
+    return int(params * 4 / (32 / bits) * 1.2)
+
+
+def serving_memory(arch: Architecture, recipe: Recipe) -> MemoryEstimate:
+    """Memory to serve the model at ``recipe.bits``, by the seeds' rule (seed 004)."""
+    weights = arch.total * recipe.bits // 8
+    total = serving_bytes(arch.total, recipe.bits)
+    return MemoryEstimate({"weights": weights}, weights, total - weights, "inference",
+                          ["serving rule M = P x 4 B / (32 / Q) x 1.2: the 20% covers the "
+                           "KV cache and runtime buffers"])
+
+
+def checkpoint_bytes(arch: Architecture, recipe: Recipe, params: ParamCounts) -> int:
+    """Size of what a run saves: the adapter (fp32) or the full weights (16 bit)."""
+    if recipe.adapter:
+        return params.trainable * FP32
+    return arch.total * (2 if recipe.weight_dtype == "fp32" else BYTES[recipe.weight_dtype])
+
+
+def optimizer_temporaries(recipe: Recipe, shapes: list[tuple[int, ...]], param_bytes: int,
+                          device: str) -> int:
+    """Scratch memory inside ``optimizer.step()``.
+
+    On CUDA torch's AdamW takes its multi-tensor (foreach) path: ``sqrt`` of every second
+    moment at once, the size of all trainable parameters. On the CPU it goes tensor by
+    tensor: two temporaries the size of the largest tensor. Adafactor works in fp32 one
+    tensor at a time: the update and its factored estimate, plus fp32 copies of a 16-bit
+    gradient and parameter.
+    """
+    sizes = [math.prod(shape) for shape in shapes]
+    if not sizes or recipe.optim in ("sgd", "adamw_8bit", "paged_adamw_8bit"):
+        return 0
+    if recipe.optim == "adafactor":
+        return max(sizes) * FP32 * (2 if param_bytes == FP32 else 4)
+    if device == "cuda":
+        return sum(sizes) * param_bytes
+    return 2 * max(sizes) * param_bytes
+
+
+def largest_module(arch: Architecture) -> int:
+    """Parameters of the largest module: what ZeRO-3 and FSDP gather at a time."""
+    return max(item.numel + (item.out_features if isinstance(item, Linear) and item.bias else 0)
+               for item in (*arch.linears, *arch.tensors))
+
+
+def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
+                    extras: dict[str, int] | None = None, device: str = "cuda",
+                    sequences: int = 1, parallel: Parallel = SINGLE) -> MemoryEstimate:
+    """Simulate one training step (after the first) and return its peak, by component.
+
+    ``sequences`` multiplies the batch (2 for preference pairs); ``extras`` are a stage's
+    additional bytes (a reference model, say), live for the whole step. With several
+    GPUs the figures are one rank's (:mod:`autotune.cost.parallel`).
+    """
+    if parallel.deepspeed and recipe.precision == "amp":
+        # DeepSpeed runs the model in 16 bit; its fp32 master weights are optimizer state
+        recipe = recipe.but(precision="bf16")
+    shape = StepShape(recipe.batch * sequences, recipe.seq_len)
+    t, c = shape.tokens, BYTES[recipe.compute_dtype]
+    w = BYTES[recipe.weight_dtype]
+    autocast = recipe.compute_dtype != "fp32"
+    copies = autocast and w == FP32  # fp32 weights, cast to 16 bit per matmul
+    if recipe.bits < 16:  # prepare_model_for_kbit_training leaves the residual stream fp32
+        w = FP32
+    p = Precision(compute=c, residual=w, autocast=autocast, copies_weights=copies,
+                  dropout_mask=FP32 if device == "cpu" else 1,
+                  act=w if recipe.bits < 16 else c)
+    param_bytes = FP32 if recipe.adapter else w
+    full = recipe.method == "full"
+    trained = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
+    shapes = _trainable_shapes(arch, recipe, counts, trained)
+    roles = _roles(arch, recipe, counts, trained)
+    share = shares(parallel, counts.trainable, param_bytes, largest_module(arch))
+    optimizer = (deepspeed_optimizer_bytes(counts.trainable) if parallel.deepspeed
+                 else optimizer_state_bytes(recipe, shapes, param_bytes))
+
+    tl = _Timeline()
+    tl.add("weights", int(weight_bytes(arch, recipe) * share.weights), "start")
+    tl.add("adapters", int(counts.trainable * FP32 * share.weights) if recipe.adapter else 0,
+           "start")
+    tl.add("optimizer", int(optimizer * share.optimizer), "start")
+    tl.add("communication", share.buffers, "start")
+    tl.add("inputs", t * INDEX, "start")
+    tl.add("stage_extras", sum((extras or {}).values()), "start")
+
+    # -- forward: each layer's saved tensors stay until its backward; with checkpointing
+    # only its input stays, and the layer is recomputed in the backward pass.
+    # prepare_model_for_kbit_training makes the embeddings' output require grad when
+    # checkpointing, so even the first layer saves.
+    grad_in = full or (recipe.bits < 16 and recipe.grad_ckpt)
+    saved_by_layer, kept_by_layer, seen = [], [], {}
+    for i, layer in enumerate(arch.layers):
+        norms = full or (trained is not None and i in trained)
+        kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
+        key = (layer, tuple(sorted(roles[i].items())), norms, grad_in, kernel)
+        if key not in seen:  # most layers are alike: price each kind once
+            seen[key] = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len, roles[i],
+                                    norms, grad_in, p, kernel)
+        saved = seen[key]
+        grad_in = grad_in or saved > 0
+        kept = t * arch.hidden * w if recipe.grad_ckpt and saved else saved
+        saved_by_layer.append(saved)
+        kept_by_layer.append(kept)
+        tl.add("activations", kept, "forward")
+    # autocast keeps a 16-bit copy of each fp32 trainable weight a matmul uses, until backward
+    cast_copies = _cast_copies(arch, recipe, trained) * c if copies else 0
+    tl.add("temporaries", cast_copies, "forward")
+    final_norm = t * arch.hidden * FP32 + t * FP32 + (t * arch.hidden * w if full else 0)
+    head_in = t * arch.hidden * c if full else 0
+    if not full and p.autocast and w == FP32:  # fp32 head: amp, or kept by bnb
+        head_in = arch.head_linear.in_features * arch.head_linear.out_features * c  # weight copy
+    tl.add("activations", final_norm + head_in, "forward")
+
+    # -- loss: logits, their fp32 copy, log-softmax kept for backward
+    logits = t * arch.vocab
+    tl.add("logits", logits * c, "loss")
+    if c != FP32:
+        tl.add("logits", logits * FP32, "loss")
+    tl.add("logits", logits * FP32, "loss")                     # log_softmax output
+    tl.add("logits", -logits * (c if c == FP32 else c + FP32), "loss")
+    # -- backward: grad of the log-probs and of the logits, next to the saved log-probs
+    tl.add("logits", 2 * logits * FP32, "backward (loss)")
+    tl.add("logits", -2 * logits * FP32, "backward (loss)")  # log-probs and their gradient
+    if c != FP32:
+        tl.spike("logits", logits * c, "backward (loss)")      # gradient cast back to 16 bit
+    tl.add("logits", -logits * FP32, "backward (loss)")
+    if full and not arch.tied_embeddings:
+        tl.add("gradients", int(arch.head_linear.numel * w * share.gradients), "backward (head)")
+    tl.add("activations", -(final_norm + head_in), "backward")
+    grads = _grads_by_layer(arch, recipe, counts, trained, w)
+    for i in reversed(range(arch.num_layers)):
+        saved, kept = saved_by_layer[i], kept_by_layer[i]
+        if recipe.grad_ckpt:
+            tl.add("activations", saved, f"backward (recompute layer {i})")
+        tl.add("gradients", int(grads[i] * share.gradients), f"backward (layer {i})")
+        # the incoming gradient and the MLP's gradient buffers
+        transient = t * arch.hidden * c + 3 * t * _widest_mlp(arch.layers[i]) * c
+        tl.spike("temporaries", transient if saved else 0, f"backward (layer {i})")
+        tl.add("activations", -(saved + kept if recipe.grad_ckpt else saved), "backward")
+    if full:
+        tl.add("gradients", int(_embedding_numel(arch) * w * share.gradients),
+               "backward (embeddings)")
+    tl.add("temporaries", -cast_copies, "backward")
+
+    # -- optimizer step: every gradient exists, plus the step's own scratch
+    scratch = optimizer_temporaries(recipe, shapes, param_bytes, device)
+    tl.spike("temporaries", int(scratch * share.optimizer), "optimizer")
+    overhead = _device_overhead(tl.peak) if device == "cuda" else 0
+    return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase)
+
+
+def _cast_copies(arch: Architecture, recipe: Recipe, trained: set[int] | None) -> int:
+    """Elements of the trainable linear weights (and biases) that autocast copies."""
+    if recipe.adapter:
+        return 0
+    return sum(lin.numel for lin in arch.linears
+               if recipe.method == "full" or layer_index(lin.path) in trained)
+
+
+def _widest_mlp(layer) -> int:
+    f = layer.mlp
+    return f.intermediate if not f.moe else max(f.shared_intermediate, f.expert_intermediate)
+
+
+def _embedding_numel(arch: Architecture) -> int:
+    return sum(x.numel for x in arch.tensors if x.kind == "embedding")
+
+
+def _grads_by_layer(arch: Architecture, recipe: Recipe, counts: ParamCounts,
+                    trained: set[int] | None, w: int) -> list[int]:
+    """Gradient bytes each layer's backward allocates."""
+    if recipe.adapter:
+        per = [0] * arch.num_layers
+        for path, shape in counts.adapter_tensors:
+            index = layer_index(path)
+            if index is not None and index < arch.num_layers:
+                per[index] += math.prod(shape) * FP32
+        return per
+    return [0 if trained is not None and i not in trained else n * w
+            for i, n in enumerate(arch.layer_params)]
+
+
+def _device_overhead(tensor_peak: int) -> int:
+    return CUDA_CONTEXT + int(ALLOCATOR_SLACK * tensor_peak)

@@ -1,0 +1,136 @@
+"""Describe any architecture transformers can build, by building it on the meta device.
+
+No weights are allocated and nothing is downloaded; a 70B model takes well under a
+second. This is the ground truth the family plugins' analytic descriptions are held to.
+"""
+
+from __future__ import annotations
+
+from autotune.cost.architecture import (
+    PEFT_FUSED_TARGETS,
+    Architecture,
+    Attention,
+    FeedForward,
+    Layer,
+    Linear,
+    Tensor,
+)
+from autotune.util.errors import AutotuneError
+
+
+def build_on_meta(config: dict):
+    """The ``AutoModelForCausalLM`` for ``config`` (a ``config.json`` dict), on the meta device."""
+    import torch
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
+
+    settings = {k: v for k, v in config.items() if k not in ("auto_map", "transformers_version")}
+    model_type = settings.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING:
+        raise AutotuneError(f"unknown model_type {model_type!r}: no installed model family and no "
+                            "transformers model knows it (see `autotune plugins`)")
+    try:
+        hf_config = AutoConfig.for_model(model_type, **settings)
+    except Exception as exc:  # any exception: the config is at fault
+        raise AutotuneError(f"transformers cannot read this {model_type!r} config: "
+                            f"{_first_line(exc)}") from exc
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(hf_config)
+        except Exception as exc:  # any exception: the config is at fault
+            raise AutotuneError(f"cannot build {model_type!r} from its config: "
+                                f"{_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def describe_model(model, config: dict, counted_by: str = "meta-build") -> Architecture:
+    """An :class:`Architecture` for a built ``torch.nn.Module`` (meta or real)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    linears: list[Linear] = []
+    owned: set[str] = set()
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            shape = (module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):  # GPT-2 style: a linear layer with a transposed weight
+            shape = (module.nx, module.nf)
+        else:
+            continue
+        linears.append(Linear(path, *shape, module.bias is not None))
+        owned.update(f"{path}.{n}" for n, _ in module.named_parameters(recurse=False))
+    kinds = _kinds(model)
+    tensors = [
+        Tensor(name, p.numel(), kinds.get(name.rsplit(".", 1)[0], "other") if p.dim() < 3
+               else "experts", tuple(p.shape))
+        for name, p in model.named_parameters() if name not in owned
+    ]
+    out = model.get_output_embeddings()
+    head = next((path for path, m in model.named_modules() if m is out), None)
+    if out is None or head is None:
+        raise AutotuneError(f"{model.config.model_type!r} builds without an output head: not a "
+                            "causal language model autotune can tune")
+    cfg = model.config
+    return Architecture(
+        model_type=cfg.model_type,
+        hidden=cfg.hidden_size,
+        vocab=cfg.vocab_size,
+        layers=tuple(_layers(cfg)),
+        linears=tuple(linears),
+        tensors=tuple(tensors),
+        tied_embeddings=out.weight is model.get_input_embeddings().weight,
+        head=head,
+        counted_by=counted_by,
+        hidden_act=getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", "gelu"),
+        fused_targets=_peft_fused_targets(cfg.model_type),
+    )
+
+
+def _peft_fused_targets(model_type: str) -> dict[str, tuple[str, int]]:
+    """PEFT's target remap for this MoE model type, if transformers converts its experts."""
+    try:  # PEFT's own copy of the table (it adds mixtral)
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN
+    except ImportError:  # older PEFT / transformers: experts are plain linears
+        return {}
+    return PEFT_FUSED_TARGETS.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type, ""), {})
+
+
+def from_transformers(config: dict) -> Architecture:
+    """Describe ``config`` exactly by a meta-device build."""
+    return describe_model(build_on_meta(config), config)
+
+
+def _kinds(model) -> dict[str, str]:
+    import torch
+
+    kinds = {}
+    for path, module in model.named_modules():
+        cls = type(module).__name__.lower()
+        if isinstance(module, torch.nn.Embedding):
+            kinds[path] = "embedding"
+        elif "norm" in cls:
+            kinds[path] = "norm"
+        elif isinstance(module, torch.nn.modules.conv._ConvNd):
+            kinds[path] = "conv"
+        elif "router" in cls or "gate" in cls:
+            kinds[path] = "router"
+    return kinds
+
+
+def _layers(cfg) -> list[Layer]:
+    """Layer shapes from a transformers config, for the activation model."""
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    d = getattr(cfg, "head_dim", None) or h // heads
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * h
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0
+    if experts:
+        top_k = getattr(cfg, "num_experts_per_tok", 2)
+        mlp = FeedForward(0, experts, top_k, getattr(cfg, "moe_intermediate_size", None) or inter)
+    else:
+        mlp = FeedForward(inter)
+    return [Layer(Attention(heads, kv, d, d), mlp) for _ in range(cfg.num_hidden_layers)]

@@ -1,0 +1,146 @@
+"""How sure the memory estimate is: a band around the peak at a stated confidence.
+
+Each component of the peak has a relative error below and above its value (a split normal,
+:data:`PRIORS`); independent errors add in quadrature, separately on each side. A
+calibration with a measured spread replaces the priors: its tensor error is one measured
+ratio, which moves every tensor component together, and its device overhead error is the
+spread of the measured peaks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+from autotune.util.errors import AutotuneError
+from autotune.cost.memory import CUDA_CONTEXT, MemoryEstimate
+
+CONFIDENCE = 0.95
+SPREAD_FLOOR = 0.01
+"""Least relative sigma a calibration gives: an in-sample spread understates the next run's."""
+
+PRIORS: dict[str, tuple[float, float]] = {
+    # parameter counts are exact and the storage format is known; above: non-persistent
+    # buffers (rotary caches), bitsandbytes' quantisation state, the allocator's rounding
+    "weights": (0.005, 0.01),
+    "adapters": (0.005, 0.005),    # exact shapes, fp32
+    "gradients": (0.005, 0.01),    # the trainable shapes in the parameters' dtype
+    "optimizer": (0.005, 0.02),    # exact moments; 8-bit block state and its 32-bit small tensors
+    # what autograd saves depends on the kernel (flash, memory-efficient or math attention)
+    # and the library versions; routed experts on how the router spreads tokens. On the CPU
+    # grid the worst error is about 10% of the activations (the MoE case)
+    "activations": (0.10, 0.15),
+    # tokens x vocabulary is exact; above: copies a loss implementation may add
+    "logits": (0.02, 0.05),
+    # library internals (optimizer scratch, autocast copies, backward transients), read
+    # from the current code paths: another version or a fused kernel moves them either way
+    "temporaries": (0.25, 0.25),
+    "inputs": (0.10, 1.50),        # token ids; a collator may add labels and a mask alike
+    "stage_extras": (0.02, 0.10),  # a reference model is exact; value heads and caches are not
+    "communication": (0.25, 0.50),  # NCCL and DeepSpeed allocate beyond their buckets
+    "calibration": (0.50, 0.50),   # a correction without a spread: one run's, unconfirmed
+    # the device overhead is two terms. The CUDA context and library workspaces take a few
+    # hundred MB to about 1 GB against 600 MiB assumed; the caching allocator reserves
+    # 5-25% above allocated against 5% assumed
+    "cuda_context": (0.30, 0.45),
+    "allocator_slack": (0.50, 2.40),
+}
+
+
+@dataclass(frozen=True)
+class Band:
+    """The actual peak lies above ``low``, and below ``high``, each with ``confidence``."""
+
+    low: int
+    high: int
+    confidence: float
+    source: str
+    """``priors`` or ``calibration (<gpu>, <n> runs)``."""
+    components: dict[str, tuple[int, int]]
+    """(low, high) bytes of each component at the same confidence."""
+
+    def to_dict(self) -> dict:
+        return {"low_bytes": self.low, "high_bytes": self.high, "confidence": self.confidence,
+                "source": self.source,
+                "components": {name: {"low_bytes": low, "high_bytes": high}
+                               for name, (low, high) in self.components.items()}}
+
+
+def z(confidence: float) -> float:
+    """The one-sided normal quantile of ``confidence`` (1.645 at 0.95)."""
+    if not 0.5 < confidence < 1:
+        raise AutotuneError(f"confidence must lie strictly between 0.5 and 1, not {confidence!r}")
+    return NormalDist().inv_cdf(confidence)
+
+
+def band(memory: MemoryEstimate, *, device: str = "cuda", correction=None,
+         confidence: float = CONFIDENCE) -> Band:
+    """The band around ``memory.peak`` (the tensor peak alone on the CPU).
+
+    With a :class:`~autotune.calibrate.calibration.Correction` (``memory`` is then the calibrated
+    estimate of :func:`autotune.calibrate.calibration.apply`) its measured spread replaces the
+    priors; one run has no spread, and the priors stay.
+    """
+    k = z(confidence)
+    spread = correction.spread if correction is not None else {}
+    n = correction.n if correction is not None else 0
+    tensor_sigma = _sigma(spread.get("tensor"), n)
+    overhead_sigma = _sigma(spread.get("peak"), n) if tensor_sigma is not None else None
+
+    terms: list[tuple[float, float]] = []  # independent (down, up) sigmas in bytes
+    components = {}
+    for name, value in memory.breakdown.items():
+        down, up = ((tensor_sigma, tensor_sigma) if tensor_sigma is not None
+                    else PRIORS[name])
+        components[name] = _bounds(value, k * down * abs(value), k * up * abs(value))
+        if tensor_sigma is None:
+            terms.append((down * abs(value), up * abs(value)))
+    if tensor_sigma is not None:  # one measured ratio: the components move together
+        terms.append((tensor_sigma * memory.tensor_peak,) * 2)
+
+    if device == "cuda":
+        overhead = memory.device_overhead
+        if overhead_sigma is not None:
+            parts = [(overhead_sigma * memory.peak,) * 2]
+        else:
+            assumed = CUDA_CONTEXT if correction is None else correction.device_overhead
+            context = min(overhead, assumed)
+            parts = [(d * part, u * part) for part, (d, u) in
+                     ((context, PRIORS["cuda_context"]),
+                      (overhead - context, PRIORS["allocator_slack"]))]
+        components["device_overhead"] = _bounds(overhead, k * _quadrature(parts, 0),
+                                                k * _quadrature(parts, 1))
+        terms += parts
+    value = memory.peak if device == "cuda" else memory.tensor_peak
+    low, high = _bounds(value, k * _quadrature(terms, 0), k * _quadrature(terms, 1))
+    return Band(low, high, confidence, _source(correction, tensor_sigma, overhead_sigma),
+                components)
+
+
+def _sigma(spread: float | None, n: int) -> float | None:
+    """The relative sigma of the next run from an in-sample spread over ``n`` runs."""
+    if spread is None or n < 2:
+        return None
+    return max(spread * math.sqrt(1 + 1 / n), SPREAD_FLOOR)
+
+
+def _quadrature(terms: list[tuple[float, float]], side: int) -> float:
+    return math.sqrt(sum(term[side] ** 2 for term in terms))
+
+
+def _bounds(value: int, down: float, up: float) -> tuple[int, int]:
+    """(low, high) bytes; a low of a non-negative value stops at zero."""
+    low = math.floor(value - down)
+    return (max(low, 0) if value >= 0 else low), math.ceil(value + up)
+
+
+def _source(correction, tensor_sigma, overhead_sigma) -> str:
+    if correction is None:
+        return "priors"
+    runs = f"{correction.n} run{'s' if correction.n != 1 else ''}"
+    if tensor_sigma is None:
+        return f"priors (calibration for {correction.gpu} from {runs} has no spread)"
+    if overhead_sigma is None:
+        return f"calibration ({correction.gpu}, {runs}; device overhead from priors)"
+    return f"calibration ({correction.gpu}, {runs})"

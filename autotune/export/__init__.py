@@ -1,0 +1,1 @@
+"""A plan as the config files other training tools read."""

@@ -1,0 +1,221 @@
+"""plan.yaml: the file ``autotune plan -o`` writes and ``autotune run`` reads."""
+
+from __future__ import annotations
+
+import os
+
+from autotune import __version__
+from autotune.util.atomic import write_text
+from autotune.util.errors import AutotuneError
+
+SCHEMA = "autotune.plan/1"
+
+
+def training_defaults(method: str) -> dict:
+    """Optimisation settings that go with a method (the common published defaults)."""
+    return {
+        "learning_rate": 1e-5 if method in ("full", "freeze") else 2e-4,
+        "epochs": 3,
+        "lr_scheduler": "cosine",
+        "warmup_ratio": 0.03,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+    }
+
+
+def plan_document(model, gpu, budget: int, objective: str, candidate,
+                  effective_batch: int, confidence: float | None = None,
+                  data_path: str | None = None) -> dict:
+    """Everything ``autotune run`` needs to train ``candidate`` as planned; ``confidence``
+    of its bounds and the data it was planned for (``--data``) let ``explain`` price it
+    again the same way."""
+    plan = candidate.to_dict()
+    recipe = candidate.recipe.to_dict()
+    return {
+        "schema": SCHEMA,
+        "autotune_version": __version__,
+        "model": {"id": model.id, "name": model.name, "family": model.family,
+                  "source": model.source, "path": model.path,
+                  # what `--model` resolves again: the profile id, else the config/folder/hub id
+                  "spec": model.id if model.source == "profile" else model.name},
+        "hardware": {"gpu": gpu.id, "name": gpu.name, "memory_bytes": gpu.memory_bytes,
+                     "budget_bytes": budget, "gpus": candidate.parallel.world},
+        "objective": objective,
+        "recipe": recipe,
+        "training": {"micro_batch": plan["micro_batch"], "grad_accum": plan["grad_accum"],
+                     # accumulation rounds up: what trains, beside what was asked for
+                     "effective_batch": plan["micro_batch"] * plan["grad_accum"]
+                     * candidate.parallel.world,
+                     "requested_effective_batch": effective_batch,
+                     **training_defaults(candidate.recipe.method),
+                     **({"batching": candidate.workload["batching"]} if candidate.workload
+                        else {})},
+        "predictions": {"fidelity": plan["fidelity"], "memory": plan["memory"],
+                        "throughput": plan["throughput"],
+                        "host_ram_bytes": plan["host_ram_bytes"],
+                        **({"confidence": confidence} if confidence else {}),
+                        **({"data": {**candidate.workload,
+                                     "path": os.path.abspath(data_path) if data_path else None}}
+                           if candidate.workload else {}),
+                        **({"disk": plan["disk"]} if plan.get("disk") else {})},
+        **({"distributed": candidate.parallel.to_dict()} if candidate.parallel.world > 1
+           else {}),
+    }
+
+
+def write_yaml(path: str, document: dict) -> None:
+    """Write ``document`` to ``path`` atomically: a temporary file renamed into place."""
+    import yaml
+
+    write_text(path, yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+
+
+REQUIRED = ("schema", "model", "recipe")
+KNOWN = ("schema", "autotune_version", "model", "hardware", "objective", "recipe", "training",
+         "predictions", "distributed")
+STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")
+BATCHINGS = ("padded", "packed", "wrapped")
+OFFLOAD_DEVICES = ("none", "cpu")
+
+
+def read_plan(path: str) -> dict:
+    """A plan file, checked: known keys, this schema, and a valid recipe."""
+    import yaml
+
+    from autotune.cost.recipe import Recipe
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = yaml.safe_load(handle)
+    except OSError as exc:
+        raise AutotuneError(f"cannot read plan {path}: {exc.strerror or exc}") from exc
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError: ``!!int "x"`` or a 13th month; RecursionError: nesting too deep
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else \
+            (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AutotuneError(f"{path} is not a valid plan file: {problem}") from exc
+    if not isinstance(document, dict):
+        raise AutotuneError(f"{path} is not a plan file (expected a mapping)")
+    missing = [k for k in REQUIRED if k not in document]
+    unknown = [k for k in document if k not in KNOWN]
+    if missing or unknown:
+        problem = (f"missing {', '.join(missing)}" if missing else
+                   f"unknown key(s) {', '.join(map(str, unknown))}")
+        raise AutotuneError(f"{path}: {problem}")
+    if document["schema"] != SCHEMA:
+        raise AutotuneError(f"{path}: schema {document['schema']!r} is not {SCHEMA!r} "
+                            "(written by another autotune version? re-run `autotune plan`)")
+    recipe = document["recipe"]
+    if not isinstance(recipe, dict) or not isinstance(document["model"], dict):
+        raise AutotuneError(f"{path}: model and recipe must be mappings")
+    try:
+        Recipe(**recipe)
+    except (TypeError, AutotuneError) as exc:
+        raise AutotuneError(f"{path}: recipe: {exc}") from exc
+    _check_sections(path, document)
+    if "distributed" in document:
+        _check_distributed(path, document["distributed"])
+        from autotune.cost.parallel import Parallel
+
+        try:  # the combinations a run can launch
+            Parallel.from_dict(document["distributed"])
+        except AutotuneError as exc:
+            raise AutotuneError(f"{path}: distributed: {exc}") from exc
+    return document
+
+
+_TEXT, _NAME, _COUNT, _NUMBER, _FLAG, _MAPPING = (
+    "a non-empty string", "a string or null", "a positive whole number",
+    "a non-negative number", "true or false", "a mapping")
+SECTIONS: dict[str, dict[str, str]] = {
+    # the fields autotune reads, with what each must be; other fields are kept as they are
+    "model": {"id": _TEXT, "name": _NAME, "family": _NAME, "source": _NAME, "path": _NAME,
+              "spec": _NAME},
+    "hardware": {"gpu": _NAME, "name": _NAME, "memory_bytes": _COUNT, "budget_bytes": _COUNT,
+                 "gpus": _COUNT},
+    "training": {"micro_batch": _COUNT, "grad_accum": _COUNT, "effective_batch": _COUNT,
+                 "requested_effective_batch": _COUNT, "learning_rate": _NUMBER,
+                 "epochs": _NUMBER, "lr_scheduler": _TEXT, "warmup_ratio": _NUMBER,
+                 "weight_decay": _NUMBER, "max_grad_norm": _NUMBER, "beta": _NUMBER,
+                 "pref_ftx": _NUMBER, "packing": _FLAG, "completion_only_loss": _FLAG,
+                 "batching": _TEXT},
+    "predictions": {"fidelity": _NUMBER, "memory": _MAPPING, "throughput": _MAPPING,
+                    "host_ram_bytes": _NUMBER, "confidence": _NUMBER, "data": _MAPPING},
+    "predictions.data": {"path": _NAME},
+    "predictions.throughput": {"tokens_per_s": _NUMBER, "raw_tokens_per_s": _NUMBER},
+}
+
+
+def _fits(value, kind: str) -> bool:
+    if kind == _MAPPING:
+        return isinstance(value, dict)
+    if kind == _FLAG:
+        return isinstance(value, bool)
+    if kind == _NAME:
+        return value is None or isinstance(value, str)
+    if kind == _TEXT:
+        return isinstance(value, str) and bool(value.strip())
+    if isinstance(value, bool):  # YAML's true is no number
+        return False
+    if kind == _COUNT:
+        return isinstance(value, int) and value >= 1
+    return isinstance(value, (int, float)) and 0 <= value < float("inf")
+
+
+def _check_sections(path: str, document: dict) -> None:
+    """The model, hardware, training and predictions sections hold what autotune reads."""
+    for section, fields in SECTIONS.items():
+        *parents, name = section.split(".")
+        holder: object = document
+        for key in parents:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if not isinstance(holder, dict) or name not in holder:
+            continue  # optional (model is required, and checked above)
+        block = holder[name]
+        if not isinstance(block, dict):
+            raise AutotuneError(f"{path}: {section} must be a mapping, not {block!r}")
+        for key, kind in fields.items():
+            if key == "id" and key not in block:
+                raise AutotuneError(f"{path}: model needs an id")
+            if key in block and not _fits(block[key], kind):
+                raise AutotuneError(f"{path}: {section}.{key} must be {kind}, "
+                                    f"not {block[key]!r}")
+    batching = (document.get("training") or {}).get("batching", "padded")
+    if batching not in BATCHINGS:
+        raise AutotuneError(f"{path}: training.batching must be one of {', '.join(BATCHINGS)}, "
+                            f"not {batching!r}")
+    objective = document.get("objective", "balanced")
+    if not isinstance(objective, str):
+        raise AutotuneError(f"{path}: objective must be a string, not {objective!r}")
+
+
+def _check_distributed(path: str, block) -> None:
+    """The optional ``distributed`` block: strategy, GPUs per node, nodes and offload."""
+    where = f"{path}: distributed"
+    if not isinstance(block, dict):
+        raise AutotuneError(f"{where} must be a mapping")
+    unknown = [k for k in block if k not in ("strategy", "gpus", "nodes", "offload")]
+    if unknown:
+        raise AutotuneError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+    strategy = block.get("strategy")
+    if strategy not in STRATEGIES:
+        raise AutotuneError(f"{where}: strategy {strategy!r} is not one of "
+                            f"{', '.join(STRATEGIES)}")
+    for key in ("gpus", "nodes"):
+        value = block.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise AutotuneError(f"{where}: {key} must be a positive whole number, not {value!r}")
+    offload = block.get("offload", {})
+    if offload is None:
+        offload = {}
+    if not isinstance(offload, dict):
+        raise AutotuneError(f"{where}: offload must be a mapping")
+    unknown = [k for k in offload if k not in ("optimizer", "params")]
+    if unknown:
+        raise AutotuneError(f"{where}: offload: unknown key(s) {', '.join(map(str, unknown))}")
+    for key, value in offload.items():
+        if value not in OFFLOAD_DEVICES:
+            raise AutotuneError(f"{where}: offload {key} {value!r} is not one of "
+                                f"{', '.join(OFFLOAD_DEVICES)}")
+    if offload.get("params", "none") != "none" and strategy not in ("zero3", "fsdp"):
+        raise AutotuneError(f"{where}: offloading parameters needs zero3 or fsdp, not {strategy}")

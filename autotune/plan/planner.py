@@ -1,0 +1,456 @@
+"""The planner: an Optuna study over the search space, the cost model as its constraint.
+
+Each trial is one point of :class:`~autotune.plan.space.Space`; its micro batch is the
+largest that fits (memory grows with the batch), its gradient accumulation makes up
+the effective batch. A point that fits at no batch is pruned with its smallest peak
+recorded. Feasible trials carry two objectives, fidelity and predicted tokens/s
+(:mod:`autotune.cost.objectives`); the Pareto front is ``study.best_trials`` and
+``--objective`` picks from it. The space is small, so the seeded brute-force sampler
+visits all of it: the pick is the exhaustive optimum, and the study is deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import astuple, dataclass, field, replace
+
+import pluggy
+
+from autotune import __version__
+
+from autotune.plan import alternatives
+
+from autotune.calibrate import calibration
+from autotune.util.errors import AutotuneError
+from autotune.cost.assess import describe, family_kernel
+from autotune.catalog.gpus import GPU
+from autotune.cost.host import DiskNeeds, HostNeeds, WeightFiles, disk_needs, host_needs, weight_files
+from autotune.catalog.lengths import Workload
+from autotune.cost.memory import estimate_memory, weight_bytes
+from autotune.cost.objectives import fidelity, tokens_per_second
+from autotune.cost.parallel import SINGLE, Parallel, communication_seconds
+from autotune.cost.params import count, resolve_targets
+from autotune.cost.recipe import Recipe
+from autotune.plugin.registry import STANDARD_GROUPS, family_for, stage_named
+from autotune.plan.space import Space, suggest
+from autotune.cost.uncertainty import CONFIDENCE, Band, band
+
+OBJECTIVES = ("quality", "speed", "balanced")
+BALANCE = alternatives.BALANCE
+"""``balanced``: each halving of throughput costs this much fidelity."""
+DATASET_BYTES_PER_TOKEN = 24
+"""A tokenised example in host memory: input ids, labels and a mask, 8 bytes each."""
+
+
+@dataclass
+class Candidate:
+    """One feasible (or smallest infeasible) point, priced."""
+
+    recipe: Recipe
+    grad_accum: int
+    fidelity: float
+    tokens_per_s: float
+    peak: int
+    tensor_peak: int
+    breakdown: dict[str, int]
+    pareto: bool = False
+    measured: dict = field(default_factory=dict)
+    parallel: Parallel = SINGLE
+    host_bytes: int = 0
+    """Host RAM a node needs (offloaded state, per-rank loading copies)."""
+    raw: tuple[int, int, float] | None = None
+    """(peak, tensor peak, tokens/s) before calibration; ``None`` when not calibrated."""
+    band: Band | None = None
+    """The peak's bounds at the planner's confidence."""
+    host: HostNeeds | None = None
+    disk: DiskNeeds | None = None
+    workload: dict | None = None
+    """How the data trains at this micro batch (:meth:`Workload.to_dict`), with ``--data``."""
+
+    @property
+    def high(self) -> int:
+        """The peak's upper bound: what must fit the card."""
+        return self.band.high if self.band else self.peak
+
+    def assessed(self) -> alternatives.Assessed:
+        """The figures costed alternatives compare."""
+        return alternatives.Assessed(self.peak, self.high, self.tokens_per_s or None,
+                                     self.fidelity, self.host.peak if self.host else 0)
+
+    def fits(self, budget: int, host_ram: int | None = None) -> bool:
+        """Whether the upper bound fits ``budget`` and the host needs fit ``host_ram``."""
+        return self.high <= budget and (host_ram is None or self.host is None
+                                        or self.host.peak <= host_ram)
+
+    def to_dict(self) -> dict:
+        r = self.recipe
+        p = self.parallel
+        return {
+            "strategy": p.strategy, "offload": p.to_dict()["offload"], "gpus": p.world,
+            "nodes": p.nodes, "host_ram_bytes": self.host_bytes,
+            "method": r.method, "bits": r.bits, "precision": r.precision,
+            "rank": r.rank if r.adapter else None, "alpha": r.alpha if r.adapter else None,
+            "targets": r.targets if r.adapter else None,
+            "freeze_layers": r.freeze_layers if r.method == "freeze" else None,
+            "micro_batch": r.batch, "grad_accum": self.grad_accum, "grad_ckpt": r.grad_ckpt,
+            "optim": r.optim, "attn": r.attn, "seq_len": r.seq_len, "stage": r.stage,
+            "fidelity": self.fidelity, "pareto": self.pareto,
+            "memory": {"peak_bytes": self.peak, "tensor_peak_bytes": self.tensor_peak,
+                       "peak_bytes_low": self.band.low if self.band else self.peak,
+                       "peak_bytes_high": self.high,
+                       "band": self.band.to_dict() if self.band else None,
+                       "breakdown": self.breakdown,
+                       "raw_peak_bytes": self.raw[0] if self.raw else self.peak,
+                       "raw_tensor_peak_bytes": self.raw[1] if self.raw else self.tensor_peak},
+            "throughput": {"tokens_per_s": round(self.tokens_per_s, 1),
+                           "raw_tokens_per_s": round(self.raw[2] if self.raw
+                                                     else self.tokens_per_s, 1)},
+            "host": self.host.to_dict() if self.host else None,
+            "disk": self.disk.to_dict() if self.disk else None,
+            **({"data": self.workload} if self.workload else {}),
+            **({"measured": self.measured} if self.measured else {}),
+        }
+
+
+@dataclass
+class PlanResult:
+    """What a study found for one card."""
+
+    gpu: GPU
+    budget: int
+    space: Space
+    ranked: list[Candidate]
+    smallest: Candidate | None
+    trials: int
+    reused: bool
+    study_name: str
+    feasible_all: list[Candidate] = field(default_factory=list)
+    """Every feasible candidate (for the Pareto plot)."""
+    infeasible_all: list[Candidate] = field(default_factory=list)
+    """Every point that fits at no batch, at its smallest batch."""
+
+    @property
+    def feasible(self) -> bool:
+        return bool(self.ranked)
+
+
+class Planner:
+    """Prices recipes for one model and stage; runs studies for cards.
+
+    ``device``: price CUDA steps (the default) or CPU ones; ``confidence``: of the peak's
+    bounds (:mod:`autotune.cost.uncertainty`); ``files``: the model's weight files on this
+    machine (for the host's loading peak).
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, config: dict, family: str | None = None,
+                 model_id: str = "", remote_code: bool = False, calibrated: bool = True,
+                 device: str = "cuda", confidence: float = CONFIDENCE,
+                 files: WeightFiles | None = None):
+        self.pm = pm
+        self.calibrated = calibrated
+        # fitted corrections by GPU id (`autotune calibrate`); none with calibrated=False
+        self.corrections = calibration.load() if calibrated and device == "cuda" else {}
+        self.config = config
+        self.remote_code = remote_code
+        self.device = device
+        self.confidence = confidence
+        self.files = files or weight_files(None)
+        self.family = family_for(pm, config, family)
+        self.arch = describe(config, self.family, remote_code)
+        self.groups = self.family.module_groups(config)
+        self.model_id = model_id
+        self._priced: dict[Recipe, tuple] = {}
+        self._counts: dict[tuple, object] = {}
+
+    def family_groups(self) -> tuple[str, ...]:
+        """Family-named target groups that select at least one linear layer."""
+        found = []
+        for name in self.groups:
+            if name in STANDARD_GROUPS:
+                continue
+            try:
+                chosen, _, fused = resolve_targets(self.arch, self.groups, name)
+            except AutotuneError:
+                continue
+            if chosen or fused:
+                found.append(name)
+        return tuple(found)
+
+    def price(self, recipe: Recipe, parallel: Parallel = SINGLE):
+        """(counts, memory, sequences) of ``recipe`` on one rank of ``parallel``, cached:
+        cards share a recipe's memory."""
+        key = (recipe, parallel)
+        if key not in self._priced:
+            stage = stage_named(self.pm, recipe.stage)
+            adapter = (recipe.method, recipe.rank, recipe.targets, recipe.freeze_layers)
+            if adapter not in self._counts:
+                self._counts[adapter] = count(self.arch, recipe, self.groups)
+            counts = self._counts[adapter]
+            extras = stage.extra_memory(self.arch, recipe, counts)
+            memory = estimate_memory(self.arch, recipe, counts, extras, self.device,
+                                     stage.sequences_per_example(), parallel)
+            self._priced[key] = (counts, memory, stage.sequences_per_example())
+        return self._priced[key]
+
+    def evaluate(self, space: Space, choice: dict, budget: int) -> Candidate:
+        """``choice`` at the largest micro batch that fits ``budget`` (else at the smallest).
+
+        Memory grows with the batch, so a binary search over the batches suffices.
+        """
+        batches = sorted(space.batches())
+        parallel = space.parallel(choice)
+        low, high, best = 0, len(batches) - 1, None
+        while low <= high:
+            middle = (low + high) // 2
+            candidate = self._candidate_at(space, space.recipe(choice, batches[middle]),
+                                           parallel)
+            if candidate.fits(budget, space.host_ram):
+                best, low = candidate, middle + 1
+            else:
+                high = middle - 1
+        return best or self._candidate_at(space, space.recipe(choice, batches[0]), parallel)
+
+    def _candidate_at(self, space: Space, recipe: Recipe,
+                      parallel: Parallel = SINGLE) -> Candidate:
+        return self.assess(recipe, parallel, space.gpu, space.effective_batch, space.workload)
+
+    def assess(self, recipe: Recipe, parallel: Parallel, gpu: GPU | None, effective_batch: int,
+               workload: Workload | None = None) -> Candidate:
+        """One full estimate of ``recipe`` on ``parallel``: memory (calibrated where a
+        correction exists, with its bounds), throughput on ``gpu``, fidelity, host RAM and
+        disk. ``workload``: the data's lengths, which set the worst micro batch and the share
+        of useful (unpadded) tokens."""
+        recipe = family_kernel(self.family, self.config, recipe)
+        shaped = recipe
+        if workload is not None and workload.seq_len != recipe.seq_len:
+            workload = replace(workload, seq_len=recipe.seq_len)
+        if workload is not None:  # the worst micro batch the sampler can form
+            shaped = recipe.but(seq_len=workload.worst_seq_len())
+        counts, memory, sequences = self.price(shaped, parallel)
+        correction = self.corrections.get(gpu.id) if gpu else None
+        raw, memory = memory, calibration.apply(memory, correction)  # the one place it applies
+        world = parallel.world
+        per_row = workload.examples_per_row() if workload else 1.0
+        accum = max(math.ceil(effective_batch / (recipe.batch * world * per_row)), 1)
+        useful = workload.efficiency(recipe.batch) if workload else 1.0
+        raw_total = total = None
+        if gpu is not None and self.device == "cuda":
+            rows = recipe  # the rows' average shape, padding included
+            if workload is not None:
+                rows = recipe.but(seq_len=max(round(workload.row_len(recipe.batch)), 1))
+            per_card = tokens_per_second(self.arch, rows, counts, gpu, accum, sequences)
+            raw_total = total = useful * throughput(self.arch, rows, counts, gpu, parallel,
+                                                    accum, sequences, per_card)
+            if correction:
+                total = useful * throughput(self.arch, rows, counts, gpu, parallel, accum,
+                                            sequences, correction.tokens_per_s(per_card))
+        tokens = workload.lengths.stats()["total"] if workload else 0
+        host = host_needs(self.arch, recipe, counts, parallel=parallel, device=self.device,
+                          files=self.files,
+                          training_bytes=memory.peak if self.device == "cpu" else 0,
+                          dataset_bytes=tokens * DATASET_BYTES_PER_TOKEN)
+        return Candidate(recipe, accum, fidelity(recipe, self.arch), total or 0.0,
+                         memory.peak, memory.tensor_peak,
+                         {**memory.breakdown, "device_overhead": memory.device_overhead},
+                         parallel=parallel, host_bytes=host.peak,
+                         raw=(raw.peak, raw.tensor_peak, raw_total or 0.0) if correction else None,
+                         band=band(memory, device=self.device, correction=correction,
+                                   confidence=self.confidence),
+                         host=host, disk=disk_needs(self.arch, recipe, counts, parallel),
+                         workload=workload.to_dict(recipe.batch) if workload else None)
+
+    def study_key(self, space: Space, budget: int) -> str:
+        """A name that changes with everything the study's answer depends on."""
+        payload = json.dumps({
+            "version": __version__, "model": self.model_id, "config": self.config,
+            "remote_code": self.remote_code,
+            "gpu": space.gpu.id, "memory": space.gpu.memory_bytes, "budget": budget,
+            "seq": space.seq_len, "stage": space.stage, "effective": space.effective_batch,
+            "pins": space.pins.to_dict(), "groups": space.family_groups,
+            "gpus": space.gpus, "nodes": space.nodes, "strategy": space.strategy,
+            "confidence": self.confidence, "host_ram": space.host_ram,
+            "files": astuple(self.files),
+            "data": [w.lengths.digest(), w.seq_len, w.batching] if (w := space.workload) else None,
+            **({"calibration": c.key()} if (c := self.corrections.get(space.gpu.id)) else {}),
+        }, sort_keys=True, default=str)
+        return f"autotune-{self.model_id or 'model'}-{space.gpu.id}-" + \
+            hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+    def plan(self, space: Space, budget: int, objective: str = "balanced",
+             storage: str | None = None, seed: int = 0, top: int = 5) -> PlanResult:
+        """Run (or reuse) the study for ``space`` and rank its feasible plans."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        name = self.study_key(space, budget)
+        points = space.points()
+        study, reused = None, False
+        if storage:
+            study = _load(storage, name, len(points))
+            reused = study is not None
+        if study is None:
+            study = self._run(space, budget, seed, len(points), optuna)
+            if storage:
+                _save(study, storage, name)
+        return self._rank(study, space, budget, objective, top, name, reused)
+
+    def _run(self, space: Space, budget: int, seed: int, n_trials: int, optuna):
+        import warnings
+
+        def objective(trial):
+            try:
+                candidate = self.evaluate(space, suggest(trial, space), budget)
+            except AutotuneError as exc:  # a point this model cannot take (DoRA on experts)
+                trial.set_user_attr("invalid", str(exc))
+                raise optuna.TrialPruned() from exc
+            trial.set_user_attr("plan", {"recipe": candidate.recipe.to_dict(),
+                                         "parallel": candidate.parallel.to_dict(),
+                                         "grad_accum": candidate.grad_accum,
+                                         "peak_bytes": candidate.high})
+            if not candidate.fits(budget, space.host_ram):
+                raise optuna.TrialPruned()
+            return candidate.fidelity, candidate.tokens_per_s
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.BruteForceSampler(seed=seed)
+        study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+        study.optimize(objective, n_trials=n_trials)
+        return study
+
+    def _rank(self, study, space: Space, budget: int, objective: str, top: int, name: str,
+              reused: bool) -> PlanResult:
+        import optuna
+
+        done = optuna.trial.TrialState.COMPLETE
+        analytic = [t for t in study.trials if _analytic(t)]
+        candidates = [self._candidate(t, space) for t in analytic if t.state == done]
+        mark_pareto(candidates)
+        measured = {json.dumps(t.user_attrs["plan"]["recipe"], sort_keys=True):
+                    t.user_attrs["measured"] for t in study.trials if "measured" in t.user_attrs}
+        for c in candidates:  # earlier --measure runs of this study
+            c.measured = measured.get(json.dumps(c.recipe.to_dict(), sort_keys=True), {})
+        pruned = [t for t in analytic if t.state == optuna.trial.TrialState.PRUNED
+                  and "plan" in t.user_attrs]
+        smallest = None
+        if not candidates and pruned:
+            least = min(pruned, key=lambda t: t.user_attrs["plan"]["peak_bytes"])
+            smallest = self._candidate(least, space)
+        ranked = pick(candidates, objective)[:top]
+        return PlanResult(space.gpu, budget, space, ranked, smallest, len(analytic), reused,
+                          name, candidates, [self._candidate(t, space) for t in pruned])
+
+    def _candidate(self, trial, space: Space) -> Candidate:
+        plan = trial.user_attrs["plan"]
+        return self._candidate_at(space, Recipe(**plan["recipe"]),
+                                  Parallel.from_dict(plan.get("parallel")))
+
+
+def throughput(arch, recipe: Recipe, counts, gpu: GPU, parallel: Parallel, accum: int,
+               sequences: int, per_card: float) -> float:
+    """Tokens/s of all ``parallel`` cards: each card's ``per_card`` rate, slowed by the
+    communication of an optimizer step (no overlap assumed)."""
+    tokens = recipe.batch * recipe.seq_len * sequences * accum  # one card, one step
+    grad_bytes = 4 if recipe.adapter else 2
+    talk = communication_seconds(parallel, gpu.id, counts.trainable, grad_bytes,
+                                 weight_bytes(arch, recipe), accum)
+    return parallel.world * tokens / (tokens / per_card + talk)
+
+
+def _analytic(trial) -> bool:
+    """A point of the cost model's search, not a worker's measurement (or claim of one)."""
+    return "measured" not in trial.user_attrs and "claim" not in trial.user_attrs
+
+
+def mark_pareto(candidates: list[Candidate]) -> None:
+    """Flag the candidates no other beats on both fidelity and tokens/s."""
+    for c in candidates:
+        c.pareto = not any(
+            o.fidelity >= c.fidelity and o.tokens_per_s >= c.tokens_per_s
+            and (o.fidelity > c.fidelity or o.tokens_per_s > c.tokens_per_s)
+            for o in candidates)
+
+
+def pick(candidates: list[Candidate], objective: str) -> list[Candidate]:
+    """Candidates ordered best first for ``objective``; Pareto-optimal ones lead."""
+    if objective not in OBJECTIVES:
+        raise AutotuneError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
+    if not candidates:
+        return []
+    fastest = max(c.tokens_per_s for c in candidates)
+
+    def key(c: Candidate):
+        if objective == "quality":
+            score = (c.fidelity, c.tokens_per_s)
+        elif objective == "speed":
+            score = (c.tokens_per_s, c.fidelity)
+        else:
+            score = (c.fidelity - BALANCE * math.log2(fastest / c.tokens_per_s), c.tokens_per_s)
+        return (c.pareto, *score, -c.peak)
+
+    return sorted(candidates, key=key, reverse=True)
+
+
+def default_storage() -> str:
+    """SQLite under the user cache folder (``$AUTOTUNE_CACHE_DIR`` or ``~/.cache/autotune``)."""
+    folder = os.environ.get("AUTOTUNE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "autotune")
+    os.makedirs(folder, exist_ok=True)
+    return f"sqlite:///{os.path.join(folder, 'studies.db')}"
+
+
+def open_storage(url: str):
+    import optuna
+
+    try:
+        storage = optuna.storages.RDBStorage(url)
+    except Exception as exc:  # noqa: BLE001 -- any driver error becomes one line
+        raise AutotuneError(f"cannot open study storage {url!r}: {exc}") from exc
+    if url.startswith("sqlite"):
+        from sqlalchemy import event
+
+        @event.listens_for(storage.engine, "connect")
+        def _fast(connection, _record):  # a cache, not a ledger: trade durability for speed
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA synchronous=OFF")
+            cursor.execute("PRAGMA journal_mode=MEMORY")
+            cursor.close()
+
+        storage.engine.dispose()
+    return storage
+
+
+def _load(url: str, name: str, size: int):
+    """A stored study that already covers the whole space, or ``None``."""
+    import optuna
+
+    storage = open_storage(url)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+    analytic = [t for t in study.trials if _analytic(t)]
+    return study if len(analytic) >= size else None
+
+
+def _save(study, url: str, name: str) -> None:
+    """Store a finished in-memory study under ``name``.
+
+    Trials keep their point in the ``plan`` user attribute rather than as Optuna
+    parameters: writing parameters costs a query each, and a stored plan must stay fast.
+    """
+    import optuna
+
+    storage = open_storage(url)
+    try:
+        optuna.delete_study(study_name=name, storage=storage)
+    except KeyError:
+        pass
+    stored = optuna.create_study(study_name=name, storage=storage,
+                                 directions=["maximize", "maximize"])
+    stored.add_trials([optuna.trial.create_trial(state=t.state, values=t.values,
+                                                 user_attrs=t.user_attrs)
+                       for t in study.trials])

@@ -1,0 +1,73 @@
+"""The plugin manager: built-in plugins first, then third-party entry points."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pluggy
+
+from autotune.plugin import hookspecs
+from autotune.util.errors import AutotuneError
+
+ENTRY_POINT_GROUP = "autotune"
+
+BUILTIN_PLUGINS = (
+    "autotune_plugins.generic",
+    "autotune_plugins.llama",
+    "autotune_plugins.mistral",
+    "autotune_plugins.qwen",
+    "autotune_plugins.deepseek",
+    "autotune_plugins.yuan",
+    "autotune_plugins.pt",
+    "autotune_plugins.sft",
+    "autotune_plugins.dpo",
+    "autotune_plugins.ppo",
+    "autotune_plugins.inference",
+)
+
+
+def get_plugin_manager(load_entrypoints: bool | None = None) -> pluggy.PluginManager:
+    """Build a plugin manager with the built-ins and (unless disabled) installed plugins.
+
+    ``AUTOTUNE_DISABLE_PLUGINS=a,b`` blocks plugins by name (built-in dotted names or
+    entry-point names); ``AUTOTUNE_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry points.
+    """
+    pm = pluggy.PluginManager("autotune")
+    pm.add_hookspecs(hookspecs)
+    for name in filter(None, os.environ.get("AUTOTUNE_DISABLE_PLUGINS", "").split(",")):
+        pm.set_blocked(name.strip())
+    for name in BUILTIN_PLUGINS:
+        if not pm.is_blocked(name):
+            pm.register(importlib.import_module(name), name=name)
+    if load_entrypoints is None:
+        load_entrypoints = not os.environ.get("AUTOTUNE_DISABLE_PLUGIN_AUTOLOAD")
+    if load_entrypoints:
+        _load_entrypoints(pm)
+    pm.check_pending()
+    return pm
+
+
+def _load_entrypoints(pm: pluggy.PluginManager) -> None:
+    """Like ``pm.load_setuptools_entrypoints``, but a broken plugin is a warning, not a crash."""
+    from importlib.metadata import distributions
+
+    seen = set()
+    for dist in distributions():
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP or ep.name in seen or pm.is_blocked(ep.name):
+                continue
+            seen.add(ep.name)
+            if pm.get_plugin(ep.name) is not None:
+                print(f"autotune: plugin name {ep.name!r} already taken, skipping "
+                      f"{dist.metadata['Name']}", file=sys.stderr)
+                continue
+            try:
+                pm.register(ep.load(), name=ep.name)
+            except Exception as exc:  # one broken plugin must not stop the CLI
+                where = f"plugin {ep.name!r} (from {dist.metadata['Name']})"
+                if os.environ.get("AUTOTUNE_STRICT_PLUGINS"):
+                    raise AutotuneError(f"{where} failed to load: {type(exc).__name__}: "
+                                        f"{exc}") from exc
+                print(f"autotune: {where} failed to load: {exc}", file=sys.stderr)

@@ -1,0 +1,168 @@
+"""Multi-GPU runs: one training process per GPU, started by the existing launchers.
+
+The launching process prepares the run folder (tokenizer, random base), writes the
+accelerate config (and DeepSpeed JSON) the plan calls for beside the run, and starts
+``accelerate launch`` with it on GPUs, or ``torchrun`` on the CPU (DDP over gloo, for
+tests and small models: accelerate launches several CPU processes only through MPI).
+Each rank runs :func:`main`; rank 0 saves and reports, and the launcher finishes the
+run folder. A rank out of memory stops the group; the launcher steps the plan down
+for every rank and starts again from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pluggy
+
+from autotune.run import checkpoints
+from autotune.util.atomic import write_json
+from autotune.util.errors import AutotuneError
+from autotune.cost.parallel import Parallel
+
+ACCELERATE_CONFIG = "accelerate_config.yaml"
+OUT_OF_MEMORY = "oom-rank-{rank}.json"
+
+
+def launch(pm: pluggy.PluginManager, state: dict, partial: str, final: str,
+           quiet: bool) -> dict:
+    """Run ``state``'s multi-GPU plan in ``partial``; rename it to ``final`` when done."""
+    import torch
+
+    from autotune.run import executor
+    from autotune.catalog.models import resolve_model
+    from autotune.plugin.registry import family_for
+
+    plan = state["plan"]
+    parallel = Parallel.from_dict(plan["distributed"])
+    settings = executor.RunSettings(**state["settings"], quiet=quiet)
+    model_spec = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
+    family = family_for(pm, model_spec.config, model_spec.family)
+    trainer_dir = os.path.join(partial, "trainer")
+    try:
+        cuda = torch.cuda.is_available()
+        if not cuda and parallel.strategy != "ddp":
+            raise AutotuneError(f"{parallel.strategy} needs GPUs (DeepSpeed and FSDP do not "
+                                "train on the CPU); on the CPU only ddp runs")
+        if cuda and torch.cuda.device_count() < parallel.gpus:
+            raise AutotuneError(f"the plan needs {parallel.gpus} GPUs on each node; this "
+                                f"machine has {torch.cuda.device_count()}")
+        tokenizer = executor.prepare_tokenizer(model_spec, family, settings, partial)
+        executor.random_base(model_spec, tokenizer, settings, partial)  # ranks find them
+        while True:
+            command = _command(plan, parallel, partial, cuda)
+            if parallel.nodes > 1:
+                raise AutotuneError(
+                    f"a {parallel.nodes}-node run starts on every node: the configs are in "
+                    f"{partial}; on node k run `{' '.join(command)}` with --machine_rank k")
+            executor.say(quiet, f"launching {parallel.world} processes ({parallel.label}) "
+                                 f"with {'accelerate' if cuda else 'torchrun'}")
+            code = subprocess.call(command, env={**os.environ, "AUTOTUNE_QUIET": "1" if quiet
+                                                 else ""})
+            failed = sorted(glob.glob(os.path.join(partial, OUT_OF_MEMORY.format(rank="*"))))
+            if code == 0:
+                break
+            if not failed:
+                raise AutotuneError(f"the training processes failed (exit {code}); see their "
+                                    "output above" + _resume_hint(trainer_dir, final))
+            with open(failed[0], encoding="utf-8") as handle:
+                oom = json.load(handle)
+            for path in failed:
+                os.remove(path)
+            plan = executor.stepped_down(plan, oom["error"], oom["step"], state, partial,
+                                          quiet)
+        report = _collect(partial, parallel)
+        executor.finish(partial, final)
+    except BaseException:
+        if not checkpoints.latest(trainer_dir):
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return report
+
+
+def _command(plan: dict, parallel: Parallel, partial: str, cuda: bool) -> list[str]:
+    """The launcher's command line; writes the configs it reads into the run folder."""
+    from autotune.export.exports import accelerate_config, deepspeed_config
+    from autotune.plan.planfile import write_yaml
+
+    worker = ["-m", "autotune.run.launch", partial]
+    ds_file = None
+    if parallel.deepspeed:
+        from autotune.run.executor import DEEPSPEED_CONFIG
+
+        ds_file = os.path.join(partial, DEEPSPEED_CONFIG)
+        write_json(ds_file, deepspeed_config(plan))
+    config = os.path.join(partial, ACCELERATE_CONFIG)
+    settings = accelerate_config(plan, ds_file)
+    if "fsdp_config" in settings:  # each rank's model is already checkpointed as planned
+        settings["fsdp_config"]["fsdp_activation_checkpointing"] = False
+    write_yaml(config, settings)
+    port = str(_free_port())
+    if not cuda:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                str(parallel.gpus), "--master_port", port, *worker]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+            "--main_process_port", port, *worker]
+
+
+def _collect(partial: str, parallel: Parallel) -> dict:
+    """Rank 0's report, with the loss each rank saw."""
+    from autotune.run.executor import REPORT
+
+    ranks = []
+    for rank in range(parallel.world):
+        path = os.path.join(partial, f"rank-{rank}.json")
+        with open(path, encoding="utf-8") as handle:
+            ranks.append(json.load(handle))
+        os.remove(path)
+    with open(os.path.join(partial, REPORT), encoding="utf-8") as handle:
+        report = json.load(handle)
+    report["distributed"] = {**parallel.to_dict(), "ranks": ranks,
+                             "accelerate_config": ACCELERATE_CONFIG}
+    write_json(os.path.join(partial, REPORT), report)
+    return report
+
+
+def _resume_hint(trainer_dir: str, final: str) -> str:
+    if checkpoints.latest(trainer_dir):
+        return f"; continue from the last checkpoint with `autotune run --resume {final}`"
+    return ""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def main() -> None:
+    """One rank of a launched run: ``python -m autotune.run.launch RUN_FOLDER``."""
+    from autotune.util.quiet import quiet_libraries
+    from autotune.catalog.datasets import load_rows
+    from autotune.run.executor import STATE, RankOutOfMemory, _train
+    from autotune.plugin.manager import get_plugin_manager
+
+    quiet_libraries()
+    partial = sys.argv[1]
+    with open(os.path.join(partial, STATE), encoding="utf-8") as handle:
+        state = json.load(handle)
+    rows = load_rows(state["settings"]["data"], state["plan"]["recipe"]["stage"])
+    final = partial.removesuffix(".partial")
+    try:
+        _train(get_plugin_manager(), state, partial, final, rows,
+               bool(os.environ.get("AUTOTUNE_QUIET")), launched=True)
+    except RankOutOfMemory as exc:
+        rank = int(os.environ.get("RANK", "0"))
+        write_json(os.path.join(partial, OUT_OF_MEMORY.format(rank=rank)),
+                   {"rank": rank, "step": exc.step, "error": str(exc)})
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

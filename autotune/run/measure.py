@@ -1,0 +1,147 @@
+"""Measure real training steps: peak tensor memory and tokens/s, on CUDA or on the CPU.
+
+The step is the one the cost model predicts: the model built from its config in the
+recipe's dtype (bitsandbytes-quantised for 8/4-bit bases, then
+``prepare_model_for_kbit_training`` as the executor does), adapters as PEFT makes them,
+autocast for 16-bit compute, and several optimizer steps so optimizer state exists at the
+peak. Peak tensor memory is ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU it is
+the running total of the allocator's own events, recorded by the PyTorch profiler, which
+is exact and reproducible to the byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+from dataclasses import asdict, dataclass, field
+
+from autotune.run.loading import DTYPES
+from autotune.cost.recipe import Recipe
+
+STEP_MARK = "autotune_step_"
+
+
+@dataclass
+class Measurement:
+    """What a few real optimizer steps used."""
+
+    peak_tensor_bytes: int
+    tokens_per_s: float
+    device: str
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    reserved_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_model(config: dict, recipe: Recipe, target_modules: list[str] | str | None = None,
+                device: str = "cpu", seed: int = 0):
+    """A randomly initialised model prepared for ``recipe`` exactly as training would."""
+    from autotune.run.loading import load_base, prepare
+
+    return prepare(load_base(config, recipe, None, device, seed), recipe, target_modules)
+
+
+def make_optimizer(recipe: Recipe, params, lr: float = 1e-4):
+    """The optimizer Hugging Face's Trainer makes for ``recipe.optim``."""
+    import torch
+
+    params = [p for p in params if p.requires_grad]
+    if recipe.optim == "adamw_torch":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if recipe.optim == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if recipe.optim == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if recipe.optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=lr, weight_decay=0.0)
+
+
+def train_steps(model, recipe: Recipe, vocab: int, steps: int, device: str, seed: int = 0,
+                mark=None) -> list[float]:
+    """Run ``steps`` optimizer steps on random tokens; return the losses."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (recipe.batch, recipe.seq_len), generator=generator).to(device)
+    optimizer = make_optimizer(recipe, model.parameters())
+    autocast = (torch.autocast(device_type=device.split(":")[0],
+                               dtype=getattr(torch, DTYPES[recipe.compute_dtype]))
+                if recipe.compute_dtype != "fp32" else contextlib.nullcontext())
+    losses = []
+    for step in range(steps):
+        with mark(step) if mark else contextlib.nullcontext():
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        del loss
+    return losses
+
+
+def measure(config: dict, recipe: Recipe, target_modules: list[str] | str | None = None,
+            steps: int = 3, device: str = "cpu", seed: int = 0) -> Measurement:
+    """Peak tensor bytes over optimizer steps 2..``steps`` and tokens/s, measured for real."""
+    if steps < 2:
+        raise ValueError("need at least two steps: optimizer state exists from the second on")
+    if device.startswith("cuda"):
+        return _measure_cuda(config, recipe, target_modules, steps, device, seed)
+    return _measure_cpu(config, recipe, target_modules, steps, seed)
+
+
+def _measure_cpu(config, recipe, target_modules, steps, seed) -> Measurement:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model = build_model(config, recipe, target_modules, "cpu", seed)
+        losses = train_steps(model, recipe, config["vocab_size"], steps, "cpu", seed,
+                             mark=lambda step: record_function(f"{STEP_MARK}{step}"))
+    events = prof.profiler.kineto_results.events()
+    peak = _peak_in_window(events, first_step=1)
+    start = time.perf_counter()
+    train_steps(model, recipe, config["vocab_size"], 1, "cpu", seed)
+    elapsed = time.perf_counter() - start
+    del model
+    return Measurement(peak, recipe.batch * recipe.seq_len / elapsed, "cpu", steps, losses)
+
+
+def _peak_in_window(events, first_step: int) -> int:
+    """Largest live total of allocator events during steps ``first_step`` onwards."""
+    marks = [e for e in events if e.name().startswith(STEP_MARK)
+             and int(e.name()[len(STEP_MARK):]) >= first_step]
+    begin = min(e.start_ns() for e in marks)
+    end = max(e.start_ns() + e.duration_ns() for e in marks)
+    memory = sorted(((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"),
+                    key=lambda item: item[0])
+    live, peak = 0, 0
+    for stamp, nbytes in memory:
+        live += nbytes
+        if begin <= stamp <= end:
+            peak = max(peak, live)
+    return peak
+
+
+def _measure_cuda(config, recipe, target_modules, steps, device, seed) -> Measurement:
+    import torch
+
+    model = build_model(config, recipe, target_modules, device, seed)
+    first = train_steps(model, recipe, config["vocab_size"], 1, device, seed)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    losses = train_steps(model, recipe, config["vocab_size"], steps - 1, device, seed)
+    torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    tokens = recipe.batch * recipe.seq_len * (steps - 1)
+    return Measurement(torch.cuda.max_memory_allocated(device), tokens / elapsed, device, steps,
+                       first + losses, torch.cuda.max_memory_reserved(device))

@@ -1,0 +1,30 @@
+"""Keep the libraries' chatter (deprecations, progress bars, logging) out of autotune's output."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' deprecation chatter and progress bars out of autotune's output."""
+    for variable, value in (("TRANSFORMERS_VERBOSITY", "error"),
+                            ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+                            ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(variable, value)
+    quiet = os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+    if quiet and "transformers" in sys.modules:  # imported already: the variable came late
+        sys.modules["transformers"].logging.set_verbosity_error()
+    if not os.environ.get("AUTOTUNE_DEBUG"):
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def loud_libraries() -> None:
+    """Let the libraries' warnings and progress through again (``--verbose``)."""
+    warnings.resetwarnings()
+    os.environ["TRANSFORMERS_VERBOSITY"] = "warning"
+    logging.getLogger("bitsandbytes").setLevel(logging.WARNING)
