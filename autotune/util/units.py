@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from autotune.errors import AutotuneError
+from autotune.util.errors import AutotuneError
 
 GiB = 1024**3
 _UNITS = {
