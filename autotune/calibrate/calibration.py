@@ -299,9 +299,8 @@ def record_from_measurement(pm, config: dict, recipe, measurement, *, model_id: 
     reference model), gradient accumulation 1, on the device that measured. On CUDA the
     card's name and memory come from torch unless given.
     """
-    from autotune.cost.assess import estimate
     from autotune.catalog.gpus import gpu_from_name
-    from autotune.cost.objectives import tokens_per_second
+    from autotune.cost.assess import assess
 
     on_gpu = measurement.device.startswith("cuda")
     if on_gpu and gpu_name is None:
@@ -311,11 +310,10 @@ def record_from_measurement(pm, config: dict, recipe, measurement, *, model_id: 
         index = torch.cuda.current_device() if index is None else index
         gpu_name = torch.cuda.get_device_name(index)
         gpu_memory = torch.cuda.get_device_properties(index).total_memory
-    plain = recipe.but(stage="sft")
-    result = estimate(pm, config, plain, family, "cuda" if on_gpu else "cpu", remote_code)
     card = gpu_from_name(gpu_name, gpu_memory or 0) if gpu_name else None
-    speed = (tokens_per_second(result.arch, result.recipe, result.params, card)
-             if card is not None and card.has_throughput else None)
+    result = assess(pm, config, recipe.but(stage="sft"), family, "cuda" if on_gpu else "cpu",
+                    remote_code, gpu=card if card is not None and card.has_throughput else None)
+    speed = result.raw_tokens_per_s
     return make_record(
         gpu_name=gpu_name, gpu_memory=gpu_memory, device="cuda" if on_gpu else "cpu",
         model_id=model_id, model_params=result.arch.total, recipe=recipe.to_dict(),
@@ -332,10 +330,9 @@ def _price_again(report: dict, gpu_name, gpu_memory, pm) -> tuple[float, int] | 
     """(raw roofline tokens/s on the card the run had, model parameters), or ``None``."""
     try:
         from autotune.catalog.gpus import gpu_from_name
-        from autotune.cost.objectives import tokens_per_second
         from autotune.catalog.models import resolve_model
+        from autotune.cost.assess import assess
         from autotune.cost.recipe import Recipe
-        from autotune.plugin.registry import stage_named
 
         card = gpu_from_name(gpu_name or "", gpu_memory or 0)
         if not card.has_throughput:
@@ -344,16 +341,15 @@ def _price_again(report: dict, gpu_name, gpu_memory, pm) -> tuple[float, int] | 
             from autotune.plugin.manager import get_plugin_manager
 
             pm = get_plugin_manager()
-        from autotune.cost.assess import estimate
-
         model = report["model"]
         spec = resolve_model(model.get("spec") or model["id"], pm)
         recipe = Recipe(**report["recipe"])
-        result = estimate(pm, spec.config, recipe, spec.family, "cuda")
         accum = (report.get("training") or {}).get("grad_accum") or 1
-        sequences = stage_named(pm, result.recipe.stage).sequences_per_example()
-        return (tokens_per_second(result.arch, result.recipe, result.params, card, accum,
-                                  sequences), result.arch.total)
+        # priced as the run was made: its remote-code layout, one card, its accumulation
+        result = assess(pm, spec.config, recipe, spec.family, "cuda",
+                        bool(model.get("trust_remote_code")), gpu=card,
+                        effective_batch=recipe.batch * accum)
+        return result.raw_tokens_per_s, result.arch.total
     except Exception:  # noqa: BLE001 -- a model that moved away: keep the report's figure
         return None
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import replace
 
 from autotune.catalog.gpus import gpu_catalogue
-from autotune.cost.host import check_disk, check_ram, free_disk, machine_ram
+from autotune.cost import host
 from autotune.cost.memory import CUDA_CONTEXT, MemoryEstimate
 from autotune.cost.parallel import cards_needed, gpus_per_node_split
 from autotune.cost.uncertainty import band
@@ -41,20 +41,20 @@ def machine_notes(best: Candidate, host_limit: int | None, local: bool,
                   output: str | None) -> list[str]:
     """Warnings, with numbers, where this machine may not hold the pick: RAM free now, disk."""
     notes = []
-    total, available = machine_ram()
+    total, available = host.machine_ram()
     if best.host is not None:
         if host_limit is None:
-            verdict = check_ram(best.host, total, available)
+            verdict = host.check_ram(best.host, total, available)
             if verdict.level != "ok":
                 notes.append(verdict.message + " (this machine; planning for another: "
                                                "--host-ram)")
         elif local:
-            verdict = check_ram(best.host, host_limit, available)
+            verdict = host.check_ram(best.host, host_limit, available)
             if verdict.level == "warn":
                 notes.append(verdict.message)
     if best.disk is not None:
         folder = os.path.dirname(os.path.abspath(output)) if output else os.getcwd()
-        verdict = check_disk(best.disk, free_disk(folder), folder)
+        verdict = host.check_disk(best.disk, host.free_disk(folder), folder)
         if verdict.level != "ok":
             notes.append(verdict.message)
     return notes
@@ -65,9 +65,9 @@ def infeasible(planner: Planner, result: PlanResult, objective: str) -> dict:
     smallest = result.smallest
     need = smallest.high if smallest else 0
     space = result.space
-    host = ""
+    short = ""
     if smallest is not None and smallest.high <= result.budget and space.host_ram is not None:
-        host = (f" (its memory fits, but it needs {gib(smallest.host.peak)} of host RAM per "
+        short = (f" (its memory fits, but it needs {gib(smallest.host.peak)} of host RAM per "
                 f"node and the machine has {gib(space.host_ram)})")
         fixes = [f"a machine with at least {gib(smallest.host.peak)} of RAM per node "
                  "(--host-ram)"]
@@ -81,7 +81,7 @@ def infeasible(planner: Planner, result: PlanResult, objective: str) -> dict:
             alternatives.Setup(smallest.recipe, smallest.parallel), lengths, result.budget,
             space.host_ram)
     message = (f"no plan fits {result.gpu.name}: the smallest needs {gib(need)} at its upper "
-               f"bound, the budget is {gib(result.budget)}{host}. It would fit with: "
+               f"bound, the budget is {gib(result.budget)}{short}. It would fit with: "
                + "; ".join(fixes) + ".")
     if smallest is not None:
         message += " " + fit_line(cheapest.to_dict() if cheapest else None, result.budget,
@@ -94,8 +94,8 @@ def infeasible(planner: Planner, result: PlanResult, objective: str) -> dict:
 def fit_line(fit: dict | None, budget: int, host_ram: int | None = None) -> str:
     """The cheapest combination of changes that fits, in one line."""
     if fit is None:
-        host = f" with {gib(host_ram)} of host RAM" if host_ram is not None else ""
-        return f"No combination of up to four changes fits {gib(budget)}{host}"
+        ram = f" with {gib(host_ram)} of host RAM" if host_ram is not None else ""
+        return f"No combination of up to four changes fits {gib(budget)}{ram}"
     speed = ("" if fit["tokens_per_s_delta"] is None
              else f", {fit['tokens_per_s_delta']:+,.0f} tokens/s")
     return (f"Cheapest combination that fits: {fit['change']} -> peak {gib(fit['peak_bytes'])} "

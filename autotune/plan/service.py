@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, replace
 
 import pluggy
 
-from autotune.catalog.gpus import GPU, budget_gpu, gpu_from_name, probe, resolve_gpu
+from autotune.catalog import gpus
+from autotune.catalog.gpus import GPU, budget_gpu, gpu_from_name, resolve_gpu
 from autotune.catalog.lengths import (
     Lengths,
     Workload,
@@ -22,7 +23,8 @@ from autotune.catalog.lengths import (
 from autotune.catalog.models import ModelSpec, resolve_model
 from autotune.cost.assess import Assessment
 from autotune.cost.correction import Correction
-from autotune.cost.host import machine_ram, weight_files
+from autotune.cost import host
+from autotune.cost.host import weight_files
 from autotune.cost.parallel import Parallel
 from autotune.cost.params import resolve_targets
 from autotune.cost.recipe import LIMITS, Recipe
@@ -133,7 +135,7 @@ def target_gpu(gpu: str | None, vram: str | None) -> GPU | None:
 def local_gpus() -> list[GPU]:
     """This machine's visible GPUs, as catalogue cards where known."""
     return [gpu_from_name(g["name"], g["memory_total_bytes"], g["compute_capability"])
-            for g in probe()["gpus"] if g.get("visible", True)]
+            for g in gpus.probe()["gpus"] if g.get("visible", True)]
 
 
 def read_lengths(pm: pluggy.PluginManager, model: ModelSpec, stage: str,
@@ -194,7 +196,7 @@ def plan(pm: pluggy.PluginManager, request: Request,
     if r.strategy and per_node * r.nodes == 1:
         raise AutotuneError("--strategy needs several cards: give --gpus N (and --nodes M)")
     host_limit = parse_size(r.host_ram) if r.host_ram is not None else \
-        (machine_ram()[0] if local else None)
+        (host.machine_ram()[0] if local else None)
 
     def space_for(card: GPU) -> Space:
         space = Space(card, seq_len, r.stage, r.effective_batch, planner.arch.num_layers,
@@ -248,7 +250,7 @@ def _cards(r: Request) -> tuple[list[GPU] | None, bool]:
     if found:
         return found, True
     if r.cpu_fallback:  # train on the CPU: plan for half the available RAM
-        available = probe()["host"].get("ram_available_bytes") or 8 * 2**30
+        available = gpus.probe()["host"].get("ram_available_bytes") or 8 * 2**30
         return [budget_gpu(available // 2, bf16=True)], False
     return None, False
 
