@@ -230,7 +230,7 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
             "tokens_per_s": round(result.tokens_per_s or 0.0, 1),
             "raw_tokens_per_s": round(result.raw_tokens_per_s or 0.0, 1)}
     budget = card.memory_bytes if card is not None else None
-    figures = planner.assessor(speed_card, recipe.batch, workload)
+    figures = planner.assessor(speed_card, None, workload)
     lengths = workload.lengths if workload else None
     report["alternatives"] = [a.to_dict() for a in alternatives.costed(
         figures, Setup(recipe), lengths, budget)]

@@ -214,17 +214,19 @@ class Planner:
                       parallel: Parallel = SINGLE) -> Candidate:
         return self.assess(recipe, parallel, space.gpu, space.effective_batch, space.workload)
 
-    def assess(self, recipe: Recipe, parallel: Parallel, gpu: GPU | None, effective_batch: int,
-               workload: Workload | None = None) -> Candidate:
+    def assess(self, recipe: Recipe, parallel: Parallel, gpu: GPU | None,
+               effective_batch: int | None, workload: Workload | None = None) -> Candidate:
         """``recipe`` through the cost model's front door, with the correction fitted for
         ``gpu`` and the planner's confidence."""
         return Candidate.of(self.cost.assess(
             recipe, parallel, gpu, effective_batch, workload,
             self.corrections.get(gpu.id) if gpu else None, self.confidence))
 
-    def assessor(self, gpu: GPU | None, effective_batch: int, workload: Workload | None = None
+    def assessor(self, gpu: GPU | None, effective_batch: int | None,
+                 workload: Workload | None = None
                  ) -> Callable[[alternatives.Setup], alternatives.Assessed]:
-        """A setup's figures as this planner prices them (what alternatives compare)."""
+        """A setup's figures as this planner prices them (what alternatives compare);
+        ``effective_batch`` ``None``: each setup's own micro batch, no accumulation."""
         def figures(setup: alternatives.Setup) -> alternatives.Assessed:
             return self.assess(setup.recipe, setup.parallel, gpu, effective_batch,
                                workload).assessed()
