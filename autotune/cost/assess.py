@@ -18,7 +18,14 @@ from autotune.catalog.gpus import GPU
 from autotune.catalog.lengths import Workload
 from autotune.cost.architecture import Architecture
 from autotune.cost.correction import Correction, apply
-from autotune.cost.host import DiskNeeds, HostNeeds, WeightFiles, disk_needs, host_needs, weight_files
+from autotune.cost.host import (
+    DiskNeeds,
+    HostNeeds,
+    WeightFiles,
+    disk_needs,
+    host_needs,
+    weight_files,
+)
 from autotune.cost.memory import MemoryEstimate, estimate_memory, serving_memory, weight_bytes
 from autotune.cost.objectives import fidelity, tokens_per_second
 from autotune.cost.parallel import SINGLE, Parallel, communication_seconds

@@ -21,9 +21,9 @@ from autotune.catalog.lengths import (
     measure_lengths,
 )
 from autotune.catalog.models import ModelSpec, resolve_model
+from autotune.cost import host
 from autotune.cost.assess import Assessment
 from autotune.cost.correction import Correction
-from autotune.cost import host
 from autotune.cost.host import weight_files
 from autotune.cost.parallel import Parallel
 from autotune.cost.params import resolve_targets
