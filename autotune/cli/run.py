@@ -20,7 +20,8 @@ DEMO_STEPS = 30
 @click.command("run")
 @click.argument("plan_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(), help="Training data: JSON/JSONL/CSV/Parquet, a .txt "
-                                                "(pt), or a saved datasets folder.")
+                                                "(pt), or a saved datasets folder (default: "
+                                                "the data a plan file was made for).")
 @click.option("--output-dir", type=click.Path(file_okay=False),
               help="Where the run is written (default runs/<model>-<stage>, with the time "
                    "appended if that exists).")
