@@ -133,6 +133,15 @@ def require_record(plan: dict, path: str) -> dict:
         raise AutotuneError(f"{path} was written with plan record layout {layout} (this "
                             f"autotune reads layout {LAYOUT}): it does not say how it was made; "
                             "re-run `autotune plan ... -o` to price it again")
+    confidence = record.get("confidence")
+    if not isinstance(confidence, float) or not 0.5 <= confidence < 1:
+        raise AutotuneError(f"{path}: record.confidence must be a share between 0.5 and 1, "
+                            f"not {confidence!r}")
+    if record.get("device", "cuda") not in ("cuda", "cpu"):
+        raise AutotuneError(f"{path}: record.device must be cuda or cpu, not "
+                            f"{record['device']!r}")
+    if not isinstance(record.get("gpu"), dict):
+        raise AutotuneError(f"{path}: record.gpu must be the card's mapping")
     data = record.get("data")
     if data:
         if not os.path.exists(data["path"]):

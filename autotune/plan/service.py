@@ -290,7 +290,8 @@ def price_plan(pm: pluggy.PluginManager, plan: dict, path: str) -> PricedPlan:
     except (KeyError, TypeError, ValueError) as exc:
         raise AutotuneError(f"{path}: record: the card or calibration is not as autotune "
                             f"writes it ({type(exc).__name__}: {exc})") from exc
-    planner = Planner(pm, model.config, model.family, model.id, record["trust_remote_code"],
+    planner = Planner(pm, model.config, model.family, model.id,
+                      bool(record.get("trust_remote_code")),
                       calibrated=correction is not None, device=record.get("device", "cuda"),
                       confidence=record["confidence"], files=weight_files(model.path),
                       corrections={gpu.id: correction} if correction else {})
