@@ -12,11 +12,11 @@ from autotune.cli.sections import (
     alternatives_table,
     band_line,
     data_lines,
-    fit_line,
     host_lines,
 )
 from autotune.cli.output import table
 from autotune.cost.recipe import ATTENTION, LIMITS, METHODS, OPTIMIZERS, PRECISIONS, Recipe
+from autotune.plan.advice import fit_line
 from autotune.plan.service import read_lengths, target_gpu
 from autotune.util.units import GiB, gib
 

@@ -1,10 +1,10 @@
-"""Report sections shared by ``estimate``, ``plan`` and ``explain``: the data's lengths, the
-peak's bounds, host RAM and disk, and the costed alternatives."""
+"""Report sections shared by the commands: the data's lengths, the peak's bounds, host RAM
+and disk, the costed alternatives (``estimate``, ``plan``, ``explain``) and a finished run
+(``run``, ``report``)."""
 
 from __future__ import annotations
 
 from autotune.cli.output import table
-from autotune.plan.advice import fit_line  # noqa: F401 -- a section estimate and plan print
 from autotune.util.units import GiB, gib
 
 
