@@ -34,7 +34,8 @@ from typing import Any
 from autotune import __version__
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
-from autotune.cost.memory import ALLOCATOR_SLACK, CUDA_CONTEXT, MemoryEstimate
+from autotune.cost.correction import Correction, apply  # noqa: F401 -- fitted and saved here
+from autotune.cost.memory import ALLOCATOR_SLACK, CUDA_CONTEXT
 
 SCHEMA = "autotune.measurement/1"
 CALIBRATION_SCHEMA = "autotune.calibration/1"
@@ -298,9 +299,8 @@ def record_from_measurement(pm, config: dict, recipe, measurement, *, model_id: 
     reference model), gradient accumulation 1, on the device that measured. On CUDA the
     card's name and memory come from torch unless given.
     """
-    from autotune.cost.assess import estimate
     from autotune.catalog.gpus import gpu_from_name
-    from autotune.cost.objectives import tokens_per_second
+    from autotune.cost.assess import assess
 
     on_gpu = measurement.device.startswith("cuda")
     if on_gpu and gpu_name is None:
@@ -310,11 +310,10 @@ def record_from_measurement(pm, config: dict, recipe, measurement, *, model_id: 
         index = torch.cuda.current_device() if index is None else index
         gpu_name = torch.cuda.get_device_name(index)
         gpu_memory = torch.cuda.get_device_properties(index).total_memory
-    plain = recipe.but(stage="sft")
-    result = estimate(pm, config, plain, family, "cuda" if on_gpu else "cpu", remote_code)
     card = gpu_from_name(gpu_name, gpu_memory or 0) if gpu_name else None
-    speed = (tokens_per_second(result.arch, result.recipe, result.params, card)
-             if card is not None and card.has_throughput else None)
+    result = assess(pm, config, recipe.but(stage="sft"), family, "cuda" if on_gpu else "cpu",
+                    remote_code, gpu=card if card is not None and card.has_throughput else None)
+    speed = result.raw_tokens_per_s
     return make_record(
         gpu_name=gpu_name, gpu_memory=gpu_memory, device="cuda" if on_gpu else "cpu",
         model_id=model_id, model_params=result.arch.total, recipe=recipe.to_dict(),
@@ -331,10 +330,9 @@ def _price_again(report: dict, gpu_name, gpu_memory, pm) -> tuple[float, int] | 
     """(raw roofline tokens/s on the card the run had, model parameters), or ``None``."""
     try:
         from autotune.catalog.gpus import gpu_from_name
-        from autotune.cost.objectives import tokens_per_second
         from autotune.catalog.models import resolve_model
+        from autotune.cost.assess import assess
         from autotune.cost.recipe import Recipe
-        from autotune.plugin.registry import stage_named
 
         card = gpu_from_name(gpu_name or "", gpu_memory or 0)
         if not card.has_throughput:
@@ -343,95 +341,20 @@ def _price_again(report: dict, gpu_name, gpu_memory, pm) -> tuple[float, int] | 
             from autotune.plugin.manager import get_plugin_manager
 
             pm = get_plugin_manager()
-        from autotune.cost.assess import estimate
-
         model = report["model"]
         spec = resolve_model(model.get("spec") or model["id"], pm)
         recipe = Recipe(**report["recipe"])
-        result = estimate(pm, spec.config, recipe, spec.family, "cuda")
         accum = (report.get("training") or {}).get("grad_accum") or 1
-        sequences = stage_named(pm, result.recipe.stage).sequences_per_example()
-        return (tokens_per_second(result.arch, result.recipe, result.params, card, accum,
-                                  sequences), result.arch.total)
+        # priced as the run was made: its remote-code layout, one card, its accumulation
+        result = assess(pm, spec.config, recipe, spec.family, "cuda",
+                        bool(model.get("trust_remote_code")), gpu=card,
+                        effective_batch=recipe.batch * accum)
+        return result.raw_tokens_per_s, result.arch.total
     except Exception:  # noqa: BLE001 -- a model that moved away: keep the report's figure
         return None
 
 
 # -- the fit ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Correction:
-    """What the measurements of one GPU say about the estimate's priors."""
-
-    gpu: str
-    n: int
-    tensor_scale: float
-    """Median of measured ``max_memory_allocated`` over the predicted tensor peak."""
-    fragmentation: float
-    """Median of ``max_memory_reserved / max_memory_allocated - 1``."""
-    device_overhead: int
-    """Median of NVML's used memory less reserved (bytes), else the prior CUDA_CONTEXT."""
-    efficiency: float
-    """Median of measured over predicted tokens/s: a multiplier on the MFU prior."""
-    overhead_source: str = "prior"
-    """``nvml`` when fitted from NVML numbers, ``prior`` when CUDA_CONTEXT was kept."""
-    n_throughput: int = 0
-    """Records with both tokens/s figures (``efficiency`` is 1 without any)."""
-    spread: dict = field(default_factory=dict)
-    """Standard deviation of the log ratios: ``tensor``, ``peak``, ``tokens_per_s``."""
-    errors: dict = field(default_factory=dict)
-    """Median |predicted / measured - 1| of ``peak`` and ``tokens_per_s``, ``raw`` and
-    ``calibrated`` (in-sample: measured on the records the correction was fitted to)."""
-    fitted_at: str = ""
-
-    def tensor_peak(self, raw_tensor_peak: int) -> int:
-        return round(raw_tensor_peak * self.tensor_scale)
-
-    def peak(self, raw_tensor_peak: int) -> int:
-        """Calibrated nvidia-smi peak: tensor peak x scale x (1 + fragmentation) + overhead."""
-        return round(raw_tensor_peak * self.tensor_scale * (1 + self.fragmentation)
-                     + self.device_overhead)
-
-    def tokens_per_s(self, raw: float) -> float:
-        return raw * self.efficiency
-
-    def key(self) -> dict:
-        """What a plan depends on (for the planner's study key)."""
-        return {"gpu": self.gpu, "tensor_scale": self.tensor_scale,
-                "fragmentation": self.fragmentation, "device_overhead": self.device_overhead,
-                "efficiency": self.efficiency}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def summary(self) -> dict:
-        """The ``calibration`` object of estimate and plan JSON."""
-        return {"gpu": self.gpu, "n": self.n, "tensor_scale": self.tensor_scale,
-                "fragmentation": self.fragmentation,
-                "device_overhead_bytes": self.device_overhead,
-                "overhead_source": self.overhead_source, "efficiency": self.efficiency,
-                "n_throughput": self.n_throughput, "spread": dict(self.spread),
-                "errors": dict(self.errors), "fitted_at": self.fitted_at}
-
-    def describe(self) -> str:
-        """One line for people."""
-        return (f"{self.gpu} from {self.n} measured run(s): tensors x{self.tensor_scale:.3f}, "
-                f"fragmentation {100 * self.fragmentation:.1f}%, overhead "
-                f"{self.device_overhead / 2**30:.2f} GiB ({self.overhead_source}), "
-                f"throughput x{self.efficiency:.3f}")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Correction:
-        return cls(gpu=str(data["gpu"]), n=int(data["n"]),
-                   tensor_scale=float(data["tensor_scale"]),
-                   fragmentation=float(data["fragmentation"]),
-                   device_overhead=int(data["device_overhead"]),
-                   efficiency=float(data["efficiency"]),
-                   overhead_source=str(data.get("overhead_source", "prior")),
-                   n_throughput=int(data.get("n_throughput", 0)),
-                   spread=dict(data.get("spread") or {}), errors=dict(data.get("errors") or {}),
-                   fitted_at=str(data.get("fitted_at", "")))
-
 
 def _number(section: dict, key: str) -> float | None:
     value = section.get(key)
@@ -572,21 +495,3 @@ def reset(path: str | None = None) -> bool:
     except OSError as exc:
         raise AutotuneError(f"cannot remove {path}: {exc.strerror or exc}") from exc
     return True
-
-
-# -- applying it ------------------------------------------------------------------------------------
-
-def apply(memory: MemoryEstimate, correction: Correction | None) -> MemoryEstimate:
-    """``memory`` as the correction predicts it (``memory`` itself when there is none).
-
-    The tensor peak becomes ``tensor_peak * tensor_scale``; the difference is the
-    ``calibration`` component of the breakdown, so the breakdown still sums to the tensor
-    peak. The device overhead becomes the fitted fragmentation of that tensor peak plus
-    the fitted (or prior) context, so ``peak`` is :meth:`Correction.peak`.
-    """
-    if correction is None or memory.phase == "inference":
-        return memory
-    tensor = correction.tensor_peak(memory.tensor_peak)
-    peak = correction.peak(memory.tensor_peak)
-    breakdown = {**memory.breakdown, "calibration": tensor - memory.tensor_peak}
-    return MemoryEstimate(breakdown, tensor, peak - tensor, memory.phase, list(memory.notes))

@@ -12,13 +12,13 @@ from autotune.cli.sections import (
     alternatives_table,
     band_line,
     data_lines,
-    fit_line,
     host_lines,
 )
-from autotune.util.errors import AutotuneError
 from autotune.cli.output import table
 from autotune.cost.recipe import ATTENTION, LIMITS, METHODS, OPTIMIZERS, PRECISIONS, Recipe
-from autotune.util.units import GiB, gib, parse_size
+from autotune.plan.advice import fit_line
+from autotune.plan.service import read_lengths, target_gpu
+from autotune.util.units import GiB, gib
 
 SCHEMA = "autotune.estimate/1"
 STAGES = ("pt", "sft", "dpo", "ppo", "inference")
@@ -79,19 +79,6 @@ def make_recipe(method, bits, rank, alpha, lora_dropout, targets, freeze_layers,
                   optim=optim, attn=attn, stage=stage)
 
 
-def target_gpu(gpu: str | None, vram: str | None):
-    """The card to compare against: ``--gpu`` from the catalogue or a raw ``--vram``."""
-    from autotune.catalog.gpus import budget_gpu, resolve_gpu
-
-    if gpu is not None and vram is not None:
-        raise AutotuneError("give --gpu or --vram, not both")
-    if gpu is not None:  # --gpu "" is a mistake, not "no card"
-        return resolve_gpu(gpu)
-    if vram is not None:
-        return budget_gpu(parse_size(vram))
-    return None
-
-
 no_calibration_option = click.option(
     "--no-calibration", is_flag=True,
     help="Raw figures: ignore the corrections `autotune calibrate` fitted to measured runs.")
@@ -130,30 +117,6 @@ confidence_option = click.option(
     help="Confidence (%) of the peak's bounds; plans must fit at their upper bound.")
 
 
-def read_lengths(pm, model, stage: str, data_path: str | None, remote_code: bool = False):
-    """The token lengths of ``data_path`` as ``stage`` trains on it, with the model's own
-    tokenizer when this machine has it, else the documented approximation."""
-    if data_path is None:
-        return None
-    from autotune.catalog.lengths import local_tokenizer, measure_lengths
-    from autotune.plugin.registry import family_for
-
-    if stage not in ("pt", "sft", "dpo"):
-        raise AutotuneError(f"--data needs a training stage (pt, sft or dpo), not {stage}")
-    family = family_for(pm, model.config, model.family)
-    return measure_lengths(data_path, stage, tokenizer=local_tokenizer(model),
-                           chat_template=family.chat_template(model.config))
-
-
-def workload_for(lengths, recipe: Recipe):
-    """How ``recipe`` trains on data of ``lengths`` (``None`` without data)."""
-    if lengths is None:
-        return None
-    from autotune.catalog.lengths import Workload, batching_for
-
-    return Workload(lengths, recipe.seq_len, batching_for(recipe.stage, recipe.attn))
-
-
 @click.command("estimate")
 @click.option("--model", "model_spec", required=True,
               help="Profile id or alias, config.json, model folder or cached hub id.")
@@ -173,19 +136,24 @@ def workload_for(lengths, recipe: Recipe):
 def command(pm, model_spec, data_path, gpu, vram, device, confidence, trust_remote_code,
             no_calibration, plot, as_json, **options) -> None:
     """Count parameters exactly and predict the peak memory of a training step."""
-    from autotune.cost.assess import estimate
+    from autotune.catalog.lengths import Workload, batching_for
     from autotune.catalog.models import resolve_model
+    from autotune.cost.host import weight_files
+    from autotune.plan.planner import Planner
 
     recipe = make_recipe(**options)
     card = target_gpu(gpu, vram)
     model = resolve_model(model_spec, pm)
-    result = estimate(pm, model.config, recipe, model.family, device, trust_remote_code)
+    planner = Planner(pm, model.config, model.family, model.id, trust_remote_code,
+                      calibrated=not no_calibration, device=device,
+                      confidence=confidence / 100, files=weight_files(model.path))
     probed = None
     if not no_calibration and device == "cuda" and card is None:
         probed = calibration_for(None)[1]
     lengths = read_lengths(pm, model, recipe.stage, data_path)
-    report = to_json(pm, model, result, card, probed, device, confidence / 100,
-                     not no_calibration, trust_remote_code, lengths)
+    workload = Workload(lengths, recipe.seq_len, batching_for(recipe.stage, recipe.attn)) \
+        if lengths is not None else None
+    report = to_json(model, planner, recipe, card, probed, workload)
     if plot:
         from autotune.cli.plots import memory_breakdown
 
@@ -196,17 +164,21 @@ def command(pm, model_spec, data_path, gpu, vram, device, confidence, trust_remo
         click.echo(render(report))
 
 
-def to_json(pm, model, result, card=None, probed=None, device: str = "cuda",
-            confidence: float = 0.95, calibrated: bool = True, remote_code: bool = False,
-            lengths=None) -> dict:
-    """The ``autotune.estimate/1`` document. ``probed``: this machine's card, for its
-    calibration and throughput when none is named."""
-    from autotune.cost.host import free_disk, machine_ram, weight_files
+def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=None) -> dict:
+    """The ``autotune.estimate/1`` document, from one assessment through the cost model's
+    front door. ``probed``: this machine's card, for its calibration and throughput when
+    none is named."""
+    from autotune.cost.host import free_disk, machine_ram
     from autotune.cost.memory import checkpoint_bytes
-    from autotune.plan.planner import Planner
 
-    params, recipe, arch = result.params, result.recipe, result.arch
-    notes = list(result.memory.notes)
+    speed_card = card if card is not None else probed
+    if speed_card is not None and not speed_card.has_throughput:
+        speed_card = None if card is None else card
+    correction = planner.corrections.get(speed_card.id) if speed_card else None
+    result = planner.cost.assess(recipe, gpu=speed_card, workload=workload,
+                                 correction=correction, confidence=planner.confidence)
+    params, recipe, arch, memory = result.params, result.recipe, result.arch, result.memory
+    notes = list(memory.notes)
     if params.unmatched:
         notes.append(f"targets {', '.join(params.unmatched)} match no module of this model "
                      "(PEFT skips them silently)")
@@ -228,76 +200,43 @@ def to_json(pm, model, result, card=None, probed=None, device: str = "cuda",
             "targets": list(dict.fromkeys(lin.name for lin in params.targets)),
             "unmatched_targets": list(params.unmatched),
         },
-        "device": device,
+        "device": planner.device,
         "notes": notes,
     }
-    if result.memory.phase == "inference":  # the serving rule: no step to assess
-        memory = result.memory
-        report["memory"] = {"tensor_peak_bytes": memory.tensor_peak, "peak_bytes": memory.peak,
-                            "peak_bytes_low": memory.peak, "peak_bytes_high": memory.peak,
-                            "device_overhead_bytes": memory.device_overhead,
-                            "peak_phase": memory.phase,
-                            "breakdown": {**memory.breakdown,
-                                          "device_overhead": memory.device_overhead},
-                            "raw_tensor_peak_bytes": memory.tensor_peak,
-                            "raw_peak_bytes": memory.peak,
-                            "raw_device_overhead_bytes": memory.device_overhead}
-        report["calibration"] = None
+    raw = result.raw_memory
+    report["memory"] = {
+        "tensor_peak_bytes": memory.tensor_peak, "peak_bytes": memory.peak,
+        "peak_bytes_low": result.low, "peak_bytes_high": result.high,
+        **({"band": result.band.to_dict()} if result.band else {}),
+        "device_overhead_bytes": memory.device_overhead, "peak_phase": memory.phase,
+        "breakdown": result.breakdown,
+        "raw_tensor_peak_bytes": raw.tensor_peak, "raw_peak_bytes": raw.peak,
+        "raw_device_overhead_bytes": raw.device_overhead}
+    report["calibration"] = result.correction.summary() if result.correction else None
+    if memory.phase == "inference":  # the serving rule: no step to assess
         report["disk"] = {"checkpoint_bytes": checkpoint_bytes(arch, recipe, params)}
         _compare(report, card, memory.peak, memory.peak)
         return report
-
-    planner = Planner(pm, model.config, model.family, model.id, remote_code,
-                      calibrated=calibrated, device=device, confidence=confidence,
-                      files=weight_files(model.path))
-    speed_card = card if card is not None else probed
-    if speed_card is not None and not speed_card.has_throughput:
-        speed_card = None if card is None else card
-    workload = workload_for(lengths, recipe)
-
-    def assess(setup):
-        return planner.assess(setup.recipe, setup.parallel, speed_card, setup.recipe.batch,
-                              workload)
-
-    base = assess(Setup(recipe))
-    correction = planner.corrections.get(speed_card.id) if speed_card else None
-    b = base.breakdown
-    report["memory"] = {
-        "tensor_peak_bytes": base.tensor_peak, "peak_bytes": base.peak,
-        "peak_bytes_low": base.band.low, "peak_bytes_high": base.band.high,
-        "band": base.band.to_dict(), "device_overhead_bytes": b["device_overhead"],
-        "peak_phase": result.memory.phase if workload is None else planner.price(
-            recipe.but(seq_len=workload.worst_seq_len()))[1].phase,
-        "breakdown": b,
-        "raw_tensor_peak_bytes": base.raw[1] if base.raw else base.tensor_peak,
-        "raw_peak_bytes": base.raw[0] if base.raw else base.peak,
-        "raw_device_overhead_bytes": (base.raw[0] - base.raw[1]) if base.raw
-        else b["device_overhead"]}
-    report["calibration"] = correction.summary() if correction else None
-    if lengths is not None:
-        report["data"] = {**lengths.to_dict(recipe.seq_len), **base.workload}
+    if workload is not None:
+        report["data"] = {**workload.lengths.to_dict(recipe.seq_len), **result.workload}
     total, available = machine_ram()
-    report["host"] = {**base.host.to_dict(), "machine_ram_bytes": total,
+    report["host"] = {**result.host.to_dict(), "machine_ram_bytes": total,
                       "machine_available_bytes": available}
-    report["disk"] = {**base.disk.to_dict(), "free_bytes": free_disk("."),
+    report["disk"] = {**result.disk.to_dict(), "free_bytes": free_disk("."),
                       "checkpoint_bytes": checkpoint_bytes(arch, recipe, params)}
-    if speed_card is not None and device == "cuda":
+    if speed_card is not None and planner.device == "cuda":
         report["throughput"] = {
             "gpu": speed_card.id, "micro_batch": recipe.batch, "grad_accum": 1,
-            "tokens_per_s": round(base.tokens_per_s, 1),
-            "raw_tokens_per_s": round(base.raw[2] if base.raw else base.tokens_per_s, 1)}
+            "tokens_per_s": round(result.tokens_per_s or 0.0, 1),
+            "raw_tokens_per_s": round(result.raw_tokens_per_s or 0.0, 1)}
     budget = card.memory_bytes if card is not None else None
-
-    def figures(setup):
-        return assess(setup).assessed()
-
-    levers = alternatives.levers(Setup(recipe), figures, alternatives.truncation(lengths),
-                                 alternatives.covering(lengths))
-    found = alternatives.price(figures, Setup(recipe), levers, budget)
-    report["alternatives"] = [a.to_dict() for a in found]
-    _compare(report, card, base.peak, base.high)
-    if card is not None and base.high > card.memory_bytes:
-        fit = alternatives.cheapest_fit(figures, Setup(recipe), levers, budget)
+    figures = planner.assessor(speed_card, None, workload)
+    lengths = workload.lengths if workload else None
+    report["alternatives"] = [a.to_dict() for a in alternatives.costed(
+        figures, Setup(recipe), lengths, budget)]
+    _compare(report, card, memory.peak, result.high)
+    if card is not None and result.high > card.memory_bytes:
+        fit = alternatives.cheapest(figures, Setup(recipe), lengths, budget)
         report["gpu"]["cheapest_fit"] = fit.to_dict() if fit else None
     return report
 

@@ -28,65 +28,31 @@ MEANING = {
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.explain/1).")
 @click.pass_obj
 def command(pm, plan_file, as_json) -> None:
-    """Explain a plan in words and numbers: why it, its memory, and what alternatives cost."""
+    """Explain a plan in words and numbers: why it, its memory, and what alternatives cost.
+
+    The plan is priced again exactly as it was made: its record keeps the card, the
+    remote-code layout, the data (checked by digest), the calibration and the confidence.
+    """
     from autotune.plan import alternatives
-    from autotune.cost.assess import estimate
-    from autotune.catalog.gpus import gpu_catalogue
-    from autotune.catalog.lengths import Workload
-    from autotune.cost.parallel import Parallel
     from autotune.plan.planfile import read_plan
-    from autotune.plan.planner import Planner
-    from autotune.catalog.models import resolve_model
-    from autotune.cost.recipe import Recipe
-    from autotune.cost.uncertainty import CONFIDENCE
+    from autotune.plan.service import price_plan
 
     plan = read_plan(plan_file)
-    recipe = Recipe(**plan["recipe"])
-    model = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
-    hardware = plan.get("hardware", {})
-    gpu = gpu_catalogue().get(hardware.get("gpu", ""))
-    result = estimate(pm, model.config, recipe, model.family)
-    predictions = plan.get("predictions") or {}
-    planner = Planner(pm, model.config, model.family, model.id,
-                      confidence=predictions.get("confidence") or CONFIDENCE)
-    training = plan.get("training", {})
-    effective = (training.get("requested_effective_batch") or training.get("effective_batch")
-                 or recipe.batch)
-    lengths = _planned_data(pm, model, recipe, predictions.get("data"))
-    workload = Workload(lengths, recipe.seq_len, training.get("batching", "padded")) \
-        if lengths else None
-    base = alternatives.Setup(recipe, Parallel.from_dict(plan.get("distributed")))
-
-    def assess(setup):
-        return planner.assess(setup.recipe, setup.parallel, gpu, effective,
-                              workload).assessed()
-
-    found = alternatives.price(assess, base, alternatives.levers(
-        base, assess, alternatives.truncation(lengths), alternatives.covering(lengths)),
-        hardware.get("budget_bytes"))
-    breakdown = {**result.memory.breakdown, "device_overhead": result.memory.device_overhead}
+    priced = price_plan(pm, plan, plan_file)
+    result, recipe, hardware = priced.assessment, priced.assessment.recipe, plan.get("hardware", {})
+    found = alternatives.costed(priced.assessor(), alternatives.Setup(recipe, result.parallel),
+                                priced.lengths, hardware.get("budget_bytes"))
+    memory = priced.candidate().to_dict()["memory"]
     report = {
-        "schema": "autotune.explain/1", "plan": plan_file, "model": model.id,
+        "schema": "autotune.explain/1", "plan": plan_file, "model": priced.model.id,
         "recipe": recipe.to_dict(), "hardware": hardware,
         "why": _why(plan, recipe, result, hardware),
-        "memory": {"peak_bytes": result.memory.peak, "peak_phase": result.memory.phase,
+        "memory": {**memory, "peak_phase": result.memory.phase,
                    "components": [{"name": k, "bytes": v, "meaning": MEANING.get(k, "")}
-                                  for k, v in breakdown.items() if v]},
+                                  for k, v in result.breakdown.items() if v]},
         "alternatives": [a.to_dict() for a in found],
     }
     click.echo(json.dumps(report, indent=2) if as_json else _render(report))
-
-
-def _planned_data(pm, model, recipe, data: dict | None):
-    """The lengths of the data the plan was made for, when that file is still here."""
-    import os
-
-    from autotune.cli.estimate import read_lengths
-
-    path = (data or {}).get("path")
-    if not path or not os.path.exists(path):
-        return None
-    return read_lengths(pm, model, recipe.stage, path)
 
 
 def _why(plan, recipe, result, hardware) -> list[str]:
@@ -95,7 +61,7 @@ def _why(plan, recipe, result, hardware) -> list[str]:
     objective = plan.get("objective", "balanced")
     budget = hardware.get("budget_bytes")
     if budget:
-        high = predictions.get("memory", {}).get("peak_bytes_high", result.memory.peak)
+        high = result.high
         lines.append(f"It is the {objective} pick among the recipes that fit "
                      f"{hardware.get('name', 'the card')} with "
                      f"{(budget - high) / GiB:.2f} GiB to spare under the "

@@ -21,16 +21,17 @@ from autotune.export.exports import TOOLS
                                                 "(default: a placeholder to edit).")
 @click.option("--force", is_flag=True, help="Overwrite files that exist.")
 @click.option("--trust-remote-code", is_flag=True,
-              help="Set trust_remote_code in the config (models whose hub code must run).")
+              help="Set trust_remote_code in the config (implied when the plan was made with it).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.export/1).")
 @click.pass_obj
 def command(pm, plan_file, tool, output, data, force, trust_remote_code, as_json) -> None:
     """Write PLAN_FILE as another tool's config (and the DeepSpeed or Accelerate file it
     refers to for several GPUs)."""
     from autotune.export.exports import build, export_context, write
-    from autotune.plan.planfile import read_plan
+    from autotune.plan.planfile import read_plan, remote_code
 
     plan = read_plan(plan_file)
+    trust_remote_code = trust_remote_code or remote_code(plan)  # as the plan was made
     context = None
     if tool in ("llamafactory", "axolotl", "trl"):
         context = export_context(pm, plan, trust_remote_code)

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from autotune.cli.sections import run_summary
+
 
 @click.command("report")
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
@@ -24,6 +26,4 @@ def command(run_dir, plot, as_json) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
         return
-    from autotune.cli.run import _render
-
-    click.echo(_render(report, run_dir) + (f"\nplot: {plot}" if plot else ""))
+    click.echo(run_summary(report, run_dir) + (f"\nplot: {plot}" if plot else ""))

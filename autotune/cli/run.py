@@ -10,6 +10,7 @@ import time
 import click
 
 from autotune.cli.estimate import trust_remote_code_option
+from autotune.cli.sections import run_summary
 from autotune.util.errors import AutotuneError
 from autotune.cost.recipe import LIMITS
 
@@ -19,7 +20,8 @@ DEMO_STEPS = 30
 @click.command("run")
 @click.argument("plan_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(), help="Training data: JSON/JSONL/CSV/Parquet, a .txt "
-                                                "(pt), or a saved datasets folder.")
+                                                "(pt), or a saved datasets folder (default: "
+                                                "the data a plan file was made for).")
 @click.option("--output-dir", type=click.Path(file_okay=False),
               help="Where the run is written (default runs/<model>-<stage>, with the time "
                    "appended if that exists).")
@@ -86,15 +88,20 @@ def command(ctx, plan_file, data, output_dir, max_steps, epochs, report_to, mode
         max_steps = max_steps or DEMO_STEPS
         vram, seq_len = vram or "2GiB", min(seq_len, 256)
         output_dir = output_dir or _fresh("autotune-demo")
-    if not data:
-        raise AutotuneError("give the training data with --data FILE")
     if plan_file and model_spec:
         raise AutotuneError("give a plan file or --model, not both")
     if plan_file:
-        from autotune.plan.planfile import read_plan
+        from autotune.plan import planfile
 
-        plan = read_plan(plan_file)
+        plan = planfile.read_plan(plan_file)
+        # the plan's record: the data it was made for and its remote-code layout
+        data = data or planfile.data_path(plan)
+        trust_remote_code = trust_remote_code or planfile.remote_code(plan)
+        if not data:
+            raise AutotuneError("give the training data with --data FILE")
     elif model_spec:
+        if not data:
+            raise AutotuneError("give the training data with --data FILE")
         plan = _plan(pm, model_spec, stage, gpu, vram, seq_len, trust_remote_code, quiet,
                      data, method="lora" if demo else None)
     else:
@@ -114,7 +121,7 @@ def _show(report: dict, output_dir: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
-        click.echo(_render(report, output_dir))
+        click.echo(run_summary(report, output_dir))
 
 
 def _finite(value: float | None) -> float | None:
@@ -135,59 +142,18 @@ def _plan(pm, model_spec, stage, gpu, vram, seq_len, remote_code, quiet, data: s
           method: str | None = None) -> dict:
     """Plan on the analytic model for ``data`` (its lengths set the sequence length, capped
     at ``seq_len``, and the batching) and return the pick as a plan document."""
-    import sys
-    from dataclasses import replace
+    from autotune.plan.service import Request, plan
+    from autotune.plan.space import Pins
 
-    from autotune.cli.estimate import read_lengths, target_gpu
-    from autotune.cli.plan import _budget, _cards
-    from autotune.catalog.gpus import budget_gpu, probe
-    from autotune.catalog.lengths import Workload, batching_for, choose_seq_len
-    from autotune.plan.planfile import plan_document
-    from autotune.plan.planner import Planner
-    from autotune.catalog.models import resolve_model
-    from autotune.plan.space import Pins, Space
-
-    model = resolve_model(model_spec, pm)
-    planner = Planner(pm, model.config, model.family, model.id, remote_code)
-    card = target_gpu(gpu, vram)
-    if card is None:
-        cards, _ = _cards(None, None)
-        if cards:
-            card = cards[0]
-        else:  # train on the CPU: plan for half the available RAM
-            available = probe()["host"].get("ram_available_bytes") or 8 * 2**30
-            card = budget_gpu(available // 2, bf16=True)
-    budget = _budget(card, "0%")  # plans fit at the upper bound of their peak
-    effective = 8
-    lengths = read_lengths(pm, model, stage, data)
-    seq_len = choose_seq_len(lengths, seq_len)
-    space = Space(card, seq_len, stage, effective, planner.arch.num_layers,
-                  planner.family_groups(), Pins(method=method))
-    space = replace(space, workload=Workload(lengths, seq_len, batching_for(stage, space.attn)))
-    result = planner.plan(space, budget, "quality", None)
-    if not result.ranked:
-        raise AutotuneError(f"no plan for {model.id} fits {card.name}; see `autotune plan`")
-    best = result.ranked[0]
+    planned = plan(pm, Request(model_spec, gpu, vram, seq_len, stage=stage, effective_batch=8,
+                               gpus=1, data=data, objective="quality", pins=Pins(method=method),
+                               remote_code=remote_code, cpu_fallback=True))
+    best, card = planned.best, planned.result.gpu
+    if best is None:
+        raise AutotuneError(f"no plan for {planned.model.id} fits {card.name}; see "
+                            "`autotune plan`")
     if not quiet:
-        print(f"autotune: planned {best.recipe.method} (r{best.recipe.rank}, "
-              f"{best.recipe.targets}), batch {best.recipe.batch} x {best.grad_accum} for "
-              f"{card.name}", file=sys.stderr)
-    return plan_document(model, card, budget, "quality", best, effective, planner.confidence,
-                         data)
-
-
-def _render(report: dict, output_dir: str) -> str:
-    measured, predicted = report["measured"], report["predicted"]
-    memory = (f"peak {measured['peak_tensor_bytes'] / 2**30:.2f} GiB of tensors "
-              f"(predicted {predicted['tensor_peak_bytes'] / 2**30:.2f})"
-              if "peak_tensor_bytes" in measured else
-              f"process peak RSS {measured['peak_rss_bytes'] / 2**30:.2f} GiB on the CPU")
-    lines = [f"trained {report['model']['id']} ({report['stage']}, {report['recipe']['method']}) "
-             f"for {report['steps']} steps in {report['duration_s']:.0f} s",
-             f"loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}; "
-             f"{measured['tokens_per_s'] or 0:.0f} tokens/s; {memory}",
-             f"wrote {output_dir}/ ({', '.join(report['saved'].values())}, run_report.json)"]
-    lines += [f"out of memory at step {e['step']}: stepped down ({e['change']})"
-              for e in report["events"]]
-    lines += [f"note: {n}" for n in report["notes"]]
-    return "\n".join(lines)
+        click.echo(f"autotune: planned {best.recipe.method} (r{best.recipe.rank}, "
+                   f"{best.recipe.targets}), batch {best.recipe.batch} x {best.grad_accum} for "
+                   f"{card.name}", err=True)
+    return planned.document()

@@ -1,5 +1,6 @@
-"""Report sections shared by ``estimate``, ``plan`` and ``explain``: the data's lengths, the
-peak's bounds, host RAM and disk, and the costed alternatives."""
+"""Report sections shared by the commands: the data's lengths, the peak's bounds, host RAM
+and disk, the costed alternatives (``estimate``, ``plan``, ``explain``) and a finished run
+(``run``, ``report``)."""
 
 from __future__ import annotations
 
@@ -75,19 +76,25 @@ def alternatives_table(found: list[dict], title: str) -> list[str]:
                              right={1, 2, 3})]
 
 
-def fit_line(fit: dict | None, budget: int, host_ram: int | None = None) -> str:
-    """The cheapest combination of changes that fits, in one line."""
-    if fit is None:
-        host = f" with {gib(host_ram)} of host RAM" if host_ram is not None else ""
-        return f"No combination of up to four changes fits {gib(budget)}{host}"
-    speed = ("" if fit["tokens_per_s_delta"] is None
-             else f", {fit['tokens_per_s_delta']:+,.0f} tokens/s")
-    return (f"Cheapest combination that fits: {fit['change']} -> peak {gib(fit['peak_bytes'])} "
-            f"(at most {gib(fit['peak_bytes_high'])}), fidelity {fit['fidelity_delta']:+.3f}"
-            f"{speed}")
-
-
 def signed(value: float, places: int) -> str:
     """``value`` with its sign, and no ``-0`` for what rounds to zero."""
     text = f"{value:+,.{places}f}"
     return "+" + text[1:] if float(text.replace(",", "")) == 0 else text
+
+
+def run_summary(report: dict, output_dir: str) -> str:
+    """A finished run in a few lines (``run`` and ``report``)."""
+    measured, predicted = report["measured"], report["predicted"]
+    memory = (f"peak {measured['peak_tensor_bytes'] / 2**30:.2f} GiB of tensors "
+              f"(predicted {predicted['tensor_peak_bytes'] / 2**30:.2f})"
+              if "peak_tensor_bytes" in measured else
+              f"process peak RSS {measured['peak_rss_bytes'] / 2**30:.2f} GiB on the CPU")
+    lines = [f"trained {report['model']['id']} ({report['stage']}, {report['recipe']['method']}) "
+             f"for {report['steps']} steps in {report['duration_s']:.0f} s",
+             f"loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}; "
+             f"{measured['tokens_per_s'] or 0:.0f} tokens/s; {memory}",
+             f"wrote {output_dir}/ ({', '.join(report['saved'].values())}, run_report.json)"]
+    lines += [f"out of memory at step {e['step']}: stepped down ({e['change']})"
+              for e in report["events"]]
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)

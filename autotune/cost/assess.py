@@ -1,28 +1,85 @@
-"""The cost model's front door: a model and a recipe in, parameter counts and memory out."""
+"""The cost model's front door: model + recipe + hardware (+ data, + calibration) in;
+parameter counts, the memory breakdown with its bounds, host RAM, disk and throughput out.
+
+:func:`assess` (and :class:`CostModel`, which describes a model once and prices many
+recipes of it) is the one path from a recipe to its figures: ``estimate``, ``explain``, the
+planner, ``plan --measure``, the run report and calibration all go through it, so no two of
+them can disagree.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import pluggy
 
+from autotune.catalog.gpus import GPU
+from autotune.catalog.lengths import Workload
 from autotune.cost.architecture import Architecture
-from autotune.util.errors import AutotuneError
-from autotune.cost.memory import MemoryEstimate, estimate_memory, serving_memory
+from autotune.cost.correction import Correction, apply
+from autotune.cost.host import (
+    DiskNeeds,
+    HostNeeds,
+    WeightFiles,
+    disk_needs,
+    host_needs,
+    weight_files,
+)
+from autotune.cost.memory import MemoryEstimate, estimate_memory, serving_memory, weight_bytes
+from autotune.cost.objectives import fidelity, tokens_per_second
+from autotune.cost.parallel import SINGLE, Parallel, communication_seconds
 from autotune.cost.params import ParamCounts, count
 from autotune.cost.recipe import Recipe
+from autotune.cost.uncertainty import CONFIDENCE, Band, band
 from autotune.plugin.registry import ModelFamily, blame, family_for, plugin_failed, stage_named
+from autotune.util.errors import AutotuneError
+
+DATASET_BYTES_PER_TOKEN = 24
+"""A tokenised example in host memory: input ids, labels and a mask, 8 bytes each."""
 
 
 @dataclass
-class Estimate:
-    """Everything ``autotune estimate`` reports for one model and recipe."""
+class Assessment:
+    """Everything the cost model says about one recipe on some hardware.
+
+    ``memory`` is calibrated where a correction applied (``raw_memory`` is the prior
+    estimate) and, with data, priced at the worst micro batch the sampler can form.
+    """
 
     family: ModelFamily
     arch: Architecture
     recipe: Recipe
     params: ParamCounts
     memory: MemoryEstimate
+    raw_memory: MemoryEstimate
+    parallel: Parallel = SINGLE
+    grad_accum: int = 1
+    fidelity: float = 0.0
+    tokens_per_s: float | None = None
+    """All cards together, calibrated; ``None`` without a catalogue card or on the CPU."""
+    raw_tokens_per_s: float | None = None
+    band: Band | None = None
+    """The peak's bounds (``None`` for the serving rule)."""
+    host: HostNeeds | None = None
+    disk: DiskNeeds | None = None
+    workload: dict | None = None
+    """How the data trains at this micro batch (:meth:`Workload.to_dict`), with data."""
+    correction: Correction | None = None
+
+    @property
+    def high(self) -> int:
+        """The peak's upper bound: what must fit the card."""
+        return self.band.high if self.band else self.memory.peak
+
+    @property
+    def low(self) -> int:
+        return self.band.low if self.band else self.memory.peak
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        """The memory by component, the device overhead included."""
+        return {**self.memory.breakdown, "device_overhead": self.memory.device_overhead}
 
 
 SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -83,26 +140,122 @@ KERNEL_NAMES = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash"}
 
 def family_kernel(family: ModelFamily, config: dict, recipe: Recipe) -> Recipe:
     """``recipe`` with the attention kernel the family insists on (its ``load_kwargs``)."""
-    forced = KERNEL_NAMES.get(family.load_kwargs(config).get("attn_implementation", ""))
+    with blame(family, "load_kwargs"):
+        forced = KERNEL_NAMES.get(family.load_kwargs(config).get("attn_implementation", ""))
     return recipe.but(attn=forced) if forced and forced != recipe.attn else recipe
 
 
-def estimate(pm: pluggy.PluginManager, config: dict, recipe: Recipe, family_name: str | None = None,
-             device: str = "cuda", remote_code: bool = False) -> Estimate:
-    """Count parameters and simulate a training step's memory for ``recipe``."""
-    family = family_for(pm, config, family_name)
-    with blame(family, "load_kwargs"):
-        recipe = family_kernel(family, config, recipe)
-    arch = describe(config, family, remote_code)
-    stage = stage_named(pm, recipe.stage)
-    with blame(family, "module_groups"):
-        groups = family.module_groups(config)
-    counts = count(arch, recipe, groups)
-    if not stage.trains:
-        return Estimate(family, arch, recipe, counts, serving_memory(arch, recipe))
-    with blame(stage, "extra_memory"):
-        extras = stage.extra_memory(arch, recipe, counts)
-    with blame(stage, "sequences_per_example"):
-        sequences = stage.sequences_per_example()
-    memory = estimate_memory(arch, recipe, counts, extras, device, sequences)
-    return Estimate(family, arch, recipe, counts, memory)
+class CostModel:
+    """One model described once (family, architecture, target groups), priced many times.
+
+    ``device``: price CUDA steps or CPU ones; ``files``: the model's weight files on this
+    machine (for the host's loading peak).
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, config: dict, family: str | None = None,
+                 remote_code: bool = False, device: str = "cuda",
+                 files: WeightFiles | None = None):
+        self.pm = pm
+        self.config = config
+        self.remote_code = remote_code
+        self.device = device
+        self.files = files or weight_files(None)
+        self.family = family_for(pm, config, family)
+        self.arch = describe(config, self.family, remote_code)
+        with blame(self.family, "module_groups"):
+            self.groups = self.family.module_groups(config)
+        self._priced: dict[tuple, tuple] = {}
+        self._counts: dict[tuple, ParamCounts] = {}
+
+    def price(self, recipe: Recipe, parallel: Parallel = SINGLE
+              ) -> tuple[ParamCounts, MemoryEstimate, int]:
+        """(counts, raw memory, sequences per example) of ``recipe`` on one rank of
+        ``parallel``, cached: cards share a recipe's memory. A stage that does not train
+        is priced by the serving rule."""
+        key = (recipe, parallel)
+        if key not in self._priced:
+            stage = stage_named(self.pm, recipe.stage)
+            adapter = (recipe.method, recipe.rank, recipe.targets, recipe.freeze_layers)
+            if adapter not in self._counts:
+                self._counts[adapter] = count(self.arch, recipe, self.groups)
+            counts = self._counts[adapter]
+            if not stage.trains:
+                self._priced[key] = (counts, serving_memory(self.arch, recipe), 1)
+            else:
+                with blame(stage, "extra_memory"):
+                    extras = stage.extra_memory(self.arch, recipe, counts)
+                with blame(stage, "sequences_per_example"):
+                    sequences = stage.sequences_per_example()
+                memory = estimate_memory(self.arch, recipe, counts, extras, self.device,
+                                         sequences, parallel)
+                self._priced[key] = (counts, memory, sequences)
+        return self._priced[key]
+
+    def assess(self, recipe: Recipe, parallel: Parallel = SINGLE, gpu: GPU | None = None,
+               effective_batch: int | None = None, workload: Workload | None = None,
+               correction: Correction | None = None,
+               confidence: float = CONFIDENCE) -> Assessment:
+        """``recipe`` on ``parallel`` cards of ``gpu``: memory (calibrated by ``correction``,
+        with its bounds at ``confidence``), throughput, fidelity, host RAM and disk.
+        ``workload``: the data's lengths, which set the worst micro batch and the share of
+        useful (unpadded) tokens; ``effective_batch`` (default: one micro batch) sets the
+        accumulation."""
+        recipe = family_kernel(self.family, self.config, recipe)
+        if workload is not None and workload.seq_len != recipe.seq_len:
+            workload = replace(workload, seq_len=recipe.seq_len)
+        shaped = recipe if workload is None else recipe.but(seq_len=workload.worst_seq_len())
+        counts, raw, sequences = self.price(shaped, parallel)
+        if raw.phase == "inference":  # the serving rule: no step, no bounds
+            return Assessment(self.family, self.arch, recipe, counts, raw, raw, parallel)
+        memory = apply(raw, correction)  # the one place a correction applies
+        world = parallel.world
+        per_row = workload.examples_per_row() if workload else 1.0
+        accum = max(math.ceil((effective_batch or recipe.batch)
+                              / (recipe.batch * world * per_row)), 1)
+        useful = workload.efficiency(recipe.batch) if workload else 1.0
+        raw_total = total = None
+        if gpu is not None and self.device == "cuda":
+            rows = recipe  # the rows' average shape, padding included
+            if workload is not None:
+                rows = recipe.but(seq_len=max(round(workload.row_len(recipe.batch)), 1))
+            per_card = tokens_per_second(self.arch, rows, counts, gpu, accum, sequences)
+            raw_total = total = useful * throughput(self.arch, rows, counts, gpu, parallel,
+                                                    accum, sequences, per_card)
+            if correction:
+                total = useful * throughput(self.arch, rows, counts, gpu, parallel, accum,
+                                            sequences, correction.tokens_per_s(per_card))
+        tokens = workload.lengths.stats()["total"] if workload else 0
+        host = host_needs(self.arch, recipe, counts, parallel=parallel, device=self.device,
+                          files=self.files,
+                          training_bytes=memory.peak if self.device == "cpu" else 0,
+                          dataset_bytes=tokens * DATASET_BYTES_PER_TOKEN)
+        return Assessment(
+            self.family, self.arch, recipe, counts, memory, raw, parallel, accum,
+            fidelity(recipe, self.arch), total, raw_total,
+            band(memory, device=self.device, correction=correction, confidence=confidence),
+            host, disk_needs(self.arch, recipe, counts, parallel),
+            workload.to_dict(recipe.batch) if workload else None, correction)
+
+
+def assess(pm: pluggy.PluginManager, config: dict, recipe: Recipe, family: str | None = None,
+           device: str = "cuda", remote_code: bool = False, *, files: WeightFiles | None = None,
+           **hardware) -> Assessment:
+    """One recipe of one model through the cost model (:meth:`CostModel.assess` takes the
+    rest: ``parallel``, ``gpu``, ``effective_batch``, ``workload``, ``correction``,
+    ``confidence``)."""
+    return CostModel(pm, config, family, remote_code, device, files).assess(recipe, **hardware)
+
+
+estimate = assess
+"""The name of the front door before it priced hardware, kept for callers of 1.x."""
+
+
+def throughput(arch, recipe: Recipe, counts, gpu: GPU, parallel: Parallel, accum: int,
+               sequences: int, per_card: float) -> float:
+    """Tokens/s of all ``parallel`` cards: each card's ``per_card`` rate, slowed by the
+    communication of an optimizer step (no overlap assumed)."""
+    tokens = recipe.batch * recipe.seq_len * sequences * accum  # one card, one step
+    grad_bytes = 4 if recipe.adapter else 2
+    talk = communication_seconds(parallel, gpu.id, counts.trainable, grad_bytes,
+                                 weight_bytes(arch, recipe), accum)
+    return parallel.world * tokens / (tokens / per_card + talk)

@@ -265,3 +265,20 @@ def _one_more_gpu(assess: Callable[[Setup], Assessed]) -> Callable[[Setup], Setu
                 == (p.offload_optimizer, p.offload_params)]
         return min(ways, key=lambda way: assess(way).high)
     return apply
+
+
+def costed(assess: Callable[[Setup], Assessed], base: Setup, lengths=None,
+           budget: int | None = None, host_ram: int | None = None) -> list[Alternative]:
+    """Every lever of ``base``, priced with ``assess`` (``lengths``: the data's, which price
+    what a shorter sequence cuts), cheapest first."""
+    return price(assess, base, _levers(base, assess, lengths), budget, host_ram)
+
+
+def cheapest(assess: Callable[[Setup], Assessed], base: Setup, lengths, budget: int,
+             host_ram: int | None = None) -> Alternative | None:
+    """The cheapest combination of ``base``'s levers that fits ``budget`` (and ``host_ram``)."""
+    return cheapest_fit(assess, base, _levers(base, assess, lengths), budget, host_ram)
+
+
+def _levers(base: Setup, assess: Callable[[Setup], Assessed], lengths) -> list[Change]:
+    return levers(base, assess, truncation(lengths), covering(lengths))

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from importlib import metadata
 
 from autotune import __version__
+from autotune.cost.uncertainty import CONFIDENCE
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
 
 SCHEMA = "autotune.plan/1"
+LAYOUT = 2
+"""The layout of the ``record`` section: what a plan keeps to reproduce its pick. 1: no
+record (autotune 0.x); 2: remote code, data digest, calibration, confidence, headroom,
+card and library versions."""
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "trl")
 
 
 def training_defaults(method: str) -> dict:
@@ -23,12 +31,53 @@ def training_defaults(method: str) -> dict:
     }
 
 
+def library_versions() -> dict[str, str | None]:
+    """The installed versions of the training libraries (package metadata: no import)."""
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def file_digest(path: str) -> str:
+    """The sha256 of a file, or of a folder's files (names and contents, in order)."""
+    digest = hashlib.sha256()
+    paths = [path] if not os.path.isdir(path) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    try:
+        for item in paths:
+            if item != path:
+                digest.update(os.path.relpath(item, path).encode() + b"\0")
+            with open(item, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    except OSError as exc:
+        raise AutotuneError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return digest.hexdigest()
+
+
+def plan_record(gpu, *, remote_code: bool = False, data_path: str | None = None,
+                correction=None, confidence: float | None = None, headroom: str = "0%",
+                device: str = "cuda") -> dict:
+    """The ``record`` section: every input the pick depends on beside the recipe, so that
+    ``explain``, ``export``, ``run`` and ``calibrate`` reproduce it without flags."""
+    return {"layout": LAYOUT, "trust_remote_code": bool(remote_code), "device": device,
+            "confidence": confidence or CONFIDENCE, "headroom": headroom, "gpu": gpu.to_dict(),
+            **({"data": {"path": os.path.abspath(data_path), "sha256": file_digest(data_path)}}
+               if data_path else {}),
+            "calibration": correction.to_dict() if correction is not None else None,
+            "libraries": library_versions()}
+
+
 def plan_document(model, gpu, budget: int, objective: str, candidate,
                   effective_batch: int, confidence: float | None = None,
-                  data_path: str | None = None) -> dict:
-    """Everything ``autotune run`` needs to train ``candidate`` as planned; ``confidence``
-    of its bounds and the data it was planned for (``--data``) let ``explain`` price it
-    again the same way."""
+                  data_path: str | None = None, *, remote_code: bool = False,
+                  headroom: str = "0%", correction=None) -> dict:
+    """Everything ``autotune run`` needs to train ``candidate`` as planned, and in
+    ``record`` everything ``explain`` needs to price it again to the byte."""
     plan = candidate.to_dict()
     recipe = candidate.recipe.to_dict()
     return {
@@ -60,7 +109,49 @@ def plan_document(model, gpu, budget: int, objective: str, candidate,
                         **({"disk": plan["disk"]} if plan.get("disk") else {})},
         **({"distributed": candidate.parallel.to_dict()} if candidate.parallel.world > 1
            else {}),
+        "record": plan_record(gpu, remote_code=remote_code, data_path=data_path,
+                              correction=correction, confidence=confidence, headroom=headroom),
     }
+
+
+def remote_code(plan: dict) -> bool:
+    """Whether the plan was made (and must run) with the hub's remote code."""
+    return bool((plan.get("record") or {}).get("trust_remote_code"))
+
+
+def data_path(plan: dict) -> str | None:
+    """The data file the plan was made for, if any."""
+    return ((plan.get("record") or {}).get("data") or {}).get("path")
+
+
+def require_record(plan: dict, path: str) -> dict:
+    """The plan's ``record``, checked: this layout, and its data file unchanged. A plan
+    that cannot be priced as it was made is one clear line, never a silent re-price."""
+    record = plan.get("record")
+    layout = record.get("layout") if isinstance(record, dict) else 1
+    if layout != LAYOUT:
+        raise AutotuneError(f"{path} was written with plan record layout {layout} (this "
+                            f"autotune reads layout {LAYOUT}): it does not say how it was made; "
+                            "re-run `autotune plan ... -o` to price it again")
+    confidence = record.get("confidence")
+    if not isinstance(confidence, float) or not 0.5 <= confidence < 1:
+        raise AutotuneError(f"{path}: record.confidence must be a share between 0.5 and 1, "
+                            f"not {confidence!r}")
+    if record.get("device", "cuda") not in ("cuda", "cpu"):
+        raise AutotuneError(f"{path}: record.device must be cuda or cpu, not "
+                            f"{record['device']!r}")
+    if not isinstance(record.get("gpu"), dict):
+        raise AutotuneError(f"{path}: record.gpu must be the card's mapping")
+    data = record.get("data")
+    if data:
+        if not os.path.exists(data["path"]):
+            raise AutotuneError(f"{path}: the data it was planned for, {data['path']}, is gone; "
+                                "re-run `autotune plan --data ...`")
+        if file_digest(data["path"]) != data["sha256"]:
+            raise AutotuneError(f"{path}: {data['path']} changed since the plan was made (its "
+                                "sha256 differs); re-run `autotune plan --data ...` to price it "
+                                "again")
+    return record
 
 
 def write_yaml(path: str, document: dict) -> None:
@@ -72,7 +163,7 @@ def write_yaml(path: str, document: dict) -> None:
 
 REQUIRED = ("schema", "model", "recipe")
 KNOWN = ("schema", "autotune_version", "model", "hardware", "objective", "recipe", "training",
-         "predictions", "distributed")
+         "predictions", "distributed", "record")
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")
 BATCHINGS = ("padded", "packed", "wrapped")
 OFFLOAD_DEVICES = ("none", "cpu")
@@ -142,6 +233,9 @@ SECTIONS: dict[str, dict[str, str]] = {
     "predictions": {"fidelity": _NUMBER, "memory": _MAPPING, "throughput": _MAPPING,
                     "host_ram_bytes": _NUMBER, "confidence": _NUMBER, "data": _MAPPING},
     "predictions.data": {"path": _NAME},
+    "record": {"layout": _COUNT, "trust_remote_code": _FLAG, "device": _TEXT,
+               "confidence": _NUMBER, "headroom": _TEXT, "gpu": _MAPPING, "libraries": _MAPPING},
+    "record.data": {"path": _TEXT, "sha256": _TEXT},
     "predictions.throughput": {"tokens_per_s": _NUMBER, "raw_tokens_per_s": _NUMBER},
 }
 

@@ -15,34 +15,29 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import astuple, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import astuple, dataclass, field
 
 import pluggy
 
 from autotune import __version__
-
-from autotune.plan import alternatives
-
 from autotune.calibrate import calibration
-from autotune.util.errors import AutotuneError
-from autotune.cost.assess import describe, family_kernel
 from autotune.catalog.gpus import GPU
-from autotune.cost.host import DiskNeeds, HostNeeds, WeightFiles, disk_needs, host_needs, weight_files
 from autotune.catalog.lengths import Workload
-from autotune.cost.memory import estimate_memory, weight_bytes
-from autotune.cost.objectives import fidelity, tokens_per_second
-from autotune.cost.parallel import SINGLE, Parallel, communication_seconds
-from autotune.cost.params import count, resolve_targets
+from autotune.cost.assess import Assessment, CostModel
+from autotune.cost.host import DiskNeeds, HostNeeds, WeightFiles
+from autotune.cost.parallel import SINGLE, Parallel
+from autotune.cost.params import resolve_targets
 from autotune.cost.recipe import Recipe
-from autotune.plugin.registry import STANDARD_GROUPS, family_for, stage_named
+from autotune.cost.uncertainty import CONFIDENCE, Band
+from autotune.plan import alternatives
 from autotune.plan.space import Space, suggest
-from autotune.cost.uncertainty import CONFIDENCE, Band, band
+from autotune.plugin.registry import STANDARD_GROUPS
+from autotune.util.errors import AutotuneError
 
 OBJECTIVES = ("quality", "speed", "balanced")
 BALANCE = alternatives.BALANCE
 """``balanced``: each halving of throughput costs this much fidelity."""
-DATASET_BYTES_PER_TOKEN = 24
-"""A tokenised example in host memory: input ids, labels and a mask, 8 bytes each."""
 
 
 @dataclass
@@ -69,6 +64,17 @@ class Candidate:
     disk: DiskNeeds | None = None
     workload: dict | None = None
     """How the data trains at this micro batch (:meth:`Workload.to_dict`), with ``--data``."""
+
+    @classmethod
+    def of(cls, a: Assessment) -> Candidate:
+        """The planner's view of one assessment."""
+        calibrated = a.correction is not None
+        return cls(a.recipe, a.grad_accum, a.fidelity, a.tokens_per_s or 0.0, a.memory.peak,
+                   a.memory.tensor_peak, a.breakdown, parallel=a.parallel,
+                   host_bytes=a.host.peak if a.host else 0,
+                   raw=(a.raw_memory.peak, a.raw_memory.tensor_peak, a.raw_tokens_per_s or 0.0)
+                   if calibrated else None,
+                   band=a.band, host=a.host, disk=a.disk, workload=a.workload)
 
     @property
     def high(self) -> int:
@@ -148,22 +154,25 @@ class Planner:
     def __init__(self, pm: pluggy.PluginManager, config: dict, family: str | None = None,
                  model_id: str = "", remote_code: bool = False, calibrated: bool = True,
                  device: str = "cuda", confidence: float = CONFIDENCE,
-                 files: WeightFiles | None = None):
+                 files: WeightFiles | None = None,
+                 corrections: dict[str, calibration.Correction] | None = None):
         self.pm = pm
         self.calibrated = calibrated
-        # fitted corrections by GPU id (`autotune calibrate`); none with calibrated=False
-        self.corrections = calibration.load() if calibrated and device == "cuda" else {}
+        # fitted corrections by GPU id (`autotune calibrate`, or a plan record's); none with
+        # calibrated=False
+        if corrections is None:
+            corrections = calibration.load() if calibrated and device == "cuda" else {}
+        self.corrections = corrections if calibrated else {}
         self.config = config
         self.remote_code = remote_code
         self.device = device
         self.confidence = confidence
-        self.files = files or weight_files(None)
-        self.family = family_for(pm, config, family)
-        self.arch = describe(config, self.family, remote_code)
-        self.groups = self.family.module_groups(config)
+        self.cost = CostModel(pm, config, family, remote_code, device, files)
+        self.files = self.cost.files
+        self.family = self.cost.family
+        self.arch = self.cost.arch
+        self.groups = self.cost.groups
         self.model_id = model_id
-        self._priced: dict[Recipe, tuple] = {}
-        self._counts: dict[tuple, object] = {}
 
     def family_groups(self) -> tuple[str, ...]:
         """Family-named target groups that select at least one linear layer."""
@@ -180,20 +189,8 @@ class Planner:
         return tuple(found)
 
     def price(self, recipe: Recipe, parallel: Parallel = SINGLE):
-        """(counts, memory, sequences) of ``recipe`` on one rank of ``parallel``, cached:
-        cards share a recipe's memory."""
-        key = (recipe, parallel)
-        if key not in self._priced:
-            stage = stage_named(self.pm, recipe.stage)
-            adapter = (recipe.method, recipe.rank, recipe.targets, recipe.freeze_layers)
-            if adapter not in self._counts:
-                self._counts[adapter] = count(self.arch, recipe, self.groups)
-            counts = self._counts[adapter]
-            extras = stage.extra_memory(self.arch, recipe, counts)
-            memory = estimate_memory(self.arch, recipe, counts, extras, self.device,
-                                     stage.sequences_per_example(), parallel)
-            self._priced[key] = (counts, memory, stage.sequences_per_example())
-        return self._priced[key]
+        """(counts, raw memory, sequences) of ``recipe`` on one rank of ``parallel``."""
+        return self.cost.price(recipe, parallel)
 
     def evaluate(self, space: Space, choice: dict, budget: int) -> Candidate:
         """``choice`` at the largest micro batch that fits ``budget`` (else at the smallest).
@@ -217,50 +214,23 @@ class Planner:
                       parallel: Parallel = SINGLE) -> Candidate:
         return self.assess(recipe, parallel, space.gpu, space.effective_batch, space.workload)
 
-    def assess(self, recipe: Recipe, parallel: Parallel, gpu: GPU | None, effective_batch: int,
-               workload: Workload | None = None) -> Candidate:
-        """One full estimate of ``recipe`` on ``parallel``: memory (calibrated where a
-        correction exists, with its bounds), throughput on ``gpu``, fidelity, host RAM and
-        disk. ``workload``: the data's lengths, which set the worst micro batch and the share
-        of useful (unpadded) tokens."""
-        recipe = family_kernel(self.family, self.config, recipe)
-        shaped = recipe
-        if workload is not None and workload.seq_len != recipe.seq_len:
-            workload = replace(workload, seq_len=recipe.seq_len)
-        if workload is not None:  # the worst micro batch the sampler can form
-            shaped = recipe.but(seq_len=workload.worst_seq_len())
-        counts, memory, sequences = self.price(shaped, parallel)
-        correction = self.corrections.get(gpu.id) if gpu else None
-        raw, memory = memory, calibration.apply(memory, correction)  # the one place it applies
-        world = parallel.world
-        per_row = workload.examples_per_row() if workload else 1.0
-        accum = max(math.ceil(effective_batch / (recipe.batch * world * per_row)), 1)
-        useful = workload.efficiency(recipe.batch) if workload else 1.0
-        raw_total = total = None
-        if gpu is not None and self.device == "cuda":
-            rows = recipe  # the rows' average shape, padding included
-            if workload is not None:
-                rows = recipe.but(seq_len=max(round(workload.row_len(recipe.batch)), 1))
-            per_card = tokens_per_second(self.arch, rows, counts, gpu, accum, sequences)
-            raw_total = total = useful * throughput(self.arch, rows, counts, gpu, parallel,
-                                                    accum, sequences, per_card)
-            if correction:
-                total = useful * throughput(self.arch, rows, counts, gpu, parallel, accum,
-                                            sequences, correction.tokens_per_s(per_card))
-        tokens = workload.lengths.stats()["total"] if workload else 0
-        host = host_needs(self.arch, recipe, counts, parallel=parallel, device=self.device,
-                          files=self.files,
-                          training_bytes=memory.peak if self.device == "cpu" else 0,
-                          dataset_bytes=tokens * DATASET_BYTES_PER_TOKEN)
-        return Candidate(recipe, accum, fidelity(recipe, self.arch), total or 0.0,
-                         memory.peak, memory.tensor_peak,
-                         {**memory.breakdown, "device_overhead": memory.device_overhead},
-                         parallel=parallel, host_bytes=host.peak,
-                         raw=(raw.peak, raw.tensor_peak, raw_total or 0.0) if correction else None,
-                         band=band(memory, device=self.device, correction=correction,
-                                   confidence=self.confidence),
-                         host=host, disk=disk_needs(self.arch, recipe, counts, parallel),
-                         workload=workload.to_dict(recipe.batch) if workload else None)
+    def assess(self, recipe: Recipe, parallel: Parallel, gpu: GPU | None,
+               effective_batch: int | None, workload: Workload | None = None) -> Candidate:
+        """``recipe`` through the cost model's front door, with the correction fitted for
+        ``gpu`` and the planner's confidence."""
+        return Candidate.of(self.cost.assess(
+            recipe, parallel, gpu, effective_batch, workload,
+            self.corrections.get(gpu.id) if gpu else None, self.confidence))
+
+    def assessor(self, gpu: GPU | None, effective_batch: int | None,
+                 workload: Workload | None = None
+                 ) -> Callable[[alternatives.Setup], alternatives.Assessed]:
+        """A setup's figures as this planner prices them (what alternatives compare);
+        ``effective_batch`` ``None``: each setup's own micro batch, no accumulation."""
+        def figures(setup: alternatives.Setup) -> alternatives.Assessed:
+            return self.assess(setup.recipe, setup.parallel, gpu, effective_batch,
+                               workload).assessed()
+        return figures
 
     def study_key(self, space: Space, budget: int) -> str:
         """A name that changes with everything the study's answer depends on."""
@@ -347,17 +317,6 @@ class Planner:
         plan = trial.user_attrs["plan"]
         return self._candidate_at(space, Recipe(**plan["recipe"]),
                                   Parallel.from_dict(plan.get("parallel")))
-
-
-def throughput(arch, recipe: Recipe, counts, gpu: GPU, parallel: Parallel, accum: int,
-               sequences: int, per_card: float) -> float:
-    """Tokens/s of all ``parallel`` cards: each card's ``per_card`` rate, slowed by the
-    communication of an optimizer step (no overlap assumed)."""
-    tokens = recipe.batch * recipe.seq_len * sequences * accum  # one card, one step
-    grad_bytes = 4 if recipe.adapter else 2
-    talk = communication_seconds(parallel, gpu.id, counts.trainable, grad_bytes,
-                                 weight_bytes(arch, recipe), accum)
-    return parallel.world * tokens / (tokens / per_card + talk)
 
 
 def _analytic(trial) -> bool:

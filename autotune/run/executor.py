@@ -79,7 +79,7 @@ def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
     recipe = Recipe(**plan["recipe"])
     model_spec, _, _ = _model_and_stage(pm, plan, settings.remote_code)  # no folder if bad
     rows = load_rows(settings.data, recipe.stage)
-    check_machine(pm, plan, model_spec, final, settings.quiet)
+    check_machine(pm, plan, model_spec, final, settings.quiet, settings.remote_code)
     say(settings.quiet, f"read {len(rows)} {recipe.stage} rows from {settings.data} "
                          f"({describe_format(settings.data, recipe.stage)})")
     state = {"schema": STATE_SCHEMA, "plan": plan, "original_plan": plan,
@@ -133,20 +133,21 @@ def _model_and_stage(pm, plan: dict, remote_code: bool):
     return model_spec, family, stage_named(pm, plan["recipe"]["stage"])
 
 
-def check_machine(pm, plan: dict, model_spec, final: str, quiet: bool) -> None:
+def check_machine(pm, plan: dict, model_spec, final: str, quiet: bool,
+                  remote_code: bool = False) -> None:
     """Refuse, with numbers, a run this machine cannot hold: more host RAM than it has, or
     more disk than the output folder's file system has free; warn when RAM is short now."""
     import torch
 
+    from autotune.cost.assess import assess
     from autotune.cost.host import check_disk, check_ram, free_disk, machine_ram, weight_files
-    from autotune.plan.planner import Planner
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    planner = Planner(pm, model_spec.config, model_spec.family, model_spec.id,
-                      calibrated=False, device=device, files=weight_files(model_spec.path))
     recipe = Recipe(**plan["recipe"])
-    candidate = planner.assess(recipe, Parallel.from_dict(plan.get("distributed")), None,
-                               plan.get("training", {}).get("effective_batch", recipe.batch))
+    candidate = assess(pm, model_spec.config, recipe, model_spec.family, device, remote_code,
+                       files=weight_files(model_spec.path),
+                       parallel=Parallel.from_dict(plan.get("distributed")),
+                       effective_batch=plan.get("training", {}).get("effective_batch"))
     total, available = machine_ram()
     folder = os.path.dirname(final)
     ram = check_ram(candidate.host, total, available)
@@ -545,10 +546,10 @@ def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, trainer, 
             notes, seconds, rows, targets, state) -> dict:
     import torch
 
-    from autotune.cost.assess import estimate
+    from autotune.cost.assess import assess
 
-    predicted = estimate(pm, model_spec.config, recipe, model_spec.family,
-                         "cuda" if device == "cuda" else "cpu", settings.remote_code)
+    predicted = assess(pm, model_spec.config, recipe, model_spec.family,
+                       "cuda" if device == "cuda" else "cpu", settings.remote_code)
     measured = {"device": device}
     if device == "cuda":
         measured["peak_tensor_bytes"] = torch.cuda.max_memory_allocated()
@@ -564,7 +565,8 @@ def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, trainer, 
         "autotune_version": __version__,
         "model": {"id": model_spec.id, "name": model_spec.name,
                   "spec": plan["model"].get("spec") or model_spec.id,
-                  "random_init": settings.random_init},
+                  "random_init": settings.random_init,
+                  "trust_remote_code": settings.remote_code},
         "stage": recipe.stage,
         "recipe": recipe.to_dict(),
         "data": {"path": os.path.abspath(settings.data), "rows": rows},

@@ -1,0 +1,98 @@
+"""A fitted correction to the cost model's priors, and how it applies (``autotune calibrate``
+fits it from measured runs; the cost model applies it, here, in one place)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from autotune.cost.memory import MemoryEstimate
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What the measurements of one GPU say about the estimate's priors."""
+
+    gpu: str
+    n: int
+    tensor_scale: float
+    """Median of measured ``max_memory_allocated`` over the predicted tensor peak."""
+    fragmentation: float
+    """Median of ``max_memory_reserved / max_memory_allocated - 1``."""
+    device_overhead: int
+    """Median of NVML's used memory less reserved (bytes), else the prior CUDA_CONTEXT."""
+    efficiency: float
+    """Median of measured over predicted tokens/s: a multiplier on the MFU prior."""
+    overhead_source: str = "prior"
+    """``nvml`` when fitted from NVML numbers, ``prior`` when CUDA_CONTEXT was kept."""
+    n_throughput: int = 0
+    """Records with both tokens/s figures (``efficiency`` is 1 without any)."""
+    spread: dict = field(default_factory=dict)
+    """Standard deviation of the log ratios: ``tensor``, ``peak``, ``tokens_per_s``."""
+    errors: dict = field(default_factory=dict)
+    """Median |predicted / measured - 1| of ``peak`` and ``tokens_per_s``, ``raw`` and
+    ``calibrated`` (in-sample: measured on the records the correction was fitted to)."""
+    fitted_at: str = ""
+
+    def tensor_peak(self, raw_tensor_peak: int) -> int:
+        return round(raw_tensor_peak * self.tensor_scale)
+
+    def peak(self, raw_tensor_peak: int) -> int:
+        """Calibrated nvidia-smi peak: tensor peak x scale x (1 + fragmentation) + overhead."""
+        return round(raw_tensor_peak * self.tensor_scale * (1 + self.fragmentation)
+                     + self.device_overhead)
+
+    def tokens_per_s(self, raw: float) -> float:
+        return raw * self.efficiency
+
+    def key(self) -> dict:
+        """What a plan depends on (for the planner's study key)."""
+        return {"gpu": self.gpu, "tensor_scale": self.tensor_scale,
+                "fragmentation": self.fragmentation, "device_overhead": self.device_overhead,
+                "efficiency": self.efficiency}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> dict:
+        """The ``calibration`` object of estimate and plan JSON."""
+        return {"gpu": self.gpu, "n": self.n, "tensor_scale": self.tensor_scale,
+                "fragmentation": self.fragmentation,
+                "device_overhead_bytes": self.device_overhead,
+                "overhead_source": self.overhead_source, "efficiency": self.efficiency,
+                "n_throughput": self.n_throughput, "spread": dict(self.spread),
+                "errors": dict(self.errors), "fitted_at": self.fitted_at}
+
+    def describe(self) -> str:
+        """One line for people."""
+        return (f"{self.gpu} from {self.n} measured run(s): tensors x{self.tensor_scale:.3f}, "
+                f"fragmentation {100 * self.fragmentation:.1f}%, overhead "
+                f"{self.device_overhead / 2**30:.2f} GiB ({self.overhead_source}), "
+                f"throughput x{self.efficiency:.3f}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Correction:
+        return cls(gpu=str(data["gpu"]), n=int(data["n"]),
+                   tensor_scale=float(data["tensor_scale"]),
+                   fragmentation=float(data["fragmentation"]),
+                   device_overhead=int(data["device_overhead"]),
+                   efficiency=float(data["efficiency"]),
+                   overhead_source=str(data.get("overhead_source", "prior")),
+                   n_throughput=int(data.get("n_throughput", 0)),
+                   spread=dict(data.get("spread") or {}), errors=dict(data.get("errors") or {}),
+                   fitted_at=str(data.get("fitted_at", "")))
+
+
+def apply(memory: MemoryEstimate, correction: Correction | None) -> MemoryEstimate:
+    """``memory`` as the correction predicts it (``memory`` itself when there is none).
+
+    The tensor peak becomes ``tensor_peak * tensor_scale``; the difference is the
+    ``calibration`` component of the breakdown, so the breakdown still sums to the tensor
+    peak. The device overhead becomes the fitted fragmentation of that tensor peak plus
+    the fitted (or prior) context, so ``peak`` is :meth:`Correction.peak`.
+    """
+    if correction is None or memory.phase == "inference":
+        return memory
+    tensor = correction.tensor_peak(memory.tensor_peak)
+    peak = correction.peak(memory.tensor_peak)
+    breakdown = {**memory.breakdown, "calibration": tensor - memory.tensor_peak}
+    return MemoryEstimate(breakdown, tensor, peak - tensor, memory.phase, list(memory.notes))
