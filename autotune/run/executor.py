@@ -538,11 +538,15 @@ def prepare_tokenizer(model_spec, family, settings: RunSettings, partial: str):
     """The run's tokenizer, kept in the run folder so a resumed run uses the same one."""
     from transformers import AutoTokenizer
 
+    from autotune.run.loading import local_folder
+
     kept = os.path.join(partial, "tokenizer")
     if os.path.isdir(kept):
-        return AutoTokenizer.from_pretrained(kept)
+        return AutoTokenizer.from_pretrained(local_folder(kept, "run's tokenizer"),
+                                             local_files_only=True)
     if model_spec.path:
-        tokenizer = AutoTokenizer.from_pretrained(model_spec.path,
+        tokenizer = AutoTokenizer.from_pretrained(local_folder(model_spec.path, "tokenizer"),
+                                                  local_files_only=True,
                                                   trust_remote_code=settings.remote_code)
     elif settings.random_init:
         from autotune.catalog.demo import build_tokenizer
