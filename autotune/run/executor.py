@@ -68,6 +68,11 @@ def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
     :func:`resume`. After a failure the folder is removed only if it holds nothing worth
     keeping (no checkpoint, no trained weights) and no other process still writes to it.
     """
+    with checkpoints.Signals(settings.quiet) as signals:  # SIGTERM: one line, from the start
+        return _run(pm, plan, settings, signals)
+
+
+def _run(pm, plan: dict, settings: RunSettings, signals: checkpoints.Signals) -> dict:
     from autotune.catalog.datasets import describe_format, load_rows
 
     final = os.path.abspath(settings.output_dir)
@@ -84,26 +89,27 @@ def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
     kept["data"] = os.path.abspath(settings.data)  # a resumed run may start in another folder
     state = {"schema": STATE_SCHEMA, "plan": plan, "original_plan": plan, "settings": kept,
              "data_fingerprint": fingerprint(settings.data), "events": []}
-    with checkpoints.Signals(settings.quiet) as signals:
-        try:
-            os.makedirs(partial)
-        except FileExistsError:
-            raise AutotuneError(f"another run is starting in {partial}: choose another "
-                                "--output-dir") from None
-        except OSError as exc:
-            raise AutotuneError(f"cannot create {partial}: {exc.strerror or exc}") from exc
+    try:
+        os.makedirs(partial)
+    except FileExistsError:
+        raise AutotuneError(f"another run is starting in {partial}: choose another "
+                            "--output-dir") from None
+    except OSError as exc:
+        raise AutotuneError(f"cannot create {partial}: {exc.strerror or exc}") from exc
+    lock = None
+    try:
         lock = checkpoints.claim(partial)
-        try:
-            write_json(os.path.join(partial, STATE), state)
-            return _start(pm, state, partial, final, rows, settings.quiet, signals)
-        except BaseException as exc:
-            kept_run = _keep(exc, state, partial, lock)
-            if not kept_run:
-                shutil.rmtree(partial, ignore_errors=True)
-            if isinstance(exc, (checkpoints.RunInterrupted, KeyboardInterrupt)):
-                raise _stopped(exc, partial, final, kept_run) from None
-            raise
-        finally:
+        write_json(os.path.join(partial, STATE), state)
+        return _start(pm, state, partial, final, rows, settings.quiet, signals)
+    except BaseException as exc:
+        kept_run = _keep(exc, state, partial, lock)
+        if not kept_run:
+            shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(exc, (checkpoints.RunInterrupted, KeyboardInterrupt)):
+            raise _stopped(exc, partial, final, kept_run) from None
+        raise
+    finally:
+        if lock:
             lock.close()
 
 
@@ -157,7 +163,7 @@ def _keep(exc: BaseException, state: dict, partial: str, lock) -> bool:
     trained run, or another process (a rank, an orphaned launcher) still writes to it."""
     return bool(isinstance(exc, KeptRun) or state.get("trained")
                 or checkpoints.latest(os.path.join(partial, "trainer"))
-                or not checkpoints.alone(lock))
+                or (lock is not None and not checkpoints.alone(lock)))
 
 
 def _stopped(exc: BaseException, partial: str, final: str, kept: bool) -> AutotuneError:
@@ -545,9 +551,13 @@ def prepare_tokenizer(model_spec, family, settings: RunSettings, partial: str):
         return AutoTokenizer.from_pretrained(local_folder(kept, "run's tokenizer"),
                                              local_files_only=True)
     if model_spec.path:
-        tokenizer = AutoTokenizer.from_pretrained(local_folder(model_spec.path, "tokenizer"),
-                                                  local_files_only=True,
-                                                  trust_remote_code=settings.remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                local_folder(model_spec.path, "tokenizer"), local_files_only=True,
+                trust_remote_code=settings.remote_code)
+        except (OSError, ValueError) as exc:
+            raise AutotuneError(f"cannot load the tokenizer of {model_spec.path}: "
+                                f"{one_line(exc)[:300]}") from exc
     elif settings.random_init:
         from autotune.catalog.demo import build_tokenizer
 
