@@ -181,6 +181,24 @@ def test_disk_full_during_the_final_save_keeps_a_run_that_resumes(pm, tmp_path, 
     assert (first / "run" / "adapter").is_dir() and not partial.exists()
 
 
+def test_a_run_killed_between_saving_and_renaming_is_only_finished_by_resume(
+        pm, tmp_path, reference, monkeypatch):
+    _, plan, uninterrupted, _ = reference
+
+    def killed(partial, final):
+        raise RuntimeError("killed before the rename")
+
+    monkeypatch.setattr(executor, "finish", killed)
+    with pytest.raises(RuntimeError):
+        run(pm, plan, settings(tmp_path / "run"))
+    monkeypatch.undo()
+    monkeypatch.setattr(executor, "_train", lambda *a, **k: pytest.fail("trained again"))
+    report = resume(pm, str(tmp_path / "run"), quiet=True)
+    assert losses(report) == pytest.approx(losses(uninterrupted), rel=1e-3)
+    assert (tmp_path / "run" / "run_report.json").is_file()
+    assert not (tmp_path / "run.partial").exists()
+
+
 def test_two_process_ddp_interrupted_before_its_first_checkpoint_resumes(pm, tmp_path):
     path, _ = make_plan(pm, tmp_path, "--gpus", "2", "--strategy", "ddp")
     plan = yaml.safe_load(path.read_text())

@@ -28,6 +28,8 @@ from autotune.cost.parallel import Parallel
 
 ACCELERATE_CONFIG = "accelerate_config.yaml"
 OUT_OF_MEMORY = "oom-rank-{rank}.json"
+INTERRUPTED = "interrupted.json"
+"""Written by rank 0 when the ranks stopped on a signal: the step and the signal."""
 
 
 def launch(pm: pluggy.PluginManager, state: dict, partial: str, final: str, quiet: bool,
@@ -94,10 +96,6 @@ def launch(pm: pluggy.PluginManager, state: dict, partial: str, final: str, quie
     report = collect(partial, parallel)
     executor.finish(partial, final)
     return report
-
-
-INTERRUPTED = "interrupted.json"
-"""Written by rank 0 when the ranks stopped on a signal: the step and the signal."""
 
 
 def _wait(command: list[str], partial: str, quiet: bool, signals: checkpoints.Signals) -> int:
