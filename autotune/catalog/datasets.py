@@ -120,6 +120,7 @@ def _load(path, stage: str, limit: int | None) -> tuple[list[dict], str]:
                 rows.append(_normalise(row, fmt, stage))
             except _RowError as exc:
                 _fail(where, str(exc))
+            _check_encodable(rows[-1], where)
             if limit is not None and len(rows) >= limit:
                 break
     finally:
@@ -581,6 +582,15 @@ def _optional_text(row: dict, key: str) -> str | None:
     if not isinstance(value, str):
         raise _RowError(f"{key!r} must be a string, not {_kind(value)}")
     return value if value.strip() else None
+
+
+def _check_encodable(row: dict, where: str) -> None:
+    """Text a tokenizer can encode: JSON's ``\\ud800`` escapes decode to lone surrogates."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        _fail(where, f"text holds a lone surrogate ({exc.object[exc.start]!a}), which is not "
+                     "a character: fix the escape")
 
 
 # --- messages ---------------------------------------------------------------------------------

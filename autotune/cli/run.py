@@ -86,7 +86,7 @@ def command(ctx, plan_file, data, output_dir, max_steps, epochs, report_to, mode
         model_spec, random_init = model_spec or "tiny", True
         data = data or dataset_path(stage)
         max_steps = max_steps or DEMO_STEPS
-        vram, seq_len = vram or "2GiB", min(seq_len, 256)
+        vram, seq_len = vram or (None if gpu else "2GiB"), min(seq_len, 256)
         output_dir = output_dir or _fresh("autotune-demo")
     if plan_file and model_spec:
         raise AutotuneError("give a plan file or --model, not both")

@@ -62,40 +62,60 @@ class RunSettings:
 def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
     """Train ``plan`` on ``settings.data``; return the run report.
 
-    The run lives in ``<output-dir>.partial/`` (plan, settings, checkpoints) until it
-    finishes, then is renamed to ``<output-dir>``; an interrupted or killed run can be
-    continued with :func:`resume`.
+    Everything the run needs is checked before a model loads. The run lives in
+    ``<output-dir>.partial/`` (plan, settings, checkpoints) until it finishes, then is
+    renamed to ``<output-dir>``; an interrupted or killed run can be continued with
+    :func:`resume`. After a failure the folder is removed only if it holds nothing worth
+    keeping (no checkpoint, no trained weights) and no other process still writes to it.
     """
+    with checkpoints.Signals(settings.quiet) as signals:  # SIGTERM: one line, from the start
+        return _run(pm, plan, settings, signals)
+
+
+def _run(pm, plan: dict, settings: RunSettings, signals: checkpoints.Signals) -> dict:
     from autotune.catalog.datasets import describe_format, load_rows
 
     final = os.path.abspath(settings.output_dir)
-    if os.path.exists(final) and os.listdir(final):
-        raise AutotuneError(f"{settings.output_dir} exists and is not empty: choose another "
-                            "--output-dir")
     partial = final + PARTIAL
-    if os.path.exists(partial):
-        raise AutotuneError(f"an unfinished run is in {partial}: continue it with `autotune run "
-                            f"--resume {settings.output_dir}`, or remove it")
+    check_output(settings.output_dir, final, partial)
     recipe = Recipe(**plan["recipe"])
-    model_spec, _, _ = _model_and_stage(pm, plan, settings.remote_code)  # no folder if bad
+    model_spec, family, _ = _model_and_stage(pm, plan, settings.remote_code)  # no folder if bad
+    check_plan(plan, settings, model_spec, family)
     rows = load_rows(settings.data, recipe.stage)
     check_machine(pm, plan, model_spec, final, settings.quiet, settings.remote_code)
     say(settings.quiet, f"read {len(rows)} {recipe.stage} rows from {settings.data} "
                          f"({describe_format(settings.data, recipe.stage)})")
-    state = {"schema": STATE_SCHEMA, "plan": plan, "original_plan": plan,
-             "settings": {k: v for k, v in asdict(settings).items() if k != "quiet"},
+    kept = {k: v for k, v in asdict(settings).items() if k != "quiet"}
+    kept["data"] = os.path.abspath(settings.data)  # a resumed run may start in another folder
+    state = {"schema": STATE_SCHEMA, "plan": plan, "original_plan": plan, "settings": kept,
              "data_fingerprint": fingerprint(settings.data), "events": []}
-    os.makedirs(partial)
     try:
+        os.makedirs(partial)
+    except FileExistsError:
+        raise AutotuneError(f"another run is starting in {partial}: choose another "
+                            "--output-dir") from None
+    except OSError as exc:
+        raise AutotuneError(f"cannot create {partial}: {exc.strerror or exc}") from exc
+    lock = None
+    try:
+        lock = checkpoints.claim(partial)
         write_json(os.path.join(partial, STATE), state)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        return _start(pm, state, partial, final, rows, settings.quiet, signals)
+    except BaseException as exc:
+        kept_run = _keep(exc, state, partial, lock)
+        if not kept_run:
+            shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(exc, (checkpoints.RunInterrupted, KeyboardInterrupt)):
+            raise _stopped(exc, partial, final, kept_run) from None
         raise
-    return _start(pm, state, partial, final, rows, settings.quiet)
+    finally:
+        if lock:
+            lock.close()
 
 
 def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
-    """Continue the run whose output folder (or ``.partial`` folder) is ``folder``."""
+    """Continue the run whose output folder (or ``.partial`` folder) is ``folder``; a run
+    that finished training but was not yet renamed into place is only finished."""
     from autotune.catalog.datasets import load_rows
 
     path = os.path.abspath(folder)
@@ -110,14 +130,144 @@ def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
             state = json.load(handle)
     except (OSError, ValueError) as exc:
         raise AutotuneError(f"cannot read {partial}/{STATE}: {exc}") from exc
-    if state.get("schema") != STATE_SCHEMA:
+    if not isinstance(state, dict) or state.get("schema") != STATE_SCHEMA:
         raise AutotuneError(f"{partial}/{STATE} was written by another autotune version")
-    data = state["settings"]["data"]
-    if fingerprint(data) != state["data_fingerprint"]:
-        raise AutotuneError(f"{data} changed since the run began: resuming would not see the "
-                            "same data in the same order")
-    rows = load_rows(data, state["plan"]["recipe"]["stage"])
-    return _start(pm, state, partial, final, rows, quiet)
+    with checkpoints.Signals(quiet) as signals:
+        lock = checkpoints.claim(partial)  # refuses while an orphaned launcher or rank writes
+        try:
+            if os.path.exists(os.path.join(partial, checkpoints.STOP)):
+                os.remove(os.path.join(partial, checkpoints.STOP))
+            if os.path.exists(os.path.join(partial, REPORT)):  # trained and saved already
+                signals.mode = "hold"
+                return _finish_saved(state, partial, final)
+            data = state["settings"]["data"]
+            if not os.path.exists(data):
+                raise AutotuneError(f"the run's data {data} is gone: put it back to resume")
+            if fingerprint(data) != state["data_fingerprint"]:
+                raise AutotuneError(f"{data} changed since the run began: resuming would not "
+                                    "see the same data in the same order")
+            rows = load_rows(data, state["plan"]["recipe"]["stage"])
+            return _start(pm, state, partial, final, rows, quiet, signals)
+        except (checkpoints.RunInterrupted, KeyboardInterrupt) as exc:
+            raise _stopped(exc, partial, final, True) from None
+        finally:
+            lock.close()
+
+
+class KeptRun(AutotuneError):
+    """A failure after which the run folder holds something worth keeping."""
+
+
+def _keep(exc: BaseException, state: dict, partial: str, lock) -> bool:
+    """Whether a run folder that failed with ``exc`` is kept: it holds a checkpoint or the
+    trained run, or another process (a rank, an orphaned launcher) still writes to it."""
+    return bool(isinstance(exc, KeptRun) or state.get("trained")
+                or checkpoints.latest(os.path.join(partial, "trainer"))
+                or (lock is not None and not checkpoints.alone(lock)))
+
+
+def _stopped(exc: BaseException, partial: str, final: str, kept: bool) -> AutotuneError:
+    """The one line for a run stopped by a signal: where it is kept, or that nothing was."""
+    number = getattr(exc, "signal", None) or signal.SIGINT
+    step = getattr(exc, "step", None)
+    name = signal.Signals(number).name
+    if not kept:
+        return checkpoints.RunInterrupted(
+            f"stopped by {name} before anything worth keeping was written: {partial} removed, "
+            "nothing to resume", number)
+    saved = checkpoints.latest(os.path.join(partial, "trainer"))
+    where = (f"a checkpoint is in {partial}" if saved else
+             f"the run is kept in {partial} (no checkpoint yet: it starts again)")
+    return checkpoints.RunInterrupted(
+        f"stopped by {name}{f' at step {step}' if step else ''}; {where}: continue with "
+        f"`autotune run --resume {_shown(final)}`", number)
+
+
+def _finish_saved(state: dict, partial: str, final: str) -> dict:
+    """Rename a run that trained and saved everything (the process that would have finished
+    it was killed) into place; a launched run's rank reports are collected first."""
+    if Parallel.from_dict(state["plan"].get("distributed")).world > 1 and os.path.exists(
+            os.path.join(partial, "rank-0.json")):
+        from autotune.run.launch import collect
+
+        report = collect(partial, Parallel.from_dict(state["plan"]["distributed"]))
+    else:
+        with open(os.path.join(partial, REPORT), encoding="utf-8") as handle:
+            report = json.load(handle)
+    finish(partial, final)
+    return report
+
+
+def check_output(shown: str, final: str, partial: str) -> None:
+    """Refuse an output folder a run cannot use: a file, a non-empty folder, an unfinished
+    run's folder, or one whose parent cannot be written."""
+    if os.path.lexists(final) and not os.path.isdir(final):
+        raise AutotuneError(f"{shown} exists and is a file: choose another --output-dir")
+    try:
+        if os.path.isdir(final) and os.listdir(final):
+            raise AutotuneError(f"{shown} exists and is not empty: choose another --output-dir")
+    except OSError as exc:
+        raise AutotuneError(f"cannot read {shown}: {exc.strerror or exc}") from exc
+    if os.path.lexists(partial):
+        raise AutotuneError(f"an unfinished run is in {partial}: continue it with `autotune run "
+                            f"--resume {shown}`, or remove it")
+    parent = os.path.dirname(final)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise AutotuneError(f"cannot create {shown}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AutotuneError(f"cannot create {shown}: {parent} is not writable")
+
+
+def check_plan(plan: dict, settings: RunSettings, model_spec, family) -> None:
+    """Refuse, before a model loads, plan values and settings no run can start with."""
+    from transformers.trainer_utils import SchedulerType
+
+    training = plan.get("training", {})
+    scheduler = training.get("lr_scheduler", "cosine")
+    choices = [s.value for s in SchedulerType]
+    if scheduler not in choices:
+        raise AutotuneError(f"plan: lr_scheduler {scheduler!r} is not one of "
+                            f"{', '.join(choices)}")
+    if not (settings.epochs or training.get("epochs", 3)) > 0 and not settings.max_steps:
+        raise AutotuneError("plan: epochs must be more than 0 (or give --max-steps)")
+    recipe = Recipe(**plan["recipe"])
+    if recipe.adapter:
+        from autotune.cost.assess import describe
+        from autotune.cost.params import resolve_targets
+
+        arch = describe(dict(model_spec.config), family, settings.remote_code)
+        chosen, _, fused = resolve_targets(arch, family.module_groups(model_spec.config),
+                                           recipe.targets)
+        if any(lin.path == arch.head for lin in chosen):
+            raise AutotuneError(f"plan: targets {recipe.targets!r} include the output head "
+                                f"({arch.head}), which LoRA here does not adapt")
+        if not chosen and not fused:
+            raise AutotuneError(f"plan: targets {recipe.targets!r} match no linear layer")
+    if settings.random_init and not model_spec.path and (
+            model_spec.config.get("vocab_size") or 0) < 300:
+        raise AutotuneError(f"--random-init builds a byte-level tokenizer, which needs a "
+                            f"vocabulary of at least 300; {model_spec.id} has "
+                            f"{model_spec.config.get('vocab_size')}")
+    check_report_to(settings.report_to)
+
+
+def check_report_to(report_to: str) -> None:
+    """Each ``--report-to`` integration is known to transformers and installed."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    names = [n.strip() for n in str(report_to).split(",") if n.strip()]
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        try:
+            [callback] = get_reporting_integration_callbacks([name])
+            callback()  # the callbacks check here that their package is installed
+        except Exception as exc:  # each integration fails in its own way
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(
+                exc).__name__
+            raise AutotuneError(f"--report-to {name}: {message}") from exc
 
 
 def _model_and_stage(pm, plan: dict, remote_code: bool):
@@ -160,24 +310,25 @@ def check_machine(pm, plan: dict, model_spec, final: str, quiet: bool,
         say(quiet, f"warning: {ram.message}")
 
 
-def _start(pm, state: dict, partial: str, final: str, rows: list, quiet: bool) -> dict:
+def _start(pm, state: dict, partial: str, final: str, rows: list, quiet: bool,
+           signals: checkpoints.Signals) -> dict:
     """Train in this process, or launch one process per GPU for a multi-GPU plan."""
     if Parallel.from_dict(state["plan"].get("distributed")).world > 1:
         from autotune.run.launch import launch
 
-        return launch(pm, state, partial, final, quiet)
-    return _train(pm, state, partial, final, rows, quiet)
+        return launch(pm, state, partial, final, quiet, signals)
+    return _train(pm, state, partial, final, rows, quiet, signals)
 
 
 def _train(pm, state: dict, partial: str, final: str, rows: list, quiet: bool,
-           launched: bool = False) -> dict | None:
-    """Train (from the newest checkpoint, if any), stepping down on out-of-memory.
+           signals: checkpoints.Signals, launched: bool = False) -> dict | None:
+    """Train (from the newest checkpoint, if any), stepping down on out-of-memory; once the
+    last step is taken, save the trained run before a signal can stop it.
 
     ``launched``: this is one rank of a multi-process run; rank 0 saves and reports
     into the run folder and the launching process finishes it.
     """
     import torch
-
 
     started = time.perf_counter()
     rank = int(os.environ.get("RANK", "0")) if launched else 0
@@ -189,52 +340,55 @@ def _train(pm, state: dict, partial: str, final: str, rows: list, quiet: bool,
     notes = list(family.quirks(model_spec.config))
     trainer_dir = os.path.join(partial, "trainer")
     injector = FaultInjector()
-    try:
-        tokenizer = prepare_tokenizer(model_spec, family, settings, partial)
-        base = random_base(model_spec, tokenizer, settings, partial)
+    tokenizer = prepare_tokenizer(model_spec, family, settings, partial)
+    base = random_base(model_spec, tokenizer, settings, partial)
+    checkpoint = checkpoints.latest(trainer_dir)
+    if checkpoint:
+        say(quiet, f"resuming from {os.path.basename(checkpoint)}")
+    while True:
+        signals.mode = "abort"
+        recipe = _for_device(Recipe(**plan["recipe"]), device, notes)
+        say(quiet, f"loading {model_spec.id} ({recipe.method}, {recipe.bits}-bit, micro "
+                    f"batch {plan['training']['micro_batch']}) on {device}")
+        model, targets = _model(model_spec, family, recipe, device, settings, base)
+        args = _trainer_args(plan, recipe, settings, device, trainer_dir)
+        tracker = _Tracker(quiet)
+        schedule = checkpoints.SaveSchedule(
+            signals, settings.save_every, settings.save_minutes and settings.save_minutes * 60,
+            os.path.join(partial, checkpoints.STOP) if launched else None)
+        trainer = _trainer(stage, model, tokenizer, rows, args, recipe, plan,
+                           [tracker.callback(), schedule.callback(), injector.callback()])
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        failure = None
+        signals.mode = "checkpoint"
+        try:
+            trainer.train(resume_from_checkpoint=checkpoint)
+        except Exception as exc:  # only out-of-memory is handled here
+            if not is_out_of_memory(exc):
+                raise
+            failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            if launched:  # every rank must step down together: the launcher does it
+                raise RankOutOfMemory(failure, trainer.state.global_step + 1) from exc
+        if failure is None:
+            break
+        step = trainer.state.global_step + 1
+        del trainer, model
+        _free(device)
+        plan = stepped_down(plan, failure, step, state, partial, quiet)
         checkpoint = checkpoints.latest(trainer_dir)
-        if checkpoint:
-            say(quiet, f"resuming from {os.path.basename(checkpoint)}")
-        while True:
-            recipe = _for_device(Recipe(**plan["recipe"]), device, notes)
-            say(quiet, f"loading {model_spec.id} ({recipe.method}, {recipe.bits}-bit, micro "
-                        f"batch {plan['training']['micro_batch']}) on {device}")
-            model, targets = _model(model_spec, family, recipe, device, settings, base)
-            args = _trainer_args(plan, recipe, settings, device, trainer_dir)
-            tracker = _Tracker(quiet)
-            schedule = checkpoints.SaveSchedule(
-                settings.save_every, settings.save_minutes and settings.save_minutes * 60, quiet)
-            trainer = _trainer(stage, model, tokenizer, rows, args, recipe, plan,
-                               [tracker.callback(), schedule.callback(), injector.callback()])
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            failure = None
-            try:
-                with schedule:
-                    trainer.train(resume_from_checkpoint=checkpoint)
-            except Exception as exc:  # only out-of-memory is handled here
-                if not is_out_of_memory(exc):
-                    raise
-                failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                if launched:  # every rank must step down together: the launcher does it
-                    raise RankOutOfMemory(failure, trainer.state.global_step + 1) from exc
-            if failure is None:
-                break
-            step = trainer.state.global_step + 1
-            del trainer, model
-            _free(device)
-            plan = stepped_down(plan, failure, step, state, partial, quiet)
-            checkpoint = checkpoints.latest(trainer_dir)
-        if schedule.signalled:
-            raise RunInterrupted(
-                f"stopped by {signal.Signals(schedule.signalled).name} at step "
-                f"{trainer.state.global_step}; a checkpoint is in {partial}: continue with "
-                f"`autotune run --resume {_shown(final)}`")
-        if launched:  # what this rank saw, for the launcher's report
-            write_json(os.path.join(partial, f"rank-{rank}.json"),
-                       {"rank": rank, "losses": _losses(trainer)})
-            if rank != 0:
-                return None
+    signals.mode = "hold"  # trained: the weights are saved whatever arrives now
+    step = trainer.state.global_step
+    if schedule.stopped and step < trainer.state.max_steps:
+        raise checkpoints.RunInterrupted(f"stopped by {signals.name} at step {step}",
+                                         signals.received, step)
+    state["trained"] = True
+    if launched:  # what this rank saw, for the launcher's report
+        write_json(os.path.join(partial, f"rank-{rank}.json"),
+                   {"rank": rank, "losses": _losses(trainer)})
+        if rank != 0:
+            return None
+    try:
         from accelerate.utils import extract_model_from_parallel
 
         # drop accelerate's autocast wrapper: the saved model must be the plain one
@@ -249,21 +403,40 @@ def _train(pm, state: dict, partial: str, final: str, rows: list, quiet: bool,
             calibration.remember_run(report, pm=pm)
         write_json(os.path.join(partial, "plan.json"), plan)
         write_json(os.path.join(partial, REPORT), report)
-        if not launched:
-            finish(partial, final)
-    except BaseException:
-        if not launched and not checkpoints.latest(trainer_dir):
-            shutil.rmtree(partial, ignore_errors=True)  # nothing to resume from: leave nothing
-        raise
+    except Exception as exc:
+        if not (isinstance(exc, (OSError, AutotuneError))
+                or type(exc).__module__.startswith("safetensors")):
+            raise
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise KeptRun(f"could not save the trained run ({one_line(message)}); it is kept in "
+                      f"{partial}: free space, then `autotune run --resume {_shown(final)}` "
+                      f"trains it again from {_resume_point(trainer_dir)}") from exc
+    if not launched:
+        finish(partial, final)
     return report
+
+
+def _resume_point(trainer_dir: str) -> str:
+    saved = checkpoints.latest(trainer_dir)
+    return os.path.basename(saved) if saved else "the start"
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def finish(partial: str, final: str) -> None:
     """Drop the run's working state and rename the finished run into place."""
-    shutil.rmtree(os.path.join(partial, "trainer"), ignore_errors=True)
-    os.remove(os.path.join(partial, STATE))
     if os.path.exists(final):
-        os.rmdir(final)  # empty, checked when the run began
+        try:
+            os.rmdir(final)  # empty, checked when the run began
+        except OSError as exc:
+            raise KeptRun(f"{final} was written to while the run trained: the finished run "
+                          f"is kept in {final + PARTIAL}") from exc
+    shutil.rmtree(os.path.join(partial, "trainer"), ignore_errors=True)
+    for name in (checkpoints.STOP, checkpoints.LOCK, STATE):
+        if os.path.exists(os.path.join(partial, name)):
+            os.remove(os.path.join(partial, name))
     os.replace(partial, final)
 
 
@@ -281,12 +454,6 @@ def _losses(trainer) -> list[dict]:
     """The loss curve; the Trainer's log history spans every session of a resumed run."""
     return [{"step": e["step"], "loss": float(e["loss"])}
             for e in trainer.state.log_history if "loss" in e]
-
-
-class RunInterrupted(AutotuneError):
-    """A signal stopped training after a checkpoint was saved."""
-
-    exit_code = 130
 
 
 def fingerprint(path: str) -> str:
@@ -378,12 +545,20 @@ def prepare_tokenizer(model_spec, family, settings: RunSettings, partial: str):
     """The run's tokenizer, kept in the run folder so a resumed run uses the same one."""
     from transformers import AutoTokenizer
 
+    from autotune.run.loading import local_folder
+
     kept = os.path.join(partial, "tokenizer")
     if os.path.isdir(kept):
-        return AutoTokenizer.from_pretrained(kept)
+        return AutoTokenizer.from_pretrained(local_folder(kept, "run's tokenizer"),
+                                             local_files_only=True)
     if model_spec.path:
-        tokenizer = AutoTokenizer.from_pretrained(model_spec.path,
-                                                  trust_remote_code=settings.remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                local_folder(model_spec.path, "tokenizer"), local_files_only=True,
+                trust_remote_code=settings.remote_code)
+        except (OSError, ValueError) as exc:
+            raise AutotuneError(f"cannot load the tokenizer of {model_spec.path}: "
+                                f"{one_line(exc)[:300]}") from exc
     elif settings.random_init:
         from autotune.catalog.demo import build_tokenizer
 

@@ -11,16 +11,82 @@ from autotune.util.errors import AutotuneError
 from autotune.run.executor import REPORT
 
 
+_TEXT, _NUMBER, _COUNT, _MAPPING, _LIST = "a string", "a number", "a whole number", "an object", \
+    "a list"
+FIELDS = {  # what report, generate and merge read from a report, and what each must be
+    "model": _MAPPING, "model.id": _TEXT, "model.spec": _TEXT, "stage": _TEXT,
+    "recipe": _MAPPING, "steps": _COUNT, "duration_s": _NUMBER, "first_loss": _NUMBER,
+    "final_loss": _NUMBER, "loss_curve": _LIST, "events": _LIST, "notes": _LIST,
+    "measured": _MAPPING, "measured.device": _TEXT, "predicted": _MAPPING,
+    "predicted.tensor_peak_bytes": _NUMBER, "saved": _MAPPING, "saved.tokenizer": _TEXT,
+}
+
+
 def read_report(run_dir: str) -> dict:
-    """The ``run_report.json`` of a finished run."""
+    """The ``run_report.json`` of a finished run, checked: a hand-edited or damaged report is
+    one error naming the field, not a failure later."""
     path = os.path.join(run_dir, REPORT)
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+            report = json.load(handle)
     except FileNotFoundError as exc:
         raise AutotuneError(f"{run_dir} is not a finished autotune run (no {REPORT})") from exc
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise AutotuneError(f"cannot read {path}: {exc}") from exc
+    problem = _problem(report)
+    if problem:
+        raise AutotuneError(f"{path} is damaged or was edited: {problem}")
+    return report
+
+
+def _problem(report) -> str | None:
+    """What is wrong with ``report``, or ``None``."""
+    from autotune.cost.recipe import Recipe
+
+    if not isinstance(report, dict):
+        return "not a JSON object"
+    for field, kind in FIELDS.items():
+        *parents, name = field.split(".")
+        holder = report
+        for parent in parents:
+            holder = holder[parent]
+        if not _fits(holder.get(name), kind):
+            return f"{field} must be {kind}"
+    saved, measured = report["saved"], report["measured"]
+    if not any(isinstance(saved.get(k), str) for k in ("adapter", "model")):
+        return "saved names neither an adapter nor a model"
+    for key, name in saved.items():
+        if not isinstance(name, str) or not name or os.path.basename(name) != name or \
+                name in (".", ".."):
+            return f"saved.{key} must be a folder name inside the run"
+    if not any(_fits(measured.get(k), _NUMBER) for k in ("peak_tensor_bytes", "peak_rss_bytes")):
+        return "measured holds no peak memory"
+    if measured.get("tokens_per_s") is not None and not _fits(measured["tokens_per_s"], _NUMBER):
+        return "measured.tokens_per_s must be a number"
+    if not all(isinstance(p, dict) and _fits(p.get("step"), _NUMBER)
+               and _fits(p.get("loss"), _NUMBER) for p in report["loss_curve"]):
+        return "loss_curve must hold {step, loss} numbers"
+    if not all(isinstance(e, dict) and "step" in e and "change" in e for e in report["events"]):
+        return "events must hold {step, change} objects"
+    if not all(isinstance(n, str) for n in report["notes"]):
+        return "notes must be strings"
+    try:
+        Recipe(**report["recipe"])
+    except (TypeError, ValueError, AutotuneError) as exc:
+        return f"recipe: {exc}"
+    return None
+
+
+def _fits(value, kind: str) -> bool:
+    if kind == _TEXT:
+        return isinstance(value, str) and bool(value)
+    if kind == _MAPPING:
+        return isinstance(value, dict)
+    if kind == _LIST:
+        return isinstance(value, list)
+    if kind == _COUNT:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # a loss may be nan
 
 
 def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
@@ -28,14 +94,16 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
     """(model, tokenizer, report) of a run; adapters are merged into the base if ``merge``."""
     from transformers import AutoTokenizer
 
-    from autotune.run.loading import load_base
+    from autotune.run.loading import load_base, local_folder
     from autotune.cost.recipe import Recipe
 
     report = read_report(run_dir)
     saved = report["saved"]
     recipe = Recipe(**report["recipe"])
     device = report["measured"]["device"]
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, saved["tokenizer"]))
+    tokenizer = AutoTokenizer.from_pretrained(
+        local_folder(os.path.join(run_dir, saved["tokenizer"]), "run's tokenizer"),
+        local_files_only=True)
     if "model" in saved:  # full or freeze tuning: the trained weights themselves
         full = recipe.but(method="full", bits=16)
         return (load_base({}, full, os.path.join(run_dir, saved["model"]), device,
@@ -54,7 +122,8 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
     if merge:  # merging needs a 16-bit base: quantised weights cannot absorb the adapter
         recipe = recipe.but(method="lora", bits=16)
     base = load_base({}, recipe, base_path, device, remote_code=remote_code)
-    model = PeftModel.from_pretrained(base, os.path.join(run_dir, saved["adapter"]))
+    model = PeftModel.from_pretrained(base, local_folder(
+        os.path.join(run_dir, saved["adapter"]), "run's adapter", "adapter_config.json"))
     if merge:
         model = model.merge_and_unload()
     return model.eval(), tokenizer, report

@@ -14,7 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,11 +28,18 @@ from autotune.cost.parallel import Parallel
 
 ACCELERATE_CONFIG = "accelerate_config.yaml"
 OUT_OF_MEMORY = "oom-rank-{rank}.json"
+INTERRUPTED = "interrupted.json"
+"""Written by rank 0 when the ranks stopped on a signal: the step and the signal."""
 
 
-def launch(pm: pluggy.PluginManager, state: dict, partial: str, final: str,
-           quiet: bool) -> dict:
-    """Run ``state``'s multi-GPU plan in ``partial``; rename it to ``final`` when done."""
+def launch(pm: pluggy.PluginManager, state: dict, partial: str, final: str, quiet: bool,
+           signals: checkpoints.Signals) -> dict:
+    """Run ``state``'s multi-GPU plan in ``partial``; rename it to ``final`` when done.
+
+    The ranks run in their own session, so a Ctrl-C reaches this process only: the first
+    signal asks every rank to checkpoint and stop at the same step (through a file in the
+    run folder), a second kills them; this process returns only once they have exited.
+    """
     import torch
 
     from autotune.run import executor
@@ -45,45 +52,71 @@ def launch(pm: pluggy.PluginManager, state: dict, partial: str, final: str,
     model_spec = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
     family = family_for(pm, model_spec.config, model_spec.family)
     trainer_dir = os.path.join(partial, "trainer")
-    try:
-        cuda = torch.cuda.is_available()
-        if not cuda and parallel.strategy != "ddp":
-            raise AutotuneError(f"{parallel.strategy} needs GPUs (DeepSpeed and FSDP do not "
-                                "train on the CPU); on the CPU only ddp runs")
-        if cuda and torch.cuda.device_count() < parallel.gpus:
-            raise AutotuneError(f"the plan needs {parallel.gpus} GPUs on each node; this "
-                                f"machine has {torch.cuda.device_count()}")
-        tokenizer = executor.prepare_tokenizer(model_spec, family, settings, partial)
-        executor.random_base(model_spec, tokenizer, settings, partial)  # ranks find them
-        while True:
-            command = _command(plan, parallel, partial, cuda)
-            if parallel.nodes > 1:
-                raise AutotuneError(
-                    f"a {parallel.nodes}-node run starts on every node: the configs are in "
-                    f"{partial}; on node k run `{' '.join(command)}` with --machine_rank k")
-            executor.say(quiet, f"launching {parallel.world} processes ({parallel.label}) "
-                                 f"with {'accelerate' if cuda else 'torchrun'}")
-            code = subprocess.call(command, env={**os.environ, "AUTOTUNE_QUIET": "1" if quiet
-                                                 else ""})
-            failed = sorted(glob.glob(os.path.join(partial, OUT_OF_MEMORY.format(rank="*"))))
-            if code == 0:
-                break
-            if not failed:
-                raise AutotuneError(f"the training processes failed (exit {code}); see their "
-                                    "output above" + _resume_hint(trainer_dir, final))
-            with open(failed[0], encoding="utf-8") as handle:
-                oom = json.load(handle)
-            for path in failed:
-                os.remove(path)
-            plan = executor.stepped_down(plan, oom["error"], oom["step"], state, partial,
-                                          quiet)
-        report = _collect(partial, parallel)
-        executor.finish(partial, final)
-    except BaseException:
-        if not checkpoints.latest(trainer_dir):
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
+    cuda = torch.cuda.is_available()
+    if not cuda and parallel.strategy != "ddp":
+        raise AutotuneError(f"{parallel.strategy} needs GPUs (DeepSpeed and FSDP do not "
+                            "train on the CPU); on the CPU only ddp runs")
+    if cuda and torch.cuda.device_count() < parallel.gpus:
+        raise AutotuneError(f"the plan needs {parallel.gpus} GPUs on each node; this "
+                            f"machine has {torch.cuda.device_count()}")
+    tokenizer = executor.prepare_tokenizer(model_spec, family, settings, partial)
+    executor.random_base(model_spec, tokenizer, settings, partial)  # ranks find them
+    while True:
+        command = _command(plan, parallel, partial, cuda)
+        if parallel.nodes > 1:
+            raise executor.KeptRun(
+                f"a {parallel.nodes}-node run starts on every node: the configs are in "
+                f"{partial}; on node k run `{' '.join(command)}` with --machine_rank k, then "
+                f"`autotune run --resume {final}` on node 0 finishes the run")
+        executor.say(quiet, f"launching {parallel.world} processes ({parallel.label}) "
+                             f"with {'accelerate' if cuda else 'torchrun'}")
+        code = _wait(command, partial, quiet, signals)
+        stopped = os.path.join(partial, INTERRUPTED)
+        if os.path.exists(stopped):  # the ranks checkpointed together and stopped
+            with open(stopped, encoding="utf-8") as handle:
+                where = json.load(handle)
+            os.remove(stopped)
+            raise checkpoints.RunInterrupted(
+                "stopped", signals.received or where.get("signal"), where.get("step"))
+        failed = sorted(glob.glob(os.path.join(partial, OUT_OF_MEMORY.format(rank="*"))))
+        if code == 0:
+            break
+        if signals.received:
+            raise checkpoints.RunInterrupted("stopped", signals.received)
+        if not failed:
+            raise AutotuneError(f"the training processes failed (exit {code}); see their "
+                                "output above" + _resume_hint(trainer_dir, final))
+        with open(failed[0], encoding="utf-8") as handle:
+            oom = json.load(handle)
+        for path in failed:
+            os.remove(path)
+        plan = executor.stepped_down(plan, oom["error"], oom["step"], state, partial, quiet)
+    signals.mode = "hold"
+    state["trained"] = True
+    report = collect(partial, parallel)
+    executor.finish(partial, final)
     return report
+
+
+def _wait(command: list[str], partial: str, quiet: bool, signals: checkpoints.Signals) -> int:
+    """Run the launcher ``command`` to its end, passing a signal on to the ranks."""
+    signals.mode = "checkpoint"  # the first signal is noted, a second raises
+    process = subprocess.Popen(command, start_new_session=True, env={
+        **os.environ, "AUTOTUNE_QUIET": "1" if quiet else ""})
+    try:
+        while True:
+            try:
+                return process.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+            stop = os.path.join(partial, checkpoints.STOP)
+            if signals.received and not os.path.exists(stop):
+                write_json(stop, {"signal": signals.received})
+    finally:
+        if process.poll() is None:  # stopped at once: the ranks go too, before any cleanup
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        signals.mode = "abort"
 
 
 def _command(plan: dict, parallel: Parallel, partial: str, cuda: bool) -> list[str]:
@@ -111,7 +144,7 @@ def _command(plan: dict, parallel: Parallel, partial: str, cuda: bool) -> list[s
             "--main_process_port", port, *worker]
 
 
-def _collect(partial: str, parallel: Parallel) -> dict:
+def collect(partial: str, parallel: Parallel) -> dict:
     """Rank 0's report, with the loss each rank saw."""
     from autotune.run.executor import REPORT
 
@@ -150,18 +183,30 @@ def main() -> None:
 
     quiet_libraries()
     partial = sys.argv[1]
+    rank = int(os.environ.get("RANK", "0"))
+    lock = checkpoints.join(partial)  # --resume and cleanups see this rank alive
     with open(os.path.join(partial, STATE), encoding="utf-8") as handle:
         state = json.load(handle)
-    rows = load_rows(state["settings"]["data"], state["plan"]["recipe"]["stage"])
     final = partial.removesuffix(".partial")
-    try:
-        _train(get_plugin_manager(), state, partial, final, rows,
-               bool(os.environ.get("AUTOTUNE_QUIET")), launched=True)
-    except RankOutOfMemory as exc:
-        rank = int(os.environ.get("RANK", "0"))
-        write_json(os.path.join(partial, OUT_OF_MEMORY.format(rank=rank)),
-                   {"rank": rank, "step": exc.step, "error": str(exc)})
-        sys.exit(exc.exit_code)
+    with checkpoints.Signals(quiet=True) as signals:
+        try:
+            rows = load_rows(state["settings"]["data"], state["plan"]["recipe"]["stage"])
+            _train(get_plugin_manager(), state, partial, final, rows,
+                   bool(os.environ.get("AUTOTUNE_QUIET")), signals, launched=True)
+        except RankOutOfMemory as exc:
+            write_json(os.path.join(partial, OUT_OF_MEMORY.format(rank=rank)),
+                       {"rank": rank, "step": exc.step, "error": str(exc)})
+            sys.exit(exc.exit_code)
+        except checkpoints.RunInterrupted as exc:  # the launcher says so, once
+            if rank == 0:
+                write_json(os.path.join(partial, INTERRUPTED),
+                           {"step": exc.step, "signal": exc.signal})
+            sys.exit(0)
+        except AutotuneError as exc:
+            print(f"autotune: error: rank {rank}: {exc}", file=sys.stderr, flush=True)
+            sys.exit(exc.exit_code)
+        finally:
+            lock.close()
 
 
 if __name__ == "__main__":

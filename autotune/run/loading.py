@@ -7,13 +7,25 @@ Shared by the executor (real weights from a local folder) and the measurement ha
 from __future__ import annotations
 
 import gc
+import os
 import tempfile
 
 from autotune.cost.params import ALL_LINEAR
 from autotune.cost.recipe import Recipe
+from autotune.util.errors import AutotuneError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 KERNELS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
+
+
+def local_folder(path: str, what: str, needs: str | None = None) -> str:
+    """``path`` as an absolute local folder for ``from_pretrained`` (a relative path that is
+    missing would be taken for a hub id): refuse one that is missing or lacks ``needs``."""
+    folder = os.path.abspath(path)
+    if not os.path.isdir(folder) or (needs and not os.path.isfile(os.path.join(folder, needs))):
+        missing = f"{folder} has no {needs}" if os.path.isdir(folder) else f"{folder} is missing"
+        raise AutotuneError(f"cannot load the {what}: {missing} (autotune never downloads)")
+    return folder
 
 
 def hf_config(config: dict):
@@ -51,8 +63,9 @@ def load_base(config: dict, recipe: Recipe, path: str | None = None, device: str
             return AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype,
                                                     attn_implementation=attn)
     return AutoModelForCausalLM.from_pretrained(
-        path, **{"dtype": dtype, "attn_implementation": attn, "device_map": {"": device},
-                 "trust_remote_code": remote_code, **(extra or {})})
+        local_folder(path, "model weights", "config.json"), local_files_only=True,
+        **{"dtype": dtype, "attn_implementation": attn, "device_map": {"": device},
+           "trust_remote_code": remote_code, **(extra or {})})
 
 
 def _quantised(path: str, recipe: Recipe, dtype, attn: str, device: str, remote_code: bool,
@@ -67,7 +80,8 @@ def _quantised(path: str, recipe: Recipe, dtype, attn: str, device: str, remote_
     else:
         quant = BitsAndBytesConfig(load_in_8bit=True)
     return AutoModelForCausalLM.from_pretrained(
-        path, **{"quantization_config": quant, "dtype": dtype, "attn_implementation": attn,
+        local_folder(path, "model weights", "config.json"), local_files_only=True,
+        **{"quantization_config": quant, "dtype": dtype, "attn_implementation": attn,
                  "device_map": {"": device}, "trust_remote_code": remote_code, **(extra or {})})
 
 
