@@ -161,20 +161,15 @@ def parse_gpu(data: Any, where: str, stem: str | None = None) -> GPU:
 def _load_catalogue() -> tuple[GPU, ...]:
     from importlib.resources import files
 
-    import yaml
+    from autotune.util.yamlfile import read_yaml
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     folder = files("autotune_profiles") / "gpus"
     found: list[GPU] = []
     entries = sorted((e for e in folder.iterdir() if e.name.endswith(".yaml")),
                      key=lambda e: e.name)
     for entry in entries:
-        where = f"GPU profile {entry}"
-        try:
-            data = yaml.load(entry.read_text(encoding="utf-8"), Loader=loader)
-        except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
-            raise AutotuneError(f"{where}: cannot read it: {exc}".replace("\n", " ")) from exc
-        found.append(parse_gpu(data, where, stem=entry.name[: -len(".yaml")]))
+        data = read_yaml(entry, "GPU profile")
+        found.append(parse_gpu(data, f"GPU profile {entry}", stem=entry.name[: -len(".yaml")]))
     _check_names(found)
     return tuple(found)
 

@@ -102,7 +102,8 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
     without CPU offload.
     """
     from autotune.cost.host import weight_files
-    from autotune.plan.planner import Planner, default_storage
+    from autotune.plan.planner import Planner
+    from autotune.plan.studies import default_storage
     from autotune.catalog.models import resolve_model
     from autotune.plan.space import Pins, Space
 
@@ -169,8 +170,8 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
         from autotune.plan.trials import measure_candidates
         from autotune.run.measure import measure
 
-        measure_candidates(planner, result, measure_top, measure_steps, storage, objective,
-                           measure)
+        measure_candidates(planner, result, measure_top, measure_steps, result.storage,
+                           objective, measure)
     report = _report(model, planner, result, objective, effective_batch, per_node * nodes, local)
     report["confidence"] = planner.confidence
     report["host_ram_limit_bytes"] = host_limit

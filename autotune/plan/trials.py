@@ -107,7 +107,7 @@ def _claim(storage: str, study_name: str, candidate):
     """A running trial that claims ``candidate`` for this worker, or ``None`` if taken."""
     import optuna
 
-    from autotune.plan.planner import open_storage
+    from autotune.plan.studies import open_storage
 
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
     key = _key(candidate)
@@ -144,7 +144,7 @@ def _gather(storage: str, study_name: str, chosen: list, timeout: float = 600) -
     """Wait for the plans other workers claimed, and take their measurements."""
     import optuna
 
-    from autotune.plan.planner import open_storage
+    from autotune.plan.studies import open_storage
 
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
     waiting = [c for c in chosen if not c.measured]
