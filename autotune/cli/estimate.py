@@ -16,7 +16,7 @@ from autotune.cli.sections import (
     host_lines,
 )
 from autotune.util.errors import AutotuneError
-from autotune.cli.output import table
+from autotune.cli.output import force_option, table
 from autotune.cost.recipe import ATTENTION, LIMITS, METHODS, OPTIMIZERS, PRECISIONS, Recipe
 from autotune.util.units import GiB, gib, parse_size
 
@@ -168,13 +168,17 @@ def workload_for(lengths, recipe: Recipe):
 @no_calibration_option
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Draw the memory breakdown against the card as a PNG.")
+@force_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.estimate/1).")
 @click.pass_obj
 def command(pm, model_spec, data_path, gpu, vram, device, confidence, trust_remote_code,
-            no_calibration, plot, as_json, **options) -> None:
+            no_calibration, plot, force, as_json, **options) -> None:
     """Count parameters exactly and predict the peak memory of a training step."""
     from autotune.cost.assess import estimate
     from autotune.catalog.models import resolve_model
+    from autotune.util.files import check_new_file
+
+    check_new_file(plot, force, "--plot", (data_path, model_spec))
 
     recipe = make_recipe(**options)
     card = target_gpu(gpu, vram)

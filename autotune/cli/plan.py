@@ -23,7 +23,7 @@ from autotune.cli.sections import (
     signed,
 )
 from autotune.util.errors import AutotuneError
-from autotune.cli.output import table
+from autotune.cli.output import force_option, table
 from autotune.cost.recipe import ATTENTION, LIMITS, OPTIMIZERS
 from autotune.plan.space import METHODS
 from autotune.util.units import GiB, gib
@@ -88,12 +88,13 @@ INFEASIBLE = 3
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Draw the Pareto front (fidelity vs tokens/s) as a PNG.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the pick as plan.yaml.")
+@force_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.plan/1).")
 @click.pass_obj
 def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, nodes, strategy,
             headroom, confidence, data_path, host_ram, objective, method, rank, targets, batch,
             grad_ckpt, optim, attn, top, storage, seed, measure_top, measure_steps,
-            trust_remote_code, plot, output, as_json, no_calibration=False) -> None:
+            trust_remote_code, plot, output, force, as_json, no_calibration=False) -> None:
     """Search the recipes that fit a GPU and explain the pick.
 
     Searches method, LoRA rank and targets, micro batch and accumulation,
@@ -106,7 +107,10 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
     from autotune.plan.studies import default_storage
     from autotune.catalog.models import resolve_model
     from autotune.plan.space import Pins, Space
+    from autotune.util.files import check_new_file
 
+    check_new_file(output, force, "-o", (data_path, model_spec))
+    check_new_file(plot, force, "--plot", (data_path, model_spec, output))
     pins = Pins(method, rank, targets, batch, grad_ckpt, optim, attn)
     model = resolve_model(model_spec, pm)
     planner = Planner(pm, model.config, model.family, model.id, trust_remote_code,
