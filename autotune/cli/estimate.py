@@ -126,7 +126,8 @@ data_option = click.option(
     help="A dataset (.jsonl, .json, .csv, .parquet, .txt): its token lengths set the sequence "
          "length, the batching and the worst micro batch (docs/data.md).")
 confidence_option = click.option(
-    "--confidence", type=click.FloatRange(50, 99.9), default=95.0, show_default=True,
+    "--confidence", type=click.FloatRange(50, 99.9, min_open=True), default=95.0,
+    show_default=True,
     help="Confidence (%) of the peak's bounds; plans must fit at their upper bound.")
 
 

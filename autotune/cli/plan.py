@@ -33,6 +33,8 @@ OVERVIEW_CARDS = ("t4", "rtx3060", "v100-32gb", "rtx3090", "rtx4090", "a10", "l4
                   "l40s", "a100-80gb", "h100")
 INFEASIBLE = 3
 """Exit code when no plan fits."""
+GPUS_MAX, NODES_MAX = 64, 4096
+"""The most cards per node and nodes planned for (a larger cluster is a typo)."""
 
 
 @click.command("plan")
@@ -48,10 +50,10 @@ INFEASIBLE = 3
 @click.option("--effective-batch", type=click.IntRange(1, LIMITS["batch"]), default=16,
               show_default=True,
               help="Sequences per optimizer step (micro batch x accumulation).")
-@click.option("--gpus", type=click.IntRange(1), help="Cards per node (default: 1, or the cards "
+@click.option("--gpus", type=click.IntRange(1, GPUS_MAX), help="Cards per node (default: 1, or the cards "
                                                      "this machine has); with several, the "
                                                      "strategy (DDP, ZeRO, FSDP) is searched.")
-@click.option("--nodes", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--nodes", type=click.IntRange(1, NODES_MAX), default=1, show_default=True,
               help="Machines, each with --gpus cards.")
 @click.option("--strategy", type=click.Choice(["ddp", "zero1", "zero2", "zero3", "fsdp"]),
               help="Pin the multi-GPU strategy (its CPU-offload variants are still tried).")

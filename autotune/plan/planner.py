@@ -23,7 +23,7 @@ from autotune import __version__
 from autotune.plan import alternatives
 
 from autotune.calibrate import calibration
-from autotune.util.errors import AutotuneError
+from autotune.util.errors import AutotuneError, PluginError
 from autotune.cost.assess import describe, family_kernel
 from autotune.catalog.gpus import GPU
 from autotune.cost.host import DiskNeeds, HostNeeds, WeightFiles, disk_needs, host_needs, weight_files
@@ -33,7 +33,7 @@ from autotune.cost.objectives import fidelity, tokens_per_second
 from autotune.cost.parallel import SINGLE, Parallel, communication_seconds
 from autotune.cost.params import count, resolve_targets
 from autotune.cost.recipe import Recipe
-from autotune.plugin.registry import STANDARD_GROUPS, family_for, stage_named
+from autotune.plugin.registry import STANDARD_GROUPS, blame, family_for, stage_named, stages
 from autotune.plan.space import Space, suggest
 from autotune.plan.studies import load_or_store
 from autotune.cost.uncertainty import CONFIDENCE, Band, band
@@ -162,7 +162,9 @@ class Planner:
         self.files = files or weight_files(None)
         self.family = family_for(pm, config, family)
         self.arch = describe(config, self.family, remote_code)
-        self.groups = self.family.module_groups(config)
+        stages(pm)  # two stages of one name: the clash, named now (not "no plan fits")
+        with blame(self.family, "module_groups"):
+            self.groups = self.family.module_groups(config)
         self.model_id = model_id
         self._priced: dict[Recipe, tuple] = {}
         self._counts: dict[tuple, object] = {}
@@ -191,7 +193,8 @@ class Planner:
             if adapter not in self._counts:
                 self._counts[adapter] = count(self.arch, recipe, self.groups)
             counts = self._counts[adapter]
-            extras = stage.extra_memory(self.arch, recipe, counts)
+            with blame(stage, "extra_memory"):
+                extras = stage.extra_memory(self.arch, recipe, counts)
             memory = estimate_memory(self.arch, recipe, counts, extras, self.device,
                                      stage.sequences_per_example(), parallel)
             self._priced[key] = (counts, memory, stage.sequences_per_example())
@@ -303,9 +306,15 @@ class Planner:
     def _run(self, space: Space, budget: int, seed: int, n_trials: int, optuna):
         import warnings
 
+        failed: list[PluginError] = []
+
         def objective(trial):
             try:
                 candidate = self.evaluate(space, suggest(trial, space), budget)
+            except PluginError as exc:  # a plugin's bug: stop and name it (no Optuna trace)
+                failed.append(exc)
+                trial.study.stop()
+                raise optuna.TrialPruned() from exc
             except AutotuneError as exc:  # a point this model cannot take (DoRA on experts)
                 trial.set_user_attr("invalid", str(exc))
                 raise optuna.TrialPruned() from exc
@@ -322,6 +331,8 @@ class Planner:
             sampler = optuna.samplers.BruteForceSampler(seed=seed)
         study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
         study.optimize(objective, n_trials=n_trials)
+        if failed:
+            raise failed[0]
         return study
 
     def _rank(self, study, space: Space, budget: int, objective: str, top: int, name: str,
