@@ -11,7 +11,7 @@ import pluggy
 
 from autotune import __version__
 from autotune.util.errors import AutotuneError, PluginError
-from autotune.util.quiet import loud_libraries, quiet_libraries
+from autotune.util.quiet import loud_libraries, offline, quiet_libraries
 
 COMMANDS = ("models", "probe", "gpus", "estimate", "plan", "explain", "run", "report", "merge",
             "generate", "plugins", "completion", "calibrate", "export")
@@ -64,6 +64,7 @@ def make_cli(pm: pluggy.PluginManager) -> click.Group:
 def main() -> None:
     """Entry point of the ``autotune`` script: errors end in one line, not a traceback."""
     quiet_libraries()
+    offline()
     try:
         from autotune.plugin.manager import get_plugin_manager
 
