@@ -79,6 +79,27 @@ def test_concurrent_plans_write_one_study_once(tmp_path, processes):
     assert len(recipes) == len(set(recipes)) == 5
 
 
+def test_two_measuring_workers_started_together_both_finish(tmp_path):
+    """The documented two-worker ``--measure`` on one ``--storage``, started at the same
+    moment: neither is lost, and no plan is measured twice."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    env = {**os.environ, "AUTOTUNE_DISABLE_PLUGIN_AUTOLOAD": "1",
+           "AUTOTUNE_CACHE_DIR": str(tmp_path / "cache")}
+    workers = [subprocess.Popen([sys.executable, "-m", "autotune", "plan", "--model", "tiny",
+                                 "--vram", "2GiB", "--seq-len", "64", "--measure", "2",
+                                 "--measure-steps", "2", "--storage", url, "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env) for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0 and "Traceback" not in err, err[-3000:]
+        assert json.loads(out)["plans"][0]["measured"]["status"] == "ok"
+    [name] = optuna.get_all_study_names(url)
+    trials = optuna.load_study(study_name=name, storage=url).trials
+    claims = [t.user_attrs["claim"] for t in trials if "measured" in t.user_attrs]
+    assert len(claims) == len(set(claims)) == 2  # each of the two best, measured once
+
+
 def _cache_in_a_file(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     return {"AUTOTUNE_CACHE_DIR": str(tmp_path / "file")}
