@@ -40,7 +40,7 @@ def console(*args: str, env: dict | None = None, cwd=None, timeout: float = 120)
     full = {**os.environ, "AUTOTUNE_DISABLE_PLUGIN_AUTOLOAD": "1", **(env or {})}
     full = {k: v for k, v in full.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "autotune", *args], capture_output=True,
-                          text=True, env=full, cwd=cwd, timeout=timeout)
+                          text=True, env=full, cwd=cwd, timeout=timeout, check=False)
 
 
 def clean(result) -> None:

@@ -99,7 +99,7 @@ def open_storage(url: str):
         if path is not None:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         storage = optuna.storages.RDBStorage(url)
-    except Exception as exc:  # noqa: BLE001 -- any driver error becomes one line
+    except Exception as exc:  # any driver error becomes one line
         raise StorageUnavailable(f"cannot open study storage {url!r}: {_first_line(exc)}") \
             from exc
     if path is not None:
@@ -213,7 +213,7 @@ def _guard(function, *args, **kwargs):
         return function(*args, **kwargs)
     except StorageUnavailable:
         raise
-    except Exception as exc:  # noqa: BLE001 -- a driver's, a lock's or Optuna's error
+    except Exception as exc:  # a driver's, a lock's or Optuna's error
         raise StorageUnavailable(f"{type(exc).__name__}: {_first_line(exc)}") from exc
 
 

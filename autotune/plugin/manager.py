@@ -65,7 +65,7 @@ def _load_entrypoints(pm: pluggy.PluginManager) -> None:
                 continue
             try:
                 pm.register(ep.load(), name=ep.name)
-            except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
                 # one broken plugin must not stop the CLI, nor end it (sys.exit at import)
                 where = f"plugin {ep.name!r} (from {dist.metadata['Name']})"
                 if os.environ.get("AUTOTUNE_STRICT_PLUGINS"):
