@@ -95,13 +95,18 @@ def open_storage(url: str):
     import optuna
 
     path = sqlite_file(url)
-    try:
-        if path is not None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        storage = optuna.storages.RDBStorage(url)
-    except Exception as exc:  # any driver error becomes one line
-        raise StorageUnavailable(f"cannot open study storage {url!r}: {_first_line(exc)}") \
-            from exc
+    for attempt in range(3):
+        try:
+            if path is not None:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            storage = optuna.storages.RDBStorage(url)
+            break
+        except Exception as exc:  # any driver error becomes one line
+            if path is None and attempt < 2:  # a server's schema created by two at once
+                time.sleep(0.5)
+                continue
+            raise StorageUnavailable(f"cannot open study storage {url!r}: "
+                                     f"{_first_line(exc)}") from exc
     if path is not None:
         from sqlalchemy import event
 
