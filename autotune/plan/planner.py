@@ -292,6 +292,7 @@ class Planner:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         name = self.study_key(space, budget)
         points = space.points()
+
         def compute():
             return self._run(space, budget, seed, len(points), optuna)
 

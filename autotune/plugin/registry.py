@@ -192,7 +192,7 @@ def plugin_failed(obj: ModelFamily | Stage, method: str, exc: Exception) -> Plug
     plugin."""
     kind = "model family" if isinstance(obj, ModelFamily) else "stage"
     return PluginError(f"plugin {obj.plugin!r} failed: {kind} {obj.name!r} raised in "
-                         f"{method}(): {type(exc).__name__}: {exc}")
+                       f"{method}(): {type(exc).__name__}: {exc}")
 
 
 @contextmanager
