@@ -10,6 +10,7 @@ import zipfile
 
 import pytest
 
+from autotune.catalog import gpus
 from autotune.cost import host
 from autotune.cost.host import KEPT
 from autotune.cost.assess import estimate
@@ -333,7 +334,8 @@ def test_machine_ram_reads_meminfo():
     total, available = machine_ram()
     mem_total, mem_available = _meminfo()
     assert total >= available > 0
-    if host._cgroup_limit() is None or host._cgroup_limit() >= mem_total:
+    limit = gpus.cgroup_memory_limit()
+    if limit is None or limit >= mem_total:
         assert total == mem_total
         assert available == pytest.approx(mem_available, rel=0.05)  # it moves
     else:
@@ -349,8 +351,8 @@ def test_machine_ram_respects_the_cgroup_limit(tmp_path, monkeypatch):
     (cgroup / "slurm" / "job_7" / "step_0").mkdir(parents=True)
     (cgroup / "slurm" / "job_7" / "step_0" / "memory.max").write_text("max\n")
     (cgroup / "slurm" / "job_7" / "memory.max").write_text(f"{256 * MiB}\n")
-    monkeypatch.setattr(host, "PROC", str(proc))
-    monkeypatch.setattr(host, "CGROUP", str(cgroup))
+    monkeypatch.setattr(gpus, "PROC", str(proc))
+    monkeypatch.setattr(gpus, "CGROUP", str(cgroup))
     assert machine_ram() == (256 * MiB, 256 * MiB)
     (cgroup / "slurm" / "job_7" / "memory.max").write_text("max\n")
     assert machine_ram() == (GiB, 512 * MiB)

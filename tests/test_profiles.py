@@ -93,7 +93,7 @@ def test_shipped_profiles_exist():
 
 @pytest.mark.parametrize("path", SHIPPED_FILES, ids=lambda p: p.stem)
 def test_shipped_profile_parses(path, pm):
-    from autotune.catalog.models import _parse_yaml
+    from autotune.util.yamlfile import parse_yaml as _parse_yaml
 
     profile = parse_profile(_parse_yaml(path.read_text(), str(path)), str(path), path.stem)
     assert profile.id == path.stem

@@ -34,6 +34,7 @@ from typing import Any
 from autotune import __version__
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
+from autotune.util.files import cache_dir, regular_file
 from autotune.cost.correction import Correction, apply  # noqa: F401 -- fitted and saved here
 from autotune.cost.memory import ALLOCATOR_SLACK, CUDA_CONTEXT
 
@@ -46,12 +47,6 @@ SOURCES = ("run", "sweep", "trial")
 
 
 # -- where things live ----------------------------------------------------------------------
-
-def cache_dir() -> str:
-    """``$AUTOTUNE_CACHE_DIR`` or ``~/.cache/autotune`` (the rule of ``planner.default_storage``)."""
-    return os.environ.get("AUTOTUNE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "autotune")
-
 
 def store_path() -> str:
     """The local measurement store: ``$AUTOTUNE_MEASUREMENTS``, else the cache's JSONL."""
@@ -160,6 +155,9 @@ def read(paths: str | Iterable[str] | None = None) -> Loaded:
         paths = [paths]
     loaded = Loaded()
     for path in paths:
+        if not os.path.exists(path):
+            continue
+        regular_file(path, "measurement store")  # /dev/zero or a FIFO would never end
         try:
             with open(path, encoding="utf-8", errors="replace") as handle:
                 lines = list(handle)
@@ -469,6 +467,8 @@ def load(path: str | None = None) -> dict[str, Correction]:
     """The stored corrections by GPU id; ``{}`` when none are stored (or the file is bad)."""
     path = path or calibration_path()
     try:
+        if not os.path.isfile(path):  # none stored, or a cache that is no folder
+            return {}
         with open(path, encoding="utf-8") as handle:
             document = json.load(handle)
         if document.get("schema") != CALIBRATION_SCHEMA:

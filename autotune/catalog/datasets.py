@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.util.errors import AutotuneError
+from autotune.util.files import regular_file
 
 STAGES = ("pt", "sft", "dpo")
 
@@ -76,6 +77,10 @@ _ROW_KEYS = {"messages", "conversations", "instruction", "output", "prompt", "co
              "chosen", "rejected", "text", "content"}
 _CSV_JSON_COLUMNS = ("messages", "conversations", "history")
 _BATCH = 1024
+LINE_LIMIT = 256 * 2**20
+"""The longest JSONL line (one row) autotune reads."""
+WHOLE_FILE_LIMIT = 2**30
+"""The largest .json, .csv or .txt file, which is read whole."""
 
 
 def load_rows(path: str | os.PathLike, stage: str, limit: int | None = None) -> list[dict]:
@@ -141,6 +146,7 @@ def _source(path: Path, shown: str, stage: str) -> Iterator[tuple[str, str, Any]
         _fail(shown, "no such file or directory")
     if is_dir:
         return _folder_rows(path, shown)
+    regular_file(shown, "data file")  # /dev/zero or a FIFO would never end
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         what = f"{path.suffix} files" if path.suffix else "files without an extension"
@@ -154,6 +160,9 @@ def _source(path: Path, shown: str, stage: str) -> Iterator[tuple[str, str, Any]
 
 
 def _read_text(path: Path, shown: str) -> str:
+    if os.path.getsize(path) > WHOLE_FILE_LIMIT:
+        _fail(shown, f"more than {WHOLE_FILE_LIMIT // 2**30} GiB to read at once: write it as "
+                     ".jsonl, which is read a line at a time")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -176,9 +185,11 @@ def _jsonl_rows(path: Path, shown: str) -> Iterator[tuple[str, str, Any]]:
 
 def _jsonl_lines(handle, shown: str) -> Iterator[tuple[str, str, Any]]:
     offset = 0
-    for lineno, raw in enumerate(handle, 1):
+    for lineno, raw in enumerate(iter(lambda: handle.readline(LINE_LIMIT + 1), b""), 1):
         start, offset = offset, offset + len(raw)
         where = f"{shown}:{lineno}"
+        if len(raw) > LINE_LIMIT:
+            _fail(where, f"a line of more than {LINE_LIMIT // 2**20} MiB")
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

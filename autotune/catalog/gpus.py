@@ -161,20 +161,15 @@ def parse_gpu(data: Any, where: str, stem: str | None = None) -> GPU:
 def _load_catalogue() -> tuple[GPU, ...]:
     from importlib.resources import files
 
-    import yaml
+    from autotune.util.yamlfile import read_yaml
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     folder = files("autotune_profiles") / "gpus"
     found: list[GPU] = []
     entries = sorted((e for e in folder.iterdir() if e.name.endswith(".yaml")),
                      key=lambda e: e.name)
     for entry in entries:
-        where = f"GPU profile {entry}"
-        try:
-            data = yaml.load(entry.read_text(encoding="utf-8"), Loader=loader)
-        except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
-            raise AutotuneError(f"{where}: cannot read it: {exc}".replace("\n", " ")) from exc
-        found.append(parse_gpu(data, where, stem=entry.name[: -len(".yaml")]))
+        data = read_yaml(entry, "GPU profile")
+        found.append(parse_gpu(data, f"GPU profile {entry}", stem=entry.name[: -len(".yaml")]))
     _check_names(found)
     return tuple(found)
 
@@ -508,34 +503,66 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
-def _meminfo() -> tuple[int | None, int | None]:
-    text = _read("/proc/meminfo")
-    if text:
-        values = {}
-        for line in text.splitlines():
-            name, _, rest = line.partition(":")
-            parts = rest.split()
-            if parts and parts[0].isdigit():
-                values[name.strip()] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
-        if "MemTotal" in values:
-            return values["MemTotal"], values.get("MemAvailable", values.get("MemFree"))
-    total = available = None
+PROC, CGROUP = "/proc", "/sys/fs/cgroup"
+
+
+def _meminfo() -> tuple[int, int]:
+    """(total, available) bytes of RAM: ``/proc/meminfo``, else psutil, else sysconf (free
+    pages: a lower bound)."""
+    try:
+        with open(os.path.join(PROC, "meminfo"), encoding="ascii") as handle:
+            info = {k: int(v.split()[0]) * 1024 for k, v in
+                    (line.split(":", 1) for line in handle if ":" in line)}
+        return info["MemTotal"], info.get("MemAvailable", info["MemFree"])
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        return memory.total, memory.available
+    except ImportError:
+        pass
     try:
         page = os.sysconf("SC_PAGE_SIZE")
-        total = page * os.sysconf("SC_PHYS_PAGES")
-        available = page * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        pass
+        return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError) as exc:
+        raise AutotuneError(f"cannot read this machine's RAM: {exc}") from None
+
+
+def cgroup_memory_limit() -> int | None:
+    """The lowest memory limit on this process's cgroup and its parents (v2 ``memory.max``,
+    v1 ``memory.limit_in_bytes``), where one is set."""
+    lines = (_read(os.path.join(PROC, "self", "cgroup")) or "").splitlines()
+    limits = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[1] == "":
+            root, name = CGROUP, "memory.max"
+        elif "memory" in parts[1].split(","):
+            root, name = os.path.join(CGROUP, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        group = parts[2].strip("/")
+        while True:  # up to the mount's root, which in a container is its own group
+            text = (_read(os.path.join(root, group, name)) or "").strip()
+            if text.isdigit() and int(text) < 2**60:  # v1 says "unlimited" with 2**63
+                limits.append(int(text))
+            if not group:
+                break
+            group = os.path.dirname(group)
+    return min(limits) if limits else None
+
+
+def machine_ram() -> tuple[int, int]:
+    """(total, available) bytes of this machine's RAM, within its cgroup's limit if any."""
+    total, available = _meminfo()
+    limit = cgroup_memory_limit()
+    if limit is not None and limit < total:
+        total, available = limit, min(available, limit)
     return total, available
-
-
-def _cgroup_memory_limit() -> int | None:
-    """The container's memory limit in bytes (cgroup v2, then v1), ``None`` if unlimited."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        text = (_read(path) or "").strip()
-        if text.isdigit() and int(text) < 2**60:
-            return int(text)
-    return None
 
 
 def host_info() -> dict[str, Any]:
@@ -545,7 +572,7 @@ def host_info() -> dict[str, Any]:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         usable = None
-    limit = _optional(_cgroup_memory_limit)
+    limit = _optional(cgroup_memory_limit)
     return {
         "cpu_model": _optional(_cpu_model),
         "cpu_logical_cores": os.cpu_count(),

@@ -36,13 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import pluggy
-import yaml
 
 from autotune.util.errors import AutotuneError
+from autotune.util.files import MiB, read_bytes
 from autotune.util.schema import check_keys
+from autotune.util.yamlfile import read_yaml
 
 PROFILES_PATH_ENV = "AUTOTUNE_PROFILES_PATH"
 SOURCES = ("profile", "config", "folder", "hf-cache")
+CONFIG_LIMIT = 16 * MiB
+"""The largest config.json autotune reads (real ones are a few KiB)."""
 
 
 # -- data -----------------------------------------------------------------------------
@@ -107,36 +110,6 @@ class ModelSpec:
             "model_type": self.config.get("model_type"),
             "config": copy.deepcopy(self.config),
         }
-
-
-# -- YAML -------------------------------------------------------------------------------
-
-_Base = getattr(yaml, "CSafeLoader", None) or yaml.SafeLoader
-
-
-class _Loader(_Base):  # type: ignore[misc, valid-type]
-    """Safe YAML loading that also reads ``1e-06`` as a float (YAML 1.2, and JSON, do;
-    PyYAML's YAML 1.1 rules would make it a string)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _parse_yaml(text: str, where: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a safe loader
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise AutotuneError(f"{where}: invalid YAML{at}: {problem}") from None
-    except (ValueError, RecursionError) as exc:  # !!int "x", a 13th month, nesting too deep
-        problem = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise AutotuneError(f"{where}: invalid YAML: {problem}") from None
 
 
 # -- validation -------------------------------------------------------------------------
@@ -238,12 +211,8 @@ def _read_folder(folder: Traversable) -> dict[str, ModelProfile]:
     out: dict[str, ModelProfile] = {}
     for item in _walk(folder):
         where = str(item)
-        try:
-            text = item.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise AutotuneError(f"{where}: cannot read: {exc}") from None
         stem = item.name.rsplit(".", 1)[0]
-        profile = parse_profile(_parse_yaml(text, where), where, stem)
+        profile = parse_profile(read_yaml(item, "model profile"), where, stem)
         if profile.id in out:
             raise AutotuneError(f"model profile {profile.id!r} is defined twice: "
                                 f"{out[profile.id].source_path} and {where}")
@@ -361,7 +330,7 @@ def read_config(path: str | os.PathLike) -> dict:
     """Read a Hugging Face ``config.json``; any problem is a one-line error naming the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bytes(path, CONFIG_LIMIT, "config").decode("utf-8")
     except UnicodeDecodeError:
         raise AutotuneError(f"{path}: not a UTF-8 text file (expected a config.json)") from None
     except OSError as exc:

@@ -14,7 +14,7 @@ from autotune.cli.sections import (
     data_lines,
     host_lines,
 )
-from autotune.cli.output import table
+from autotune.cli.output import force_option, table
 from autotune.cost.recipe import ATTENTION, LIMITS, METHODS, OPTIMIZERS, PRECISIONS, Recipe
 from autotune.plan.advice import fit_line
 from autotune.plan.service import read_lengths, target_gpu
@@ -113,7 +113,8 @@ data_option = click.option(
     help="A dataset (.jsonl, .json, .csv, .parquet, .txt): its token lengths set the sequence "
          "length, the batching and the worst micro batch (docs/data.md).")
 confidence_option = click.option(
-    "--confidence", type=click.FloatRange(50, 99.9), default=95.0, show_default=True,
+    "--confidence", type=click.FloatRange(50, 99.9, min_open=True), default=95.0,
+    show_default=True,
     help="Confidence (%) of the peak's bounds; plans must fit at their upper bound.")
 
 
@@ -131,15 +132,19 @@ confidence_option = click.option(
 @no_calibration_option
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Draw the memory breakdown against the card as a PNG.")
+@force_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.estimate/1).")
 @click.pass_obj
 def command(pm, model_spec, data_path, gpu, vram, device, confidence, trust_remote_code,
-            no_calibration, plot, as_json, **options) -> None:
+            no_calibration, plot, force, as_json, **options) -> None:
     """Count parameters exactly and predict the peak memory of a training step."""
     from autotune.catalog.lengths import Workload, batching_for
     from autotune.catalog.models import resolve_model
     from autotune.cost.host import weight_files
     from autotune.plan.planner import Planner
+    from autotune.util.files import check_new_file
+
+    check_new_file(plot, force, "--plot", (data_path, model_spec))
 
     recipe = make_recipe(**options)
     card = target_gpu(gpu, vram)

@@ -36,7 +36,7 @@ def command(pm, plan_file, tool, output, data, force, trust_remote_code, as_json
     if tool in ("llamafactory", "axolotl", "trl"):
         context = export_context(pm, plan, trust_remote_code)
     export = build(tool, plan, context, data, output)
-    written = write(export, force)
+    written = write(export, force, (plan_file, data))
     result = {"schema": "autotune.export/1", "plan": plan_file, "to": tool, "path": export.path,
               "config": export.config,
               "companions": [{"path": p, "config": c} for p, c in export.companions],

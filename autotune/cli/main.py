@@ -10,8 +10,8 @@ import click
 import pluggy
 
 from autotune import __version__
-from autotune.util.errors import AutotuneError
-from autotune.util.quiet import loud_libraries, quiet_libraries
+from autotune.util.errors import AutotuneError, PluginError
+from autotune.util.quiet import loud_libraries, offline, quiet_libraries
 
 COMMANDS = ("models", "probe", "gpus", "estimate", "plan", "explain", "run", "report", "merge",
             "generate", "plugins", "completion", "calibrate", "export")
@@ -46,18 +46,25 @@ def make_cli(pm: pluggy.PluginManager) -> click.Group:
     for name in COMMANDS:
         module = importlib.import_module(f"autotune.cli.{name}")
         cli.add_command(module.command, name=name)
+    builtin = dict(cli.commands)
     for impl in reversed(pm.hook.register_commands.get_hookimpls()):  # pluggy's order
         try:
             impl.function(**{name: cli for name in impl.argnames})  # as pluggy calls it
-        except Exception as exc:  # a broken plugin is named, not a traceback
-            raise AutotuneError(f"plugin {impl.plugin_name!r} failed in register_commands: "
-                                f"{type(exc).__name__}: {exc}") from exc
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # named, not a traceback
+            raise PluginError(f"plugin {impl.plugin_name!r} failed in register_commands: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        replaced = sorted(n for n, c in builtin.items() if cli.commands.get(n) is not c)
+        if replaced:  # built-in commands keep working, whatever a plugin registers
+            cli.commands.update(builtin)
+            click.echo(f"autotune: warning: plugin {impl.plugin_name!r} may not replace the "
+                       f"built-in command(s) {', '.join(replaced)}: ignored", err=True)
     return cli
 
 
 def main() -> None:
     """Entry point of the ``autotune`` script: errors end in one line, not a traceback."""
     quiet_libraries()
+    offline()
     try:
         from autotune.plugin.manager import get_plugin_manager
 

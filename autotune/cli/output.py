@@ -5,6 +5,13 @@ from __future__ import annotations
 import shutil
 import sys
 
+import click
+
+force_option = click.option("--force", is_flag=True,
+                            help="Overwrite the files -o/--plot name if they exist.")
+"""``--force``: what ``-o`` and ``--plot`` need to replace a file
+(:func:`autotune.util.files.check_new_file`)."""
+
 
 def table(columns: list[str], rows: list[list], right: set[int] = frozenset(),
           highlight_first: bool = False) -> str:

@@ -13,7 +13,7 @@ from autotune.cli.estimate import (
     no_calibration_option,
     trust_remote_code_option,
 )
-from autotune.cli.output import table
+from autotune.cli.output import force_option, table
 from autotune.cli.sections import alternatives_table, data_lines, host_lines, signed
 from autotune.cost.recipe import ATTENTION, LIMITS, OPTIMIZERS
 from autotune.plan.advice import describe, strategy
@@ -23,6 +23,8 @@ from autotune.util.units import GiB, gib
 SCHEMA = "autotune.plan/1"
 INFEASIBLE = 3
 """Exit code when no plan fits."""
+GPUS_MAX, NODES_MAX = 64, 4096
+"""The most cards per node and nodes planned for (a larger cluster is a typo)."""
 
 
 @click.command("plan")
@@ -38,10 +40,10 @@ INFEASIBLE = 3
 @click.option("--effective-batch", type=click.IntRange(1, LIMITS["batch"]), default=16,
               show_default=True,
               help="Sequences per optimizer step (micro batch x accumulation).")
-@click.option("--gpus", type=click.IntRange(1), help="Cards per node (default: 1, or the cards "
+@click.option("--gpus", type=click.IntRange(1, GPUS_MAX), help="Cards per node (default: 1, or the cards "
                                                      "this machine has); with several, the "
                                                      "strategy (DDP, ZeRO, FSDP) is searched.")
-@click.option("--nodes", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--nodes", type=click.IntRange(1, NODES_MAX), default=1, show_default=True,
               help="Machines, each with --gpus cards.")
 @click.option("--strategy", type=click.Choice(["ddp", "zero1", "zero2", "zero3", "fsdp"]),
               help="Pin the multi-GPU strategy (its CPU-offload variants are still tried).")
@@ -78,12 +80,13 @@ INFEASIBLE = 3
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Draw the Pareto front (fidelity vs tokens/s) as a PNG.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the pick as plan.yaml.")
+@force_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.plan/1).")
 @click.pass_obj
 def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, nodes, strategy,
             headroom, confidence, data_path, host_ram, objective, method, rank, targets, batch,
             grad_ckpt, optim, attn, top, storage, seed, measure_top, measure_steps,
-            trust_remote_code, plot, output, as_json, no_calibration=False) -> None:
+            trust_remote_code, plot, output, force, as_json, no_calibration=False) -> None:
     """Search the recipes that fit a GPU and explain the pick.
 
     Searches method, LoRA rank and targets, micro batch and accumulation,
@@ -93,7 +96,10 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
     """
     from autotune.plan.service import Request, plan, storage_url
     from autotune.plan.space import Pins
+    from autotune.util.files import check_new_file
 
+    check_new_file(output, force, "-o", (data_path, model_spec))
+    check_new_file(plot, force, "--plot", (data_path, model_spec, output))
     explicit = click.get_current_context().get_parameter_source("seq_len")
     request = Request(
         model_spec, gpu, vram, seq_len, explicit == click.core.ParameterSource.COMMANDLINE,

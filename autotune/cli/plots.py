@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from autotune.util.errors import AutotuneError
+from autotune.util.files import new_file_mode
 from autotune.util.units import GiB
 
 COLOURS = {"weights": "#4c72b0", "adapters": "#55a868", "gradients": "#c44e52",
@@ -28,6 +29,7 @@ def _save(fig, path: str) -> str:
         os.makedirs(folder, exist_ok=True)
         temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp.png")
         fig.savefig(temporary, dpi=100, bbox_inches="tight")
+        os.chmod(temporary, new_file_mode(path))  # a replaced file keeps its mode
         os.replace(temporary, path)
     except OSError as exc:
         raise AutotuneError(f"cannot write {path}: {exc.strerror or exc}") from exc

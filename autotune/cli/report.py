@@ -7,16 +7,23 @@ import json
 import click
 
 from autotune.cli.sections import run_summary
+from autotune.cli.output import force_option
 
 
 @click.command("report")
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw the loss curve and memory "
                                                               "as a PNG.")
+@force_option
 @click.option("--json", "as_json", is_flag=True, help="Print run_report.json.")
-def command(run_dir, plot, as_json) -> None:
+def command(run_dir, plot, force, as_json) -> None:
     """Show a run's report: loss, throughput, predicted vs measured memory."""
+    import os
+
     from autotune.run.finished import read_report
+    from autotune.util.files import check_new_file
+
+    check_new_file(plot, force, "--plot", (os.path.join(run_dir, "run_report.json"),))
 
     report = read_report(run_dir)
     if plot:

@@ -32,7 +32,7 @@ from autotune.cost.parallel import SINGLE, Parallel, communication_seconds
 from autotune.cost.params import ParamCounts, count
 from autotune.cost.recipe import Recipe
 from autotune.cost.uncertainty import CONFIDENCE, Band, band
-from autotune.plugin.registry import ModelFamily, blame, family_for, plugin_failed, stage_named
+from autotune.plugin.registry import ModelFamily, blame, family_for, plugin_failed, stage_named, stages
 from autotune.util.errors import AutotuneError
 
 DATASET_BYTES_PER_TOKEN = 24
@@ -109,7 +109,38 @@ def check_sizes(config: dict) -> dict:
                                 f"not {value!r}")
         if value > high:
             raise AutotuneError(f"config.json: {key} {value} is too large (at most {high:,})")
+    _check_shapes(config)
     return {k: v for k, v in config.items() if not (v is None and k in (*SIZES, *COUNTS))}
+
+
+FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+"""Settings that must be JSON true or false (the string "false" is truthy)."""
+EXPERTS = ("n_routed_experts", "num_local_experts", "num_experts")
+
+
+def _check_shapes(config: dict) -> None:
+    """Refuse what no model can be built from: heads that do not divide the hidden size or
+    each other, more experts per token than experts, a flag that is no boolean."""
+    for key in FLAGS:
+        if key in config and config[key] is not None and not isinstance(config[key], bool):
+            raise AutotuneError(f"config.json: {key} must be true or false, not {config[key]!r}")
+    hidden = config.get("hidden_size", config.get("n_embd"))
+    heads = config.get("num_attention_heads", config.get("n_head"))
+    kv = config.get("num_key_value_heads")
+    if hidden and heads and config.get("head_dim") is None and hidden % heads:
+        raise AutotuneError(f"config.json: hidden_size {hidden} is not divisible by "
+                            f"num_attention_heads {heads}")
+    if heads and kv and (kv > heads or heads % kv):
+        raise AutotuneError(f"config.json: num_attention_heads {heads} is not a multiple of "
+                            f"num_key_value_heads {kv}")
+    per_token = config.get("num_experts_per_tok")
+    for key in EXPERTS:
+        experts = config.get(key)
+        if experts == 0:  # a layer of no experts: leave the key out for a dense model
+            raise AutotuneError(f"config.json: {key} is 0 (a dense model has no {key})")
+        if experts is not None and per_token and per_token > experts:
+            raise AutotuneError(f"config.json: num_experts_per_tok {per_token} is more than "
+                                f"{key} {experts}")
 
 
 def describe(config: dict, family: ModelFamily, remote_code: bool = False) -> Architecture:
@@ -128,6 +159,9 @@ def describe(config: dict, family: ModelFamily, remote_code: bool = False) -> Ar
         raise
     except Exception as exc:  # a bug in the plugin: name it
         raise plugin_failed(family, "describe", exc) from exc
+    if arch is not None and not isinstance(arch, Architecture):
+        raise plugin_failed(family, "describe", TypeError(
+            f"returned a {type(arch).__name__}, not an Architecture or None"))
     if arch is None:
         from autotune.cost.metabuild import from_transformers
 
@@ -162,6 +196,7 @@ class CostModel:
         self.files = files or weight_files(None)
         self.family = family_for(pm, config, family)
         self.arch = describe(config, self.family, remote_code)
+        stages(pm)  # two stages of one name: the clash, named now (not "no plan fits")
         with blame(self.family, "module_groups"):
             self.groups = self.family.module_groups(config)
         self._priced: dict[tuple, tuple] = {}

@@ -19,6 +19,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass, field, replace
 
+from autotune.catalog.gpus import machine_ram  # noqa: F401 -- the one RAM reader, for callers here
 from autotune.cost.activations import FP32
 from autotune.cost.architecture import Architecture
 from autotune.util.errors import AutotuneError
@@ -43,8 +44,6 @@ CHECKPOINT_EXTRAS = 2**20
 WEIGHT_NAMES = {"safetensors": "model*.safetensors", "bin": "pytorch_model*.bin"}
 """The files ``from_pretrained`` loads from a folder, in the order it prefers them."""
 SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
-CGROUP = "/sys/fs/cgroup"
-PROC = "/proc"
 
 
 KEPT = 2
@@ -267,75 +266,6 @@ def disk_needs(arch: Architecture, recipe: Recipe, params: ParamCounts,
         state = optimizer_state_bytes(recipe, shapes, param_bytes)
     return DiskNeeds(saved + state + tokenizer + CHECKPOINT_EXTRAS, KEPT,
                      saved + tokenizer)
-
-
-def machine_ram() -> tuple[int, int]:
-    """(total, available) bytes of this machine's RAM, within its cgroup's limit if any."""
-    try:
-        with open(os.path.join(PROC, "meminfo"), encoding="ascii") as handle:
-            info = {k: int(v.split()[0]) * 1024 for k, v in
-                    (line.split(":", 1) for line in handle if ":" in line)}
-        total, available = info["MemTotal"], info.get("MemAvailable", info["MemFree"])
-    except (OSError, KeyError, ValueError, IndexError):
-        total, available = _ram_elsewhere()
-    limit = _cgroup_limit()
-    if limit is not None and limit < total:
-        total, available = limit, min(available, limit)
-    return total, available
-
-
-def _ram_elsewhere() -> tuple[int, int]:
-    """(total, available) from psutil, else from sysconf (free pages: a lower bound)."""
-    try:
-        import psutil
-
-        memory = psutil.virtual_memory()
-        return memory.total, memory.available
-    except ImportError:
-        pass
-    try:
-        page = os.sysconf("SC_PAGE_SIZE")
-        return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError) as exc:
-        raise AutotuneError(f"cannot read this machine's RAM: {exc}") from None
-
-
-def _cgroup_limit() -> int | None:
-    """The lowest memory limit on this process's cgroup and its parents (v2 ``memory.max``,
-    v1 ``memory.limit_in_bytes``), where one is set."""
-    try:
-        with open(os.path.join(PROC, "self", "cgroup"), encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return None
-    limits = []
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        if parts[1] == "":
-            root, name = CGROUP, "memory.max"
-        elif "memory" in parts[1].split(","):
-            root, name = os.path.join(CGROUP, "memory"), "memory.limit_in_bytes"
-        else:
-            continue
-        group = parts[2].strip("/")
-        while True:  # up to the mount's root, which in a container is its own group
-            limits.append(_read_int(os.path.join(root, group, name)))
-            if not group:
-                break
-            group = os.path.dirname(group)
-    found = [n for n in limits if n is not None]
-    return min(found) if found else None
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path, encoding="ascii") as handle:
-            text = handle.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
 
 
 def free_disk(folder: str) -> int:

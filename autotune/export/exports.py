@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
+from autotune.util.files import check_new_file
 
 TOOLS = ("llamafactory", "axolotl", "trl", "accelerate", "deepspeed")
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
@@ -754,15 +755,12 @@ def dump(path: str, config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
-def write(export: Export, force: bool = False) -> list[str]:
-    """Write the export's files, each atomically; refuse to overwrite unless ``force``."""
+def write(export: Export, force: bool = False, inputs: tuple[str | None, ...] = ()) -> list[str]:
+    """Write the export's files, each atomically; refuse to overwrite unless ``force``, and
+    never one of ``inputs`` (the plan, the data)."""
     files = export.files()
-    if not force:
-        existing = [p for p, _ in files if os.path.exists(p)]
-        if existing:
-            verb = "exists" if len(existing) == 1 else "exist"
-            raise AutotuneError(f"{', '.join(existing)} already {verb} (pass --force to "
-                                "overwrite)")
+    for path, _ in files:
+        check_new_file(path, force, "-o", inputs)
     written = []
     for path, config in files:
         write_text(path, dump(path, config))

@@ -171,20 +171,10 @@ OFFLOAD_DEVICES = ("none", "cpu")
 
 def read_plan(path: str) -> dict:
     """A plan file, checked: known keys, this schema, and a valid recipe."""
-    import yaml
-
     from autotune.cost.recipe import Recipe
+    from autotune.util.yamlfile import read_yaml
 
-    try:
-        with open(path, encoding="utf-8") as handle:
-            document = yaml.safe_load(handle)
-    except OSError as exc:
-        raise AutotuneError(f"cannot read plan {path}: {exc.strerror or exc}") from exc
-    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        # ValueError: ``!!int "x"`` or a 13th month; RecursionError: nesting too deep
-        problem = "nested too deeply" if isinstance(exc, RecursionError) else \
-            (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise AutotuneError(f"{path} is not a valid plan file: {problem}") from exc
+    document = read_yaml(path, "plan")
     if not isinstance(document, dict):
         raise AutotuneError(f"{path} is not a plan file (expected a mapping)")
     missing = [k for k in REQUIRED if k not in document]

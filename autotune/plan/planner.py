@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, field
 
@@ -32,8 +31,9 @@ from autotune.cost.recipe import Recipe
 from autotune.cost.uncertainty import CONFIDENCE, Band
 from autotune.plan import alternatives
 from autotune.plan.space import Space, suggest
+from autotune.plan.studies import load_or_store
 from autotune.plugin.registry import STANDARD_GROUPS
-from autotune.util.errors import AutotuneError
+from autotune.util.errors import AutotuneError, PluginError
 
 OBJECTIVES = ("quality", "speed", "balanced")
 BALANCE = alternatives.BALANCE
@@ -137,6 +137,8 @@ class PlanResult:
     """Every feasible candidate (for the Pareto plot)."""
     infeasible_all: list[Candidate] = field(default_factory=list)
     """Every point that fits at no batch, at its smallest batch."""
+    storage: str | None = None
+    """Where the study is kept (``None``: not stored, or the storage was unusable)."""
 
     @property
     def feasible(self) -> bool:
@@ -257,22 +259,30 @@ class Planner:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         name = self.study_key(space, budget)
         points = space.points()
-        study, reused = None, False
+
+        def compute():
+            return self._run(space, budget, seed, len(points), optuna)
+
         if storage:
-            study = _load(storage, name, len(points))
-            reused = study is not None
-        if study is None:
-            study = self._run(space, budget, seed, len(points), optuna)
-            if storage:
-                _save(study, storage, name)
-        return self._rank(study, space, budget, objective, top, name, reused)
+            study, reused, stored = load_or_store(storage, name, len(points), compute)
+        else:
+            study, reused, stored = compute(), False, False
+        result = self._rank(study, space, budget, objective, top, name, reused)
+        result.storage = storage if stored else None
+        return result
 
     def _run(self, space: Space, budget: int, seed: int, n_trials: int, optuna):
         import warnings
 
+        failed: list[PluginError] = []
+
         def objective(trial):
             try:
                 candidate = self.evaluate(space, suggest(trial, space), budget)
+            except PluginError as exc:  # a plugin's bug: stop and name it (no Optuna trace)
+                failed.append(exc)
+                trial.study.stop()
+                raise optuna.TrialPruned() from exc
             except AutotuneError as exc:  # a point this model cannot take (DoRA on experts)
                 trial.set_user_attr("invalid", str(exc))
                 raise optuna.TrialPruned() from exc
@@ -289,6 +299,8 @@ class Planner:
             sampler = optuna.samplers.BruteForceSampler(seed=seed)
         study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
         study.optimize(objective, n_trials=n_trials)
+        if failed:
+            raise failed[0]
         return study
 
     def _rank(self, study, space: Space, budget: int, objective: str, top: int, name: str,
@@ -351,65 +363,3 @@ def pick(candidates: list[Candidate], objective: str) -> list[Candidate]:
         return (c.pareto, *score, -c.peak)
 
     return sorted(candidates, key=key, reverse=True)
-
-
-def default_storage() -> str:
-    """SQLite under the user cache folder (``$AUTOTUNE_CACHE_DIR`` or ``~/.cache/autotune``)."""
-    folder = os.environ.get("AUTOTUNE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "autotune")
-    os.makedirs(folder, exist_ok=True)
-    return f"sqlite:///{os.path.join(folder, 'studies.db')}"
-
-
-def open_storage(url: str):
-    import optuna
-
-    try:
-        storage = optuna.storages.RDBStorage(url)
-    except Exception as exc:  # noqa: BLE001 -- any driver error becomes one line
-        raise AutotuneError(f"cannot open study storage {url!r}: {exc}") from exc
-    if url.startswith("sqlite"):
-        from sqlalchemy import event
-
-        @event.listens_for(storage.engine, "connect")
-        def _fast(connection, _record):  # a cache, not a ledger: trade durability for speed
-            cursor = connection.cursor()
-            cursor.execute("PRAGMA synchronous=OFF")
-            cursor.execute("PRAGMA journal_mode=MEMORY")
-            cursor.close()
-
-        storage.engine.dispose()
-    return storage
-
-
-def _load(url: str, name: str, size: int):
-    """A stored study that already covers the whole space, or ``None``."""
-    import optuna
-
-    storage = open_storage(url)
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        return None
-    analytic = [t for t in study.trials if _analytic(t)]
-    return study if len(analytic) >= size else None
-
-
-def _save(study, url: str, name: str) -> None:
-    """Store a finished in-memory study under ``name``.
-
-    Trials keep their point in the ``plan`` user attribute rather than as Optuna
-    parameters: writing parameters costs a query each, and a stored plan must stay fast.
-    """
-    import optuna
-
-    storage = open_storage(url)
-    try:
-        optuna.delete_study(study_name=name, storage=storage)
-    except KeyError:
-        pass
-    stored = optuna.create_study(study_name=name, storage=storage,
-                                 directions=["maximize", "maximize"])
-    stored.add_trials([optuna.trial.create_trial(state=t.state, values=t.values,
-                                                 user_attrs=t.user_attrs)
-                       for t in study.trials])

@@ -30,7 +30,8 @@ from autotune.cost.params import resolve_targets
 from autotune.cost.recipe import LIMITS, Recipe
 from autotune.plan import advice, alternatives
 from autotune.plan.planfile import plan_document, require_record
-from autotune.plan.planner import Candidate, Planner, PlanResult, default_storage
+from autotune.plan.planner import Candidate, Planner, PlanResult
+from autotune.plan.studies import default_storage
 from autotune.plan.space import Pins, Space
 from autotune.plugin.registry import family_for
 from autotune.util.errors import AutotuneError
@@ -226,7 +227,7 @@ def plan(pm: pluggy.PluginManager, request: Request,
     if result.feasible and r.measure_top and measure is not None:
         from autotune.plan.trials import measure_candidates  # torch: only when measuring
 
-        measure_candidates(planner, result, r.measure_top, r.measure_steps, r.storage,
+        measure_candidates(planner, result, r.measure_top, r.measure_steps, result.storage,
                            r.objective, measure)
     if result.feasible:
         best = result.ranked[0]

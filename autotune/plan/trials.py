@@ -107,20 +107,21 @@ def _claim(storage: str, study_name: str, candidate):
     """A running trial that claims ``candidate`` for this worker, or ``None`` if taken."""
     import optuna
 
-    from autotune.plan.planner import open_storage
+    from autotune.plan.studies import locked, open_storage
 
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
-    key = _key(candidate)
-    if any(t.user_attrs.get("claim") == key for t in study.trials):
-        return None
-    trial = study.ask()
-    trial.set_user_attr("claim", key)
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    first = min(t.number for t in study.get_trials(deepcopy=False)
-                if t.user_attrs.get("claim") == key)
-    if first != trial.number:  # another worker claimed it at the same moment: it wins
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return None
+    with locked(storage):  # a SQLite file: one claim at a time (servers: the rule below)
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+        key = _key(candidate)
+        if any(t.user_attrs.get("claim") == key for t in study.trials):
+            return None
+        trial = study.ask()
+        trial.set_user_attr("claim", key)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        first = min(t.number for t in study.get_trials(deepcopy=False)
+                    if t.user_attrs.get("claim") == key)
+        if first != trial.number:  # another worker claimed it at the same moment: it wins
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return None
     return study, trial
 
 
@@ -144,7 +145,7 @@ def _gather(storage: str, study_name: str, chosen: list, timeout: float = 600) -
     """Wait for the plans other workers claimed, and take their measurements."""
     import optuna
 
-    from autotune.plan.planner import open_storage
+    from autotune.plan.studies import open_storage
 
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
     waiting = [c for c in chosen if not c.measured]

@@ -9,7 +9,7 @@ import sys
 import pluggy
 
 from autotune.plugin import hookspecs
-from autotune.util.errors import AutotuneError
+from autotune.util.errors import PluginError
 
 ENTRY_POINT_GROUP = "autotune"
 
@@ -65,9 +65,15 @@ def _load_entrypoints(pm: pluggy.PluginManager) -> None:
                 continue
             try:
                 pm.register(ep.load(), name=ep.name)
-            except Exception as exc:  # one broken plugin must not stop the CLI
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
+                # one broken plugin must not stop the CLI, nor end it (sys.exit at import)
                 where = f"plugin {ep.name!r} (from {dist.metadata['Name']})"
                 if os.environ.get("AUTOTUNE_STRICT_PLUGINS"):
-                    raise AutotuneError(f"{where} failed to load: {type(exc).__name__}: "
-                                        f"{exc}") from exc
-                print(f"autotune: {where} failed to load: {exc}", file=sys.stderr)
+                    raise PluginError(f"{where} failed to load: {_what(exc)}") from None
+                print(f"autotune: warning: {where} failed to load, skipped: {_what(exc)}",
+                      file=sys.stderr)
+
+
+def _what(exc: BaseException) -> str:
+    """``exc`` in one line: ``SystemExit: 0`` for a plugin that calls ``sys.exit(0)``."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import pluggy
 
-from autotune.util.errors import AutotuneError, DuplicateNameError
+from autotune.util.errors import AutotuneError, DuplicateNameError, PluginError
 
 if TYPE_CHECKING:
     from autotune.cost.architecture import Architecture
@@ -137,7 +137,7 @@ def _collect(hook: pluggy.HookCaller, base: type[T]) -> dict[str, T]:
     for impl in reversed(hook.get_hookimpls()):
         def register(obj: T, _plugin: str = impl.plugin_name) -> None:
             if not isinstance(obj, base):
-                raise AutotuneError(
+                raise PluginError(
                     f"plugin {_plugin!r} registered {obj!r}, not a {base.__name__}")
             if obj.name in found:
                 raise DuplicateNameError(
@@ -150,8 +150,8 @@ def _collect(hook: pluggy.HookCaller, base: type[T]) -> dict[str, T]:
         except AutotuneError:
             raise
         except Exception as exc:
-            raise AutotuneError(f"plugin {impl.plugin_name!r} failed in {hook.name}: "
-                                f"{type(exc).__name__}: {exc}") from exc
+            raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook.name}: "
+                              f"{type(exc).__name__}: {exc}") from exc
     return found
 
 
@@ -177,18 +177,22 @@ def family_for(pm: pluggy.PluginManager, config: dict, name: str | None = None) 
     ordered = sorted(families.values(), key=lambda f: f.fallback)
     for family in ordered:
         with blame(family, "matches"):
-            if family.matches(config):
-                return family
+            claimed = family.matches(config)
+        if not isinstance(claimed, bool):  # "no" is truthy: it would claim every config
+            raise PluginError(f"plugin {family.plugin!r} failed: model family {family.name!r} "
+                              f"matches() returned {claimed!r}, not True or False")
+        if claimed:
+            return family
     raise AutotuneError(f"no installed model family recognises model_type "
                         f"{config.get('model_type')!r}")
 
 
-def plugin_failed(obj: ModelFamily | Stage, method: str, exc: Exception) -> AutotuneError:
+def plugin_failed(obj: ModelFamily | Stage, method: str, exc: Exception) -> PluginError:
     """The one-line error for an exception a plugin's family or stage raised, naming the
     plugin."""
     kind = "model family" if isinstance(obj, ModelFamily) else "stage"
-    return AutotuneError(f"plugin {obj.plugin!r} failed: {kind} {obj.name!r} raised in "
-                         f"{method}(): {type(exc).__name__}: {exc}")
+    return PluginError(f"plugin {obj.plugin!r} failed: {kind} {obj.name!r} raised in "
+                       f"{method}(): {type(exc).__name__}: {exc}")
 
 
 @contextmanager

@@ -7,6 +7,7 @@ import os
 import tempfile
 
 from autotune.util.errors import AutotuneError
+from autotune.util.files import new_file_mode
 
 
 def write_text(path: str, text: str) -> str:
@@ -21,6 +22,7 @@ def write_text(path: str, text: str) -> str:
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
+            os.chmod(temporary, new_file_mode(path))  # a replaced file keeps its mode
             os.replace(temporary, path)
         except BaseException:
             if os.path.exists(temporary):

@@ -7,5 +7,9 @@ class AutotuneError(Exception):
     exit_code = 1
 
 
-class DuplicateNameError(AutotuneError):
+class PluginError(AutotuneError):
+    """A plugin failed or broke its contract; the message names the plugin."""
+
+
+class DuplicateNameError(PluginError):
     """Two plugins registered an object under the same name."""

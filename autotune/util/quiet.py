@@ -23,6 +23,18 @@ def quiet_libraries() -> None:
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
+           "HF_HUB_DISABLE_TELEMETRY")
+
+
+def offline() -> None:
+    """Keep the Hugging Face libraries off the network (autotune never needs it: models and
+    data are local files or the local hub cache), telemetry threads included. Set before
+    they are imported: they read these once."""
+    for variable in OFFLINE:
+        os.environ[variable] = "1"
+
+
 def loud_libraries() -> None:
     """Let the libraries' warnings and progress through again (``--verbose``)."""
     warnings.resetwarnings()

@@ -1,0 +1,89 @@
+"""Files autotune reads and writes: one cache folder, bounded reads of regular files only,
+and one rule for overwriting."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from autotune.util.errors import AutotuneError
+
+MiB = 2**20
+
+
+def cache_dir() -> str:
+    """``$AUTOTUNE_CACHE_DIR``, else ``$XDG_CACHE_HOME/autotune`` or ``~/.cache/autotune``
+    (not created here: a missing or unwritable cache only means nothing is kept)."""
+    return os.environ.get("AUTOTUNE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "autotune")
+
+
+def regular_file(path: str | os.PathLike, what: str = "file") -> os.stat_result:
+    """``path``'s status, or one error when it is missing or no regular file (a folder, a
+    FIFO, a device such as ``/dev/zero``: reading those would block or never end)."""
+    shown = os.fspath(path)
+    try:
+        info = os.stat(shown)
+    except OSError as exc:
+        raise AutotuneError(f"cannot read {what} {shown}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(info.st_mode) else
+                "a FIFO" if stat.S_ISFIFO(info.st_mode) else
+                "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else
+                "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file")
+        raise AutotuneError(f"{what} {shown} is {kind}, not a regular file")
+    return info
+
+
+def read_bytes(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:
+    """The bytes of the regular file ``path``, refused when larger than ``limit``."""
+    shown = os.fspath(path)
+    info = regular_file(shown, what)
+    if info.st_size > limit:
+        raise AutotuneError(f"{what} {shown} is {info.st_size:,} bytes, more than the "
+                            f"{limit:,} autotune reads")
+    try:
+        with open(shown, "rb") as handle:
+            data = handle.read(limit + 1)  # it may have grown since
+    except OSError as exc:
+        raise AutotuneError(f"cannot read {what} {shown}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise AutotuneError(f"{what} {shown} is more than the {limit:,} bytes autotune reads")
+    return data
+
+
+def check_new_file(path: str | None, force: bool, option: str,
+                   inputs: tuple[str | None, ...] = ()) -> None:
+    """The one overwrite rule: ``path`` (given to ``option``) may be written only when it does
+    not exist, or with ``--force``; never over a folder or other non-file, and never over one
+    of the command's own ``inputs`` (the ``--data`` file), whatever ``--force`` says."""
+    if not path:
+        return
+    for source in inputs:
+        if source and _same(path, source):
+            raise AutotuneError(f"{option} {path} is the input file {source} itself: "
+                                "give another path")
+    if not os.path.lexists(path):
+        return
+    if not os.path.isfile(path):
+        raise AutotuneError(f"{option} {path} exists and is not a regular file")
+    if not force:
+        raise AutotuneError(f"{path} already exists (pass --force to overwrite it)")
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def new_file_mode(path: str) -> int:
+    """The mode a file written to ``path`` should get: the replaced file's, else what the
+    umask leaves of 0666 (a temporary file starts at 0600)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
