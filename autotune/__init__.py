@@ -1,4 +1,8 @@
-"""autotune: plan, check and run LLM fine-tuning that fits the hardware you have."""
+"""autotune: plan, check and run LLM fine-tuning that fits the hardware you have.
+
+The names below are the stable plugin API (docs/plugins.md): plugins, the built-in ones
+included, import them from ``autotune`` and nothing from its sub-packages.
+"""
 
 import pluggy
 
@@ -6,3 +10,43 @@ __version__ = "0.1.0"
 
 hookimpl = pluggy.HookimplMarker("autotune")
 """Marker for plugin hook implementations: ``@autotune.hookimpl``."""
+
+# The plugin API, re-exported (after __version__ and hookimpl, which modules below read).
+from autotune.catalog.datasets import Row  # noqa: E402
+from autotune.cost.architecture import (  # noqa: E402
+    Architecture,
+    Attention,
+    FeedForward,
+    Layer,
+    Linear,
+    Tensor,
+    decoder,
+)
+from autotune.cost.memory import training_state_bytes, weight_bytes  # noqa: E402
+from autotune.cost.params import ParamCounts  # noqa: E402
+from autotune.cost.recipe import Recipe  # noqa: E402
+from autotune.plugin.registry import CHATML, ModelFamily, Option, Stage, packing  # noqa: E402
+from autotune.util.errors import AutotuneError, RowError  # noqa: E402
+
+__all__ = [
+    "CHATML",
+    "Architecture",
+    "Attention",
+    "AutotuneError",
+    "FeedForward",
+    "Layer",
+    "Linear",
+    "ModelFamily",
+    "Option",
+    "ParamCounts",
+    "Recipe",
+    "Row",
+    "RowError",
+    "Stage",
+    "Tensor",
+    "decoder",
+    "hookimpl",
+    "packing",
+    "training_state_bytes",
+    "weight_bytes",
+]

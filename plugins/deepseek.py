@@ -5,9 +5,7 @@ remote code (``model_type: deepseek``) with one ``nn.Linear`` per expert, which 
 plugin describes by hand.
 """
 
-from autotune import hookimpl
-from autotune.cost.architecture import decoder
-from autotune.plugin.registry import ModelFamily
+from autotune import ModelFamily, decoder, hookimpl
 
 MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 

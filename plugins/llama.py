@@ -1,8 +1,6 @@
 """Model family: Llama (Llama 2, Llama 3) and Llama-architecture models such as DeepSeek-LLM."""
 
-from autotune import hookimpl
-from autotune.cost.architecture import decoder
-from autotune.plugin.registry import ModelFamily
+from autotune import ModelFamily, decoder, hookimpl
 
 
 class Llama(ModelFamily):

@@ -1,8 +1,6 @@
 """Model family: Mistral (sliding-window attention, grouped-query attention)."""
 
-from autotune import hookimpl
-from autotune.cost.architecture import decoder
-from autotune.plugin.registry import ModelFamily
+from autotune import ModelFamily, decoder, hookimpl
 
 
 class Mistral(ModelFamily):

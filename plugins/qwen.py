@@ -1,8 +1,6 @@
 """Model family: Qwen2 / Qwen2.5 (biases on q, k and v; small models tie their embeddings)."""
 
-from autotune import hookimpl
-from autotune.cost.architecture import decoder
-from autotune.plugin.registry import ModelFamily
+from autotune import ModelFamily, decoder, hookimpl
 
 
 class Qwen(ModelFamily):

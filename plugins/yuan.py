@@ -4,9 +4,7 @@ Each attention block carries ``lf_gate``: two (2, 1) convolutions (hidden -> hid
 hidden, with biases) and an RMSNorm, applied to the hidden states before q and k.
 """
 
-from autotune import hookimpl
-from autotune.cost.architecture import decoder
-from autotune.plugin.registry import ModelFamily
+from autotune import ModelFamily, decoder, hookimpl
 
 
 class Yuan(ModelFamily):

@@ -6,13 +6,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from importlib.resources.abc import Traversable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import pluggy
 
-from autotune.util.errors import AutotuneError, DuplicateNameError
+from autotune.plugin.manager import current_manager
+from autotune.util.errors import AutotuneError, DuplicateNameError, RowError
 
 if TYPE_CHECKING:
+    from autotune.catalog.datasets import Row
     from autotune.cost.architecture import Architecture
     from autotune.cost.params import ParamCounts
     from autotune.cost.recipe import Recipe
@@ -92,25 +95,77 @@ class ModelFamily:
         return None
 
 
+@dataclass(frozen=True)
+class Option:
+    """A hyper-parameter a stage declares: ``plan`` and ``run`` offer it as ``--NAME``
+    (underscores become dashes) and write it into plan.yaml's ``training`` section."""
+
+    name: str
+    default: float | int | str | bool
+    help: str = ""
+
+
 class Stage:
-    """A training stage (pt, sft, dpo, ...). Plugins subclass it and register an instance."""
+    """A training stage (pt, sft, dpo, ...). Plugins subclass it and register an instance.
+
+    A stage owns everything stage-specific: the rows it trains on (:attr:`schema`,
+    :meth:`normalise`, :meth:`sequences`), the methods it allows, how TRL batches it, the
+    memory it adds, its trainer, its hyper-parameters (:attr:`options`) and its names in
+    other tools' configs (:attr:`exports`, :meth:`export_settings`).
+    """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     trains: ClassVar[bool] = True
     """False for stages that only run the model (inference)."""
     schema: ClassVar[str] = ""
-    """The dataset rows this stage trains on, in words (shown by ``autotune plugins``)."""
+    """The dataset rows this stage trains on, in words (errors and ``autotune plugins``
+    show it); empty for a stage that reads no dataset."""
+    row_kinds: ClassVar[tuple[str, ...]] = ()
+    """The :class:`~autotune.catalog.datasets.Row` readings :meth:`normalise` uses
+    (``text``, ``conversation``, ``preference``): errors name the stages that take a row."""
+    demo: ClassVar[str | None] = None
+    """A file of the shipped example datasets (``autotune_profiles/datasets``) for ``--demo``."""
+    methods: ClassVar[tuple[str, ...] | None] = None
+    """The tuning methods this stage allows (``None``: every one)."""
+    options: ClassVar[tuple[Option, ...]] = ()
+    """Hyper-parameters, offered as ``--name`` by ``plan`` and ``run``."""
+    exports: ClassVar[dict[str, str]] = {}
+    """The stage's name in other tools, by tool: ``llamafactory`` (``stage:``), ``trl``
+    (the ``trl`` sub-command), ``axolotl`` (``rl:``; ``""`` for a plain SFT-style run).
+    A tool missing here cannot train this stage."""
     plugin: str = ""
+
+    def normalise(self, row: Row) -> dict:
+        """One dataset row as the trainer takes it (TRL's column names).
+
+        ``row`` is a raw row with its format detected; read it with ``row.text()``,
+        ``row.conversation()`` or ``row.preference()``, which raise
+        :class:`~autotune.catalog.datasets.RowError` for rows that cannot be read so;
+        raise it yourself for anything else wrong with the row.
+        """
+        raise RowError(f"stage {self.name!r} reads no dataset")
+
+    def sequences(self, example: dict) -> list[str | list[dict]]:
+        """What one normalised example puts through the model: raw texts (tokenized, plus
+        EOS) and conversations (rendered with the chat template). The longest sets the
+        example's length (a preference pair is padded to its longer answer)."""
+        return [example[key] for key in ("text",) if key in example]
+
+    def batching(self, attn: str) -> str:
+        """How TRL batches this stage under attention kernel ``attn``: ``padded``,
+        ``packed`` (best-fit-decreasing bins, FlashAttention's padding-free kernels) or
+        ``wrapped`` (concatenated text cut into full rows)."""
+        return "padded"
 
     def extra_memory(self, arch: Architecture, recipe: Recipe,
                      params: ParamCounts) -> dict[str, int]:
         """Bytes this stage holds beyond one policy model's training step, by name.
 
         Called by the cost model with the policy's exact parameter counts; the bytes are
-        live for the whole step (a frozen reference model, a
-        reward model, ...). The core's ``weight_bytes`` and ``training_state_bytes``
-        in :mod:`autotune.cost.memory` price whole models in the recipe's format.
+        live for the whole step (a frozen reference model, a reward model, ...).
+        ``autotune.weight_bytes`` and ``autotune.training_state_bytes`` price whole
+        models in the recipe's format.
         """
         return {}
 
@@ -118,16 +173,35 @@ class Stage:
                      training: dict):
         """Build the ``transformers.Trainer`` (usually a TRL trainer) that runs this stage.
 
-        ``dataset`` holds rows normalised by :mod:`autotune.catalog.datasets` for this stage; ``args``
-        are the keyword arguments of the trainer's config common to every stage (batch,
-        accumulation, learning rate, precision, ``max_length``...); ``training`` is the
-        plan's ``training`` section, for stage-specific settings (DPO's ``beta``).
+        ``dataset`` holds rows from :meth:`normalise`; ``args`` are the keyword arguments
+        of the trainer's config common to every stage (batch, accumulation, learning rate,
+        precision, ``max_length``...); ``training`` is the plan's ``training`` section
+        (this stage's :attr:`options`, ``batching``). Import TRL and torch in here, not at
+        the top of the module: the CLI imports every stage plugin.
         """
         raise AutotuneError(f"stage {self.name!r} cannot train (no make_trainer)")
+
+    def export_settings(self, tool: str, training: dict, data_format: str | None) -> dict:
+        """The stage's keys in ``tool``'s config (``llamafactory``, ``axolotl``, ``trl``):
+        its hyper-parameters under the tool's names, and for Axolotl the ``datasets``
+        entry's ``type`` and fields. ``data_format`` is the data's row format, if known."""
+        return {}
 
     def sequences_per_example(self) -> int:
         """How many sequences one example puts through the model (2 for preference pairs)."""
         return 1
+
+
+def packing(training: dict) -> dict:
+    """TRL's packing settings for a plan's ``training`` section: ``packed`` is
+    best-fit-decreasing bins trained padding-free, ``wrapped`` cuts concatenated text into
+    full rows, ``padded`` (or nothing) packs nothing."""
+    batching = training.get("batching")
+    if batching == "packed":
+        return {"packing": True, "packing_strategy": "bfd"}
+    if batching == "wrapped" or training.get("packing"):
+        return {"packing": True, "packing_strategy": "wrapped"}
+    return {}
 
 
 def _collect(hook: pluggy.HookCaller, base: type[T]) -> dict[str, T]:
@@ -202,8 +276,13 @@ def blame(obj: ModelFamily | Stage, method: str) -> Iterator[None]:
         raise plugin_failed(obj, method, exc) from exc
 
 
-def stage_named(pm: pluggy.PluginManager, name: str) -> Stage:
-    """The stage called ``name``, or a clear error listing the installed ones."""
+def stage_named(pm: pluggy.PluginManager | None, name: str | Stage) -> Stage:
+    """The stage called ``name``, or a clear error listing the installed ones (``pm``:
+    the process's plugin manager when ``None``; a :class:`Stage` is returned as it is)."""
+    if isinstance(name, Stage):
+        return name
+    if pm is None:
+        pm = current_manager()
     found = stages(pm)
     if name not in found:
         raise AutotuneError(f"no stage {name!r} (installed: {', '.join(sorted(found))})")

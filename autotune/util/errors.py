@@ -9,3 +9,7 @@ class AutotuneError(Exception):
 
 class DuplicateNameError(AutotuneError):
     """Two plugins registered an object under the same name."""
+
+
+class RowError(AutotuneError):
+    """A problem inside one dataset row; the reader prefixes the file and the place."""
