@@ -12,8 +12,8 @@ hookimpl = pluggy.HookimplMarker("autotune")
 """Marker for plugin hook implementations: ``@autotune.hookimpl``."""
 
 # The plugin API, re-exported (after __version__ and hookimpl, which modules below read).
-from autotune.catalog.datasets import Row  # noqa: E402
-from autotune.cost.architecture import (  # noqa: E402
+from autotune.catalog.datasets import Row
+from autotune.cost.architecture import (
     Architecture,
     Attention,
     FeedForward,
@@ -22,11 +22,11 @@ from autotune.cost.architecture import (  # noqa: E402
     Tensor,
     decoder,
 )
-from autotune.cost.memory import training_state_bytes, weight_bytes  # noqa: E402
-from autotune.cost.params import ParamCounts  # noqa: E402
-from autotune.cost.recipe import Recipe  # noqa: E402
-from autotune.plugin.registry import CHATML, ModelFamily, Option, Stage, packing  # noqa: E402
-from autotune.util.errors import AutotuneError, RowError  # noqa: E402
+from autotune.cost.memory import training_state_bytes, weight_bytes
+from autotune.cost.params import ParamCounts
+from autotune.cost.recipe import Recipe
+from autotune.plugin.registry import CHATML, ModelFamily, Option, Stage, packing
+from autotune.util.errors import AutotuneError, RowError
 
 __all__ = [
     "CHATML",

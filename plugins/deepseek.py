@@ -34,6 +34,9 @@ class DeepSeek(ModelFamily):
                 " + eos_token }}{% else %}{{ message['content'] + '\n\n' }}{% endif %}"
                 "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 
+    def export_template(self, tool, config):
+        return "deepseek3" if config.get("model_type") == "deepseek_v3" else "deepseek"
+
     def quirks(self, config):
         found = []
         if config.get("n_routed_experts") and config.get("model_type") == "deepseek_v2":

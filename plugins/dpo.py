@@ -60,7 +60,9 @@ class DirectPreference(Stage):
         if tool == "trl":
             return {"beta": beta, **_losses(training)}
         if tool == "axolotl":  # prompt, chosen and rejected as strings or message lists
-            return {"rl_beta": beta, "datasets": {
+            notes = ["Axolotl cannot add an SFT loss to DPO (rpo_alpha is gone since TRL 0.29): "
+                     "the plan's pref_ftx is left out"] if float(training.get("pref_ftx", 0)) else []
+            return {"rl_beta": beta, "notes": notes, "datasets": {
                 "type": "chat_template.default",
                 "field_messages": "messages" if data_format == "seed-dpo" else "prompt",
                 "field_chosen": "chosen", "field_rejected": "rejected"}}

@@ -14,6 +14,9 @@ class Llama(ModelFamily):
                 "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
                 "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
 
+    def export_template(self, tool, config):
+        return "llama3" if int(config.get("vocab_size", 0)) >= 128000 else "llama2"
+
     def describe(self, config, remote_code=False):
         return decoder(config, counted_by="plugin llama")
 

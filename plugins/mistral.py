@@ -13,6 +13,9 @@ class Mistral(ModelFamily):
                 "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
                 "{% endif %}{% endfor %}")
 
+    def export_template(self, tool, config):
+        return "mistral"
+
     def quirks(self, config):
         return ["Mistral's template has no system role: system messages are dropped"]
 

@@ -7,6 +7,9 @@ class Qwen(ModelFamily):
     name = "qwen"
     model_types = ("qwen2",)
 
+    def export_template(self, tool, config):
+        return "qwen3" if str(config.get("model_type", "")).startswith("qwen3") else "qwen"
+
     def describe(self, config, remote_code=False):
         return decoder(config, qkv_bias=True, o_bias=False, counted_by="plugin qwen")
 

@@ -25,6 +25,9 @@ class Yuan(ModelFamily):
                 "{{ message['content'] + '<eod>' }}{% else %}{{ message['content'] + '<sep>' }}"
                 "{% endif %}{% endfor %}")
 
+    def export_template(self, tool, config):
+        return "yuan"
+
     def load_kwargs(self, config):
         # the hub's modelling code does not declare SDPA support: transformers refuses it
         return {"attn_implementation": "eager"}

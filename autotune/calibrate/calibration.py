@@ -35,6 +35,7 @@ from autotune import __version__
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
 from autotune.cost.memory import ALLOCATOR_SLACK, CUDA_CONTEXT, MemoryEstimate
+from autotune.plugin.registry import DEFAULT_STAGE
 
 SCHEMA = "autotune.measurement/1"
 CALIBRATION_SCHEMA = "autotune.calibration/1"
@@ -294,7 +295,7 @@ def record_from_measurement(pm, config: dict, recipe, measurement, *, model_id: 
     """The store record of an :class:`autotune.run.measure.Measurement` of ``recipe``.
 
     :func:`autotune.run.measure.measure` runs plain causal-LM steps, one optimizer step each,
-    so the prediction is priced the same way: the ``sft`` stage (no preference pairs, no
+    so the prediction is priced the same way: the default stage (no preference pairs, no
     reference model), gradient accumulation 1, on the device that measured. On CUDA the
     card's name and memory come from torch unless given.
     """
@@ -310,7 +311,7 @@ def record_from_measurement(pm, config: dict, recipe, measurement, *, model_id: 
         index = torch.cuda.current_device() if index is None else index
         gpu_name = torch.cuda.get_device_name(index)
         gpu_memory = torch.cuda.get_device_properties(index).total_memory
-    plain = recipe.but(stage="sft")
+    plain = recipe.but(stage=DEFAULT_STAGE)
     result = estimate(pm, config, plain, family, "cuda" if on_gpu else "cpu", remote_code)
     card = gpu_from_name(gpu_name, gpu_memory or 0) if gpu_name else None
     speed = (tokens_per_second(result.arch, result.recipe, result.params, card)

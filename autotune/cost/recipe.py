@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.util.errors import AutotuneError
 
 METHODS = ("full", "freeze", "lora", "dora", "qlora")
@@ -37,7 +38,7 @@ class Recipe:
     grad_ckpt: bool = False
     optim: str = "adamw_torch"
     attn: str = "sdpa"
-    stage: str = "sft"
+    stage: str = DEFAULT_STAGE
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, METHODS)

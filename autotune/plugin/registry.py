@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+DEFAULT_STAGE = "sft"
+"""The stage a recipe trains when none is named (a plain causal-LM step on conversations)."""
+
 STANDARD_GROUPS = ("qv", "attention", "mlp", "experts", "embeddings", "head")
 
 
@@ -75,6 +78,11 @@ class ModelFamily:
     def chat_template(self, config: dict) -> str:
         """A Jinja chat template for tokenizers that ship none (ChatML by default)."""
         return CHATML
+
+    def export_template(self, tool: str, config: dict) -> str:
+        """The chat template's name in ``tool``'s config (``llamafactory``: a name from its
+        ``data/template.py``)."""
+        return "default"
 
     def load_kwargs(self, config: dict) -> dict:
         """Extra ``from_pretrained`` arguments this family needs (beyond dtype and quantisation)."""
@@ -184,7 +192,9 @@ class Stage:
     def export_settings(self, tool: str, training: dict, data_format: str | None) -> dict:
         """The stage's keys in ``tool``'s config (``llamafactory``, ``axolotl``, ``trl``):
         its hyper-parameters under the tool's names, and for Axolotl the ``datasets``
-        entry's ``type`` and fields. ``data_format`` is the data's row format, if known."""
+        entry's ``type`` and fields (merged into the entry the core writes). A ``notes``
+        key (a list of sentences) becomes caveats shown with the export. ``data_format``
+        is the data's row format, if known."""
         return {}
 
     def sequences_per_example(self) -> int:

@@ -427,16 +427,15 @@ def _model(model_spec, family, recipe: Recipe, device: str, settings: RunSetting
     """The model prepared for training, and the adapter target names given to PEFT."""
     from autotune.cost.assess import describe
     from autotune.run.loading import load_base, prepare
-    from autotune.cost.params import ALL_LINEAR, resolve_targets
+    from autotune.cost.params import peft_targets
 
     config = dict(model_spec.config)
     base = load_base(config, recipe, path, device, settings.seed, settings.remote_code,
                      family.load_kwargs(config))
     targets = None
-    if recipe.adapter and recipe.targets != ALL_LINEAR:
-        arch = describe(config, family, settings.remote_code)
-        chosen, _, fused = resolve_targets(arch, family.module_groups(config), recipe.targets)
-        targets = sorted({lin.name for lin in chosen} | set(fused))
+    if recipe.adapter:
+        targets = peft_targets(describe(config, family, settings.remote_code),
+                               family.module_groups(config), recipe.targets)
     return prepare(base, recipe, targets), targets
 
 
@@ -476,17 +475,6 @@ def _trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str
     elif parallel.strategy == "fsdp":
         args["fsdp"] = "full_shard auto_wrap" + (" offload" if parallel.offload_params else "")
     return args
-
-
-def packing_args(training: dict) -> dict:
-    """TRL's packing settings for the plan's batching: ``packed`` is best-fit-decreasing
-    bins trained padding-free, ``wrapped`` cuts concatenated text into full rows."""
-    batching = training.get("batching")
-    if batching == "packed":
-        return {"packing": True, "packing_strategy": "bfd"}
-    if batching == "wrapped" or training.get("packing"):
-        return {"packing": True, "packing_strategy": "wrapped"}
-    return {}
 
 
 class _Tracker:
