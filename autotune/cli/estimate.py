@@ -15,13 +15,13 @@ from autotune.cli.sections import (
     fit_line,
     host_lines,
 )
+from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.util.errors import AutotuneError
 from autotune.cli.output import table
 from autotune.cost.recipe import ATTENTION, LIMITS, METHODS, OPTIMIZERS, PRECISIONS, Recipe
 from autotune.util.units import GiB, gib, parse_size
 
 SCHEMA = "autotune.estimate/1"
-STAGES = ("pt", "sft", "dpo", "ppo", "inference")
 
 
 def recipe_options(func):
@@ -55,7 +55,8 @@ def recipe_options(func):
                      show_default=True, help="Optimizer."),
         click.option("--attn", type=click.Choice(ATTENTION), default="sdpa", show_default=True,
                      help="Attention implementation."),
-        click.option("--stage", type=click.Choice(STAGES), default="sft", show_default=True,
+        click.option("--stage", type=click.Choice([DEFAULT_STAGE]), default=DEFAULT_STAGE,
+                     show_default=True,
                      help="Training stage (inference: the serving rule)."),
     ]
     for option in reversed(options):
@@ -136,10 +137,10 @@ def read_lengths(pm, model, stage: str, data_path: str | None, remote_code: bool
     if data_path is None:
         return None
     from autotune.catalog.lengths import local_tokenizer, measure_lengths
-    from autotune.plugin.registry import family_for
+    from autotune.plugin.registry import family_for, stage_named
 
-    if stage not in ("pt", "sft", "dpo"):
-        raise AutotuneError(f"--data needs a training stage (pt, sft or dpo), not {stage}")
+    if not stage_named(pm, stage).schema:
+        raise AutotuneError(f"--data needs a stage that trains on data, not {stage}")
     family = family_for(pm, model.config, model.family)
     return measure_lengths(data_path, stage, tokenizer=local_tokenizer(model),
                            chat_template=family.chat_template(model.config))

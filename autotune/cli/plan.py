@@ -22,6 +22,8 @@ from autotune.cli.sections import (
     host_lines,
     signed,
 )
+from autotune.cli.options import given as given_stage_options
+from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.util.errors import AutotuneError
 from autotune.cli.output import table
 from autotune.cost.recipe import ATTENTION, LIMITS, OPTIMIZERS
@@ -43,7 +45,7 @@ INFEASIBLE = 3
 @click.option("--vram", help="Plan for a memory budget instead of a card (e.g. 24GiB).")
 @click.option("--seq-len", type=click.IntRange(1, LIMITS["seq_len"]), default=2048,
               show_default=True, help="Tokens per sequence.")
-@click.option("--stage", type=click.Choice(["pt", "sft", "dpo"]), default="sft",
+@click.option("--stage", type=click.Choice([DEFAULT_STAGE]), default=DEFAULT_STAGE,
               show_default=True, help="Training stage.")
 @click.option("--effective-batch", type=click.IntRange(1, LIMITS["batch"]), default=16,
               show_default=True,
@@ -191,7 +193,8 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
         from autotune.plan.planfile import plan_document, write_yaml
 
         write_yaml(output, plan_document(model, card, budget, objective, result.ranked[0],
-                                         effective_batch, planner.confidence, data_path))
+                                         effective_batch, planner.confidence, data_path,
+                                         given_stage_options()))
         report["written"] = output
     click.echo(json.dumps(report, indent=2) if as_json else _render(report))
 

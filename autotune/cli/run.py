@@ -10,6 +10,8 @@ import time
 import click
 
 from autotune.cli.estimate import trust_remote_code_option
+from autotune.cli.options import given as given_stage_options
+from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.util.errors import AutotuneError
 from autotune.cost.recipe import LIMITS
 
@@ -29,7 +31,7 @@ DEMO_STEPS = 30
 @click.option("--report-to", default="none", show_default=True,
               help="Experiment tracking: none, tensorboard, wandb, swanlab, ...")
 @click.option("--model", "model_spec", help="Plan for this model first, then run the pick.")
-@click.option("--stage", type=click.Choice(["pt", "sft", "dpo"]), default="sft",
+@click.option("--stage", type=click.Choice([DEFAULT_STAGE]), default=DEFAULT_STAGE,
               show_default=True, help="With --model: the stage to plan.")
 @click.option("--gpu", help="With --model: plan for this card.")
 @click.option("--vram", help="With --model: plan for this memory budget.")
@@ -173,7 +175,7 @@ def _plan(pm, model_spec, stage, gpu, vram, seq_len, remote_code, quiet, data: s
               f"{best.recipe.targets}), batch {best.recipe.batch} x {best.grad_accum} for "
               f"{card.name}", file=sys.stderr)
     return plan_document(model, card, budget, "quality", best, effective, planner.confidence,
-                         data)
+                         data, given_stage_options())
 
 
 def _render(report: dict, output_dir: str) -> str:

@@ -7,6 +7,7 @@ import os
 from autotune import __version__
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
+from autotune.plugin.registry import stage_named, stage_settings
 
 SCHEMA = "autotune.plan/1"
 
@@ -25,10 +26,11 @@ def training_defaults(method: str) -> dict:
 
 def plan_document(model, gpu, budget: int, objective: str, candidate,
                   effective_batch: int, confidence: float | None = None,
-                  data_path: str | None = None) -> dict:
+                  data_path: str | None = None, stage_options: dict | None = None) -> dict:
     """Everything ``autotune run`` needs to train ``candidate`` as planned; ``confidence``
     of its bounds and the data it was planned for (``--data``) let ``explain`` price it
-    again the same way."""
+    again the same way. ``stage_options``: values given for the stage's own options
+    (DPO's ``beta``), written with the others' defaults into ``training``."""
     plan = candidate.to_dict()
     recipe = candidate.recipe.to_dict()
     return {
@@ -48,6 +50,7 @@ def plan_document(model, gpu, budget: int, objective: str, candidate,
                      * candidate.parallel.world,
                      "requested_effective_batch": effective_batch,
                      **training_defaults(candidate.recipe.method),
+                     **stage_settings(stage_named(None, candidate.recipe.stage), stage_options),
                      **({"batching": candidate.workload["batching"]} if candidate.workload
                         else {})},
         "predictions": {"fidelity": plan["fidelity"], "memory": plan["memory"],

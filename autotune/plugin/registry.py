@@ -202,6 +202,21 @@ class Stage:
         return 1
 
 
+def stage_settings(stage: Stage, given: dict | None = None) -> dict:
+    """The stage's :attr:`~Stage.options` for plan.yaml's ``training`` section: each at the
+    value ``given``, else its default. A given option the stage does not declare is an
+    error (``--beta`` on an sft plan)."""
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    own = {option.name: option for option in stage.options}
+    stray = sorted(set(given) - set(own))
+    if stray:
+        flag = "--" + stray[0].replace("_", "-")
+        theirs = ", ".join("--" + n.replace("_", "-") for n in own) or "none"
+        raise AutotuneError(f"{flag} is not an option of stage {stage.name!r} (its options: "
+                            f"{theirs})")
+    return {name: given.get(name, option.default) for name, option in own.items()}
+
+
 def packing(training: dict) -> dict:
     """TRL's packing settings for a plan's ``training`` section: ``packed`` is
     best-fit-decreasing bins trained padding-free, ``wrapped`` cuts concatenated text into
