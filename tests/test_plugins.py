@@ -2,8 +2,10 @@
 
 import inspect
 import json
+import re
 import pkgutil
 import textwrap
+from pathlib import Path
 
 import pluggy
 import pytest
@@ -86,39 +88,13 @@ def test_disable_a_builtin(monkeypatch):
     assert "yuan" not in model_families(pm)
 
 
-TOY_PLUGIN = '''
-    """A made-up architecture, counted by hand: no transformers model exists for it."""
-    from autotune import hookimpl
-    from autotune.cost.architecture import Architecture, Attention, FeedForward, Layer, Linear, Tensor
-    from autotune.plugin.registry import ModelFamily
+def readme_example() -> str:
+    """The README's "Writing a plugin" family example (this test installs exactly it)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    return re.search(r"```python\n(# autotune_toy\.py.*?)```", text, re.S).group(1)
 
 
-    class Toy(ModelFamily):
-        name = "toy"
-        model_types = ("toy",)
-
-        def module_groups(self, config):
-            return {"attention": ("wqkv", "wo"), "mlp": ("w_in", "w_out"), "qv": ("wqkv",)}
-
-        def describe(self, config):
-            h, n, v = config["width"], config["depth"], config["vocab"]
-            linears, tensors, layers = [], [Tensor("model.embed.weight", v * h, "embedding")], []
-            for i in range(n):
-                linears += [Linear(f"model.blocks.{i}.wqkv", h, 3 * h),
-                            Linear(f"model.blocks.{i}.wo", h, h),
-                            Linear(f"model.blocks.{i}.w_in", h, 4 * h),
-                            Linear(f"model.blocks.{i}.w_out", 4 * h, h)]
-                tensors.append(Tensor(f"model.blocks.{i}.norm.weight", h, "norm"))
-                layers.append(Layer(Attention(4, 4, h // 4, h // 4), FeedForward(4 * h)))
-            linears.append(Linear("lm_head", h, v))
-            return Architecture("toy", h, v, tuple(layers), tuple(linears), tuple(tensors),
-                                counted_by="plugin toy")
-
-
-    @hookimpl
-    def register_model_families(register):
-        register(Toy())
-'''
+TOY_PLUGIN = readme_example()
 
 
 def install_fake_distribution(path, module, source, ep_name):
