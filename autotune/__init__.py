@@ -14,6 +14,7 @@ hookimpl = pluggy.HookimplMarker("autotune")
 # The plugin API, re-exported (after __version__ and hookimpl, which modules below read).
 from autotune.catalog.datasets import Row
 from autotune.cost.architecture import (
+    PEFT_FUSED_TARGETS,
     Architecture,
     Attention,
     FeedForward,
@@ -30,6 +31,7 @@ from autotune.util.errors import AutotuneError, RowError
 
 __all__ = [
     "CHATML",
+    "PEFT_FUSED_TARGETS",
     "Architecture",
     "Attention",
     "AutotuneError",
