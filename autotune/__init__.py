@@ -20,6 +20,7 @@ from autotune.cost.architecture import (
     FeedForward,
     Layer,
     Linear,
+    SavedActivation,
     Tensor,
     decoder,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "Recipe",
     "Row",
     "RowError",
+    "SavedActivation",
     "Stage",
     "Tensor",
     "decoder",

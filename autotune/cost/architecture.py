@@ -88,13 +88,25 @@ class FeedForward:
 
 
 @dataclass(frozen=True)
+class SavedActivation:
+    """A tensor a family's own block in the attention saves for backward: ``width`` values
+    per token, in the compute dtype or fp32 (Yuan's LFA convolutions save three)."""
+
+    name: str
+    width: int
+    fp32: bool = False
+
+
+@dataclass(frozen=True)
 class Layer:
     """One decoder layer's shape, for the activation model."""
 
     attention: Attention
     mlp: FeedForward
     extras: tuple[str, ...] = ()
-    """Family-specific blocks the activation model knows, e.g. ``"lfa"`` (Yuan)."""
+    """Names of family-specific blocks (e.g. ``"lfa"``, Yuan's)."""
+    saves: tuple[SavedActivation, ...] = ()
+    """What those blocks save for backward when the attention gets gradients."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +182,7 @@ def decoder(
     moe_layers: Collection[int] = (),
     experts_as_linears: bool = False,
     fused_targets: dict[str, tuple[str, int]] | None = None,
+    saves: tuple[SavedActivation, ...] = (),
 ) -> Architecture:
     """A Llama-style decoder described from its config, in transformers' module names.
 
@@ -181,8 +194,8 @@ def decoder(
     expert tensors, or one ``nn.Linear`` per expert with ``experts_as_linears`` (remote
     code); ``fused_targets`` is PEFT's remap of target names onto fused experts
     (:data:`PEFT_FUSED_TARGETS`). ``extras`` maps a per-layer parameter suffix to its size
-    (e.g. Yuan's convolutions); ``tags`` name family-specific blocks, whose activations
-    the family prices (``ModelFamily.extra_activations``).
+    (e.g. Yuan's convolutions); ``tags`` name family-specific blocks and ``saves`` what
+    they keep for backward, per layer.
     """
     h = config["hidden_size"]
     vocab = config["vocab_size"]
@@ -210,7 +223,7 @@ def decoder(
             tensors.append(Tensor(f"{p}.{suffix}", size, kind))
         tensors.append(Tensor(f"{p}.input_layernorm.weight", h, "norm"))
         tensors.append(Tensor(f"{p}.post_attention_layernorm.weight", h, "norm"))
-        layers.append(Layer(attention, mlp, tags))
+        layers.append(Layer(attention, mlp, tags, saves))
     tensors.append(Tensor("model.norm.weight", h, "norm"))
     linears.append(Linear("lm_head", h, vocab, False))
     fused = any(t.kind == "experts" for t in tensors)
