@@ -26,6 +26,7 @@ from autotune.cli.options import given as given_stage_options
 from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.util.errors import AutotuneError
 from autotune.cli.output import table
+from autotune.cost.parallel import STRATEGIES
 from autotune.cost.recipe import ATTENTION, LIMITS, OPTIMIZERS
 from autotune.plan.space import METHODS
 from autotune.util.units import GiB, gib
@@ -55,7 +56,7 @@ INFEASIBLE = 3
                                                      "strategy (DDP, ZeRO, FSDP) is searched.")
 @click.option("--nodes", type=click.IntRange(1), default=1, show_default=True,
               help="Machines, each with --gpus cards.")
-@click.option("--strategy", type=click.Choice(["ddp", "zero1", "zero2", "zero3", "fsdp"]),
+@click.option("--strategy", type=click.Choice([s for s in STRATEGIES if s != "single"]),
               help="Pin the multi-GPU strategy (its CPU-offload variants are still tried).")
 @click.option("--headroom", default="0%", show_default=True,
               help="Memory kept free beyond the peak's upper bound: a share of the card (5%) "

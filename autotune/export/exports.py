@@ -18,20 +18,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from autotune.cost.parallel import DEEPSPEED as ZERO_STAGES
+from autotune.cost.recipe import HF_ATTENTION, HF_OPTIMIZERS, TORCH_DTYPES
 from autotune.plugin.registry import DEFAULT_STAGE, Stage, stage_named
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
 
 TOOLS = ("llamafactory", "axolotl", "trl", "accelerate", "deepspeed")
-ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 DATA_PLACEHOLDER = "path/to/train.jsonl"
 """What stands for the data file when ``--data`` is not given."""
 
-# the plan's optimizer names -> transformers' ``optim`` (as autotune.run.executor.OPTIMIZERS)
-HF_OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit",
-                 "paged_adamw_8bit": "paged_adamw_8bit", "adafactor": "adafactor", "sgd": "sgd"}
-HF_ATTENTION = {"sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}
-TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass(frozen=True)

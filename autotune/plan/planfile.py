@@ -7,6 +7,8 @@ import os
 from autotune import __version__
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
+from autotune.catalog.lengths import BATCHINGS
+from autotune.cost.parallel import STRATEGIES
 from autotune.plugin.registry import stage_named, stage_settings
 
 SCHEMA = "autotune.plan/1"
@@ -76,8 +78,6 @@ def write_yaml(path: str, document: dict) -> None:
 REQUIRED = ("schema", "model", "recipe")
 KNOWN = ("schema", "autotune_version", "model", "hardware", "objective", "recipe", "training",
          "predictions", "distributed")
-STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")
-BATCHINGS = ("padded", "packed", "wrapped")
 OFFLOAD_DEVICES = ("none", "cpu")
 
 

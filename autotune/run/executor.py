@@ -28,10 +28,8 @@ from autotune.util.errors import AutotuneError
 from autotune.cost.host import KEPT
 from autotune.run.fallback import FaultInjector, is_out_of_memory, step_down
 from autotune.cost.parallel import Parallel
-from autotune.cost.recipe import Recipe
+from autotune.cost.recipe import HF_OPTIMIZERS, Recipe
 
-OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit",
-              "paged_adamw_8bit": "paged_adamw_8bit", "adafactor": "adafactor", "sgd": "sgd"}
 REPORT = "run_report.json"
 STATE = "run.json"
 STATE_SCHEMA = "autotune.runstate/1"
@@ -453,7 +451,7 @@ def _trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str
         "warmup_steps": training.get("warmup_ratio", 0.0),  # a float < 1 is a ratio
         "weight_decay": training.get("weight_decay", 0.0),
         "max_grad_norm": training.get("max_grad_norm", 1.0),
-        "optim": OPTIMIZERS[recipe.optim],
+        "optim": HF_OPTIMIZERS[recipe.optim],
         "logging_steps": 1,
         "save_strategy": "no",  # checkpoints.SaveSchedule decides when to save
         "save_total_limit": KEPT,

@@ -10,10 +10,8 @@ import gc
 import tempfile
 
 from autotune.cost.params import ALL_LINEAR
-from autotune.cost.recipe import Recipe
+from autotune.cost.recipe import HF_ATTENTION, TORCH_DTYPES, Recipe
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-KERNELS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
 
 
 def hf_config(config: dict):
@@ -36,8 +34,8 @@ def load_base(config: dict, recipe: Recipe, path: str | None = None, device: str
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    dtype = getattr(torch, DTYPES[recipe.weight_dtype])
-    attn = KERNELS[recipe.attn]
+    dtype = getattr(torch, TORCH_DTYPES[recipe.weight_dtype])
+    attn = HF_ATTENTION[recipe.attn]
     if recipe.bits < 16:
         if path is None:  # quantise random weights the way a checkpoint is quantised: on load
             with tempfile.TemporaryDirectory() as folder:
