@@ -25,10 +25,12 @@ Row formats, detected per row from its keys (a file may not mix them):
 * ``text``: ``text`` (or ``content``), for pt. pt also takes every conversational sft format
   above, joining all the turns' contents with newlines.
 
-Normalised rows: sft ``{"prompt": [turns], "completion": [assistant turn]}`` (the completion
-is the last assistant turn, the prompt every turn before it), dpo ``{"prompt": [turns],
-"chosen": [assistant turn], "rejected": [assistant turn]}``, pt ``{"text": str}``. Turns are
-``{"role": "system"|"user"|"assistant", "content": str}``.
+What a row becomes is its stage's (``Stage.normalise``), from the readings :class:`Row`
+offers: ``text()`` (a text row, or a conversation's turns joined), ``conversation()`` (every
+turn, an assistant answer last) and ``preference()`` (prompt, chosen and rejected). The
+built-in stages make sft ``{"prompt": [turns], "completion": [assistant turn]}``, dpo
+``{"prompt": [turns], "chosen": [assistant turn], "rejected": [assistant turn]}`` and pt
+``{"text": str}``. Turns are ``{"role": "system"|"user"|"assistant", "content": str}``.
 
 Every problem is an :class:`~autotune.util.errors.AutotuneError` of one line that names the file and
 the place: ``train.jsonl:7`` (physical line, JSONL/CSV/txt), ``train.json: item 7`` (1-based
@@ -60,8 +62,7 @@ SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv
 
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
           "gpt": "assistant"}
-_SFT_FORMATS = ("alpaca", "messages", "sharegpt", "prompt-completion")
-_DPO_ONLY = ("dpo-pairs", "dpo-implicit", "seed-dpo")
+_PAIRS_ONLY = ("dpo-pairs", "dpo-implicit", "seed-dpo")
 _ROW_KEYS = {"messages", "conversations", "instruction", "output", "prompt", "completion",
              "chosen", "rejected", "text", "content"}
 _CSV_JSON_COLUMNS = ("messages", "conversations", "history")
@@ -385,7 +386,7 @@ class Row:
         if fmt == "text":
             raise _WrongKind("a text row is plain text, which only "
                              f"{_takers(self._stage, 'text')} takes")
-        if fmt in _DPO_ONLY:
+        if fmt in _PAIRS_ONLY:
             raise _WrongKind(f"{fmt} rows (chosen/rejected) are preference pairs for {pairs}")
         if fmt == "sharegpt" and _has_pair(row):
             raise _WrongKind(f"this ShareGPT row has chosen/rejected, which is data for {pairs}")
