@@ -91,7 +91,7 @@ def test_disable_a_builtin(monkeypatch):
 def readme_example() -> str:
     """The README's "Writing a plugin" family example (this test installs exactly it)."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    return re.search(r"```python\n(# autotune_toy\.py.*?)```", text, re.S).group(1)
+    return re.search(r"```python\n(# autotune_toy\.py.*?)```", text, re.DOTALL).group(1)
 
 
 TOY_PLUGIN = readme_example()

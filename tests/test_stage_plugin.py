@@ -23,7 +23,7 @@ def docs_example(title: str) -> str:
     """The first Python block after the heading ``title`` in docs/plugins.md."""
     text = DOCS.read_text(encoding="utf-8")
     after = text[text.index(title):]
-    return re.search(r"```python\n(.*?)```", after, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", after, re.DOTALL).group(1)
 
 
 @pytest.fixture
