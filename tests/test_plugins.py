@@ -128,3 +128,25 @@ def test_a_broken_entry_point_warns_and_the_rest_works(tmp_path, monkeypatch, ca
     pm = get_plugin_manager(load_entrypoints=True)
     assert "llama" in model_families(pm)
     assert "broken" in capsys.readouterr().err
+
+
+def test_the_core_names_no_stage_and_no_family(pm):
+    """Stages and families live in plugins: no string in autotune/ names a built-in one
+    (but the default stage, and torch's ``return_tensors="pt"``)."""
+    import ast
+
+    names = ({s for s in stages(pm) if s != "inference"}  # also a memory phase's name
+             | set(model_families(pm)) - {"generic"})
+    root = Path(__file__).resolve().parents[1] / "autotune"
+    found = []
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        allowed = {id(kw.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                   for kw in node.keywords if kw.arg == "return_tensors"}
+        allowed |= {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                    and any(getattr(t, "id", "") == "DEFAULT_STAGE" for t in node.targets)}
+        found += [f"{path.relative_to(root)}:{node.lineno}: {node.value!r}"
+                  for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and node.value in names
+                  and id(node) not in allowed]
+    assert not found, found
