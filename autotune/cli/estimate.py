@@ -142,7 +142,7 @@ def read_lengths(pm, model, stage: str, data_path: str | None, remote_code: bool
     if not stage_named(pm, stage).schema:
         raise AutotuneError(f"--data needs a stage that trains on data, not {stage}")
     family = family_for(pm, model.config, model.family)
-    return measure_lengths(data_path, stage, tokenizer=local_tokenizer(model),
+    return measure_lengths(data_path, stage_named(pm, stage), tokenizer=local_tokenizer(model),
                            chat_template=family.chat_template(model.config))
 
 

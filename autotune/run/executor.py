@@ -75,11 +75,11 @@ def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
         raise AutotuneError(f"an unfinished run is in {partial}: continue it with `autotune run "
                             f"--resume {settings.output_dir}`, or remove it")
     recipe = Recipe(**plan["recipe"])
-    model_spec, _, _ = _model_and_stage(pm, plan, settings.remote_code)  # no folder if bad
-    rows = load_rows(settings.data, recipe.stage)
+    model_spec, _, stage = _model_and_stage(pm, plan, settings.remote_code)  # no folder if bad
+    rows = load_rows(settings.data, stage)
     check_machine(pm, plan, model_spec, final, settings.quiet)
     say(settings.quiet, f"read {len(rows)} {recipe.stage} rows from {settings.data} "
-                         f"({describe_format(settings.data, recipe.stage)})")
+                         f"({describe_format(settings.data, stage)})")
     state = {"schema": STATE_SCHEMA, "plan": plan, "original_plan": plan,
              "settings": {k: v for k, v in asdict(settings).items() if k != "quiet"},
              "data_fingerprint": fingerprint(settings.data), "events": []}
@@ -95,6 +95,7 @@ def run(pm: pluggy.PluginManager, plan: dict, settings: RunSettings) -> dict:
 def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
     """Continue the run whose output folder (or ``.partial`` folder) is ``folder``."""
     from autotune.catalog.datasets import load_rows
+    from autotune.plugin.registry import stage_named
 
     path = os.path.abspath(folder)
     partial = path if path.endswith(PARTIAL) else path + PARTIAL
@@ -114,7 +115,7 @@ def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
     if fingerprint(data) != state["data_fingerprint"]:
         raise AutotuneError(f"{data} changed since the run began: resuming would not see the "
                             "same data in the same order")
-    rows = load_rows(data, state["plan"]["recipe"]["stage"])
+    rows = load_rows(data, stage_named(pm, state["plan"]["recipe"]["stage"]))
     return _start(pm, state, partial, final, rows, quiet)
 
 

@@ -147,15 +147,17 @@ def main() -> None:
     from autotune.catalog.datasets import load_rows
     from autotune.run.executor import STATE, RankOutOfMemory, _train
     from autotune.plugin.manager import get_plugin_manager
+    from autotune.plugin.registry import stage_named
 
     quiet_libraries()
     partial = sys.argv[1]
     with open(os.path.join(partial, STATE), encoding="utf-8") as handle:
         state = json.load(handle)
-    rows = load_rows(state["settings"]["data"], state["plan"]["recipe"]["stage"])
+    pm = get_plugin_manager()
+    rows = load_rows(state["settings"]["data"], stage_named(pm, state["plan"]["recipe"]["stage"]))
     final = partial.removesuffix(".partial")
     try:
-        _train(get_plugin_manager(), state, partial, final, rows,
+        _train(pm, state, partial, final, rows,
                bool(os.environ.get("AUTOTUNE_QUIET")), launched=True)
     except RankOutOfMemory as exc:
         rank = int(os.environ.get("RANK", "0"))
