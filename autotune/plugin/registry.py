@@ -157,8 +157,11 @@ class Stage:
     def sequences(self, example: dict) -> list[str | list[dict]]:
         """What one normalised example puts through the model: raw texts (tokenized, plus
         EOS) and conversations (rendered with the chat template). The longest sets the
-        example's length (a preference pair is padded to its longer answer)."""
-        return [example[key] for key in ("text",) if key in example]
+        example's length (a preference pair is padded to its longer answer). By default the
+        ``text`` column, else the ``prompt`` turns followed by the ``completion``."""
+        if "text" in example:
+            return [example["text"]]
+        return [list(example.get("prompt", [])) + list(example.get("completion", []))]
 
     def batching(self, attn: str) -> str:
         """How TRL batches this stage under attention kernel ``attn``: ``padded``,
