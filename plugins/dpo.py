@@ -18,7 +18,7 @@ class DirectPreference(Stage):
     demo = "emotional_support_dpo.jsonl"
     methods = ("full", "lora", "dora", "qlora")  # the planner offers no freeze tuning for DPO
     options = (
-        Option("beta", 0.1, "DPO's beta: how far the policy may move from the reference."),
+        Option("beta", 0.1, "How far the policy may move from the reference (DPO's beta)."),
         Option("pref_ftx", 0.0, "Weight of an SFT loss on the chosen answers added to DPO's."),
     )
     exports = {"llamafactory": "dpo", "trl": "dpo", "axolotl": "dpo"}
@@ -60,8 +60,10 @@ class DirectPreference(Stage):
         if tool == "trl":
             return {"beta": beta, **_losses(training)}
         if tool == "axolotl":  # prompt, chosen and rejected as strings or message lists
-            notes = ["Axolotl cannot add an SFT loss to DPO (rpo_alpha is gone since TRL 0.29): "
-                     "the plan's pref_ftx is left out"] if float(training.get("pref_ftx", 0)) else []
+            notes = []
+            if float(training.get("pref_ftx", 0.0)):
+                notes.append("Axolotl cannot add an SFT loss to DPO (rpo_alpha is gone since "
+                             "TRL 0.29): the plan's pref_ftx is left out")
             return {"rl_beta": beta, "notes": notes, "datasets": {
                 "type": "chat_template.default",
                 "field_messages": "messages" if data_format == "seed-dpo" else "prompt",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from importlib.resources.abc import Traversable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import pluggy
@@ -149,7 +149,7 @@ class Stage:
 
         ``row`` is a raw row with its format detected; read it with ``row.text()``,
         ``row.conversation()`` or ``row.preference()``, which raise
-        :class:`~autotune.catalog.datasets.RowError` for rows that cannot be read so;
+        :class:`~autotune.util.errors.RowError` (``autotune.RowError``) for rows that cannot be read so;
         raise it yourself for anything else wrong with the row.
         """
         raise RowError(f"stage {self.name!r} reads no dataset")
