@@ -65,9 +65,14 @@ def test_the_docs_kto_stage_plans_trains_and_exports(kto_pm, tmp_path, monkeypat
     plan_path.write_text(yaml.safe_dump(plan))
 
     data = labelled(tmp_path / "labelled.jsonl")
+    assert "--pref-ftx is not an option of stage 'kto'" in invoke(
+        kto_pm, "run", plan_path, "--data", data, "--pref-ftx", 1, code=1)
     report = json.loads(invoke(kto_pm, "run", plan_path, "--data", data, "--random-init",
-                               "--max-steps", 2, "--output-dir", tmp_path / "run", "--json"))
+                               "--max-steps", 2, "--beta", 0.25, "--output-dir", tmp_path / "run",
+                               "--json"))
     assert report["steps"] == 2 and report["stage"] == "kto"
+    trained = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert trained["training"]["beta"] == 0.25  # the command line's --beta, not the plan's
 
     out = json.loads(invoke(kto_pm, "export", plan_path, "--to", "trl", "--data", data,
                             "--json"))

@@ -8,7 +8,7 @@ import functools
 import click
 import pluggy
 
-from autotune.plugin.registry import stages
+from autotune.plugin.registry import stage_named, stage_settings, stages
 
 STAGE_OPTIONS = "autotune.stage_options"
 """``click.Context.meta`` key: the stage options given on the command line."""
@@ -56,6 +56,16 @@ def with_stages(command: click.Command, pm: pluggy.PluginManager) -> click.Comma
 
     command.callback = invoke
     return command
+
+
+def override(plan: dict, pm: pluggy.PluginManager) -> dict:
+    """``plan`` with the stage options given on the command line in its ``training``
+    section (``run plan.yaml --beta 0.2``); an option of another stage is an error."""
+    chosen = {k: v for k, v in given().items() if v is not None}
+    if chosen:
+        settings = stage_settings(stage_named(pm, plan["recipe"]["stage"]), chosen)
+        plan.setdefault("training", {}).update({k: settings[k] for k in chosen})
+    return plan
 
 
 def given() -> dict:

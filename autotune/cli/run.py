@@ -11,6 +11,7 @@ import click
 
 from autotune.cli.estimate import trust_remote_code_option
 from autotune.cli.options import given as given_stage_options
+from autotune.cli.options import override
 from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.util.errors import AutotuneError
 from autotune.cost.recipe import LIMITS
@@ -95,7 +96,7 @@ def command(ctx, plan_file, data, output_dir, max_steps, epochs, report_to, mode
     if plan_file:
         from autotune.plan.planfile import read_plan
 
-        plan = read_plan(plan_file)
+        plan = override(read_plan(plan_file), pm)
     elif model_spec:
         plan = _plan(pm, model_spec, stage, gpu, vram, seq_len, trust_remote_code, quiet,
                      data, method="lora" if demo else None)
