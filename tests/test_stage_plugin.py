@@ -53,6 +53,8 @@ def labelled(path: Path, rows: int = 16) -> Path:
 def test_the_docs_kto_stage_plans_trains_and_exports(kto_pm, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert stages(kto_pm)["kto"].plugin == "kto"
+    listed = json.loads(invoke(kto_pm, "plugins", "--json"))["stages"]["kto"]
+    assert listed["options"] == {"beta": 0.1, "desirable_weight": 1.0}
     assert "[dpo|kto|pt|sft]" in invoke(kto_pm, "plan", "--help")
     plan_path = tmp_path / "kto.yaml"
     invoke(kto_pm, "plan", "--model", "tiny", "--vram", "2GiB", "--seq-len", "128", "--stage",
