@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autotune.cost.params import peft_targets
 from autotune.cost.recipe import Recipe
 
 ARCHITECTURES = {
@@ -87,8 +88,8 @@ def compare(pm, arch: str, recipe: Recipe) -> Comparison:
 
     config = ARCHITECTURES[arch]
     predicted = estimate(pm, config, recipe, device="cpu")
-    targets = None if recipe.targets == "all-linear" else sorted(
-        {lin.name for lin in predicted.params.targets})
+    targets = peft_targets(predicted.arch, predicted.family.module_groups(config),
+                           recipe.targets)
     measured = measure(config, recipe, target_modules=targets, steps=3)
     return Comparison(arch, recipe, predicted.memory.tensor_peak, measured.peak_tensor_bytes)
 

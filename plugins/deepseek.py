@@ -5,9 +5,14 @@ remote code (``model_type: deepseek``) with one ``nn.Linear`` per expert, which 
 plugin describes by hand.
 """
 
-from autotune import hookimpl
-from autotune.cost.architecture import decoder
-from autotune.plugin.registry import ModelFamily
+from autotune import (
+    PEFT_FUSED_TARGETS,
+    Attention,
+    FeedForward,
+    ModelFamily,
+    decoder,
+    hookimpl,
+)
 
 MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 
@@ -36,6 +41,9 @@ class DeepSeek(ModelFamily):
                 " + eos_token }}{% else %}{{ message['content'] + '\n\n' }}{% endif %}"
                 "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 
+    def export_template(self, tool, config):
+        return "deepseek3" if config.get("model_type") == "deepseek_v3" else "deepseek"
+
     def quirks(self, config):
         found = []
         if config.get("n_routed_experts") and config.get("model_type") == "deepseek_v2":
@@ -48,11 +56,35 @@ class DeepSeek(ModelFamily):
     def describe(self, config, remote_code=False):
         # The hub's modelling code (DeepSeek-MoE always, V2 with --trust-remote-code) keeps
         # one nn.Linear per expert -- which bitsandbytes can quantise and all-linear adapts;
-        # transformers' own DeepSeek-V2 fuses them into 3-D tensors that stay 16-bit.
-        remote = config.get("model_type") == "deepseek" or (remote_code and config.get("auto_map"))
-        if remote:
-            config = {**config, "experts_as_linears": True}
-        return decoder(config, counted_by="plugin deepseek" + (" (remote code)" if remote else ""))
+        # transformers' own DeepSeek-V2 fuses them into 3-D tensors that stay 16-bit, and
+        # PEFT remaps targets onto them by its qwen2_moe pattern.
+        remote = config.get("model_type") == "deepseek" or bool(remote_code and
+                                                                 config.get("auto_map"))
+        return decoder(config, latent=_latent(config), **_experts(config),
+                       experts_as_linears=remote, fused_targets=PEFT_FUSED_TARGETS["qwen2_moe"],
+                       counted_by="plugin deepseek" + (" (remote code)" if remote else ""))
+
+
+def _latent(config: dict) -> Attention | None:
+    """Multi-head latent attention (V2): low-rank joint K/V, optional low-rank Q."""
+    if not config.get("kv_lora_rank"):
+        return None
+    heads, rope = config["num_attention_heads"], config["qk_rope_head_dim"]
+    return Attention(heads, heads, config["qk_nope_head_dim"] + rope, config["v_head_dim"],
+                     config.get("q_lora_rank") or 0, config["kv_lora_rank"], rope)
+
+
+def _experts(config: dict) -> dict:
+    """The MoE MLP and the layers that have it: after the first ``first_k_dense_replace``
+    dense layers, every ``moe_layer_freq``-th."""
+    experts = config.get("n_routed_experts") or 0
+    if not experts:
+        return {}
+    inter = config["moe_intermediate_size"]
+    first, every = config.get("first_k_dense_replace") or 0, config.get("moe_layer_freq") or 1
+    return {"moe": FeedForward(0, experts, config["num_experts_per_tok"], inter,
+                               (config.get("n_shared_experts") or 0) * inter),
+            "moe_layers": [i for i in range(first, config["num_hidden_layers"]) if i % every == 0]}
 
 
 @hookimpl

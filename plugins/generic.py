@@ -1,7 +1,6 @@
 """Model family (fallback): any causal LM transformers can build, counted by a meta-device build."""
 
-from autotune import hookimpl
-from autotune.plugin.registry import ModelFamily
+from autotune import ModelFamily, hookimpl
 
 
 class Generic(ModelFamily):

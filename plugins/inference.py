@@ -1,7 +1,6 @@
 """Stage: inference -- serving memory by the seeds' formula M = P * 4 B / (32 / Q) * 1.2."""
 
-from autotune import hookimpl
-from autotune.plugin.registry import Stage
+from autotune import Stage, hookimpl
 
 
 class Inference(Stage):

@@ -1,8 +1,6 @@
 """Model family: Llama (Llama 2, Llama 3) and Llama-architecture models such as DeepSeek-LLM."""
 
-from autotune import hookimpl
-from autotune.cost.architecture import decoder
-from autotune.plugin.registry import ModelFamily
+from autotune import ModelFamily, decoder, hookimpl
 
 
 class Llama(ModelFamily):
@@ -15,6 +13,9 @@ class Llama(ModelFamily):
                 "{{ '<<SYS>>\n' + message['content'] + '\n<</SYS>>\n\n' }}"
                 "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
                 "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+    def export_template(self, tool, config):
+        return "llama3" if int(config.get("vocab_size", 0)) >= 128000 else "llama2"
 
     def describe(self, config, remote_code=False):
         return decoder(config, counted_by="plugin llama")

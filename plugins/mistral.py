@@ -1,8 +1,6 @@
 """Model family: Mistral (sliding-window attention, grouped-query attention)."""
 
-from autotune import hookimpl
-from autotune.cost.architecture import decoder
-from autotune.plugin.registry import ModelFamily
+from autotune import ModelFamily, decoder, hookimpl
 
 
 class Mistral(ModelFamily):
@@ -14,6 +12,9 @@ class Mistral(ModelFamily):
                 "{{ '[INST] ' + message['content'] + ' [/INST]' }}"
                 "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
                 "{% endif %}{% endfor %}")
+
+    def export_template(self, tool, config):
+        return "mistral"
 
     def quirks(self, config):
         return ["Mistral's template has no system role: system messages are dropped"]

@@ -6,9 +6,7 @@ frozen copy; the reference as a frozen copy for full tuning, or the policy with 
 adapter switched off.
 """
 
-from autotune import hookimpl
-from autotune.cost.memory import training_state_bytes, weight_bytes
-from autotune.plugin.registry import Stage
+from autotune import Stage, hookimpl, training_state_bytes, weight_bytes
 
 
 class ProximalPolicy(Stage):

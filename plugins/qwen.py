@@ -1,13 +1,14 @@
 """Model family: Qwen2 / Qwen2.5 (biases on q, k and v; small models tie their embeddings)."""
 
-from autotune import hookimpl
-from autotune.cost.architecture import decoder
-from autotune.plugin.registry import ModelFamily
+from autotune import ModelFamily, decoder, hookimpl
 
 
 class Qwen(ModelFamily):
     name = "qwen"
     model_types = ("qwen2",)
+
+    def export_template(self, tool, config):
+        return "qwen3" if str(config.get("model_type", "")).startswith("qwen3") else "qwen"
 
     def describe(self, config, remote_code=False):
         return decoder(config, qkv_bias=True, o_bias=False, counted_by="plugin qwen")

@@ -4,24 +4,40 @@ Rows arrive as conversational prompt/completion pairs, so the loss is on the com
 (the last assistant turn) only, whatever the chat template.
 """
 
-from autotune import hookimpl
-from autotune.catalog.datasets import STAGE_SCHEMAS
-from autotune.run.executor import packing_args
-from autotune.plugin.registry import Stage
+from autotune import Row, Stage, hookimpl, packing
 
 
 class SupervisedFineTuning(Stage):
     name = "sft"
     description = "supervised fine-tuning (loss on completions)"
-    schema = STAGE_SCHEMAS["sft"]
+    schema = ("conversations ending in an assistant turn: alpaca (instruction, input, output), "
+              "messages, ShareGPT conversations, or prompt and completion")
+    row_kinds = ("conversation",)
+    demo = "emotional_support_sft.jsonl"
+    exports = {"llamafactory": "sft", "trl": "sft", "axolotl": ""}
+
+    def normalise(self, row: Row) -> dict:
+        turns = row.conversation()
+        return {"prompt": turns[:-1], "completion": [turns[-1]]}
+
+    def sequences(self, example):
+        return [example["prompt"] + example["completion"]]
+
+    def batching(self, attn):
+        return "packed" if attn == "flash" else "padded"
 
     def make_trainer(self, model, tokenizer, dataset, args, recipe, training):
         from trl import SFTConfig, SFTTrainer
 
-        config = SFTConfig(**args, **packing_args(training),
+        config = SFTConfig(**args, **packing(training),
                            completion_only_loss=training.get("completion_only_loss", True))
         return SFTTrainer(model=model, args=config, train_dataset=dataset,
                           processing_class=tokenizer)
+
+    def export_settings(self, tool, training, data_format):
+        if tool == "trl":
+            return {"completion_only_loss": bool(training.get("completion_only_loss", True))}
+        return {}
 
 
 @hookimpl

@@ -4,9 +4,7 @@ Each attention block carries ``lf_gate``: two (2, 1) convolutions (hidden -> hid
 hidden, with biases) and an RMSNorm, applied to the hidden states before q and k.
 """
 
-from autotune import hookimpl
-from autotune.cost.architecture import decoder
-from autotune.plugin.registry import ModelFamily
+from autotune import ModelFamily, SavedActivation, decoder, hookimpl
 
 
 class Yuan(ModelFamily):
@@ -27,6 +25,9 @@ class Yuan(ModelFamily):
                 "{{ message['content'] + '<eod>' }}{% else %}{{ message['content'] + '<sep>' }}"
                 "{% endif %}{% endfor %}")
 
+    def export_template(self, tool, config):
+        return "yuan"
+
     def load_kwargs(self, config):
         # the hub's modelling code does not declare SDPA support: transformers refuses it
         return {"attn_implementation": "eager"}
@@ -45,7 +46,11 @@ class Yuan(ModelFamily):
             "self_attn.lf_gate.conv2.bias": h,
             "self_attn.lf_gate.output_layernorm.weight": h,
         }
-        return decoder(config, extras=lfa, tags=("lfa",), counted_by="plugin yuan")
+        # for backward: the filter's input, the first convolution's output, and the
+        # RMSNorm's fp32 input
+        saves = (SavedActivation("lfa.x", h), SavedActivation("lfa.conv1", half),
+                 SavedActivation("lfa.x32", h, fp32=True))
+        return decoder(config, extras=lfa, tags=("lfa",), saves=saves, counted_by="plugin yuan")
 
 
 @hookimpl

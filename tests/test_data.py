@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from autotune.catalog.datasets import FORMATS, STAGE_SCHEMAS, describe_format, load_rows
+from autotune.catalog.datasets import FORMATS, describe_format, load_rows
+from autotune.plugin.manager import get_plugin_manager
+from autotune.plugin.registry import stages
 from autotune.util.errors import AutotuneError
 
 DATASETS = Path(__file__).resolve().parents[1] / "profiles" / "datasets"
@@ -49,8 +51,9 @@ def error(path, stage, *, limit=None) -> str:
 # --- the public surface ------------------------------------------------------------------------
 
 def test_stage_schemas_are_one_line_each():
-    assert set(STAGE_SCHEMAS) == {"pt", "sft", "dpo"}
-    for text in STAGE_SCHEMAS.values():
+    schemas = {s.name: s.schema for s in stages(get_plugin_manager(False)).values() if s.schema}
+    assert set(schemas) == {"pt", "sft", "dpo"}
+    for text in schemas.values():
         assert text and "\n" not in text
 
 
@@ -63,8 +66,10 @@ def test_import_stays_light():
 
 def test_unknown_stage_and_bad_limit(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "hello"}])
-    with pytest.raises(AutotuneError, match="unknown stage 'ppo'"):
+    with pytest.raises(AutotuneError, match="stage 'ppo' reads no dataset"):
         load_rows(path, "ppo")
+    with pytest.raises(AutotuneError, match="no stage 'kto'"):
+        load_rows(path, "kto")
     for limit in (0, -1, 1.5):
         with pytest.raises(AutotuneError, match="limit"):
             load_rows(path, "pt", limit=limit)

@@ -111,9 +111,7 @@ TOY_FAMILY = '''
     """A third-party family: a made-up "toyllama" architecture, registered with transformers."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from autotune import hookimpl
-    from autotune.cost.architecture import decoder
-    from autotune.plugin.registry import ModelFamily
+    from autotune import ModelFamily, decoder, hookimpl
 
 
     class ToyConfig(LlamaConfig):
@@ -138,6 +136,9 @@ TOY_FAMILY = '''
         def describe(self, config, remote_code=False):
             return decoder(config, counted_by="plugin toy")
 
+        def export_template(self, tool, config):
+            return "toychat"
+
 
     @hookimpl
     def register_model_families(register):
@@ -161,8 +162,12 @@ def test_an_external_family_plugin_is_used_by_plan_and_run(tmp_path, monkeypatch
         "vocab_size": 2048, "max_position_embeddings": 512}))
     plan = json.loads(invoke(pm, "plan", "--model", config, "--vram", "2GiB", "--seq-len", "64",
                              "--method", "lora", "--targets", "qv", "--storage", "none",
-                             "--json"))
+                             "-o", tmp_path / "toy.yaml", "--json"))
     assert plan["model"]["family"] == "toy"
+    exported = json.loads(invoke(pm, "export", tmp_path / "toy.yaml", "--to", "llamafactory",
+                                 "-o", tmp_path / "lf.yaml", "--json"))
+    assert exported["config"]["lora_target"] == "q_proj,v_proj"  # the family's own qv group
+    assert exported["config"]["template"] == "toychat"  # the family's export template
     out = tmp_path / "run"
     report = json.loads(invoke(pm, "run", "--model", config, "--vram", "2GiB", "--seq-len", 64,
                                "--data", dataset_path("sft"), "--random-init", "--max-steps", 4,

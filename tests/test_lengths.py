@@ -312,10 +312,10 @@ def _one_line(call):
 
 
 def test_bad_input_is_one_line(tmp_path):
-    assert "unknown stage" in _one_line(lambda: measure_lengths(dataset_path("sft"), "rm"))
+    assert "no stage 'rm'" in _one_line(lambda: measure_lengths(dataset_path("sft"), "rm"))
     assert "no such file" in _one_line(lambda: measure_lengths(tmp_path / "x.jsonl", "sft"))
     assert "limit" in _one_line(lambda: measure_lengths(dataset_path("sft"), "sft", limit=0))
-    assert "unknown stage" in _one_line(lambda: batching_for("rm", "sdpa"))
+    assert "no stage 'rm'" in _one_line(lambda: batching_for("rm", "sdpa"))
     assert "batching" in _one_line(lambda: Workload(_made([1]), 8, "sorted"))
     assert "positive" in _one_line(lambda: choose_seq_len(_made([1]), 0))
 

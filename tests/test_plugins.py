@@ -2,8 +2,10 @@
 
 import inspect
 import json
+import re
 import pkgutil
 import textwrap
+from pathlib import Path
 
 import pluggy
 import pytest
@@ -86,39 +88,13 @@ def test_disable_a_builtin(monkeypatch):
     assert "yuan" not in model_families(pm)
 
 
-TOY_PLUGIN = '''
-    """A made-up architecture, counted by hand: no transformers model exists for it."""
-    from autotune import hookimpl
-    from autotune.cost.architecture import Architecture, Attention, FeedForward, Layer, Linear, Tensor
-    from autotune.plugin.registry import ModelFamily
+def readme_example() -> str:
+    """The README's "Writing a plugin" family example (this test installs exactly it)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    return re.search(r"```python\n(# autotune_toy\.py.*?)```", text, re.DOTALL).group(1)
 
 
-    class Toy(ModelFamily):
-        name = "toy"
-        model_types = ("toy",)
-
-        def module_groups(self, config):
-            return {"attention": ("wqkv", "wo"), "mlp": ("w_in", "w_out"), "qv": ("wqkv",)}
-
-        def describe(self, config):
-            h, n, v = config["width"], config["depth"], config["vocab"]
-            linears, tensors, layers = [], [Tensor("model.embed.weight", v * h, "embedding")], []
-            for i in range(n):
-                linears += [Linear(f"model.blocks.{i}.wqkv", h, 3 * h),
-                            Linear(f"model.blocks.{i}.wo", h, h),
-                            Linear(f"model.blocks.{i}.w_in", h, 4 * h),
-                            Linear(f"model.blocks.{i}.w_out", 4 * h, h)]
-                tensors.append(Tensor(f"model.blocks.{i}.norm.weight", h, "norm"))
-                layers.append(Layer(Attention(4, 4, h // 4, h // 4), FeedForward(4 * h)))
-            linears.append(Linear("lm_head", h, v))
-            return Architecture("toy", h, v, tuple(layers), tuple(linears), tuple(tensors),
-                                counted_by="plugin toy")
-
-
-    @hookimpl
-    def register_model_families(register):
-        register(Toy())
-'''
+TOY_PLUGIN = readme_example()
 
 
 def install_fake_distribution(path, module, source, ep_name):
@@ -152,3 +128,25 @@ def test_a_broken_entry_point_warns_and_the_rest_works(tmp_path, monkeypatch, ca
     pm = get_plugin_manager(load_entrypoints=True)
     assert "llama" in model_families(pm)
     assert "broken" in capsys.readouterr().err
+
+
+def test_the_core_names_no_stage_and_no_family(pm):
+    """Stages and families live in plugins: no string in autotune/ names a built-in one
+    (but the default stage, and torch's ``return_tensors="pt"``)."""
+    import ast
+
+    names = ({s for s in stages(pm) if s != "inference"}  # also a memory phase's name
+             | set(model_families(pm)) - {"generic"})
+    root = Path(__file__).resolve().parents[1] / "autotune"
+    found = []
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        allowed = {id(kw.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                   for kw in node.keywords if kw.arg == "return_tensors"}
+        allowed |= {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                    and any(getattr(t, "id", "") == "DEFAULT_STAGE" for t in node.targets)}
+        found += [f"{path.relative_to(root)}:{node.lineno}: {node.value!r}"
+                  for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and node.value in names
+                  and id(node) not in allowed]
+    assert not found, found

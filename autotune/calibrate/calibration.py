@@ -37,6 +37,7 @@ from autotune.util.errors import AutotuneError
 from autotune.util.files import cache_dir, regular_file
 from autotune.cost.correction import Correction, apply  # noqa: F401 -- fitted and saved here
 from autotune.cost.memory import ALLOCATOR_SLACK, CUDA_CONTEXT
+from autotune.plugin.registry import DEFAULT_STAGE
 
 SCHEMA = "autotune.measurement/1"
 CALIBRATION_SCHEMA = "autotune.calibration/1"
@@ -293,7 +294,7 @@ def record_from_measurement(pm, config: dict, recipe, measurement, *, model_id: 
     """The store record of an :class:`autotune.run.measure.Measurement` of ``recipe``.
 
     :func:`autotune.run.measure.measure` runs plain causal-LM steps, one optimizer step each,
-    so the prediction is priced the same way: the ``sft`` stage (no preference pairs, no
+    so the prediction is priced the same way: the default stage (no preference pairs, no
     reference model), gradient accumulation 1, on the device that measured. On CUDA the
     card's name and memory come from torch unless given.
     """
@@ -309,7 +310,7 @@ def record_from_measurement(pm, config: dict, recipe, measurement, *, model_id: 
         gpu_name = torch.cuda.get_device_name(index)
         gpu_memory = torch.cuda.get_device_properties(index).total_memory
     card = gpu_from_name(gpu_name, gpu_memory or 0) if gpu_name else None
-    result = assess(pm, config, recipe.but(stage="sft"), family, "cuda" if on_gpu else "cpu",
+    result = assess(pm, config, recipe.but(stage=DEFAULT_STAGE), family, "cuda" if on_gpu else "cpu",
                     remote_code, gpu=card if card is not None and card.has_throughput else None)
     speed = result.raw_tokens_per_s
     return make_record(

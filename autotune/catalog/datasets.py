@@ -25,10 +25,12 @@ Row formats, detected per row from its keys (a file may not mix them):
 * ``text``: ``text`` (or ``content``), for pt. pt also takes every conversational sft format
   above, joining all the turns' contents with newlines.
 
-Normalised rows: sft ``{"prompt": [turns], "completion": [assistant turn]}`` (the completion
-is the last assistant turn, the prompt every turn before it), dpo ``{"prompt": [turns],
-"chosen": [assistant turn], "rejected": [assistant turn]}``, pt ``{"text": str}``. Turns are
-``{"role": "system"|"user"|"assistant", "content": str}``.
+What a row becomes is its stage's (``Stage.normalise``), from the readings :class:`Row`
+offers: ``text()`` (a text row, or a conversation's turns joined), ``conversation()`` (every
+turn, an assistant answer last) and ``preference()`` (prompt, chosen and rejected). The
+built-in stages make sft ``{"prompt": [turns], "completion": [assistant turn]}``, dpo
+``{"prompt": [turns], "chosen": [assistant turn], "rejected": [assistant turn]}`` and pt
+``{"text": str}``. Turns are ``{"role": "system"|"user"|"assistant", "content": str}``.
 
 Every problem is an :class:`~autotune.util.errors.AutotuneError` of one line that names the file and
 the place: ``train.jsonl:7`` (physical line, JSONL/CSV/txt), ``train.json: item 7`` (1-based
@@ -48,20 +50,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from autotune.util.errors import AutotuneError
+from autotune.plugin.manager import current_manager
+from autotune.plugin.registry import Stage, plugin_failed, stage_named, stages
+from autotune.util.errors import AutotuneError, RowError
 from autotune.util.files import regular_file
-
-STAGES = ("pt", "sft", "dpo")
-
-STAGE_SCHEMAS: dict[str, str] = {
-    "pt": "plain text: rows with 'text' (or 'content'), a .txt file of paragraphs separated by "
-          "blank lines, or any sft row (its turns joined by newlines)",
-    "sft": "conversations ending in an assistant turn: alpaca (instruction, input, output), "
-           "messages, ShareGPT conversations, or prompt and completion",
-    "dpo": "a prompt with a chosen and a rejected answer: prompt/chosen/rejected, messages + "
-           "chosen/rejected, ShareGPT conversations + chosen/rejected, or alpaca "
-           "instruction/input + chosen/rejected",
-}
 
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt-completion", "dpo-pairs", "dpo-implicit",
            "seed-dpo", "text")
@@ -71,8 +63,7 @@ SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv
 
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
           "gpt": "assistant"}
-_SFT_FORMATS = ("alpaca", "messages", "sharegpt", "prompt-completion")
-_DPO_ONLY = ("dpo-pairs", "dpo-implicit", "seed-dpo")
+_PAIRS_ONLY = ("dpo-pairs", "dpo-implicit", "seed-dpo")
 _ROW_KEYS = {"messages", "conversations", "instruction", "output", "prompt", "completion",
              "chosen", "rejected", "text", "content"}
 _CSV_JSON_COLUMNS = ("messages", "conversations", "history")
@@ -83,22 +74,25 @@ WHOLE_FILE_LIMIT = 2**30
 """The largest .json, .csv or .txt file, which is read whole."""
 
 
-def load_rows(path: str | os.PathLike, stage: str, limit: int | None = None) -> list[dict]:
+def load_rows(path: str | os.PathLike, stage: str | Stage, limit: int | None = None
+              ) -> list[dict]:
     """Read ``path`` and return its rows normalised for ``stage`` (at most ``limit`` of them)."""
     return _load(path, stage, limit)[0]
 
 
-def describe_format(path: str | os.PathLike, stage: str) -> str:
+def describe_format(path: str | os.PathLike, stage: str | Stage) -> str:
     """The row format of ``path`` (one of :data:`FORMATS`), checked on its first row."""
     return _load(path, stage, 1)[1]
 
 
 # --- reading ---------------------------------------------------------------------------------
 
-def _load(path, stage: str, limit: int | None) -> tuple[list[dict], str]:
-    if stage not in STAGES:
-        raise AutotuneError(f"unknown stage {stage!r} for a dataset (choose from "
-                            f"{', '.join(STAGES)})")
+def _load(path, stage: str | Stage, limit: int | None) -> tuple[list[dict], str]:
+    stage = stage_named(None, stage)
+    if not stage.schema:
+        readers = sorted(s.name for s in stages_of(stage) if s.schema)
+        raise AutotuneError(f"stage {stage.name!r} reads no dataset (the stages that do: "
+                            f"{', '.join(readers)})")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise AutotuneError(f"limit must be a positive whole number, not {limit!r}")
     shown = os.fspath(path)
@@ -112,8 +106,8 @@ def _load(path, stage: str, limit: int | None) -> tuple[list[dict], str]:
             fmt = _detect(row)
             if fmt is None:
                 keys = ", ".join(_short(k, 30) for k in list(row)[:8]) or "none"
-                _fail(where, f"unrecognised row (keys: {keys}); {stage} takes "
-                             f"{STAGE_SCHEMAS[stage]}")
+                _fail(where, f"unrecognised row (keys: {keys}); {stage.name} takes "
+                             f"{stage.schema}")
             if first is None:
                 first = (fmt, ref)
             elif fmt == "dpo-implicit" and first[0] == "dpo-pairs":
@@ -122,8 +116,10 @@ def _load(path, stage: str, limit: int | None) -> tuple[list[dict], str]:
                 _fail(where, f"this row is {fmt} but the first row ({first[1]}) is {first[0]}; "
                              "a file may not mix formats")
             try:
-                rows.append(_normalise(row, fmt, stage))
-            except _RowError as exc:
+                rows.append(_normalise(Row(row, fmt, stage), stage))
+            except _WrongKind as exc:
+                _fail(where, f"{exc}; {stage.name} takes {stage.schema}")
+            except RowError as exc:
                 _fail(where, str(exc))
             _check_encodable(rows[-1], where)
             if limit is not None and len(rows) >= limit:
@@ -135,7 +131,7 @@ def _load(path, stage: str, limit: int | None) -> tuple[list[dict], str]:
     return rows, first[0]
 
 
-def _source(path: Path, shown: str, stage: str) -> Iterator[tuple[str, str, Any]]:
+def _source(path: Path, shown: str, stage: Stage) -> Iterator[tuple[str, str, Any]]:
     """Yield ``(where, ref, row)``: the error prefix, a short place and the raw row."""
     try:
         is_dir = path.is_dir()
@@ -152,9 +148,9 @@ def _source(path: Path, shown: str, stage: str) -> Iterator[tuple[str, str, Any]
         what = f"{path.suffix} files" if path.suffix else "files without an extension"
         _fail(shown, f"cannot read {what} (autotune reads .jsonl, .json, .csv, .parquet, .txt "
                      "and folders written by datasets' save_to_disk)")
-    if kind == "txt" and stage != "pt":
-        _fail(shown, f"a .txt file is plain text, which only the pt stage takes ({stage} takes "
-                     f"{STAGE_SCHEMAS[stage]})")
+    if kind == "txt" and "text" not in stage.row_kinds:
+        _fail(shown, f"a .txt file is plain text, which only {_takers(stage, 'text')} takes "
+                     f"({stage.name} takes {stage.schema})")
     return {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows,
             "parquet": _parquet_rows, "txt": _txt_rows}[kind](path, shown)
 
@@ -310,7 +306,7 @@ def _parquet_rows(path: Path, shown: str) -> Iterator[tuple[str, str, Any]]:
                 index += 1
     except (pyarrow.ArrowException, OSError) as exc:
         _fail(shown if index == 0 else f"{shown}: row {index}",
-              f"cannot read parquet: {_first_line(exc)}")
+              f"cannot read parquet: {first_line(exc)}")
 
 
 def _folder_rows(path: Path, shown: str) -> Iterator[tuple[str, str, Any]]:
@@ -326,7 +322,7 @@ def _folder_rows(path: Path, shown: str) -> Iterator[tuple[str, str, Any]]:
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as exc:  # noqa: BLE001 - any failure here is the folder's
-        _fail(shown, f"cannot load the saved dataset: {_first_line(exc)}")
+        _fail(shown, f"cannot load the saved dataset: {first_line(exc)}")
     prefix = shown
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
@@ -343,8 +339,70 @@ def _folder_rows(path: Path, shown: str) -> Iterator[tuple[str, str, Any]]:
 
 # --- normalising ------------------------------------------------------------------------------
 
-class _RowError(Exception):
-    """A problem inside one row; the caller prefixes the file and place."""
+class _WrongKind(RowError):
+    """A row of a kind the stage does not take; the reader adds what the stage takes."""
+
+
+def stages_of(stage: Stage) -> list[Stage]:
+    """The stages registered beside ``stage`` (by the process's plugin manager)."""
+    return list(stages(current_manager()).values())
+
+
+def _takers(stage: Stage, kind: str) -> str:
+    """The stages that take rows read as ``kind``, in words (for error messages)."""
+    names = sorted(s.name for s in stages_of(stage) if kind in s.row_kinds)
+    if not names:
+        return "no installed stage"
+    return f"the {names[0]} stage" if len(names) == 1 else \
+        f"the {', '.join(names[:-1])} and {names[-1]} stages"
+
+
+class Row:
+    """One raw dataset row and its detected format: what :meth:`Stage.normalise` reads.
+
+    ``data`` is the row as read, ``format`` one of :data:`FORMATS`. The readings below
+    raise :class:`~autotune.util.errors.RowError` (one line, without the place) for a row
+    that cannot be read so.
+    """
+
+    def __init__(self, data: dict, fmt: str, stage: Stage):
+        self.data, self.format, self._stage = data, fmt, stage
+
+    def text(self) -> str:
+        """The row as plain text: a text row's text, or a conversation's turns joined by
+        newlines."""
+        if self.format == "text":
+            key = "text" if self.data.get("text") is not None else "content"
+            return _required_text(self.data, key, "plain-text rows need text")
+        return "\n".join(turn["content"] for turn in self._turns())
+
+    def conversation(self) -> list[dict]:
+        """Every turn (``{"role", "content"}``), the last an assistant turn: the answer."""
+        turns = self._turns()
+        field = {"messages": "messages", "sharegpt": "conversations"}.get(self.format)
+        if field is not None:
+            if turns[-1]["role"] != "assistant":
+                raise RowError(f"{field!r} must end with an assistant turn (it ends with "
+                               f"{turns[-1]['role']})")
+            _check_prompt(turns[:-1], field)
+        return turns
+
+    def preference(self) -> dict:
+        """The prompt turns and the chosen and rejected answers (one assistant turn each):
+        ``{"prompt", "chosen", "rejected"}``."""
+        return _pair(self.data, self.format)
+
+    def _turns(self) -> list[dict]:
+        fmt, row = self.format, self.data
+        pairs = _takers(self._stage, "preference")
+        if fmt == "text":
+            raise _WrongKind("a text row is plain text, which only "
+                             f"{_takers(self._stage, 'text')} takes")
+        if fmt in _PAIRS_ONLY:
+            raise _WrongKind(f"{fmt} rows (chosen/rejected) are preference pairs for {pairs}")
+        if fmt == "sharegpt" and _has_pair(row):
+            raise _WrongKind(f"this ShareGPT row has chosen/rejected, which is data for {pairs}")
+        return _conversation(row, fmt, pairs)
 
 
 def _detect(row: dict) -> str | None:
@@ -364,39 +422,21 @@ def _detect(row: dict) -> str | None:
     return None
 
 
-def _normalise(row: dict, fmt: str, stage: str) -> dict:
-    if fmt == "text":
-        if stage != "pt":
-            raise _RowError(f"a text row is plain text, which only the pt stage takes; {stage} "
-                            f"takes {STAGE_SCHEMAS[stage]}")
-        key = "text" if row.get("text") is not None else "content"
-        return {"text": _required_text(row, key, "pt rows need text")}
-    if stage == "dpo":
-        return _dpo(row, fmt)
-    if fmt in _DPO_ONLY:
-        raise _RowError(f"{fmt} rows (chosen/rejected) are preference pairs for the dpo stage; "
-                        f"{stage} takes {STAGE_SCHEMAS[stage]}")
-    if fmt == "sharegpt" and _has_pair(row):
-        raise _RowError(f"this ShareGPT row has chosen/rejected, which is dpo data; {stage} "
-                        f"takes {STAGE_SCHEMAS[stage]}")
-    turns = _conversation(row, fmt)
-    if stage == "pt":
-        return {"text": "\n".join(turn["content"] for turn in turns)}
-    field = {"messages": "messages", "sharegpt": "conversations"}.get(fmt)
-    if field is not None:
-        if turns[-1]["role"] != "assistant":
-            raise _RowError(f"{field!r} must end with an assistant turn (it ends with "
-                            f"{turns[-1]['role']})")
-        _check_prompt(turns[:-1], field)
-    return {"prompt": turns[:-1], "completion": [turns[-1]]}
+def _normalise(row: Row, stage: Stage) -> dict:
+    try:
+        return stage.normalise(row)
+    except RowError:
+        raise
+    except Exception as exc:
+        raise plugin_failed(stage, "normalise", exc) from exc
 
 
-def _conversation(row: dict, fmt: str) -> list[dict]:
+def _conversation(row: dict, fmt: str, pairs: str) -> list[dict]:
     """Every turn of an sft-style row, the answer last."""
     if fmt == "alpaca":
         hint = "alpaca rows need instruction and output"
         if row.get("output") is None and _has_pair(row):
-            hint += "; chosen/rejected rows are for the dpo stage"
+            hint += f"; chosen/rejected rows are for {pairs}"
         prompt = _alpaca_prompt(row, hint)
         return prompt + [_turn("assistant", _required_text(row, "output", hint))]
     if fmt == "messages":
@@ -408,16 +448,16 @@ def _conversation(row: dict, fmt: str) -> list[dict]:
     return prompt + _answer(_required(row, "completion", hint), "completion")
 
 
-def _dpo(row: dict, fmt: str) -> dict:
+def _pair(row: dict, fmt: str) -> dict:
     if fmt == "alpaca":
-        hint = "alpaca rows for dpo need instruction, chosen and rejected"
+        hint = "alpaca rows for preference pairs need instruction, chosen and rejected"
         prompt = _alpaca_prompt(row, hint)
     elif fmt == "seed-dpo":
-        hint = "dpo rows need messages, chosen and rejected"
+        hint = "preference rows need messages, chosen and rejected"
         prompt = _messages(row["messages"], "messages")
         _check_prompt(prompt, "messages")
     elif fmt == "sharegpt":
-        hint = "ShareGPT rows for dpo need conversations, chosen and rejected"
+        hint = "ShareGPT rows for preference pairs need conversations, chosen and rejected"
         prompt = _sharegpt(row)
         _check_prompt(prompt, "conversations")
     elif fmt == "dpo-pairs":
@@ -426,8 +466,7 @@ def _dpo(row: dict, fmt: str) -> dict:
     elif fmt == "dpo-implicit":
         return _implicit_pair(row)
     else:
-        raise _RowError(f"{fmt} rows have no chosen and rejected answers; dpo takes "
-                        f"{STAGE_SCHEMAS['dpo']}")
+        raise _WrongKind(f"{fmt} rows have no chosen and rejected answers")
     chosen = _answer(_required(row, "chosen", hint), "chosen")
     rejected = _answer(_required(row, "rejected", hint), "rejected")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -438,7 +477,7 @@ def _implicit_pair(row: dict) -> dict:
     chosen = _required(row, "chosen", hint)
     rejected = _required(row, "rejected", hint)
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
-        raise _RowError(f"missing 'prompt' ({hint}; without a prompt, chosen and rejected must "
+        raise RowError(f"missing 'prompt' ({hint}; without a prompt, chosen and rejected must "
                         "be whole conversations)")
     chosen_turns = _messages(chosen, "chosen")
     rejected_turns = _messages(rejected, "rejected")
@@ -447,11 +486,11 @@ def _implicit_pair(row: dict) -> dict:
            and chosen_turns[shared] == rejected_turns[shared]):
         shared += 1
     if len(chosen_turns) != shared + 1 or len(rejected_turns) != shared + 1:
-        raise _RowError("chosen and rejected must share every turn but their last (the "
+        raise RowError("chosen and rejected must share every turn but their last (the "
                         "answers), or give the prompt in 'prompt'")
     for field, turns in (("chosen", chosen_turns), ("rejected", rejected_turns)):
         if turns[-1]["role"] != "assistant":
-            raise _RowError(f"{field!r} must end with an assistant turn (it ends with "
+            raise RowError(f"{field!r} must end with an assistant turn (it ends with "
                             f"{turns[-1]['role']})")
     prompt = chosen_turns[:shared]
     _check_prompt(prompt, "chosen")
@@ -466,12 +505,12 @@ def _alpaca_prompt(row: dict, hint: str) -> list[dict]:
     history = row.get("history")
     if history is not None:
         if not isinstance(history, (list, tuple)):
-            raise _RowError(f"'history' must be a list of [user, assistant] pairs, not "
+            raise RowError(f"'history' must be a list of [user, assistant] pairs, not "
                             f"{_kind(history)}")
         for index, pair in enumerate(history):
             if (not isinstance(pair, (list, tuple)) or len(pair) != 2
                     or not all(isinstance(text, str) and text.strip() for text in pair)):
-                raise _RowError(f"history[{index}] must be a [user, assistant] pair of "
+                raise RowError(f"history[{index}] must be a [user, assistant] pair of "
                                 "non-empty strings")
             prompt += [_turn("user", pair[0]), _turn("assistant", pair[1])]
     user = instruction + ("\n\n" + extra if extra else "")
@@ -497,54 +536,54 @@ def _turn(role: str, content: str) -> dict:
 def _message(value: Any, field: str) -> dict | None:
     """One message as ``{"role", "content"}``; None for a system turn with empty content."""
     if not isinstance(value, dict):
-        raise _RowError(f"{field} must be a message object, not {_kind(value)}")
+        raise RowError(f"{field} must be a message object, not {_kind(value)}")
     role = value.get("role") if value.get("role") is not None else value.get("from")
     if role is None:
-        raise _RowError(f"{field}: missing 'role'")
+        raise RowError(f"{field}: missing 'role'")
     if not isinstance(role, str) or role.strip().lower() not in _ROLES:
-        raise _RowError(f"{field}: unknown role {_short(role, 30)} (use system, user or "
+        raise RowError(f"{field}: unknown role {_short(role, 30)} (use system, user or "
                         "assistant; ShareGPT's human and gpt work too)")
     role = _ROLES[role.strip().lower()]
     content = value.get("content") if value.get("content") is not None else value.get("value")
     if content is None:
-        raise _RowError(f"{field}: missing 'content'")
+        raise RowError(f"{field}: missing 'content'")
     if not isinstance(content, str):
-        raise _RowError(f"{field}: content must be a string, not {_kind(content)}")
+        raise RowError(f"{field}: content must be a string, not {_kind(content)}")
     if not content.strip():
         if role == "system":
             return None
-        raise _RowError(f"{field}: content is empty")
+        raise RowError(f"{field}: content is empty")
     return _turn(role, content)
 
 
 def _messages(value: Any, field: str) -> list[dict]:
     if not isinstance(value, (list, tuple)):
-        raise _RowError(f"{field!r} must be a list of messages, not {_kind(value)}")
+        raise RowError(f"{field!r} must be a list of messages, not {_kind(value)}")
     turns = [_message(item, f"{field}[{index}]") for index, item in enumerate(value)]
     turns = [turn for turn in turns if turn is not None]
     if not turns:
-        raise _RowError(f"{field!r} is empty")
+        raise RowError(f"{field!r} is empty")
     return turns
 
 
 def _prompt(value: Any, field: str) -> list[dict]:
     if isinstance(value, str):
         if not value.strip():
-            raise _RowError(f"{field!r} is empty")
+            raise RowError(f"{field!r} is empty")
         return [_turn("user", value)]
     turns = [_message(value, field)] if isinstance(value, dict) else _messages(value, field)
     turns = [turn for turn in turns if turn is not None]
     if not turns:
-        raise _RowError(f"{field!r} is empty")
+        raise RowError(f"{field!r} is empty")
     _check_prompt(turns, field)
     return turns
 
 
 def _check_prompt(turns: list[dict], field: str) -> None:
     if not any(turn["role"] == "user" for turn in turns):
-        raise _RowError(f"{field!r} has no user turn before the answer")
+        raise RowError(f"{field!r} has no user turn before the answer")
     if turns[-1]["role"] != "user":
-        raise _RowError(f"{field!r}: the turn before the answer must be a user turn, not "
+        raise RowError(f"{field!r}: the turn before the answer must be a user turn, not "
                         f"{turns[-1]['role']}")
 
 
@@ -552,37 +591,37 @@ def _answer(value: Any, field: str) -> list[dict]:
     """An answer (completion, chosen, rejected) as a list of one assistant turn."""
     if isinstance(value, str):
         if not value.strip():
-            raise _RowError(f"{field!r} is empty")
+            raise RowError(f"{field!r} is empty")
         return [_turn("assistant", value)]
     if isinstance(value, dict):
         message = _message(value, field)
     elif isinstance(value, (list, tuple)):
         if len(value) != 1:
-            raise _RowError(f"{field!r} must be one assistant message, not {len(value)} "
+            raise RowError(f"{field!r} must be one assistant message, not {len(value)} "
                             "messages")
         message = _message(value[0], f"{field}[0]")
     else:
-        raise _RowError(f"{field!r} must be a string or an assistant message, not "
+        raise RowError(f"{field!r} must be a string or an assistant message, not "
                         f"{_kind(value)}")
     if message is None or message["role"] != "assistant":
         role = "an empty system turn" if message is None else message["role"]
-        raise _RowError(f"{field!r} must be an assistant message, not {role}")
+        raise RowError(f"{field!r} must be an assistant message, not {role}")
     return [message]
 
 
 def _required(row: dict, key: str, hint: str) -> Any:
     value = row.get(key)
     if value is None:
-        raise _RowError(f"missing {key!r} ({hint})")
+        raise RowError(f"missing {key!r} ({hint})")
     return value
 
 
 def _required_text(row: dict, key: str, hint: str) -> str:
     value = _required(row, key, hint)
     if not isinstance(value, str):
-        raise _RowError(f"{key!r} must be a string, not {_kind(value)}")
+        raise RowError(f"{key!r} must be a string, not {_kind(value)}")
     if not value.strip():
-        raise _RowError(f"{key!r} is empty ({hint})")
+        raise RowError(f"{key!r} is empty ({hint})")
     return value
 
 
@@ -591,7 +630,7 @@ def _optional_text(row: dict, key: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise _RowError(f"{key!r} must be a string, not {_kind(value)}")
+        raise RowError(f"{key!r} must be a string, not {_kind(value)}")
     return value if value.strip() else None
 
 
@@ -632,7 +671,7 @@ def _short(value: Any, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
@@ -643,4 +682,4 @@ def _json_problem(exc: BaseException) -> str:
         return "nested too deeply"
     if isinstance(exc, json.JSONDecodeError):
         return f"{exc.msg} (line {exc.lineno}, column {exc.colno})"
-    return _first_line(exc)
+    return first_line(exc)

@@ -9,23 +9,26 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib.resources import as_file, files
 
-DATASETS = {
-    "sft": "emotional_support_sft.jsonl",
-    "dpo": "emotional_support_dpo.jsonl",
-    "pt": "wellbeing_notes.txt",
-}
+from autotune.plugin.registry import Stage, stage_named
+from autotune.util.errors import AutotuneError
+
+DATASETS = ("emotional_support_sft.jsonl", "emotional_support_dpo.jsonl", "wellbeing_notes.txt")
+"""The shipped datasets (each stage names its own in ``Stage.demo``)."""
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 
 
-def dataset_path(stage: str) -> str:
+def dataset_path(stage: str | Stage) -> str:
     """The shipped dataset for ``stage`` (a real file path)."""
-    resource = files("autotune_profiles") / "datasets" / DATASETS[stage]
+    stage = stage_named(None, stage)
+    if not stage.demo:
+        raise AutotuneError(f"stage {stage.name!r} has no example dataset: give --data")
+    resource = files("autotune_profiles") / "datasets" / stage.demo
     with as_file(resource) as path:
         return str(path)
 
 
 def _corpus():
-    for name in DATASETS.values():
+    for name in DATASETS:
         text = (files("autotune_profiles") / "datasets" / name).read_text(encoding="utf-8")
         yield from text.splitlines()
 

@@ -1,8 +1,9 @@
 """The token lengths of a dataset as a stage trains on it, and what they cost a batch.
 
-Each example is counted the way TRL tokenizes it: sft renders the conversation with the chat
-template; dpo renders prompt + chosen and prompt + rejected and keeps the longer (the trainer
-pads the pair to it); pt counts the text plus one EOS. With the model's tokenizer the counts
+Each example is counted the way TRL tokenizes it, over the sequences its stage puts through
+the model (``Stage.sequences``): a conversation is rendered with the chat template, a raw
+text counts its tokens plus one EOS, and an example with several sequences (a DPO pair)
+counts the longest (the trainer pads the pair to it). With the model's tokenizer the counts
 are exact. Without one they are approximated from characters per token by script, priors for
 large-vocabulary byte-level BPE tokenizers (Llama 3, Qwen, DeepSeek class), spaces folded
 into their neighbours and template markers such as ``<|im_start|>`` one token each:
@@ -38,7 +39,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from autotune.catalog.datasets import STAGES, _first_line, describe_format, load_rows
+from autotune.catalog.datasets import describe_format, first_line, load_rows
+from autotune.plugin.registry import Stage, stage_named
 from autotune.util.errors import AutotuneError
 
 BATCHINGS = ("padded", "packed", "wrapped")
@@ -126,7 +128,7 @@ class Lengths:
         return out
 
 
-def measure_lengths(path: str | os.PathLike, stage: str, *, tokenizer=None,
+def measure_lengths(path: str | os.PathLike, stage: str | Stage, *, tokenizer=None,
                     chat_template: str | None = None, limit: int = 50_000,
                     quiet: bool = False) -> Lengths:
     """Count the tokens of each example of ``path`` (its first ``limit`` rows) for ``stage``.
@@ -137,51 +139,63 @@ def measure_lengths(path: str | os.PathLike, stage: str, *, tokenizer=None,
     """
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise AutotuneError(f"limit must be a positive whole number, not {limit!r}")
+    stage = stage_named(None, stage)
     rows = load_rows(path, stage, limit + 1)
     sampled = len(rows) > limit
     rows = rows[:limit]
     shown = os.fspath(path)
-    if stage == "pt":
-        items = [row["text"] for row in rows]
-    elif stage == "sft":
-        items = [row["prompt"] + row["completion"] for row in rows]
-    else:
-        items = [turns for row in rows for turns in (row["prompt"] + row["chosen"],
-                                                     row["prompt"] + row["rejected"])]
+    owners, items = [], []
+    for index, row in enumerate(rows):
+        for sequence in stage.sequences(row):
+            owners.append(index)
+            items.append(sequence)
     if tokenizer is None:
-        count = _approximate_counter(stage, chat_template, shown)
+        count = _approximate_counter(chat_template, shown)
     else:
-        count = _tokenizer_counter(stage, tokenizer, chat_template, shown)
-    per_row = 2 if stage == "dpo" else 1
-    counts: list[int] = []
+        count = _tokenizer_counter(tokenizer, chat_template, shown)
+    counts = [0] * len(rows)
+    step = _BATCH * max(1, round(len(items) / max(len(rows), 1)))
     shown_at = time.monotonic()
-    for start in range(0, len(items), _BATCH * per_row):
-        counts += count(items[start:start + _BATCH * per_row])
+    for start in range(0, len(items), step):
+        batch = items[start:start + step]
+        for owner, tokens in zip(owners[start:start + step], _counted(count, batch),
+                                 strict=True):
+            counts[owner] = max(counts[owner], tokens)
         if (not quiet and len(rows) > _PROGRESS_ROWS
                 and time.monotonic() - shown_at > _PROGRESS_SECONDS):
-            print(f"autotune: counting tokens: {len(counts) // per_row:,} / {len(rows):,} rows",
-                  file=sys.stderr, flush=True)
+            print(f"autotune: counting tokens: {owners[start + len(batch) - 1] + 1:,} / "
+                  f"{len(rows):,} rows", file=sys.stderr, flush=True)
             shown_at = time.monotonic()
-    if per_row == 2:
-        counts = [max(pair) for pair in zip(counts[::2], counts[1::2], strict=True)]
     name = None if tokenizer is None else (getattr(tokenizer, "name_or_path", "")
                                            or type(tokenizer).__name__)
-    return Lengths(path=shown, stage=stage, format=describe_format(path, stage),
+    return Lengths(path=shown, stage=stage.name, format=describe_format(path, stage),
                    rows=len(rows), tokens=tuple(sorted(counts)),
                    counted_by="approximation" if tokenizer is None else "tokenizer",
                    tokenizer=name, sampled=sampled)
 
 
-def _tokenizer_counter(stage: str, tokenizer, chat_template: str | None, shown: str):
-    """A function from a batch of texts (pt) or conversations to their token counts."""
+def _counted(count, batch: list) -> list[int]:
+    """Token counts of a batch of texts and conversations, each kind counted together."""
+    out = [0] * len(batch)
+    for is_text in (True, False):
+        at = [i for i, item in enumerate(batch) if isinstance(item, str) == is_text]
+        if at:
+            for i, tokens in zip(at, count([batch[i] for i in at], is_text), strict=True):
+                out[i] = tokens
+    return out
+
+
+def _tokenizer_counter(tokenizer, chat_template: str | None, shown: str):
+    """A function from a batch of texts or of conversations to their token counts."""
     own = getattr(tokenizer, "chat_template", None)
-    if stage != "pt" and not own and chat_template is None:
-        raise AutotuneError(f"{shown}: the tokenizer has no chat template and none was given")
     eos = getattr(tokenizer, "eos_token_id", None)
 
-    def count(items: list) -> list[int]:
+    def count(items: list, texts: bool) -> list[int]:
+        if not texts and not own and chat_template is None:
+            raise AutotuneError(f"{shown}: the tokenizer has no chat template and none was "
+                                "given")
         try:
-            if stage == "pt":  # TRL appends EOS unless the tokenizer already does
+            if texts:  # TRL appends EOS unless the tokenizer already does
                 ids = tokenizer(items)["input_ids"]
                 return [len(i) + (0 if i and i[-1] == eos else 1) for i in ids]
             ids = tokenizer.apply_chat_template(
@@ -189,15 +203,15 @@ def _tokenizer_counter(stage: str, tokenizer, chat_template: str | None, shown: 
                 chat_template=None if own else chat_template)["input_ids"]
             return [len(i) for i in ids]
         except Exception as exc:  # noqa: BLE001 - the template or tokenizer failed on the data
-            raise AutotuneError(f"{shown}: cannot tokenize: {_first_line(exc)}") from None
+            raise AutotuneError(f"{shown}: cannot tokenize: {first_line(exc)}") from None
 
     return count
 
 
-def _approximate_counter(stage: str, chat_template: str | None, shown: str):
+def _approximate_counter(chat_template: str | None, shown: str):
     """Like :func:`_tokenizer_counter`, by :func:`approximate_tokens`."""
-    def count(items: list) -> list[int]:
-        if stage == "pt":
+    def count(items: list, texts: bool) -> list[int]:
+        if texts:
             return [approximate_tokens(item) + 1 for item in items]  # + EOS
         if chat_template is None:
             return [approximate_tokens("\n".join(t["content"] for t in turns)) for turns in items]
@@ -208,7 +222,7 @@ def _approximate_counter(stage: str, chat_template: str | None, shown: str):
                                              **_TEMPLATE_TOKENS)[0]
         except Exception as exc:  # noqa: BLE001 - the template failed on the data
             raise AutotuneError(f"{shown}: cannot render the chat template: "
-                                f"{_first_line(exc)}") from None
+                                f"{first_line(exc)}") from None
         return [approximate_tokens(item) for item in rendered]
 
     return count
@@ -242,13 +256,15 @@ def local_tokenizer(model_spec):
         return None
 
 
-def batching_for(stage: str, attn: str) -> str:
-    """How TRL batches ``stage`` under attention kernel ``attn`` (docs/data.md)."""
-    if stage not in STAGES:
-        raise AutotuneError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
-    if stage in ("sft", "pt") and attn == "flash":
-        return "packed"
-    return "wrapped" if stage == "pt" else "padded"
+def batching_for(stage: str | Stage, attn: str) -> str:
+    """How TRL batches ``stage`` under attention kernel ``attn`` (docs/data.md): the
+    stage's own :meth:`~autotune.plugin.registry.Stage.batching`."""
+    stage = stage_named(None, stage)
+    batching = stage.batching(attn)
+    if batching not in BATCHINGS:
+        raise AutotuneError(f"plugin {stage.plugin!r}: stage {stage.name!r} batches "
+                            f"{batching!r}, not one of {', '.join(BATCHINGS)}")
+    return batching
 
 
 def choose_seq_len(lengths: Lengths, cap: int, multiple: int = 64) -> int:

@@ -15,13 +15,13 @@ from autotune.cli.sections import (
     host_lines,
 )
 from autotune.cli.output import force_option, table
+from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.cost.recipe import ATTENTION, LIMITS, METHODS, OPTIMIZERS, PRECISIONS, Recipe
 from autotune.plan.advice import fit_line
 from autotune.plan.service import read_lengths, target_gpu
 from autotune.util.units import GiB, gib
 
 SCHEMA = "autotune.estimate/1"
-STAGES = ("pt", "sft", "dpo", "ppo", "inference")
 
 
 def recipe_options(func):
@@ -55,7 +55,8 @@ def recipe_options(func):
                      show_default=True, help="Optimizer."),
         click.option("--attn", type=click.Choice(ATTENTION), default="sdpa", show_default=True,
                      help="Attention implementation."),
-        click.option("--stage", type=click.Choice(STAGES), default="sft", show_default=True,
+        click.option("--stage", type=click.Choice([DEFAULT_STAGE]), default=DEFAULT_STAGE,
+                     show_default=True,
                      help="Training stage (inference: the serving rule)."),
     ]
     for option in reversed(options):

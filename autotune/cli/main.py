@@ -10,6 +10,8 @@ import click
 import pluggy
 
 from autotune import __version__
+from autotune.cli.options import with_stages
+from autotune.plugin.manager import use
 from autotune.util.errors import AutotuneError, PluginError
 from autotune.util.quiet import loud_libraries, offline, quiet_libraries
 
@@ -43,9 +45,10 @@ def make_cli(pm: pluggy.PluginManager) -> click.Group:
         if verbose:
             loud_libraries()
 
+    use(pm)
     for name in COMMANDS:
         module = importlib.import_module(f"autotune.cli.{name}")
-        cli.add_command(module.command, name=name)
+        cli.add_command(with_stages(module.command, pm), name=name)
     builtin = dict(cli.commands)
     for impl in reversed(pm.hook.register_commands.get_hookimpls()):  # pluggy's order
         try:

@@ -13,8 +13,11 @@ from autotune.cli.estimate import (
     no_calibration_option,
     trust_remote_code_option,
 )
+from autotune.cli.options import given as given_stage_options
 from autotune.cli.output import force_option, table
 from autotune.cli.sections import alternatives_table, data_lines, host_lines, signed
+from autotune.cost.parallel import STRATEGIES
+from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.cost.recipe import ATTENTION, LIMITS, OPTIMIZERS
 from autotune.plan.advice import describe, strategy
 from autotune.plan.space import METHODS
@@ -35,7 +38,7 @@ GPUS_MAX, NODES_MAX = 64, 4096
 @click.option("--vram", help="Plan for a memory budget instead of a card (e.g. 24GiB).")
 @click.option("--seq-len", type=click.IntRange(1, LIMITS["seq_len"]), default=2048,
               show_default=True, help="Tokens per sequence.")
-@click.option("--stage", type=click.Choice(["pt", "sft", "dpo"]), default="sft",
+@click.option("--stage", type=click.Choice([DEFAULT_STAGE]), default=DEFAULT_STAGE,
               show_default=True, help="Training stage.")
 @click.option("--effective-batch", type=click.IntRange(1, LIMITS["batch"]), default=16,
               show_default=True,
@@ -45,7 +48,7 @@ GPUS_MAX, NODES_MAX = 64, 4096
                                                      "strategy (DDP, ZeRO, FSDP) is searched.")
 @click.option("--nodes", type=click.IntRange(1, NODES_MAX), default=1, show_default=True,
               help="Machines, each with --gpus cards.")
-@click.option("--strategy", type=click.Choice(["ddp", "zero1", "zero2", "zero3", "fsdp"]),
+@click.option("--strategy", type=click.Choice([s for s in STRATEGIES if s != "single"]),
               help="Pin the multi-GPU strategy (its CPU-offload variants are still tried).")
 @click.option("--headroom", default="0%", show_default=True,
               help="Memory kept free beyond the peak's upper bound: a share of the card (5%) "
@@ -107,7 +110,7 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
         host_ram, objective, Pins(method, rank, targets, batch, grad_ckpt, optim, attn), top,
         storage_url(storage), seed, trust_remote_code, not no_calibration,
         one_card=bool(plot), measure_top=measure_top, measure_steps=measure_steps,
-        output=output)
+        output=output, stage_options=given_stage_options())
     measure = None
     if measure_top:
         from autotune.run.measure import measure

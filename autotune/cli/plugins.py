@@ -30,7 +30,14 @@ def command(pm, as_json) -> None:
         })
     rows.sort(key=lambda r: (not r["builtin"], r["name"]))
     if as_json:
-        click.echo(json.dumps({"schema": "autotune.plugins/1", "plugins": rows}, indent=2))
+        described = {name: {"plugin": s.plugin, "description": s.description,
+                            "trains": s.trains, "schema": s.schema,
+                            "methods": list(s.methods) if s.methods is not None else None,
+                            "options": {o.name: o.default for o in s.options},
+                            "exports": dict(s.exports)}
+                     for name, s in sorted(found_stages.items())}
+        click.echo(json.dumps({"schema": "autotune.plugins/1", "plugins": rows,
+                               "stages": described}, indent=2))
         return
     for row in rows:
         registers = ", ".join([*(f"family {f}" for f in row["families"]),

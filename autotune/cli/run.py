@@ -10,7 +10,10 @@ import time
 import click
 
 from autotune.cli.estimate import trust_remote_code_option
+from autotune.cli.options import given as given_stage_options
+from autotune.cli.options import override
 from autotune.cli.sections import run_summary
+from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.util.errors import AutotuneError
 from autotune.cost.recipe import LIMITS
 
@@ -31,7 +34,7 @@ DEMO_STEPS = 30
 @click.option("--report-to", default="none", show_default=True,
               help="Experiment tracking: none, tensorboard, wandb, swanlab, ...")
 @click.option("--model", "model_spec", help="Plan for this model first, then run the pick.")
-@click.option("--stage", type=click.Choice(["pt", "sft", "dpo"]), default="sft",
+@click.option("--stage", type=click.Choice([DEFAULT_STAGE]), default=DEFAULT_STAGE,
               show_default=True, help="With --model: the stage to plan.")
 @click.option("--gpu", help="With --model: plan for this card.")
 @click.option("--vram", help="With --model: plan for this memory budget.")
@@ -93,7 +96,7 @@ def command(ctx, plan_file, data, output_dir, max_steps, epochs, report_to, mode
     if plan_file:
         from autotune.plan import planfile
 
-        plan = planfile.read_plan(plan_file)
+        plan = override(planfile.read_plan(plan_file), pm)
         # the plan's record: the data it was made for and its remote-code layout
         data = data or planfile.data_path(plan)
         trust_remote_code = trust_remote_code or planfile.remote_code(plan)
@@ -147,7 +150,8 @@ def _plan(pm, model_spec, stage, gpu, vram, seq_len, remote_code, quiet, data: s
 
     planned = plan(pm, Request(model_spec, gpu, vram, seq_len, stage=stage, effective_batch=8,
                                gpus=1, data=data, objective="quality", pins=Pins(method=method),
-                               remote_code=remote_code, cpu_fallback=True))
+                               remote_code=remote_code, cpu_fallback=True,
+                               stage_options=given_stage_options()))
     best, card = planned.best, planned.result.gpu
     if best is None:
         raise AutotuneError(f"no plan for {planned.model.id} fits {card.name}; see "

@@ -170,11 +170,9 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
         linear(saved, lname, source, t, fan_in, fan_out, roles.get(lname, LinearRole()), p,
                out_bytes if source == "ln1.out" else p.compute,
                grad_in if source == "ln1.out" else grad_attn)
-    if "lfa" in layer.extras and grad_attn:
-        # Yuan's localized filtering: two (2,1) convolutions and an RMSNorm on the input.
-        saved.keep("lfa.x", t * hidden * p.compute)
-        saved.keep("lfa.conv1", t * hidden // 2 * p.compute)
-        saved.keep("lfa.x32", t * hidden * FP32)
+    if grad_attn:  # what the family's own blocks keep (Yuan's localized filtering)
+        for extra in layer.saves:
+            saved.keep(extra.name, t * extra.width * (FP32 if extra.fp32 else p.compute))
     if grad_attn and a.mla:
         _mla(saved, t, batch, seq, a, p, kernel, norms_trainable)
     elif grad_attn:

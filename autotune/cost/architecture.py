@@ -9,6 +9,7 @@ to each other.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
@@ -87,13 +88,25 @@ class FeedForward:
 
 
 @dataclass(frozen=True)
+class SavedActivation:
+    """A tensor a family's own block in the attention saves for backward: ``width`` values
+    per token, in the compute dtype or fp32 (Yuan's LFA convolutions save three)."""
+
+    name: str
+    width: int
+    fp32: bool = False
+
+
+@dataclass(frozen=True)
 class Layer:
     """One decoder layer's shape, for the activation model."""
 
     attention: Attention
     mlp: FeedForward
     extras: tuple[str, ...] = ()
-    """Family-specific blocks the activation model knows, e.g. ``"lfa"`` (Yuan)."""
+    """Names of family-specific blocks (e.g. ``"lfa"``, Yuan's)."""
+    saves: tuple[SavedActivation, ...] = ()
+    """What those blocks save for backward when the attention gets gradients."""
 
 
 @dataclass(frozen=True)
@@ -164,13 +177,25 @@ def decoder(
     extras: dict[str, int] | None = None,
     tags: tuple[str, ...] = (),
     counted_by: str = "",
+    latent: Attention | None = None,
+    moe: FeedForward | None = None,
+    moe_layers: Collection[int] = (),
+    experts_as_linears: bool = False,
+    fused_targets: dict[str, tuple[str, int]] | None = None,
+    saves: tuple[SavedActivation, ...] = (),
 ) -> Architecture:
     """A Llama-style decoder described from its config, in transformers' module names.
 
-    Covers Llama, Mistral, Qwen2, DeepSeek-LLM, DeepSeek-V2 (MLA and MoE with fused
-    experts) and, with ``extras``, remote-code variants. ``extras`` maps a per-layer
-    parameter suffix to its size (e.g. Yuan's convolutions); ``tags`` name family-specific
-    blocks for the activation model (``"lfa"``).
+    Reads only the standard keys (``hidden_size``, ``num_hidden_layers``, heads,
+    ``intermediate_size``, ``vocab_size``, biases, tied embeddings); a family passes what
+    else its models have. ``latent``: multi-head latent attention's shape (DeepSeek-V2's
+    MLA: ``q_lora_rank``, ``kv_lora_rank``, ``rope_dim``, ``head_dim`` = no-RoPE + RoPE
+    dims). ``moe``: the mixture-of-experts MLP of the layers in ``moe_layers``, as fused
+    expert tensors, or one ``nn.Linear`` per expert with ``experts_as_linears`` (remote
+    code); ``fused_targets`` is PEFT's remap of target names onto fused experts
+    (:data:`PEFT_FUSED_TARGETS`). ``extras`` maps a per-layer parameter suffix to its size
+    (e.g. Yuan's convolutions); ``tags`` name family-specific blocks and ``saves`` what
+    they keep for backward, per layer.
     """
     h = config["hidden_size"]
     vocab = config["vocab_size"]
@@ -189,20 +214,22 @@ def decoder(
     layers: list[Layer] = []
     for i in range(n_layers):
         p = f"model.layers.{i}"
-        attention = _attention(config, p, h, heads, kv_heads, qkv_bias, o_bias, linears, tensors)
-        mlp = _feed_forward(config, i, p, h, mlp_bias, linears, tensors)
+        attention = _attention(config, p, h, heads, kv_heads, qkv_bias, o_bias, latent, linears,
+                               tensors)
+        mlp = _feed_forward(config, p, h, mlp_bias, moe if i in moe_layers else None,
+                            experts_as_linears, linears, tensors)
         for suffix, size in (extras or {}).items():
             kind = "conv" if "conv" in suffix else "norm" if "norm" in suffix else "other"
             tensors.append(Tensor(f"{p}.{suffix}", size, kind))
         tensors.append(Tensor(f"{p}.input_layernorm.weight", h, "norm"))
         tensors.append(Tensor(f"{p}.post_attention_layernorm.weight", h, "norm"))
-        layers.append(Layer(attention, mlp, tags))
+        layers.append(Layer(attention, mlp, tags, saves))
     tensors.append(Tensor("model.norm.weight", h, "norm"))
     linears.append(Linear("lm_head", h, vocab, False))
     fused = any(t.kind == "experts" for t in tensors)
     return Architecture(
         model_type=config.get("model_type", ""),
-        fused_targets=PEFT_FUSED_TARGETS["qwen2_moe"] if fused else {},
+        fused_targets=dict(fused_targets or {}) if fused else {},
         hidden=h,
         vocab=vocab,
         layers=tuple(layers),
@@ -214,9 +241,9 @@ def decoder(
     )
 
 
-def _attention(config, p, h, heads, kv_heads, qkv_bias, o_bias, linears, tensors) -> Attention:
-    kv_rank = config.get("kv_lora_rank") or 0
-    if not kv_rank:
+def _attention(config, p, h, heads, kv_heads, qkv_bias, o_bias, latent, linears, tensors
+               ) -> Attention:
+    if latent is None:
         d = head_dim(config)
         linears += [
             Linear(f"{p}.self_attn.q_proj", h, heads * d, qkv_bias),
@@ -225,38 +252,31 @@ def _attention(config, p, h, heads, kv_heads, qkv_bias, o_bias, linears, tensors
             Linear(f"{p}.self_attn.o_proj", heads * d, h, o_bias),
         ]
         return Attention(heads, kv_heads, d, d)
-    # Multi-head latent attention (DeepSeek-V2): low-rank joint K/V, optional low-rank Q.
-    nope, rope = config["qk_nope_head_dim"], config["qk_rope_head_dim"]
-    v_dim, q_rank = config["v_head_dim"], config.get("q_lora_rank") or 0
+    # Multi-head latent attention: low-rank joint K/V, optional low-rank Q.
+    qk, rope, v_dim = latent.head_dim, latent.rope_dim, latent.v_head_dim
+    q_rank, kv_rank = latent.q_lora_rank, latent.kv_lora_rank
     bias = bool(config.get("attention_bias", False))
     if q_rank:
         linears.append(Linear(f"{p}.self_attn.q_a_proj", h, q_rank, bias))
         tensors.append(Tensor(f"{p}.self_attn.q_a_layernorm.weight", q_rank, "norm"))
-        linears.append(Linear(f"{p}.self_attn.q_b_proj", q_rank, heads * (nope + rope), False))
+        linears.append(Linear(f"{p}.self_attn.q_b_proj", q_rank, heads * qk, False))
     else:
-        linears.append(Linear(f"{p}.self_attn.q_proj", h, heads * (nope + rope), False))
+        linears.append(Linear(f"{p}.self_attn.q_proj", h, heads * qk, False))
     linears.append(Linear(f"{p}.self_attn.kv_a_proj_with_mqa", h, kv_rank + rope, bias))
     tensors.append(Tensor(f"{p}.self_attn.kv_a_layernorm.weight", kv_rank, "norm"))
-    linears.append(Linear(f"{p}.self_attn.kv_b_proj", kv_rank, heads * (nope + v_dim), False))
+    linears.append(Linear(f"{p}.self_attn.kv_b_proj", kv_rank, heads * (qk - rope + v_dim),
+                          False))
     linears.append(Linear(f"{p}.self_attn.o_proj", heads * v_dim, h, bias))
-    return Attention(heads, heads, nope + rope, v_dim, q_rank, kv_rank, rope)
+    return Attention(heads, heads, qk, v_dim, q_rank, kv_rank, rope)
 
 
-def _is_moe_layer(config: dict, i: int) -> bool:
-    experts = config.get("n_routed_experts") or 0
-    first_dense = config.get("first_k_dense_replace") or 0
-    freq = config.get("moe_layer_freq") or 1
-    return bool(experts) and i >= first_dense and i % freq == 0
-
-
-def _feed_forward(config, i, p, h, mlp_bias, linears, tensors) -> FeedForward:
-    if not _is_moe_layer(config, i):
+def _feed_forward(config, p, h, mlp_bias, moe, as_linears, linears, tensors) -> FeedForward:
+    if moe is None:
         inter = config["intermediate_size"]
         _mlp(linears, f"{p}.mlp", h, inter, mlp_bias)
         return FeedForward(intermediate=inter)
-    experts, moe_inter = config["n_routed_experts"], config["moe_intermediate_size"]
-    shared = (config.get("n_shared_experts") or 0) * moe_inter
-    if config.get("experts_as_linears"):  # remote-code MoE: one nn.Linear per expert
+    experts, moe_inter, shared = moe.experts, moe.expert_intermediate, moe.shared_intermediate
+    if as_linears:  # remote-code MoE: one nn.Linear per expert
         for e in range(experts):
             _mlp(linears, f"{p}.mlp.experts.{e}", h, moe_inter, False)
     else:  # transformers' fused expert tensors
@@ -267,7 +287,7 @@ def _feed_forward(config, i, p, h, mlp_bias, linears, tensors) -> FeedForward:
     tensors.append(Tensor(f"{p}.mlp.gate.weight", experts * h, "router", (experts, h)))
     if shared:
         _mlp(linears, f"{p}.mlp.shared_experts", h, shared, False)
-    return FeedForward(0, experts, config["num_experts_per_tok"], moe_inter, shared)
+    return FeedForward(0, experts, moe.top_k, moe_inter, shared)
 
 
 def _mlp(linears: list[Linear], p: str, h: int, inter: int, bias: bool) -> None:

@@ -30,7 +30,7 @@ from autotune.cost.memory import MemoryEstimate, estimate_memory, serving_memory
 from autotune.cost.objectives import fidelity, tokens_per_second
 from autotune.cost.parallel import SINGLE, Parallel, communication_seconds
 from autotune.cost.params import ParamCounts, count
-from autotune.cost.recipe import Recipe
+from autotune.cost.recipe import KERNELS, Recipe
 from autotune.cost.uncertainty import CONFIDENCE, Band, band
 from autotune.plugin.registry import ModelFamily, blame, family_for, plugin_failed, stage_named, stages
 from autotune.util.errors import AutotuneError
@@ -169,13 +169,12 @@ def describe(config: dict, family: ModelFamily, remote_code: bool = False) -> Ar
     return arch
 
 
-KERNEL_NAMES = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash"}
 
 
 def family_kernel(family: ModelFamily, config: dict, recipe: Recipe) -> Recipe:
     """``recipe`` with the attention kernel the family insists on (its ``load_kwargs``)."""
     with blame(family, "load_kwargs"):
-        forced = KERNEL_NAMES.get(family.load_kwargs(config).get("attn_implementation", ""))
+        forced = KERNELS.get(family.load_kwargs(config).get("attn_implementation", ""))
     return recipe.but(attn=forced) if forced and forced != recipe.attn else recipe
 
 

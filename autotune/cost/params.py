@@ -88,6 +88,18 @@ def resolve_targets(arch: Architecture, groups: dict[str, tuple[str, ...]], targ
     return tuple(chosen), unmatched, params
 
 
+def peft_targets(arch: Architecture, groups: dict[str, tuple[str, ...]], targets: str
+                 ) -> list[str] | None:
+    """The ``target_modules`` autotune hands PEFT for a ``targets`` spec: ``None`` for
+    all-linear (PEFT's own keyword), else the adapted linear layers' short names plus the
+    fused expert parameters PEFT remaps them to. The run, the exports, ``plan --measure``
+    and the accuracy grid all use this one list."""
+    if targets.strip() == ALL_LINEAR:
+        return None
+    chosen, _, fused = resolve_targets(arch, groups, targets)
+    return sorted({lin.name for lin in chosen} | set(fused))
+
+
 def linear_names(arch: Architecture) -> list[str]:
     """Distinct short names of the model's linear layers, in order of appearance."""
     return list(dict.fromkeys(lin.name for lin in arch.linears))

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.util.errors import AutotuneError
 
 METHODS = ("full", "freeze", "lora", "dora", "qlora")
 PRECISIONS = ("bf16", "fp16", "fp32", "amp")
-OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor")
-ATTENTION = ("sdpa", "flash", "eager")
+HF_OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit",
+                 "paged_adamw_8bit": "paged_adamw_8bit", "sgd": "sgd", "adafactor": "adafactor"}
+"""The recipe's optimizer names -> transformers' ``optim`` (the run and every export)."""
+OPTIMIZERS = tuple(HF_OPTIMIZERS)
+HF_ATTENTION = {"sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}
+"""The recipe's attention kernels -> transformers' ``attn_implementation``."""
+ATTENTION = tuple(HF_ATTENTION)
+KERNELS = {hf: name for name, hf in HF_ATTENTION.items()}
+"""transformers' ``attn_implementation`` -> the recipe's kernel name."""
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""The recipe's dtypes -> torch's names (``getattr(torch, name)``)."""
 LIMITS = {"rank": 2**16, "batch": 2**16, "seq_len": 2**24, "freeze_layers": 2**16}
 """The largest value of each whole-number setting: beyond them no model trains, and the
 cost model's floating-point figures would overflow."""
@@ -37,7 +47,7 @@ class Recipe:
     grad_ckpt: bool = False
     optim: str = "adamw_torch"
     attn: str = "sdpa"
-    stage: str = "sft"
+    stage: str = DEFAULT_STAGE
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, METHODS)

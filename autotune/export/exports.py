@@ -18,20 +18,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from autotune.cost.parallel import DEEPSPEED as ZERO_STAGES
+from autotune.cost.recipe import HF_ATTENTION, HF_OPTIMIZERS, TORCH_DTYPES
+from autotune.plugin.registry import DEFAULT_STAGE, Stage, stage_named
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
 from autotune.util.files import check_new_file
 
 TOOLS = ("llamafactory", "axolotl", "trl", "accelerate", "deepspeed")
-ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 DATA_PLACEHOLDER = "path/to/train.jsonl"
 """What stands for the data file when ``--data`` is not given."""
 
-# the plan's optimizer names -> transformers' ``optim`` (as autotune.run.executor.OPTIMIZERS)
-HF_OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit",
-                 "paged_adamw_8bit": "paged_adamw_8bit", "adafactor": "adafactor", "sgd": "sgd"}
-HF_ATTENTION = {"sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}
-TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +43,8 @@ class ExportContext:
     """Decoder layers (to name the top ``freeze_layers`` for Axolotl)."""
     remote_code: bool = False
     notes: list[str] = field(default_factory=list)
+    stage: Stage | None = None
+    """The plan's stage as the plugin manager that read the plan has it (else the process's)."""
 
 
 # --- what every tool shares --------------------------------------------------------------
@@ -92,12 +91,27 @@ def _adapter(recipe: dict) -> bool:
     return recipe["method"] in ("lora", "dora", "qlora")
 
 
-def _trained_stage(recipe: dict) -> str:
-    """The recipe's stage, if it trains (an inference plan has nothing to export)."""
-    stage = recipe["stage"]
-    if stage not in ("pt", "sft", "dpo"):
-        raise AutotuneError(f"stage {stage!r} does not train: nothing to export")
+def _stage(recipe: dict, context: ExportContext | None, tool: str) -> Stage:
+    """The recipe's stage, if it trains and ``tool`` can train it."""
+    stage = context.stage if context and context.stage else stage_named(None, recipe["stage"])
+    if not stage.trains:
+        raise AutotuneError(f"stage {stage.name!r} does not train: nothing to export")
+    if tool not in stage.exports:
+        tools = ", ".join(sorted(stage.exports)) or "none"
+        raise AutotuneError(f"stage {stage.name!r} (plugin {stage.plugin!r}) cannot be "
+                            f"exported to {tool} (it can to: {tools})")
     return stage
+
+
+def _stage_settings(stage: Stage, tool: str, training: dict, data: str | None) -> dict:
+    """The stage's own keys in ``tool``'s config (see ``Stage.export_settings``)."""
+    fmt = _data_format(data, stage) if data and os.path.isfile(data) else None
+    try:
+        return dict(stage.export_settings(tool, training, fmt))
+    except Exception as exc:
+        from autotune.plugin.registry import plugin_failed
+
+        raise plugin_failed(stage, "export_settings", exc) from exc
 
 
 def _model_path(plan: dict) -> str:
@@ -111,7 +125,7 @@ def _model_path(plan: dict) -> str:
 
 def _output_dir(plan: dict, tool: str) -> str:
     model = str(plan["model"]["id"]).replace("/", "-")
-    return f"output/{model}-{plan['recipe'].get('stage', 'sft')}-{tool}"
+    return f"output/{model}-{plan['recipe'].get('stage', DEFAULT_STAGE)}-{tool}"
 
 
 def _offload_checks(plan: dict) -> dict:
@@ -270,10 +284,11 @@ def export_context(pm, plan: dict, remote_code: bool = False) -> ExportContext:
     if family.remote_code(model.config) and not remote_code:
         notes.append(f"{model.id} runs remote code from its repository: the exports set "
                      "trust_remote_code only with --trust-remote-code")
-    return ExportContext(targets=targets, template=llamafactory_template(family.name,
+    return ExportContext(targets=targets, template=family.export_template("llamafactory",
                                                                          model.config),
                          layers=model.config.get("num_hidden_layers"),
-                         remote_code=remote_code, notes=notes)
+                         remote_code=remote_code, notes=notes,
+                         stage=stage_named(pm, recipe["stage"]))
 
 
 def lora_targets(pm, config: dict, family, targets: str, remote_code: bool = False
@@ -281,27 +296,10 @@ def lora_targets(pm, config: dict, family, targets: str, remote_code: bool = Fal
     """Module names a ``targets`` spec adapts (``None`` for all-linear), as the executor
     resolves them: the family's groups, PEFT's suffix matching, fused expert tensors."""
     from autotune.cost.assess import describe
-    from autotune.cost.params import ALL_LINEAR, resolve_targets
+    from autotune.cost.params import peft_targets
 
-    if targets == ALL_LINEAR:
-        return None
-    arch = describe(config, family, remote_code)
-    chosen, _, fused = resolve_targets(arch, family.module_groups(config), targets)
-    return sorted({lin.name for lin in chosen} | set(fused))
-
-
-def llamafactory_template(family: str, config: dict) -> str:
-    """LLaMA-Factory's template for a family (its ``data/template.py`` names)."""
-    model_type = str(config.get("model_type", ""))
-    if family == "deepseek":
-        return "deepseek3" if model_type == "deepseek_v3" else "deepseek"
-    if family == "llama":
-        return "llama3" if int(config.get("vocab_size", 0)) >= 128000 else "llama2"
-    if family == "qwen":
-        return "qwen3" if model_type.startswith("qwen3") else "qwen"
-    if family in ("mistral", "yuan"):
-        return family
-    return "default"
+    return peft_targets(describe(config, family, remote_code), family.module_groups(config),
+                        targets)
 
 
 # --- LLaMA-Factory -----------------------------------------------------------------------
@@ -331,7 +329,7 @@ def llamafactory_config(plan: dict, context: ExportContext | None = None,
     context = context or ExportContext()
     recipe, training = _recipe(plan), _training(plan)
     block = _offload_checks(plan)
-    stage = _trained_stage(recipe)
+    stage = _stage(recipe, context, "llamafactory")
     config: dict = {"model_name_or_path": _model_path(plan)}
     if context.remote_code:
         config["trust_remote_code"] = True
@@ -339,7 +337,7 @@ def llamafactory_config(plan: dict, context: ExportContext | None = None,
     if not recipe["grad_ckpt"] or block["strategy"] == "fsdp":
         # LLaMA-Factory checkpoints unless told not to; under FSDP, FSDP checkpoints
         config["disable_gradient_checkpointing"] = True
-    config.update({"stage": stage, "do_train": True,
+    config.update({"stage": stage.exports["llamafactory"], "do_train": True,
                    "finetuning_type": {"full": "full", "freeze": "freeze"}.get(recipe["method"],
                                                                               "lora")})
     if _adapter(recipe):
@@ -355,9 +353,9 @@ def llamafactory_config(plan: dict, context: ExportContext | None = None,
             config.update({"quantization_type": "nf4", "double_quantization": True})
     if recipe["method"] == "freeze":
         config["freeze_trainable_layers"] = recipe["freeze_layers"]
-    if stage == "dpo":
-        config.update({"pref_beta": float(training.get("beta", 0.1)),
-                       "pref_ftx": float(training.get("pref_ftx", 0.0)), "pref_loss": "sigmoid"})
+    settings = _stage_settings(stage, "llamafactory", training, data)
+    settings.pop("notes", None)
+    config.update(settings)
     if deepspeed_path and block["strategy"] in ZERO_STAGES:
         config["deepspeed"] = deepspeed_path
     name, folder = _dataset_name(data)
@@ -378,7 +376,7 @@ def llamafactory_config(plan: dict, context: ExportContext | None = None,
     return config
 
 
-def llamafactory_dataset_info(data: str | None, stage: str) -> dict | None:
+def llamafactory_dataset_info(data: str | None, stage: str | Stage) -> dict | None:
     """The ``dataset_info.json`` entry LLaMA-Factory needs to find ``data``, from its rows."""
     if not data or not os.path.isfile(data):
         return None
@@ -398,9 +396,11 @@ def _dataset_name(data: str | None) -> tuple[str, str]:
     return stem, os.path.dirname(data) or "."
 
 
-def _data_format(data: str, stage: str) -> str | None:
-    """The row format of ``data`` (``text`` for pre-training), or None if unreadable."""
-    if stage == "pt":
+def _data_format(data: str, stage: str | Stage) -> str | None:
+    """The row format of ``data`` (``text`` for a stage that reads only text), or None if
+    unreadable."""
+    stage = stage_named(None, stage)
+    if stage.row_kinds == ("text",):
         return "text"
     try:
         from autotune.catalog.datasets import describe_format
@@ -432,7 +432,7 @@ def axolotl_config(plan: dict, context: ExportContext | None = None, data: str |
     context = context or ExportContext()
     recipe, training = _recipe(plan), _training(plan)
     block = _offload_checks(plan)
-    stage = _trained_stage(recipe)
+    stage = _stage(recipe, context, "axolotl")
     config: dict = {"base_model": _model_path(plan)}
     if context.remote_code:
         config["trust_remote_code"] = True
@@ -453,11 +453,13 @@ def axolotl_config(plan: dict, context: ExportContext | None = None, data: str |
     elif recipe["method"] == "freeze":
         config["unfrozen_parameters"] = _axolotl_unfrozen(recipe["freeze_layers"],
                                                           context.layers)
-    if stage == "dpo":
-        config["rl"] = "dpo"
-        config["rl_beta"] = float(training.get("beta", 0.1))
-    config["datasets"] = [_axolotl_dataset(data, stage)]
-    if stage != "pt":
+    if stage.exports["axolotl"]:
+        config["rl"] = stage.exports["axolotl"]
+    settings = _stage_settings(stage, "axolotl", training, data)
+    settings.pop("notes", None)
+    config["datasets"] = [_axolotl_dataset(data, stage, settings.pop("datasets", None))]
+    config.update(settings)
+    if config["datasets"][0]["type"] != "completion":
         config["chat_template"] = CHAT_TEMPLATE
     config.update({"dataset_prepared_path": "last_run_prepared", "val_set_size": 0.0,
                    "output_dir": _output_dir(plan, "axolotl"),
@@ -513,16 +515,13 @@ def _axolotl_unfrozen(top: int, layers: int | None) -> list[str]:
     return [f"^[^0-9]*.({'|'.join(str(i) for i in indices)})..+"]
 
 
-def _axolotl_dataset(data: str | None, stage: str) -> dict:
-    """An Axolotl ``datasets`` entry for the rows in ``data``."""
+def _axolotl_dataset(data: str | None, stage: Stage, own: dict | None) -> dict:
+    """An Axolotl ``datasets`` entry for the rows in ``data``: the stage's ``own`` entry
+    if it gives one, else the conversation format of the rows."""
     entry: dict = {"path": data or DATA_PLACEHOLDER}
     fmt = _data_format(data, stage) if data and os.path.isfile(data) else None
-    if stage == "pt":
-        entry.update({"type": "completion", "field": "text"})
-    elif stage == "dpo":  # prompt, chosen and rejected as strings or message lists
-        entry.update({"type": "chat_template.default",
-                      "field_messages": "messages" if fmt == "seed-dpo" else "prompt",
-                      "field_chosen": "chosen", "field_rejected": "rejected"})
+    if own:
+        entry.update(own)
     elif fmt == "alpaca":
         entry["type"] = "alpaca"
     elif fmt == "sharegpt":
@@ -547,7 +546,7 @@ def trl_config(plan: dict, context: ExportContext | None = None, data: str | Non
     context = context or ExportContext()
     recipe, training = _recipe(plan), _training(plan)
     block = _offload_checks(plan)
-    stage = _trained_stage(recipe)
+    stage = _stage(recipe, context, "trl")
     if recipe["method"] == "freeze":
         raise AutotuneError("TRL's CLI cannot freeze layers: export freeze tuning --to "
                             "llamafactory or --to axolotl")
@@ -584,16 +583,9 @@ def trl_config(plan: dict, context: ExportContext | None = None, data: str | Non
     })
     if config["gradient_checkpointing"]:
         config["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
-    if stage == "sft":
-        config["completion_only_loss"] = bool(training.get("completion_only_loss", True))
-    elif stage == "pt":
-        config.update({"dataset_text_field": "text", "completion_only_loss": False,
-                       "packing": bool(training.get("packing", False))})
-    else:
-        config["beta"] = float(training.get("beta", 0.1))
-        ftx = float(training.get("pref_ftx", 0.0))
-        if ftx:  # the seeds' pref_ftx: an SFT loss on the chosen answers beside DPO's
-            config.update({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, ftx]})
+    settings = _stage_settings(stage, "trl", training, data)
+    settings.pop("notes", None)
+    config.update(settings)
     if accelerate_path and block["strategy"] != "single":
         config["accelerate_config"] = accelerate_path
     return config
@@ -614,9 +606,9 @@ def _trl_dataset(data: str | None) -> dict:
     return {"datasets": [{"path": builder, "data_files": path}]}
 
 
-def trl_command(stage: str) -> str:
-    """The ``trl`` sub-command that trains ``stage`` (pre-training is SFT on raw text)."""
-    return "dpo" if stage == "dpo" else "sft"
+def trl_command(stage: str | Stage) -> str:
+    """The ``trl`` sub-command that trains ``stage`` (its ``exports["trl"]``)."""
+    return _stage({"stage": stage}, None, "trl").exports["trl"]
 
 
 # --- the files an export writes -------------------------------------------------------------
@@ -643,7 +635,7 @@ class Export:
 
 
 def default_path(tool: str, plan: dict) -> str:
-    return DEFAULT_NAMES[tool].format(stage=plan["recipe"].get("stage", "sft"))
+    return DEFAULT_NAMES[tool].format(stage=plan["recipe"].get("stage", DEFAULT_STAGE))
 
 
 def build(tool: str, plan: dict, context: ExportContext | None = None, data: str | None = None,
@@ -691,7 +683,7 @@ def build(tool: str, plan: dict, context: ExportContext | None = None, data: str
                              + (" (on each node)" if nodes > 1 else ""))
         else:
             export.launch = f"llamafactory-cli train {path}"
-        info = llamafactory_dataset_info(data, recipe["stage"])
+        info = llamafactory_dataset_info(data, _stage(recipe, context, tool))
         name, folder_ = _dataset_name(data)
         if info:
             export.extra["dataset_info"] = info
@@ -717,19 +709,19 @@ def build(tool: str, plan: dict, context: ExportContext | None = None, data: str
         if recipe["precision"] == "amp" and not _adapter(recipe):
             notes.append("Axolotl holds the weights in bf16 (no fp32 master weights): the "
                          "plan's amp precision trains as pure bf16, with less memory")
-        if recipe["stage"] == "dpo" and float(training.get("pref_ftx", 0.0)):
-            notes.append("Axolotl cannot add an SFT loss to DPO (rpo_alpha is gone since TRL "
-                         "0.29): the plan's pref_ftx is left out")
+        notes += _stage_settings(_stage(recipe, context, tool), tool, training,
+                                 data).get("notes", [])
     else:  # trl
         multi = strategy != "single"
         if multi:
             export.companions.append((acc_path, accelerate_config(plan)))
         export.config = trl_config(plan, context, data, acc_path if multi else None)
-        fmt = _data_format(data, recipe["stage"]) if data and os.path.isfile(data) else None
+        stage = _stage(recipe, context, tool)
+        fmt = _data_format(data, stage) if data and os.path.isfile(data) else None
         if fmt in ("alpaca", "sharegpt", "seed-dpo"):
             notes.append(f"TRL reads conversational 'messages', prompt/completion or "
                          f"prompt/chosen/rejected rows, not {fmt} rows: convert {data} first")
-        export.launch = f"trl {trl_command(recipe['stage'])} --config {path}{on_each_node}"
+        export.launch = f"trl {stage.exports['trl']} --config {path}{on_each_node}"
     if recipe["grad_ckpt"] and strategy == "fsdp" and tool != "deepspeed":
         notes.append("under FSDP the checkpointing is FSDP's own activation checkpointing")
     if world > 1:

@@ -10,6 +10,9 @@ from autotune import __version__
 from autotune.cost.uncertainty import CONFIDENCE
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
+from autotune.catalog.lengths import BATCHINGS
+from autotune.cost.parallel import STRATEGIES
+from autotune.plugin.registry import stage_named, stage_settings
 
 SCHEMA = "autotune.plan/1"
 LAYOUT = 2
@@ -74,10 +77,12 @@ def plan_record(gpu, *, remote_code: bool = False, data_path: str | None = None,
 
 def plan_document(model, gpu, budget: int, objective: str, candidate,
                   effective_batch: int, confidence: float | None = None,
-                  data_path: str | None = None, *, remote_code: bool = False,
-                  headroom: str = "0%", correction=None) -> dict:
+                  data_path: str | None = None, stage_options: dict | None = None, *,
+                  remote_code: bool = False, headroom: str = "0%", correction=None) -> dict:
     """Everything ``autotune run`` needs to train ``candidate`` as planned, and in
-    ``record`` everything ``explain`` needs to price it again to the byte."""
+    ``record`` everything ``explain`` needs to price it again to the byte.
+    ``stage_options``: values given for the stage's own options (DPO's ``beta``), written
+    with the others' defaults into ``training``."""
     plan = candidate.to_dict()
     recipe = candidate.recipe.to_dict()
     return {
@@ -97,6 +102,7 @@ def plan_document(model, gpu, budget: int, objective: str, candidate,
                      * candidate.parallel.world,
                      "requested_effective_batch": effective_batch,
                      **training_defaults(candidate.recipe.method),
+                     **stage_settings(stage_named(None, candidate.recipe.stage), stage_options),
                      **({"batching": candidate.workload["batching"]} if candidate.workload
                         else {})},
         "predictions": {"fidelity": plan["fidelity"], "memory": plan["memory"],
@@ -164,8 +170,6 @@ def write_yaml(path: str, document: dict) -> None:
 REQUIRED = ("schema", "model", "recipe")
 KNOWN = ("schema", "autotune_version", "model", "hardware", "objective", "recipe", "training",
          "predictions", "distributed", "record")
-STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")
-BATCHINGS = ("padded", "packed", "wrapped")
 OFFLOAD_DEVICES = ("none", "cpu")
 
 

@@ -33,14 +33,13 @@ from autotune.plan.planfile import plan_document, require_record
 from autotune.plan.planner import Candidate, Planner, PlanResult
 from autotune.plan.studies import default_storage
 from autotune.plan.space import Pins, Space
-from autotune.plugin.registry import family_for
+from autotune.plugin.registry import DEFAULT_STAGE, family_for, stage_named
 from autotune.util.errors import AutotuneError
 from autotune.util.units import gib, parse_size
 
 OVERVIEW_CARDS = ("t4", "rtx3060", "v100-32gb", "rtx3090", "rtx4090", "a10", "l4", "a100-40gb",
                   "l40s", "a100-80gb", "h100")
 """The cards an overview plans for when no card is named and none is here."""
-TRAINING_STAGES = ("pt", "sft", "dpo")
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class Request:
     vram: str | None = None
     seq_len: int = 2048
     seq_len_explicit: bool = True
-    stage: str = "sft"
+    stage: str = DEFAULT_STAGE
     effective_batch: int = 16
     gpus: int | None = None
     nodes: int = 1
@@ -78,6 +77,8 @@ class Request:
     measure_top: int = 0
     measure_steps: int = 3
     output: str | None = None
+    stage_options: dict = field(default_factory=dict)
+    """Values given for the stage's own options (DPO's ``beta``), for plan.yaml."""
     """Where the plan will be written (its folder's free disk is checked)."""
 
 
@@ -111,7 +112,7 @@ class Planned:
         r, result = self.request, self.result
         return plan_document(self.model, result.gpu, result.budget, r.objective, self.best,
                              r.effective_batch, self.planner.confidence, r.data,
-                             remote_code=r.remote_code, headroom=r.headroom,
+                             r.stage_options, remote_code=r.remote_code, headroom=r.headroom,
                              correction=self.planner.corrections.get(result.gpu.id))
 
 
@@ -145,10 +146,11 @@ def read_lengths(pm: pluggy.PluginManager, model: ModelSpec, stage: str,
     tokenizer when this machine has it, else the documented approximation."""
     if data_path is None:
         return None
-    if stage not in TRAINING_STAGES:
-        raise AutotuneError(f"--data needs a training stage (pt, sft or dpo), not {stage}")
+    trained = stage_named(pm, stage)
+    if not trained.schema:
+        raise AutotuneError(f"--data needs a stage that trains on data, not {stage}")
     family = family_for(pm, model.config, model.family)
-    return measure_lengths(data_path, stage, tokenizer=local_tokenizer(model),
+    return measure_lengths(data_path, trained, tokenizer=local_tokenizer(model),
                            chat_template=family.chat_template(model.config))
 
 

@@ -9,6 +9,7 @@ from autotune.catalog.gpus import GPU
 from autotune.catalog.lengths import Workload
 from autotune.cost.parallel import SINGLE, Parallel, options
 from autotune.cost.recipe import Recipe
+from autotune.plugin.registry import stage_named
 
 # method key -> (Recipe.method, bits, precision); precision "bf16" becomes fp16 on cards
 # without bf16, where full tuning with fp32 master weights is not offered.
@@ -96,8 +97,9 @@ class Space:
     def dimensions(self) -> dict[str, tuple]:
         """Categorical choices per dimension (pins leave a single choice)."""
         methods = tuple(m for m in METHODS if self.gpu.bf16 or m != "full")
-        if self.stage == "dpo":
-            methods = tuple(m for m in methods if m != "freeze")
+        allowed = stage_named(None, self.stage).methods
+        if allowed is not None:
+            methods = tuple(m for m in methods if METHODS[m][0] in allowed)
         freeze = tuple(sorted({n for n in (2, 4, max(1, self.num_layers // 4))
                                if n <= self.num_layers}))
         return {

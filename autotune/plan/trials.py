@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from autotune.util.errors import AutotuneError
+from autotune.cost.params import peft_targets
 from autotune.plan.planner import Planner, PlanResult, pick
 
 CPU_LIMIT = 50_000_000
@@ -57,8 +58,7 @@ def measure_candidates(planner: Planner, result: PlanResult, k: int, steps: int,
             recipe = recipe.but(attn="sdpa")  # same memory; FlashAttention needs CUDA
         print(f"autotune: measuring plan {i}/{len(chosen)} on {device} ({recipe.method}, "
               f"batch {recipe.batch}, {steps} steps)", file=sys.stderr, flush=True)
-        targets = None if recipe.targets == "all-linear" else sorted(
-            {lin.name for lin in planner.price(recipe)[0].targets})
+        targets = peft_targets(planner.arch, planner.groups, recipe.targets)
         try:
             found = measure(planner.config, recipe, targets, steps, device)
         except torch.OutOfMemoryError:

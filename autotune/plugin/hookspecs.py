@@ -16,8 +16,13 @@ behaviour itself lives on the registered objects:
   :meth:`~autotune.plugin.registry.ModelFamily.module_groups`) and describe an
   architecture exactly, including ones transformers cannot build such as remote-code
   models (:meth:`~autotune.plugin.registry.ModelFamily.describe`).
-* :class:`~autotune.plugin.registry.Stage` -- the extra memory a training stage needs
-  (:meth:`~autotune.plugin.registry.Stage.extra_memory`).
+* :class:`~autotune.plugin.registry.Stage` -- everything about a training stage: the rows
+  it trains on (``schema``, ``normalise``), the methods it allows, its batching, the extra
+  memory it needs (:meth:`~autotune.plugin.registry.Stage.extra_memory`), its trainer, its
+  options (offered by ``plan`` and ``run``) and its names in exported configs.
+
+Plugins import these from the top-level package (``from autotune import Stage``): its
+``__all__`` is the stable API.
 """
 
 from __future__ import annotations

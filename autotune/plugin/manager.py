@@ -49,6 +49,21 @@ def get_plugin_manager(load_entrypoints: bool | None = None) -> pluggy.PluginMan
     return pm
 
 
+_current: list[pluggy.PluginManager] = []
+
+
+def use(pm: pluggy.PluginManager) -> pluggy.PluginManager:
+    """Make ``pm`` the process's plugin manager (the CLI calls it with the one it runs on)."""
+    _current[:] = [pm]
+    return pm
+
+
+def current_manager() -> pluggy.PluginManager:
+    """The plugin manager the CLI runs on, else one built now (and kept) with the defaults:
+    for code that is handed a stage or family by name only."""
+    return _current[0] if _current else use(get_plugin_manager())
+
+
 def _load_entrypoints(pm: pluggy.PluginManager) -> None:
     """Like ``pm.load_setuptools_entrypoints``, but a broken plugin is a warning, not a crash."""
     from importlib.metadata import distributions

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from importlib.resources.abc import Traversable
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import pluggy
 
-from autotune.util.errors import AutotuneError, DuplicateNameError, PluginError
+from autotune.plugin.manager import current_manager
+from autotune.util.errors import AutotuneError, DuplicateNameError, PluginError, RowError
 
 if TYPE_CHECKING:
+    from autotune.catalog.datasets import Row
     from autotune.cost.architecture import Architecture
     from autotune.cost.params import ParamCounts
     from autotune.cost.recipe import Recipe
 
 T = TypeVar("T")
+
+DEFAULT_STAGE = "sft"
+"""The stage a recipe trains when none is named (a plain causal-LM step on conversations)."""
 
 STANDARD_GROUPS = ("qv", "attention", "mlp", "experts", "embeddings", "head")
 
@@ -73,6 +79,11 @@ class ModelFamily:
         """A Jinja chat template for tokenizers that ship none (ChatML by default)."""
         return CHATML
 
+    def export_template(self, tool: str, config: dict) -> str:
+        """The chat template's name in ``tool``'s config (``llamafactory``: a name from its
+        ``data/template.py``)."""
+        return "default"
+
     def load_kwargs(self, config: dict) -> dict:
         """Extra ``from_pretrained`` arguments this family needs (beyond dtype and quantisation)."""
         return {}
@@ -92,25 +103,80 @@ class ModelFamily:
         return None
 
 
+@dataclass(frozen=True)
+class Option:
+    """A hyper-parameter a stage declares: ``plan`` and ``run`` offer it as ``--NAME``
+    (underscores become dashes) and write it into plan.yaml's ``training`` section."""
+
+    name: str
+    default: float | int | str | bool
+    help: str = ""
+
+
 class Stage:
-    """A training stage (pt, sft, dpo, ...). Plugins subclass it and register an instance."""
+    """A training stage (pt, sft, dpo, ...). Plugins subclass it and register an instance.
+
+    A stage owns everything stage-specific: the rows it trains on (:attr:`schema`,
+    :meth:`normalise`, :meth:`sequences`), the methods it allows, how TRL batches it, the
+    memory it adds, its trainer, its hyper-parameters (:attr:`options`) and its names in
+    other tools' configs (:attr:`exports`, :meth:`export_settings`).
+    """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     trains: ClassVar[bool] = True
     """False for stages that only run the model (inference)."""
     schema: ClassVar[str] = ""
-    """The dataset rows this stage trains on, in words (shown by ``autotune plugins``)."""
+    """The dataset rows this stage trains on, in words (errors and ``autotune plugins``
+    show it); empty for a stage that reads no dataset."""
+    row_kinds: ClassVar[tuple[str, ...]] = ()
+    """The :class:`~autotune.catalog.datasets.Row` readings :meth:`normalise` uses
+    (``text``, ``conversation``, ``preference``): errors name the stages that take a row."""
+    demo: ClassVar[str | None] = None
+    """A file of the shipped example datasets (``autotune_profiles/datasets``) for ``--demo``."""
+    methods: ClassVar[tuple[str, ...] | None] = None
+    """The tuning methods this stage allows (``None``: every one)."""
+    options: ClassVar[tuple[Option, ...]] = ()
+    """Hyper-parameters, offered as ``--name`` by ``plan`` and ``run``."""
+    exports: ClassVar[dict[str, str]] = {}
+    """The stage's name in other tools, by tool: ``llamafactory`` (``stage:``), ``trl``
+    (the ``trl`` sub-command), ``axolotl`` (``rl:``; ``""`` for a plain SFT-style run).
+    A tool missing here cannot train this stage."""
     plugin: str = ""
+
+    def normalise(self, row: Row) -> dict:
+        """One dataset row as the trainer takes it (TRL's column names).
+
+        ``row`` is a raw row with its format detected; read it with ``row.text()``,
+        ``row.conversation()`` or ``row.preference()``, which raise
+        :class:`~autotune.util.errors.RowError` (``autotune.RowError``) for rows that cannot be read so;
+        raise it yourself for anything else wrong with the row.
+        """
+        raise RowError(f"stage {self.name!r} reads no dataset")
+
+    def sequences(self, example: dict) -> list[str | list[dict]]:
+        """What one normalised example puts through the model: raw texts (tokenized, plus
+        EOS) and conversations (rendered with the chat template). The longest sets the
+        example's length (a preference pair is padded to its longer answer). By default the
+        ``text`` column, else the ``prompt`` turns followed by the ``completion``."""
+        if "text" in example:
+            return [example["text"]]
+        return [list(example.get("prompt", [])) + list(example.get("completion", []))]
+
+    def batching(self, attn: str) -> str:
+        """How TRL batches this stage under attention kernel ``attn``: ``padded``,
+        ``packed`` (best-fit-decreasing bins, FlashAttention's padding-free kernels) or
+        ``wrapped`` (concatenated text cut into full rows)."""
+        return "padded"
 
     def extra_memory(self, arch: Architecture, recipe: Recipe,
                      params: ParamCounts) -> dict[str, int]:
         """Bytes this stage holds beyond one policy model's training step, by name.
 
         Called by the cost model with the policy's exact parameter counts; the bytes are
-        live for the whole step (a frozen reference model, a
-        reward model, ...). The core's ``weight_bytes`` and ``training_state_bytes``
-        in :mod:`autotune.cost.memory` price whole models in the recipe's format.
+        live for the whole step (a frozen reference model, a reward model, ...).
+        ``autotune.weight_bytes`` and ``autotune.training_state_bytes`` price whole
+        models in the recipe's format.
         """
         return {}
 
@@ -118,16 +184,52 @@ class Stage:
                      training: dict):
         """Build the ``transformers.Trainer`` (usually a TRL trainer) that runs this stage.
 
-        ``dataset`` holds rows normalised by :mod:`autotune.catalog.datasets` for this stage; ``args``
-        are the keyword arguments of the trainer's config common to every stage (batch,
-        accumulation, learning rate, precision, ``max_length``...); ``training`` is the
-        plan's ``training`` section, for stage-specific settings (DPO's ``beta``).
+        ``dataset`` holds rows from :meth:`normalise`; ``args`` are the keyword arguments
+        of the trainer's config common to every stage (batch, accumulation, learning rate,
+        precision, ``max_length``...); ``training`` is the plan's ``training`` section
+        (this stage's :attr:`options`, ``batching``). Import TRL and torch in here, not at
+        the top of the module: the CLI imports every stage plugin.
         """
         raise AutotuneError(f"stage {self.name!r} cannot train (no make_trainer)")
+
+    def export_settings(self, tool: str, training: dict, data_format: str | None) -> dict:
+        """The stage's keys in ``tool``'s config (``llamafactory``, ``axolotl``, ``trl``):
+        its hyper-parameters under the tool's names, and for Axolotl the ``datasets``
+        entry's ``type`` and fields (merged into the entry the core writes). A ``notes``
+        key (a list of sentences) becomes caveats shown with the export. ``data_format``
+        is the data's row format, if known."""
+        return {}
 
     def sequences_per_example(self) -> int:
         """How many sequences one example puts through the model (2 for preference pairs)."""
         return 1
+
+
+def stage_settings(stage: Stage, given: dict | None = None) -> dict:
+    """The stage's :attr:`~Stage.options` for plan.yaml's ``training`` section: each at the
+    value ``given``, else its default. A given option the stage does not declare is an
+    error (``--beta`` on an sft plan)."""
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    own = {option.name: option for option in stage.options}
+    stray = sorted(set(given) - set(own))
+    if stray:
+        flag = "--" + stray[0].replace("_", "-")
+        theirs = ", ".join("--" + n.replace("_", "-") for n in own) or "none"
+        raise AutotuneError(f"{flag} is not an option of stage {stage.name!r} (its options: "
+                            f"{theirs})")
+    return {name: given.get(name, option.default) for name, option in own.items()}
+
+
+def packing(training: dict) -> dict:
+    """TRL's packing settings for a plan's ``training`` section: ``packed`` is
+    best-fit-decreasing bins trained padding-free, ``wrapped`` cuts concatenated text into
+    full rows, ``padded`` (or nothing) packs nothing."""
+    batching = training.get("batching")
+    if batching == "packed":
+        return {"packing": True, "packing_strategy": "bfd"}
+    if batching == "wrapped" or training.get("packing"):
+        return {"packing": True, "packing_strategy": "wrapped"}
+    return {}
 
 
 def _collect(hook: pluggy.HookCaller, base: type[T]) -> dict[str, T]:
@@ -206,8 +308,13 @@ def blame(obj: ModelFamily | Stage, method: str) -> Iterator[None]:
         raise plugin_failed(obj, method, exc) from exc
 
 
-def stage_named(pm: pluggy.PluginManager, name: str) -> Stage:
-    """The stage called ``name``, or a clear error listing the installed ones."""
+def stage_named(pm: pluggy.PluginManager | None, name: str | Stage) -> Stage:
+    """The stage called ``name``, or a clear error listing the installed ones (``pm``:
+    the process's plugin manager when ``None``; a :class:`Stage` is returned as it is)."""
+    if isinstance(name, Stage):
+        return name
+    if pm is None:
+        pm = current_manager()
     found = stages(pm)
     if name not in found:
         raise AutotuneError(f"no stage {name!r} (installed: {', '.join(sorted(found))})")

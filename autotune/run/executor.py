@@ -28,10 +28,8 @@ from autotune.util.errors import AutotuneError
 from autotune.cost.host import KEPT
 from autotune.run.fallback import FaultInjector, is_out_of_memory, step_down
 from autotune.cost.parallel import Parallel
-from autotune.cost.recipe import Recipe
+from autotune.cost.recipe import HF_OPTIMIZERS, Recipe
 
-OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit",
-              "paged_adamw_8bit": "paged_adamw_8bit", "adafactor": "adafactor", "sgd": "sgd"}
 REPORT = "run_report.json"
 STATE = "run.json"
 STATE_SCHEMA = "autotune.runstate/1"
@@ -79,12 +77,12 @@ def _run(pm, plan: dict, settings: RunSettings, signals: checkpoints.Signals) ->
     partial = final + PARTIAL
     check_output(settings.output_dir, final, partial)
     recipe = Recipe(**plan["recipe"])
-    model_spec, family, _ = _model_and_stage(pm, plan, settings.remote_code)  # no folder if bad
+    model_spec, family, stage = _model_and_stage(pm, plan, settings.remote_code)  # no folder if bad
     check_plan(plan, settings, model_spec, family)
-    rows = load_rows(settings.data, recipe.stage)
+    rows = load_rows(settings.data, stage)
     check_machine(pm, plan, model_spec, final, settings.quiet, settings.remote_code)
     say(settings.quiet, f"read {len(rows)} {recipe.stage} rows from {settings.data} "
-                         f"({describe_format(settings.data, recipe.stage)})")
+                         f"({describe_format(settings.data, stage)})")
     kept = {k: v for k, v in asdict(settings).items() if k != "quiet"}
     kept["data"] = os.path.abspath(settings.data)  # a resumed run may start in another folder
     state = {"schema": STATE_SCHEMA, "plan": plan, "original_plan": plan, "settings": kept,
@@ -117,6 +115,7 @@ def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
     """Continue the run whose output folder (or ``.partial`` folder) is ``folder``; a run
     that finished training but was not yet renamed into place is only finished."""
     from autotune.catalog.datasets import load_rows
+    from autotune.plugin.registry import stage_named
 
     path = os.path.abspath(folder)
     partial = path if path.endswith(PARTIAL) else path + PARTIAL
@@ -146,7 +145,7 @@ def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
             if fingerprint(data) != state["data_fingerprint"]:
                 raise AutotuneError(f"{data} changed since the run began: resuming would not "
                                     "see the same data in the same order")
-            rows = load_rows(data, state["plan"]["recipe"]["stage"])
+            rows = load_rows(data, stage_named(pm, state["plan"]["recipe"]["stage"]))
             return _start(pm, state, partial, final, rows, quiet, signals)
         except (checkpoints.RunInterrupted, KeyboardInterrupt) as exc:
             raise _stopped(exc, partial, final, True) from None
@@ -603,16 +602,15 @@ def _model(model_spec, family, recipe: Recipe, device: str, settings: RunSetting
     """The model prepared for training, and the adapter target names given to PEFT."""
     from autotune.cost.assess import describe
     from autotune.run.loading import load_base, prepare
-    from autotune.cost.params import ALL_LINEAR, resolve_targets
+    from autotune.cost.params import peft_targets
 
     config = dict(model_spec.config)
     base = load_base(config, recipe, path, device, settings.seed, settings.remote_code,
                      family.load_kwargs(config))
     targets = None
-    if recipe.adapter and recipe.targets != ALL_LINEAR:
-        arch = describe(config, family, settings.remote_code)
-        chosen, _, fused = resolve_targets(arch, family.module_groups(config), recipe.targets)
-        targets = sorted({lin.name for lin in chosen} | set(fused))
+    if recipe.adapter:
+        targets = peft_targets(describe(config, family, settings.remote_code),
+                               family.module_groups(config), recipe.targets)
     return prepare(base, recipe, targets), targets
 
 
@@ -630,7 +628,7 @@ def _trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str
         "warmup_steps": training.get("warmup_ratio", 0.0),  # a float < 1 is a ratio
         "weight_decay": training.get("weight_decay", 0.0),
         "max_grad_norm": training.get("max_grad_norm", 1.0),
-        "optim": OPTIMIZERS[recipe.optim],
+        "optim": HF_OPTIMIZERS[recipe.optim],
         "logging_steps": 1,
         "save_strategy": "no",  # checkpoints.SaveSchedule decides when to save
         "save_total_limit": KEPT,
@@ -652,17 +650,6 @@ def _trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str
     elif parallel.strategy == "fsdp":
         args["fsdp"] = "full_shard auto_wrap" + (" offload" if parallel.offload_params else "")
     return args
-
-
-def packing_args(training: dict) -> dict:
-    """TRL's packing settings for the plan's batching: ``packed`` is best-fit-decreasing
-    bins trained padding-free, ``wrapped`` cuts concatenated text into full rows."""
-    batching = training.get("batching")
-    if batching == "packed":
-        return {"packing": True, "packing_strategy": "bfd"}
-    if batching == "wrapped" or training.get("packing"):
-        return {"packing": True, "packing_strategy": "wrapped"}
-    return {}
 
 
 class _Tracker:

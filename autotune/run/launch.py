@@ -180,6 +180,7 @@ def main() -> None:
     from autotune.catalog.datasets import load_rows
     from autotune.run.executor import STATE, RankOutOfMemory, _train
     from autotune.plugin.manager import get_plugin_manager
+    from autotune.plugin.registry import stage_named
 
     quiet_libraries()
     partial = sys.argv[1]
@@ -190,8 +191,10 @@ def main() -> None:
     final = partial.removesuffix(".partial")
     with checkpoints.Signals(quiet=True) as signals:
         try:
-            rows = load_rows(state["settings"]["data"], state["plan"]["recipe"]["stage"])
-            _train(get_plugin_manager(), state, partial, final, rows,
+            pm = get_plugin_manager()
+            rows = load_rows(state["settings"]["data"],
+                             stage_named(pm, state["plan"]["recipe"]["stage"]))
+            _train(pm, state, partial, final, rows,
                    bool(os.environ.get("AUTOTUNE_QUIET")), signals, launched=True)
         except RankOutOfMemory as exc:
             write_json(os.path.join(partial, OUT_OF_MEMORY.format(rank=rank)),

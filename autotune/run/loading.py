@@ -11,11 +11,9 @@ import os
 import tempfile
 
 from autotune.cost.params import ALL_LINEAR
-from autotune.cost.recipe import Recipe
+from autotune.cost.recipe import HF_ATTENTION, TORCH_DTYPES, Recipe
 from autotune.util.errors import AutotuneError
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-KERNELS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
 
 
 def local_folder(path: str, what: str, needs: str | None = None) -> str:
@@ -48,8 +46,8 @@ def load_base(config: dict, recipe: Recipe, path: str | None = None, device: str
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    dtype = getattr(torch, DTYPES[recipe.weight_dtype])
-    attn = KERNELS[recipe.attn]
+    dtype = getattr(torch, TORCH_DTYPES[recipe.weight_dtype])
+    attn = HF_ATTENTION[recipe.attn]
     if recipe.bits < 16:
         if path is None:  # quantise random weights the way a checkpoint is quantised: on load
             with tempfile.TemporaryDirectory() as folder:

@@ -16,8 +16,7 @@ import gc
 import time
 from dataclasses import asdict, dataclass, field
 
-from autotune.run.loading import DTYPES
-from autotune.cost.recipe import Recipe
+from autotune.cost.recipe import TORCH_DTYPES, Recipe
 
 STEP_MARK = "autotune_step_"
 
@@ -73,7 +72,7 @@ def train_steps(model, recipe: Recipe, vocab: int, steps: int, device: str, seed
     ids = torch.randint(0, vocab, (recipe.batch, recipe.seq_len), generator=generator).to(device)
     optimizer = make_optimizer(recipe, model.parameters())
     autocast = (torch.autocast(device_type=device.split(":")[0],
-                               dtype=getattr(torch, DTYPES[recipe.compute_dtype]))
+                               dtype=getattr(torch, TORCH_DTYPES[recipe.compute_dtype]))
                 if recipe.compute_dtype != "fp32" else contextlib.nullcontext())
     losses = []
     for step in range(steps):

@@ -13,3 +13,7 @@ class PluginError(AutotuneError):
 
 class DuplicateNameError(PluginError):
     """Two plugins registered an object under the same name."""
+
+
+class RowError(AutotuneError):
+    """A problem inside one dataset row; the reader prefixes the file and the place."""
