@@ -14,7 +14,7 @@ MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_p
 
 class DeepSeek(ModelFamily):
     name = "deepseek"
-    model_types = ("deepseek", "deepseek_v2")
+    model_types = ("deepseek", "deepseek_v2", "deepseek_v3")
 
     def remote_code(self, config):
         return config.get("model_type") == "deepseek"
@@ -46,6 +46,8 @@ class DeepSeek(ModelFamily):
         return found
 
     def describe(self, config, remote_code=False):
+        if config.get("model_type") == "deepseek_v3":  # a scoring bias decoder() lacks: meta build
+            return None
         # The hub's modelling code (DeepSeek-MoE always, V2 with --trust-remote-code) keeps
         # one nn.Linear per expert -- which bitsandbytes can quantise and all-linear adapts;
         # transformers' own DeepSeek-V2 fuses them into 3-D tensors that stay 16-bit.

@@ -1,4 +1,4 @@
-"""Model family: Mistral (sliding-window attention, grouped-query attention)."""
+"""Model family: Mistral (sliding-window attention, grouped-query attention) and Mixtral (MoE)."""
 
 from autotune import hookimpl
 from autotune.cost.architecture import decoder
@@ -7,7 +7,7 @@ from autotune.plugin.registry import ModelFamily
 
 class Mistral(ModelFamily):
     name = "mistral"
-    model_types = ("mistral",)
+    model_types = ("mistral", "mixtral")
 
     def chat_template(self, config):
         return ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
@@ -19,6 +19,8 @@ class Mistral(ModelFamily):
         return ["Mistral's template has no system role: system messages are dropped"]
 
     def describe(self, config, remote_code=False):
+        if config.get("model_type") == "mixtral":  # fused experts: counted by a meta-device build
+            return None
         return decoder(config, counted_by="plugin mistral")
 
 
