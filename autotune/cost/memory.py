@@ -132,6 +132,15 @@ def weight_bytes(arch: Architecture, recipe: Recipe) -> int:
     return sum(weight_formats(arch, recipe).values())
 
 
+def priced_weights(arch: Architecture, recipe: Recipe) -> dict:
+    """What a plan records of its base weights: bytes by format, and the expert layout it
+    assumed (``fused`` 3-D tensors on transformers 5, ``per-expert`` linears on
+    transformers 4 and remote code)."""
+    linears, experts = quantised(arch, recipe)
+    return {"formats": weight_formats(arch, recipe), "expert_layout": arch.expert_layout or None,
+            "quantised_tensors": len(linears) + len(experts), "quantised_experts": len(experts)}
+
+
 def dequantised_experts(arch: Architecture, recipe: Recipe) -> list[int]:
     """Bytes per decoder layer of its experts dequantised for the expert matmuls.
 

@@ -29,7 +29,7 @@ from autotune.cost.assess import describe, family_kernel
 from autotune.catalog.gpus import GPU
 from autotune.cost.host import DiskNeeds, HostNeeds, WeightFiles, disk_needs, host_needs, weight_files
 from autotune.catalog.lengths import Workload
-from autotune.cost.memory import estimate_memory, weight_bytes
+from autotune.cost.memory import estimate_memory, priced_weights, weight_bytes
 from autotune.cost.objectives import fidelity, tokens_per_second
 from autotune.cost.parallel import SINGLE, Parallel, communication_seconds
 from autotune.cost.params import count, resolve_targets
@@ -68,6 +68,8 @@ class Candidate:
     host: HostNeeds | None = None
     disk: DiskNeeds | None = None
     workload: dict | None = None
+    weights: dict | None = None
+    """The base weights as priced: bytes by format and the expert layout assumed."""
     """How the data trains at this micro batch (:meth:`Workload.to_dict`), with ``--data``."""
 
     @property
@@ -104,7 +106,8 @@ class Candidate:
                        "band": self.band.to_dict() if self.band else None,
                        "breakdown": self.breakdown,
                        "raw_peak_bytes": self.raw[0] if self.raw else self.peak,
-                       "raw_tensor_peak_bytes": self.raw[1] if self.raw else self.tensor_peak},
+                       "raw_tensor_peak_bytes": self.raw[1] if self.raw else self.tensor_peak,
+                       **({"weights": self.weights} if self.weights else {})},
             "throughput": {"tokens_per_s": round(self.tokens_per_s, 1),
                            "raw_tokens_per_s": round(self.raw[2] if self.raw
                                                      else self.tokens_per_s, 1)},
@@ -260,7 +263,8 @@ class Planner:
                          band=band(memory, device=self.device, correction=correction,
                                    confidence=self.confidence),
                          host=host, disk=disk_needs(self.arch, recipe, counts, parallel),
-                         workload=workload.to_dict(recipe.batch) if workload else None)
+                         workload=workload.to_dict(recipe.batch) if workload else None,
+                         weights=priced_weights(self.arch, recipe))
 
     def study_key(self, space: Space, budget: int) -> str:
         """A name that changes with everything the study's answer depends on."""

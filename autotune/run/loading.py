@@ -7,6 +7,7 @@ Shared by the executor (real weights from a local folder) and the measurement ha
 from __future__ import annotations
 
 import gc
+import re
 import tempfile
 
 from autotune.cost.params import ALL_LINEAR
@@ -27,11 +28,21 @@ def hf_config(config: dict):
 
 
 def load_base(config: dict, recipe: Recipe, path: str | None = None, device: str = "cpu",
-              seed: int = 0, remote_code: bool = False, extra: dict | None = None):
+              seed: int = 0, remote_code: bool = False, extra: dict | None = None,
+              experts: tuple[str, ...] = ()):
     """The base model in the recipe's dtype and bit width: from ``path``, else random.
 
-    ``extra``: further ``from_pretrained`` arguments (a family's ``load_kwargs``).
+    ``extra``: further ``from_pretrained`` arguments (a family's ``load_kwargs``);
+    ``experts``: the family's fused expert parameters (``ModelFamily.expert_parameters``),
+    which a 4-bit base quantises too (bitsandbytes' loader quantises ``nn.Linear`` only).
     """
+    model = _load(config, recipe, path, device, seed, remote_code, extra)
+    if recipe.bits == 4:
+        quantise_experts(model, experts)
+    return model
+
+
+def _load(config, recipe, path, device, seed, remote_code, extra):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -71,8 +82,53 @@ def _quantised(path: str, recipe: Recipe, dtype, attn: str, device: str, remote_
                  "device_map": {"": device}, "trust_remote_code": remote_code, **(extra or {})})
 
 
-def prepare(model, recipe: Recipe, target_modules: list[str] | str | None = None):
-    """Checkpointing, k-bit preparation, then LoRA/DoRA adapters or layer freezing."""
+def quantise_experts(model, suffixes: tuple[str, ...]) -> list[str]:
+    """Quantise the fused expert parameters named by ``suffixes`` to NF4 (double
+    quantisation) through ``bitsandbytes.nn.parametrize.replace_parameter_4bit``, in place.
+
+    Only 3-D floating-point parameters are taken: on transformers 4 (one ``nn.Linear`` per
+    expert) nothing matches and bitsandbytes' loader has quantised the experts already.
+    Returns the quantised parameters' paths.
+    """
+    import torch
+    from torch.nn.utils import parametrize
+
+    wanted = [suffix.rpartition(".") for suffix in suffixes]
+    done = []
+    for path, module in model.named_modules():
+        for owner, _, name in wanted:
+            if not (path == owner or path.endswith("." + owner)) \
+                    or parametrize.is_parametrized(module, name):
+                continue
+            param = module._parameters.get(name)
+            if param is None or param.dim() != 3 or not param.is_floating_point():
+                continue
+            from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+            replace_parameter_4bit(module, name, compress_statistics=True, quant_type="nf4")
+            done.append(f"{path}.{name}")
+    if done and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return done
+
+
+def peft_targets(counts) -> tuple[list[str], dict[str, int]]:
+    """What PEFT is given for the adapters ``counts`` priced: linear-layer names for
+    ``target_modules`` and each adapted parameter's full path with its rank.
+
+    Full paths, not suffixes: PEFT matches a parametrized (quantised) parameter only by
+    its full name, and skips a suffix with no more than a warning.
+    """
+    return (sorted({lin.name for lin in counts.targets}), dict(counts.param_ranks))
+
+
+def prepare(model, recipe: Recipe, target_modules: list[str] | str | None = None,
+            target_parameters: dict[str, int] | None = None):
+    """Checkpointing, k-bit preparation, then LoRA/DoRA adapters or layer freezing.
+
+    ``target_parameters``: parameters PEFT adapts directly (fused experts, routers), by
+    full path, with their LoRA rank (alpha scales with it, as PEFT's own fused remap does).
+    """
     kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
     if recipe.bits < 16:
         from peft import prepare_model_for_kbit_training
@@ -84,14 +140,65 @@ def prepare(model, recipe: Recipe, target_modules: list[str] | str | None = None
     if recipe.adapter:
         from peft import LoraConfig, get_peft_model
 
+        params = target_parameters or {}
+        pattern = {f"^{re.escape(path)}$": rank for path, rank in params.items()
+                   if rank != recipe.rank}
         lora = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
-                          target_modules=target_modules or ALL_LINEAR, bias="none",
-                          use_dora=recipe.method == "dora", task_type="CAUSAL_LM")
+                          target_modules=(target_modules or None) if params
+                          else target_modules or ALL_LINEAR,
+                          target_parameters=sorted(params) or None, rank_pattern=pattern,
+                          alpha_pattern={k: recipe.alpha * v // recipe.rank
+                                         for k, v in pattern.items()},
+                          bias="none", use_dora=recipe.method == "dora", task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
+        repair_param_wrappers(model)
     elif recipe.method == "freeze":
         freeze_all_but_top(model, recipe.freeze_layers)
     model.train()
     return model
+
+
+def repair_param_wrappers(model) -> None:
+    """Work around two bugs of PEFT's ``ParamWrapper`` (0.21) on quantised experts.
+
+    * Each forward registers a LoRA proxy parametrization and removes it after; on a
+      parameter that is parametrized already (bitsandbytes' 4-bit experts) the removal
+      looks for ``_LoraParameterProxy`` only, so the ``_LoraFactorsProxy`` used for 3-D
+      experts stays and piles up, forward after forward.
+    * Two adapted parameters of one module nest two wrappers; the outer one enables
+      ``torch.nn.utils.parametrize``'s cache before the inner one reads its parameter,
+      which caches the dequantised weight *without* the inner adapter: that adapter gets
+      no gradient.
+
+    Both are patched on the instances of ``model`` only.
+    """
+    import types
+
+    from peft.tuners.lora.layer import ParamWrapper, _LoraFactorsProxy, _LoraParameterProxy
+    from torch.nn.utils import parametrize
+
+    def get_param(self):
+        enabled, parametrize._cache_enabled = parametrize._cache_enabled, 0
+        try:
+            return getattr(self.get_base_layer(), self.parameter_name)
+        finally:
+            parametrize._cache_enabled = enabled
+
+    def remove(self):
+        base, name = self.get_base_layer(), self.parameter_name
+        chain = base.parametrizations[name]
+        if len(chain) == 1:
+            parametrize.remove_parametrizations(base, name, leave_parametrized=False)
+            return
+        for i in reversed(range(len(chain))):
+            if isinstance(chain[i], (_LoraParameterProxy, _LoraFactorsProxy)):
+                del chain[i]
+                return
+
+    for module in model.modules():
+        if isinstance(module, ParamWrapper):
+            module.get_param = types.MethodType(get_param, module)
+            module._remove_parametrizations = types.MethodType(remove, module)
 
 
 def freeze_all_but_top(model, n: int) -> None:
