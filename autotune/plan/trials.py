@@ -57,10 +57,12 @@ def measure_candidates(planner: Planner, result: PlanResult, k: int, steps: int,
             recipe = recipe.but(attn="sdpa")  # same memory; FlashAttention needs CUDA
         print(f"autotune: measuring plan {i}/{len(chosen)} on {device} ({recipe.method}, "
               f"batch {recipe.batch}, {steps} steps)", file=sys.stderr, flush=True)
+        counts = planner.price(recipe)[0]
         targets = None if recipe.targets == "all-linear" else sorted(
-            {lin.name for lin in planner.price(recipe)[0].targets})
-        try:
-            found = measure(planner.config, recipe, targets, steps, device)
+            {lin.name for lin in counts.targets})
+        try:  # the run layer audits the built model against (family, arch, counts)
+            found = measure(planner.config, recipe, targets, steps, device,
+                            planned=(planner.family, planner.arch, counts))
         except torch.OutOfMemoryError:
             candidate.measured = {"status": "out of memory", "device": device}
         else:

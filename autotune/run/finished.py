@@ -28,7 +28,7 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
     """(model, tokenizer, report) of a run; adapters are merged into the base if ``merge``."""
     from transformers import AutoTokenizer
 
-    from autotune.run.loading import load_base
+    from autotune.run.loading import load_base, repair_param_wrappers
     from autotune.cost.recipe import Recipe
 
     report = read_report(run_dir)
@@ -53,8 +53,22 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
                                 "machine (autotune never downloads)")
     if merge:  # merging needs a 16-bit base: quantised weights cannot absorb the adapter
         recipe = recipe.but(method="lora", bits=16)
-    base = load_base({}, recipe, base_path, device, remote_code=remote_code)
+    base = load_base({}, recipe, base_path, device, remote_code=remote_code,
+                     experts=_expert_parameters(pm, base_path))
     model = PeftModel.from_pretrained(base, os.path.join(run_dir, saved["adapter"]))
+    repair_param_wrappers(model)
     if merge:
         model = model.merge_and_unload()
     return model.eval(), tokenizer, report
+
+
+def _expert_parameters(pm: pluggy.PluginManager, base_path: str) -> tuple[str, ...]:
+    """The fused expert parameters the family of the model in ``base_path`` declares."""
+    from autotune.plugin.registry import family_for
+
+    try:
+        with open(os.path.join(base_path, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return ()
+    return family_for(pm, config).expert_parameters(config)

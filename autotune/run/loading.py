@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import re
 import tempfile
+import warnings
 
 from autotune.cost.params import ALL_LINEAR
 from autotune.cost.recipe import Recipe
@@ -150,7 +151,9 @@ def prepare(model, recipe: Recipe, target_modules: list[str] | str | None = None
                           alpha_pattern={k: recipe.alpha * v // recipe.rank
                                          for k, v in pattern.items()},
                           bias="none", use_dora=recipe.method == "dora", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
+        with warnings.catch_warnings():  # PEFT checks patterns against modules only
+            warnings.filterwarnings("ignore", "The following (rank|alpha)_pattern keys")
+            model = get_peft_model(model, lora)
         repair_param_wrappers(model)
     elif recipe.method == "freeze":
         freeze_all_but_top(model, recipe.freeze_layers)
@@ -166,23 +169,24 @@ def repair_param_wrappers(model) -> None:
       looks for ``_LoraParameterProxy`` only, so the ``_LoraFactorsProxy`` used for 3-D
       experts stays and piles up, forward after forward.
     * Two adapted parameters of one module nest two wrappers; the outer one enables
-      ``torch.nn.utils.parametrize``'s cache before the inner one reads its parameter,
-      which caches the dequantised weight *without* the inner adapter: that adapter gets
-      no gradient.
+      ``torch.nn.utils.parametrize``'s cache before the inner one registers its proxy,
+      and registering reads the parameter: the dequantised weight is cached *without*
+      the inner adapter, which the forward then uses, and that adapter gets no gradient.
+      The stale entry is dropped once the proxy is in place.
 
     Both are patched on the instances of ``model`` only.
     """
+    import contextlib
     import types
 
     from peft.tuners.lora.layer import ParamWrapper, _LoraFactorsProxy, _LoraParameterProxy
     from torch.nn.utils import parametrize
 
-    def get_param(self):
-        enabled, parametrize._cache_enabled = parametrize._cache_enabled, 0
-        try:
-            return getattr(self.get_base_layer(), self.parameter_name)
-        finally:
-            parametrize._cache_enabled = enabled
+    @contextlib.contextmanager
+    def activate(self, adapters):
+        with ParamWrapper._activate_lora(self, adapters):
+            parametrize._cache.pop((id(self.get_base_layer()), self.parameter_name), None)
+            yield
 
     def remove(self):
         base, name = self.get_base_layer(), self.parameter_name
@@ -197,7 +201,7 @@ def repair_param_wrappers(model) -> None:
 
     for module in model.modules():
         if isinstance(module, ParamWrapper):
-            module.get_param = types.MethodType(get_param, module)
+            module._activate_lora = types.MethodType(activate, module)
             module._remove_parametrizations = types.MethodType(remove, module)
 
 
