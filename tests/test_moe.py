@@ -178,7 +178,7 @@ def plan_file(pm, tmp_path, name):
     config.parent.mkdir()
     config.write_text(json.dumps(TINY_MOE[name]))
     path = tmp_path / f"{name}.yaml"
-    invoke(pm, "plan", "--model", config, "--vram", "2GiB", "--seq-len", "64", "--method",
+    invoke(pm, "plan", "--model", config, "--vram", "2GiB", "--seq-len", "128", "--method",
            "qlora", "--rank", "4", "--targets", "attn,experts", "--batch", "2",
            "--effective-batch", "2", "--storage", "none", "-o", path)
     plan = yaml.safe_load(path.read_text())

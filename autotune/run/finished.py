@@ -28,7 +28,7 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
     """(model, tokenizer, report) of a run; adapters are merged into the base if ``merge``."""
     from transformers import AutoTokenizer
 
-    from autotune.run.loading import load_base, repair_param_wrappers
+    from autotune.run.loading import load_adapter, load_base
     from autotune.cost.recipe import Recipe
 
     report = read_report(run_dir)
@@ -40,8 +40,6 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
         full = recipe.but(method="full", bits=16)
         return (load_base({}, full, os.path.join(run_dir, saved["model"]), device,
                           remote_code=remote_code).eval(), tokenizer, report)
-    from peft import PeftModel
-
     if "base" in saved:
         base_path = os.path.join(run_dir, saved["base"])
     else:
@@ -55,8 +53,8 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
         recipe = recipe.but(method="lora", bits=16)
     base = load_base({}, recipe, base_path, device, remote_code=remote_code,
                      experts=_expert_parameters(pm, base_path))
-    model = PeftModel.from_pretrained(base, os.path.join(run_dir, saved["adapter"]))
-    repair_param_wrappers(model)
+    model = load_adapter(base, os.path.join(run_dir, saved["adapter"]),
+                         quantised_experts=Recipe(**report["recipe"]).bits == 4)
     if merge:
         model = model.merge_and_unload()
     return model.eval(), tokenizer, report

@@ -7,6 +7,7 @@ Shared by the executor (real weights from a local folder) and the measurement ha
 from __future__ import annotations
 
 import gc
+import os
 import re
 import tempfile
 import warnings
@@ -159,6 +160,52 @@ def prepare(model, recipe: Recipe, target_modules: list[str] | str | None = None
         freeze_all_but_top(model, recipe.freeze_layers)
     model.train()
     return model
+
+
+def load_adapter(base, folder: str, quantised_experts: bool = False):
+    """``base`` with the saved adapter in ``folder`` (a ``PeftModel``, for inference).
+
+    An adapter on parameters (``target_parameters``) is attached as training attached it,
+    then its weights are loaded. PEFT nests two wrappers of one module in name order when
+    the parameters are parametrized (4-bit experts) and in definition order when not, so
+    an adapter trained on quantised experts (``quantised_experts``) is attached to a
+    16-bit base (to merge it) through placeholder parametrizations, removed after.
+    """
+    from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from torch.nn.utils import parametrize
+
+    config = PeftConfig.from_pretrained(folder)
+    if not getattr(config, "target_parameters", None):
+        return PeftModel.from_pretrained(base, folder)
+    from safetensors.torch import load_file
+
+    placeholders = []
+    if quantised_experts:
+        for path in sorted(config.target_parameters):
+            owner, _, name = path.rpartition(".")
+            module = base.get_submodule(owner)
+            if not parametrize.is_parametrized(module, name):
+                parametrize.register_parametrization(module, name, _same(), unsafe=True)
+                placeholders.append((module, name))
+    config.inference_mode = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The following (rank|alpha)_pattern keys")
+        model = get_peft_model(base, config)
+    set_peft_model_state_dict(model, load_file(os.path.join(folder, "adapter_model.safetensors")))
+    for module, name in placeholders:
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    repair_param_wrappers(model)
+    return model
+
+
+def _same():
+    import torch
+
+    class Same(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    return Same()
 
 
 def repair_param_wrappers(model) -> None:
