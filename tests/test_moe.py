@@ -22,16 +22,16 @@ from autotune.plugin.registry import family_for
 from autotune.util.errors import AutotuneError
 
 GiB = 2**30
-TINY_MOE = {  # widths multiples of 32: bitsandbytes' CPU 4-bit kernels need them
+TINY_MOE = {  # in_features multiples of 64: bitsandbytes' CPU 4-bit kernels need them
     "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=64,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     num_local_experts=4, num_experts_per_tok=2, vocab_size=512,
                     max_position_embeddings=256),
     "deepseek_v2": dict(model_type="deepseek_v2", hidden_size=64, intermediate_size=128,
-                        moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        moe_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1,
-                        num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32,
-                        q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                        num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=64,
+                        q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=32,
                         v_head_dim=16, vocab_size=512, max_position_embeddings=256),
 }
 NEW_PROFILES = ("mixtral-8x7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v3")
