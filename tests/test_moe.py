@@ -242,3 +242,21 @@ def test_every_expert_adapter_gets_a_gradient_and_proxies_do_not_pile_up(pm):
     chains = [len(chain) for m in model.modules()
               for chain in getattr(m, "parametrizations", {}).values()]
     assert chains == [1] * 4  # only bitsandbytes' dequantisation left between forwards
+
+
+def test_exports_write_moe_quantisation_or_say_they_cannot(pm, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    invoke(pm, "plan", "--model", "mixtral-8x7b", "--gpu", "a100-80gb", "--method", "qlora",
+           "--targets", "attn,experts", "--rank", "16", "--seq-len", "4096", "--storage",
+           "none", "-o", plan)
+    axolotl = tmp_path / "axolotl.yaml"
+    invoke(pm, "export", plan, "--to", "axolotl", "-o", axolotl)
+    config = yaml.safe_load(axolotl.read_text())
+    assert config["quantize_moe_experts"] is True and config["load_in_4bit"] is True
+    assert config["lora_target_parameters"] == ["mlp.experts.gate_up_proj",
+                                                "mlp.experts.down_proj"]
+    assert set(config["lora_target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    trl = tmp_path / "trl.yaml"
+    shown = invoke(pm, "export", plan, "--to", "trl", "-o", trl)
+    assert "cannot quantise fused expert tensors" in shown
+    assert trl.read_text().startswith("# autotune: TRL's CLI cannot quantise")
