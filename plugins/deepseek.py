@@ -6,7 +6,7 @@ plugin describes by hand.
 """
 
 from autotune import hookimpl
-from autotune.cost.architecture import decoder
+from autotune.cost.architecture import decoder, fused_experts
 from autotune.plugin.registry import ModelFamily
 
 MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -39,9 +39,10 @@ class DeepSeek(ModelFamily):
     def quirks(self, config):
         found = []
         if config.get("n_routed_experts") and config.get("model_type") == "deepseek_v2":
-            found.append("transformers fuses DeepSeek-V2's experts into 3-D tensors: bitsandbytes "
-                         "leaves them 16-bit and PEFT moves MLP targets onto them (dropping LoRA "
-                         "from the dense and shared-expert MLPs); --trust-remote-code keeps one "
+            found.append("transformers fuses DeepSeek-V2's experts into 3-D tensors: 4-bit plans "
+                         "quantise them through bitsandbytes' parametrization (8-bit plans leave "
+                         "them 16-bit) and PEFT moves MLP targets onto them (dropping LoRA from "
+                         "the dense and shared-expert MLPs); --trust-remote-code keeps one "
                          "nn.Linear per expert")
         return found
 
@@ -52,9 +53,12 @@ class DeepSeek(ModelFamily):
         # one nn.Linear per expert -- which bitsandbytes can quantise and all-linear adapts;
         # transformers' own DeepSeek-V2 fuses them into 3-D tensors that stay 16-bit.
         remote = config.get("model_type") == "deepseek" or (remote_code and config.get("auto_map"))
-        if remote:
+        if remote or not fused_experts():  # transformers 4: one nn.Linear per expert too
             config = {**config, "experts_as_linears": True}
         return decoder(config, counted_by="plugin deepseek" + (" (remote code)" if remote else ""))
+
+    def expert_parameters(self, config):
+        return () if config.get("model_type") == "deepseek" else super().expert_parameters(config)
 
 
 @hookimpl

@@ -260,3 +260,39 @@ def test_exports_write_moe_quantisation_or_say_they_cannot(pm, tmp_path):
     shown = invoke(pm, "export", plan, "--to", "trl", "-o", trl)
     assert "cannot quantise fused expert tensors" in shown
     assert trl.read_text().startswith("# autotune: TRL's CLI cannot quantise")
+
+
+def test_transformers_4_prices_per_expert_linears(pm, monkeypatch):
+    """Version awareness: on transformers 4 DeepSeek-V2's experts are nn.Linear layers,
+    which bitsandbytes quantises on load; the plan records the layout it assumed."""
+    from autotune.cost import architecture
+    from autotune.cost.memory import priced_weights
+
+    spec = resolve_model("deepseek-v2-lite", pm)
+    recipe = Recipe(method="qlora", targets="attn")
+    fused = priced(pm, spec.config, recipe)[1]
+    monkeypatch.setattr(architecture, "fused_experts", lambda: False)
+    monkeypatch.setattr("autotune_plugins.deepseek.fused_experts", lambda: False)
+    linears = priced(pm, spec.config, recipe)[1]
+    assert (fused.expert_layout, linears.expert_layout) == ("fused", "per-expert")
+    assert fused.total == linears.total
+    weights = priced_weights(linears, recipe)
+    assert weights["expert_layout"] == "per-expert" and weights["quantised_experts"] == 0
+    # the same bytes either way: every expert is 4-bit
+    assert weight_formats(fused, recipe)["nf4"] == pytest.approx(
+        weights["formats"]["nf4"], rel=0.01)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_audit_passes_a_dense_model_built_as_planned(pm, method):
+    from autotune.run.audit import audit
+    from autotune.run.loading import load_base, prepare
+    from tests.conftest import TINY
+
+    config = TINY["llama-gqa"]
+    recipe = Recipe(method=method, targets="qv", batch=1, seq_len=16)
+    _, arch, counts = priced(pm, config, recipe)
+    model = prepare(load_base(config, recipe), recipe, ["q_proj", "v_proj"])
+    record = audit(model, arch, recipe, counts)
+    assert record["status"] == "ok" and record["found"]["trainable"] == counts.trainable
+    assert record["expected"]["expert_layout"] is None

@@ -165,6 +165,19 @@ class Architecture:
         return counts
 
 
+@lru_cache(maxsize=1)
+def fused_experts() -> bool:
+    """Whether the installed transformers fuses MoE experts into 3-D parameters (5 and
+    later); transformers 4 builds one ``nn.Linear`` per expert. Read from the package
+    metadata: transformers is not imported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version("transformers").split(".")[0]) >= 5
+    except (PackageNotFoundError, ValueError):
+        return True
+
+
 @lru_cache(maxsize=65536)
 def layer_index(path: str) -> int | None:
     """The decoder-layer index in a parameter or module path (``model.layers.3.mlp`` -> 3)."""
