@@ -115,7 +115,6 @@ def weight_formats(arch: Architecture, recipe: Recipe) -> dict[str, int]:
     linears, experts = quantised(arch, recipe)
     q_params = (sum(lin.in_features * lin.out_features for lin in linears)
                 + sum(t.numel for t in experts))
-    biases = sum(lin.out_features for lin in linears if lin.bias)
     if recipe.bits == 4:
         blocks = -(-q_params // NF4_BLOCK)
         packed = (q_params // 2 + blocks + FP32 * -(-blocks // NF4_BLOCK2)

@@ -59,8 +59,7 @@ class Expected:
 
 def clean(path: str) -> str:
     """A parameter or module path without PEFT's and parametrize's wrapping."""
-    path = _WRAPPERS.sub(lambda m: "" if m.group(1) or m.group(2) else "", path)
-    return path[:-len(".original")] if path.endswith(".original") else path
+    return _WRAPPERS.sub("", path).removesuffix(".original")
 
 
 def inspect(model) -> dict:
