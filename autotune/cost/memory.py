@@ -394,7 +394,19 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     scratch = optimizer_temporaries(recipe, shapes, param_bytes, device)
     tl.spike("temporaries", int(scratch * share.optimizer), "optimizer")
     overhead = _device_overhead(tl.peak) if device == "cuda" else 0
-    return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase)
+    return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase, expert_notes(arch, recipe))
+
+
+def expert_notes(arch: Architecture, recipe: Recipe) -> list[str]:
+    """What a quantised plan does with fused experts, in words."""
+    if recipe.bits == 16 or not arch.experts:
+        return []
+    if recipe.bits == 8:
+        return [f"bitsandbytes has no 8-bit parametrization: the {len(arch.experts)} fused expert "
+                "tensors stay 16-bit (fp32 after k-bit preparation); 4-bit plans quantise them"]
+    return [f"the {len(arch.experts)} fused expert tensors are quantised to NF4 through "
+            "bitsandbytes' parametrization and dequantised layer by layer for the expert "
+            "matmuls"]
 
 
 def _cast_copies(arch: Architecture, recipe: Recipe, trained: set[int] | None) -> int:
