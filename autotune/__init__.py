@@ -23,6 +23,7 @@ from autotune.cost.architecture import (
     SavedActivation,
     Tensor,
     decoder,
+    fused_experts,
 )
 from autotune.cost.memory import training_state_bytes, weight_bytes
 from autotune.cost.params import ParamCounts
@@ -49,6 +50,7 @@ __all__ = [
     "Stage",
     "Tensor",
     "decoder",
+    "fused_experts",
     "hookimpl",
     "packing",
     "training_state_bytes",

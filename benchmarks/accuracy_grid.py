@@ -32,6 +32,16 @@ ARCHITECTURES = {
                             moe_intermediate_size=64, first_k_dense_replace=1,
                             max_position_embeddings=2048),
 }
+MOE_ARCHITECTURES = {
+    # fused experts (transformers 5) for 4-bit expert cases; widths bitsandbytes' CPU
+    # 4-bit kernels take. Apart from ARCHITECTURES (the tests' TINY configs), whose
+    # families all describe themselves analytically.
+    "mixtral-moe": dict(model_type="mixtral", hidden_size=128, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        num_local_experts=4, num_experts_per_tok=2, vocab_size=2048,
+                        max_position_embeddings=2048),
+}
+CONFIGS = {**ARCHITECTURES, **MOE_ARCHITECTURES}
 
 GRID: list[tuple[str, Recipe]] = [
     ("llama-gqa", Recipe(method="full", precision="fp32", batch=2, seq_len=64)),
@@ -63,6 +73,13 @@ GRID: list[tuple[str, Recipe]] = [
     ("mistral", Recipe(method="qlora", targets="q_proj,v_proj", batch=2, seq_len=128)),
     ("deepseek-v2-moe", Recipe(method="lora", targets="attn", batch=2, seq_len=64)),
     ("deepseek-v2-moe", Recipe(method="full", precision="bf16", batch=2, seq_len=64)),
+    # 4-bit fused experts (bitsandbytes' parametrization), with and without expert LoRA
+    ("mixtral-moe", Recipe(method="qlora", targets="attn", batch=2, seq_len=64)),
+    ("mixtral-moe", Recipe(method="qlora", targets="attn", batch=2, seq_len=128,
+                           grad_ckpt=True)),
+    ("mixtral-moe", Recipe(method="qlora", targets="attn,experts", batch=2, seq_len=128,
+                           grad_ckpt=True)),
+    ("mixtral-moe", Recipe(method="qlora", batch=2, seq_len=128, grad_ckpt=True)),
 ]
 
 
@@ -86,11 +103,12 @@ def compare(pm, arch: str, recipe: Recipe) -> Comparison:
     from autotune.cost.assess import estimate
     from autotune.run.measure import measure
 
-    config = ARCHITECTURES[arch]
+    config = CONFIGS[arch]
     predicted = estimate(pm, config, recipe, device="cpu")
-    targets = peft_targets(predicted.arch, predicted.family.module_groups(config),
-                           recipe.targets)
-    measured = measure(config, recipe, target_modules=targets, steps=3)
+    targets = None if recipe.targets == "all-linear" else peft_targets(predicted.params)[0]
+    # built as the plan priced it (experts quantised, adapters placed) and audited
+    measured = measure(config, recipe, target_modules=targets, steps=3,
+                       planned=(predicted.family, predicted.arch, predicted.params))
     return Comparison(arch, recipe, predicted.memory.tensor_peak, measured.peak_tensor_bytes)
 
 

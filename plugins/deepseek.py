@@ -11,6 +11,7 @@ from autotune import (
     FeedForward,
     ModelFamily,
     decoder,
+    fused_experts,
     hookimpl,
 )
 
@@ -19,7 +20,7 @@ MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_p
 
 class DeepSeek(ModelFamily):
     name = "deepseek"
-    model_types = ("deepseek", "deepseek_v2")
+    model_types = ("deepseek", "deepseek_v2", "deepseek_v3")
 
     def remote_code(self, config):
         return config.get("model_type") == "deepseek"
@@ -47,21 +48,25 @@ class DeepSeek(ModelFamily):
     def quirks(self, config):
         found = []
         if config.get("n_routed_experts") and config.get("model_type") == "deepseek_v2":
-            found.append("transformers fuses DeepSeek-V2's experts into 3-D tensors: bitsandbytes "
-                         "leaves them 16-bit and PEFT moves MLP targets onto them (dropping LoRA "
-                         "from the dense and shared-expert MLPs); --trust-remote-code keeps one "
+            found.append("transformers fuses DeepSeek-V2's experts into 3-D tensors: 4-bit plans "
+                         "quantise them through bitsandbytes' parametrization (8-bit plans leave "
+                         "them 16-bit) and PEFT moves MLP targets onto them (dropping LoRA from "
+                         "the dense and shared-expert MLPs); --trust-remote-code keeps one "
                          "nn.Linear per expert")
         return found
 
     def describe(self, config, remote_code=False):
+        if config.get("model_type") == "deepseek_v3":  # a scoring bias decoder() lacks: meta build
+            return None
         # The hub's modelling code (DeepSeek-MoE always, V2 with --trust-remote-code) keeps
         # one nn.Linear per expert -- which bitsandbytes can quantise and all-linear adapts;
-        # transformers' own DeepSeek-V2 fuses them into 3-D tensors that stay 16-bit, and
-        # PEFT remaps targets onto them by its qwen2_moe pattern.
+        # transformers' own DeepSeek-V2 fuses them into 3-D tensors (4-bit plans quantise
+        # them by parametrization), and PEFT remaps targets onto them by its qwen2_moe
+        # pattern; transformers 4 builds one nn.Linear per expert too.
         remote = config.get("model_type") == "deepseek" or bool(remote_code and
                                                                  config.get("auto_map"))
         return decoder(config, latent=_latent(config), **_experts(config),
-                       experts_as_linears=remote, fused_targets=PEFT_FUSED_TARGETS["qwen2_moe"],
+                       experts_as_linears=remote or not fused_experts(), fused_targets=PEFT_FUSED_TARGETS["qwen2_moe"],
                        counted_by="plugin deepseek" + (" (remote code)" if remote else ""))
 
 
@@ -85,6 +90,9 @@ def _experts(config: dict) -> dict:
     return {"moe": FeedForward(0, experts, config["num_experts_per_tok"], inter,
                                (config.get("n_shared_experts") or 0) * inter),
             "moe_layers": [i for i in range(first, config["num_hidden_layers"]) if i % every == 0]}
+
+    def expert_parameters(self, config):
+        return () if config.get("model_type") == "deepseek" else super().expert_parameters(config)
 
 
 @hookimpl

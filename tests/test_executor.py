@@ -55,6 +55,7 @@ def test_stage_and_method_train_save_reload(pm, tmp_path, stage, method):
     assert mean(losses[-4:]) < mean(losses[:4]), losses
     assert report["measured"]["peak_rss_bytes"] > 0
     assert report["predicted"]["tensor_peak_bytes"] > 0
+    assert report["audit"]["status"] == "ok"  # the post-load audit ran, dense models too
     assert (out / "run_report.json").exists() and (out / "plan.json").exists()
     assert not list(tmp_path.glob(".run.partial-*"))
     assert ("adapter" in report["saved"]) == (method != "full")

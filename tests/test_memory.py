@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.accuracy_grid import ARCHITECTURES, GRID, compare, describe_recipe
+from benchmarks.accuracy_grid import CONFIGS, GRID, compare, describe_recipe
 from autotune.cost.assess import estimate
 from autotune.cost.memory import serving_bytes
 from autotune.cost.recipe import Recipe
@@ -15,7 +15,7 @@ from tests.conftest import TINY
 def test_estimate_within_ten_percent_of_a_measured_step(pm, arch, recipe):
     row = compare(pm, arch, recipe)
     assert abs(row.error) < 0.10, (row.estimated, row.measured)
-    b = band(estimate(pm, ARCHITECTURES[arch], recipe, device="cpu").memory, device="cpu")
+    b = band(estimate(pm, CONFIGS[arch], recipe, device="cpu").memory, device="cpu")
     assert b.low <= row.measured <= b.high, (b.low, row.measured, b.high)
 
 

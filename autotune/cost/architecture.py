@@ -147,6 +147,27 @@ class Architecture:
         return len(self.layers)
 
     @cached_property
+    def experts(self) -> tuple[Tensor, ...]:
+        """The fused 3-D expert parameters (transformers 5's MoE layout)."""
+        return tuple(t for t in self.tensors if t.kind == "experts")
+
+    @cached_property
+    def expert_suffixes(self) -> tuple[str, ...]:
+        """Distinct expert parameter names below the decoder layer (``mlp.experts.down_proj``)."""
+        return tuple(dict.fromkeys(t.path.split(f".{layer_index(t.path)}.", 1)[-1]
+                                   for t in self.experts))
+
+    @property
+    def expert_layout(self) -> str:
+        """How the routed experts are stored: ``fused`` 3-D parameters (transformers 5),
+        ``per-expert`` linear layers (transformers 4, remote code), or ``""`` (dense)."""
+        if self.experts:
+            return "fused"
+        if any(".experts." in lin.path for lin in self.linears):
+            return "per-expert"
+        return ""
+
+    @cached_property
     def layer_params(self) -> list[int]:
         """Parameters per decoder layer (index order)."""
         counts = [0] * self.num_layers
@@ -155,6 +176,19 @@ class Architecture:
             if index is not None and index < self.num_layers:
                 counts[index] += item.numel
         return counts
+
+
+@lru_cache(maxsize=1)
+def fused_experts() -> bool:
+    """Whether the installed transformers fuses MoE experts into 3-D parameters (5 and
+    later); transformers 4 builds one ``nn.Linear`` per expert. Read from the package
+    metadata: transformers is not imported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version("transformers").split(".")[0]) >= 5
+    except (PackageNotFoundError, ValueError):
+        return True
 
 
 @lru_cache(maxsize=65536)

@@ -26,7 +26,13 @@ from autotune.cost.host import (
     host_needs,
     weight_files,
 )
-from autotune.cost.memory import MemoryEstimate, estimate_memory, serving_memory, weight_bytes
+from autotune.cost.memory import (
+    MemoryEstimate,
+    estimate_memory,
+    priced_weights,
+    serving_memory,
+    weight_bytes,
+)
 from autotune.cost.objectives import fidelity, tokens_per_second
 from autotune.cost.parallel import SINGLE, Parallel, communication_seconds
 from autotune.cost.params import ParamCounts, count
@@ -66,6 +72,8 @@ class Assessment:
     workload: dict | None = None
     """How the data trains at this micro batch (:meth:`Workload.to_dict`), with data."""
     correction: Correction | None = None
+    weights: dict | None = None
+    """The base weights as priced: bytes by format and the expert layout assumed."""
 
     @property
     def high(self) -> int:
@@ -268,7 +276,8 @@ class CostModel:
             fidelity(recipe, self.arch), total, raw_total,
             band(memory, device=self.device, correction=correction, confidence=confidence),
             host, disk_needs(self.arch, recipe, counts, parallel),
-            workload.to_dict(recipe.batch) if workload else None, correction)
+            workload.to_dict(recipe.batch) if workload else None, correction,
+            priced_weights(self.arch, recipe))
 
 
 def assess(pm: pluggy.PluginManager, config: dict, recipe: Recipe, family: str | None = None,

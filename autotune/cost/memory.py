@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from autotune.cost.activations import FP32, INDEX, LinearRole, Precision, layer_saved
-from autotune.cost.architecture import Architecture, Linear, layer_index
+from autotune.cost.architecture import Architecture, Linear, Tensor, layer_index
 from autotune.cost.parallel import SINGLE, Parallel, deepspeed_optimizer_bytes, shares
 from autotune.cost.params import ParamCounts, trainable_layers
 from autotune.cost.recipe import Recipe
@@ -83,24 +83,76 @@ class _Timeline:
         self.add(component, -nbytes, phase)
 
 
-def weight_bytes(arch: Architecture, recipe: Recipe) -> int:
-    """Base weights in their storage format; bitsandbytes quantises linear layers only."""
+def quantised(arch: Architecture, recipe: Recipe) -> tuple[list[Linear], list[Tensor]]:
+    """The linear layers and fused expert tensors a ``recipe.bits`` base stores quantised.
+
+    bitsandbytes quantises every ``nn.Linear`` but the output head on load; 4-bit plans
+    also quantise the fused 3-D expert parameters through its parametrization
+    (``replace_parameter_4bit``, NF4 with double quantisation). bitsandbytes has no 8-bit
+    parametrization: 8-bit plans leave fused experts 16-bit (then upcast to fp32 by
+    k-bit preparation). Routers, norms, embeddings and the head always stay unquantised.
+    """
     if recipe.bits == 16:
-        return arch.total * BYTES[recipe.weight_dtype]
-    kept = BYTES[recipe.weight_dtype]
-    if recipe.adapter:
-        kept = FP32  # prepare_model_for_kbit_training upcasts what stays unquantised
-    quantised = [lin for lin in arch.linears if lin.path != arch.head]
-    q_params = sum(lin.in_features * lin.out_features for lin in quantised)
-    biases = sum(lin.out_features for lin in quantised if lin.bias)
+        return [], []
+    linears = [lin for lin in arch.linears if lin.path != arch.head]
+    return linears, list(arch.experts) if recipe.bits == 4 else []
+
+
+def kept_dtype(recipe: Recipe) -> str:
+    """The dtype of the weights a quantised base keeps unquantised (all of a 16-bit one)."""
+    return "fp32" if recipe.bits < 16 and recipe.adapter else recipe.weight_dtype
+
+
+def weight_formats(arch: Architecture, recipe: Recipe) -> dict[str, int]:
+    """Base-weight bytes by storage format (``nf4``, ``int8``, ``fp32``, ``bf16``...).
+
+    ``prepare_model_for_kbit_training`` upcasts what a quantised base keeps unquantised
+    to fp32.
+    """
+    kept = kept_dtype(recipe)
+    if recipe.bits == 16:
+        return {kept: arch.total * BYTES[kept]}
+    linears, experts = quantised(arch, recipe)
+    q_params = (sum(lin.in_features * lin.out_features for lin in linears)
+                + sum(t.numel for t in experts))
     if recipe.bits == 4:
         blocks = -(-q_params // NF4_BLOCK)
         packed = (q_params // 2 + blocks + FP32 * -(-blocks // NF4_BLOCK2)
-                  + QUANT_STATE * len(quantised))
+                  + QUANT_STATE * (len(linears) + len(experts)))
+        fmt = "nf4"
     else:
-        packed = q_params + sum(lin.out_features for lin in quantised) * FP32
-    rest = arch.total - q_params - biases
-    return packed + (rest + biases) * kept
+        packed = q_params + sum(lin.out_features for lin in linears) * FP32
+        fmt = "int8"
+    return {fmt: packed, kept: (arch.total - q_params) * BYTES[kept]}
+
+
+def weight_bytes(arch: Architecture, recipe: Recipe) -> int:
+    """Base weights in their storage format (see :func:`weight_formats`)."""
+    return sum(weight_formats(arch, recipe).values())
+
+
+def priced_weights(arch: Architecture, recipe: Recipe) -> dict:
+    """What a plan records of its base weights: bytes by format, and the expert layout it
+    assumed (``fused`` 3-D tensors on transformers 5, ``per-expert`` linears on
+    transformers 4 and remote code)."""
+    linears, experts = quantised(arch, recipe)
+    return {"formats": weight_formats(arch, recipe), "expert_layout": arch.expert_layout or None,
+            "quantised_tensors": len(linears) + len(experts), "quantised_experts": len(experts)}
+
+
+def dequantised_experts(arch: Architecture, recipe: Recipe) -> list[int]:
+    """Bytes per decoder layer of its experts dequantised for the expert matmuls.
+
+    The parametrization dequantises a whole 3-D expert tensor (to the dtype it was
+    loaded in) on first use in the experts' forward and caches it for that forward; the
+    per-expert matmuls save views of it for the backward pass.
+    """
+    per = [0] * arch.num_layers
+    for tensor in quantised(arch, recipe)[1]:
+        index = layer_index(tensor.path)
+        if index is not None and index < arch.num_layers:
+            per[index] += tensor.numel * BYTES[recipe.weight_dtype]
+    return per
 
 
 def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
@@ -271,6 +323,11 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     # checkpointing, so even the first layer saves.
     grad_in = full or (recipe.bits < 16 and recipe.grad_ckpt)
     saved_by_layer, kept_by_layer, seen = [], [], {}
+    deq = dequantised_experts(arch, recipe)
+    lora_experts = {t.path for t in counts.target_params}  # W + BA: a second full copy
+    deq_lora = [sum(x.numel * BYTES[recipe.weight_dtype] for x in arch.experts
+                    if x.path in lora_experts and layer_index(x.path) == i) if deq[i] else 0
+                for i in range(arch.num_layers)]
     for i, layer in enumerate(arch.layers):
         norms = full or (trained is not None and i in trained)
         kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
@@ -284,6 +341,11 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         saved_by_layer.append(saved)
         kept_by_layer.append(kept)
         tl.add("activations", kept, "forward")
+        if deq[i]:  # dequantised experts: for the layer's forward, or saved until backward
+            held = 0 if recipe.grad_ckpt or not saved else deq[i]
+            tl.add("activations", held, "forward")
+            tl.spike("temporaries", deq[i] + deq_lora[i] - held, f"forward (layer {i} experts)")
+            kept_by_layer[-1] += held
     # autocast keeps a 16-bit copy of each fp32 trainable weight a matmul uses, until backward
     cast_copies = _cast_copies(arch, recipe, trained) * c if copies else 0
     tl.add("temporaries", cast_copies, "forward")
@@ -313,12 +375,16 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     for i in reversed(range(arch.num_layers)):
         saved, kept = saved_by_layer[i], kept_by_layer[i]
         if recipe.grad_ckpt:
-            tl.add("activations", saved, f"backward (recompute layer {i})")
+            tl.add("activations", saved + (deq[i] if saved else 0),
+                   f"backward (recompute layer {i})")
+            tl.spike("temporaries", deq_lora[i] if saved else 0,
+                     f"backward (recompute layer {i} experts)")
+            saved += deq[i] if saved else 0
         tl.add("gradients", int(grads[i] * share.gradients), f"backward (layer {i})")
         # the incoming gradient and the MLP's gradient buffers
         transient = t * arch.hidden * c + 3 * t * _widest_mlp(arch.layers[i]) * c
         tl.spike("temporaries", transient if saved else 0, f"backward (layer {i})")
-        tl.add("activations", -(saved + kept if recipe.grad_ckpt else saved), "backward")
+        tl.add("activations", -(saved + kept if recipe.grad_ckpt else kept), "backward")
     if full:
         tl.add("gradients", int(_embedding_numel(arch) * w * share.gradients),
                "backward (embeddings)")
@@ -328,7 +394,19 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     scratch = optimizer_temporaries(recipe, shapes, param_bytes, device)
     tl.spike("temporaries", int(scratch * share.optimizer), "optimizer")
     overhead = _device_overhead(tl.peak) if device == "cuda" else 0
-    return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase)
+    return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase, expert_notes(arch, recipe))
+
+
+def expert_notes(arch: Architecture, recipe: Recipe) -> list[str]:
+    """What a quantised plan does with fused experts, in words."""
+    if recipe.bits == 16 or not arch.experts:
+        return []
+    if recipe.bits == 8:
+        return [f"bitsandbytes has no 8-bit parametrization: the {len(arch.experts)} fused expert "
+                "tensors stay 16-bit (fp32 after k-bit preparation); 4-bit plans quantise them"]
+    return [f"the {len(arch.experts)} fused expert tensors are quantised to NF4 through "
+            "bitsandbytes' parametrization and dequantised layer by layer for the expert "
+            "matmuls"]
 
 
 def _cast_copies(arch: Architecture, recipe: Recipe, trained: set[int] | None) -> int:

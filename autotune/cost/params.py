@@ -28,6 +28,8 @@ class ParamCounts:
     targets: tuple[Linear, ...] = ()
     target_params: tuple[Tensor, ...] = ()
     """Fused expert parameters (and routers) PEFT adapts directly."""
+    param_ranks: tuple[tuple[str, int], ...] = ()
+    """(path, LoRA rank) of each of ``target_params``: what ``rank_pattern`` gives PEFT."""
     adapter_tensors: tuple[tuple[str, tuple[int, ...]], ...] = ()
     """Every adapter tensor: (the adapted module or parameter's path, shape)."""
     unmatched: tuple[str, ...] = ()
@@ -53,17 +55,21 @@ def resolve_targets(arch: Architecture, groups: dict[str, tuple[str, ...]], targ
     ``mlp``, ``experts`` and family groups) and module names (``q_proj``). A module
     name matches a path equal to it or ending in ``.name``, as in PEFT. Returns the
     linear layers, the names that matched nothing, and fused parameters PEFT adapts
-    instead (suffix -> rank multiplier; see ``Architecture.fused_targets``).
+    instead (suffix -> rank multiplier; see ``Architecture.fused_targets``). On fused
+    experts the ``experts`` group (or a parameter's own name, ``gate_up_proj``) targets
+    the 3-D expert parameters at the plain rank (PEFT's ``target_parameters``).
     """
     spec = targets.strip()
     if not spec:
         raise AutotuneError("no LoRA targets given")
-    fused = arch.fused_targets
+    own = {suffix.rsplit(".", 1)[-1]: (suffix.rsplit(".", 1)[-1], 1)
+           for suffix in arch.expert_suffixes}
+    fused = {**own, **arch.fused_targets}
     if spec == ALL_LINEAR:
         names = {lin.name for lin in arch.linears if lin.path != arch.head}
         if not fused:
             return tuple(lin for lin in arch.linears if lin.path != arch.head), (), {}
-        names |= fused.keys()
+        names |= arch.fused_targets.keys()
     else:
         names = []
         for item in filter(None, (t.strip() for t in spec.replace("+", ",").split(","))):
@@ -71,7 +77,11 @@ def resolve_targets(arch: Architecture, groups: dict[str, tuple[str, ...]], targ
                 raise AutotuneError("all-linear cannot be combined with other targets")
             group = GROUP_ALIASES.get(item, item)
             names.extend(groups[group] if group in groups else (item,))
-    params = {fused[n][0]: fused[n][1] for n in names if n in fused}
+            if group == "experts":
+                names.extend(own)
+    params: dict[str, int] = {}
+    for key, times in (fused[n] for n in names if n in fused):
+        params[key] = max(params.get(key, 0), times)  # PEFT's fused-rank remap wins
     modules = [n for n in dict.fromkeys(names) if n not in fused]
     matched = {n: False for n in modules}
     chosen = []
@@ -88,16 +98,15 @@ def resolve_targets(arch: Architecture, groups: dict[str, tuple[str, ...]], targ
     return tuple(chosen), unmatched, params
 
 
-def peft_targets(arch: Architecture, groups: dict[str, tuple[str, ...]], targets: str
-                 ) -> list[str] | None:
-    """The ``target_modules`` autotune hands PEFT for a ``targets`` spec: ``None`` for
-    all-linear (PEFT's own keyword), else the adapted linear layers' short names plus the
-    fused expert parameters PEFT remaps them to. The run, the exports, ``plan --measure``
-    and the accuracy grid all use this one list."""
-    if targets.strip() == ALL_LINEAR:
-        return None
-    chosen, _, fused = resolve_targets(arch, groups, targets)
-    return sorted({lin.name for lin in chosen} | set(fused))
+def peft_targets(counts: ParamCounts) -> tuple[list[str], dict[str, int]]:
+    """What PEFT is given for the adapters ``counts`` priced: linear-layer names for
+    ``target_modules`` and each adapted parameter's full path with its rank
+    (``target_parameters``). The run, ``plan --measure`` and the accuracy grid all use it.
+
+    Full paths, not suffixes: PEFT matches a parametrized (quantised) parameter only by
+    its full name, and skips a suffix with no more than a warning.
+    """
+    return sorted({lin.name for lin in counts.targets}), dict(counts.param_ranks)
 
 
 def linear_names(arch: Architecture) -> list[str]:
@@ -111,7 +120,8 @@ def adapter_params(lin: Linear, rank: int, dora: bool) -> int:
 
 
 def _adapter_tensors(arch: Architecture, recipe: Recipe, chosen: tuple[Linear, ...],
-                     params: dict[str, int]) -> tuple[list[Tensor], list[tuple[str, tuple]]]:
+                     params: dict[str, int]
+                     ) -> tuple[list[Tensor], list[tuple[str, tuple]], list[tuple[str, int]]]:
     dora = recipe.method == "dora"
     r = recipe.rank
     shapes = []
@@ -119,7 +129,7 @@ def _adapter_tensors(arch: Architecture, recipe: Recipe, chosen: tuple[Linear, .
         shapes += [(lin.path, (r, lin.in_features)), (lin.path, (lin.out_features, r))]
         if dora:
             shapes.append((lin.path, (lin.out_features,)))
-    wrapped = []
+    wrapped, ranks = [], []
     for tensor in arch.tensors:
         suffix = next((s for s in params if tensor.path.endswith("." + s)), None)
         if suffix is None:
@@ -127,13 +137,17 @@ def _adapter_tensors(arch: Architecture, recipe: Recipe, chosen: tuple[Linear, .
         if dora:
             raise AutotuneError("PEFT cannot apply DoRA to fused expert parameters "
                                 f"({tensor.path}); use lora, or name non-expert targets")
+        if recipe.dropout:
+            raise AutotuneError("PEFT applies no LoRA dropout to fused expert parameters "
+                                f"({tensor.path}); set dropout 0, or name non-expert targets")
         wrapped.append(tensor)
         rank = recipe.rank * params[suffix]
+        ranks.append((tensor.path, rank))
         experts, (fan_out, fan_in) = (tensor.shape[0], tensor.shape[1:]) if len(tensor.shape) == 3 \
             else (1, tensor.shape)
         shapes += [(tensor.path, (rank * experts, fan_in)),
                    (tensor.path, (fan_out, rank * experts))]
-    return wrapped, shapes
+    return wrapped, shapes, ranks
 
 
 def trainable_layers(arch: Architecture, recipe: Recipe) -> range:
@@ -149,10 +163,11 @@ def count(arch: Architecture, recipe: Recipe, groups: dict[str, tuple[str, ...]]
                  twelve_l_h2=12 * arch.num_layers * arch.hidden**2)
     if recipe.adapter:
         chosen, unmatched, fused = resolve_targets(arch, groups, recipe.targets)
-        wrapped, shapes = _adapter_tensors(arch, recipe, chosen, fused)
+        wrapped, shapes, ranks = _adapter_tensors(arch, recipe, chosen, fused)
         added = sum(math.prod(shape) for _, shape in shapes)
         return ParamCounts(total, added, total + added, targets=chosen,
-                           target_params=tuple(wrapped), adapter_tensors=tuple(shapes),
+                           target_params=tuple(wrapped), param_ranks=tuple(ranks),
+                           adapter_tensors=tuple(shapes),
                            unmatched=unmatched, **quick)
     if recipe.method == "freeze":
         per_layer = arch.layer_params

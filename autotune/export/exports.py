@@ -45,6 +45,10 @@ class ExportContext:
     notes: list[str] = field(default_factory=list)
     stage: Stage | None = None
     """The plan's stage as the plugin manager that read the plan has it (else the process's)."""
+    quantised_experts: list[str] = field(default_factory=list)
+    """Fused expert parameters the plan quantises (4-bit plans of transformers 5 MoE)."""
+    expert_targets: list[str] = field(default_factory=list)
+    """Fused expert parameters LoRA adapts directly (PEFT ``target_parameters``)."""
 
 
 # --- what every tool shares --------------------------------------------------------------
@@ -280,6 +284,7 @@ def export_context(pm, plan: dict, remote_code: bool = False) -> ExportContext:
     targets = None
     if _adapter(recipe):
         targets = lora_targets(pm, model.config, family, recipe["targets"], remote_code)
+    experts, expert_targets = _experts(model.config, family, recipe, remote_code)
     notes = []
     if family.remote_code(model.config) and not remote_code:
         notes.append(f"{model.id} runs remote code from its repository: the exports set "
@@ -288,7 +293,25 @@ def export_context(pm, plan: dict, remote_code: bool = False) -> ExportContext:
                                                                          model.config),
                          layers=model.config.get("num_hidden_layers"),
                          remote_code=remote_code, notes=notes,
-                         stage=stage_named(pm, recipe["stage"]))
+                         stage=stage_named(pm, recipe["stage"]),
+                         quantised_experts=experts, expert_targets=expert_targets)
+
+
+def _experts(config: dict, family, recipe: dict, remote_code: bool
+             ) -> tuple[list[str], list[str]]:
+    """(quantised, LoRA-targeted) fused expert parameters, as suffixes below a layer."""
+    from autotune.cost.assess import describe
+    from autotune.cost.params import resolve_targets
+
+    arch = describe(config, family, remote_code)
+    if not arch.experts:
+        return [], []
+    quantised = list(arch.expert_suffixes) if recipe["bits"] == 4 else []
+    targeted = []
+    if _adapter(recipe):
+        _, _, fused = resolve_targets(arch, family.module_groups(config), recipe["targets"])
+        targeted = [s for s in arch.expert_suffixes if s.rsplit(".", 1)[-1] in fused]
+    return quantised, targeted
 
 
 def lora_targets(pm, config: dict, family, targets: str, remote_code: bool = False
@@ -296,10 +319,14 @@ def lora_targets(pm, config: dict, family, targets: str, remote_code: bool = Fal
     """Module names a ``targets`` spec adapts (``None`` for all-linear), as the executor
     resolves them: the family's groups, PEFT's suffix matching, fused expert tensors."""
     from autotune.cost.assess import describe
-    from autotune.cost.params import peft_targets
+    from autotune.cost.params import ALL_LINEAR, resolve_targets
 
-    return peft_targets(describe(config, family, remote_code), family.module_groups(config),
-                        targets)
+    if targets.strip() == ALL_LINEAR:
+        return None
+    arch = describe(config, family, remote_code)
+    chosen, _, fused = resolve_targets(arch, family.module_groups(config), targets)
+    own = {s.rsplit(".", 1)[-1] for s in arch.expert_suffixes}  # target parameters instead
+    return sorted({lin.name for lin in chosen} | (set(fused) - own))
 
 
 # --- LLaMA-Factory -----------------------------------------------------------------------
@@ -450,7 +477,11 @@ def axolotl_config(plan: dict, context: ExportContext | None = None, data: str |
             config["lora_target_linear"] = True
         if recipe["method"] == "dora":
             config["peft_use_dora"] = True
-    elif recipe["method"] == "freeze":
+        if context.expert_targets:  # LoRA on the fused expert tensors (PEFT target_parameters)
+            config["lora_target_parameters"] = list(context.expert_targets)
+    if context.quantised_experts:  # bitsandbytes' parametrization, as autotune run does
+        config["quantize_moe_experts"] = True
+    if recipe["method"] == "freeze":
         config["unfrozen_parameters"] = _axolotl_unfrozen(recipe["freeze_layers"],
                                                           context.layers)
     if stage.exports["axolotl"]:
@@ -629,6 +660,8 @@ class Export:
     launch: str = ""
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    caveats: list[str] = field(default_factory=list)
+    """Written at the top of the main file too (YAML comments), not only on screen."""
 
     def files(self) -> list[tuple[str, dict]]:
         return [(self.path, self.config), *self.companions]
@@ -732,6 +765,14 @@ def build(tool: str, plan: dict, context: ExportContext | None = None, data: str
             and tool != "accelerate" and recipe["optim"] in ("adamw_8bit", "paged_adamw_8bit")):
         notes.append(f"the optimizer is offloaded: DeepSpeed's CPU Adam (fp32 moments) "
                      f"replaces {recipe['optim']}")
+    if tool in ("llamafactory", "trl") and (context.quantised_experts
+                                            or context.expert_targets):
+        name = {"llamafactory": "LLaMA-Factory", "trl": "TRL's CLI"}[tool]
+        caveat = (f"{name} cannot quantise fused expert tensors or put LoRA on "
+                  "them: its run keeps the experts 16-bit (fp32 after k-bit preparation), "
+                  "far above this plan's memory; use `autotune run` or --to axolotl")
+        notes.append(caveat)
+        export.caveats.append(caveat)
     export.notes = notes
     return export
 
@@ -755,6 +796,9 @@ def write(export: Export, force: bool = False, inputs: tuple[str | None, ...] = 
         check_new_file(path, force, "-o", inputs)
     written = []
     for path, config in files:
-        write_text(path, dump(path, config))
+        text = dump(path, config)
+        if path == export.path and export.caveats and not path.endswith(".json"):
+            text = "".join(f"# autotune: {c}\n" for c in export.caveats) + text
+        write_text(path, text)
         written.append(path)
     return written

@@ -63,6 +63,8 @@ class Candidate:
     host: HostNeeds | None = None
     disk: DiskNeeds | None = None
     workload: dict | None = None
+    weights: dict | None = None
+    """The base weights as priced: bytes by format and the expert layout assumed."""
     """How the data trains at this micro batch (:meth:`Workload.to_dict`), with ``--data``."""
 
     @classmethod
@@ -74,7 +76,8 @@ class Candidate:
                    host_bytes=a.host.peak if a.host else 0,
                    raw=(a.raw_memory.peak, a.raw_memory.tensor_peak, a.raw_tokens_per_s or 0.0)
                    if calibrated else None,
-                   band=a.band, host=a.host, disk=a.disk, workload=a.workload)
+                   band=a.band, host=a.host, disk=a.disk, workload=a.workload,
+                   weights=a.weights)
 
     @property
     def high(self) -> int:
@@ -110,7 +113,8 @@ class Candidate:
                        "band": self.band.to_dict() if self.band else None,
                        "breakdown": self.breakdown,
                        "raw_peak_bytes": self.raw[0] if self.raw else self.peak,
-                       "raw_tensor_peak_bytes": self.raw[1] if self.raw else self.tensor_peak},
+                       "raw_tensor_peak_bytes": self.raw[1] if self.raw else self.tensor_peak,
+                       **({"weights": self.weights} if self.weights else {})},
             "throughput": {"tokens_per_s": round(self.tokens_per_s, 1),
                            "raw_tokens_per_s": round(self.raw[2] if self.raw
                                                      else self.tokens_per_s, 1)},

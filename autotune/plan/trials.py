@@ -58,9 +58,11 @@ def measure_candidates(planner: Planner, result: PlanResult, k: int, steps: int,
             recipe = recipe.but(attn="sdpa")  # same memory; FlashAttention needs CUDA
         print(f"autotune: measuring plan {i}/{len(chosen)} on {device} ({recipe.method}, "
               f"batch {recipe.batch}, {steps} steps)", file=sys.stderr, flush=True)
-        targets = peft_targets(planner.arch, planner.groups, recipe.targets)
-        try:
-            found = measure(planner.config, recipe, targets, steps, device)
+        counts = planner.price(recipe)[0]
+        targets = None if recipe.targets == "all-linear" else peft_targets(counts)[0]
+        try:  # the run layer audits the built model against (family, arch, counts)
+            found = measure(planner.config, recipe, targets, steps, device,
+                            planned=(planner.family, planner.arch, counts))
         except torch.OutOfMemoryError:
             candidate.measured = {"status": "out of memory", "device": device}
         else:

@@ -26,6 +26,8 @@ DEFAULT_STAGE = "sft"
 """The stage a recipe trains when none is named (a plain causal-LM step on conversations)."""
 
 STANDARD_GROUPS = ("qv", "attention", "mlp", "experts", "embeddings", "head")
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+"""transformers 5's fused expert tensors (Mixtral, Qwen-MoE, DeepSeek-V2/V3, ...)."""
 
 
 CHATML = (
@@ -74,6 +76,15 @@ class ModelFamily:
             "embeddings": ("embed_tokens",),
             "head": ("lm_head",),
         }
+
+    def expert_parameters(self, config: dict) -> tuple[str, ...]:
+        """The fused expert parameters (3-D, one slice per expert), as suffixes below a
+        decoder layer: what 4-bit plans quantise through bitsandbytes' parametrization
+        and the ``experts`` LoRA group targets. Empty for dense models and for models
+        whose experts are ``nn.Linear`` layers (transformers 4, remote code).
+        """
+        moe = any(config.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+        return EXPERT_PARAMETERS if moe else ()
 
     def chat_template(self, config: dict) -> str:
         """A Jinja chat template for tokenizers that ship none (ChatML by default)."""

@@ -349,7 +349,7 @@ def _train(pm, state: dict, partial: str, final: str, rows: list, quiet: bool,
         recipe = _for_device(Recipe(**plan["recipe"]), device, notes)
         say(quiet, f"loading {model_spec.id} ({recipe.method}, {recipe.bits}-bit, micro "
                     f"batch {plan['training']['micro_batch']}) on {device}")
-        model, targets = _model(model_spec, family, recipe, device, settings, base)
+        model, targets, checked = _model(model_spec, family, recipe, device, settings, base)
         args = _trainer_args(plan, recipe, settings, device, trainer_dir)
         tracker = _Tracker(quiet)
         schedule = checkpoints.SaveSchedule(
@@ -396,6 +396,7 @@ def _train(pm, state: dict, partial: str, final: str, rows: list, quiet: bool,
         report = _report(pm, plan, model_spec, recipe, settings, tracker, trainer, device, saved,
                          notes, time.perf_counter() - started, len(rows), targets, state)
         report["probe"] = probe_logits(model, tokenizer)
+        report["audit"] = checked
         if device == "cuda" and not launched:  # one card: a measurement for `calibrate`
             from autotune.calibrate import calibration
 
@@ -599,19 +600,24 @@ def random_base(model_spec, tokenizer, settings: RunSettings, partial: str) -> s
 
 def _model(model_spec, family, recipe: Recipe, device: str, settings: RunSettings,
            path: str | None):
-    """The model prepared for training, and the adapter target names given to PEFT."""
+    """The model prepared for training, the adapter targets given to PEFT, and the
+    post-load audit (:mod:`autotune.run.audit`), which stops a model unlike its plan."""
     from autotune.cost.assess import describe
+    from autotune.cost.params import ALL_LINEAR, count, peft_targets
+    from autotune.run.audit import audit
     from autotune.run.loading import load_base, prepare
-    from autotune.cost.params import peft_targets
 
     config = dict(model_spec.config)
+    arch = describe(config, family, settings.remote_code)
+    counts = count(arch, recipe, family.module_groups(config))
     base = load_base(config, recipe, path, device, settings.seed, settings.remote_code,
-                     family.load_kwargs(config))
-    targets = None
-    if recipe.adapter:
-        targets = peft_targets(describe(config, family, settings.remote_code),
-                               family.module_groups(config), recipe.targets)
-    return prepare(base, recipe, targets), targets
+                     family.load_kwargs(config), family.expert_parameters(config))
+    targets, params = None, None
+    if recipe.adapter and (recipe.targets != ALL_LINEAR or counts.target_params):
+        targets, params = peft_targets(counts)
+    model = prepare(base, recipe, targets, params)
+    checked = audit(model, arch, recipe, counts)
+    return model, targets and [*targets, *sorted(params or ())], checked
 
 
 def _trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str,

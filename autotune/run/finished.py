@@ -94,7 +94,7 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
     """(model, tokenizer, report) of a run; adapters are merged into the base if ``merge``."""
     from transformers import AutoTokenizer
 
-    from autotune.run.loading import load_base, local_folder
+    from autotune.run.loading import load_adapter, load_base, local_folder
     from autotune.cost.recipe import Recipe
 
     report = read_report(run_dir)
@@ -108,8 +108,6 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
         full = recipe.but(method="full", bits=16)
         return (load_base({}, full, os.path.join(run_dir, saved["model"]), device,
                           remote_code=remote_code).eval(), tokenizer, report)
-    from peft import PeftModel
-
     if "base" in saved:
         base_path = os.path.join(run_dir, saved["base"])
     else:
@@ -121,9 +119,23 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
                                 "machine (autotune never downloads)")
     if merge:  # merging needs a 16-bit base: quantised weights cannot absorb the adapter
         recipe = recipe.but(method="lora", bits=16)
-    base = load_base({}, recipe, base_path, device, remote_code=remote_code)
-    model = PeftModel.from_pretrained(base, local_folder(
-        os.path.join(run_dir, saved["adapter"]), "run's adapter", "adapter_config.json"))
+    base = load_base({}, recipe, base_path, device, remote_code=remote_code,
+                     experts=_expert_parameters(pm, base_path))
+    model = load_adapter(base, local_folder(os.path.join(run_dir, saved["adapter"]),
+                                            "run's adapter", "adapter_config.json"),
+                         quantised_experts=Recipe(**report["recipe"]).bits == 4)
     if merge:
         model = model.merge_and_unload()
     return model.eval(), tokenizer, report
+
+
+def _expert_parameters(pm: pluggy.PluginManager, base_path: str) -> tuple[str, ...]:
+    """The fused expert parameters the family of the model in ``base_path`` declares."""
+    from autotune.plugin.registry import family_for
+
+    try:
+        with open(os.path.join(base_path, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return ()
+    return family_for(pm, config).expert_parameters(config)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import tempfile
+import warnings
 
 from autotune.cost.params import ALL_LINEAR
 from autotune.cost.recipe import HF_ATTENTION, TORCH_DTYPES, Recipe
@@ -37,11 +39,21 @@ def hf_config(config: dict):
 
 
 def load_base(config: dict, recipe: Recipe, path: str | None = None, device: str = "cpu",
-              seed: int = 0, remote_code: bool = False, extra: dict | None = None):
+              seed: int = 0, remote_code: bool = False, extra: dict | None = None,
+              experts: tuple[str, ...] = ()):
     """The base model in the recipe's dtype and bit width: from ``path``, else random.
 
-    ``extra``: further ``from_pretrained`` arguments (a family's ``load_kwargs``).
+    ``extra``: further ``from_pretrained`` arguments (a family's ``load_kwargs``);
+    ``experts``: the family's fused expert parameters (``ModelFamily.expert_parameters``),
+    which a 4-bit base quantises too (bitsandbytes' loader quantises ``nn.Linear`` only).
     """
+    model = _load(config, recipe, path, device, seed, remote_code, extra)
+    if recipe.bits == 4:
+        quantise_experts(model, experts)
+    return model
+
+
+def _load(config, recipe, path, device, seed, remote_code, extra):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -83,8 +95,43 @@ def _quantised(path: str, recipe: Recipe, dtype, attn: str, device: str, remote_
                  "device_map": {"": device}, "trust_remote_code": remote_code, **(extra or {})})
 
 
-def prepare(model, recipe: Recipe, target_modules: list[str] | str | None = None):
-    """Checkpointing, k-bit preparation, then LoRA/DoRA adapters or layer freezing."""
+def quantise_experts(model, suffixes: tuple[str, ...]) -> list[str]:
+    """Quantise the fused expert parameters named by ``suffixes`` to NF4 (double
+    quantisation) through ``bitsandbytes.nn.parametrize.replace_parameter_4bit``, in place.
+
+    Only 3-D floating-point parameters are taken: on transformers 4 (one ``nn.Linear`` per
+    expert) nothing matches and bitsandbytes' loader has quantised the experts already.
+    Returns the quantised parameters' paths.
+    """
+    import torch
+    from torch.nn.utils import parametrize
+
+    wanted = [suffix.rpartition(".") for suffix in suffixes]
+    done = []
+    for path, module in model.named_modules():
+        for owner, _, name in wanted:
+            if not (path == owner or path.endswith("." + owner)) \
+                    or parametrize.is_parametrized(module, name):
+                continue
+            param = module._parameters.get(name)
+            if param is None or param.dim() != 3 or not param.is_floating_point():
+                continue
+            from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+            replace_parameter_4bit(module, name, compress_statistics=True, quant_type="nf4")
+            done.append(f"{path}.{name}")
+    if done and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return done
+
+
+def prepare(model, recipe: Recipe, target_modules: list[str] | str | None = None,
+            target_parameters: dict[str, int] | None = None):
+    """Checkpointing, k-bit preparation, then LoRA/DoRA adapters or layer freezing.
+
+    ``target_parameters``: parameters PEFT adapts directly (fused experts, routers), by
+    full path, with their LoRA rank (alpha scales with it, as PEFT's own fused remap does).
+    """
     kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
     if recipe.bits < 16:
         from peft import prepare_model_for_kbit_training
@@ -96,14 +143,114 @@ def prepare(model, recipe: Recipe, target_modules: list[str] | str | None = None
     if recipe.adapter:
         from peft import LoraConfig, get_peft_model
 
+        params = target_parameters or {}
+        pattern = {f"^{re.escape(path)}$": rank for path, rank in params.items()
+                   if rank != recipe.rank}
         lora = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
-                          target_modules=target_modules or ALL_LINEAR, bias="none",
-                          use_dora=recipe.method == "dora", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
+                          target_modules=(target_modules or None) if params
+                          else target_modules or ALL_LINEAR,
+                          target_parameters=sorted(params) or None, rank_pattern=pattern,
+                          alpha_pattern={k: recipe.alpha * v // recipe.rank
+                                         for k, v in pattern.items()},
+                          bias="none", use_dora=recipe.method == "dora", task_type="CAUSAL_LM")
+        with warnings.catch_warnings():  # PEFT checks patterns against modules only
+            warnings.filterwarnings("ignore", "The following (rank|alpha)_pattern keys")
+            model = get_peft_model(model, lora)
+        repair_param_wrappers(model)
     elif recipe.method == "freeze":
         freeze_all_but_top(model, recipe.freeze_layers)
     model.train()
     return model
+
+
+def load_adapter(base, folder: str, quantised_experts: bool = False):
+    """``base`` with the saved adapter in ``folder`` (a ``PeftModel``, for inference).
+
+    An adapter on parameters (``target_parameters``) is attached as training attached it,
+    then its weights are loaded. PEFT nests two wrappers of one module in name order when
+    the parameters are parametrized (4-bit experts) and in definition order when not, so
+    an adapter trained on quantised experts (``quantised_experts``) is attached to a
+    16-bit base (to merge it) through placeholder parametrizations, removed after.
+    """
+    from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from torch.nn.utils import parametrize
+
+    config = PeftConfig.from_pretrained(folder, local_files_only=True)
+    if not getattr(config, "target_parameters", None):
+        return PeftModel.from_pretrained(base, folder, local_files_only=True)
+    from safetensors.torch import load_file
+
+    placeholders = []
+    if quantised_experts:
+        for path in sorted(config.target_parameters):
+            owner, _, name = path.rpartition(".")
+            module = base.get_submodule(owner)
+            if not parametrize.is_parametrized(module, name):
+                parametrize.register_parametrization(module, name, _same(), unsafe=True)
+                placeholders.append((module, name))
+    config.inference_mode = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The following (rank|alpha)_pattern keys")
+        model = get_peft_model(base, config)
+    set_peft_model_state_dict(model, load_file(os.path.join(folder, "adapter_model.safetensors")))
+    for module, name in placeholders:
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    repair_param_wrappers(model)
+    return model
+
+
+def _same():
+    import torch
+
+    class Same(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    return Same()
+
+
+def repair_param_wrappers(model) -> None:
+    """Work around two bugs of PEFT's ``ParamWrapper`` (0.21) on quantised experts.
+
+    * Each forward registers a LoRA proxy parametrization and removes it after; on a
+      parameter that is parametrized already (bitsandbytes' 4-bit experts) the removal
+      looks for ``_LoraParameterProxy`` only, so the ``_LoraFactorsProxy`` used for 3-D
+      experts stays and piles up, forward after forward.
+    * Two adapted parameters of one module nest two wrappers; the outer one enables
+      ``torch.nn.utils.parametrize``'s cache before the inner one registers its proxy,
+      and registering reads the parameter: the dequantised weight is cached *without*
+      the inner adapter, which the forward then uses, and that adapter gets no gradient.
+      The stale entry is dropped once the proxy is in place.
+
+    Both are patched on the instances of ``model`` only.
+    """
+    import contextlib
+    import types
+
+    from peft.tuners.lora.layer import ParamWrapper, _LoraFactorsProxy, _LoraParameterProxy
+    from torch.nn.utils import parametrize
+
+    @contextlib.contextmanager
+    def activate(self, adapters):
+        with ParamWrapper._activate_lora(self, adapters):
+            parametrize._cache.pop((id(self.get_base_layer()), self.parameter_name), None)
+            yield
+
+    def remove(self):
+        base, name = self.get_base_layer(), self.parameter_name
+        chain = base.parametrizations[name]
+        if len(chain) == 1:
+            parametrize.remove_parametrizations(base, name, leave_parametrized=False)
+            return
+        for i in reversed(range(len(chain))):
+            if isinstance(chain[i], (_LoraParameterProxy, _LoraFactorsProxy)):
+                del chain[i]
+                return
+
+    for module in model.modules():
+        if isinstance(module, ParamWrapper):
+            module._activate_lora = types.MethodType(activate, module)
+            module._remove_parametrizations = types.MethodType(remove, module)
 
 
 def freeze_all_but_top(model, n: int) -> None:

@@ -37,11 +37,29 @@ class Measurement:
 
 
 def build_model(config: dict, recipe: Recipe, target_modules: list[str] | str | None = None,
-                device: str = "cpu", seed: int = 0):
-    """A randomly initialised model prepared for ``recipe`` exactly as training would."""
+                device: str = "cpu", seed: int = 0, planned=None):
+    """A randomly initialised model prepared for ``recipe`` exactly as training would.
+
+    ``planned``: ``(family, arch, counts)`` as the plan priced them; the model then gets
+    the plan's adapter targets and expert quantisation, and passes the post-load audit
+    (:mod:`autotune.run.audit`) before any step is measured.
+    """
+    from autotune.cost.params import peft_targets
     from autotune.run.loading import load_base, prepare
 
-    return prepare(load_base(config, recipe, None, device, seed), recipe, target_modules)
+    if planned is None:
+        return prepare(load_base(config, recipe, None, device, seed), recipe, target_modules)
+    from autotune.run.audit import audit
+
+    family, arch, counts = planned
+    params = None
+    if recipe.adapter and (target_modules is not None or counts.target_params):
+        target_modules, params = peft_targets(counts)
+    model = prepare(load_base(config, recipe, None, device, seed,
+                              experts=family.expert_parameters(config)),
+                    recipe, target_modules, params)
+    audit(model, arch, recipe, counts)
+    return model
 
 
 def make_optimizer(recipe: Recipe, params, lr: float = 1e-4):
@@ -88,21 +106,25 @@ def train_steps(model, recipe: Recipe, vocab: int, steps: int, device: str, seed
 
 
 def measure(config: dict, recipe: Recipe, target_modules: list[str] | str | None = None,
-            steps: int = 3, device: str = "cpu", seed: int = 0) -> Measurement:
-    """Peak tensor bytes over optimizer steps 2..``steps`` and tokens/s, measured for real."""
+            steps: int = 3, device: str = "cpu", seed: int = 0, planned=None) -> Measurement:
+    """Peak tensor bytes over optimizer steps 2..``steps`` and tokens/s, measured for real.
+
+    ``planned``: ``(family, arch, counts)`` of the plan, to build and audit the model as
+    the plan priced it (see :func:`build_model`).
+    """
     if steps < 2:
         raise ValueError("need at least two steps: optimizer state exists from the second on")
     if device.startswith("cuda"):
-        return _measure_cuda(config, recipe, target_modules, steps, device, seed)
-    return _measure_cpu(config, recipe, target_modules, steps, seed)
+        return _measure_cuda(config, recipe, target_modules, steps, device, seed, planned)
+    return _measure_cpu(config, recipe, target_modules, steps, seed, planned)
 
 
-def _measure_cpu(config, recipe, target_modules, steps, seed) -> Measurement:
+def _measure_cpu(config, recipe, target_modules, steps, seed, planned=None) -> Measurement:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model = build_model(config, recipe, target_modules, "cpu", seed)
+        model = build_model(config, recipe, target_modules, "cpu", seed, planned)
         losses = train_steps(model, recipe, config["vocab_size"], steps, "cpu", seed,
                              mark=lambda step: record_function(f"{STEP_MARK}{step}"))
     events = prof.profiler.kineto_results.events()
@@ -130,10 +152,11 @@ def _peak_in_window(events, first_step: int) -> int:
     return peak
 
 
-def _measure_cuda(config, recipe, target_modules, steps, device, seed) -> Measurement:
+def _measure_cuda(config, recipe, target_modules, steps, device, seed,
+                  planned=None) -> Measurement:
     import torch
 
-    model = build_model(config, recipe, target_modules, device, seed)
+    model = build_model(config, recipe, target_modules, device, seed, planned)
     first = train_steps(model, recipe, config["vocab_size"], 1, device, seed)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
