@@ -146,8 +146,11 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
         return replace(space, workload=Workload(lengths, seq_len,
                                                 batching_for(stage, space.attn)))
 
-    if cards is None and plot:
-        raise AutotuneError("--plot draws one card's study: name it with --gpu or --vram")
+    if cards is None and (plot or output):
+        what = "--plot draws" if plot else "-o writes the plan for"
+        raise AutotuneError(f"{what} one card, and this machine has no GPU: name the card "
+                            "with --gpu (e.g. --gpu rtx3090) or a budget with --vram "
+                            "(e.g. --vram 24GiB)")
     if cards is None and per_node * nodes > 1:
         raise AutotuneError("name the card to plan several of with --gpu (or --vram)")
     if cards is None:  # no GPU here and none named: what each common card can do

@@ -252,7 +252,7 @@ class Planner:
                           files=self.files,
                           training_bytes=memory.peak if self.device == "cpu" else 0,
                           dataset_bytes=tokens * DATASET_BYTES_PER_TOKEN)
-        return Candidate(recipe, accum, fidelity(recipe, self.arch), total or 0.0,
+        return Candidate(recipe, accum, fidelity(recipe, self.arch, self.groups), total or 0.0,
                          memory.peak, memory.tensor_peak,
                          {**memory.breakdown, "device_overhead": memory.device_overhead},
                          parallel=parallel, host_bytes=host.peak,
