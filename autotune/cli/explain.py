@@ -45,6 +45,10 @@ def command(pm, plan_file, as_json) -> None:
     model = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
     hardware = plan.get("hardware", {})
     gpu = gpu_catalogue().get(hardware.get("gpu", ""))
+    if gpu is None and hardware.get("memory_bytes"):  # a --vram budget: priced as planned
+        from autotune.catalog.gpus import budget_gpu
+
+        gpu = budget_gpu(hardware["memory_bytes"])
     result = estimate(pm, model.config, recipe, model.family)
     predictions = plan.get("predictions") or {}
     planner = Planner(pm, model.config, model.family, model.id,
@@ -73,6 +77,7 @@ def command(pm, plan_file, as_json) -> None:
                    "components": [{"name": k, "bytes": v, "meaning": MEANING.get(k, "")}
                                   for k, v in breakdown.items() if v]},
         "alternatives": [a.to_dict() for a in found],
+        "run": run_command(plan_file, (predictions.get("data") or {}).get("path")),
     }
     click.echo(json.dumps(report, indent=2) if as_json else _render(report))
 
@@ -138,4 +143,13 @@ def _render(report: dict) -> str:
                      f"{c['meaning']}")
     lines += alternatives_table(report["alternatives"], "alternatives (one change each, cheapest "
                                                         "first, from two full estimates):")
+    lines += ["", f"train it: {report['run']}"]
     return "\n".join(lines)
+
+
+def run_command(plan_file: str, data_path: str | None) -> str:
+    """How to train a plan: ``autotune run`` needs the data, which a plan only names."""
+    import shlex
+
+    data = shlex.quote(data_path) if data_path else "FILE"
+    return f"autotune run {shlex.quote(plan_file)} --data {data}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -196,6 +197,9 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
         write_yaml(output, plan_document(model, card, budget, objective, result.ranked[0],
                                          effective_batch, planner.confidence, data_path))
         report["written"] = output
+        from autotune.cli.explain import run_command
+
+        report["run"] = run_command(output, os.path.abspath(data_path) if data_path else None)
     click.echo(json.dumps(report, indent=2) if as_json else _render(report))
 
 
@@ -401,7 +405,7 @@ def _render(report: dict) -> str:
     if "infeasible" in report:
         lines += ["", report["infeasible"]["message"]]
     if report.get("written"):
-        lines.append(f"\nwrote {report['written']} (run it with `autotune run {report['written']}`)")
+        lines.append(f"\nwrote {report['written']} (train it: `{report['run']}`)")
     lines += [f"note: {n}" for n in report.get("notes", [])]
     if report.get("plot"):
         lines.append(f"plot: {report['plot']}")

@@ -1,4 +1,5 @@
-"""Finished runs: load a run folder's model (base + adapter, or full weights) and tokenizer."""
+"""Finished runs: load a run folder's model (base + adapter, or full weights) and tokenizer,
+or a model folder of its own (what ``autotune merge`` writes)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,20 @@ def read_report(run_dir: str) -> dict:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError as exc:
-        raise AutotuneError(f"{run_dir} is not a finished autotune run (no {REPORT})") from exc
+        raise AutotuneError(f"{run_dir} is neither a finished autotune run (no {REPORT}) "
+                            "nor a model folder (no config.json)") from exc
     except (OSError, json.JSONDecodeError) as exc:
         raise AutotuneError(f"cannot read {path}: {exc}") from exc
 
 
 def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
              remote_code: bool = False):
-    """(model, tokenizer, report) of a run; adapters are merged into the base if ``merge``."""
+    """(model, tokenizer, report) of a run; adapters are merged into the base if ``merge``.
+    A model folder (config, weights, tokenizer: a merged run) loads as it is, report ``None``."""
     from transformers import AutoTokenizer
+
+    if not merge and is_model_folder(run_dir):
+        return _load_folder(run_dir, remote_code), AutoTokenizer.from_pretrained(run_dir), None
 
     from autotune.run.loading import load_base
     from autotune.cost.recipe import Recipe
@@ -58,3 +64,19 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
     if merge:
         model = model.merge_and_unload()
     return model.eval(), tokenizer, report
+
+
+def is_model_folder(path: str) -> bool:
+    """A folder with a ``config.json`` and no run report: a model to load as it is."""
+    return (os.path.isfile(os.path.join(path, "config.json"))
+            and not os.path.exists(os.path.join(path, REPORT)))
+
+
+def _load_folder(path: str, remote_code: bool):
+    """A saved model in its stored dtype, on the GPU when there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype="auto", device_map={"": device}, trust_remote_code=remote_code).eval()
