@@ -380,14 +380,18 @@ def prepare_tokenizer(model_spec, family, settings: RunSettings, partial: str):
     kept = os.path.join(partial, "tokenizer")
     if os.path.isdir(kept):
         return AutoTokenizer.from_pretrained(kept)
-    if model_spec.path:
+    if model_spec.path and has_tokenizer(model_spec.path):
         tokenizer = AutoTokenizer.from_pretrained(model_spec.path,
                                                   trust_remote_code=settings.remote_code)
-    elif settings.random_init:
+    elif settings.random_init:  # an architecture tried from its config alone
         from autotune.catalog.demo import build_tokenizer
 
         tokenizer = build_tokenizer(model_spec.config["vocab_size"])
     else:
+        if model_spec.path:
+            raise AutotuneError(f"{model_spec.path} holds no tokenizer: add its files, or "
+                                "train from random weights with --random-init (a byte-level "
+                                "tokenizer is built for it)")
         raise AutotuneError(
             f"the weights of {model_spec.id} ({model_spec.name}) are not on this machine and "
             "autotune never downloads: put them in the Hugging Face cache or pass --model "
@@ -399,6 +403,15 @@ def prepare_tokenizer(model_spec, family, settings: RunSettings, partial: str):
     tokenizer.save_pretrained(kept + ".tmp")
     os.replace(kept + ".tmp", kept)
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(folder: str) -> bool:
+    """Whether a model folder ships a tokenizer (a config.json alone does not)."""
+    return os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, name))
+                                         for name in TOKENIZER_FILES)
 
 
 def random_base(model_spec, tokenizer, settings: RunSettings, partial: str) -> str | None:
