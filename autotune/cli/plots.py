@@ -53,8 +53,11 @@ def memory_breakdown(report: dict, path: str) -> str:
     ax.set_yticks([])
     ax.set_xlabel("GiB at the peak of a training step")
     model, recipe = report["model"], report["recipe"]
-    ax.set_title(pad=16, label=f"{model['id']}: {recipe['method']}, batch {recipe['batch']} x "
-                 f"{recipe['seq_len']}, peak {report['memory']['peak_bytes'] / GiB:.2f} GiB")
+    what = (f"serving at {recipe['bits']} bit ({report['serving']['rule']})"
+            if "serving" in report else
+            f"{recipe['method']}, batch {recipe['batch']} x {recipe['seq_len']}")
+    ax.set_title(pad=16, label=f"{model['id']}: {what}, peak "
+                 f"{report['memory']['peak_bytes'] / GiB:.2f} GiB")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=4, fontsize=8, frameon=False)
     return _save(fig, path)
 
