@@ -26,4 +26,4 @@ def command(run_dir, plot, as_json) -> None:
         return
     from autotune.cli.run import _render
 
-    click.echo(_render(report, run_dir) + (f"\nplot: {plot}" if plot else ""))
+    click.echo(_render(report, run_dir, written=False) + (f"\nplot: {plot}" if plot else ""))

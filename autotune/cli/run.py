@@ -176,17 +176,17 @@ def _plan(pm, model_spec, stage, gpu, vram, seq_len, remote_code, quiet, data: s
                          data)
 
 
-def _render(report: dict, output_dir: str) -> str:
-    measured, predicted = report["measured"], report["predicted"]
-    memory = (f"peak {measured['peak_tensor_bytes'] / 2**30:.2f} GiB of tensors "
-              f"(predicted {predicted['tensor_peak_bytes'] / 2**30:.2f})"
-              if "peak_tensor_bytes" in measured else
-              f"process peak RSS {measured['peak_rss_bytes'] / 2**30:.2f} GiB on the CPU")
+def _render(report: dict, output_dir: str, written: bool = True) -> str:
+    from autotune.run.finished import memory_compared
+
+    measured = report["measured"]
     lines = [f"trained {report['model']['id']} ({report['stage']}, {report['recipe']['method']}) "
              f"for {report['steps']} steps in {report['duration_s']:.0f} s",
              f"loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}; "
-             f"{measured['tokens_per_s'] or 0:.0f} tokens/s; {memory}",
-             f"wrote {output_dir}/ ({', '.join(report['saved'].values())}, run_report.json)"]
+             f"{measured['tokens_per_s'] or 0:.0f} tokens/s",
+             memory_compared(report)["line"],
+             f"{'wrote' if written else 'run folder'} {output_dir}/ "
+             f"({', '.join(report['saved'].values())}, run_report.json)"]
     lines += [f"out of memory at step {e['step']}: stepped down ({e['change']})"
               for e in report["events"]]
     lines += [f"note: {n}" for n in report["notes"]]

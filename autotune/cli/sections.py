@@ -68,6 +68,8 @@ def alternatives_table(found: list[dict], title: str) -> list[str]:
                 else f"truncates {100 * cut:.1f}% of examples" if cut else "")
         if a["extra_gpus"]:
             note = (note + "; " if note else "") + f"{a['extra_gpus']} more card"
+        if a.get("reason"):
+            note = (note + "; " if note else "") + f"more memory: {a['reason']}"
         rows.append([a["change"], signed(a["peak_delta_bytes"] / GiB, 2), speed,
                      f"{a['fidelity_delta']:+.3f}",
                      "" if a["fits"] is None else ("yes" if a["fits"] else "no"), note])

@@ -569,7 +569,12 @@ def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, trainer, 
     else:
         import resource
 
+        from autotune.cost.host import host_needs, weight_files
+
         measured["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        host = host_needs(predicted.arch, recipe, predicted.params, device="cpu",
+                          files=weight_files(model_spec.path),
+                          training_bytes=predicted.memory.peak)  # what the RSS measures
     train_seconds = tracker.train_seconds or seconds
     losses = _losses(trainer)
     return {
@@ -593,6 +598,8 @@ def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, trainer, 
         "duration_s": round(seconds, 2),
         "predicted": {"peak_bytes": predicted.memory.peak,
                       "tensor_peak_bytes": predicted.memory.tensor_peak,
+                      **({"host_bytes": host.peak, "host": host.describe()}
+                         if device != "cuda" else {}),
                       # a throughput prediction needs a real card (not a --vram budget)
                       "tokens_per_s": plan.get("predictions", {}).get("throughput", {}).get(
                           "tokens_per_s") if device == "cuda" else None},

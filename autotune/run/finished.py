@@ -25,6 +25,30 @@ def read_report(run_dir: str) -> dict:
         raise AutotuneError(f"cannot read {path}: {exc}") from exc
 
 
+def memory_compared(report: dict) -> dict:
+    """A run's measured memory beside the prediction of the same quantity: the tensor peak
+    on a GPU, the process's peak RSS against the predicted host RAM on the CPU."""
+    measured, predicted = report["measured"], report["predicted"]
+    if "peak_tensor_bytes" in measured:
+        kind, value, guess, how = ("tensor peak", measured["peak_tensor_bytes"],
+                                   predicted.get("tensor_peak_bytes"),
+                                   "torch.cuda.max_memory_allocated")
+    else:
+        kind, value, guess, how = ("process RSS", measured.get("peak_rss_bytes", 0),
+                                   predicted.get("host_bytes"),
+                                   "peak resident memory of the process, on the CPU")
+    line = f"memory: {kind} {value / 2**30:.2f} GiB measured"
+    if guess:
+        line += (f", {guess / 2**30:.2f} GiB predicted ({100 * (guess - value) / value:+.0f}%)"
+                 if value else f", {guess / 2**30:.2f} GiB predicted")
+        if predicted.get("host") and "peak_tensor_bytes" not in measured:
+            line += f" [{predicted['host']}]"
+    else:
+        line += " (this run recorded no prediction of it)"
+    return {"kind": kind, "measured_bytes": value, "predicted_bytes": guess,
+            "line": f"{line}; {how}"}
+
+
 def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
              remote_code: bool = False):
     """(model, tokenizer, report) of a run; adapters are merged into the base if ``merge``.
