@@ -8,6 +8,7 @@ import click
 
 from autotune.plan import alternatives
 from autotune.plan.alternatives import Setup
+from autotune.plan.batch import describe, step_batch
 from autotune.cli.sections import (
     alternatives_table,
     band_line,
@@ -279,6 +280,7 @@ def to_json(pm, model, result, card=None, probed=None, device: str = "cuda",
     report["calibration"] = correction.summary() if correction else None
     if lengths is not None:
         report["data"] = {**lengths.to_dict(recipe.seq_len), **base.workload}
+    report["effective_batch"] = step_batch(recipe.batch, 1, 1, recipe.seq_len, base.workload)
     total, available = machine_ram()
     report["host"] = {**base.host.to_dict(), "machine_ram_bytes": total,
                       "machine_available_bytes": available}
@@ -357,6 +359,9 @@ def render(report: dict) -> str:
     lines.append(f"recipe: {r['stage']}, {method}, {r['bits']}-bit base, {r['precision']}, "
                  f"batch {r['batch']} x {r['seq_len']} tokens, "
                  f"checkpointing {'on' if r['grad_ckpt'] else 'off'}, {r['optim']}, {r['attn']}")
+    if report.get("effective_batch"):
+        lines.append(f"effective batch: {describe(report['effective_batch'])}; no "
+                     "accumulation here (plan adds it)")
     lines += [
         "",
         "parameters",

@@ -119,15 +119,19 @@ def _why(plan, recipe, result, hardware) -> list[str]:
                      f"parameters ({recipe.method}, {recipe.precision}).")
     training = plan.get("training", {})
     if training:
-        rows = "sequences"
-        if training.get("batching") in ("packed", "wrapped"):
-            per_row = (predictions.get("data") or {}).get("examples_per_row")
-            rows = f"{training['batching']} rows" + (
-                f" (about {per_row:.2f} examples each)" if isinstance(per_row, (int, float))
-                else "")
+        from autotune.plan.batch import describe, step_batch
+
+        world = (plan.get("distributed") or {}).get("gpus", 1) * \
+            (plan.get("distributed") or {}).get("nodes", 1)
+        step = step_batch(training.get("micro_batch", recipe.batch),
+                          training.get("grad_accum", 1), world, recipe.seq_len,
+                          (predictions.get("data") or {}) | (
+                              {"batching": training["batching"]} if "batching" in training
+                              else {}))
+        cards = f" x {world} cards" if world > 1 else ""
         lines.append(f"Micro batch {training.get('micro_batch')} x accumulation "
-                     f"{training.get('grad_accum')} = {training.get('effective_batch')} {rows} "
-                     f"of {recipe.seq_len} tokens per optimizer step; checkpointing "
+                     f"{training.get('grad_accum')}{cards}, rows of up to {recipe.seq_len} tokens: "
+                     f"effective batch {describe(step)}; checkpointing "
                      f"{'on' if recipe.grad_ckpt else 'off'}.")
     return lines
 

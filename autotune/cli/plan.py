@@ -26,6 +26,7 @@ from autotune.cli.sections import (
 from autotune.util.errors import AutotuneError
 from autotune.cli.output import table
 from autotune.cost.recipe import ATTENTION, LIMITS, OPTIMIZERS
+from autotune.plan.batch import describe, step_batch
 from autotune.plan.space import METHODS
 from autotune.util.units import GiB, gib
 
@@ -48,7 +49,8 @@ INFEASIBLE = 3
               show_default=True, help="Training stage.")
 @click.option("--effective-batch", type=click.IntRange(1, LIMITS["batch"]), default=16,
               show_default=True,
-              help="Sequences per optimizer step (micro batch x accumulation).")
+              help="Examples per optimizer step (micro batch x accumulation x cards, times "
+                   "the examples a packed row holds).")
 @click.option("--gpus", type=click.IntRange(1), help="Cards per node (default: 1, or the cards "
                                                      "this machine has); with several, the "
                                                      "strategy (DDP, ZeRO, FSDP) is searched.")
@@ -307,6 +309,9 @@ def _report(model, planner, result, objective, effective_batch, gpus, local) -> 
     best = result.ranked[0] if result.ranked else None
     for plan, candidate in zip(plans, result.ranked):
         plan["why"] = _why(candidate, best, objective)
+        plan["effective_batch"] = step_batch(candidate.recipe.batch, candidate.grad_accum,
+                                             candidate.parallel.world, candidate.recipe.seq_len,
+                                             candidate.workload)
     return {
         "schema": SCHEMA,
         "model": {"id": model.id, "name": model.name, "family": planner.family.name,
@@ -356,7 +361,8 @@ def _render(report: dict) -> str:
     each = " each" if several else ""
     lines = [f"{report['model']['id']} on {cards} ({gib(g['memory_bytes'])}{each}, budget "
              f"{gib(g['budget_bytes'])}): {report['stage']}, {report['seq_len']} tokens, "
-             f"effective batch {report['effective_batch']}, objective {report['objective']}",
+             f"effective batch {report['effective_batch']} examples, "
+             f"objective {report['objective']}",
              f"study {report['study']['name']}: {report['study']['trials']} trials"
              + (" (reused)" if report["study"]["reused"] else "")]
     if report["plans"]:
@@ -385,6 +391,7 @@ def _render(report: dict) -> str:
                          "which must fit the budget (docs/uncertainty.md)")
         if several:
             lines.append(f"batch is per card; tok/s for all {g['count']} cards")
+        lines.append(f"effective batch of #1: {describe(report['plans'][0]['effective_batch'])}")
     cal = report.get("calibration")
     if cal:
         first = report["plans"][0] if report["plans"] else None

@@ -177,6 +177,7 @@ def _plan(pm, model_spec, stage, gpu, vram, seq_len, remote_code, quiet, data: s
 
 
 def _render(report: dict, output_dir: str, written: bool = True) -> str:
+    from autotune.plan.batch import describe
     from autotune.run.finished import memory_compared
 
     measured = report["measured"]
@@ -185,6 +186,8 @@ def _render(report: dict, output_dir: str, written: bool = True) -> str:
              f"loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}; "
              f"{measured['tokens_per_s'] or 0:.0f} tokens/s",
              memory_compared(report)["line"],
+             *([f"effective batch: {describe(report['training']['effective_batch'])}"]
+               if isinstance(report.get("training", {}).get("effective_batch"), dict) else []),
              f"{'wrote' if written else 'run folder'} {output_dir}/ "
              f"({', '.join(report['saved'].values())}, run_report.json)"]
     lines += [f"out of memory at step {e['step']}: stepped down ({e['change']})"

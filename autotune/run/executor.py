@@ -559,6 +559,7 @@ def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, trainer, 
     import torch
 
     from autotune.cost.assess import estimate
+    from autotune.plan.batch import step_batch
 
     predicted = estimate(pm, model_spec.config, recipe, model_spec.family,
                          "cuda" if device == "cuda" else "cpu", settings.remote_code)
@@ -592,7 +593,11 @@ def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, trainer, 
         "first_loss": losses[0]["loss"] if losses else None,
         "final_loss": losses[-1]["loss"] if losses else None,
         "tokens": tracker.tokens,
-        "training": {k: plan["training"][k] for k in ("micro_batch", "grad_accum")},
+        "training": {**{k: plan["training"][k] for k in ("micro_batch", "grad_accum")},
+                     "effective_batch": step_batch(
+                         plan["training"]["micro_batch"], plan["training"]["grad_accum"],
+                         Parallel.from_dict(plan.get("distributed")).world, recipe.seq_len,
+                         plan.get("predictions", {}).get("data"))},
         "events": state["events"],
         "planned_recipe": state["original_plan"]["recipe"],
         "duration_s": round(seconds, 2),

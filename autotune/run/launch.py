@@ -24,6 +24,7 @@ import pluggy
 from autotune.run import checkpoints
 from autotune.util.atomic import write_json
 from autotune.util.errors import AutotuneError
+from autotune.util.quiet import launch_environment
 from autotune.cost.parallel import Parallel
 
 ACCELERATE_CONFIG = "accelerate_config.yaml"
@@ -63,8 +64,8 @@ def launch(pm: pluggy.PluginManager, state: dict, partial: str, final: str,
                     f"{partial}; on node k run `{' '.join(command)}` with --machine_rank k")
             executor.say(quiet, f"launching {parallel.world} processes ({parallel.label}) "
                                  f"with {'accelerate' if cuda else 'torchrun'}")
-            code = subprocess.call(command, env={**os.environ, "AUTOTUNE_QUIET": "1" if quiet
-                                                 else ""})
+            code = subprocess.call(command, env=launch_environment(
+                {**os.environ, "AUTOTUNE_QUIET": "1" if quiet else ""}))
             failed = sorted(glob.glob(os.path.join(partial, OUT_OF_MEMORY.format(rank="*"))))
             if code == 0:
                 break
