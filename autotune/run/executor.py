@@ -453,6 +453,15 @@ def _model(model_spec, family, recipe: Recipe, device: str, settings: RunSetting
     return prepare(base, recipe, targets), targets
 
 
+def _checkpointing_name() -> str:
+    """TrainingArguments' checkpointing flag: transformers 5 renamed it (the old name warns)."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields \
+        else "gradient_checkpointing"
+
+
 def _trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str,
                   folder: str) -> dict:
     """Keyword arguments common to every TRL config: the plan's hyper-parameters."""
@@ -478,7 +487,7 @@ def _trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str
         "use_cpu": device == "cpu",
         "disable_tqdm": True,
         "max_length": recipe.seq_len,
-        "gradient_checkpointing": False,  # applied by autotune.run.loading.prepare already
+        _checkpointing_name(): False,  # applied by autotune.run.loading.prepare already
         "dataloader_num_workers": 0,
     }
     if settings.max_steps:
