@@ -224,3 +224,20 @@ def test_generate_answers_from_a_merged_folder(config_only_run):
     assert json.loads(result.output)["prompt"] == "hello"
     refused = cli(pm, "generate", out / "tokenizer", "--prompt", "hi", code=1)
     assert "nor a model folder" in str(refused.exception)
+
+
+# 11 ------------------------------------------------------------------------------------------
+
+def test_readme_outputs_are_what_the_commands_print():
+    """benchmarks/readme.py wrote them; every block but the eleven-card overview (eleven
+    studies) is run again here, and the serving rule's figure is the one the text quotes."""
+    from benchmarks import readme
+
+    text = readme.README.read_text(encoding="utf-8")
+    commands = [command for command, _ in readme.blocks(text)]
+    assert "autotune plan --model deepseek-7b" in commands
+    assert "autotune estimate --model llama-2-70b --stage inference" in commands
+    assert readme.stale(text, only=lambda c: "--gpu" in c or "--stage inference" in c) == []
+    assert "M = 165.5 GB" in text and "165.5 GB" in text.split("## How the estimate works")[1]
+    for timing in ("tests", "demo"):
+        assert f"<!-- time: {timing} -->" in text
