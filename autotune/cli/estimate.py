@@ -322,7 +322,7 @@ def render_serving(report: dict) -> str:
     m, s = report["model"], report["serving"]
     lines = [f"{m['id']} ({m['name']}, family {m['family']}): {m['layers']} layers, "
              f"hidden {m['hidden']}, vocab {m['vocab']}",
-             f"serving at {s['bits']} bit by the seeds' rule {s['rule']}",
+             f"the seeds' serving rule {s['rule']}, at {s['bits']} bit",
              f"  P  parameters (exact)       {s['params']:>18,}   ({m['counted_by']})",
              f"  Q  bits per weight          {s['bits']:>18}",
              f"  P x 4 B / (32 / Q)          {s['weights_bytes'] / 1e9:>15,.1f} GB   the weights",
