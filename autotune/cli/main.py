@@ -91,7 +91,11 @@ def main() -> None:
     except click.ClickException as exc:  # usage errors too: one line, as every error
         hint = ""
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
-            hint = f" (see `{exc.ctx.command_path} --help`)"
+            names, ctx = [], exc.ctx
+            while ctx.parent is not None:  # the command's path, whatever started the program
+                names.insert(0, ctx.info_name)
+                ctx = ctx.parent
+            hint = f" (see `{' '.join(['autotune', *names, '--help'])}`)"
         click.echo(f"autotune: error: {one_line(exc.format_message())}{hint}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
