@@ -98,8 +98,10 @@ def measure(name: str) -> str:
         seconds = time.perf_counter() - start
     figure = f"{seconds:.0f} s" if seconds < 120 else \
         f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+    load = os.getloadavg()[0]  # a shared machine's figure is only as good as its load
     return (f"{figure} measured on {os.cpu_count()} CPU cores, "
-            f"{machine_ram()[0] / GiB:.0f} GiB of RAM, no GPU")
+            f"{machine_ram()[0] / GiB:.0f} GiB of RAM, no GPU"
+            + (f", load average {load:.0f}" if load > os.cpu_count() else ""))
 
 
 def main() -> None:
