@@ -347,7 +347,8 @@ class Workload:
         return {"seq_len": self.seq_len, "batching": self.batching,
                 "worst_batch_tokens": self.worst_tokens(batch),
                 "efficiency": round(self.efficiency(batch), 4),
-                "examples_per_row": round(self.examples_per_row(), 2)}
+                "examples_per_row": round(self.examples_per_row(), 2),
+                "row_tokens": round(self.row_len(batch), 1)}
 
 
 def _expected_max(values: list[int], draws: int) -> float:

@@ -8,6 +8,7 @@ import click
 
 from autotune.plan import alternatives
 from autotune.plan.alternatives import Setup
+from autotune.plan.batch import describe, step_batch
 from autotune.cli.sections import (
     alternatives_table,
     band_line,
@@ -219,12 +220,16 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
         "raw_tensor_peak_bytes": raw.tensor_peak, "raw_peak_bytes": raw.peak,
         "raw_device_overhead_bytes": raw.device_overhead}
     report["calibration"] = result.correction.summary() if result.correction else None
-    if memory.phase == "inference":  # the serving rule: no step to assess
-        report["disk"] = {"checkpoint_bytes": checkpoint_bytes(arch, recipe, params)}
+    if memory.phase == "inference":  # the serving rule: no step to assess, nothing trains
+        report["serving"] = serving(params.total, recipe.bits, memory)
+        report["recipe"] = {"stage": recipe.stage, "bits": recipe.bits}
+        report["params"] = {k: report["params"][k]
+                            for k in ("total", "rule_of_thumb", "twelve_l_h2")}
         _compare(report, card, memory.peak, memory.peak)
         return report
     if workload is not None:
         report["data"] = {**workload.lengths.to_dict(recipe.seq_len), **result.workload}
+    report["effective_batch"] = step_batch(recipe.batch, 1, 1, recipe.seq_len, result.workload)
     total, available = machine_ram()
     report["host"] = {**result.host.to_dict(), "machine_ram_bytes": total,
                       "machine_available_bytes": available}
@@ -247,6 +252,38 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
     return report
 
 
+SERVING_RULE = "M = P x 4 B / (32 / Q) x 1.2"
+
+
+def serving(total: int, bits: int, memory) -> dict:
+    """The seeds' serving rule with its terms, in the rule's own unit (GB = 1e9 bytes)."""
+    return {"rule": SERVING_RULE, "params": total, "bits": bits,
+            "weights_bytes": memory.tensor_peak, "factor": 1.2, "bytes": memory.peak,
+            "gb": round(memory.peak / 1e9, 1)}
+
+
+def render_serving(report: dict) -> str:
+    """The serving rule's answer: its terms and its result, nothing about training."""
+    m, s = report["model"], report["serving"]
+    lines = [f"{m['id']} ({m['name']}, family {m['family']}): {m['layers']} layers, "
+             f"hidden {m['hidden']}, vocab {m['vocab']}",
+             f"the seeds' serving rule {s['rule']}, at {s['bits']} bit",
+             f"  P  parameters (exact)       {s['params']:>18,}   ({m['counted_by']})",
+             f"  Q  bits per weight          {s['bits']:>18}",
+             f"  P x 4 B / (32 / Q)          {s['weights_bytes'] / 1e9:>15,.1f} GB   the weights",
+             f"  x 1.2                       {s['bytes'] / 1e9:>15,.1f} GB   "
+             "+20% for the KV cache and runtime buffers",
+             f"M = {s['gb']:,.1f} GB ({s['bytes'] / GiB:,.2f} GiB)"]
+    if "gpu" in report:
+        g = report["gpu"]
+        lines.append(f"{g['name']}: {gib(g['memory_bytes'])} -> "
+                     f"{'fits' if g['fits'] else 'does NOT fit'} "
+                     f"({gib(abs(g['spare_bytes']))} {'spare' if g['fits'] else 'short'})")
+    if report.get("plot"):
+        lines.append(f"plot: {report['plot']}")
+    return "\n".join(lines)
+
+
 def _compare(report: dict, card, peak: int, high: int) -> None:
     if card is not None:
         report["gpu"] = {"id": card.id, "name": card.name, "memory_bytes": card.memory_bytes,
@@ -257,6 +294,8 @@ def _compare(report: dict, card, peak: int, high: int) -> None:
 
 def render(report: dict) -> str:
     """The human-readable breakdown."""
+    if "serving" in report:
+        return render_serving(report)
     m, p, r, mem = report["model"], report["params"], report["recipe"], report["memory"]
     lines = [f"{m['id']} ({m['name']}, family {m['family']}): {m['layers']} layers, "
              f"hidden {m['hidden']}, vocab {m['vocab']}"]
@@ -265,6 +304,9 @@ def render(report: dict) -> str:
     lines.append(f"recipe: {r['stage']}, {method}, {r['bits']}-bit base, {r['precision']}, "
                  f"batch {r['batch']} x {r['seq_len']} tokens, "
                  f"checkpointing {'on' if r['grad_ckpt'] else 'off'}, {r['optim']}, {r['attn']}")
+    if report.get("effective_batch"):
+        lines.append(f"effective batch: {describe(report['effective_batch'])}; no "
+                     "accumulation here (plan adds it)")
     lines += [
         "",
         "parameters",

@@ -34,7 +34,7 @@ def command(pm, plan_file, as_json) -> None:
     remote-code layout, the data (checked by digest), the calibration and the confidence.
     """
     from autotune.plan import alternatives
-    from autotune.plan.planfile import read_plan
+    from autotune.plan.planfile import data_path, read_plan
     from autotune.plan.service import price_plan
 
     plan = read_plan(plan_file)
@@ -51,6 +51,7 @@ def command(pm, plan_file, as_json) -> None:
                    "components": [{"name": k, "bytes": v, "meaning": MEANING.get(k, "")}
                                   for k, v in result.breakdown.items() if v]},
         "alternatives": [a.to_dict() for a in found],
+        "run": run_command(plan_file, data_path(plan)),
     }
     click.echo(json.dumps(report, indent=2) if as_json else _render(report))
 
@@ -80,15 +81,19 @@ def _why(plan, recipe, result, hardware) -> list[str]:
                      f"parameters ({recipe.method}, {recipe.precision}).")
     training = plan.get("training", {})
     if training:
-        rows = "sequences"
-        if training.get("batching") in ("packed", "wrapped"):
-            per_row = (predictions.get("data") or {}).get("examples_per_row")
-            rows = f"{training['batching']} rows" + (
-                f" (about {per_row:.2f} examples each)" if isinstance(per_row, (int, float))
-                else "")
+        from autotune.plan.batch import describe, step_batch
+
+        world = (plan.get("distributed") or {}).get("gpus", 1) * \
+            (plan.get("distributed") or {}).get("nodes", 1)
+        step = step_batch(training.get("micro_batch", recipe.batch),
+                          training.get("grad_accum", 1), world, recipe.seq_len,
+                          (predictions.get("data") or {}) | (
+                              {"batching": training["batching"]} if "batching" in training
+                              else {}))
+        cards = f" x {world} cards" if world > 1 else ""
         lines.append(f"Micro batch {training.get('micro_batch')} x accumulation "
-                     f"{training.get('grad_accum')} = {training.get('effective_batch')} {rows} "
-                     f"of {recipe.seq_len} tokens per optimizer step; checkpointing "
+                     f"{training.get('grad_accum')}{cards}, rows of up to {recipe.seq_len} tokens: "
+                     f"effective batch {describe(step)}; checkpointing "
                      f"{'on' if recipe.grad_ckpt else 'off'}.")
     return lines
 
@@ -104,4 +109,13 @@ def _render(report: dict) -> str:
                      f"{c['meaning']}")
     lines += alternatives_table(report["alternatives"], "alternatives (one change each, cheapest "
                                                         "first, from two full estimates):")
+    lines += ["", f"train it: {report['run']}"]
     return "\n".join(lines)
+
+
+def run_command(plan_file: str, data_path: str | None) -> str:
+    """How to train a plan: ``autotune run`` needs the data, which a plan only names."""
+    import shlex
+
+    data = shlex.quote(data_path) if data_path else "FILE"
+    return f"autotune run {shlex.quote(plan_file)} --data {data}"

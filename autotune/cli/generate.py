@@ -23,7 +23,8 @@ MAX_NEW_TOKENS = 1 << 20
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
 @click.pass_obj
 def command(pm, run_dir, prompt, system, max_new_tokens, trust_remote_code, as_json) -> None:
-    """Answer a prompt with a trained run (greedy decoding, the model's chat template)."""
+    """Answer a prompt with a trained run or a model folder such as a merged run (greedy
+    decoding, the model's chat template)."""
     import torch
 
     from autotune.run.finished import load_run

@@ -19,16 +19,42 @@ COMMANDS = ("models", "probe", "gpus", "estimate", "plan", "explain", "run", "re
             "generate", "plugins", "completion", "calibrate", "export")
 
 
+def _set_quiet(ctx: click.Context, _param, value: bool) -> None:
+    if value:
+        ctx.find_root().meta["autotune.quiet"] = True
+
+
+def _set_verbose(_ctx, _param, value: bool) -> None:
+    if value:
+        loud_libraries()
+
+
+def _shared_options() -> list[click.Option]:
+    """-q and -v, taken before or after the command's name."""
+    return [click.Option(["-q", "--quiet"], is_flag=True, expose_value=False,
+                         callback=_set_quiet, help="No progress lines on stderr."),
+            click.Option(["-v", "--verbose"], is_flag=True, expose_value=False,
+                         callback=_set_verbose,
+                         help="Show the libraries' warnings and progress bars too.")]
+
+
+class Autotune(click.Group):
+    """The command group: each command takes -q/-v after its name too (`autotune run --demo -q`)."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        taken = {opt for param in cmd.params for opt in getattr(param, "opts", ())}
+        cmd.params += [option for option in _shared_options() if not taken & set(option.opts)]
+        super().add_command(cmd, name)
+
+
 def make_cli(pm: pluggy.PluginManager) -> click.Group:
     """Build the CLI for one plugin manager (tests pass their own)."""
 
-    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.group(cls=Autotune, params=_shared_options(),
+                 context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="autotune")
-    @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
-    @click.option("-v", "--verbose", is_flag=True,
-                  help="Show the libraries' warnings and progress bars too.")
     @click.pass_context
-    def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
+    def cli(ctx: click.Context) -> None:
         """Hardware-aware auto-tuner for fine-tuning large language models.
 
         \b
@@ -41,9 +67,6 @@ def make_cli(pm: pluggy.PluginManager) -> click.Group:
         autotune models                                  model profiles and aliases
         """
         ctx.obj = pm
-        ctx.meta["autotune.quiet"] = quiet
-        if verbose:
-            loud_libraries()
 
     use(pm)
     for name in COMMANDS:
@@ -75,8 +98,15 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("autotune: aborted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # usage errors too: one line, as every error
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            names, ctx = [], exc.ctx
+            while ctx.parent is not None:  # the command's path, whatever started the program
+                names.insert(0, ctx.info_name)
+                ctx = ctx.parent
+            hint = f" (see `{' '.join(['autotune', *names, '--help'])}`)"
+        click.echo(f"autotune: error: {one_line(exc.format_message())}{hint}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

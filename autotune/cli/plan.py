@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -20,6 +21,8 @@ from autotune.cost.parallel import STRATEGIES
 from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.cost.recipe import ATTENTION, LIMITS, OPTIMIZERS
 from autotune.plan.advice import describe, strategy
+from autotune.plan.batch import describe as describe_step
+from autotune.plan.batch import step_batch
 from autotune.plan.space import METHODS
 from autotune.util.units import GiB, gib
 
@@ -42,7 +45,8 @@ GPUS_MAX, NODES_MAX = 64, 4096
               show_default=True, help="Training stage.")
 @click.option("--effective-batch", type=click.IntRange(1, LIMITS["batch"]), default=16,
               show_default=True,
-              help="Sequences per optimizer step (micro batch x accumulation).")
+              help="Examples per optimizer step (micro batch x accumulation x cards, times "
+                   "the examples a packed row holds).")
 @click.option("--gpus", type=click.IntRange(1, GPUS_MAX), help="Cards per node (default: 1, or the cards "
                                                      "this machine has); with several, the "
                                                      "strategy (DDP, ZeRO, FSDP) is searched.")
@@ -142,6 +146,9 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
 
         write_yaml(output, planned.document())
         report["written"] = output
+        from autotune.cli.explain import run_command
+
+        report["run"] = run_command(output, os.path.abspath(data_path) if data_path else None)
     click.echo(json.dumps(report, indent=2) if as_json else _render(report))
 
 
@@ -150,6 +157,9 @@ def _report(model, planner, result, objective, effective_batch, gpus, local) -> 
     best = result.ranked[0] if result.ranked else None
     for plan, candidate in zip(plans, result.ranked):
         plan["why"] = _why(candidate, best, objective)
+        plan["effective_batch"] = step_batch(candidate.recipe.batch, candidate.grad_accum,
+                                             candidate.parallel.world, candidate.recipe.seq_len,
+                                             candidate.workload)
     return {
         "schema": SCHEMA,
         "model": {"id": model.id, "name": model.name, "family": planner.family.name,
@@ -186,7 +196,8 @@ def _render(report: dict) -> str:
     each = " each" if several else ""
     lines = [f"{report['model']['id']} on {cards} ({gib(g['memory_bytes'])}{each}, budget "
              f"{gib(g['budget_bytes'])}): {report['stage']}, {report['seq_len']} tokens, "
-             f"effective batch {report['effective_batch']}, objective {report['objective']}",
+             f"effective batch {report['effective_batch']} examples, "
+             f"objective {report['objective']}",
              f"study {report['study']['name']}: {report['study']['trials']} trials"
              + (" (reused)" if report["study"]["reused"] else "")]
     if report["plans"]:
@@ -215,6 +226,7 @@ def _render(report: dict) -> str:
                          "which must fit the budget (docs/uncertainty.md)")
         if several:
             lines.append(f"batch is per card; tok/s for all {g['count']} cards")
+        lines.append(f"effective batch of #1: {describe_step(report['plans'][0]['effective_batch'])}")
     cal = report.get("calibration")
     if cal:
         first = report["plans"][0] if report["plans"] else None
@@ -235,7 +247,7 @@ def _render(report: dict) -> str:
     if "infeasible" in report:
         lines += ["", report["infeasible"]["message"]]
     if report.get("written"):
-        lines.append(f"\nwrote {report['written']} (run it with `autotune run {report['written']}`)")
+        lines.append(f"\nwrote {report['written']} (train it: `{report['run']}`)")
     lines += [f"note: {n}" for n in report.get("notes", [])]
     if report.get("plot"):
         lines.append(f"plot: {report['plot']}")

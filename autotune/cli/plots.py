@@ -55,8 +55,11 @@ def memory_breakdown(report: dict, path: str) -> str:
     ax.set_yticks([])
     ax.set_xlabel("GiB at the peak of a training step")
     model, recipe = report["model"], report["recipe"]
-    ax.set_title(pad=16, label=f"{model['id']}: {recipe['method']}, batch {recipe['batch']} x "
-                 f"{recipe['seq_len']}, peak {report['memory']['peak_bytes'] / GiB:.2f} GiB")
+    what = (f"serving at {recipe['bits']} bit ({report['serving']['rule']})"
+            if "serving" in report else
+            f"{recipe['method']}, batch {recipe['batch']} x {recipe['seq_len']}")
+    ax.set_title(pad=16, label=f"{model['id']}: {what}, peak "
+                 f"{report['memory']['peak_bytes'] / GiB:.2f} GiB")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=4, fontsize=8, frameon=False)
     return _save(fig, path)
 
@@ -96,12 +99,15 @@ def run_curves(report: dict, path: str) -> str:
     loss.set_xlabel("optimizer step")
     loss.set_ylabel("training loss")
     loss.set_title(f"{report['model']['id']} {report['stage']} ({report['recipe']['method']})")
-    measured = report["measured"]
-    label, value = (("measured tensors", measured["peak_tensor_bytes"])
-                    if "peak_tensor_bytes" in measured else
-                    ("process RSS (CPU)", measured.get("peak_rss_bytes", 0)))
-    memory.bar(["predicted", label], [report["predicted"]["tensor_peak_bytes"] / GiB,
-                                      value / GiB], color=["#8172b2", "#55a868"])
+    from autotune.run.finished import memory_compared
+
+    compared = memory_compared(report)  # like with like: tensor peaks, or RSS and host RAM
+    bars = [("predicted", compared["predicted_bytes"], "#8172b2"),
+            ("measured", compared["measured_bytes"], "#55a868")]
+    bars = [bar for bar in bars if bar[1]]
+    memory.bar([name for name, _, _ in bars], [value / GiB for _, value, _ in bars],
+               color=[colour for _, _, colour in bars])
+    memory.set_title(compared["kind"])
     memory.set_ylabel("GiB")
     memory.tick_params(axis="x", labelsize=8)
     return _save(fig, path)

@@ -33,4 +33,4 @@ def command(run_dir, plot, force, as_json) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
         return
-    click.echo(run_summary(report, run_dir) + (f"\nplot: {plot}" if plot else ""))
+    click.echo(run_summary(report, run_dir, written=False) + (f"\nplot: {plot}" if plot else ""))

@@ -54,7 +54,7 @@ DEMO_STEPS = 30
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue an interrupted or killed run from its last checkpoint.")
 @trust_remote_code_option
-@click.option("--quiet", is_flag=True, help="No progress lines.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
 @click.pass_context
 def command(ctx, plan_file, data, output_dir, max_steps, epochs, report_to, model_spec, stage, gpu,

@@ -69,6 +69,8 @@ def alternatives_table(found: list[dict], title: str) -> list[str]:
                 else f"truncates {100 * cut:.1f}% of examples" if cut else "")
         if a["extra_gpus"]:
             note = (note + "; " if note else "") + f"{a['extra_gpus']} more card"
+        if a.get("reason"):
+            note = (note + "; " if note else "") + f"more memory: {a['reason']}"
         rows.append([a["change"], signed(a["peak_delta_bytes"] / GiB, 2), speed,
                      f"{a['fidelity_delta']:+.3f}",
                      "" if a["fits"] is None else ("yes" if a["fits"] else "no"), note])
@@ -82,18 +84,22 @@ def signed(value: float, places: int) -> str:
     return "+" + text[1:] if float(text.replace(",", "")) == 0 else text
 
 
-def run_summary(report: dict, output_dir: str) -> str:
-    """A finished run in a few lines (``run`` and ``report``)."""
-    measured, predicted = report["measured"], report["predicted"]
-    memory = (f"peak {measured['peak_tensor_bytes'] / 2**30:.2f} GiB of tensors "
-              f"(predicted {predicted['tensor_peak_bytes'] / 2**30:.2f})"
-              if "peak_tensor_bytes" in measured else
-              f"process peak RSS {measured['peak_rss_bytes'] / 2**30:.2f} GiB on the CPU")
+def run_summary(report: dict, output_dir: str, written: bool = True) -> str:
+    """A finished run in a few lines (``run`` and ``report``): memory measured against the
+    prediction of the same kind (tensor peak on a GPU, process RSS on the CPU)."""
+    from autotune.plan.batch import describe
+    from autotune.run.finished import memory_compared
+
+    measured = report["measured"]
     lines = [f"trained {report['model']['id']} ({report['stage']}, {report['recipe']['method']}) "
              f"for {report['steps']} steps in {report['duration_s']:.0f} s",
              f"loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}; "
-             f"{measured['tokens_per_s'] or 0:.0f} tokens/s; {memory}",
-             f"wrote {output_dir}/ ({', '.join(report['saved'].values())}, run_report.json)"]
+             f"{measured['tokens_per_s'] or 0:.0f} tokens/s",
+             memory_compared(report)["line"],
+             *([f"effective batch: {describe(report['training']['effective_batch'])}"]
+               if isinstance(report.get("training", {}).get("effective_batch"), dict) else []),
+             f"{'wrote' if written else 'run folder'} {output_dir}/ "
+             f"({', '.join(report['saved'].values())}, run_report.json)"]
     lines += [f"out of memory at step {e['step']}: stepped down ({e['change']})"
               for e in report["events"]]
     lines += [f"note: {n}" for n in report["notes"]]

@@ -273,7 +273,7 @@ class CostModel:
                           dataset_bytes=tokens * DATASET_BYTES_PER_TOKEN)
         return Assessment(
             self.family, self.arch, recipe, counts, memory, raw, parallel, accum,
-            fidelity(recipe, self.arch), total, raw_total,
+            fidelity(recipe, self.arch, self.groups), total, raw_total,
             band(memory, device=self.device, correction=correction, confidence=confidence),
             host, disk_needs(self.arch, recipe, counts, parallel),
             workload.to_dict(recipe.batch) if workload else None, correction,

@@ -6,8 +6,11 @@ Fidelity ranks how close a recipe's result is expected to come to full fine-tuni
 full, fp32 master weights   1.00
 full, pure 16 bit           0.97  (16-bit rounding of every update)
 freeze, top N of L layers   0.60 + 0.30 · N / L
-LoRA / DoRA / QLoRA         coverage of the targets (all-linear 0.90,
-                            attention 0.85, q+v 0.80, other groups 0.82)
+LoRA / DoRA / QLoRA         coverage: what the targets adapt, however named
+                            (every linear layer 0.90, every attention
+                            projection 0.85, q and v 0.80; a set holding one
+                            of these scores the largest it holds, any other
+                            0.75 + 0.10 x its share of the linear weights)
                             + 0.01 · log2(rank / 8), + 0.01 for DoRA,
                             - 0.02 on an 8-bit base, - 0.04 on a 4-bit base
 optimizer                   - 0.005 for 8-bit AdamW, - 0.01 for Adafactor
@@ -27,8 +30,9 @@ import math
 from autotune.cost.architecture import Architecture, layer_index
 from autotune.catalog.gpus import GPU
 from autotune.cost.memory import BYTES, weight_bytes
-from autotune.cost.params import ParamCounts
+from autotune.cost.params import ALL_LINEAR, ParamCounts, resolve_targets
 from autotune.cost.recipe import Recipe
+from autotune.util.errors import AutotuneError
 
 MFU = 0.45
 """Fraction of the card's dense bf16 peak a training step achieves (a prior until
@@ -36,17 +40,56 @@ calibrated against measured runs)."""
 NOMINAL = dict(bf16_tflops=100.0, bandwidth_gbs=1000.0)
 """Stand-in figures for a memory budget with no known card (``--vram``)."""
 
-COVERAGE = {"all-linear": 0.90, "attn": 0.85, "attention": 0.85, "qv": 0.80}
+COVERAGE = ((ALL_LINEAR, 0.90), ("attention", 0.85), ("qv", 0.80))
+"""The reference target sets, best first, and what covering each scores."""
+DEFAULT_GROUPS = {"qv": ("q_proj", "v_proj"), "attention": ("q_proj", "k_proj", "v_proj", "o_proj")}
+_COVERED: dict[tuple, tuple[Architecture, float]] = {}
 
 
-def fidelity(recipe: Recipe, arch: Architecture) -> float:
-    """The documented fidelity score of ``recipe`` (higher is closer to full tuning)."""
+def coverage(arch: Architecture, groups: dict[str, tuple[str, ...]], targets: str) -> float:
+    """How much of the model ``targets`` adapts, judged on the modules it resolves to (an
+    explicit list of every linear layer scores as ``all-linear``); cached per model."""
+    key = (id(arch), targets, tuple(sorted((k, tuple(v)) for k, v in groups.items())))
+    cached = _COVERED.get(key)
+    if cached is not None and cached[0] is arch:
+        return cached[1]
+    trained = _adapted(arch, groups, targets)
+    score = None
+    for spec, value in COVERAGE:
+        try:
+            reference = _adapted(arch, groups, spec)
+        except AutotuneError:  # a family without such a group
+            continue
+        if reference and reference <= trained:
+            score = value
+            break
+    if score is None:
+        size = {lin.path: lin.numel for lin in arch.linears}
+        every = _adapted(arch, groups, ALL_LINEAR)
+        share = sum(size.get(p, 0) for p in trained) / max(sum(size.get(p, 0) for p in every), 1)
+        score = 0.75 + 0.10 * share
+    if len(_COVERED) > 256:
+        _COVERED.clear()
+    _COVERED[key] = (arch, score)
+    return score
+
+
+def _adapted(arch: Architecture, groups: dict, targets: str) -> frozenset[str]:
+    chosen, _, fused = resolve_targets(arch, groups, targets)
+    return frozenset(lin.path for lin in chosen) | frozenset(fused)
+
+
+def fidelity(recipe: Recipe, arch: Architecture,
+             groups: dict[str, tuple[str, ...]] | None = None) -> float:
+    """The documented fidelity score of ``recipe`` (higher is closer to full tuning);
+    ``groups``: the family's module groups (the standard names if not given)."""
     if recipe.method == "full":
         score = 1.0 if recipe.precision in ("amp", "fp32") else 0.97
     elif recipe.method == "freeze":
         score = 0.60 + 0.30 * min(recipe.freeze_layers, arch.num_layers) / arch.num_layers
     else:
-        score = COVERAGE.get(recipe.targets, 0.82) + 0.01 * math.log2(recipe.rank / 8)
+        score = coverage(arch, groups or DEFAULT_GROUPS, recipe.targets)
+        score += 0.01 * math.log2(recipe.rank / 8)
         score += 0.01 if recipe.method == "dora" else 0.0
         score -= {16: 0.0, 8: 0.02, 4: 0.04}[recipe.bits]
     score -= {"adamw_8bit": 0.005, "paged_adamw_8bit": 0.005, "adafactor": 0.01}.get(

@@ -5,7 +5,9 @@ priced the original -- and subtracting, so every delta is the difference of two 
 estimates. Cheapest first: changes that need no extra card before those that do; among
 them by ``cost`` = fidelity lost + BALANCE x log2(throughput lost) + TRUNCATION x share of
 the examples a shorter sequence cuts. Cutting sequences without ``--data`` has a cost no
-one can price: such changes come after the priced ones.
+one can price: such changes come after the priced ones. A change that raises the peak says
+why: the components that grow, and the mechanism where the lever has a known one; one with
+neither is left out.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class Assessed:
     fidelity: float
     host: int = 0
     """Host RAM per node."""
+    breakdown: dict | None = None
+    """Bytes per memory component at the peak (to say what grows)."""
 
     def fits(self, budget: int | None, host_ram: int | None = None) -> bool | None:
         """Whether the upper bound fits ``budget`` and the host ``host_ram`` (``None``: no
@@ -66,6 +70,8 @@ class Change:
     cards: int = 0
     truncates: Callable[[int], float | None] | None = None
     """Share of the examples a sequence length cuts (``None``: unknown, no data)."""
+    grows: str = ""
+    """Why this change can raise the peak, where it has a known mechanism."""
 
 
 @dataclass
@@ -83,6 +89,8 @@ class Alternative:
     truncated: float | None
     cost: float
     fits: bool | None = None
+    reason: str | None = None
+    """Why the peak rises (``None`` when it does not)."""
 
     @property
     def change(self) -> str:
@@ -100,7 +108,7 @@ class Alternative:
                 else round(self.tokens_per_s_delta, 1),
                 "fidelity_delta": round(self.fidelity_delta, 4), "extra_gpus": self.cards,
                 "truncated_share": None if self.truncated is None else round(self.truncated, 4),
-                "cost": round(self.cost, 4), "fits": self.fits,
+                "cost": round(self.cost, 4), "fits": self.fits, "reason": self.reason,
                 "recipe": self.setup.recipe.to_dict(), "distributed": self.setup.parallel.to_dict()}
 
 
@@ -120,7 +128,7 @@ def levers(base: Setup, assess: Callable[[Setup], Assessed],
         Change(f"LoRA r16 instead of {r.method}", _lora),
         Change("gradient checkpointing on", _checkpointing),
         Change("8-bit AdamW", _optimizer),
-        Change("4-bit base", _four_bit),
+        Change("4-bit base", _four_bit, grows=FOUR_BIT),
         Change(f"micro batch -> {max(r.batch // 2, 1)}", _half_batch),
     ]
     lengths = sorted({n for n in (*shorter, r.seq_len // 2) if 64 <= n < r.seq_len},
@@ -132,7 +140,8 @@ def levers(base: Setup, assess: Callable[[Setup], Assessed],
     wider = more(base)
     if wider is not None:
         p = wider.parallel
-        found.append(Change(f"one more GPU ({p.world} cards, {p.label})", more, cards=1))
+        found.append(Change(f"one more GPU ({p.world} cards, {p.label})", more, cards=1,
+                            grows=MORE_CARDS.get(p.strategy, "")))
     return found
 
 
@@ -197,12 +206,36 @@ def _priced(assess, base: Setup, before: Assessed, combo: tuple[Change, ...],
     if before.tokens_per_s and after.tokens_per_s:
         speed = after.tokens_per_s - before.tokens_per_s
         cost += BALANCE * max(math.log2(before.tokens_per_s / after.tokens_per_s), 0.0)
+    reason = None
+    if after.peak > before.peak:
+        reason = _why_more(before, after, combo)
+        if reason is None:
+            return None  # more memory, and nothing to say why: left out
     return Alternative(tuple(c.label for c in combo), setup, after, after.peak - before.peak,
                        after.high - before.high, speed, after.fidelity - before.fidelity,
-                       cards, truncated, cost, after.fits(budget, host_ram))
+                       cards, truncated, cost, after.fits(budget, host_ram), reason)
+
+
+def _why_more(before: Assessed, after: Assessed, combo: tuple[Change, ...]) -> str | None:
+    """What grows when a change raises the peak (components, GiB), and why if known."""
+    causes = "; ".join(c.grows for c in combo if c.grows)
+    grown = ""
+    if before.breakdown and after.breakdown:
+        deltas = {k: after.breakdown.get(k, 0) - before.breakdown.get(k, 0)
+                  for k in {*before.breakdown, *after.breakdown}}
+        moved = sorted((d, k) for k, d in deltas.items() if abs(d) >= 0.005 * 2**30)
+        grown = ", ".join(f"{k.replace('_', ' ')} {d / 2**30:+.2f}"
+                          for d, k in reversed(moved)) + " GiB" if moved else ""
+    if not (causes or grown):
+        return None
+    return ": ".join(p for p in (grown, causes) if p)
 
 
 # -- the levers ------------------------------------------------------------------------------
+
+FOUR_BIT = ("k-bit preparation upcasts the unquantised layers to fp32, and what they save "
+            "for backward with them; 4-bit matmuls dequantise into 16-bit workspaces")
+MORE_CARDS = {"ddp": "DDP keeps gradient buckets for the all-reduce beside the gradients"}
 
 def _recipe(setup: Setup, **changes) -> Setup:
     return Setup(setup.recipe.but(**changes), setup.parallel)

@@ -83,8 +83,12 @@ def plan_document(model, gpu, budget: int, objective: str, candidate,
     ``record`` everything ``explain`` needs to price it again to the byte.
     ``stage_options``: values given for the stage's own options (DPO's ``beta``), written
     with the others' defaults into ``training``."""
+    from autotune.plan.batch import step_batch
+
     plan = candidate.to_dict()
     recipe = candidate.recipe.to_dict()
+    step = step_batch(plan["micro_batch"], plan["grad_accum"], candidate.parallel.world,
+                      candidate.recipe.seq_len, candidate.workload)
     return {
         "schema": SCHEMA,
         "autotune_version": __version__,
@@ -98,8 +102,8 @@ def plan_document(model, gpu, budget: int, objective: str, candidate,
         "recipe": recipe,
         "training": {"micro_batch": plan["micro_batch"], "grad_accum": plan["grad_accum"],
                      # accumulation rounds up: what trains, beside what was asked for
-                     "effective_batch": plan["micro_batch"] * plan["grad_accum"]
-                     * candidate.parallel.world,
+                     "effective_batch": step["examples"], "tokens_per_step": step["tokens"],
+                     "rows_per_step": step["rows"],
                      "requested_effective_batch": effective_batch,
                      **training_defaults(candidate.recipe.method),
                      **stage_settings(stage_named(None, candidate.recipe.stage), stage_options),
@@ -219,6 +223,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "hardware": {"gpu": _NAME, "name": _NAME, "memory_bytes": _COUNT, "budget_bytes": _COUNT,
                  "gpus": _COUNT},
     "training": {"micro_batch": _COUNT, "grad_accum": _COUNT, "effective_batch": _COUNT,
+                 "tokens_per_step": _COUNT, "rows_per_step": _COUNT,
                  "requested_effective_batch": _COUNT, "learning_rate": _NUMBER,
                  "epochs": _NUMBER, "lr_scheduler": _TEXT, "warmup_ratio": _NUMBER,
                  "weight_decay": _NUMBER, "max_grad_norm": _NUMBER, "beta": _NUMBER,

@@ -87,7 +87,8 @@ class Candidate:
     def assessed(self) -> alternatives.Assessed:
         """The figures costed alternatives compare."""
         return alternatives.Assessed(self.peak, self.high, self.tokens_per_s or None,
-                                     self.fidelity, self.host.peak if self.host else 0)
+                                     self.fidelity, self.host.peak if self.host else 0,
+                                     self.breakdown)
 
     def fits(self, budget: int, host_ram: int | None = None) -> bool:
         """Whether the upper bound fits ``budget`` and the host needs fit ``host_ram``."""

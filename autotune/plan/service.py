@@ -212,8 +212,11 @@ def plan(pm: pluggy.PluginManager, request: Request,
 
     planned = Planned(r, model, planner, lengths, seq_len, local, host_limit, [])
     if cards is None:
-        if r.one_card:
-            raise AutotuneError("--plot draws one card's study: name it with --gpu or --vram")
+        if r.one_card or r.output:
+            what = "--plot draws" if r.one_card else "-o writes the plan for"
+            raise AutotuneError(f"{what} one card, and this machine has no GPU: name the card "
+                                "with --gpu (e.g. --gpu rtx3090) or a budget with --vram "
+                                "(e.g. --vram 24GiB)")
         if per_node * r.nodes > 1:
             raise AutotuneError("name the card to plan several of with --gpu (or --vram)")
         for card_id in OVERVIEW_CARDS:  # no GPU here and none named: the common cards

@@ -551,7 +551,7 @@ def prepare_tokenizer(model_spec, family, settings: RunSettings, partial: str):
     if os.path.isdir(kept):
         return AutoTokenizer.from_pretrained(local_folder(kept, "run's tokenizer"),
                                              local_files_only=True)
-    if model_spec.path:
+    if model_spec.path and has_tokenizer(model_spec.path):
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 local_folder(model_spec.path, "tokenizer"), local_files_only=True,
@@ -559,11 +559,15 @@ def prepare_tokenizer(model_spec, family, settings: RunSettings, partial: str):
         except (OSError, ValueError) as exc:
             raise AutotuneError(f"cannot load the tokenizer of {model_spec.path}: "
                                 f"{one_line(exc)[:300]}") from exc
-    elif settings.random_init:
+    elif settings.random_init:  # an architecture tried from its config alone
         from autotune.catalog.demo import build_tokenizer
 
         tokenizer = build_tokenizer(model_spec.config["vocab_size"])
     else:
+        if model_spec.path:
+            raise AutotuneError(f"{model_spec.path} holds no tokenizer: add its files, or "
+                                "train from random weights with --random-init (a byte-level "
+                                "tokenizer is built for it)")
         raise AutotuneError(
             f"the weights of {model_spec.id} ({model_spec.name}) are not on this machine and "
             "autotune never downloads: put them in the Hugging Face cache or pass --model "
@@ -575,6 +579,15 @@ def prepare_tokenizer(model_spec, family, settings: RunSettings, partial: str):
     tokenizer.save_pretrained(kept + ".tmp")
     os.replace(kept + ".tmp", kept)
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(folder: str) -> bool:
+    """Whether a model folder ships a tokenizer (a config.json alone does not)."""
+    return os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, name))
+                                         for name in TOKENIZER_FILES)
 
 
 def random_base(model_spec, tokenizer, settings: RunSettings, partial: str) -> str | None:
@@ -620,6 +633,15 @@ def _model(model_spec, family, recipe: Recipe, device: str, settings: RunSetting
     return model, targets and [*targets, *sorted(params or ())], checked
 
 
+def _checkpointing_name() -> str:
+    """TrainingArguments' checkpointing flag: transformers 5 renamed it (the old name warns)."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields \
+        else "gradient_checkpointing"
+
+
 def _trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str,
                   folder: str) -> dict:
     """Keyword arguments common to every TRL config: the plan's hyper-parameters."""
@@ -645,7 +667,7 @@ def _trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str
         "use_cpu": device == "cpu",
         "disable_tqdm": True,
         "max_length": recipe.seq_len,
-        "gradient_checkpointing": False,  # applied by autotune.run.loading.prepare already
+        _checkpointing_name(): False,  # applied by autotune.run.loading.prepare already
         "dataloader_num_workers": 0,
     }
     if settings.max_steps:
@@ -715,9 +737,13 @@ def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, trainer, 
     import torch
 
     from autotune.cost.assess import assess
+    from autotune.cost.host import weight_files
+    from autotune.plan.batch import step_batch
 
     predicted = assess(pm, model_spec.config, recipe, model_spec.family,
-                       "cuda" if device == "cuda" else "cpu", settings.remote_code)
+                       "cuda" if device == "cuda" else "cpu", settings.remote_code,
+                       files=weight_files(model_spec.path))
+    host = predicted.host  # on the CPU the training step lives in host RAM: what RSS measures
     measured = {"device": device}
     if device == "cuda":
         measured["peak_tensor_bytes"] = torch.cuda.max_memory_allocated()
@@ -744,12 +770,18 @@ def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, trainer, 
         "first_loss": losses[0]["loss"] if losses else None,
         "final_loss": losses[-1]["loss"] if losses else None,
         "tokens": tracker.tokens,
-        "training": {k: plan["training"][k] for k in ("micro_batch", "grad_accum")},
+        "training": {**{k: plan["training"][k] for k in ("micro_batch", "grad_accum")},
+                     "effective_batch": step_batch(
+                         plan["training"]["micro_batch"], plan["training"]["grad_accum"],
+                         Parallel.from_dict(plan.get("distributed")).world, recipe.seq_len,
+                         plan.get("predictions", {}).get("data"))},
         "events": state["events"],
         "planned_recipe": state["original_plan"]["recipe"],
         "duration_s": round(seconds, 2),
         "predicted": {"peak_bytes": predicted.memory.peak,
                       "tensor_peak_bytes": predicted.memory.tensor_peak,
+                      **({"host_bytes": host.peak, "host": host.describe()}
+                         if device != "cuda" else {}),
                       # a throughput prediction needs a real card (not a --vram budget)
                       "tokens_per_s": plan.get("predictions", {}).get("throughput", {}).get(
                           "tokens_per_s") if device == "cuda" else None},

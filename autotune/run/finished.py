@@ -1,4 +1,5 @@
-"""Finished runs: load a run folder's model (base + adapter, or full weights) and tokenizer."""
+"""Finished runs: load a run folder's model (base + adapter, or full weights) and tokenizer,
+or a model folder of its own (what ``autotune merge`` writes)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def read_report(run_dir: str) -> dict:
         with open(path, encoding="utf-8") as handle:
             report = json.load(handle)
     except FileNotFoundError as exc:
-        raise AutotuneError(f"{run_dir} is not a finished autotune run (no {REPORT})") from exc
+        raise AutotuneError(f"{run_dir} is neither a finished autotune run (no {REPORT}) "
+                            "nor a model folder (no config.json)") from exc
     except (OSError, ValueError, RecursionError) as exc:
         raise AutotuneError(f"cannot read {path}: {exc}") from exc
     problem = _problem(report)
@@ -89,10 +91,40 @@ def _fits(value, kind: str) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)  # a loss may be nan
 
 
+def memory_compared(report: dict) -> dict:
+    """A run's measured memory beside the prediction of the same quantity: the tensor peak
+    on a GPU, the process's peak RSS against the predicted host RAM on the CPU."""
+    measured, predicted = report["measured"], report["predicted"]
+    if "peak_tensor_bytes" in measured:
+        kind, value, guess, how = ("tensor peak", measured["peak_tensor_bytes"],
+                                   predicted.get("tensor_peak_bytes"),
+                                   "torch.cuda.max_memory_allocated")
+    else:
+        kind, value, guess, how = ("process RSS", measured.get("peak_rss_bytes", 0),
+                                   predicted.get("host_bytes"),
+                                   "peak resident memory of the process, on the CPU")
+    line = f"memory: {kind} {value / 2**30:.2f} GiB measured"
+    if guess:
+        line += (f", {guess / 2**30:.2f} GiB predicted ({100 * (guess - value) / value:+.0f}%)"
+                 if value else f", {guess / 2**30:.2f} GiB predicted")
+        if predicted.get("host") and "peak_tensor_bytes" not in measured:
+            line += f" [{predicted['host']}]"
+    else:
+        line += " (this run recorded no prediction of it)"
+    return {"kind": kind, "measured_bytes": value, "predicted_bytes": guess,
+            "line": f"{line}; {how}"}
+
+
 def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
              remote_code: bool = False):
-    """(model, tokenizer, report) of a run; adapters are merged into the base if ``merge``."""
+    """(model, tokenizer, report) of a run; adapters are merged into the base if ``merge``.
+    A model folder (config, weights, tokenizer: a merged run) loads as it is, report ``None``."""
     from transformers import AutoTokenizer
+
+    if not merge and is_model_folder(run_dir):
+        folder = os.path.abspath(run_dir)  # a relative path is never a hub id
+        return _load_folder(folder, remote_code), AutoTokenizer.from_pretrained(
+            folder, local_files_only=True), None
 
     from autotune.run.loading import load_adapter, load_base, local_folder
     from autotune.cost.recipe import Recipe
@@ -139,3 +171,18 @@ def _expert_parameters(pm: pluggy.PluginManager, base_path: str) -> tuple[str, .
     except (OSError, ValueError):
         return ()
     return family_for(pm, config).expert_parameters(config)
+def is_model_folder(path: str) -> bool:
+    """A folder with a ``config.json`` and no run report: a model to load as it is."""
+    return (os.path.isfile(os.path.join(path, "config.json"))
+            and not os.path.exists(os.path.join(path, REPORT)))
+
+
+def _load_folder(path: str, remote_code: bool):
+    """A saved model in its stored dtype, on the GPU when there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype="auto", device_map={"": device}, trust_remote_code=remote_code,
+        local_files_only=True).eval()

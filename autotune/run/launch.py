@@ -24,6 +24,7 @@ import pluggy
 from autotune.run import checkpoints
 from autotune.util.atomic import write_json
 from autotune.util.errors import AutotuneError
+from autotune.util.quiet import launch_environment
 from autotune.cost.parallel import Parallel
 
 ACCELERATE_CONFIG = "accelerate_config.yaml"
@@ -101,8 +102,8 @@ def launch(pm: pluggy.PluginManager, state: dict, partial: str, final: str, quie
 def _wait(command: list[str], partial: str, quiet: bool, signals: checkpoints.Signals) -> int:
     """Run the launcher ``command`` to its end, passing a signal on to the ranks."""
     signals.mode = "checkpoint"  # the first signal is noted, a second raises
-    process = subprocess.Popen(command, start_new_session=True, env={
-        **os.environ, "AUTOTUNE_QUIET": "1" if quiet else ""})
+    process = subprocess.Popen(command, start_new_session=True, env=launch_environment(
+        {**os.environ, "AUTOTUNE_QUIET": "1" if quiet else ""}))
     try:
         while True:
             try:

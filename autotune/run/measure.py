@@ -122,8 +122,11 @@ def measure(config: dict, recipe: Recipe, target_modules: list[str] | str | None
 def _measure_cpu(config, recipe, target_modules, steps, seed, planned=None) -> Measurement:
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from autotune.util.quiet import native_stderr_quiet
+
     gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with native_stderr_quiet(), profile(activities=[ProfilerActivity.CPU],
+                                        profile_memory=True) as prof:
         model = build_model(config, recipe, target_modules, "cpu", seed, planned)
         losses = train_steps(model, recipe, config["vocab_size"], steps, "cpu", seed,
                              mark=lambda step: record_function(f"{STEP_MARK}{step}"))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import warnings
+
+_LOUD = False
 
 
 def quiet_libraries() -> None:
@@ -37,6 +40,37 @@ def offline() -> None:
 
 def loud_libraries() -> None:
     """Let the libraries' warnings and progress through again (``--verbose``)."""
+    global _LOUD
+    _LOUD = True
     warnings.resetwarnings()
     os.environ["TRANSFORMERS_VERBOSITY"] = "warning"
     logging.getLogger("bitsandbytes").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def native_stderr_quiet():
+    """Silence what native code writes to file descriptor 2 (the PyTorch profiler's
+    ``USDT ... profiler_start`` lines) unless ``--verbose`` or ``AUTOTUNE_DEBUG``."""
+    if _LOUD or os.environ.get("AUTOTUNE_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def launch_environment(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for launched training processes, without the launchers' banners: torchrun
+    warns about OMP_NUM_THREADS unless it is set (one thread per process, as it would), and
+    torch's C++ warnings (DDP's "find_unused_parameters=True ... did not find any unused
+    parameters", which MoE models whose steps skip experts need set) print unless the log
+    level is raised; ``--verbose`` and ``AUTOTUNE_DEBUG`` keep the C++ warnings."""
+    quiet = {} if _LOUD or os.environ.get("AUTOTUNE_DEBUG") else {"TORCH_CPP_LOG_LEVEL": "ERROR"}
+    return {"OMP_NUM_THREADS": "1", **quiet, **env}
