@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -77,6 +78,33 @@ def test_concurrent_plans_write_one_study_once(tmp_path, processes):
     recipes = [json.dumps({k: v for k, v in p.items() if k != "why"}, sort_keys=True)
                for p in report["plans"]]
     assert len(recipes) == len(set(recipes)) == 5
+
+
+def test_on_a_server_a_study_being_written_is_waited_for(tmp_path, monkeypatch):
+    """No lock file on a database server: the unique study name is the lock, and a process
+    that finds the study being written takes the writer's copy when it is complete."""
+    from autotune.plan import studies
+
+    monkeypatch.setattr(studies, "sqlite_file", lambda url: None)  # as on a server
+    url = f"sqlite:///{tmp_path / 'server.db'}"
+    storage = studies.open_storage(url)
+    writer = optuna.create_study(study_name="q", storage=storage,
+                                 directions=["maximize", "maximize"])
+    writer.set_user_attr(studies.WRITING, time.time())
+    trials = [optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE,
+                                        values=[1.0, float(i)], user_attrs={"plan": i})
+              for i in range(3)]
+
+    def finish():
+        time.sleep(1)
+        writer.add_trials(trials)
+        writer.set_user_attr(studies.COMPLETE, 3)
+
+    threading.Thread(target=finish).start()
+    study, reused, stored = studies.load_or_store(
+        url, "q", 3, lambda: optuna.create_study(directions=["maximize", "maximize"]), wait=60)
+    assert reused and stored and len(study.trials) == 3
+    assert optuna.get_all_study_names(url) == ["q"]
 
 
 def test_two_measuring_workers_started_together_both_finish(tmp_path):
