@@ -1,6 +1,11 @@
 """Shared fixtures: a plugin manager with built-ins only, and tiny model configs."""
 
+import os
+
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one torch thread per worker: the cores are shared
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 try:
     import autotune_plugins  # noqa: F401

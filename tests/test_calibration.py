@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import math
 import multiprocessing
 import statistics
 from pathlib import Path
@@ -271,43 +270,6 @@ def test_a_bad_calibration_file_is_ignored(cli, capsys):
     report = json.loads(cli("estimate", "--model", "tiny", "--gpu", "a100-80gb",
                             "--json").stdout)
     assert report["calibration"] is None
-
-
-# -- (c) the estimator on the GPU measurements that ship --------------------------------------
-
-def test_error_on_the_gpu_measurements_that_ship():
-    folder = REPO / "profiles" / "measurements"
-    files = sorted({*map(str, folder.glob("*.jsonl")), *calibration.shipped_stores()})
-    loaded = calibration.read(files)
-    assert loaded.skipped == 0, loaded.problems
-    groups = calibration.by_gpu(loaded.records)
-    if not groups:
-        pytest.skip("no GPU measurements ship yet (profiles/measurements/*.jsonl has no GPU "
-                    "records: no GPU has been lent to the project); run "
-                    "benchmarks/gpu_sweep.py on one")
-    lines = [(f"{'gpu':<12} {'runs':>4} {'tensor err':>10} {'peak err':>9} "
-              f"{'tok/s meas/pred':>15} {'peak err calibrated':>19}")]
-    for gpu, records in groups.items():
-        tensor = statistics.median(abs(r["predicted"]["tensor_peak_bytes"]
-                                       / r["measured"]["peak_tensor_bytes"] - 1)
-                                   for r in records)
-        correction = calibration.fit_one(gpu, records)
-        speeds = [r["measured"]["tokens_per_s"] / r["predicted"]["tokens_per_s"]
-                  for r in records if r["predicted"].get("tokens_per_s")
-                  and r["measured"].get("tokens_per_s")]
-        peak = correction.errors["peak"]
-        lines.append(f"{gpu:<12} {len(records):>4} {100 * tensor:>9.1f}% "
-                     f"{_pct(peak['raw']):>9} "
-                     f"{statistics.median(speeds) if speeds else math.nan:>15.2f} "
-                     f"{_pct(peak['calibrated']):>19}")
-        for r in records:
-            assert r["measured"]["peak_tensor_bytes"] > 0 and r["predicted"]["tensor_peak_bytes"] > 0
-    print("\nestimator error on the shipped GPU measurements (median |predicted/measured - 1|)")
-    print("\n".join(lines))
-
-
-def _pct(value):
-    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 # -- (d) the GPU sweep, on the CPU -----------------------------------------------------------

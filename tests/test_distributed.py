@@ -8,7 +8,8 @@ from autotune.cli.main import make_cli
 from autotune.catalog.demo import dataset_path
 from autotune.run.executor import RunSettings, run
 
-pytestmark = pytest.mark.usefixtures("offline_machine")
+pytestmark = [pytest.mark.usefixtures("offline_machine"),
+              pytest.mark.slow]  # trains, launches processes or fuzzes
 
 
 def test_two_process_ddp_saves_one_adapter_and_both_ranks_see_the_same_loss(pm, tmp_path):

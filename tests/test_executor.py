@@ -15,7 +15,8 @@ METHODS = ["lora", "dora", "qlora", "full"]
 STAGES = ["sft", "dpo", "pt"]
 
 
-pytestmark = pytest.mark.usefixtures("offline_machine")
+pytestmark = [pytest.mark.usefixtures("offline_machine"),
+              pytest.mark.slow]  # trains, launches processes or fuzzes
 
 
 def invoke(pm, *args):

@@ -43,6 +43,8 @@ from autotune.plugin.manager import get_plugin_manager
 from autotune.plugin.registry import ModelFamily, Stage
 from autotune.util.units import parse_size
 
+pytestmark = pytest.mark.slow  # trains, launches processes or fuzzes
+
 # AUTOTUNE_HOSTILE_SEARCH=N looks N times harder, with fresh random examples each run.
 SEARCH = int(os.environ.get("AUTOTUNE_HOSTILE_SEARCH", "0"))
 FAST = settings(max_examples=120 * (SEARCH or 1), deadline=None, derandomize=not SEARCH,

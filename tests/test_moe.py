@@ -189,6 +189,7 @@ def plan_file(pm, tmp_path, name):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("offline_machine")
 @pytest.mark.parametrize("name", list(TINY_MOE))
 def test_tiny_moe_qlora_trains_audits_and_reloads(pm, tmp_path, name):

@@ -279,12 +279,6 @@ def test_seed_001_yuan_batch_12_with_seven_targets_is_the_expensive_one(pm):
     assert first.memory.peak > resolve_gpu("a10").memory_bytes > second.memory.peak
 
 
-def test_plan_latency_is_measured_in_benchmarks_not_tests():
-    from pathlib import Path
-
-    assert (Path(__file__).parent.parent / "benchmarks" / "plan_latency.py").exists()
-
-
 def test_budget_card_plans(pm):
     planner = planner_for(pm, "qwen2.5-0.5b")
     gpu = budget_gpu(8 * 2**30)

@@ -26,7 +26,8 @@ from autotune.run.fallback import step_down
 from autotune.cost.recipe import Recipe
 
 STEPS = 10
-pytestmark = pytest.mark.usefixtures("offline_machine")
+pytestmark = [pytest.mark.usefixtures("offline_machine"),
+              pytest.mark.slow]  # trains, launches processes or fuzzes
 
 
 def make_plan(pm, folder, micro_batch=4):

@@ -34,7 +34,8 @@ from autotune.run.executor import RunSettings, resume, run
 from autotune.util.errors import AutotuneError
 
 STEPS = 3
-pytestmark = pytest.mark.usefixtures("offline_machine")
+pytestmark = [pytest.mark.usefixtures("offline_machine"),
+              pytest.mark.slow]  # trains, launches processes or fuzzes
 
 
 def autotune(pm, *args: str) -> tuple[int, str]:

@@ -16,6 +16,8 @@ from autotune.plugin.manager import get_plugin_manager
 from autotune.plugin.registry import stages
 from tests.test_plugins import install_fake_distribution
 
+pytestmark = pytest.mark.slow  # trains, launches processes or fuzzes
+
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 
 
