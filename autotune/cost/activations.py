@@ -106,7 +106,8 @@ def linear(saved: Saved, name: str, source: str, t: int, fan_in: int, fan_out: i
             saved.keep(source, t * fan_in * FP32)
         if role.dropout and grad_x:  # dropout keeps its mask when a gradient flows through
             saved.keep(f"{name}.lora_mask", t * fan_in * p.dropout_mask)
-        saved.keep(f"{name}.lora_ax", t * role.rank * p.compute)
+        # lora_B's input: 16 bit under autocast, else the adapter dtype (fp32)
+        saved.keep(f"{name}.lora_ax", t * role.rank * (p.compute if p.autocast else FP32))
         if p.autocast:  # 16-bit copies of the fp32 adapter weights, held until backward
             saved.keep(f"{name}.lora_w16", role.rank * (fan_in + fan_out) * p.compute)
         if role.dora:

@@ -227,12 +227,16 @@ def largest_module(arch: Architecture) -> int:
 
 def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
                     extras: dict[str, int] | None = None, device: str = "cuda",
-                    sequences: int = 1, parallel: Parallel = SINGLE) -> MemoryEstimate:
+                    sequences: int = 1, parallel: Parallel = SINGLE,
+                    autocast: bool = True) -> MemoryEstimate:
     """Simulate one training step (after the first) and return its peak, by component.
 
     ``sequences`` multiplies the batch (2 for preference pairs); ``extras`` are a stage's
     additional bytes (a reference model, say), live for the whole step. With several
-    GPUs the figures are one rank's (:mod:`autotune.cost.parallel`).
+    GPUs the figures are one rank's (:mod:`autotune.cost.parallel`). ``autocast``: 16-bit
+    compute runs under ``torch.autocast``, as the Trainer's ``bf16``/``fp16`` flags run it;
+    ``False`` prices a pure 16-bit loop without autocast (16-bit bases only), where PEFT's
+    fp32 adapters keep an fp32 copy of every adapted layer's input.
     """
     if parallel.deepspeed and recipe.precision == "amp":
         # DeepSpeed runs the model in 16 bit; its fp32 master weights are optimizer state
@@ -240,7 +244,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     shape = StepShape(recipe.batch * sequences, recipe.seq_len)
     t, c = shape.tokens, BYTES[recipe.compute_dtype]
     w = BYTES[recipe.weight_dtype]
-    autocast = recipe.compute_dtype != "fp32"
+    autocast = recipe.compute_dtype != "fp32" and (autocast or w == FP32 or recipe.bits < 16)
     copies = autocast and w == FP32  # fp32 weights, cast to 16 bit per matmul
     if recipe.bits < 16:  # prepare_model_for_kbit_training leaves the residual stream fp32
         w = FP32
