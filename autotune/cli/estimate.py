@@ -203,7 +203,9 @@ def to_json(pm, model, result, card=None, probed=None, device: str = "cuda",
     calibration and throughput when none is named."""
     from autotune.cost.host import free_disk, machine_ram, weight_files
     from autotune.cost.memory import checkpoint_bytes
+    from autotune.cost.uncertainty import source_kind
     from autotune.plan.planner import Planner
+    from autotune.util.versions import library_versions
 
     params, recipe, arch = result.params, result.recipe, result.arch
     notes = list(result.memory.notes)
@@ -229,6 +231,7 @@ def to_json(pm, model, result, card=None, probed=None, device: str = "cuda",
             "unmatched_targets": list(params.unmatched),
         },
         "device": device,
+        "libraries": library_versions(),
         "notes": notes,
     }
     if result.memory.phase == "inference":  # the serving rule: no step to assess
@@ -265,7 +268,8 @@ def to_json(pm, model, result, card=None, probed=None, device: str = "cuda",
     report["memory"] = {
         "tensor_peak_bytes": base.tensor_peak, "peak_bytes": base.peak,
         "peak_bytes_low": base.band.low, "peak_bytes_high": base.band.high,
-        "band": base.band.to_dict(), "device_overhead_bytes": b["device_overhead"],
+        "band": base.band.to_dict(), "bound_source": source_kind(base.band.source),
+        "device_overhead_bytes": b["device_overhead"],
         "peak_phase": result.memory.phase if workload is None else planner.price(
             recipe.but(seq_len=workload.worst_seq_len()))[1].phase,
         "breakdown": b,
@@ -380,6 +384,9 @@ def render(report: dict) -> str:
                                 "alternatives (one change each, cheapest first; deltas are "
                                 "differences of two full estimates):")
     lines += [f"note: {n}" for n in report["notes"]]
+    if report.get("libraries"):
+        lines.append("assumes " + ", ".join(f"{name} {version or 'not installed'}"
+                                            for name, version in report["libraries"].items()))
     if report.get("plot"):
         lines.append(f"plot: {report['plot']}")
     return "\n".join(lines)

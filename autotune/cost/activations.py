@@ -133,6 +133,19 @@ def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Att
         saved.keep(f"{name}.lse", batch * a.heads * seq * FP32)
 
 
+def attention_backward_spike(layer: Layer, batch: int, seq: int, p: Precision,
+                             kernel: str) -> int:
+    """Scratch of one layer's attention backward beyond what it saved.
+
+    Eager (and SDPA's math path) materialise the gradient of the probabilities: the
+    16-bit gradient and its fp32 copy for the fp32 softmax's backward, both
+    batch x heads x seq x seq. Fused kernels work in tiles.
+    """
+    if kernel not in ("eager", "math"):
+        return 0
+    return batch * layer.attention.heads * seq * seq * (p.compute + FP32)
+
+
 def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: int,
               roles: dict[str, LinearRole], p: Precision, in_bytes: int, grad_in: bool) -> None:
     """SwiGLU: down(silu(gate(x)) * up(x))."""

@@ -13,7 +13,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from autotune.cost.activations import FP32, INDEX, LinearRole, Precision, layer_saved
+from autotune.cost.activations import (
+    FP32,
+    INDEX,
+    LinearRole,
+    Precision,
+    attention_backward_spike,
+    layer_saved,
+)
 from autotune.cost.architecture import Architecture, Linear, layer_index
 from autotune.cost.parallel import SINGLE, Parallel, deepspeed_optimizer_bytes, shares
 from autotune.cost.params import ParamCounts, trainable_layers
@@ -319,8 +326,12 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         if recipe.grad_ckpt:
             tl.add("activations", saved, f"backward (recompute layer {i})")
         tl.add("gradients", int(grads[i] * share.gradients), f"backward (layer {i})")
-        # the incoming gradient and the MLP's gradient buffers
-        transient = t * arch.hidden * c + 3 * t * _widest_mlp(arch.layers[i]) * c
+        # the incoming gradient and the MLP's gradient buffers, or (later, the MLP's
+        # saved tensors freed) the attention's
+        layer = arch.layers[i]
+        kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
+        transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * c,
+                        attention_backward_spike(layer, shape.batch, shape.seq_len, p, kernel))
         tl.spike("temporaries", transient if saved else 0, f"backward (layer {i})")
         tl.add("activations", -(saved + kept if recipe.grad_ckpt else saved), "backward")
     if full:
