@@ -88,8 +88,13 @@ def main() -> None:
     if "--docs" in sys.argv:
         from docs_table import update
 
+        from autotune.util.versions import library_versions
+
         for name, table in tables.items():
             update(name, table)
+        update("versions", "Measured with " + ", ".join(
+            f"{name} {version or 'not installed'}" for name, version in library_versions().items())
+            + " (the CPU build of torch).")
 
 
 def fit_cpu(rows) -> None:

@@ -115,14 +115,18 @@ def report(rows) -> tuple[str, str]:
                      f"{r.memory.peak / 1e9:.1f} | {100 * r.error:+.1f}% | {b.high / 1e9:.1f} | "
                      f"{'yes' if covered else '**no**'} |")
         if r.split == "held-out":
-            held.append((covered, b.high / r.measured_bytes - 1, r.error))
+            prior = band(r.memory, device="cuda", confidence=CONFIDENCE, fitted=False).high
+            held.append((covered, b.high / r.measured_bytes - 1, r.error,
+                         prior >= r.measured_bytes, prior / r.measured_bytes - 1))
     source = band(rows[0].memory, device="cuda").source
     lines.append(
         f"\nHeld-out: {len(held)} runs; median |error| "
         f"{100 * statistics.median(abs(h[2]) for h in held):.1f}%; the 95% bound ({source}) "
         f"covers {sum(h[0] for h in held)} of {len(held)}, on average "
         f"{100 * statistics.mean(h[1] for h in held):+.1f}% above the measured peak "
-        f"(median {100 * statistics.median(h[1] for h in held):+.1f}%). All {len(rows)} runs: "
+        f"(median {100 * statistics.median(h[1] for h in held):+.1f}%); the priors' bound would "
+        f"cover {sum(h[3] for h in held)} of {len(held)} at "
+        f"{100 * statistics.mean(h[4] for h in held):+.1f}% on average. All {len(rows)} runs: "
         f"median |error| {100 * statistics.median(abs(r.error) for r in rows):.1f}%.")
     out = ["| run | split | GPU | measured tokens/s | predicted | error |", "|---|---|---|---|---|---|"]
     errors = []

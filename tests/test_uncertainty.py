@@ -18,7 +18,7 @@ MiB = 2**20
 @pytest.fixture(autouse=True)
 def priors_only(monkeypatch):
     """Most tests here are about the priors: hide the fitted scores that ship."""
-    monkeypatch.setattr("autotune.cost.uncertainty.fits", lambda: {})
+    monkeypatch.setattr("autotune.cost.uncertainty.fits", dict)
 
 
 @pytest.fixture(scope="module")

@@ -85,15 +85,16 @@ def z(confidence: float) -> float:
 
 
 def band(memory: MemoryEstimate, *, device: str = "cuda", correction=None,
-         confidence: float = CONFIDENCE) -> Band:
+         confidence: float = CONFIDENCE, fitted: bool = True) -> Band:
     """The band around ``memory.peak`` (the tensor peak alone on the CPU).
 
     With a :class:`~autotune.calibrate.calibration.Correction` (``memory`` is then the calibrated
     estimate of :func:`autotune.calibrate.calibration.apply`) its measured spread replaces the
-    priors; one run has no spread, and the priors stay.
+    priors; one run has no spread, and the priors stay. Without one, scores fitted for
+    ``device`` (:func:`fitted_band`) replace the priors; ``fitted=False`` ignores them.
     """
     k = z(confidence)
-    if correction is None:
+    if correction is None and fitted:
         fitted = fitted_band(memory, device, confidence)
         if fitted is not None:
             return fitted
