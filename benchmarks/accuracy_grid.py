@@ -8,6 +8,7 @@ steps through :mod:`autotune.run.measure`, and compares the measured peak with
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from autotune.cost.recipe import Recipe
@@ -168,18 +169,33 @@ def predict(pm, config: dict, recipe: Recipe, autocast: bool = True):
     return predicted
 
 
-def compare(pm, arch: str | dict, recipe: Recipe, autocast: bool = True) -> Comparison:
-    """Estimate and measure one case on the CPU (``arch``: a grid name or a config)."""
+def case_key(config: dict, recipe: Recipe, autocast: bool) -> str:
+    """What identifies a measurement: the config, the recipe and autocast."""
+    return json.dumps([config, recipe.to_dict(), autocast], sort_keys=True)
+
+
+def compare(pm, arch: str | dict, recipe: Recipe, autocast: bool = True,
+            measured: dict | None = None) -> Comparison:
+    """Estimate and measure one case on the CPU (``arch``: a grid name or a config).
+
+    ``measured``: peaks already measured by :func:`case_key` (CPU peaks are reproducible to
+    the byte with the same library versions); a case not in it is measured and added.
+    """
     from autotune.run.measure import measure
 
     config = ARCHITECTURES[arch] if isinstance(arch, str) else arch
     predicted = predict(pm, config, recipe, autocast)
-    targets = None if recipe.targets == "all-linear" else sorted(
-        {lin.name for lin in predicted.params.targets})
-    measured = measure(config, recipe, target_modules=targets, steps=3, autocast=autocast)
+    key = case_key(config, recipe, autocast)
+    if measured is None or key not in measured:
+        targets = None if recipe.targets == "all-linear" else sorted(
+            {lin.name for lin in predicted.params.targets})
+        peak = measure(config, recipe, target_modules=targets, steps=3,
+                       autocast=autocast).peak_tensor_bytes
+        if measured is not None:
+            measured[key] = peak
     name = arch if isinstance(arch, str) else config["model_type"]
-    return Comparison(name, recipe, predicted.memory.tensor_peak, measured.peak_tensor_bytes,
-                      autocast, predicted.memory)
+    return Comparison(name, recipe, predicted.memory.tensor_peak,
+                      measured[key] if measured is not None else peak, autocast, predicted.memory)
 
 
 def describe_recipe(recipe: Recipe, autocast: bool = True) -> str:

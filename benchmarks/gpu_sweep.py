@@ -253,8 +253,8 @@ def main(argv=None) -> int:
             finally:
                 gc.collect()
             record = calibration.record_from_measurement(
-                pm, config, recipe, found, model_id=model_id, family=model.family,
-                source="sweep-dpo" if name == "dpo" else "sweep", gpu_name=gpu_name, gpu_memory=gpu_memory, device_used=used)
+                pm, config, recipe, found, family=model.family, source="sweep",
+                model_id=model_id + (" dpo policy step" if name == "dpo" else ""), gpu_name=gpu_name, gpu_memory=gpu_memory, device_used=used)
             calibration.append(record, out)
             predicted, measured = record["predicted"], record["measured"]
             tensor_error = predicted["tensor_peak_bytes"] / measured["peak_tensor_bytes"] - 1

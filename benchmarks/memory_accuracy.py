@@ -1,13 +1,15 @@
 """Estimated vs measured peak tensor memory of real CPU training steps.
 
-    python benchmarks/memory_accuracy.py [--small] [--sweep N] [--fit] [--docs]
+    python benchmarks/memory_accuracy.py [--small] [--sweep N] [--fit] [--docs] [--cached]
 
 Runs ``benchmarks.accuracy_grid.GRID`` (the toy grid and the real-shape grid; ``--small``:
 the toy grid only) and, with ``--sweep N``, N random cases drawn by
 ``benchmarks/random_sweep.py``, printing one row per case and the median, worst and
 largest under-prediction. ``--fit`` writes the grid's conformal scores into
 ``profiles/measurements/bounds.json`` (the CPU bound; the sweep is its held-out check);
-``--docs`` writes the tables into docs/accuracy.md.
+``--docs`` writes the tables into docs/accuracy.md. Measured peaks are kept in
+``benchmarks/data/cpu_measured.json``; ``--cached`` reuses them (to re-estimate after a
+change to the model without measuring again: the file records the library versions).
 CPU peaks are reproducible to the byte, so the errors are the model's, not noise.
 """
 
@@ -23,6 +25,27 @@ from autotune.plugin.manager import get_plugin_manager
 from benchmarks.accuracy_grid import GRID, SMALL, compare, describe_recipe
 
 BOUNDS = Path(__file__).resolve().parents[1] / "profiles" / "measurements" / "bounds.json"
+MEASURED = Path(__file__).resolve().parent / "data" / "cpu_measured.json"
+
+
+def load_measured() -> dict:
+    """Cached peaks, when ``--cached`` and measured with the installed library versions."""
+    from autotune.util.versions import library_versions
+
+    if "--cached" not in sys.argv or not MEASURED.exists():
+        return {}
+    data = json.loads(MEASURED.read_text())
+    if data.get("libraries") != library_versions():
+        print("cached peaks were measured with other library versions: measuring again")
+        return {}
+    return data["peaks"]
+
+
+def save_measured(peaks: dict) -> None:
+    from autotune.util.versions import library_versions
+
+    MEASURED.write_text(json.dumps({"libraries": library_versions(), "peaks": peaks},
+                                   indent=0, sort_keys=True) + "\n")
 
 
 def summary(rows, seconds: float) -> str:
@@ -45,7 +68,7 @@ def coverage(rows) -> str:
             "the measured peak")
 
 
-def run(pm, cases, label: str, emit) -> list:
+def run(pm, cases, label: str, emit, measured: dict) -> list:
     started, rows = time.perf_counter(), []
     emit(f"| {label:<16} | {'recipe':<50} | {'estimated':>12} | {'measured':>12} | error |")
     emit(f"|{'-' * 18}|{'-' * 52}|{'-' * 14}|{'-' * 14}|-------|")
@@ -58,17 +81,17 @@ def run(pm, cases, label: str, emit) -> list:
     if cases is None:
         from benchmarks.random_sweep import sweep
 
-        sweep(pm, int(sys.argv[sys.argv.index("--sweep") + 1]), show)
+        sweep(pm, int(sys.argv[sys.argv.index("--sweep") + 1]), show, measured)
     else:
         for case in cases:
-            show(compare(pm, case.arch, case.recipe, case.autocast))
+            show(compare(pm, case.arch, case.recipe, case.autocast, measured))
     emit("\n" + summary(rows, time.perf_counter() - started))
     return rows
 
 
 def main() -> None:
     pm = get_plugin_manager(load_entrypoints=False)
-    tables = {}
+    tables, measured = {}, load_measured()
     for name, cases in (("accuracy", SMALL if "--small" in sys.argv else GRID),
                         ("sweep", None if "--sweep" in sys.argv else False)):
         if cases is False:
@@ -79,7 +102,8 @@ def main() -> None:
             lines.append(line)
             print(line, flush=True)
 
-        rows = run(pm, cases, "model", emit)
+        rows = run(pm, cases, "model", emit, measured)
+        save_measured(measured)
         if name == "accuracy" and "--fit" in sys.argv:
             fit_cpu(rows)
         lines[-1] += coverage(rows)

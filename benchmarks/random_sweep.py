@@ -53,10 +53,16 @@ def recipes(draw) -> tuple[Recipe, bool]:
     return recipe, autocast
 
 
-def sweep(pm, n: int, on_case=None) -> list:
-    """Measure ``n`` drawn cases; returns their comparisons (and calls ``on_case`` on each)."""
-    from benchmarks.accuracy_grid import compare
+def sweep(pm, n: int, on_case=None, measured: dict | None = None) -> list:
+    """Measure ``n`` drawn cases; returns their comparisons (and calls ``on_case`` on each).
 
+    ``measured``: peaks already measured (see :func:`benchmarks.accuracy_grid.compare`).
+    """
+    from functools import partial
+
+    from benchmarks import accuracy_grid
+
+    compare = partial(accuracy_grid.compare, measured=measured)
     found = []
 
     @settings(max_examples=n, derandomize=True, database=None, deadline=None,

@@ -274,6 +274,11 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     tl.add("optimizer", int(optimizer * share.optimizer), "start")
     tl.add("communication", share.buffers, "start")
     tl.add("inputs", t * INDEX, "start")
+    # eager attention reads a materialised causal mask; checkpointing keeps it, an input of
+    # every checkpointed layer, until the last recompute
+    mask = shape.batch * shape.seq_len ** 2 * c if recipe.attn == "eager" and recipe.grad_ckpt \
+        else 0
+    tl.add("inputs", mask, "forward")
     tl.add("stage_extras", sum((extras or {}).values()), "start")
 
     # -- forward: each layer's saved tensors stay until its backward; with checkpointing
@@ -338,6 +343,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         tl.add("gradients", int(_embedding_numel(arch) * w * share.gradients),
                "backward (embeddings)")
     tl.add("temporaries", -cast_copies, "backward")
+    tl.add("inputs", -mask, "backward")
 
     # -- optimizer step: every gradient exists, plus the step's own scratch
     scratch = optimizer_temporaries(recipe, shapes, param_bytes, device)
