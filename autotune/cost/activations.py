@@ -167,8 +167,9 @@ def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: 
 
 
 def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str, LinearRole],
-                norms_trainable: bool, grad_in: bool, p: Precision, kernel: str) -> int:
-    """Bytes one decoder layer saves for backward.
+                norms_trainable: bool, grad_in: bool, p: Precision, kernel: str) -> tuple[int, int]:
+    """Bytes one decoder layer saves for backward, and how many of them its MLP saves:
+    those are freed before the attention's backward runs.
 
     ``kernel``: ``sdpa`` and ``flash`` (fused: output and log-sum-exp), ``eager`` (scores
     materialised) or ``math`` (SDPA's fallback on the CPU when head widths differ).
@@ -195,13 +196,14 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
         attention_core(saved, "attn", t, batch, seq, a, p, kernel)
     grad_mid = grad_attn or grad_in
     mid_bytes = norm(saved, "ln2", t, hidden, p, grad_mid, norms_trainable, p.residual)
+    before_mlp = saved.total
     if f.moe:
         _moe(saved, t, hidden, f, roles, p, mid_bytes, grad_mid)
     else:
         gated_mlp(saved, "mlp", "ln2.out", t, hidden, f.intermediate,
                   {n: roles.get(n, LinearRole()) for n in ("gate_proj", "up_proj", "down_proj")},
                   p, mid_bytes, grad_mid)
-    return saved.total
+    return saved.total, saved.total - before_mlp
 
 
 def _mla(saved: Saved, t: int, batch: int, seq: int, a: Attention, p: Precision, kernel: str,

@@ -286,7 +286,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     # prepare_model_for_kbit_training makes the embeddings' output require grad when
     # checkpointing, so even the first layer saves.
     grad_in = full or (recipe.bits < 16 and recipe.grad_ckpt)
-    saved_by_layer, kept_by_layer, seen = [], [], {}
+    saved_by_layer, kept_by_layer, mlp_by_layer, seen = [], [], [], {}
     for i, layer in enumerate(arch.layers):
         norms = full or (trained is not None and i in trained)
         kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
@@ -294,7 +294,8 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         if key not in seen:  # most layers are alike: price each kind once
             seen[key] = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len, roles[i],
                                     norms, grad_in, p, kernel)
-        saved = seen[key]
+        saved, mlp_saved = seen[key]
+        mlp_by_layer.append(mlp_saved)
         grad_in = grad_in or saved > 0
         kept = t * arch.hidden * w if recipe.grad_ckpt and saved else saved
         saved_by_layer.append(saved)
@@ -336,7 +337,8 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         layer = arch.layers[i]
         kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
         transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * c,
-                        attention_backward_spike(layer, shape.batch, shape.seq_len, p, kernel))
+                        attention_backward_spike(layer, shape.batch, shape.seq_len, p, kernel)
+                        - mlp_by_layer[i])
         tl.spike("temporaries", transient if saved else 0, f"backward (layer {i})")
         tl.add("activations", -(saved + kept if recipe.grad_ckpt else saved), "backward")
     if full:
