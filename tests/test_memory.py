@@ -32,7 +32,7 @@ def test_the_issue_case_without_autocast_keeps_fp32_copies_of_adapted_inputs(pm)
     h, inter, layers, t, rank = 64, 176, 2, 2048, 32
     fan_in = 6 * h + inter  # q, k, v, o, gate, up read h features; down reads inter
     # ... and lora_A's output is fp32 too; autocast's 16-bit copies of the adapters go
-    in_out = 2 * h + 2 * (h + 32) + 3 * (h + inter)  # q, o; k, v (2 KV heads); MLP
+    in_out = 2 * (h + h) + 2 * (h + 32) + 3 * (h + inter)  # q, o; k, v (2 KV heads); MLP
     assert pure - amp == layers * (t * fan_in * (4 - 2) + 7 * t * rank * (4 - 2)
                                    - rank * in_out * 2)
 
