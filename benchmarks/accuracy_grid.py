@@ -8,6 +8,7 @@ steps through :mod:`autotune.run.measure`, and compares the measured peak with
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from autotune.cost.params import peft_targets
@@ -31,56 +32,128 @@ ARCHITECTURES = {
                             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
                             moe_intermediate_size=64, first_k_dense_replace=1,
                             max_position_embeddings=2048),
+    # -- the real-shape grid: small hidden sizes, the sequence lengths people train at
+    "llama-s": dict(model_type="llama", hidden_size=64, intermediate_size=176,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    vocab_size=4096, max_position_embeddings=8192),
+    "llama-mha": dict(model_type="llama", hidden_size=96, intermediate_size=256,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                      vocab_size=4096, max_position_embeddings=8192),
+    "llama3-128k": dict(model_type="llama", hidden_size=64, intermediate_size=160,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        vocab_size=128256, max_position_embeddings=4096),
+    "qwen2-152k-tied": dict(model_type="qwen2", hidden_size=64, intermediate_size=160,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            vocab_size=151936, max_position_embeddings=4096,
+                            tie_word_embeddings=True),
+    "mixtral-moe": dict(model_type="mixtral", hidden_size=64, intermediate_size=96,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        num_local_experts=4, num_experts_per_tok=2, vocab_size=4096,
+                        max_position_embeddings=4096),
 }
 MOE_ARCHITECTURES = {
     # fused experts (transformers 5) for 4-bit expert cases; widths bitsandbytes' CPU
     # 4-bit kernels take. Apart from ARCHITECTURES (the tests' TINY configs), whose
     # families all describe themselves analytically.
-    "mixtral-moe": dict(model_type="mixtral", hidden_size=128, intermediate_size=128,
+    "mixtral-4bit": dict(model_type="mixtral", hidden_size=128, intermediate_size=128,
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                         num_local_experts=4, num_experts_per_tok=2, vocab_size=2048,
                         max_position_embeddings=2048),
 }
 CONFIGS = {**ARCHITECTURES, **MOE_ARCHITECTURES}
 
-GRID: list[tuple[str, Recipe]] = [
-    ("llama-gqa", Recipe(method="full", precision="fp32", batch=2, seq_len=64)),
-    ("llama-gqa", Recipe(method="full", precision="bf16", batch=2, seq_len=64)),
-    ("llama-gqa", Recipe(method="full", precision="amp", batch=2, seq_len=64)),
-    ("llama-gqa", Recipe(method="full", precision="bf16", batch=4, seq_len=128, grad_ckpt=True)),
-    ("llama-gqa", Recipe(method="lora", batch=2, seq_len=64)),
-    ("llama-gqa", Recipe(method="lora", batch=8, seq_len=64)),
-    ("llama-gqa", Recipe(method="lora", rank=16, dropout=0.1, batch=2, seq_len=64)),
-    ("llama-gqa", Recipe(method="lora", batch=2, seq_len=256, grad_ckpt=True)),
-    ("llama-gqa", Recipe(method="lora", batch=2, seq_len=64, attn="eager")),
-    ("llama-gqa", Recipe(method="lora", precision="fp32", batch=2, seq_len=64)),
-    ("llama-gqa", Recipe(method="lora", precision="fp32", dropout=0.05, batch=2, seq_len=64)),
-    ("llama-gqa", Recipe(method="qlora", batch=2, seq_len=64)),
-    ("llama-gqa", Recipe(method="qlora", batch=2, seq_len=128, grad_ckpt=True)),
-    ("llama-gqa", Recipe(method="lora", bits=8, batch=2, seq_len=64)),
-    ("llama-gqa", Recipe(method="full", precision="bf16", batch=2, seq_len=64, optim="sgd")),
-    ("llama-gqa", Recipe(method="full", precision="bf16", batch=2, seq_len=64,
-                         optim="adafactor")),
-    ("llama-gqa", Recipe(method="lora", batch=2, seq_len=64, optim="adafactor")),
-    ("qwen2-64k-tied", Recipe(method="lora", batch=2, seq_len=64)),
-    ("qwen2-64k-tied", Recipe(method="full", precision="bf16", batch=2, seq_len=64)),
-    ("qwen2-64k-tied", Recipe(method="full", precision="amp", batch=1, seq_len=64)),
-    ("qwen2-64k-tied", Recipe(method="lora", rank=16, targets="q_proj,v_proj", batch=1,
-                              seq_len=128)),
-    ("mistral", Recipe(method="freeze", freeze_layers=1, batch=2, seq_len=96)),
-    ("mistral", Recipe(method="dora", batch=2, seq_len=64)),
-    ("mistral", Recipe(method="lora", precision="amp", batch=2, seq_len=64)),
-    ("mistral", Recipe(method="qlora", targets="q_proj,v_proj", batch=2, seq_len=128)),
-    ("deepseek-v2-moe", Recipe(method="lora", targets="attn", batch=2, seq_len=64)),
-    ("deepseek-v2-moe", Recipe(method="full", precision="bf16", batch=2, seq_len=64)),
+
+@dataclass(frozen=True)
+class Case:
+    """One grid point: a model, a recipe, and whether 16-bit compute runs under autocast
+    (the Trainer's way) or as a pure 16-bit loop."""
+
+    arch: str
+    recipe: Recipe
+    autocast: bool = True
+
+
+def _r(**kw) -> Recipe:
+    return Recipe(**kw)
+
+
+SMALL: list[Case] = [Case(a, r) for a, r in [
+    ("llama-gqa", _r(method="full", precision="fp32", batch=2, seq_len=64)),
+    ("llama-gqa", _r(method="full", precision="bf16", batch=2, seq_len=64)),
+    ("llama-gqa", _r(method="full", precision="amp", batch=2, seq_len=64)),
+    ("llama-gqa", _r(method="full", precision="bf16", batch=4, seq_len=128, grad_ckpt=True)),
+    ("llama-gqa", _r(method="lora", batch=2, seq_len=64)),
+    ("llama-gqa", _r(method="lora", batch=8, seq_len=64)),
+    ("llama-gqa", _r(method="lora", rank=16, dropout=0.1, batch=2, seq_len=64)),
+    ("llama-gqa", _r(method="lora", batch=2, seq_len=256, grad_ckpt=True)),
+    ("llama-gqa", _r(method="lora", batch=2, seq_len=64, attn="eager")),
+    ("llama-gqa", _r(method="lora", precision="fp32", batch=2, seq_len=64)),
+    ("llama-gqa", _r(method="lora", precision="fp32", dropout=0.05, batch=2, seq_len=64)),
+    ("llama-gqa", _r(method="qlora", batch=2, seq_len=64)),
+    ("llama-gqa", _r(method="qlora", batch=2, seq_len=128, grad_ckpt=True)),
+    ("llama-gqa", _r(method="lora", bits=8, batch=2, seq_len=64)),
+    ("llama-gqa", _r(method="full", precision="bf16", batch=2, seq_len=64, optim="sgd")),
+    ("llama-gqa", _r(method="full", precision="bf16", batch=2, seq_len=64, optim="adafactor")),
+    ("llama-gqa", _r(method="lora", batch=2, seq_len=64, optim="adafactor")),
+    ("qwen2-64k-tied", _r(method="lora", batch=2, seq_len=64)),
+    ("qwen2-64k-tied", _r(method="full", precision="bf16", batch=2, seq_len=64)),
+    ("qwen2-64k-tied", _r(method="full", precision="amp", batch=1, seq_len=64)),
+    ("qwen2-64k-tied", _r(method="lora", rank=16, targets="q_proj,v_proj", batch=1,
+                          seq_len=128)),
+    ("mistral", _r(method="freeze", freeze_layers=1, batch=2, seq_len=96)),
+    ("mistral", _r(method="dora", batch=2, seq_len=64)),
+    ("mistral", _r(method="lora", precision="amp", batch=2, seq_len=64)),
+    ("mistral", _r(method="qlora", targets="q_proj,v_proj", batch=2, seq_len=128)),
+    ("deepseek-v2-moe", _r(method="lora", targets="attn", batch=2, seq_len=64)),
+    ("deepseek-v2-moe", _r(method="full", precision="bf16", batch=2, seq_len=64)),
     # 4-bit fused experts (bitsandbytes' parametrization), with and without expert LoRA
-    ("mixtral-moe", Recipe(method="qlora", targets="attn", batch=2, seq_len=64)),
-    ("mixtral-moe", Recipe(method="qlora", targets="attn", batch=2, seq_len=128,
-                           grad_ckpt=True)),
-    ("mixtral-moe", Recipe(method="qlora", targets="attn,experts", batch=2, seq_len=128,
-                           grad_ckpt=True)),
-    ("mixtral-moe", Recipe(method="qlora", batch=2, seq_len=128, grad_ckpt=True)),
+    ("mixtral-4bit", _r(method="qlora", targets="attn", batch=2, seq_len=64)),
+    ("mixtral-4bit", _r(method="qlora", targets="attn", batch=2, seq_len=128, grad_ckpt=True)),
+    ("mixtral-4bit", _r(method="qlora", targets="attn,experts", batch=2, seq_len=128,
+                        grad_ckpt=True)),
+    ("mixtral-4bit", _r(method="qlora", batch=2, seq_len=128, grad_ckpt=True)),
+]] + [
+    Case("llama-gqa", _r(method="lora", batch=2, seq_len=64), autocast=False),
+    Case("llama-gqa", _r(method="full", precision="bf16", batch=2, seq_len=256, attn="eager",
+                         grad_ckpt=True)),
 ]
+"""The original toy grid: 64-256 tokens, every method and optimizer."""
+
+REAL: list[Case] = [
+    Case("llama-s", _r(method="lora", batch=1, seq_len=8192)),
+    Case("llama-s", _r(method="lora", rank=32, alpha=64, batch=2, seq_len=2048)),
+    Case("llama-s", _r(method="lora", rank=32, alpha=64, batch=2, seq_len=2048), autocast=False),
+    Case("llama-s", _r(method="lora", dropout=0.05, batch=8, seq_len=512)),
+    Case("llama-s", _r(method="lora", dropout=0.1, batch=2, seq_len=1024), autocast=False),
+    Case("llama-s", _r(method="lora", batch=2, seq_len=4096, grad_ckpt=True)),
+    Case("llama-s", _r(method="dora", batch=2, seq_len=1024)),
+    Case("llama-s", _r(method="qlora", batch=2, seq_len=2048)),
+    Case("llama-s", _r(method="qlora", rank=16, batch=1, seq_len=4096, grad_ckpt=True)),
+    Case("llama-s", _r(method="lora", bits=8, batch=2, seq_len=1024)),
+    Case("llama-s", _r(method="full", precision="bf16", batch=1, seq_len=2048)),
+    Case("llama-s", _r(method="full", precision="bf16", batch=4, seq_len=1024), autocast=False),
+    Case("llama-s", _r(method="lora", batch=2, seq_len=2048, attn="eager", grad_ckpt=True)),
+    Case("llama-s", _r(method="full", precision="amp", batch=2, seq_len=1024, grad_ckpt=True)),
+    Case("llama-s", _r(method="freeze", freeze_layers=1, batch=4, seq_len=512)),
+    Case("llama-mha", _r(method="lora", batch=2, seq_len=1024, attn="eager")),
+    Case("llama-mha", _r(method="full", precision="bf16", batch=1, seq_len=2048, attn="eager")),
+    Case("llama-mha", _r(method="lora", rank=16, targets="q_proj,v_proj", batch=4,
+                         seq_len=2048)),
+    Case("llama3-128k", _r(method="lora", batch=1, seq_len=512)),
+    Case("llama3-128k", _r(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+    Case("qwen2-152k-tied", _r(method="lora", batch=1, seq_len=512)),
+    Case("qwen2-152k-tied", _r(method="full", precision="bf16", batch=1, seq_len=512)),
+    Case("mixtral-moe", _r(method="lora", targets="attn", batch=2, seq_len=1024)),
+    Case("mixtral-moe", _r(method="full", precision="bf16", batch=1, seq_len=1024)),
+    Case("deepseek-v2-moe", _r(method="lora", targets="attn", batch=2, seq_len=512)),
+    Case("deepseek-v2-moe", _r(method="full", precision="bf16", batch=1, seq_len=1024)),
+    Case("mistral", _r(method="lora", dropout=0.1, batch=4, seq_len=512, grad_ckpt=True)),
+]
+"""Sequence lengths people train at (512-8,192 tokens), batch 1-8, with small hidden sizes."""
+
+GRID: list[Case] = SMALL + REAL
+FAST: list[Case] = [SMALL[i] for i in (4, 6, 11, 13, 21, 22, 26, 27, 28)]
+"""What tests/test_memory.py measures: a representative subset that runs in seconds."""
 
 
 @dataclass
@@ -91,6 +164,9 @@ class Comparison:
     recipe: Recipe
     estimated: int
     measured: int
+    autocast: bool = True
+    memory: object = None
+    """The CPU estimate (a :class:`~autotune.cost.memory.MemoryEstimate`)."""
 
     @property
     def error(self) -> float:
@@ -98,23 +174,52 @@ class Comparison:
         return (self.estimated - self.measured) / self.measured
 
 
-def compare(pm, arch: str, recipe: Recipe) -> Comparison:
-    """Estimate and measure one case on the CPU."""
+def predict(pm, config: dict, recipe: Recipe, autocast: bool = True):
+    """The CPU estimate of one case (a pure 16-bit loop re-simulated without autocast)."""
     from autotune.cost.assess import estimate
+    from autotune.cost.memory import estimate_memory
+
+    predicted = estimate(pm, config, recipe, device="cpu")
+    if not autocast:
+        predicted.memory = estimate_memory(predicted.arch, predicted.recipe, predicted.params,
+                                           device="cpu", autocast=False)
+    return predicted
+
+
+def case_key(config: dict, recipe: Recipe, autocast: bool) -> str:
+    """What identifies a measurement: the config, the recipe and autocast."""
+    return json.dumps([config, recipe.to_dict(), autocast], sort_keys=True)
+
+
+def compare(pm, arch: str | dict, recipe: Recipe, autocast: bool = True,
+            measured: dict | None = None) -> Comparison:
+    """Estimate and measure one case on the CPU (``arch``: a grid name or a config).
+
+    ``measured``: peaks already measured by :func:`case_key` (CPU peaks are reproducible to
+    the byte with the same library versions); a case not in it is measured and added.
+    """
     from autotune.run.measure import measure
 
-    config = CONFIGS[arch]
-    predicted = estimate(pm, config, recipe, device="cpu")
-    targets = None if recipe.targets == "all-linear" else peft_targets(predicted.params)[0]
-    # built as the plan priced it (experts quantised, adapters placed) and audited
-    measured = measure(config, recipe, target_modules=targets, steps=3,
-                       planned=(predicted.family, predicted.arch, predicted.params))
-    return Comparison(arch, recipe, predicted.memory.tensor_peak, measured.peak_tensor_bytes)
+    config = CONFIGS[arch] if isinstance(arch, str) else arch
+    predicted = predict(pm, config, recipe, autocast)
+    key = case_key(config, recipe, autocast)
+    if measured is None or key not in measured:
+        targets = None if recipe.targets == "all-linear" else peft_targets(predicted.params)[0]
+        # built as the plan priced it (experts quantised, adapters placed) and audited
+        peak = measure(config, recipe, target_modules=targets, steps=3, autocast=autocast,
+                       planned=(predicted.family, predicted.arch,
+                                predicted.params)).peak_tensor_bytes
+        if measured is not None:
+            measured[key] = peak
+    name = arch if isinstance(arch, str) else config["model_type"]
+    return Comparison(name, recipe, predicted.memory.tensor_peak,
+                      measured[key] if measured is not None else peak, autocast, predicted.memory)
 
 
-def describe_recipe(recipe: Recipe) -> str:
+def describe_recipe(recipe: Recipe, autocast: bool = True) -> str:
     """A short label: method, bits, precision, batch x sequence, extras."""
-    parts = [recipe.method, f"{recipe.bits}-bit" if recipe.bits < 16 else recipe.precision,
+    precision = recipe.precision if autocast else f"pure {recipe.precision}"
+    parts = [recipe.method, f"{recipe.bits}-bit" if recipe.bits < 16 else precision,
              f"{recipe.batch}x{recipe.seq_len}"]
     if recipe.adapter:
         parts.append(f"r{recipe.rank} {recipe.targets}")

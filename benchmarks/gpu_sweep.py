@@ -1,8 +1,19 @@
 """Measure real training steps on this machine's NVIDIA GPU and compare them with the estimate.
 
-    python benchmarks/gpu_sweep.py [--models deepseek-7b,qwen2.5-7b] [--layers 2]
-        [--methods full,lora,qlora] [--batches 1,2] [--seq-lens 512,2048] [--ckpt off,on]
-        [--steps 4] [--out FILE] [--device cuda|cpu]
+    python benchmarks/gpu_sweep.py [--models deepseek-7b,deepseek-v2-lite] [--layers 2]
+        [--methods full,full-bf16,lora,dora,qlora,lora-8bit,dpo] [--moe-methods lora,full-bf16]
+        [--batches 1] [--seq-lens 1024,4096,8192] [--ckpt off,on] [--steps 4]
+        [--budget-s 420] [--out FILE] [--device cuda|cpu]
+
+The default grid covers full fine-tuning (fp32 master weights under bf16 autocast, and pure
+bf16), LoRA, DoRA, QLoRA (nf4 with double quantisation), LoRA on an 8-bit base and DPO's
+policy step, on a dense model (deepseek-7b) and a mixture of experts with latent attention
+(deepseek-v2-lite; ``--moe-methods``), with and without checkpointing, at 1k-8k tokens.
+``--budget-s`` stops starting new points after that many seconds, so that one command stays
+within 8 minutes on one modern GPU (the points not reached are listed).
+``dpo`` measures DPO's policy step: chosen and rejected (2 x batch sequences) through the
+adapters; the reference model's forward (adapters off, no gradient) is not run, and the
+record is the plain 2 x batch step that calibration prices.
 
 The models are randomly initialised from the real configs of the named profiles with only
 ``--layers`` decoder layers (the embeddings, head and layer shapes are the real ones), so
@@ -36,7 +47,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.* from a checkout
 METHODS = {"full": ("full", 16, "amp"), "full-bf16": ("full", 16, "bf16"),
-           "lora": ("lora", 16, "bf16"), "qlora": ("qlora", 4, "bf16")}
+           "lora": ("lora", 16, "bf16"), "dora": ("dora", 16, "bf16"),
+           "qlora": ("qlora", 4, "bf16"), "lora-8bit": ("lora", 8, "bf16"),
+           "dpo": ("lora", 16, "bf16")}
+MOE = ("n_routed_experts", "num_local_experts", "num_experts")
 CPU_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
              "vocab_size": 512}
 """What ``--device cpu`` shrinks every config to (layers come from --layers)."""
@@ -44,15 +58,20 @@ CPU_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads":
 
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="deepseek-7b,qwen2.5-7b",
+    parser.add_argument("--models", default="deepseek-7b,deepseek-v2-lite",
                         help="profile ids whose configs are measured (comma-separated)")
     parser.add_argument("--layers", type=int, default=2,
                         help="decoder layers kept of each config (default 2)")
-    parser.add_argument("--methods", default="full,lora,qlora",
+    parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated, of {', '.join(METHODS)} (full is fp32 master "
                              "weights under bf16 autocast, as the planner's full)")
-    parser.add_argument("--batches", default="1,2")
-    parser.add_argument("--seq-lens", default="512,2048")
+    parser.add_argument("--moe-methods", default="lora,full-bf16",
+                        help="the methods measured on mixture-of-experts models")
+    parser.add_argument("--batches", default="1")
+    parser.add_argument("--seq-lens", default=None,
+                        help="default 1024,4096,8192 (on the CPU: 64,128)")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="start no new point after this many seconds (default 420)")
     parser.add_argument("--ckpt", default="off,on", help="gradient checkpointing: off, on or both")
     parser.add_argument("--steps", type=int, default=4,
                         help="optimizer steps per point: one warm-up, the rest timed")
@@ -65,7 +84,9 @@ def parse(argv=None) -> argparse.Namespace:
         parser.error("--steps must be at least 2 (a warm-up and a timed step)")
     if args.layers < 1:
         parser.error("--layers must be at least 1")
-    unknown = [m for m in _split(args.methods) if m not in METHODS]
+    if args.seq_lens is None:
+        args.seq_lens = "64,128" if args.device == "cpu" else "1024,4096,8192"
+    unknown = [m for m in _split(args.methods) + _split(args.moe_methods) if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     return args
@@ -168,12 +189,12 @@ def main(argv=None) -> int:
     import torch
 
     from autotune.calibrate import calibration
-    from benchmarks.accuracy_grid import describe_recipe
     from autotune.catalog.gpus import gpu_from_name
-    from autotune.run.measure import measure
-    from autotune.plugin.manager import get_plugin_manager
     from autotune.catalog.models import resolve_model
     from autotune.cost.recipe import Recipe
+    from autotune.plugin.manager import get_plugin_manager
+    from autotune.run.measure import measure
+    from benchmarks.accuracy_grid import describe_recipe
 
     cpu = args.device == "cpu"
     if not cpu and not torch.cuda.is_available():
@@ -198,10 +219,8 @@ def main(argv=None) -> int:
         out = args.out or str(REPO / "profiles" / "measurements" / f"{card_id}.jsonl")
     device = "cpu" if cpu else "cuda"
     print(f"device: {gpu_name or 'CPU (tests the script only)'} ({card_id}); records -> {out}")
-    grid = [(m, b, s, ckpt) for m in _split(args.methods) for b in map(int, _split(args.batches))
-            for s in map(int, _split(args.seq_lens)) for ckpt in _split(args.ckpt)]
     unit, scale = ("MiB", 2**20) if cpu else ("GiB", 2**30)
-    rows, tensor_errors, speed_ratios = [], [], []
+    rows, tensor_errors, speed_ratios, skipped = [], [], [], []
     started = time.perf_counter()
     for spec in _split(args.models):
         model = resolve_model(spec, pm)
@@ -210,11 +229,19 @@ def main(argv=None) -> int:
         model_id = f"{model.id}[{args.layers} of {real} layers{', 64 wide' if cpu else ''}]"
         print(f"model: {model.id}'s config ({model.name}) with num_hidden_layers {args.layers} of "
               f"{real}{' and a 64-wide tiny shape' if cpu else ''}, random init", flush=True)
+        moe = any(model.config.get(key) for key in MOE)
+        methods = _split(args.moe_methods if moe else args.methods)
+        grid = [(m, b, s, ckpt) for m in methods for b in map(int, _split(args.batches))
+                for s in map(int, _split(args.seq_lens)) for ckpt in _split(args.ckpt)]
         for name, batch, seq_len, ckpt in grid:
             method, bits, precision = METHODS[name]
-            recipe = Recipe(method=method, bits=bits, precision=precision, batch=batch,
-                            seq_len=seq_len, grad_ckpt=ckpt == "on")
-            label = f"{model.id} {describe_recipe(recipe)}"
+            sequences = 2 if name == "dpo" else 1  # chosen and rejected
+            recipe = Recipe(method=method, bits=bits, precision=precision,
+                            batch=batch * sequences, seq_len=seq_len, grad_ckpt=ckpt == "on")
+            label = f"{model.id} {name}: {describe_recipe(recipe)}"
+            if time.perf_counter() - started > args.budget_s:
+                skipped.append(label)
+                continue
             try:
                 if not cpu:
                     torch.cuda.empty_cache()
@@ -226,8 +253,8 @@ def main(argv=None) -> int:
             finally:
                 gc.collect()
             record = calibration.record_from_measurement(
-                pm, config, recipe, found, model_id=model_id, family=model.family,
-                source="sweep", gpu_name=gpu_name, gpu_memory=gpu_memory, device_used=used)
+                pm, config, recipe, found, family=model.family, source="sweep",
+                model_id=model_id + (" dpo policy step" if name == "dpo" else ""), gpu_name=gpu_name, gpu_memory=gpu_memory, device_used=used)
             calibration.append(record, out)
             predicted, measured = record["predicted"], record["measured"]
             tensor_error = predicted["tensor_peak_bytes"] / measured["peak_tensor_bytes"] - 1
@@ -237,7 +264,7 @@ def main(argv=None) -> int:
                      if predicted["tokens_per_s"] else None)
             if speed:
                 speed_ratios.append(speed)
-            rows.append([model.id, describe_recipe(recipe),
+            rows.append([model.id, f"{name}: {describe_recipe(recipe)}",
                          f"{predicted['tensor_peak_bytes'] / scale:.2f}",
                          f"{measured['peak_tensor_bytes'] / scale:.2f}",
                          f"{100 * tensor_error:+.1f}%",
@@ -265,6 +292,9 @@ def main(argv=None) -> int:
     else:
         print("no point could be measured")
         return 1
+    if skipped:
+        print(f"{len(skipped)} points not reached within --budget-s {args.budget_s:.0f}: "
+              + "; ".join(skipped))
     return 0
 
 

@@ -1,12 +1,19 @@
 """Estimated vs measured peak tensor memory of real CPU training steps.
 
-    python benchmarks/memory_accuracy.py [--docs]
+    python benchmarks/memory_accuracy.py [--small] [--sweep N] [--fit] [--docs] [--cached]
 
-Prints one row per case of ``benchmarks.accuracy_grid.GRID`` and the median and worst error;
-``--docs`` also writes the table into docs/accuracy.md.
+Runs ``benchmarks.accuracy_grid.GRID`` (the toy grid and the real-shape grid; ``--small``:
+the toy grid only) and, with ``--sweep N``, N random cases drawn by
+``benchmarks/random_sweep.py``, printing one row per case and the median, worst and
+largest under-prediction. ``--fit`` writes the grid's conformal scores into
+``profiles/measurements/bounds.json`` (the CPU bound; the sweep is its held-out check);
+``--docs`` writes the tables into docs/accuracy.md. Measured peaks are kept in
+``benchmarks/data/cpu_measured.json``; ``--cached`` reuses them (to re-estimate after a
+change to the model without measuring again: the file records the library versions).
 CPU peaks are reproducible to the byte, so the errors are the model's, not noise.
 """
 
+import json
 import statistics
 import sys
 import time
@@ -14,32 +21,118 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* from a checkout
 
-from benchmarks.accuracy_grid import GRID, compare, describe_recipe
 from autotune.plugin.manager import get_plugin_manager
+from benchmarks.accuracy_grid import GRID, SMALL, compare, describe_recipe
+
+BOUNDS = Path(__file__).resolve().parents[1] / "profiles" / "measurements" / "bounds.json"
+MEASURED = Path(__file__).resolve().parent / "data" / "cpu_measured.json"
+
+
+def load_measured() -> dict:
+    """Cached peaks, when ``--cached`` and measured with the installed library versions."""
+    from autotune.util.versions import library_versions
+
+    if "--cached" not in sys.argv or not MEASURED.exists():
+        return {}
+    data = json.loads(MEASURED.read_text())
+    if data.get("libraries") != library_versions():
+        print("cached peaks were measured with other library versions: measuring again")
+        return {}
+    return data["peaks"]
+
+
+def save_measured(peaks: dict) -> None:
+    from autotune.util.versions import library_versions
+
+    MEASURED.write_text(json.dumps({"libraries": library_versions(), "peaks": peaks},
+                                   indent=0, sort_keys=True) + "\n")
+
+
+def summary(rows, seconds: float) -> str:
+    errors = [r.error for r in rows]
+    return (f"{len(rows)} cases: median |error| {100 * statistics.median(map(abs, errors)):.2f}%, "
+            f"worst {100 * max(map(abs, errors)):.2f}%, largest under-prediction "
+            f"{100 * min(0.0, min(errors)):.2f}% ({seconds:.0f} s)")
+
+
+def coverage(rows) -> str:
+    from autotune.cost.uncertainty import band, fits
+
+    if "cpu" not in fits():
+        return ""
+    inside = [band(r.memory, device="cpu").low <= r.measured <= band(r.memory, device="cpu").high
+              for r in rows]
+    widths = [band(r.memory, device="cpu").high / r.measured - 1 for r in rows]
+    return (f"; the 95% bound ({band(rows[0].memory, device='cpu').source}) covers "
+            f"{sum(inside)} of {len(rows)}, median {100 * statistics.median(widths):+.2f}% above "
+            "the measured peak")
+
+
+def run(pm, cases, label: str, emit, measured: dict) -> list:
+    started, rows = time.perf_counter(), []
+    emit(f"| {label:<16} | {'recipe':<50} | {'estimated':>12} | {'measured':>12} | error |")
+    emit(f"|{'-' * 18}|{'-' * 52}|{'-' * 14}|{'-' * 14}|-------|")
+
+    def show(row):
+        rows.append(row)
+        emit(f"| {row.arch:<16} | {describe_recipe(row.recipe, row.autocast):<50} | "
+             f"{row.estimated:>12,} | {row.measured:>12,} | {100 * row.error:+5.2f}% |")
+
+    if cases is None:
+        from benchmarks.random_sweep import sweep
+
+        sweep(pm, int(sys.argv[sys.argv.index("--sweep") + 1]), show, measured)
+    else:
+        for case in cases:
+            show(compare(pm, case.arch, case.recipe, case.autocast, measured))
+    emit("\n" + summary(rows, time.perf_counter() - started))
+    return rows
 
 
 def main() -> None:
     pm = get_plugin_manager(load_entrypoints=False)
-    started = time.perf_counter()
-    errors, lines = [], []
+    tables, measured = {}, load_measured()
+    for name, cases in (("accuracy", SMALL if "--small" in sys.argv else GRID),
+                        ("sweep", None if "--sweep" in sys.argv else False)):
+        if cases is False:
+            continue
+        lines = []
 
-    def emit(line: str) -> None:
-        lines.append(line)
-        print(line, flush=True)
+        def emit(line: str, lines=lines) -> None:
+            lines.append(line)
+            print(line, flush=True)
 
-    emit(f"| {'model':<16} | {'recipe':<44} | {'estimated':>12} | {'measured':>12} | error |")
-    emit(f"|{'-' * 18}|{'-' * 46}|{'-' * 14}|{'-' * 14}|-------|")
-    for arch, recipe in GRID:
-        row = compare(pm, arch, recipe)
-        errors.append(abs(row.error))
-        emit(f"| {arch:<16} | {describe_recipe(recipe):<44} | {row.estimated:>12,} | "
-             f"{row.measured:>12,} | {100 * row.error:+5.2f}% |")
-    emit(f"\n{len(errors)} cases: median |error| {100 * statistics.median(errors):.2f}%, "
-         f"worst {100 * max(errors):.2f}% ({time.perf_counter() - started:.0f} s)")
+        rows = run(pm, cases, "model", emit, measured)
+        save_measured(measured)
+        if name == "accuracy" and "--fit" in sys.argv:
+            fit_cpu(rows)
+        lines[-1] += coverage(rows)
+        print(lines[-1])
+        tables[name] = "\n".join(lines)
     if "--docs" in sys.argv:
         from docs_table import update
 
-        update("accuracy", "\n".join(lines))
+        from autotune.util.versions import library_versions
+
+        for name, table in tables.items():
+            update(name, table)
+        update("versions", "Measured with " + ", ".join(
+            f"{name} {version or 'not installed'}" for name, version in library_versions().items())
+            + " (the CPU build of torch).")
+
+
+def fit_cpu(rows) -> None:
+    """The CPU entry of bounds.json: the grid's conformal scores. On the CPU the grid is
+    the whole evidence, so the band is also asked to cover its worst case (``cover_all``)."""
+    from autotune.cost.uncertainty import fits, score
+
+    bounds = json.loads(BOUNDS.read_text()) if BOUNDS.exists() else {
+        "schema": "autotune.bounds/1", "devices": {}}
+    bounds["devices"]["cpu"] = {
+        "label": "CPU fit", "unit": "measured CPU steps", "confidence": 0.95, "cover_all": True,
+        "scores": sorted(round(score(r.memory, r.measured, "cpu"), 4) for r in rows)}
+    BOUNDS.write_text(json.dumps(bounds, indent=1) + "\n")
+    fits.cache_clear()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,12 @@ from tests.conftest import TINY
 MiB = 2**20
 
 
+@pytest.fixture(autouse=True)
+def priors_only(monkeypatch):
+    """Most tests here are about the priors: hide the fitted scores that ship."""
+    monkeypatch.setattr("autotune.cost.uncertainty.fits", dict)
+
+
 @pytest.fixture(scope="module")
 def memory(pm):
     return estimate(pm, TINY["llama-gqa"], Recipe(method="lora", batch=2, seq_len=64)).memory
@@ -114,3 +120,69 @@ def test_a_missing_peak_spread_keeps_the_overhead_priors(memory):
     fit = correction(spread={"tensor": 0.02, "peak": None})
     b = band(apply(memory, fit), correction=fit)
     assert b.source == "calibration (a100-80gb, 10 runs; device overhead from priors)"
+
+
+def fit_of(scores, **extra):
+    return {"cuda": {"label": "GPU fit", "unit": "published runs", "scores": scores, **extra}}
+
+
+def test_a_fitted_band_is_the_conformal_quantile_times_the_prior_widths(memory, monkeypatch):
+    from autotune.cost.uncertainty import prior_widths, quantile
+
+    scores = [i / 10 for i in range(-9, 10)]  # 19 scores: rank ceil(20 x 0.95) = 19, the largest
+    assert quantile(scores, 0.95) == 0.9 and quantile(scores, 0.5) == 0.0
+    assert quantile(scores[:18], 0.95) is None  # too few for 95%
+    monkeypatch.setattr("autotune.cost.uncertainty.fits", lambda: fit_of(scores))
+    b = band(memory)
+    widths = prior_widths(memory, "cuda")
+    assert b.source == "GPU fit (19 published runs)"
+    assert b.high - memory.peak == pytest.approx(0.9 * sum(w[1] for w in widths.values()), abs=1)
+    assert memory.peak - b.low == pytest.approx(0.9 * sum(w[0] for w in widths.values()), abs=1)
+    # too few scores for the confidence asked: the priors answer
+    assert band(memory, confidence=0.99).source == "priors"
+
+
+def test_a_score_is_the_residual_over_the_prior_widths(memory):
+    from autotune.cost.uncertainty import fitted_band, prior_widths, score
+
+    up = sum(w[1] for w in prior_widths(memory, "cuda").values())
+    assert score(memory, memory.peak + int(up), "cuda") == pytest.approx(1.0, abs=1e-6)
+    assert score(memory, memory.peak, "cuda") == 0
+    assert fitted_band(memory, "cuda", 0.95) is None  # nothing fitted (fixture)
+
+
+def test_a_cover_all_fit_holds_every_fitted_case(memory, monkeypatch):
+    scores = [0.0] * 30 + [2.5]
+    monkeypatch.setattr("autotune.cost.uncertainty.fits", lambda: fit_of(scores, cover_all=True))
+    from autotune.cost.uncertainty import score
+
+    b = band(memory)
+    worst = [m for m in range(memory.peak, 2 * memory.peak, 2**20)
+             if score(memory, m, "cuda") <= 2.5][-1]
+    assert b.high >= worst
+
+
+def test_a_band_source_names_its_evidence_in_one_word():
+    from autotune.cost.uncertainty import source_kind
+
+    assert source_kind("GPU fit (19 published runs)") == "gpu-fit"
+    assert source_kind("CPU fit (53 measured CPU steps)") == "cpu-fit"
+    assert source_kind("calibration (a100-80gb, 3 runs)") == "calibration"
+    assert source_kind("priors") == "priors"
+
+
+def test_estimate_json_names_the_library_versions_and_the_bounds_evidence(pm):
+    import json
+    from importlib.metadata import version
+
+    from click.testing import CliRunner
+
+    from autotune.cli.main import make_cli
+
+    result = CliRunner().invoke(make_cli(pm), ["estimate", "--model", "llama-2-7b", "--json"])
+    report = json.loads(result.output)
+    assert set(report["libraries"]) == {"torch", "transformers", "peft", "bitsandbytes", "trl"}
+    assert report["libraries"]["transformers"] == version("transformers")
+    assert report["memory"]["bound_source"] == "priors"  # the fixture hides the fits
+    human = CliRunner().invoke(make_cli(pm), ["estimate", "--model", "llama-2-7b"]).output
+    assert f"transformers {version('transformers')}" in human and "from priors" in human

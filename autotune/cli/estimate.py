@@ -177,6 +177,8 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
     none is named."""
     from autotune.cost.host import free_disk, machine_ram
     from autotune.cost.memory import checkpoint_bytes
+    from autotune.cost.uncertainty import source_kind
+    from autotune.util.versions import library_versions
 
     speed_card = card if card is not None else probed
     if speed_card is not None and not speed_card.has_throughput:
@@ -208,13 +210,15 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
             "unmatched_targets": list(params.unmatched),
         },
         "device": planner.device,
+        "libraries": library_versions(),
         "notes": notes,
     }
     raw = result.raw_memory
     report["memory"] = {
         "tensor_peak_bytes": memory.tensor_peak, "peak_bytes": memory.peak,
         "peak_bytes_low": result.low, "peak_bytes_high": result.high,
-        **({"band": result.band.to_dict()} if result.band else {}),
+        **({"band": result.band.to_dict(), "bound_source": source_kind(result.band.source)}
+           if result.band else {}),
         "device_overhead_bytes": memory.device_overhead, "peak_phase": memory.phase,
         "breakdown": result.breakdown,
         "raw_tensor_peak_bytes": raw.tensor_peak, "raw_peak_bytes": raw.peak,
@@ -367,6 +371,9 @@ def render(report: dict) -> str:
                                 "alternatives (one change each, cheapest first; deltas are "
                                 "differences of two full estimates):")
     lines += [f"note: {n}" for n in report["notes"]]
+    if report.get("libraries"):
+        lines.append("assumes " + ", ".join(f"{name} {version or 'not installed'}"
+                                            for name, version in report["libraries"].items()))
     if report.get("plot"):
         lines.append(f"plot: {report['plot']}")
     return "\n".join(lines)

@@ -106,7 +106,8 @@ def linear(saved: Saved, name: str, source: str, t: int, fan_in: int, fan_out: i
             saved.keep(source, t * fan_in * FP32)
         if role.dropout and grad_x:  # dropout keeps its mask when a gradient flows through
             saved.keep(f"{name}.lora_mask", t * fan_in * p.dropout_mask)
-        saved.keep(f"{name}.lora_ax", t * role.rank * p.compute)
+        # lora_B's input: 16 bit under autocast, else the adapter dtype (fp32)
+        saved.keep(f"{name}.lora_ax", t * role.rank * (p.compute if p.autocast else FP32))
         if p.autocast:  # 16-bit copies of the fp32 adapter weights, held until backward
             saved.keep(f"{name}.lora_w16", role.rank * (fan_in + fan_out) * p.compute)
         if role.dora:
@@ -132,6 +133,19 @@ def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Att
         saved.keep(f"{name}.lse", batch * a.heads * seq * FP32)
 
 
+def attention_backward_spike(layer: Layer, batch: int, seq: int, p: Precision,
+                             kernel: str) -> int:
+    """Scratch of one layer's attention backward beyond what it saved.
+
+    Eager (and SDPA's math path) materialise the gradient of the probabilities: the
+    16-bit gradient and its fp32 copy for the fp32 softmax's backward, both
+    batch x heads x seq x seq. Fused kernels work in tiles.
+    """
+    if kernel not in ("eager", "math"):
+        return 0
+    return batch * layer.attention.heads * seq * seq * (p.compute + FP32)
+
+
 def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: int,
               roles: dict[str, LinearRole], p: Precision, in_bytes: int, grad_in: bool) -> None:
     """SwiGLU: down(silu(gate(x)) * up(x))."""
@@ -153,8 +167,9 @@ def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: 
 
 
 def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str, LinearRole],
-                norms_trainable: bool, grad_in: bool, p: Precision, kernel: str) -> int:
-    """Bytes one decoder layer saves for backward.
+                norms_trainable: bool, grad_in: bool, p: Precision, kernel: str) -> tuple[int, int]:
+    """Bytes one decoder layer saves for backward, and how many of them its MLP saves:
+    those are freed before the attention's backward runs.
 
     ``kernel``: ``sdpa`` and ``flash`` (fused: output and log-sum-exp), ``eager`` (scores
     materialised) or ``math`` (SDPA's fallback on the CPU when head widths differ).
@@ -179,13 +194,14 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
         attention_core(saved, "attn", t, batch, seq, a, p, kernel)
     grad_mid = grad_attn or grad_in
     mid_bytes = norm(saved, "ln2", t, hidden, p, grad_mid, norms_trainable, p.residual)
+    before_mlp = saved.total
     if f.moe:
         _moe(saved, t, hidden, f, roles, p, mid_bytes, grad_mid)
     else:
         gated_mlp(saved, "mlp", "ln2.out", t, hidden, f.intermediate,
                   {n: roles.get(n, LinearRole()) for n in ("gate_proj", "up_proj", "down_proj")},
                   p, mid_bytes, grad_mid)
-    return saved.total
+    return saved.total, saved.total - before_mlp
 
 
 def _mla(saved: Saved, t: int, batch: int, seq: int, a: Attention, p: Precision, kernel: str,

@@ -13,7 +13,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from autotune.cost.activations import FP32, INDEX, LinearRole, Precision, layer_saved
+from autotune.cost.activations import (
+    FP32,
+    INDEX,
+    LinearRole,
+    Precision,
+    attention_backward_spike,
+    layer_saved,
+)
 from autotune.cost.architecture import Architecture, Linear, Tensor, layer_index
 from autotune.cost.parallel import SINGLE, Parallel, deepspeed_optimizer_bytes, shares
 from autotune.cost.params import ParamCounts, trainable_layers
@@ -279,12 +286,16 @@ def largest_module(arch: Architecture) -> int:
 
 def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
                     extras: dict[str, int] | None = None, device: str = "cuda",
-                    sequences: int = 1, parallel: Parallel = SINGLE) -> MemoryEstimate:
+                    sequences: int = 1, parallel: Parallel = SINGLE,
+                    autocast: bool = True) -> MemoryEstimate:
     """Simulate one training step (after the first) and return its peak, by component.
 
     ``sequences`` multiplies the batch (2 for preference pairs); ``extras`` are a stage's
     additional bytes (a reference model, say), live for the whole step. With several
-    GPUs the figures are one rank's (:mod:`autotune.cost.parallel`).
+    GPUs the figures are one rank's (:mod:`autotune.cost.parallel`). ``autocast``: 16-bit
+    compute runs under ``torch.autocast``, as the Trainer's ``bf16``/``fp16`` flags run it;
+    ``False`` prices a pure 16-bit loop without autocast (16-bit bases only), where PEFT's
+    fp32 adapters keep an fp32 copy of every adapted layer's input.
     """
     if parallel.deepspeed and recipe.precision == "amp":
         # DeepSpeed runs the model in 16 bit; its fp32 master weights are optimizer state
@@ -292,7 +303,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     shape = StepShape(recipe.batch * sequences, recipe.seq_len)
     t, c = shape.tokens, BYTES[recipe.compute_dtype]
     w = BYTES[recipe.weight_dtype]
-    autocast = recipe.compute_dtype != "fp32"
+    autocast = recipe.compute_dtype != "fp32" and (autocast or w == FP32 or recipe.bits < 16)
     copies = autocast and w == FP32  # fp32 weights, cast to 16 bit per matmul
     if recipe.bits < 16:  # prepare_model_for_kbit_training leaves the residual stream fp32
         w = FP32
@@ -315,6 +326,11 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     tl.add("optimizer", int(optimizer * share.optimizer), "start")
     tl.add("communication", share.buffers, "start")
     tl.add("inputs", t * INDEX, "start")
+    # eager attention reads a materialised causal mask; checkpointing keeps it, an input of
+    # every checkpointed layer, until the last recompute
+    mask = shape.batch * shape.seq_len ** 2 * c if recipe.attn == "eager" and recipe.grad_ckpt \
+        else 0
+    tl.add("inputs", mask, "forward")
     tl.add("stage_extras", sum((extras or {}).values()), "start")
 
     # -- forward: each layer's saved tensors stay until its backward; with checkpointing
@@ -322,7 +338,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     # prepare_model_for_kbit_training makes the embeddings' output require grad when
     # checkpointing, so even the first layer saves.
     grad_in = full or (recipe.bits < 16 and recipe.grad_ckpt)
-    saved_by_layer, kept_by_layer, seen = [], [], {}
+    saved_by_layer, kept_by_layer, mlp_by_layer, seen = [], [], [], {}
     deq = dequantised_experts(arch, recipe)
     lora_experts = {t.path for t in counts.target_params}  # W + BA: a second full copy
     deq_lora = [sum(x.numel * BYTES[recipe.weight_dtype] for x in arch.experts
@@ -335,7 +351,8 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         if key not in seen:  # most layers are alike: price each kind once
             seen[key] = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len, roles[i],
                                     norms, grad_in, p, kernel)
-        saved = seen[key]
+        saved, mlp_saved = seen[key]
+        mlp_by_layer.append(mlp_saved)
         grad_in = grad_in or saved > 0
         kept = t * arch.hidden * w if recipe.grad_ckpt and saved else saved
         saved_by_layer.append(saved)
@@ -381,14 +398,20 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
                      f"backward (recompute layer {i} experts)")
             saved += deq[i] if saved else 0
         tl.add("gradients", int(grads[i] * share.gradients), f"backward (layer {i})")
-        # the incoming gradient and the MLP's gradient buffers
-        transient = t * arch.hidden * c + 3 * t * _widest_mlp(arch.layers[i]) * c
+        # the incoming gradient and the MLP's gradient buffers, or (later, the MLP's
+        # saved tensors freed) the attention's
+        layer = arch.layers[i]
+        kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
+        transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * c,
+                        attention_backward_spike(layer, shape.batch, shape.seq_len, p, kernel)
+                        - mlp_by_layer[i])
         tl.spike("temporaries", transient if saved else 0, f"backward (layer {i})")
         tl.add("activations", -(saved + kept if recipe.grad_ckpt else kept), "backward")
     if full:
         tl.add("gradients", int(_embedding_numel(arch) * w * share.gradients),
                "backward (embeddings)")
     tl.add("temporaries", -cast_copies, "backward")
+    tl.add("inputs", -mask, "backward")
 
     # -- optimizer step: every gradient exists, plus the step's own scratch
     scratch = optimizer_temporaries(recipe, shapes, param_bytes, device)

@@ -19,13 +19,19 @@ optimizer                   - 0.005 for 8-bit AdamW, - 0.01 for Adafactor
 so full > LoRA on all linear layers > attention-only; higher rank > lower; a 16-bit
 base > 8-bit > 4-bit. Throughput is a roofline: a step takes the longer of its matmul
 FLOPs at the card's dense bf16 rate times an achievable fraction (``MFU``) and the
-bytes its passes read at the card's bandwidth, plus the optimizer step spread over
-the accumulation steps.
+bytes its passes read at the card's bandwidth, plus a fixed time per layer and pass
+(kernel launches and Python, which dominate short sequences), plus the optimizer step
+spread over the accumulation steps. The MFU of each method and the per-layer time are
+fitted to published runs (``profiles/measurements/throughput.json``, written by
+``benchmarks/published_accuracy.py --fit``); without that file they are the priors.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from functools import cache
+from importlib.resources import files
 
 from autotune.cost.architecture import Architecture, layer_index
 from autotune.catalog.gpus import GPU
@@ -35,8 +41,29 @@ from autotune.cost.recipe import Recipe
 from autotune.util.errors import AutotuneError
 
 MFU = 0.45
-"""Fraction of the card's dense bf16 peak a training step achieves (a prior until
-calibrated against measured runs)."""
+"""Fraction of the card's dense bf16 peak a training step achieves (the prior where no
+fit covers the method)."""
+LAYER_TIME = 0.0
+"""Seconds per decoder layer and pass beyond the roofline (the prior: none)."""
+THROUGHPUT = "throughput.json"
+
+
+@cache
+def fitted() -> dict:
+    """The fitted MFU by method class and the per-layer time; empty when none ship."""
+    try:
+        text = (files("autotune_profiles") / "measurements" / THROUGHPUT).read_text(
+            encoding="utf-8")
+    except (FileNotFoundError, ModuleNotFoundError):
+        return {}
+    return json.loads(text)
+
+
+def method_class(recipe: Recipe) -> str:
+    """The class a fitted MFU belongs to: full, freeze, lora (16-bit base) or qlora (k-bit)."""
+    if recipe.adapter:
+        return "qlora" if recipe.bits < 16 else "lora"
+    return recipe.method
 NOMINAL = dict(bf16_tflops=100.0, bandwidth_gbs=1000.0)
 """Stand-in figures for a memory budget with no known card (``--vram``)."""
 
@@ -108,8 +135,17 @@ def active_params(arch: Architecture) -> int:
 
 
 def tokens_per_second(arch: Architecture, recipe: Recipe, params: ParamCounts, gpu: GPU,
-                      grad_accum: int = 1, sequences: int = 1) -> float:
-    """Predicted training tokens/s on one ``gpu`` (a roofline; see the module docstring)."""
+                      grad_accum: int = 1, sequences: int = 1, mfu: float | None = None,
+                      layer_time: float | None = None) -> float:
+    """Predicted training tokens/s on one ``gpu`` (a roofline; see the module docstring).
+
+    ``mfu`` and ``layer_time`` override the fitted values (what a fit varies).
+    """
+    fit = fitted()
+    if mfu is None:
+        mfu = fit.get("mfu", {}).get(method_class(recipe), MFU)
+    if layer_time is None:
+        layer_time = fit.get("layer_time_s", LAYER_TIME)
     tflops = gpu.bf16_tflops or NOMINAL["bf16_tflops"]
     bandwidth = (gpu.bandwidth_gbs or NOMINAL["bandwidth_gbs"]) * 1e9
     tokens = recipe.batch * recipe.seq_len * sequences
@@ -123,7 +159,7 @@ def tokens_per_second(arch: Architecture, recipe: Recipe, params: ParamCounts, g
         passes = 2.0 + 6 * params.trainable / max(active_params(arch), 1)
     if recipe.grad_ckpt:
         passes += 1.0
-    compute = tokens * forward * passes / (tflops * 1e12 * MFU)
+    compute = tokens * forward * passes / (tflops * 1e12 * mfu)
     weights = weight_bytes(arch, recipe)
     reads = weights * (2 + recipe.grad_ckpt)
     if recipe.bits == 4:  # dequantise each pass: write and read a 16-bit copy
@@ -132,7 +168,8 @@ def tokens_per_second(arch: Architecture, recipe: Recipe, params: ParamCounts, g
         adapted = sum(lin.in_features * lin.out_features for lin in params.targets)
         reads += (1 + recipe.grad_ckpt) * adapted * (BYTES[recipe.weight_dtype] + 2 * 4)
     optimizer = _optimizer_traffic(recipe, params) / grad_accum
-    step = max(compute, reads / bandwidth) + optimizer / bandwidth
+    fixed = layer_time * arch.num_layers * (3 + recipe.grad_ckpt) * sequences
+    step = max(compute, reads / bandwidth) + fixed + optimizer / bandwidth
     return tokens / step
 
 

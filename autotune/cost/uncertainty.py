@@ -1,16 +1,25 @@
 """How sure the memory estimate is: a band around the peak at a stated confidence.
 
 Each component of the peak has a relative error below and above its value (a split normal,
-:data:`PRIORS`); independent errors add in quadrature, separately on each side. A
-calibration with a measured spread replaces the priors: its tensor error is one measured
-ratio, which moves every tensor component together, and its device overhead error is the
-spread of the measured peaks.
+:data:`PRIORS`); independent errors add in quadrature, separately on each side. Where
+measured residuals exist (``profiles/measurements/bounds.json``, written by
+``benchmarks/fit_bounds.py``) the band is fitted instead, by split conformal calibration:
+each measured case gives a score, its residual over the sum of its components' prior
+widths, and the band at confidence c is the estimate plus the score of rank
+ceil((n + 1) c) times that sum -- each component widened in proportion to its prior
+width. The CPU grid fits tensor peaks on the CPU, published runs the peak on a GPU. A
+calibration with a measured spread replaces both: its tensor error is one measured ratio,
+which moves every tensor component together, and its device overhead error is the spread
+of the measured peaks.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
 from statistics import NormalDist
 
 from autotune.util.errors import AutotuneError
@@ -56,7 +65,8 @@ class Band:
     high: int
     confidence: float
     source: str
-    """``priors`` or ``calibration (<gpu>, <n> runs)``."""
+    """``priors``, ``CPU fit (<n> measured steps)``, ``GPU fit (<n> published runs)`` or
+    ``calibration (<gpu>, <n> runs)``."""
     components: dict[str, tuple[int, int]]
     """(low, high) bytes of each component at the same confidence."""
 
@@ -75,14 +85,19 @@ def z(confidence: float) -> float:
 
 
 def band(memory: MemoryEstimate, *, device: str = "cuda", correction=None,
-         confidence: float = CONFIDENCE) -> Band:
+         confidence: float = CONFIDENCE, fitted: bool = True) -> Band:
     """The band around ``memory.peak`` (the tensor peak alone on the CPU).
 
     With a :class:`~autotune.calibrate.calibration.Correction` (``memory`` is then the calibrated
     estimate of :func:`autotune.calibrate.calibration.apply`) its measured spread replaces the
-    priors; one run has no spread, and the priors stay.
+    priors; one run has no spread, and the priors stay. Without one, scores fitted for
+    ``device`` (:func:`fitted_band`) replace the priors; ``fitted=False`` ignores them.
     """
     k = z(confidence)
+    if correction is None and fitted:
+        fitted = fitted_band(memory, device, confidence)
+        if fitted is not None:
+            return fitted
     spread = correction.spread if correction is not None else {}
     n = correction.n if correction is not None else 0
     tensor_sigma = _sigma(spread.get("tensor"), n)
@@ -116,6 +131,84 @@ def band(memory: MemoryEstimate, *, device: str = "cuda", correction=None,
     low, high = _bounds(value, k * _quadrature(terms, 0), k * _quadrature(terms, 1))
     return Band(low, high, confidence, _source(correction, tensor_sigma, overhead_sigma),
                 components)
+
+
+BOUNDS = "bounds.json"
+"""The fitted scores, in ``profiles/measurements/`` (package ``autotune_profiles``)."""
+
+
+@cache
+def fits() -> dict:
+    """The fitted conformal scores by device (``cpu``, ``cuda``); empty when none ship."""
+    try:
+        text = (files("autotune_profiles") / "measurements" / BOUNDS).read_text(encoding="utf-8")
+    except (FileNotFoundError, ModuleNotFoundError):
+        return {}
+    return json.loads(text).get("devices", {})
+
+
+def prior_widths(memory: MemoryEstimate, device: str) -> dict[str, tuple[float, float]]:
+    """Each component's (down, up) prior width in bytes (1 sigma): the conformal scale."""
+    widths = {name: (PRIORS[name][0] * abs(v), PRIORS[name][1] * abs(v))
+              for name, v in memory.breakdown.items()}
+    if device == "cuda":
+        overhead = memory.device_overhead
+        context = min(overhead, CUDA_CONTEXT)
+        widths["device_overhead"] = tuple(
+            d * context + u * (overhead - context) for d, u in
+            zip(PRIORS["cuda_context"], PRIORS["allocator_slack"], strict=True))
+    return widths
+
+
+def score(memory: MemoryEstimate, measured: int, device: str) -> float:
+    """A measured case's conformal score: its residual in units of the prior widths
+    (positive: the step used more than the estimate)."""
+    widths = prior_widths(memory, device)
+    value = memory.peak if device == "cuda" else memory.tensor_peak
+    side = 1 if measured >= value else 0
+    scale = sum(w[side] for w in widths.values()) or 1.0
+    return (measured - value) / scale
+
+
+def quantile(scores: list[float], confidence: float) -> float | None:
+    """The split-conformal quantile: the score of rank ceil((n + 1) c), ``None`` when the
+    n scores are too few for ``confidence``."""
+    rank = math.ceil((len(scores) + 1) * confidence)
+    return sorted(scores)[rank - 1] if rank <= len(scores) else None
+
+
+def fitted_band(memory: MemoryEstimate, device: str, confidence: float) -> Band | None:
+    """The band fitted to measured scores for ``device``; ``None`` without enough of them."""
+    fit = fits().get(device)
+    if not fit:
+        return None
+    up = quantile(fit["scores"], confidence)
+    down = quantile([-s for s in fit["scores"]], confidence)
+    if up is None or down is None:
+        return None
+    if fit.get("cover_all"):  # the fitted cases are the whole evidence: cover every one
+        up, down = max(up, *fit["scores"]), max(down, *(-s for s in fit["scores"]))
+    up, down = max(up, 0.0), max(down, 0.0)  # never a band that excludes the estimate
+    widths = prior_widths(memory, device)
+    values = {**memory.breakdown}
+    if device == "cuda":
+        values["device_overhead"] = memory.device_overhead
+    components = {name: _bounds(values[name], down * d, up * u)
+                  for name, (d, u) in widths.items()}
+    value = memory.peak if device == "cuda" else memory.tensor_peak
+    low, high = _bounds(value, down * sum(w[0] for w in widths.values()),
+                        up * sum(w[1] for w in widths.values()))
+    return Band(low, high, confidence, f"{fit['label']} ({len(fit['scores'])} {fit['unit']})",
+                components)
+
+
+def source_kind(source: str) -> str:
+    """The evidence a band rests on, in one word: priors, cpu-fit, gpu-fit or calibration."""
+    for prefix, kind in (("CPU fit", "cpu-fit"), ("GPU fit", "gpu-fit"),
+                         ("calibration", "calibration")):
+        if source.startswith(prefix):
+            return kind
+    return "priors"
 
 
 def _sigma(spread: float | None, n: int) -> float | None:

@@ -82,8 +82,11 @@ def make_optimizer(recipe: Recipe, params, lr: float = 1e-4):
 
 
 def train_steps(model, recipe: Recipe, vocab: int, steps: int, device: str, seed: int = 0,
-                mark=None) -> list[float]:
-    """Run ``steps`` optimizer steps on random tokens; return the losses."""
+                mark=None, autocast: bool = True) -> list[float]:
+    """Run ``steps`` optimizer steps on random tokens; return the losses.
+
+    ``autocast=False``: a pure 16-bit loop (no autocast) for 16-bit weights.
+    """
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -91,7 +94,8 @@ def train_steps(model, recipe: Recipe, vocab: int, steps: int, device: str, seed
     optimizer = make_optimizer(recipe, model.parameters())
     autocast = (torch.autocast(device_type=device.split(":")[0],
                                dtype=getattr(torch, TORCH_DTYPES[recipe.compute_dtype]))
-                if recipe.compute_dtype != "fp32" else contextlib.nullcontext())
+                if recipe.compute_dtype != "fp32" and (autocast or recipe.weight_dtype == "fp32")
+                else contextlib.nullcontext())
     losses = []
     for step in range(steps):
         with mark(step) if mark else contextlib.nullcontext():
@@ -106,20 +110,23 @@ def train_steps(model, recipe: Recipe, vocab: int, steps: int, device: str, seed
 
 
 def measure(config: dict, recipe: Recipe, target_modules: list[str] | str | None = None,
-            steps: int = 3, device: str = "cpu", seed: int = 0, planned=None) -> Measurement:
+            steps: int = 3, device: str = "cpu", seed: int = 0, planned=None,
+            autocast: bool = True) -> Measurement:
     """Peak tensor bytes over optimizer steps 2..``steps`` and tokens/s, measured for real.
 
     ``planned``: ``(family, arch, counts)`` of the plan, to build and audit the model as
-    the plan priced it (see :func:`build_model`).
+    the plan priced it (see :func:`build_model`); ``autocast=False``: a pure 16-bit loop.
     """
     if steps < 2:
         raise ValueError("need at least two steps: optimizer state exists from the second on")
     if device.startswith("cuda"):
-        return _measure_cuda(config, recipe, target_modules, steps, device, seed, planned)
-    return _measure_cpu(config, recipe, target_modules, steps, seed, planned)
+        return _measure_cuda(config, recipe, target_modules, steps, device, seed, planned,
+                             autocast)
+    return _measure_cpu(config, recipe, target_modules, steps, seed, planned, autocast)
 
 
-def _measure_cpu(config, recipe, target_modules, steps, seed, planned=None) -> Measurement:
+def _measure_cpu(config, recipe, target_modules, steps, seed, planned=None,
+                 autocast=True) -> Measurement:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from autotune.util.quiet import native_stderr_quiet
@@ -129,11 +136,12 @@ def _measure_cpu(config, recipe, target_modules, steps, seed, planned=None) -> M
                                         profile_memory=True) as prof:
         model = build_model(config, recipe, target_modules, "cpu", seed, planned)
         losses = train_steps(model, recipe, config["vocab_size"], steps, "cpu", seed,
-                             mark=lambda step: record_function(f"{STEP_MARK}{step}"))
+                             mark=lambda step: record_function(f"{STEP_MARK}{step}"),
+                             autocast=autocast)
     events = prof.profiler.kineto_results.events()
     peak = _peak_in_window(events, first_step=1)
     start = time.perf_counter()
-    train_steps(model, recipe, config["vocab_size"], 1, "cpu", seed)
+    train_steps(model, recipe, config["vocab_size"], 1, "cpu", seed, autocast=autocast)
     elapsed = time.perf_counter() - start
     del model
     return Measurement(peak, recipe.batch * recipe.seq_len / elapsed, "cpu", steps, losses)
@@ -156,15 +164,16 @@ def _peak_in_window(events, first_step: int) -> int:
 
 
 def _measure_cuda(config, recipe, target_modules, steps, device, seed,
-                  planned=None) -> Measurement:
+                  planned=None, autocast=True) -> Measurement:
     import torch
 
     model = build_model(config, recipe, target_modules, device, seed, planned)
-    first = train_steps(model, recipe, config["vocab_size"], 1, device, seed)
+    first = train_steps(model, recipe, config["vocab_size"], 1, device, seed, autocast=autocast)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    losses = train_steps(model, recipe, config["vocab_size"], steps - 1, device, seed)
+    losses = train_steps(model, recipe, config["vocab_size"], steps - 1, device, seed,
+                         autocast=autocast)
     torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     tokens = recipe.batch * recipe.seq_len * (steps - 1)

@@ -1,0 +1,148 @@
+"""The estimator against published GPU runs: peak memory, its bound, and throughput.
+
+    python benchmarks/published_accuracy.py [--fit] [--docs]
+
+Reads ``benchmarks/data/published_gpu.yaml`` (each row cites its source). ``--fit`` fits,
+on the rows marked ``split: fit`` only, the GPU bound's conformal scores
+(``profiles/measurements/bounds.json``, key ``cuda``) and the throughput model's MFU per
+method class and per-layer time (``profiles/measurements/throughput.json``); the report
+then shows error, bound coverage and width on the ``held-out`` rows, which no fit saw.
+``--docs`` writes the tables into docs/accuracy.md.
+"""
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* from a checkout
+
+from autotune.plugin.manager import get_plugin_manager
+from benchmarks.published import load
+
+MEASUREMENTS = Path(__file__).resolve().parents[1] / "profiles" / "measurements"
+CONFIDENCE = 0.95
+
+
+def fit_bound(rows) -> dict:
+    """Conformal scores of the fit rows (the GPU entry of bounds.json)."""
+    from autotune.cost.uncertainty import score
+
+    return {"label": "GPU fit", "unit": "published runs", "confidence": CONFIDENCE,
+            "scores": sorted(round(score(r.memory, r.measured_bytes, "cuda"), 4)
+                             for r in rows if r.split == "fit")}
+
+
+def fit_throughput(pm, rows) -> dict:
+    """MFU per method class and one per-layer time, minimising the median |log error|."""
+    from autotune.cost.objectives import method_class
+
+    timed = [r for r in rows if r.split == "fit" and r.predicted_tokens_per_s]
+    classes = sorted({method_class(r.recipe) for r in timed})
+    best = None
+    for layer_ms in [i * 0.25 for i in range(41)]:
+        mfu, errors = {}, []
+        for cls in classes:
+            mine = [r for r in timed if method_class(r.recipe) == cls]
+            choice = min((statistics.median(abs(math.log(_speed(pm, r, m / 100, layer_ms / 1000)
+                                                         / r.tokens_per_s)) for r in mine), m)
+                         for m in range(15, 101))
+            mfu[cls] = choice[1] / 100
+            errors += [abs(math.log(_speed(pm, r, mfu[cls], layer_ms / 1000) / r.tokens_per_s))
+                       for r in mine]
+        found = (statistics.median(errors), layer_ms, mfu)
+        best = found if best is None or found[0] < best[0] else best
+    return {"source": "benchmarks/published_accuracy.py --fit on the fit rows of "
+                      "benchmarks/data/published_gpu.yaml",
+            "n": len(timed), "mfu": best[2], "layer_time_s": best[1] / 1000}
+
+
+_CACHE: dict = {}
+
+
+def _speed(pm, row, mfu=None, layer_time=None) -> float:
+    """Predicted tokens/s of a published row (its estimate cached)."""
+    from autotune.catalog.gpus import resolve_gpu
+    from autotune.cost.objectives import tokens_per_second
+
+    key = id(row)
+    if key not in _CACHE:
+        from benchmarks.published import estimate_row
+
+        _CACHE[key] = estimate_row(pm, row), resolve_gpu(row.gpu)
+    e, gpu = _CACHE[key]
+    return tokens_per_second(e.arch, e.recipe, e.params, gpu, row.grad_accum, mfu=mfu,
+                             layer_time=layer_time)
+
+
+def main() -> None:
+    pm = get_plugin_manager(load_entrypoints=False)
+    rows = load(pm)
+    if "--fit" in sys.argv:
+        bounds_path = MEASUREMENTS / "bounds.json"
+        bounds = json.loads(bounds_path.read_text()) if bounds_path.exists() else {
+            "schema": "autotune.bounds/1", "devices": {}}
+        bounds["devices"]["cuda"] = fit_bound(rows)
+        bounds_path.write_text(json.dumps(bounds, indent=1) + "\n")
+        speed = fit_throughput(pm, rows)
+        (MEASUREMENTS / "throughput.json").write_text(json.dumps(speed, indent=1) + "\n")
+        from autotune.cost import objectives, uncertainty
+
+        uncertainty.fits.cache_clear()
+        objectives.fitted.cache_clear()
+        rows = load(pm)
+    memory, speed = report(rows)
+    print(memory + "\n\n" + speed)
+    if "--docs" in sys.argv:
+        from docs_table import update
+
+        update("published", memory)
+        update("throughput", speed)
+
+
+def report(rows) -> tuple[str, str]:
+    """The memory and the throughput tables, with their held-out summaries."""
+    from autotune.cost.uncertainty import band
+
+    lines = ["| run | split | measured GB | estimated GB | error | 95% bound GB | covered |",
+             "|---|---|---|---|---|---|---|"]
+    held = []
+    for r in rows:
+        b = band(r.memory, device="cuda", confidence=CONFIDENCE)
+        covered = b.high >= r.measured_bytes
+        lines.append(f"| {r.label} | {r.split} | {r.measured_bytes / 1e9:.1f} | "
+                     f"{r.memory.peak / 1e9:.1f} | {100 * r.error:+.1f}% | {b.high / 1e9:.1f} | "
+                     f"{'yes' if covered else '**no**'} |")
+        if r.split == "held-out":
+            prior = band(r.memory, device="cuda", confidence=CONFIDENCE, fitted=False).high
+            held.append((covered, b.high / r.measured_bytes - 1, r.error,
+                         prior >= r.measured_bytes, prior / r.measured_bytes - 1))
+    source = band(rows[0].memory, device="cuda").source
+    lines.append(
+        f"\nHeld-out: {len(held)} runs; median |error| "
+        f"{100 * statistics.median(abs(h[2]) for h in held):.1f}%; the 95% bound ({source}) "
+        f"covers {sum(h[0] for h in held)} of {len(held)}, on average "
+        f"{100 * statistics.mean(h[1] for h in held):+.1f}% above the measured peak "
+        f"(median {100 * statistics.median(h[1] for h in held):+.1f}%); the priors' bound would "
+        f"cover {sum(h[3] for h in held)} of {len(held)} at "
+        f"{100 * statistics.mean(h[4] for h in held):+.1f}% on average. All {len(rows)} runs: "
+        f"median |error| {100 * statistics.median(abs(r.error) for r in rows):.1f}%.")
+    out = ["| run | split | GPU | measured tokens/s | predicted | error |", "|---|---|---|---|---|---|"]
+    errors = []
+    for r in rows:
+        if not r.predicted_tokens_per_s:
+            continue
+        error = r.predicted_tokens_per_s / r.tokens_per_s - 1
+        out.append(f"| {r.label} | {r.split} | {r.gpu} | {r.tokens_per_s:,.0f} | "
+                   f"{r.predicted_tokens_per_s:,.0f} | {100 * error:+.0f}% |")
+        if r.split == "held-out":
+            errors.append(abs(error))
+    if errors:
+        out.append(f"\nHeld-out: {len(errors)} runs, median |error| "
+                   f"{100 * statistics.median(errors):.0f}%, worst {100 * max(errors):.0f}%.")
+    return "\n".join(lines), "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
