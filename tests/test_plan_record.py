@@ -167,7 +167,7 @@ def test_an_older_record_layout_is_one_clear_line(pm, tmp_path):
 
 
 def test_library_versions_are_read_without_importing_torch():
-    code = ("import sys; from autotune.plan.planfile import library_versions; "
+    code = ("import sys; from autotune.util.versions import library_versions; "
             "v = library_versions(); assert 'torch' not in sys.modules, 'torch imported'; "
             "print(v['torch'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from importlib import metadata
 
 from autotune import __version__
 from autotune.cost.uncertainty import CONFIDENCE
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
+from autotune.util.versions import library_versions
 from autotune.catalog.lengths import BATCHINGS
 from autotune.cost.parallel import STRATEGIES
 from autotune.plugin.registry import stage_named, stage_settings
@@ -19,7 +19,6 @@ LAYOUT = 2
 """The layout of the ``record`` section: what a plan keeps to reproduce its pick. 1: no
 record (autotune 0.x); 2: remote code, data digest, calibration, confidence, headroom,
 card and library versions."""
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "trl")
 
 
 def training_defaults(method: str) -> dict:
@@ -32,17 +31,6 @@ def training_defaults(method: str) -> dict:
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
     }
-
-
-def library_versions() -> dict[str, str | None]:
-    """The installed versions of the training libraries (package metadata: no import)."""
-    found = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def file_digest(path: str) -> str:

@@ -24,6 +24,7 @@ from autotune import __version__
 
 from autotune.run import checkpoints
 from autotune.util.atomic import write_json
+from autotune.util.versions import library_versions
 from autotune.util.errors import AutotuneError
 from autotune.cost.host import KEPT
 from autotune.run.fallback import FaultInjector, is_out_of_memory, step_down
@@ -757,6 +758,7 @@ def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, trainer, 
     return {
         "schema": "autotune.run/1",
         "autotune_version": __version__,
+        "libraries": library_versions(),
         "model": {"id": model_spec.id, "name": model_spec.name,
                   "spec": plan["model"].get("spec") or model_spec.id,
                   "random_init": settings.random_init,
