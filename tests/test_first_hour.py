@@ -121,7 +121,7 @@ def test_usage_errors_are_one_line_and_quiet_goes_after_the_command(pm, monkeypa
     assert "--bogus" in done.stderr
     for flags in (["-q"], ["--quiet"], ["-v"], ["-q", "-v"]):  # after the command's name
         result = cli(pm, "run", *flags, code=1)
-        assert "give the training data" in str(result.exception)
+        assert "give a plan file" in str(result.exception)
         cli(pm, "estimate", "--model", "tiny", *flags)
 
 

@@ -269,7 +269,10 @@ def test_wrapped_and_padded_rows():
     assert Workload(made, 64, "padded").to_dict(2) == {
         "seq_len": 64, "batching": "padded", "worst_batch_tokens": 128,
         "efficiency": round(_brute_force_efficiency((10, 10, 10, 100), 2, 64), 4),
-        "examples_per_row": 1.0}
+        "examples_per_row": 1.0,
+        # a padded row is as long as the longest of its 2 examples (drawn with replacement,
+        # truncated to 64): (9 x 10 + 7 x 64) / 16
+        "row_tokens": 33.6}
 
 
 # --- rules ---------------------------------------------------------------------------------

@@ -337,6 +337,7 @@ class _Duplicate(Stage):
 
 class _RaisingStage(Stage):
     name = "sft"
+    schema = "prompt and completion"  # trains on data: a --stage choice of plan too
 
     def extra_memory(self, arch, recipe, params):
         raise ZeroDivisionError("extra_memory blew up")

@@ -67,7 +67,9 @@ def test_out_of_memory_steps_down_and_trains_the_same_curve(pm, tmp_path, refere
     report = run(pm, plan, settings(tmp_path / "run", save_every=2))
     [event] = report["events"]
     assert event["step"] == 5 and "OutOfMemoryError" in event["error"]
-    assert report["training"] == {"micro_batch": 2, "grad_accum": 2}  # effective batch holds
+    assert {k: report["training"][k] for k in ("micro_batch", "grad_accum")} == {
+        "micro_batch": 2, "grad_accum": 2}  # effective batch holds
+    assert report["training"]["effective_batch"]["examples"] == 4
     assert report["planned_recipe"]["batch"] == 4 and report["recipe"]["batch"] == 2
     assert report["steps"] == STEPS
     # 2 x 2 sees the same sequences per step as 4 x 1: the same curve, to rounding
@@ -83,7 +85,9 @@ def test_out_of_memory_before_any_checkpoint_restarts_smaller(pm, tmp_path, refe
     monkeypatch.setenv("AUTOTUNE_INJECT_OOM", "1,1")
     report = run(pm, plan, settings(tmp_path / "run"))
     assert [e["step"] for e in report["events"]] == [1, 1]
-    assert report["training"] == {"micro_batch": 1, "grad_accum": 4}
+    assert {k: report["training"][k] for k in ("micro_batch", "grad_accum")} == {
+        "micro_batch": 1, "grad_accum": 4}
+    assert report["training"]["effective_batch"]["examples"] == 4
     assert losses(report) == pytest.approx(losses(uninterrupted), rel=2e-3)
 
 

@@ -59,8 +59,9 @@ def refused(result: tuple[int, str], *words: str) -> None:
     """One ``autotune: error:`` line naming ``words`` (exit 1 or click's usage error, 2)."""
     code, err = result
     assert "Traceback" not in err and "internal error" not in err, err
-    if code == 2:
-        assert err.strip().splitlines()[-1].startswith("Error:"), err
+    if code == 2:  # a usage error: one line too, naming the command's help
+        assert len(err.strip().splitlines()) == 1, err
+        assert err.startswith("autotune: error: ") and "--help" in err, err
     else:
         assert code == 1 and len(err.splitlines()) == 1, err
         assert err.startswith("autotune: error: "), err
@@ -153,7 +154,9 @@ def test_ctrl_c_right_after_the_last_step_of_the_console_script(reference, tmp_p
     out, err = process.communicate(timeout=300)
     err = "".join(seen) + err
     assert process.returncode == 0, err
-    assert "Traceback" not in err and "saving it first" in err
+    # caught while saving ("saving it first"), once saved ("already finished") or while the
+    # interpreter exits (ignored): never a traceback, and the run is in place
+    assert "Traceback" not in err and "interrupted" not in err, err
     assert (output / "run_report.json").is_file() and not (tmp_path / "run.partial").exists()
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
+import signal
 import sys
 
 import click
@@ -87,6 +89,11 @@ def make_cli(pm: pluggy.PluginManager) -> click.Group:
     return cli
 
 
+def _ignore_signals() -> None:
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+
+
 def main() -> None:
     """Entry point of the ``autotune`` script: errors end in one line, not a traceback."""
     quiet_libraries()
@@ -94,6 +101,8 @@ def main() -> None:
     try:
         from autotune.plugin.manager import get_plugin_manager
 
+        # a signal while the interpreter shuts down would print a traceback from a finaliser
+        atexit.register(_ignore_signals)
         make_cli(get_plugin_manager()).main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("autotune: aborted", err=True)

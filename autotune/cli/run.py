@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import time
 
 import click
@@ -80,8 +82,9 @@ def command(ctx, plan_file, data, output_dir, max_steps, epochs, report_to, mode
         if plan_file or model_spec or data or demo:
             raise AutotuneError("--resume continues a run as it was planned: give no plan "
                                 "file, --model, --data or --demo with it")
-        report = resume(pm, resume_dir, quiet or as_json)
-        _show(report, resume_dir.rstrip("/").removesuffix(".partial"), as_json)
+        final = resume_dir.rstrip("/").removesuffix(".partial")
+        with _finished_is_final(final):
+            _show(resume(pm, resume_dir, quiet or as_json), final, as_json)
         return
     if demo:
         from autotune.catalog.demo import dataset_path
@@ -117,7 +120,31 @@ def command(ctx, plan_file, data, output_dir, max_steps, epochs, report_to, mode
                            report_to=report_to, remote_code=trust_remote_code,
                            random_init=random_init, save_every=save_every,
                            save_minutes=save_minutes or None, quiet=quiet or as_json)
-    _show(run(pm, plan, settings), output_dir, as_json)
+    with _finished_is_final(output_dir):
+        _show(run(pm, plan, settings), output_dir, as_json)
+
+
+@contextlib.contextmanager
+def _finished_is_final(output_dir: str):
+    """A signal that arrives once the run is saved in ``output_dir`` (between the run's own
+    handling and the command's end) is noted, not raised: nothing is left to interrupt."""
+    report = os.path.abspath(os.path.join(output_dir, "run_report.json"))
+
+    def late(number, frame):
+        if not os.path.exists(report):
+            signal.default_int_handler(number, frame)  # KeyboardInterrupt: main says so
+        click.echo(f"autotune: {signal.Signals(number).name}: the run is already finished "
+                   f"and saved in {output_dir}", err=True)
+
+    try:
+        previous = {s: signal.signal(s, late) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals keep their handlers
+        previous = {}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _show(report: dict, output_dir: str, as_json: bool) -> None:
