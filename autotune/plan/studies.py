@@ -140,17 +140,18 @@ def _complete(storage, name: str, size: int):
 
 
 def _write(storage, name: str, study) -> None:
-    """Create ``name`` in ``storage`` and copy ``study``'s trials into it, then mark it done.
-
-    Trials keep their point in the ``plan`` user attribute rather than as Optuna
-    parameters: writing parameters costs a query each, and a stored plan must stay fast.
-    """
+    """Create ``name`` in ``storage`` and copy ``study``'s trials into it (parameters,
+    distributions, values and user attributes: what ``optuna-dashboard`` and
+    ``trials_dataframe`` read), then mark it done."""
     import optuna
 
     stored = optuna.create_study(study_name=name, storage=storage,
                                  directions=["maximize", "maximize"])
     stored.set_user_attr(WRITING, time.time())
+    for key, value in study.user_attrs.items():
+        stored.set_user_attr(key, value)
     stored.add_trials([optuna.trial.create_trial(state=t.state, values=t.values,
+                                                 params=t.params, distributions=t.distributions,
                                                  user_attrs=t.user_attrs)
                        for t in study.trials])
     stored.set_user_attr(COMPLETE, len(study.trials))
