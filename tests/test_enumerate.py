@@ -88,3 +88,23 @@ def test_stored_study_reads_in_optuna(pm, tmp_path):
     again = planner.plan(space, space.gpu.memory_bytes, "balanced", url, 0, 3)
     assert again.reused and again.search == "enumerated"
     assert _picks(again) == _picks(result)
+
+
+def test_cached_pricing_equals_uncached(pm):
+    """A planner's cached figures (per-model work shared across points and cards) equal
+    each recipe priced alone by a fresh cost model."""
+    from autotune.cost.assess import assess
+    from autotune.plan.planner import Candidate
+
+    model = resolve_model("deepseek-v2-lite", pm)
+    planner = _planner(pm, "deepseek-v2-lite")
+    for gpu_id in ("v100-32gb", "a100-80gb"):  # the second card reuses the first's work
+        space = _space(planner, gpu_id, 2048, 1, Pins())
+        result = planner.plan(space, space.gpu.memory_bytes, "balanced", None, 0, 3)
+        priced = result.feasible_all + result.infeasible_all
+        assert priced
+        for c in priced[::7]:
+            alone = Candidate.of(assess(pm, model.config, c.recipe, model.family,
+                                        parallel=c.parallel, gpu=space.gpu,
+                                        effective_batch=space.effective_batch))
+            assert {**alone.to_dict(), "pareto": c.pareto} == c.to_dict()

@@ -349,12 +349,12 @@ class Planner:
         done = optuna.trial.TrialState.COMPLETE
         order = {_point_key(p): i for i, p in enumerate(space.points())}
         # the space's order, whichever order the sampler visited it in: ties rank alike
-        analytic = sorted((t for t in study.trials if _analytic(t)),
+        analytic = sorted((t for t in study.get_trials(deepcopy=False) if _analytic(t)),
                           key=lambda t: order.get(_point_key(t.params), len(order)))
         candidates = [self._candidate(t, space) for t in analytic if t.state == done]
         mark_pareto(candidates)
         measured = {json.dumps(t.user_attrs["plan"]["recipe"], sort_keys=True):
-                    t.user_attrs["measured"] for t in study.trials if "measured" in t.user_attrs}
+                    t.user_attrs["measured"] for t in study.get_trials(deepcopy=False) if "measured" in t.user_attrs}
         for c in candidates:  # earlier --measure runs of this study
             c.measured = measured.get(json.dumps(c.recipe.to_dict(), sort_keys=True), {})
         pruned = [t for t in analytic if t.state == optuna.trial.TrialState.PRUNED
