@@ -85,6 +85,12 @@ def test_stored_study_reads_in_optuna(pm, tmp_path):
                                     "freeze_layers", "optim")}
     assert dims <= set(frame.columns)
     assert study.user_attrs[planner_module.SEARCH] == "enumerated"
+    priced = planner._run(space, space.gpu.memory_bytes, 0, space.points(), optuna)
+
+    def rows(trials):
+        return [(t.number, t.state, t.values, t.params, t.distributions, t.user_attrs)
+                for t in trials]
+    assert rows(study.trials) == rows(priced.trials)  # the bulk write loses nothing
     again = planner.plan(space, space.gpu.memory_bytes, "balanced", url, 0, 3)
     assert again.reused and again.search == "enumerated"
     assert _picks(again) == _picks(result)
