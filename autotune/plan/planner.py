@@ -354,7 +354,8 @@ class Planner:
         candidates = [self._candidate(t, space) for t in analytic if t.state == done]
         mark_pareto(candidates)
         measured = {json.dumps(t.user_attrs["plan"]["recipe"], sort_keys=True):
-                    t.user_attrs["measured"] for t in study.get_trials(deepcopy=False) if "measured" in t.user_attrs}
+                    t.user_attrs["measured"] for t in study.get_trials(deepcopy=False)
+                    if "measured" in t.user_attrs}
         for c in candidates:  # earlier --measure runs of this study
             c.measured = measured.get(json.dumps(c.recipe.to_dict(), sort_keys=True), {})
         pruned = [t for t in analytic if t.state == optuna.trial.TrialState.PRUNED
