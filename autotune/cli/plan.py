@@ -170,7 +170,8 @@ def _report(model, planner, result, objective, effective_batch, gpus, local) -> 
         "stage": result.space.stage, "seq_len": result.space.seq_len,
         "effective_batch": effective_batch, "objective": objective,
         "pins": result.space.pins.to_dict(),
-        "study": {"name": result.study_name, "trials": result.trials, "reused": result.reused},
+        "study": {"name": result.study_name, "trials": result.trials, "reused": result.reused,
+                  "search": result.search},
         "calibration": _calibration(planner, result.gpu),
         "plans": plans,
         "notes": [],
@@ -198,7 +199,8 @@ def _render(report: dict) -> str:
              f"{gib(g['budget_bytes'])}): {report['stage']}, {report['seq_len']} tokens, "
              f"effective batch {report['effective_batch']} examples, "
              f"objective {report['objective']}",
-             f"study {report['study']['name']}: {report['study']['trials']} trials"
+             f"study {report['study']['name']}: {report['study']['trials']} trials "
+             f"{report['study'].get('search', 'sampled')}"
              + (" (reused)" if report["study"]["reused"] else "")]
     if report["plans"]:
         rows, shift = [], 1 if several else 0

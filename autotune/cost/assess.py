@@ -208,6 +208,7 @@ class CostModel:
             self.groups = self.family.module_groups(config)
         self._priced: dict[tuple, tuple] = {}
         self._counts: dict[tuple, ParamCounts] = {}
+        self._assessed: dict[tuple, tuple] = {}
 
     def price(self, recipe: Recipe, parallel: Parallel = SINGLE
               ) -> tuple[ParamCounts, MemoryEstimate, int]:
@@ -241,7 +242,18 @@ class CostModel:
         with its bounds at ``confidence``), throughput, fidelity, host RAM and disk.
         ``workload``: the data's lengths, which set the worst micro batch and the share of
         useful (unpadded) tokens; ``effective_batch`` (default: one micro batch) sets the
-        accumulation."""
+        accumulation. Cached: a planner asks again for what it priced (its ranking, its
+        advice); the workload and correction are keyed by identity and kept alive with
+        their entry."""
+        key = (recipe, parallel, gpu, effective_batch, id(workload), id(correction), confidence)
+        if key not in self._assessed:
+            self._assessed[key] = (workload, correction, self._assess(
+                recipe, parallel, gpu, effective_batch, workload, correction, confidence))
+        return self._assessed[key][2]
+
+    def _assess(self, recipe: Recipe, parallel: Parallel, gpu: GPU | None,
+                effective_batch: int | None, workload: Workload | None,
+                correction: Correction | None, confidence: float) -> Assessment:
         recipe = family_kernel(self.family, self.config, recipe)
         if workload is not None and workload.seq_len != recipe.seq_len:
             workload = replace(workload, seq_len=recipe.seq_len)

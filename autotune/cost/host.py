@@ -187,9 +187,11 @@ def _loading_copy(arch: Architecture, recipe: Recipe, files: WeightFiles, device
 
 
 def _largest(arch: Architecture, n: int) -> int:
-    """Elements of the ``n`` largest parameter tensors."""
-    sizes = sorted((item.numel for item in (*arch.linears, *arch.tensors)), reverse=True)
-    return sum(sizes[:n])
+    """Elements of the ``n`` largest parameter tensors (the sizes cached on ``arch``)."""
+    if "_sizes" not in arch.__dict__:
+        arch.__dict__["_sizes"] = sorted((item.numel for item in (*arch.linears, *arch.tensors)),
+                                         reverse=True)
+    return sum(arch.__dict__["_sizes"][:n])
 
 
 def _offload_bytes(parallel: Parallel, arch: Architecture, recipe: Recipe,

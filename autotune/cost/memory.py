@@ -164,9 +164,15 @@ def dequantised_experts(arch: Architecture, recipe: Recipe) -> list[int]:
 
 def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
            trained_layers: set[int] | None) -> list[dict[str, LinearRole]]:
-    """How each linear layer takes part, by decoder layer and short name."""
+    """How each linear layer takes part, by decoder layer and short name (read-only: cached
+    on ``arch`` by everything it depends on, which excludes the batch)."""
+    adapted = frozenset(lin.path for lin in counts.targets)
+    key = (recipe.method, recipe.rank, recipe.dropout > 0, adapted,
+           frozenset(trained_layers) if trained_layers is not None else None)
+    cache = arch.__dict__.setdefault("_roles_cache", {})  # as cached_property stores
+    if key in cache:
+        return cache[key]
     roles: list[dict[str, LinearRole]] = [{} for _ in arch.layers]
-    adapted = {lin.path for lin in counts.targets}
     for lin in arch.linears:
         index = layer_index(lin.path)
         if index is None or index >= arch.num_layers:
@@ -175,6 +181,7 @@ def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         role = LinearRole(trainable, lin.path in adapted, recipe.rank, recipe.method == "dora",
                           recipe.dropout > 0)
         roles[index][_role_key(lin.path, index)] = role
+    cache[key] = roles
     return roles
 
 
@@ -279,9 +286,13 @@ def optimizer_temporaries(recipe: Recipe, shapes: list[tuple[int, ...]], param_b
 
 
 def largest_module(arch: Architecture) -> int:
-    """Parameters of the largest module: what ZeRO-3 and FSDP gather at a time."""
-    return max(item.numel + (item.out_features if isinstance(item, Linear) and item.bias else 0)
-               for item in (*arch.linears, *arch.tensors))
+    """Parameters of the largest module: what ZeRO-3 and FSDP gather at a time (cached on
+    ``arch``)."""
+    if "_largest_module" not in arch.__dict__:
+        arch.__dict__["_largest_module"] = max(
+            item.numel + (item.out_features if isinstance(item, Linear) and item.bias else 0)
+            for item in (*arch.linears, *arch.tensors))
+    return arch.__dict__["_largest_module"]
 
 
 def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,

@@ -125,13 +125,17 @@ def fidelity(recipe: Recipe, arch: Architecture,
 
 
 def active_params(arch: Architecture) -> int:
-    """Parameters one token passes through: routed experts count top_k of E."""
+    """Parameters one token passes through: routed experts count top_k of E (cached on
+    ``arch``, as its cached properties are)."""
+    if "_active_params" in arch.__dict__:
+        return arch.__dict__["_active_params"]
     inactive = 0.0
     for item in (*arch.tensors, *arch.linears):
         if ".experts." in f"{item.path}.":
             mlp = arch.layers[layer_index(item.path)].mlp
             inactive += item.numel * (1 - mlp.top_k / mlp.experts)
-    return int(arch.total - inactive)
+    arch.__dict__["_active_params"] = int(arch.total - inactive)
+    return arch.__dict__["_active_params"]
 
 
 def tokens_per_second(arch: Architecture, recipe: Recipe, params: ParamCounts, gpu: GPU,

@@ -108,7 +108,7 @@ def memory_fixes(planner: Planner, result: PlanResult, need: int, objective: str
     a bigger card, more cards."""
     space = result.space
     fixes = []
-    if space.pins.method != "qlora":
+    if space.pins.method not in (None, "qlora"):  # unpinned, QLoRA was priced already
         loose = Pins(**{**space.pins.to_dict(), "method": "qlora"})
         trial = _try(planner, space, loose, result.budget, objective)
         if trial:

@@ -5,8 +5,10 @@ largest that fits (memory grows with the batch), its gradient accumulation makes
 the effective batch. A point that fits at no batch is pruned with its smallest peak
 recorded. Feasible trials carry two objectives, fidelity and predicted tokens/s
 (:mod:`autotune.cost.objectives`); the Pareto front is ``study.best_trials`` and
-``--objective`` picks from it. The space is small, so the seeded brute-force sampler
-visits all of it: the pick is the exhaustive optimum, and the study is deterministic.
+``--objective`` picks from it. A space of at most :data:`ENUMERATE` points (one card) is
+priced point by point and recorded as Optuna trials in one go; a larger one (many cards and
+strategies) is visited by Optuna's seeded brute-force sampler. Either way the pick is the
+exhaustive optimum, and each trial carries its point as Optuna parameters.
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ from autotune.cost.params import resolve_targets
 from autotune.cost.recipe import Recipe
 from autotune.cost.uncertainty import CONFIDENCE, Band
 from autotune.plan import alternatives
-from autotune.plan.space import Space, suggest
+from autotune.plan.space import Space, parameters, suggest
 from autotune.plan.studies import load_or_store
 from autotune.plugin.registry import STANDARD_GROUPS
 from autotune.util.errors import AutotuneError, PluginError
 
 OBJECTIVES = ("quality", "speed", "balanced")
+ENUMERATE = 1000
+"""Spaces of at most this many points are priced point by point, without a sampler."""
+SEARCH = "autotune_search"
+"""The study attribute naming how the space was searched (``enumerated`` or ``sampled``)."""
 BALANCE = alternatives.BALANCE
 """``balanced``: each halving of throughput costs this much fidelity."""
 
@@ -142,6 +148,8 @@ class PlanResult:
     """Every feasible candidate (for the Pareto plot)."""
     infeasible_all: list[Candidate] = field(default_factory=list)
     """Every point that fits at no batch, at its smallest batch."""
+    search: str = "sampled"
+    """How the space was searched: ``enumerated`` (every point priced) or ``sampled``."""
     storage: str | None = None
     """Where the study is kept (``None``: not stored, or the storage was unusable)."""
 
@@ -266,7 +274,7 @@ class Planner:
         points = space.points()
 
         def compute():
-            return self._run(space, budget, seed, len(points), optuna)
+            return self._run(space, budget, seed, points, optuna)
 
         if storage:
             study, reused, stored = load_or_store(storage, name, len(points), compute)
@@ -276,48 +284,83 @@ class Planner:
         result.storage = storage if stored else None
         return result
 
-    def _run(self, space: Space, budget: int, seed: int, n_trials: int, optuna):
+    def _run(self, space: Space, budget: int, seed: int, points: list[dict], optuna):
+        """The study of ``space``: every point priced directly when there are at most
+        :data:`ENUMERATE`, else Optuna's brute-force sampler; the study attribute
+        :data:`SEARCH` says which."""
         import warnings
 
+        study = optuna.create_study(directions=["maximize", "maximize"])
+        if len(points) <= ENUMERATE:
+            study.add_trials([self._trial(space, budget, choice, optuna) for choice in points])
+            study.set_user_attr(SEARCH, "enumerated")
+            return study
         failed: list[PluginError] = []
 
         def objective(trial):
             try:
-                candidate = self.evaluate(space, suggest(trial, space), budget)
+                candidate, invalid = self._point(space, budget, suggest(trial, space))
             except PluginError as exc:  # a plugin's bug: stop and name it (no Optuna trace)
                 failed.append(exc)
                 trial.study.stop()
                 raise optuna.TrialPruned() from exc
-            except AutotuneError as exc:  # a point this model cannot take (DoRA on experts)
-                trial.set_user_attr("invalid", str(exc))
-                raise optuna.TrialPruned() from exc
-            trial.set_user_attr("plan", {"recipe": candidate.recipe.to_dict(),
-                                         "parallel": candidate.parallel.to_dict(),
-                                         "grad_accum": candidate.grad_accum,
-                                         "peak_bytes": candidate.high})
+            if invalid:
+                trial.set_user_attr("invalid", invalid)
+                raise optuna.TrialPruned()
+            trial.set_user_attr("plan", _plan_attr(candidate))
             if not candidate.fits(budget, space.host_ram):
                 raise optuna.TrialPruned()
             return candidate.fidelity, candidate.tokens_per_s
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.BruteForceSampler(seed=seed)
-        study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
-        study.optimize(objective, n_trials=n_trials)
+            study.sampler = optuna.samplers.BruteForceSampler(seed=seed)
+        study.optimize(objective, n_trials=len(points))
         if failed:
             raise failed[0]
+        study.set_user_attr(SEARCH, "sampled")
         return study
+
+    def _point(self, space: Space, budget: int, choice: dict
+               ) -> tuple[Candidate | None, str | None]:
+        """``(candidate, None)`` for a point, ``(None, reason)`` for one this model cannot
+        take (DoRA on experts); a plugin's bug passes through."""
+        try:
+            return self.evaluate(space, choice, budget), None
+        except PluginError:
+            raise
+        except AutotuneError as exc:
+            return None, str(exc)
+
+    def _trial(self, space: Space, budget: int, choice: dict, optuna):
+        """One enumerated point as a finished Optuna trial, with its parameters."""
+        params, distributions = parameters(space, choice)
+        candidate, invalid = self._point(space, budget, choice)
+        pruned = optuna.trial.TrialState.PRUNED
+        if invalid:
+            attrs, state, values = {"invalid": invalid}, pruned, None
+        else:
+            attrs = {"plan": _plan_attr(candidate)}
+            fits = candidate.fits(budget, space.host_ram)
+            state = optuna.trial.TrialState.COMPLETE if fits else pruned
+            values = [candidate.fidelity, candidate.tokens_per_s] if fits else None
+        return optuna.trial.create_trial(state=state, values=values, params=params,
+                                         distributions=distributions, user_attrs=attrs)
 
     def _rank(self, study, space: Space, budget: int, objective: str, top: int, name: str,
               reused: bool) -> PlanResult:
         import optuna
 
         done = optuna.trial.TrialState.COMPLETE
-        analytic = [t for t in study.trials if _analytic(t)]
+        order = {_point_key(p): i for i, p in enumerate(space.points())}
+        # the space's order, whichever order the sampler visited it in: ties rank alike
+        analytic = sorted((t for t in study.get_trials(deepcopy=False) if _analytic(t)),
+                          key=lambda t: order.get(_point_key(t.params), len(order)))
         candidates = [self._candidate(t, space) for t in analytic if t.state == done]
         mark_pareto(candidates)
         measured = {json.dumps(t.user_attrs["plan"]["recipe"], sort_keys=True):
-                    t.user_attrs["measured"] for t in study.trials if "measured" in t.user_attrs}
+                    t.user_attrs["measured"] for t in study.get_trials(deepcopy=False)
+                    if "measured" in t.user_attrs}
         for c in candidates:  # earlier --measure runs of this study
             c.measured = measured.get(json.dumps(c.recipe.to_dict(), sort_keys=True), {})
         pruned = [t for t in analytic if t.state == optuna.trial.TrialState.PRUNED
@@ -328,12 +371,25 @@ class Planner:
             smallest = self._candidate(least, space)
         ranked = pick(candidates, objective)[:top]
         return PlanResult(space.gpu, budget, space, ranked, smallest, len(analytic), reused,
-                          name, candidates, [self._candidate(t, space) for t in pruned])
+                          name, candidates, [self._candidate(t, space) for t in pruned],
+                          search=study.user_attrs.get(SEARCH, "sampled"))
 
     def _candidate(self, trial, space: Space) -> Candidate:
         plan = trial.user_attrs["plan"]
         return self._candidate_at(space, Recipe(**plan["recipe"]),
                                   Parallel.from_dict(plan.get("parallel")))
+
+
+def _plan_attr(candidate: Candidate) -> dict:
+    """What a trial keeps of its candidate (the ``plan`` user attribute)."""
+    return {"recipe": candidate.recipe.to_dict(), "parallel": candidate.parallel.to_dict(),
+            "grad_accum": candidate.grad_accum, "peak_bytes": candidate.high}
+
+
+def _point_key(params: dict) -> str:
+    """A point of the space from its choices or its trial's parameters (their names)."""
+    return json.dumps({k.removesuffix("_sharded").removesuffix("_quantised"): v
+                       for k, v in params.items()}, sort_keys=True)
 
 
 def _analytic(trial) -> bool:

@@ -196,5 +196,28 @@ def suggest(trial, space: Space) -> dict:
     return choice
 
 
+def parameters(space: Space, choice: dict) -> tuple[dict, dict]:
+    """``(params, distributions)`` of one point as :func:`suggest` names them: what an
+    enumerated point records in its Optuna trial."""
+    import optuna
+
+    dims = space.dimensions()
+    params, choices = {}, {}
+    for name in ("method", "grad_ckpt", "rank", "targets", "freeze_layers"):
+        if name in choice:
+            params[name], choices[name] = choice[name], dims[name]
+    if "parallel" in choice:
+        quantised = METHODS[choice["method"]][1] < 16
+        name = "parallel_quantised" if quantised else "parallel"
+        params[name] = choice["parallel"]
+        choices[name] = tuple(p.label for p in space.strategies(quantised))
+    if "optim" in choice:
+        optims = optimizers_for(dims, choice)
+        name = "optim" if optims == dims["optim"] else "optim_sharded"
+        params[name], choices[name] = choice["optim"], optims
+    return params, {k: optuna.distributions.CategoricalDistribution(v)
+                    for k, v in choices.items()}
+
+
 def _pinned(value, choices: tuple) -> tuple:
     return (value,) if value is not None else choices

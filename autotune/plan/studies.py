@@ -140,20 +140,65 @@ def _complete(storage, name: str, size: int):
 
 
 def _write(storage, name: str, study) -> None:
-    """Create ``name`` in ``storage`` and copy ``study``'s trials into it, then mark it done.
-
-    Trials keep their point in the ``plan`` user attribute rather than as Optuna
-    parameters: writing parameters costs a query each, and a stored plan must stay fast.
-    """
+    """Create ``name`` in ``storage`` and copy ``study``'s trials into it (parameters,
+    distributions, values and user attributes: what ``optuna-dashboard`` and
+    ``trials_dataframe`` read), then mark it done."""
     import optuna
 
     stored = optuna.create_study(study_name=name, storage=storage,
                                  directions=["maximize", "maximize"])
     stored.set_user_attr(WRITING, time.time())
-    stored.add_trials([optuna.trial.create_trial(state=t.state, values=t.values,
-                                                 user_attrs=t.user_attrs)
-                       for t in study.trials])
-    stored.set_user_attr(COMPLETE, len(study.trials))
+    for key, value in study.user_attrs.items():
+        stored.set_user_attr(key, value)
+    trials = [optuna.trial.create_trial(state=t.state, values=t.values, params=t.params,
+                                        distributions=t.distributions, user_attrs=t.user_attrs)
+              for t in study.trials]
+    if not _insert_all(stored, trials):
+        stored.add_trials(trials)
+    stored.set_user_attr(COMPLETE, len(trials))
+
+
+def _insert_all(study, trials: list) -> bool:
+    """Write ``trials`` into ``study`` (new, empty, ours under the lock) in one transaction
+    of bulk inserts into Optuna's own tables; ``False`` (nothing written) where the storage
+    is not Optuna's RDB storage of this schema, and ``study.add_trials`` must do it."""
+    import json
+
+    from optuna.distributions import distribution_to_json
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb import models
+
+    storage = getattr(study._storage, "_backend", study._storage)  # Optuna's cache wraps it
+    if not isinstance(storage, RDBStorage):
+        return False
+    session = storage.scoped_session()
+    try:
+        rows = [models.TrialModel(study_id=study._study_id, number=i, state=t.state,
+                                  datetime_start=t.datetime_start,
+                                  datetime_complete=t.datetime_complete)
+                for i, t in enumerate(trials)]
+        session.add_all(rows)
+        session.flush()  # the trial ids
+        for row, t in zip(rows, trials):
+            session.add_all(models.TrialParamModel(
+                trial_id=row.trial_id, param_name=name,
+                param_value=t.distributions[name].to_internal_repr(value),
+                distribution_json=distribution_to_json(t.distributions[name]))
+                for name, value in t.params.items())
+            for objective, value in enumerate(t.values or ()):
+                stored, kind = models.TrialValueModel.value_to_stored_repr(value)
+                session.add(models.TrialValueModel(trial_id=row.trial_id, objective=objective,
+                                                   value=stored, value_type=kind))
+            session.add_all(models.TrialUserAttributeModel(
+                trial_id=row.trial_id, key=key, value_json=json.dumps(value))
+                for key, value in t.user_attrs.items())
+        session.commit()
+    except Exception:  # noqa: BLE001 -- another schema: Optuna's own path writes it
+        session.rollback()
+        return False
+    finally:
+        session.close()
+    return True
 
 
 def _stale(storage, name: str) -> bool:
