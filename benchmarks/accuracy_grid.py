@@ -154,7 +154,7 @@ REAL: list[Case] = [
 
 GRID: list[Case] = SMALL + REAL
 FAST: list[Case] = [SMALL[i] for i in (4, 6, 11, 13, 21, 22, 26, 27, 28)]
-"""What tests/test_memory.py measures: a representative subset that runs in seconds."""
+"""What tests/cost/test_memory.py measures: a representative subset that runs in seconds."""
 
 
 @dataclass

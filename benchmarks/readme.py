@@ -33,7 +33,7 @@ REFERENCE = {"ram": 24 * GiB, "available": 22 * GiB, "disk_free": 100 * GiB}
 OUTPUT = re.compile(r"(<!-- output: (autotune [^\n]*?) -->\n)(.*?)(<!-- end -->)", re.S)
 TIMING = re.compile(r"(<!-- time: (\w+) -->)(.*?)(<!-- end -->)", re.S)
 TIMED = {"demo": [sys.executable, "-m", "autotune", "run", "--demo", "-q", "--output-dir"],
-         "tests": [sys.executable, "-m", "pytest", "-q"]}
+         "tests": [sys.executable, "-m", "pytest", "-q", "-n", "auto"]}  # as the README says
 
 
 @contextlib.contextmanager

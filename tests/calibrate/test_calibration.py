@@ -14,7 +14,7 @@ from autotune.cli.main import make_cli
 
 pytestmark = pytest.mark.usefixtures("offline_machine")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GiB, MiB = 2**30, 2**20
 A100 = "NVIDIA A100-SXM4-80GB"
 

@@ -24,7 +24,7 @@ from autotune.catalog.models import (
 )
 from autotune.plugin.registry import ModelFamily, model_families
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "profiles" / "models"
 SHIPPED_FILES = sorted(SHIPPED.rglob("*.yaml"))
 

@@ -29,7 +29,7 @@ from autotune.plugin.manager import get_plugin_manager
 from autotune.plugin.registry import ModelFamily, Stage
 from autotune.util.errors import AutotuneError
 from autotune.util.yamlfile import parse_yaml, read_yaml
-from tests.test_hostile import ERROR, OK, autotune, check
+from tests.cli.test_hostile import ERROR, OK, autotune, check
 
 TINY_PLAN = ("plan", "--model", "tiny", "--vram", "4GiB", "--seq-len", "64")
 ROOT = Path(__file__).resolve().parent.parent

@@ -90,7 +90,7 @@ def test_disable_a_builtin(monkeypatch):
 
 def readme_example() -> str:
     """The README's "Writing a plugin" family example (this test installs exactly it)."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     return re.search(r"```python\n(# autotune_toy\.py.*?)```", text, re.DOTALL).group(1)
 
 
@@ -137,7 +137,7 @@ def test_the_core_names_no_stage_and_no_family(pm):
 
     names = ({s for s in stages(pm) if s != "inference"}  # also a memory phase's name
              | set(model_families(pm)) - {"generic"})
-    root = Path(__file__).resolve().parents[1] / "autotune"
+    root = Path(__file__).resolve().parents[2] / "autotune"
     found = []
     for path in root.rglob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))

@@ -14,7 +14,7 @@ from autotune.plugin.manager import get_plugin_manager
 from autotune.plugin.registry import stages
 from autotune.util.errors import AutotuneError
 
-DATASETS = Path(__file__).resolve().parents[1] / "profiles" / "datasets"
+DATASETS = Path(__file__).resolve().parents[2] / "profiles" / "datasets"
 
 
 def user(text):

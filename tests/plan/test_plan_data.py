@@ -11,7 +11,7 @@ from autotune.util.units import GiB
 
 pytestmark = pytest.mark.usefixtures("offline_machine")
 
-DATASETS = Path(__file__).parent.parent / "profiles" / "datasets"
+DATASETS = Path(__file__).resolve().parents[2] / "profiles" / "datasets"
 SHORT_CHATS = DATASETS / "emotional_support_sft.jsonl"
 
 

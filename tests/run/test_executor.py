@@ -151,7 +151,7 @@ TOY_FAMILY = '''
 def test_an_external_family_plugin_is_used_by_plan_and_run(tmp_path, monkeypatch):
     from autotune.plugin.manager import get_plugin_manager
     from autotune.plugin.registry import model_families
-    from tests.test_plugins import install_fake_distribution
+    from tests.plugin.test_plugins import install_fake_distribution
 
     install_fake_distribution(tmp_path, "autotune_toyllama", TOY_FAMILY, "toyllama")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -19,7 +19,7 @@ from autotune.util.errors import AutotuneError
 
 pytestmark = pytest.mark.usefixtures("offline_machine")
 
-DATASETS = Path(__file__).parent.parent / "profiles" / "datasets"
+DATASETS = Path(__file__).resolve().parents[2] / "profiles" / "datasets"
 SFT = DATASETS / "emotional_support_sft.jsonl"
 DPO = DATASETS / "emotional_support_dpo.jsonl"
 NOTES = DATASETS / "wellbeing_notes.txt"

@@ -14,11 +14,11 @@ from click.testing import CliRunner
 from autotune.cli.main import make_cli
 from autotune.plugin.manager import get_plugin_manager
 from autotune.plugin.registry import stages
-from tests.test_plugins import install_fake_distribution
+from tests.plugin.test_plugins import install_fake_distribution
 
 pytestmark = pytest.mark.slow  # trains, launches processes or fuzzes
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 
 
 def docs_example(title: str) -> str:

@@ -184,7 +184,7 @@ def test_lora_targets_are_the_modules_autotune_run_adapts(exported):
 
 
 def test_data_file_is_named_as_each_tool_reads_it(pm, base_plan, tmp_path):
-    data = os.path.join(os.path.dirname(__file__), os.pardir, "profiles", "datasets",
+    data = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "profiles", "datasets",
                         "emotional_support_sft.jsonl")
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(base_plan))
     lf = export(pm, tmp_path / "plan.yaml", "llamafactory", tmp_path / "lf.yaml", "--data", data)
