@@ -317,10 +317,10 @@ def _start(pm, state: dict, partial: str, final: str, rows: list, quiet: bool,
         from autotune.run.launch import launch
 
         return launch(pm, state, partial, final, quiet, signals)
-    return _train(pm, state, partial, final, rows, quiet, signals)
+    return train_plan(pm, state, partial, final, rows, quiet, signals)
 
 
-def _train(pm, state: dict, partial: str, final: str, rows: list, quiet: bool,
+def train_plan(pm, state: dict, partial: str, final: str, rows: list, quiet: bool,
            signals: checkpoints.Signals, launched: bool = False) -> dict | None:
     """Train (from the newest checkpoint, if any), stepping down on out-of-memory; once the
     last step is taken, save the trained run before a signal can stop it.
@@ -351,7 +351,7 @@ def _train(pm, state: dict, partial: str, final: str, rows: list, quiet: bool,
         say(quiet, f"loading {model_spec.id} ({recipe.method}, {recipe.bits}-bit, micro "
                     f"batch {plan['training']['micro_batch']}) on {device}")
         model, targets, checked = _model(model_spec, family, recipe, device, settings, base)
-        args = _trainer_args(plan, recipe, settings, device, trainer_dir)
+        args = trainer_args(plan, recipe, settings, device, trainer_dir)
         tracker = _Tracker(quiet)
         schedule = checkpoints.SaveSchedule(
             signals, settings.save_every, settings.save_minutes and settings.save_minutes * 60,
@@ -643,7 +643,7 @@ def _checkpointing_name() -> str:
         else "gradient_checkpointing"
 
 
-def _trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str,
+def trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str,
                   folder: str) -> dict:
     """Keyword arguments common to every TRL config: the plan's hyper-parameters."""
     training = plan.get("training", {})

@@ -179,7 +179,7 @@ def main() -> None:
     """One rank of a launched run: ``python -m autotune.run.launch RUN_FOLDER``."""
     from autotune.util.quiet import quiet_libraries
     from autotune.catalog.datasets import load_rows
-    from autotune.run.executor import STATE, RankOutOfMemory, _train
+    from autotune.run.executor import STATE, RankOutOfMemory, train_plan
     from autotune.plugin.manager import get_plugin_manager
     from autotune.plugin.registry import stage_named
 
@@ -195,7 +195,7 @@ def main() -> None:
             pm = get_plugin_manager()
             rows = load_rows(state["settings"]["data"],
                              stage_named(pm, state["plan"]["recipe"]["stage"]))
-            _train(pm, state, partial, final, rows,
+            train_plan(pm, state, partial, final, rows,
                    bool(os.environ.get("AUTOTUNE_QUIET")), signals, launched=True)
         except RankOutOfMemory as exc:
             write_json(os.path.join(partial, OUT_OF_MEMORY.format(rank=rank)),

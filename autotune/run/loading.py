@@ -138,6 +138,8 @@ def prepare(model, recipe: Recipe, target_modules: list[str] | str | None = None
 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=recipe.grad_ckpt, **kwargs)
+    elif recipe.grad_ckpt and hasattr(model, "activation_checkpointing_enable"):  # transformers 5
+        model.activation_checkpointing_enable({"use_reentrant": False})
     elif recipe.grad_ckpt:
         model.gradient_checkpointing_enable(**kwargs)
     if recipe.adapter:

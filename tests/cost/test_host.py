@@ -302,9 +302,9 @@ def test_checkpoint_size_matches_a_real_trainer_checkpoint(pm, tmp_path, method)
 
 
 def test_the_run_keeps_as_many_checkpoints_as_the_executor_asks(tmp_path):
-    from autotune.run.executor import RunSettings, _trainer_args
+    from autotune.run.executor import RunSettings, trainer_args
 
-    args = _trainer_args({"training": {}}, Recipe(), RunSettings("data", str(tmp_path)), "cpu",
+    args = trainer_args({"training": {}}, Recipe(), RunSettings("data", str(tmp_path)), "cpu",
                          str(tmp_path / "trainer"))
     assert args["save_total_limit"] == KEPT
     disk = DiskNeeds(checkpoint_bytes=10, kept=2, final_bytes=4)

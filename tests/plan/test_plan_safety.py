@@ -32,7 +32,7 @@ from autotune.util.yamlfile import parse_yaml, read_yaml
 from tests.cli.test_hostile import ERROR, OK, autotune, check
 
 TINY_PLAN = ("plan", "--model", "tiny", "--vram", "4GiB", "--seq-len", "64")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def console(*args: str, env: dict | None = None, cwd=None, timeout: float = 120):

@@ -196,7 +196,7 @@ def test_a_run_killed_between_saving_and_renaming_is_only_finished_by_resume(
     with pytest.raises(RuntimeError):
         run(pm, plan, settings(tmp_path / "run"))
     monkeypatch.undo()
-    monkeypatch.setattr(executor, "_train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(executor, "train_plan", lambda *a, **k: pytest.fail("trained again"))
     report = resume(pm, str(tmp_path / "run"), quiet=True)
     assert losses(report) == pytest.approx(losses(uninterrupted), rel=1e-3)
     assert (tmp_path / "run" / "run_report.json").is_file()
