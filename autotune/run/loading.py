@@ -191,6 +191,9 @@ def load_adapter(base, folder: str, quantised_experts: bool = False):
                 parametrize.register_parametrization(module, name, _same(), unsafe=True)
                 placeholders.append((module, name))
     config.inference_mode = True
+    # the adapter was saved inside the run's .partial folder: the base is where it is now
+    config.base_model_name_or_path = getattr(base, "name_or_path", None) or \
+        config.base_model_name_or_path
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The following (rank|alpha)_pattern keys")
         model = get_peft_model(base, config)
