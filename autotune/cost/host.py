@@ -29,10 +29,12 @@ from autotune.cost.params import ParamCounts
 from autotune.cost.recipe import Recipe
 from autotune.util.units import GiB, gib
 
-RUNTIME = {"cuda": int(2.5 * GiB), "cpu": int(0.6 * GiB)}
-"""Host memory of one training process before any model: Python, torch, transformers, PEFT,
-TRL, datasets (about 0.45 GiB measured on the CPU), plus for CUDA the context and the
-cuBLAS/cuDNN/NCCL libraries' host side (a prior, not measured here)."""
+RUNTIME = {"cuda": int(2.5 * GiB), "cpu": int(1.5 * GiB)}
+"""Host memory of one training process besides the model's own: Python, torch, transformers,
+PEFT, TRL, datasets and what a Trainer run adds (the CPU figure is measured: importing them
+takes 0.45 GiB, and `autotune run --demo` peaks at 1.55 GiB RSS with 0.1 GiB of model and
+step), plus for CUDA the context and the cuBLAS/cuDNN/NCCL libraries' host side (a prior,
+not measured here)."""
 LOAD_WORKERS = 4
 """Tensors transformers 5 converts at once while loading (``GLOBAL_WORKERS``); loading
 that quantises on the fly goes one tensor at a time."""
