@@ -9,7 +9,7 @@ import os
 import pluggy
 
 from autotune.util.errors import AutotuneError
-from autotune.run.executor import REPORT
+from autotune.run.training import REPORT
 
 
 _TEXT, _NUMBER, _COUNT, _MAPPING, _LIST = "a string", "a number", "a whole number", "an object", \

@@ -43,13 +43,13 @@ def launch(pm: pluggy.PluginManager, state: dict, partial: str, final: str, quie
     """
     import torch
 
-    from autotune.run import executor
+    from autotune.run import training
     from autotune.catalog.models import resolve_model
     from autotune.plugin.registry import family_for
 
     plan = state["plan"]
     parallel = Parallel.from_dict(plan["distributed"])
-    settings = executor.RunSettings(**state["settings"], quiet=quiet)
+    settings = training.RunSettings(**state["settings"], quiet=quiet)
     model_spec = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
     family = family_for(pm, model_spec.config, model_spec.family)
     trainer_dir = os.path.join(partial, "trainer")
@@ -60,16 +60,16 @@ def launch(pm: pluggy.PluginManager, state: dict, partial: str, final: str, quie
     if cuda and torch.cuda.device_count() < parallel.gpus:
         raise AutotuneError(f"the plan needs {parallel.gpus} GPUs on each node; this "
                             f"machine has {torch.cuda.device_count()}")
-    tokenizer = executor.prepare_tokenizer(model_spec, family, settings, partial)
-    executor.random_base(model_spec, tokenizer, settings, partial)  # ranks find them
+    tokenizer = training.prepare_tokenizer(model_spec, family, settings, partial)
+    training.random_base(model_spec, tokenizer, settings, partial)  # ranks find them
     while True:
         command = _command(plan, parallel, partial, cuda)
         if parallel.nodes > 1:
-            raise executor.KeptRun(
+            raise training.KeptRun(
                 f"a {parallel.nodes}-node run starts on every node: the configs are in "
                 f"{partial}; on node k run `{' '.join(command)}` with --machine_rank k, then "
                 f"`autotune run --resume {final}` on node 0 finishes the run")
-        executor.say(quiet, f"launching {parallel.world} processes ({parallel.label}) "
+        training.say(quiet, f"launching {parallel.world} processes ({parallel.label}) "
                              f"with {'accelerate' if cuda else 'torchrun'}")
         code = _wait(command, partial, quiet, signals)
         stopped = os.path.join(partial, INTERRUPTED)
@@ -91,11 +91,11 @@ def launch(pm: pluggy.PluginManager, state: dict, partial: str, final: str, quie
             oom = json.load(handle)
         for path in failed:
             os.remove(path)
-        plan = executor.stepped_down(plan, oom["error"], oom["step"], state, partial, quiet)
+        plan = training.stepped_down(plan, oom["error"], oom["step"], state, partial, quiet)
     signals.mode = "hold"
     state["trained"] = True
     report = collect(partial, parallel)
-    executor.finish(partial, final)
+    training.finish(partial, final)
     return report
 
 
@@ -128,7 +128,7 @@ def _command(plan: dict, parallel: Parallel, partial: str, cuda: bool) -> list[s
     worker = ["-m", "autotune.run.launch", partial]
     ds_file = None
     if parallel.deepspeed:
-        from autotune.run.executor import DEEPSPEED_CONFIG
+        from autotune.run.training import DEEPSPEED_CONFIG
 
         ds_file = os.path.join(partial, DEEPSPEED_CONFIG)
         write_json(ds_file, deepspeed_config(plan))
@@ -147,7 +147,7 @@ def _command(plan: dict, parallel: Parallel, partial: str, cuda: bool) -> list[s
 
 def collect(partial: str, parallel: Parallel) -> dict:
     """Rank 0's report, with the loss each rank saw."""
-    from autotune.run.executor import REPORT
+    from autotune.run.training import REPORT
 
     ranks = []
     for rank in range(parallel.world):
@@ -179,7 +179,7 @@ def main() -> None:
     """One rank of a launched run: ``python -m autotune.run.launch RUN_FOLDER``."""
     from autotune.util.quiet import quiet_libraries
     from autotune.catalog.datasets import load_rows
-    from autotune.run.executor import STATE, RankOutOfMemory, train_plan
+    from autotune.run.training import STATE, RankOutOfMemory, train_plan
     from autotune.plugin.manager import get_plugin_manager
     from autotune.plugin.registry import stage_named
 

@@ -302,7 +302,7 @@ def test_checkpoint_size_matches_a_real_trainer_checkpoint(pm, tmp_path, method)
 
 
 def test_the_run_keeps_as_many_checkpoints_as_the_executor_asks(tmp_path):
-    from autotune.run.executor import RunSettings, trainer_args
+    from autotune.run.training import RunSettings, trainer_args
 
     args = trainer_args({"training": {}}, Recipe(), RunSettings("data", str(tmp_path)), "cpu",
                          str(tmp_path / "trainer"))

@@ -44,7 +44,7 @@ def mean(values):
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("method", METHODS)
 def test_stage_and_method_train_save_reload(pm, tmp_path, stage, method):
-    from autotune.run.executor import PROBE
+    from autotune.run.training import PROBE
     from autotune.run.finished import load_run
 
     out = tmp_path / "run"

@@ -195,7 +195,7 @@ def plan_file(pm, tmp_path, name):
 def test_tiny_moe_qlora_trains_audits_and_reloads(pm, tmp_path, name):
     import torch
 
-    from autotune.run.executor import PROBE
+    from autotune.run.training import PROBE
     from autotune.run.finished import load_run
 
     out = tmp_path / "run"

@@ -29,7 +29,7 @@ import yaml
 
 from autotune.catalog.demo import dataset_path
 from autotune.cli.main import main
-from autotune.run import checkpoints, executor
+from autotune.run import checkpoints, executor, training
 from autotune.run.executor import RunSettings, resume, run
 from autotune.util.errors import AutotuneError
 
@@ -103,7 +103,7 @@ def with_callback(monkeypatch, **events):
     """Every trainer the executor builds also runs ``events`` (name -> function)."""
     from transformers import TrainerCallback
 
-    original = executor._trainer
+    original = training._trainer
     hook = type("Hook", (TrainerCallback,), {
         name: (lambda f: lambda self, args, state, control, **kw: f(state))(f)
         for name, f in events.items()})
@@ -113,7 +113,7 @@ def with_callback(monkeypatch, **events):
         built.add_callback(hook())
         return built
 
-    monkeypatch.setattr(executor, "_trainer", trainer)
+    monkeypatch.setattr(training, "_trainer", trainer)
 
 
 # -- the data-loss paths -----------------------------------------------------------------------
@@ -122,13 +122,13 @@ def test_a_signal_after_the_last_step_and_during_the_final_save_keeps_the_finish
         pm, tmp_path, reference, monkeypatch):
     _, plan, uninterrupted, _ = reference
     with_callback(monkeypatch, on_train_end=lambda _: os.kill(os.getpid(), signal.SIGINT))
-    save = executor._save
+    save = training._save
 
     def interrupted_save(*args):
         os.kill(os.getpid(), signal.SIGTERM)  # a second signal, while the weights are written
         return save(*args)
 
-    monkeypatch.setattr(executor, "_save", interrupted_save)
+    monkeypatch.setattr(training, "_save", interrupted_save)
     report = run(pm, plan, settings(tmp_path / "run"))
     assert report["steps"] == STEPS
     assert losses(report) == pytest.approx(losses(uninterrupted), rel=1e-3)
@@ -172,7 +172,7 @@ def test_disk_full_during_the_final_save_keeps_a_run_that_resumes(pm, tmp_path, 
     def full(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(executor, "_save", full)
+    monkeypatch.setattr(training, "_save", full)
     with pytest.raises(AutotuneError, match="No space left on device.*kept in .*--resume"):
         run(pm, plan, settings("run", data="train.jsonl"))  # no checkpoint was taken
     partial = first / "run.partial"
@@ -192,7 +192,7 @@ def test_a_run_killed_between_saving_and_renaming_is_only_finished_by_resume(
     def killed(partial, final):
         raise RuntimeError("killed before the rename")
 
-    monkeypatch.setattr(executor, "finish", killed)
+    monkeypatch.setattr(training, "finish", killed)
     with pytest.raises(RuntimeError):
         run(pm, plan, settings(tmp_path / "run"))
     monkeypatch.undo()
@@ -238,13 +238,13 @@ def test_two_process_ddp_interrupted_before_its_first_checkpoint_resumes(pm, tmp
 def test_sigterm_while_the_model_loads_leaves_nothing_and_says_so(pm, tmp_path, reference,
                                                                    monkeypatch):
     _, plan, _, _ = reference
-    load = executor._model
+    load = training._model
 
     def model(*args):
         os.kill(os.getpid(), signal.SIGTERM)
         return load(*args)
 
-    monkeypatch.setattr(executor, "_model", model)
+    monkeypatch.setattr(training, "_model", model)
     with pytest.raises(checkpoints.RunInterrupted, match="stopped by SIGTERM .*nothing to "
                                                          "resume") as caught:
         run(pm, plan, settings(tmp_path / "run"))
@@ -292,7 +292,7 @@ def test_a_failed_run_keeps_its_folder_while_another_process_writes_it(pm, tmp_p
         orphans.append(hold(tmp_path / "run.partial"))
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(executor, "_model", model)
+    monkeypatch.setattr(training, "_model", model)
     try:
         with pytest.raises(RuntimeError):
             run(pm, plan, settings(tmp_path / "run"))
