@@ -90,6 +90,7 @@ def make_cli(pm: pluggy.PluginManager) -> click.Group:
 
 
 def _ignore_signals() -> None:
+    """At exit the command is done: a late Ctrl-C or SIGTERM has nothing left to stop."""
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, signal.SIG_IGN)
 
