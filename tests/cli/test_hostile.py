@@ -807,12 +807,10 @@ BROKEN_MODULE = "raise RuntimeError('boom at import')\n"
 
 
 def test_strict_plugins_name_the_broken_plugin(tmp_path, monkeypatch):
+    from tests.plugin.test_plugins import install_fake_distribution
+
     module = "autotune_hostile_broken"
-    (tmp_path / f"{module}.py").write_text(BROKEN_MODULE)
-    info = tmp_path / f"{module}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[autotune]\nbroken-plugin = {module}\n")
+    install_fake_distribution(tmp_path, module, BROKEN_MODULE, "broken-plugin")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("AUTOTUNE_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     monkeypatch.setenv("AUTOTUNE_STRICT_PLUGINS", "1")

@@ -311,12 +311,9 @@ def test_readers_refuse_what_is_no_regular_file(tmp_path, kind, written_plan):
 # -- plugins ---------------------------------------------------------------------------------
 
 def _entry_point_plugin(tmp_path, monkeypatch, body: str) -> None:
-    module = "autotune_safety_plugin"
-    (tmp_path / f"{module}.py").write_text(body)
-    info = tmp_path / f"{module}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[autotune]\nrude = {module}\n")
+    from tests.plugin.test_plugins import install_fake_distribution
+
+    install_fake_distribution(tmp_path, "autotune_safety_plugin", body, "rude")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("AUTOTUNE_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     monkeypatch.delenv("AUTOTUNE_STRICT_PLUGINS", raising=False)
