@@ -192,6 +192,7 @@ def fused_experts() -> bool:
 
 
 @lru_cache(maxsize=65536)
+@lru_cache(maxsize=65536)
 def layer_index(path: str) -> int | None:
     """The decoder-layer index in a parameter or module path (``model.layers.3.mlp`` -> 3)."""
     found = _LAYER.search(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from autotune.cost.activations import (
     FP32,
@@ -74,15 +75,16 @@ class _Timeline:
 
     def __init__(self) -> None:
         self.live = dict.fromkeys(COMPONENTS, 0)
+        self.total = 0
         self.peak = 0
         self.at: dict[str, int] = dict(self.live)
         self.phase = ""
 
     def add(self, component: str, nbytes: int, phase: str) -> None:
         self.live[component] += nbytes
-        total = sum(self.live.values())
-        if total > self.peak:
-            self.peak, self.at, self.phase = total, dict(self.live), phase
+        self.total += nbytes
+        if self.total > self.peak:
+            self.peak, self.at, self.phase = self.total, dict(self.live), phase
 
     def spike(self, component: str, nbytes: int, phase: str) -> None:
         """A transient that is freed right away."""
@@ -119,6 +121,13 @@ def weight_formats(arch: Architecture, recipe: Recipe) -> dict[str, int]:
     kept = kept_dtype(recipe)
     if recipe.bits == 16:
         return {kept: arch.total * BYTES[kept]}
+    cache = arch.__dict__.setdefault("_formats_cache", {})  # as cached_property stores
+    if (recipe.bits, kept) not in cache:
+        cache[recipe.bits, kept] = _quantised_formats(arch, recipe, kept)
+    return dict(cache[recipe.bits, kept])
+
+
+def _quantised_formats(arch: Architecture, recipe: Recipe, kept: str) -> dict[str, int]:
     linears, experts = quantised(arch, recipe)
     q_params = (sum(lin.in_features * lin.out_features for lin in linears)
                 + sum(t.numel for t in experts))
@@ -185,6 +194,7 @@ def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     return roles
 
 
+@lru_cache(maxsize=65536)
 def _role_key(path: str, index: int) -> str:
     rest = path.split(f".{index}.", 1)[1]
     for prefix in ("self_attn.", "mlp."):
@@ -295,6 +305,91 @@ def largest_module(arch: Architecture) -> int:
     return arch.__dict__["_largest_module"]
 
 
+@dataclass(frozen=True)
+class _Fixed:
+    """What a step's simulation takes from the recipe alone, not from its batch shape."""
+
+    w: int
+    """Bytes per element of the residual stream and of a full fine-tune's gradients."""
+    p: Precision
+    full: bool
+    trained: frozenset[int] | None
+    kinds: tuple[int, ...]
+    """Per decoder layer: its kind (layers alike in shape, roles and trained norms share
+    one), the index into ``roles``."""
+    roles: tuple[dict[str, LinearRole], ...]
+    weights: int
+    adapters: int
+    optimizer: int
+    buffers: int
+    gradient_share: float
+    dequantised: tuple[int, ...]
+    dequantised_lora: tuple[int, ...]
+    cast_copies: int
+    grads: tuple[int, ...]
+    scratch: int
+    notes: tuple[str, ...]
+    saved: dict = field(default_factory=dict, compare=False)
+    """What each kind of layer saves, by (kind, grad_in, shape, kernel): filled as priced."""
+
+
+def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
+           parallel: Parallel, autocast: bool) -> _Fixed:
+    """The batch-independent part of :func:`estimate_memory` (cached on ``arch``: a
+    planner prices one recipe at many micro batches and sequence lengths)."""
+    r = recipe
+    key = (r.method, r.bits, r.precision, r.rank, r.dropout > 0, r.targets, r.freeze_layers,
+           r.optim, r.stage, device, parallel, autocast, counts.trainable, counts.all,
+           len(counts.targets), len(counts.target_params))
+    cache = arch.__dict__.setdefault("_fixed_cache", {})  # as cached_property stores
+    if key in cache:
+        return cache[key]
+    if parallel.deepspeed and recipe.precision == "amp":
+        # DeepSpeed runs the model in 16 bit; its fp32 master weights are optimizer state
+        recipe = recipe.but(precision="bf16")
+    c = BYTES[recipe.compute_dtype]
+    w = BYTES[recipe.weight_dtype]
+    autocast = recipe.compute_dtype != "fp32" and (autocast or w == FP32 or recipe.bits < 16)
+    copies = autocast and w == FP32  # fp32 weights, cast to 16 bit per matmul
+    if recipe.bits < 16:  # prepare_model_for_kbit_training leaves the residual stream fp32
+        w = FP32
+    p = Precision(compute=c, residual=w, autocast=autocast, copies_weights=copies,
+                  dropout_mask=FP32 if device == "cpu" else 1,
+                  act=w if recipe.bits < 16 else c)
+    param_bytes = FP32 if recipe.adapter else w
+    trained = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
+    shapes = _trainable_shapes(arch, recipe, counts, trained)
+    roles = _roles(arch, recipe, counts, trained)
+    share = shares(parallel, counts.trainable, param_bytes, largest_module(arch))
+    optimizer = (deepspeed_optimizer_bytes(counts.trainable) if parallel.deepspeed
+                 else optimizer_state_bytes(recipe, shapes, param_bytes))
+    deq = dequantised_experts(arch, recipe)
+    lora_experts = {t.path for t in counts.target_params}  # W + BA: a second full copy
+    deq_lora = [sum(x.numel * BYTES[recipe.weight_dtype] for x in arch.experts
+                    if x.path in lora_experts and layer_index(x.path) == i) if deq[i] else 0
+                for i in range(arch.num_layers)]
+    scratch = optimizer_temporaries(recipe, shapes, param_bytes, device)
+    full = recipe.method == "full"
+    kinds: dict[tuple, int] = {}
+    for i, layer in enumerate(arch.layers):
+        kinds.setdefault((layer, tuple(sorted(roles[i].items())),
+                          full or (trained is not None and i in trained)), i)
+    layer_kinds = tuple(kinds[layer, tuple(sorted(roles[i].items())),
+                              full or (trained is not None and i in trained)]
+                        for i, layer in enumerate(arch.layers))
+    fixed = _Fixed(
+        w, p, full, frozenset(trained) if trained is not None else None, layer_kinds,
+        tuple(roles),
+        int(weight_bytes(arch, recipe) * share.weights),
+        int(counts.trainable * FP32 * share.weights) if recipe.adapter else 0,
+        int(optimizer * share.optimizer), share.buffers, share.gradients, tuple(deq),
+        tuple(deq_lora), _cast_copies(arch, recipe, trained) * c if copies else 0,
+        tuple(_grads_by_layer(arch, recipe, counts, trained, w)),
+        int(scratch * share.optimizer), tuple(expert_notes(arch, recipe)))
+    cache[key] = fixed
+    return fixed
+
+
 def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
                     extras: dict[str, int] | None = None, device: str = "cuda",
                     sequences: int = 1, parallel: Parallel = SINGLE,
@@ -308,39 +403,22 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     ``False`` prices a pure 16-bit loop without autocast (16-bit bases only), where PEFT's
     fp32 adapters keep an fp32 copy of every adapted layer's input.
     """
-    if parallel.deepspeed and recipe.precision == "amp":
-        # DeepSpeed runs the model in 16 bit; its fp32 master weights are optimizer state
-        recipe = recipe.but(precision="bf16")
+    f = _fixed(arch, recipe, counts, device, parallel, autocast)
+    attn = recipe.attn
+    w, p, full, trained = f.w, f.p, f.full, f.trained
     shape = StepShape(recipe.batch * sequences, recipe.seq_len)
-    t, c = shape.tokens, BYTES[recipe.compute_dtype]
-    w = BYTES[recipe.weight_dtype]
-    autocast = recipe.compute_dtype != "fp32" and (autocast or w == FP32 or recipe.bits < 16)
-    copies = autocast and w == FP32  # fp32 weights, cast to 16 bit per matmul
-    if recipe.bits < 16:  # prepare_model_for_kbit_training leaves the residual stream fp32
-        w = FP32
-    p = Precision(compute=c, residual=w, autocast=autocast, copies_weights=copies,
-                  dropout_mask=FP32 if device == "cpu" else 1,
-                  act=w if recipe.bits < 16 else c)
-    param_bytes = FP32 if recipe.adapter else w
-    full = recipe.method == "full"
-    trained = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
-    shapes = _trainable_shapes(arch, recipe, counts, trained)
-    roles = _roles(arch, recipe, counts, trained)
-    share = shares(parallel, counts.trainable, param_bytes, largest_module(arch))
-    optimizer = (deepspeed_optimizer_bytes(counts.trainable) if parallel.deepspeed
-                 else optimizer_state_bytes(recipe, shapes, param_bytes))
+    t, c = shape.tokens, p.compute
+    deq, deq_lora = f.dequantised, f.dequantised_lora
 
     tl = _Timeline()
-    tl.add("weights", int(weight_bytes(arch, recipe) * share.weights), "start")
-    tl.add("adapters", int(counts.trainable * FP32 * share.weights) if recipe.adapter else 0,
-           "start")
-    tl.add("optimizer", int(optimizer * share.optimizer), "start")
-    tl.add("communication", share.buffers, "start")
+    tl.add("weights", f.weights, "start")
+    tl.add("adapters", f.adapters, "start")
+    tl.add("optimizer", f.optimizer, "start")
+    tl.add("communication", f.buffers, "start")
     tl.add("inputs", t * INDEX, "start")
     # eager attention reads a materialised causal mask; checkpointing keeps it, an input of
     # every checkpointed layer, until the last recompute
-    mask = shape.batch * shape.seq_len ** 2 * c if recipe.attn == "eager" and recipe.grad_ckpt \
-        else 0
+    mask = shape.batch * shape.seq_len ** 2 * c if attn == "eager" and recipe.grad_ckpt else 0
     tl.add("inputs", mask, "forward")
     tl.add("stage_extras", sum((extras or {}).values()), "start")
 
@@ -349,20 +427,17 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     # prepare_model_for_kbit_training makes the embeddings' output require grad when
     # checkpointing, so even the first layer saves.
     grad_in = full or (recipe.bits < 16 and recipe.grad_ckpt)
-    saved_by_layer, kept_by_layer, mlp_by_layer, seen = [], [], [], {}
-    deq = dequantised_experts(arch, recipe)
-    lora_experts = {t.path for t in counts.target_params}  # W + BA: a second full copy
-    deq_lora = [sum(x.numel * BYTES[recipe.weight_dtype] for x in arch.experts
-                    if x.path in lora_experts and layer_index(x.path) == i) if deq[i] else 0
-                for i in range(arch.num_layers)]
+    saved_by_layer, kept_by_layer, mlp_by_layer = [], [], []
+    kernels = []
     for i, layer in enumerate(arch.layers):
         norms = full or (trained is not None and i in trained)
-        kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
-        key = (layer, tuple(sorted(roles[i].items())), norms, grad_in, kernel)
-        if key not in seen:  # most layers are alike: price each kind once
-            seen[key] = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len, roles[i],
-                                    norms, grad_in, p, kernel)
-        saved, mlp_saved = seen[key]
+        kernel = "math" if device == "cpu" and layer.attention.mla else attn
+        kernels.append(kernel)
+        key = (f.kinds[i], grad_in, shape, kernel)
+        if key not in f.saved:
+            f.saved[key] = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len,
+                                       f.roles[i], norms, grad_in, p, kernel)
+        saved, mlp_saved = f.saved[key]
         mlp_by_layer.append(mlp_saved)
         grad_in = grad_in or saved > 0
         kept = t * arch.hidden * w if recipe.grad_ckpt and saved else saved
@@ -375,8 +450,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
             tl.spike("temporaries", deq[i] + deq_lora[i] - held, f"forward (layer {i} experts)")
             kept_by_layer[-1] += held
     # autocast keeps a 16-bit copy of each fp32 trainable weight a matmul uses, until backward
-    cast_copies = _cast_copies(arch, recipe, trained) * c if copies else 0
-    tl.add("temporaries", cast_copies, "forward")
+    tl.add("temporaries", f.cast_copies, "forward")
     final_norm = t * arch.hidden * FP32 + t * FP32 + (t * arch.hidden * w if full else 0)
     head_in = t * arch.hidden * c if full else 0
     if not full and p.autocast and w == FP32:  # fp32 head: amp, or kept by bnb
@@ -397,9 +471,9 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         tl.spike("logits", logits * c, "backward (loss)")      # gradient cast back to 16 bit
     tl.add("logits", -logits * FP32, "backward (loss)")
     if full and not arch.tied_embeddings:
-        tl.add("gradients", int(arch.head_linear.numel * w * share.gradients), "backward (head)")
+        tl.add("gradients", int(arch.head_linear.numel * w * f.gradient_share),
+               "backward (head)")
     tl.add("activations", -(final_norm + head_in), "backward")
-    grads = _grads_by_layer(arch, recipe, counts, trained, w)
     for i in reversed(range(arch.num_layers)):
         saved, kept = saved_by_layer[i], kept_by_layer[i]
         if recipe.grad_ckpt:
@@ -408,27 +482,25 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
             tl.spike("temporaries", deq_lora[i] if saved else 0,
                      f"backward (recompute layer {i} experts)")
             saved += deq[i] if saved else 0
-        tl.add("gradients", int(grads[i] * share.gradients), f"backward (layer {i})")
+        tl.add("gradients", int(f.grads[i] * f.gradient_share), f"backward (layer {i})")
         # the incoming gradient and the MLP's gradient buffers, or (later, the MLP's
         # saved tensors freed) the attention's
         layer = arch.layers[i]
-        kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
         transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * c,
-                        attention_backward_spike(layer, shape.batch, shape.seq_len, p, kernel)
-                        - mlp_by_layer[i])
+                        attention_backward_spike(layer, shape.batch, shape.seq_len, p,
+                                                 kernels[i]) - mlp_by_layer[i])
         tl.spike("temporaries", transient if saved else 0, f"backward (layer {i})")
         tl.add("activations", -(saved + kept if recipe.grad_ckpt else kept), "backward")
     if full:
-        tl.add("gradients", int(_embedding_numel(arch) * w * share.gradients),
+        tl.add("gradients", int(_embedding_numel(arch) * w * f.gradient_share),
                "backward (embeddings)")
-    tl.add("temporaries", -cast_copies, "backward")
+    tl.add("temporaries", -f.cast_copies, "backward")
     tl.add("inputs", -mask, "backward")
 
     # -- optimizer step: every gradient exists, plus the step's own scratch
-    scratch = optimizer_temporaries(recipe, shapes, param_bytes, device)
-    tl.spike("temporaries", int(scratch * share.optimizer), "optimizer")
+    tl.spike("temporaries", f.scratch, "optimizer")
     overhead = _device_overhead(tl.peak) if device == "cuda" else 0
-    return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase, expert_notes(arch, recipe))
+    return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase, list(f.notes))
 
 
 def expert_notes(arch: Architecture, recipe: Recipe) -> list[str]:

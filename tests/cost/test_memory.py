@@ -82,3 +82,30 @@ def test_four_bit_keeps_embeddings_and_head_unquantised(pm):
     embedding = config["vocab_size"] * config["hidden_size"]
     # the tied 64k embedding alone is most of this model; in fp32 after kbit preparation
     assert weight_bytes(e.arch, e.recipe) > embedding * 4
+
+
+def test_a_cost_model_pricing_many_recipes_gives_what_each_priced_alone_gives(pm):
+    """The memory model caches what a recipe fixes (on the architecture) and what each kind
+    of layer saves: one cost model asked for recipes in any order must answer exactly as a
+    fresh one asked once (the planner prices hundreds of recipes on one model)."""
+    import itertools
+    import random
+
+    from autotune.cost.assess import CostModel
+    from autotune.cost.parallel import Parallel
+
+    config = TINY["mistral"]
+    recipes = [Recipe(method=m, bits=b, precision=p, batch=batch, seq_len=seq, grad_ckpt=ck,
+                      attn=attn, dropout=d)
+               for (m, b, p), batch, seq, ck, attn, d in itertools.product(
+                   (("lora", 16, "bf16"), ("lora", 8, "bf16"), ("qlora", 4, "bf16"),
+                    ("full", 16, "amp"),
+                    ("freeze", 16, "bf16")), (1, 3), (64, 256), (False, True),
+                   ("sdpa", "eager"), (0.0, 0.1))]
+    parallels = [Parallel(), Parallel.from_dict({"strategy": "zero3", "gpus": 4})]
+    pairs = [(r, p) for r in recipes for p in parallels]
+    random.Random(0).shuffle(pairs)
+    shared = CostModel(pm, config)
+    for recipe, parallel in pairs:
+        alone = CostModel(pm, config).price(recipe, parallel)[1]
+        assert shared.price(recipe, parallel)[1] == alone, (recipe, parallel)
