@@ -33,7 +33,7 @@ from autotune.cost.recipe import Recipe
 from autotune.cost.uncertainty import CONFIDENCE, Band
 from autotune.plan import alternatives
 from autotune.plan.space import Space, parameters, suggest
-from autotune.plan.studies import load_or_store
+from autotune.plan.studies import Study, load_or_store
 from autotune.plugin.registry import STANDARD_GROUPS
 from autotune.util.errors import AutotuneError, PluginError
 
@@ -42,6 +42,8 @@ ENUMERATE = 1000
 """Spaces of at most this many points are priced point by point, without a sampler."""
 SEARCH = "autotune_search"
 """The study attribute naming how the space was searched (``enumerated`` or ``sampled``)."""
+TRIAL_LAYOUT = 2
+"""What a trial's ``plan`` attribute keeps (:func:`_plan_attr`); part of the study key."""
 BALANCE = alternatives.BALANCE
 """``balanced``: each halving of throughput costs this much fidelity."""
 
@@ -133,6 +135,27 @@ class Candidate:
 
 
 @dataclass
+class Point:
+    """One priced point of a study as its trial keeps it: enough to rank it (fidelity,
+    tokens/s, peak) without pricing it again."""
+
+    recipe: Recipe
+    parallel: Parallel
+    fidelity: float
+    tokens_per_s: float
+    peak: int
+    high: int
+    pareto: bool = False
+    measured: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, plan: dict) -> Point:
+        """The point a trial's ``plan`` attribute (:func:`_plan_attr`) describes."""
+        return cls(Recipe(**plan["recipe"]), Parallel.from_dict(plan.get("parallel")),
+                   plan["fidelity"], plan["tokens_per_s"], plan["peak"], plan["peak_bytes"])
+
+
+@dataclass
 class PlanResult:
     """What a study found for one card."""
 
@@ -144,9 +167,9 @@ class PlanResult:
     trials: int
     reused: bool
     study_name: str
-    feasible_all: list[Candidate] = field(default_factory=list)
-    """Every feasible candidate (for the Pareto plot)."""
-    infeasible_all: list[Candidate] = field(default_factory=list)
+    feasible_all: list[Point] = field(default_factory=list)
+    """Every feasible point (for the Pareto plot)."""
+    infeasible_all: list[Point] = field(default_factory=list)
     """Every point that fits at no batch, at its smallest batch."""
     search: str = "sampled"
     """How the space was searched: ``enumerated`` (every point priced) or ``sampled``."""
@@ -250,7 +273,8 @@ class Planner:
     def study_key(self, space: Space, budget: int) -> str:
         """A name that changes with everything the study's answer depends on."""
         payload = json.dumps({
-            "version": __version__, "model": self.model_id, "config": self.config,
+            "version": __version__, "layout": TRIAL_LAYOUT, "model": self.model_id,
+            "config": self.config,
             "remote_code": self.remote_code,
             "gpu": space.gpu.id, "memory": space.gpu.memory_bytes, "budget": budget,
             "seq": space.seq_len, "stage": space.stage, "effective": space.effective_batch,
@@ -267,14 +291,11 @@ class Planner:
     def plan(self, space: Space, budget: int, objective: str = "balanced",
              storage: str | None = None, seed: int = 0, top: int = 5) -> PlanResult:
         """Run (or reuse) the study for ``space`` and rank its feasible plans."""
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
         name = self.study_key(space, budget)
         points = space.points()
 
-        def compute():
-            return self._run(space, budget, seed, points, optuna)
+        def compute() -> Study:
+            return self._run(space, budget, seed, points)
 
         if storage:
             study, reused, stored = load_or_store(storage, name, len(points), compute)
@@ -284,17 +305,22 @@ class Planner:
         result.storage = storage if stored else None
         return result
 
-    def _run(self, space: Space, budget: int, seed: int, points: list[dict], optuna):
+    def _run(self, space: Space, budget: int, seed: int, points: list[dict]) -> Study:
         """The study of ``space``: every point priced directly when there are at most
         :data:`ENUMERATE`, else Optuna's brute-force sampler; the study attribute
         :data:`SEARCH` says which."""
+        if len(points) <= ENUMERATE:
+            return Study([self._trial(space, budget, choice) for choice in points],
+                         {SEARCH: "enumerated"})
+        return self._sample(space, budget, seed, len(points))
+
+    def _sample(self, space: Space, budget: int, seed: int, size: int) -> Study:
         import warnings
 
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(directions=["maximize", "maximize"])
-        if len(points) <= ENUMERATE:
-            study.add_trials([self._trial(space, budget, choice, optuna) for choice in points])
-            study.set_user_attr(SEARCH, "enumerated")
-            return study
         failed: list[PluginError] = []
 
         def objective(trial):
@@ -315,11 +341,13 @@ class Planner:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.sampler = optuna.samplers.BruteForceSampler(seed=seed)
-        study.optimize(objective, n_trials=len(points))
+        study.optimize(objective, n_trials=size)
         if failed:
             raise failed[0]
-        study.set_user_attr(SEARCH, "sampled")
-        return study
+        return Study([{"state": t.state.name, "params": t.params,
+                       "choices": {k: d.choices for k, d in t.distributions.items()},
+                       "values": t.values, "attrs": t.user_attrs} for t in study.trials],
+                     {SEARCH: "sampled"})
 
     def _point(self, space: Space, budget: int, choice: dict
                ) -> tuple[Candidate | None, str | None]:
@@ -332,58 +360,55 @@ class Planner:
         except AutotuneError as exc:
             return None, str(exc)
 
-    def _trial(self, space: Space, budget: int, choice: dict, optuna):
-        """One enumerated point as a finished Optuna trial, with its parameters."""
-        params, distributions = parameters(space, choice)
+    def _trial(self, space: Space, budget: int, choice: dict) -> dict:
+        """One enumerated point as a finished trial (a row of :class:`Study`)."""
+        params, choices = parameters(space, choice)
         candidate, invalid = self._point(space, budget, choice)
-        pruned = optuna.trial.TrialState.PRUNED
         if invalid:
-            attrs, state, values = {"invalid": invalid}, pruned, None
-        else:
-            attrs = {"plan": _plan_attr(candidate)}
-            fits = candidate.fits(budget, space.host_ram)
-            state = optuna.trial.TrialState.COMPLETE if fits else pruned
-            values = [candidate.fidelity, candidate.tokens_per_s] if fits else None
-        return optuna.trial.create_trial(state=state, values=values, params=params,
-                                         distributions=distributions, user_attrs=attrs)
+            return {"state": "PRUNED", "params": params, "choices": choices, "values": None,
+                    "attrs": {"invalid": invalid}}
+        fits = candidate.fits(budget, space.host_ram)
+        return {"state": "COMPLETE" if fits else "PRUNED", "params": params,
+                "choices": choices,
+                "values": [candidate.fidelity, candidate.tokens_per_s] if fits else None,
+                "attrs": {"plan": _plan_attr(candidate)}}
 
-    def _rank(self, study, space: Space, budget: int, objective: str, top: int, name: str,
-              reused: bool) -> PlanResult:
-        import optuna
-
-        done = optuna.trial.TrialState.COMPLETE
+    def _rank(self, study: Study, space: Space, budget: int, objective: str, top: int,
+              name: str, reused: bool) -> PlanResult:
+        """The study's points ranked from what its trials keep; only the ``top`` (and the
+        smallest, when nothing fits) are priced again, in full."""
         order = {_point_key(p): i for i, p in enumerate(space.points())}
         # the space's order, whichever order the sampler visited it in: ties rank alike
-        analytic = sorted((t for t in study.get_trials(deepcopy=False) if _analytic(t)),
-                          key=lambda t: order.get(_point_key(t.params), len(order)))
-        candidates = [self._candidate(t, space) for t in analytic if t.state == done]
-        mark_pareto(candidates)
-        measured = {json.dumps(t.user_attrs["plan"]["recipe"], sort_keys=True):
-                    t.user_attrs["measured"] for t in study.get_trials(deepcopy=False)
-                    if "measured" in t.user_attrs}
-        for c in candidates:  # earlier --measure runs of this study
-            c.measured = measured.get(json.dumps(c.recipe.to_dict(), sort_keys=True), {})
-        pruned = [t for t in analytic if t.state == optuna.trial.TrialState.PRUNED
-                  and "plan" in t.user_attrs]
+        analytic = sorted((t for t in study.trials if _analytic(t)),
+                          key=lambda t: order.get(_point_key(t["params"]), len(order)))
+        feasible = [Point.of(t["attrs"]["plan"]) for t in analytic if t["state"] == "COMPLETE"]
+        mark_pareto(feasible)
+        measured = {json.dumps(t["attrs"]["plan"]["recipe"], sort_keys=True):
+                    t["attrs"]["measured"] for t in study.trials if "measured" in t["attrs"]}
+        for p in feasible:  # earlier --measure runs of this study
+            p.measured = measured.get(json.dumps(p.recipe.to_dict(), sort_keys=True), {})
+        pruned = [Point.of(t["attrs"]["plan"]) for t in analytic
+                  if t["state"] == "PRUNED" and "plan" in t["attrs"]]
         smallest = None
-        if not candidates and pruned:
-            least = min(pruned, key=lambda t: t.user_attrs["plan"]["peak_bytes"])
-            smallest = self._candidate(least, space)
-        ranked = pick(candidates, objective)[:top]
+        if not feasible and pruned:
+            smallest = self._candidate(min(pruned, key=lambda p: p.high), space)
+        ranked = [self._candidate(p, space) for p in pick(feasible, objective)[:top]]
         return PlanResult(space.gpu, budget, space, ranked, smallest, len(analytic), reused,
-                          name, candidates, [self._candidate(t, space) for t in pruned],
-                          search=study.user_attrs.get(SEARCH, "sampled"))
+                          name, feasible, pruned,
+                          search=study.attrs.get(SEARCH, "sampled"))
 
-    def _candidate(self, trial, space: Space) -> Candidate:
-        plan = trial.user_attrs["plan"]
-        return self._candidate_at(space, Recipe(**plan["recipe"]),
-                                  Parallel.from_dict(plan.get("parallel")))
+    def _candidate(self, point: Point, space: Space) -> Candidate:
+        candidate = self._candidate_at(space, point.recipe, point.parallel)
+        candidate.pareto, candidate.measured = point.pareto, point.measured
+        return candidate
 
 
 def _plan_attr(candidate: Candidate) -> dict:
     """What a trial keeps of its candidate (the ``plan`` user attribute)."""
     return {"recipe": candidate.recipe.to_dict(), "parallel": candidate.parallel.to_dict(),
-            "grad_accum": candidate.grad_accum, "peak_bytes": candidate.high}
+            "grad_accum": candidate.grad_accum, "peak_bytes": candidate.high,
+            "peak": candidate.peak, "fidelity": candidate.fidelity,
+            "tokens_per_s": candidate.tokens_per_s}
 
 
 def _point_key(params: dict) -> str:
@@ -392,12 +417,12 @@ def _point_key(params: dict) -> str:
                        for k, v in params.items()}, sort_keys=True)
 
 
-def _analytic(trial) -> bool:
+def _analytic(trial: dict) -> bool:
     """A point of the cost model's search, not a worker's measurement (or claim of one)."""
-    return "measured" not in trial.user_attrs and "claim" not in trial.user_attrs
+    return "measured" not in trial["attrs"] and "claim" not in trial["attrs"]
 
 
-def mark_pareto(candidates: list[Candidate]) -> None:
+def mark_pareto(candidates: list[Point]) -> None:
     """Flag the candidates no other beats on both fidelity and tokens/s."""
     for c in candidates:
         c.pareto = not any(
@@ -406,7 +431,7 @@ def mark_pareto(candidates: list[Candidate]) -> None:
             for o in candidates)
 
 
-def pick(candidates: list[Candidate], objective: str) -> list[Candidate]:
+def pick(candidates: list, objective: str) -> list:
     """Candidates ordered best first for ``objective``; Pareto-optimal ones lead."""
     if objective not in OBJECTIVES:
         raise AutotuneError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")

@@ -197,10 +197,8 @@ def suggest(trial, space: Space) -> dict:
 
 
 def parameters(space: Space, choice: dict) -> tuple[dict, dict]:
-    """``(params, distributions)`` of one point as :func:`suggest` names them: what an
-    enumerated point records in its Optuna trial."""
-    import optuna
-
+    """``(params, choices)`` of one point as :func:`suggest` names them: what an enumerated
+    point records in its trial (each parameter's categorical choices, its distribution)."""
     dims = space.dimensions()
     params, choices = {}, {}
     for name in ("method", "grad_ckpt", "rank", "targets", "freeze_layers"):
@@ -215,8 +213,7 @@ def parameters(space: Space, choice: dict) -> tuple[dict, dict]:
         optims = optimizers_for(dims, choice)
         name = "optim" if optims == dims["optim"] else "optim_sharded"
         params[name], choices[name] = choice["optim"], optims
-    return params, {k: optuna.distributions.CategoricalDistribution(v)
-                    for k, v in choices.items()}
+    return params, choices
 
 
 def _pinned(value, choices: tuple) -> tuple:

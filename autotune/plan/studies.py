@@ -6,15 +6,23 @@ mark is set; a study without the mark is never read. A process that finds the st
 written waits for it rather than writing a second copy. A storage that cannot be used (a
 corrupted file, a read-only or missing cache folder, an in-memory URL) is
 :class:`StorageUnavailable`: the planner then plans without storing, with one warning.
+
+A study travels as a :class:`Study` (trials as plain rows). A SQLite file of Optuna's
+current schema is read and written by :mod:`autotune.plan.sqlitestudy` without importing
+Optuna; other URLs and schemas go through Optuna's API.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from autotune.plan import sqlitestudy
 
 from autotune.util.errors import AutotuneError
 from autotune.util.files import cache_dir
@@ -33,6 +41,16 @@ class StorageUnavailable(AutotuneError):
     """The study storage cannot be used; planning goes on without it."""
 
 
+@dataclass
+class Study:
+    """A study's rows: each trial a dict of ``state`` (Optuna's state name), ``params``,
+    ``choices`` (each parameter's categorical choices), ``values`` (the two objectives, or
+    ``None``) and ``attrs`` (user attributes); ``attrs``: the study's user attributes."""
+
+    trials: list[dict]
+    attrs: dict = field(default_factory=dict)
+
+
 def default_storage() -> str:
     """SQLite in the cache folder (:func:`autotune.util.files.cache_dir`)."""
     return f"sqlite:///{os.path.join(cache_dir(), 'studies.db')}"
@@ -41,15 +59,19 @@ def default_storage() -> str:
 def sqlite_file(url: str) -> str | None:
     """The database file of a SQLite URL, ``None`` for other URLs; an in-memory SQLite
     URL keeps nothing between processes and is :class:`StorageUnavailable`."""
-    if not url.lower().startswith("sqlite"):
+    scheme, _, rest = url.partition("://")
+    if not scheme.lower().startswith("sqlite"):
         return None
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    if not rest.startswith("/") or "?" in rest:  # options, or no file: SQLAlchemy reads it
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
 
-    try:
-        database = make_url(url).database
-    except ArgumentError as exc:
-        raise StorageUnavailable(f"{url!r} is not a storage URL ({exc})") from None
+        try:
+            database = make_url(url).database
+        except ArgumentError as exc:
+            raise StorageUnavailable(f"{url!r} is not a storage URL ({exc})") from None
+    else:
+        database = rest[1:]
     if not database or database == ":memory:" or database.startswith("file::memory:"):
         raise StorageUnavailable(f"{url!r} is an in-memory database, which keeps nothing")
     return os.path.abspath(database)
@@ -126,103 +148,123 @@ def _first_line(exc: BaseException) -> str:
     return text[:300]
 
 
-def _complete(storage, name: str, size: int):
-    """The stored study ``name`` if it is completely written and covers ``size`` points;
-    ``None`` if absent, ``False`` if present but unfinished."""
-    import optuna
+class _Optuna:
+    """A storage through Optuna's API: database servers, and files of other schemas."""
 
+    def __init__(self, url: str):
+        self.storage = open_storage(url)
+
+    def complete(self, name: str, size: int) -> Study | None | bool:
+        """The stored study ``name`` if completely written and covering ``size`` points;
+        ``None`` if absent, ``False`` if present but unfinished."""
+        import optuna
+
+        try:
+            study = optuna.load_study(study_name=name, storage=self.storage)
+        except KeyError:
+            return None
+        done = study.user_attrs.get(COMPLETE)
+        if not (isinstance(done, int) and done >= size):
+            return False
+        return Study([{"state": t.state.name, "params": t.params,
+                       "choices": {k: d.choices for k, d in t.distributions.items()},
+                       "values": t.values, "attrs": t.user_attrs} for t in study.trials],
+                     study.user_attrs)
+
+    def stale(self, name: str) -> bool:
+        import optuna
+
+        study = optuna.load_study(study_name=name, storage=self.storage)
+        since = study.user_attrs.get(WRITING)
+        return not isinstance(since, (int, float)) or time.time() - since > STALE
+
+    def delete(self, name: str) -> None:
+        import optuna
+
+        optuna.delete_study(study_name=name, storage=self.storage)
+
+    def write(self, name: str, study: Study) -> None:
+        """Create ``name`` and add the trials (parameters, distributions, values and user
+        attributes), then mark it done."""
+        import optuna
+        from optuna.distributions import CategoricalDistribution
+
+        stored = optuna.create_study(study_name=name, storage=self.storage,
+                                     directions=["maximize", "maximize"])
+        stored.set_user_attr(WRITING, time.time())
+        for key, value in study.attrs.items():
+            stored.set_user_attr(key, value)
+        stored.add_trials([optuna.trial.create_trial(
+            state=optuna.trial.TrialState[t["state"]], values=t["values"], params=t["params"],
+            distributions={k: CategoricalDistribution(v) for k, v in t["choices"].items()},
+            user_attrs=t["attrs"]) for t in study.trials])
+        stored.set_user_attr(COMPLETE, len(study.trials))
+
+
+class _SQLite:
+    """A SQLite file of Optuna's schema, read and written without Optuna (one transaction
+    per write: a study is never seen half written)."""
+
+    def __init__(self, path: str):
+        self.connection = sqlitestudy.connect(path)
+
+    def complete(self, name: str, size: int) -> Study | None | bool:
+        attrs = sqlitestudy.study_attrs(self.connection, name)
+        if attrs is None:
+            return None
+        done = attrs.get(COMPLETE)
+        if not (isinstance(done, int) and done >= size):
+            return False
+        return Study(sqlitestudy.read_trials(self.connection, name), attrs)
+
+    def delete(self, name: str) -> None:
+        with self._transaction():
+            sqlitestudy.delete(self.connection, name)
+
+    def write(self, name: str, study: Study) -> None:
+        attrs = {WRITING: time.time(), **study.attrs, COMPLETE: len(study.trials)}
+        with self._transaction():
+            sqlitestudy.write(self.connection, name, attrs, study.trials)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.connection.execute("ROLLBACK")
+            raise
+        self.connection.execute("COMMIT")
+
+
+def open_backend(url: str) -> _Optuna | _SQLite:
+    """The storage at ``url``: a SQLite file of Optuna's schema directly, anything else
+    through Optuna; any problem is :class:`StorageUnavailable`."""
+    path = sqlite_file(url)
+    if path is None:
+        return _Optuna(url)
     try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        return None
-    done = study.user_attrs.get(COMPLETE)
-    return study if isinstance(done, int) and done >= size else False
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return _SQLite(path)
+    except sqlitestudy.OtherSchema:
+        return _Optuna(url)
+    except (OSError, sqlite3.Error) as exc:
+        raise StorageUnavailable(f"cannot open study storage {url!r}: "
+                                 f"{_first_line(exc)}") from exc
 
 
-def _write(storage, name: str, study) -> None:
-    """Create ``name`` in ``storage`` and copy ``study``'s trials into it (parameters,
-    distributions, values and user attributes: what ``optuna-dashboard`` and
-    ``trials_dataframe`` read), then mark it done."""
-    import optuna
-
-    stored = optuna.create_study(study_name=name, storage=storage,
-                                 directions=["maximize", "maximize"])
-    stored.set_user_attr(WRITING, time.time())
-    for key, value in study.user_attrs.items():
-        stored.set_user_attr(key, value)
-    trials = [optuna.trial.create_trial(state=t.state, values=t.values, params=t.params,
-                                        distributions=t.distributions, user_attrs=t.user_attrs)
-              for t in study.trials]
-    if not _insert_all(stored, trials):
-        stored.add_trials(trials)
-    stored.set_user_attr(COMPLETE, len(trials))
-
-
-def _insert_all(study, trials: list) -> bool:
-    """Write ``trials`` into ``study`` (new, empty, ours under the lock) in one transaction
-    of bulk inserts into Optuna's own tables; ``False`` (nothing written) where the storage
-    is not Optuna's RDB storage of this schema, and ``study.add_trials`` must do it."""
-    import json
-
-    from optuna.distributions import distribution_to_json
-    from optuna.storages import RDBStorage
-    from optuna.storages._rdb import models
-
-    storage = getattr(study._storage, "_backend", study._storage)  # Optuna's cache wraps it
-    if not isinstance(storage, RDBStorage):
-        return False
-    session = storage.scoped_session()
-    try:
-        rows = [models.TrialModel(study_id=study._study_id, number=i, state=t.state,
-                                  datetime_start=t.datetime_start,
-                                  datetime_complete=t.datetime_complete)
-                for i, t in enumerate(trials)]
-        session.add_all(rows)
-        session.flush()  # the trial ids
-        for row, t in zip(rows, trials):
-            session.add_all(models.TrialParamModel(
-                trial_id=row.trial_id, param_name=name,
-                param_value=t.distributions[name].to_internal_repr(value),
-                distribution_json=distribution_to_json(t.distributions[name]))
-                for name, value in t.params.items())
-            for objective, value in enumerate(t.values or ()):
-                stored, kind = models.TrialValueModel.value_to_stored_repr(value)
-                session.add(models.TrialValueModel(trial_id=row.trial_id, objective=objective,
-                                                   value=stored, value_type=kind))
-            session.add_all(models.TrialUserAttributeModel(
-                trial_id=row.trial_id, key=key, value_json=json.dumps(value))
-                for key, value in t.user_attrs.items())
-        session.commit()
-    except Exception:  # noqa: BLE001 -- another schema: Optuna's own path writes it
-        session.rollback()
-        return False
-    finally:
-        session.close()
-    return True
-
-
-def _stale(storage, name: str) -> bool:
-    import optuna
-
-    study = optuna.load_study(study_name=name, storage=storage)
-    since = study.user_attrs.get(WRITING)
-    return not isinstance(since, (int, float)) or time.time() - since > STALE
-
-
-def load_or_store(url: str, name: str, size: int, compute: Callable[[], object],
-                  wait: float = WAIT) -> tuple[object, bool, bool]:
+def load_or_store(url: str, name: str, size: int, compute: Callable[[], Study],
+                  wait: float = WAIT) -> tuple[Study, bool, bool]:
     """``(study, reused, stored)``: the complete stored study ``name`` (of ``size`` points),
     else ``compute()`` stored once under the lock.
 
     ``stored`` is False when the storage could not be used: one warning says so, and the
     computed study is returned all the same. Errors of ``compute`` itself pass through.
     """
-    import optuna
-
     try:
         with locked(url, wait):
-            storage = _guard(open_storage, url)
-            found = _guard(_complete, storage, name, size)
+            backend = _guard(open_backend, url)
+            found = _guard(backend.complete, name, size)
     except StorageUnavailable as exc:
         warn(url, exc)
         return compute(), False, False
@@ -231,23 +273,23 @@ def load_or_store(url: str, name: str, size: int, compute: Callable[[], object],
     study = compute()
     try:
         with locked(url, wait):
-            found = _guard(_complete, storage, name, size)
+            found = _guard(backend.complete, name, size)
             if found:
                 return found, True, True
             if found is False and (sqlite_file(url) is not None
-                                   or _guard(_stale, storage, name)):
+                                   or _guard(backend.stale, name)):
                 # unfinished and no one writing it (the lock is ours, or its writer died)
-                _guard(optuna.delete_study, study_name=name, storage=storage)
+                _guard(backend.delete, name)
             try:
-                _guard(_write, storage, name, study)
+                _guard(backend.write, name, study)
                 return study, False, True
             except StorageUnavailable as exc:
-                if not isinstance(exc.__cause__, optuna.exceptions.DuplicatedStudyError):
+                if type(exc.__cause__).__name__ != "DuplicatedStudyError":
                     raise
         # a server: another process is writing it now; take its copy when done
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            found = _guard(_complete, storage, name, size)
+            found = _guard(backend.complete, name, size)
             if found:
                 return found, True, True
             time.sleep(0.2)

@@ -85,12 +85,20 @@ def test_stored_study_reads_in_optuna(pm, tmp_path):
                                     "freeze_layers", "optim")}
     assert dims <= set(frame.columns)
     assert study.user_attrs[planner_module.SEARCH] == "enumerated"
-    priced = planner._run(space, space.gpu.memory_bytes, 0, space.points(), optuna)
+    # the direct SQLite write holds what Optuna's own writer holds
+    from autotune.plan import studies
+
+    other = f"sqlite:///{tmp_path / 'by-optuna.db'}"
+    studies._Optuna(other).write(result.study_name,
+                                 planner._run(space, space.gpu.memory_bytes, 0, space.points()))
+    by_optuna = optuna.load_study(study_name=result.study_name, storage=other)
 
     def rows(trials):
         return [(t.number, t.state, t.values, t.params, t.distributions, t.user_attrs)
                 for t in trials]
-    assert rows(study.trials) == rows(priced.trials)  # the bulk write loses nothing
+    assert rows(study.trials) == rows(by_optuna.trials)
+    assert {k: v for k, v in study.user_attrs.items() if k != studies.WRITING} == \
+        {k: v for k, v in by_optuna.user_attrs.items() if k != studies.WRITING}
     again = planner.plan(space, space.gpu.memory_bytes, "balanced", url, 0, 3)
     assert again.reused and again.search == "enumerated"
     assert _picks(again) == _picks(result)
@@ -109,8 +117,14 @@ def test_cached_pricing_equals_uncached(pm):
         result = planner.plan(space, space.gpu.memory_bytes, "balanced", None, 0, 3)
         priced = result.feasible_all + result.infeasible_all
         assert priced
-        for c in priced[::7]:
-            alone = Candidate.of(assess(pm, model.config, c.recipe, model.family,
-                                        parallel=c.parallel, gpu=space.gpu,
-                                        effective_batch=space.effective_batch))
-            assert {**alone.to_dict(), "pareto": c.pareto} == c.to_dict()
+
+        def alone(c):
+            return Candidate.of(assess(pm, model.config, c.recipe, model.family,
+                                       parallel=c.parallel, gpu=space.gpu,
+                                       effective_batch=space.effective_batch))
+        for c in priced[::7]:  # what each trial keeps
+            fresh = alone(c)
+            assert (c.fidelity, c.tokens_per_s, c.peak, c.high) == \
+                (fresh.fidelity, fresh.tokens_per_s, fresh.peak, fresh.high)
+        for c in result.ranked:  # the picks, in full
+            assert {**alone(c).to_dict(), "pareto": c.pareto} == c.to_dict()
