@@ -27,6 +27,7 @@ See docs/data.md for the sources, the batching modes and the worst-batch rule.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -36,7 +37,7 @@ import sys
 import time
 from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from autotune.catalog.datasets import describe_format, first_line, load_rows
@@ -215,17 +216,39 @@ def _approximate_counter(chat_template: str | None, shown: str):
             return [approximate_tokens(item) + 1 for item in items]  # + EOS
         if chat_template is None:
             return [approximate_tokens("\n".join(t["content"] for t in turns)) for turns in items]
-        from transformers.utils.chat_template_utils import render_jinja_template
-
         try:
-            rendered = render_jinja_template(items, chat_template=chat_template,
-                                             **_TEMPLATE_TOKENS)[0]
+            template = _chat_template(chat_template)
+            rendered = [template.render(messages=turns, add_generation_prompt=False,
+                                        **_TEMPLATE_TOKENS) for turns in items]
         except Exception as exc:  # noqa: BLE001 - the template failed on the data
             raise AutotuneError(f"{shown}: cannot render the chat template: "
                                 f"{first_line(exc)}") from None
         return [approximate_tokens(item) for item in rendered]
 
     return count
+
+
+@lru_cache(maxsize=8)
+def _chat_template(source: str):
+    """``source`` compiled as transformers compiles chat templates (a sandboxed Jinja
+    environment with its globals and ``tojson``), without importing transformers."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(source)
 
 
 def approximate_tokens(text: str) -> int:

@@ -41,12 +41,28 @@ def _shared_options() -> list[click.Option]:
 
 
 class Autotune(click.Group):
-    """The command group: each command takes -q/-v after its name too (`autotune run --demo -q`)."""
+    """The command group: each command takes -q/-v after its name too (`autotune run --demo -q`).
+
+    The built-in commands are imported when first asked for (a command's own imports are
+    most of a quick command's time): ``builtin`` maps each name to the plugin manager."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.builtin: dict[str, pluggy.PluginManager] = {}
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         taken = {opt for param in cmd.params for opt in getattr(param, "opts", ())}
         cmd.params += [option for option in _shared_options() if not taken & set(option.opts)]
         super().add_command(cmd, name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.builtin})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.builtin and cmd_name not in self.commands:
+            module = importlib.import_module(f"autotune.cli.{cmd_name}")
+            self.add_command(with_stages(module.command, self.builtin[cmd_name]), cmd_name)
+        return self.commands.get(cmd_name)
 
 
 def make_cli(pm: pluggy.PluginManager) -> click.Group:
@@ -71,21 +87,19 @@ def make_cli(pm: pluggy.PluginManager) -> click.Group:
         ctx.obj = pm
 
     use(pm)
-    for name in COMMANDS:
-        module = importlib.import_module(f"autotune.cli.{name}")
-        cli.add_command(with_stages(module.command, pm), name=name)
-    builtin = dict(cli.commands)
     for impl in reversed(pm.hook.register_commands.get_hookimpls()):  # pluggy's order
         try:
             impl.function(**{name: cli for name in impl.argnames})  # as pluggy calls it
         except (Exception, SystemExit, KeyboardInterrupt) as exc:  # named, not a traceback
             raise PluginError(f"plugin {impl.plugin_name!r} failed in register_commands: "
                               f"{type(exc).__name__}: {exc}") from exc
-        replaced = sorted(n for n, c in builtin.items() if cli.commands.get(n) is not c)
+        replaced = sorted(set(COMMANDS) & set(cli.commands))
         if replaced:  # built-in commands keep working, whatever a plugin registers
-            cli.commands.update(builtin)
+            for name in replaced:
+                del cli.commands[name]
             click.echo(f"autotune: warning: plugin {impl.plugin_name!r} may not replace the "
                        f"built-in command(s) {', '.join(replaced)}: ignored", err=True)
+    cli.builtin = dict.fromkeys(COMMANDS, pm)
     return cli
 
 

@@ -332,3 +332,24 @@ def test_progress_goes_to_stderr(monkeypatch, capsys):
     assert "autotune: counting tokens: 100 / 328 rows" in err
     measure_lengths(dataset_path("sft"), "sft", quiet=True)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("family", ["deepseek", "generic", "llama", "mistral", "qwen", "yuan"])
+def test_the_approximation_renders_templates_as_transformers_does(pm, family):
+    """Chat templates are rendered with Jinja directly (importing transformers costs most of
+    a second): the text must be what transformers' own renderer makes of the shipped data."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from autotune.plugin.registry import family_for, stage_named
+
+    template = family_for(pm, {"model_type": family}, family).chat_template({})
+    stage = stage_named(pm, "sft")
+    rows = lengths_module.load_rows(dataset_path("sft"), stage, 50)
+    conversations = [s for row in rows for s in stage.sequences(row) if not isinstance(s, str)]
+    assert conversations
+    ours = [lengths_module._chat_template(template).render(
+        messages=c, add_generation_prompt=False, **lengths_module._TEMPLATE_TOKENS)
+        for c in conversations]
+    theirs = render_jinja_template(conversations, chat_template=template,
+                                   **lengths_module._TEMPLATE_TOKENS)[0]
+    assert ours == theirs

@@ -118,5 +118,6 @@ def test_help_and_estimate_do_not_import_torch():
 
 def test_every_command_has_json(pm):
     cli = make_cli(pm)
-    for name, command in cli.commands.items():
+    for name in cli.list_commands(None):
+        command = cli.get_command(None, name)
         assert any(p.name == "as_json" for p in command.params), name
