@@ -157,7 +157,7 @@ class Architecture:
         return tuple(dict.fromkeys(t.path.split(f".{layer_index(t.path)}.", 1)[-1]
                                    for t in self.experts))
 
-    @property
+    @cached_property
     def expert_layout(self) -> str:
         """How the routed experts are stored: ``fused`` 3-D parameters (transformers 5),
         ``per-expert`` linear layers (transformers 4, remote code), or ``""`` (dense)."""

@@ -209,6 +209,8 @@ class CostModel:
         self._priced: dict[tuple, tuple] = {}
         self._counts: dict[tuple, ParamCounts] = {}
         self._assessed: dict[tuple, tuple] = {}
+        self._free: dict[tuple, tuple] = {}
+        self._kernels: dict[str, str] = {}
 
     def price(self, recipe: Recipe, parallel: Parallel = SINGLE
               ) -> tuple[ParamCounts, MemoryEstimate, int]:
@@ -254,7 +256,11 @@ class CostModel:
     def _assess(self, recipe: Recipe, parallel: Parallel, gpu: GPU | None,
                 effective_batch: int | None, workload: Workload | None,
                 correction: Correction | None, confidence: float) -> Assessment:
-        recipe = family_kernel(self.family, self.config, recipe)
+        if recipe.attn not in self._kernels:  # the family's forced kernel, asked once
+            forced = family_kernel(self.family, self.config, recipe)
+            self._kernels[recipe.attn] = forced.attn
+        recipe = recipe.but(attn=self._kernels[recipe.attn]) \
+            if self._kernels[recipe.attn] != recipe.attn else recipe
         if workload is not None and workload.seq_len != recipe.seq_len:
             workload = replace(workload, seq_len=recipe.seq_len)
         shaped = recipe if workload is None else recipe.but(seq_len=workload.worst_seq_len())
@@ -278,18 +284,31 @@ class CostModel:
             if correction:
                 total = useful * throughput(self.arch, rows, counts, gpu, parallel, accum,
                                             sequences, correction.tokens_per_s(per_card))
-        tokens = workload.lengths.stats()["total"] if workload else 0
-        host = host_needs(self.arch, recipe, counts, parallel=parallel, device=self.device,
-                          files=self.files,
-                          training_bytes=memory.peak if self.device == "cpu" else 0,
-                          dataset_bytes=tokens * DATASET_BYTES_PER_TOKEN)
+        host, disk, score, weights = self._card_free(recipe, parallel, counts, memory,
+                                                     workload)
         return Assessment(
-            self.family, self.arch, recipe, counts, memory, raw, parallel, accum,
-            fidelity(recipe, self.arch, self.groups), total, raw_total,
+            self.family, self.arch, recipe, counts, memory, raw, parallel, accum, score,
+            total, raw_total,
             band(memory, device=self.device, correction=correction, confidence=confidence),
-            host, disk_needs(self.arch, recipe, counts, parallel),
-            workload.to_dict(recipe.batch) if workload else None, correction,
-            priced_weights(self.arch, recipe))
+            host, disk, workload.to_dict(recipe.batch) if workload else None, correction,
+            weights)
+
+    def _card_free(self, recipe: Recipe, parallel: Parallel, counts: ParamCounts,
+                   memory: MemoryEstimate, workload: Workload | None) -> tuple:
+        """(host RAM, disk, fidelity, priced weights): what no card changes, priced once
+        for all the cards a planner compares (the workload is kept alive by the
+        assessment cache that holds it)."""
+        key = (recipe, parallel, id(workload), memory.peak if self.device == "cpu" else 0)
+        if key not in self._free:
+            tokens = workload.lengths.stats()["total"] if workload else 0
+            self._free[key] = (
+                host_needs(self.arch, recipe, counts, parallel=parallel, device=self.device,
+                           files=self.files,
+                           training_bytes=memory.peak if self.device == "cpu" else 0,
+                           dataset_bytes=tokens * DATASET_BYTES_PER_TOKEN),
+                disk_needs(self.arch, recipe, counts, parallel),
+                fidelity(recipe, self.arch, self.groups), priced_weights(self.arch, recipe))
+        return self._free[key]
 
 
 def assess(pm: pluggy.PluginManager, config: dict, recipe: Recipe, family: str | None = None,
