@@ -23,7 +23,6 @@ from autotune.cost.architecture import (
     SavedActivation,
     Tensor,
     decoder,
-    fused_experts,
 )
 from autotune.cost.memory import training_state_bytes, weight_bytes
 from autotune.cost.params import ParamCounts
@@ -50,7 +49,6 @@ __all__ = [
     "Stage",
     "Tensor",
     "decoder",
-    "fused_experts",
     "hookimpl",
     "packing",
     "training_state_bytes",

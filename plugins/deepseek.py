@@ -11,7 +11,6 @@ from autotune import (
     FeedForward,
     ModelFamily,
     decoder,
-    fused_experts,
     hookimpl,
 )
 
@@ -62,11 +61,11 @@ class DeepSeek(ModelFamily):
         # one nn.Linear per expert -- which bitsandbytes can quantise and all-linear adapts;
         # transformers' own DeepSeek-V2 fuses them into 3-D tensors (4-bit plans quantise
         # them by parametrization), and PEFT remaps targets onto them by its qwen2_moe
-        # pattern; transformers 4 builds one nn.Linear per expert too.
+        # pattern (a transformers 4 stack splits them: autotune.cost.layouts).
         remote = config.get("model_type") == "deepseek" or bool(remote_code and
                                                                  config.get("auto_map"))
         return decoder(config, latent=_latent(config), **_experts(config),
-                       experts_as_linears=remote or not fused_experts(), fused_targets=PEFT_FUSED_TARGETS["qwen2_moe"],
+                       experts_as_linears=remote, fused_targets=PEFT_FUSED_TARGETS["qwen2_moe"],
                        counted_by="plugin deepseek" + (" (remote code)" if remote else ""))
 
 

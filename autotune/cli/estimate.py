@@ -54,8 +54,9 @@ def recipe_options(func):
                      help="bf16/fp16: 16-bit weights; amp: fp32 master weights + autocast."),
         click.option("--optim", type=click.Choice(OPTIMIZERS), default="adamw_torch",
                      show_default=True, help="Optimizer."),
-        click.option("--attn", type=click.Choice(ATTENTION), default="sdpa", show_default=True,
-                     help="Attention implementation."),
+        click.option("--attn", type=click.Choice(ATTENTION), default=None,
+                     help="Attention implementation (default: transformers' own, sdpa from "
+                          "4.36 with torch 2.1.1, else eager; see --stack)."),
         click.option("--stage", type=click.Choice([DEFAULT_STAGE]), default=DEFAULT_STAGE,
                      show_default=True,
                      help="Training stage (inference: the serving rule)."),
@@ -80,6 +81,18 @@ def make_recipe(method, bits, rank, alpha, lora_dropout, targets, freeze_layers,
                   freeze_layers=freeze_layers, batch=batch, seq_len=seq_len, grad_ckpt=grad_ckpt,
                   optim=optim, attn=attn, stage=stage)
 
+
+def _stack(ctx, param, value):
+    from autotune.util.versions import parse_stack
+
+    return parse_stack(value) if value is not None else None
+
+
+stack_option = click.option(
+    "--stack", callback=_stack, metavar="LIB=VER,...",
+    help="Price for another machine's library versions (e.g. transformers=4.46,peft=0.13; "
+         "the installed ones for the rest): MoE expert layout, default attention, adapter "
+         "dtype, what bitsandbytes and PEFT can do to fused experts.")
 
 no_calibration_option = click.option(
     "--no-calibration", is_flag=True,
@@ -131,6 +144,7 @@ confidence_option = click.option(
               help="Predict a CUDA step (foreach optimizer, CUDA context) or a CPU step.")
 @confidence_option
 @trust_remote_code_option
+@stack_option
 @no_calibration_option
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Draw the memory breakdown against the card as a PNG.")
@@ -138,7 +152,7 @@ confidence_option = click.option(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.estimate/1).")
 @click.pass_obj
 def command(pm, model_spec, data_path, gpu, vram, device, confidence, trust_remote_code,
-            no_calibration, plot, force, as_json, **options) -> None:
+            stack, no_calibration, plot, force, as_json, **options) -> None:
     """Count parameters exactly and predict the peak memory of a training step."""
     from autotune.catalog.lengths import Workload, batching_for
     from autotune.catalog.models import resolve_model
@@ -148,12 +162,12 @@ def command(pm, model_spec, data_path, gpu, vram, device, confidence, trust_remo
 
     check_new_file(plot, force, "--plot", (data_path, model_spec))
 
-    recipe = make_recipe(**options)
     card = target_gpu(gpu, vram)
     model = resolve_model(model_spec, pm)
     planner = Planner(pm, model.config, model.family, model.id, trust_remote_code,
                       calibrated=not no_calibration, device=device,
-                      confidence=confidence / 100, files=weight_files(model.path))
+                      confidence=confidence / 100, files=weight_files(model.path), stack=stack)
+    recipe = make_recipe(**{**options, "attn": options["attn"] or planner.cost.layouts.attention})
     probed = None
     if not no_calibration and device == "cuda" and card is None:
         probed = calibration_for(None)[1]
@@ -178,7 +192,6 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
     from autotune.cost.host import free_disk, machine_ram
     from autotune.cost.memory import checkpoint_bytes
     from autotune.cost.uncertainty import source_kind
-    from autotune.util.versions import library_versions
 
     speed_card = card if card is not None else probed
     if speed_card is not None and not speed_card.has_throughput:
@@ -191,6 +204,10 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
     if params.unmatched:
         notes.append(f"targets {', '.join(params.unmatched)} match no module of this model "
                      "(PEFT skips them silently)")
+    if planner.cost.layouts.adapter_dtype == "base" and recipe.adapter and recipe.bits == 16 \
+            and recipe.precision in ("bf16", "fp16"):
+        notes.append(f"PEFT before 0.11 keeps adapters in the base's {recipe.precision}: they "
+                     "are priced as fp32 (PEFT 0.11 and later), an over-estimate")
     if result.family.remote_code(model.config):
         notes.append(f"this {result.family.name} model runs remote code: `autotune run` needs "
                      "--trust-remote-code")
@@ -210,7 +227,8 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
             "unmatched_targets": list(params.unmatched),
         },
         "device": planner.device,
-        "libraries": library_versions(),
+        "libraries": planner.cost.stack,
+        "layouts": planner.cost.layouts.to_dict(),
         "notes": notes,
     }
     raw = result.raw_memory
@@ -374,6 +392,10 @@ def render(report: dict) -> str:
     if report.get("libraries"):
         lines.append("assumes " + ", ".join(f"{name} {version or 'not installed'}"
                                             for name, version in report["libraries"].items()))
+    if report.get("layouts"):
+        from autotune.cost.layouts import Layouts
+
+        lines.append(Layouts(**report["layouts"]).line())
     if report.get("plot"):
         lines.append(f"plot: {report['plot']}")
     return "\n".join(lines)

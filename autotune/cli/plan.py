@@ -12,6 +12,7 @@ from autotune.cli.estimate import (
     confidence_option,
     data_option,
     no_calibration_option,
+    stack_option,
     trust_remote_code_option,
 )
 from autotune.cli.options import given as given_stage_options
@@ -83,6 +84,7 @@ GPUS_MAX, NODES_MAX = 64, 4096
 @click.option("--measure-steps", type=click.IntRange(2), default=3, show_default=True,
               help="Optimizer steps per measured plan.")
 @trust_remote_code_option
+@stack_option
 @no_calibration_option
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Draw the Pareto front (fidelity vs tokens/s) as a PNG.")
@@ -93,7 +95,7 @@ GPUS_MAX, NODES_MAX = 64, 4096
 def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, nodes, strategy,
             headroom, confidence, data_path, host_ram, objective, method, rank, targets, batch,
             grad_ckpt, optim, attn, top, storage, seed, measure_top, measure_steps,
-            trust_remote_code, plot, output, force, as_json, no_calibration=False) -> None:
+            trust_remote_code, stack, plot, output, force, as_json, no_calibration=False) -> None:
     """Search the recipes that fit a GPU and explain the pick.
 
     Searches method, LoRA rank and targets, micro batch and accumulation,
@@ -114,7 +116,7 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
         host_ram, objective, Pins(method, rank, targets, batch, grad_ckpt, optim, attn), top,
         storage_url(storage), seed, trust_remote_code, not no_calibration,
         one_card=bool(plot), measure_top=measure_top, measure_steps=measure_steps,
-        output=output, stage_options=given_stage_options())
+        output=output, stage_options=given_stage_options(), stack=stack)
     measure = None
     if measure_top:
         from autotune.run.measure import measure

@@ -126,6 +126,10 @@ class Architecture:
     fused_targets: dict[str, tuple[str, int]] = field(default_factory=dict, compare=False,
                                                       hash=False)
     """PEFT's remap of per-expert target names to fused parameters (see PEFT_FUSED_TARGETS)."""
+    quantisable_experts: bool = True
+    """bitsandbytes quantises the fused experts of 4-bit plans (see autotune.cost.layouts)."""
+    adaptable_experts: bool = True
+    """PEFT can put LoRA on the fused expert parameters (see autotune.cost.layouts)."""
 
     @cached_property
     def total(self) -> int:
@@ -178,20 +182,6 @@ class Architecture:
         return counts
 
 
-@lru_cache(maxsize=1)
-def fused_experts() -> bool:
-    """Whether the installed transformers fuses MoE experts into 3-D parameters (5 and
-    later); transformers 4 builds one ``nn.Linear`` per expert. Read from the package
-    metadata: transformers is not imported."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return int(version("transformers").split(".")[0]) >= 5
-    except (PackageNotFoundError, ValueError):
-        return True
-
-
-@lru_cache(maxsize=65536)
 @lru_cache(maxsize=65536)
 def layer_index(path: str) -> int | None:
     """The decoder-layer index in a parameter or module path (``model.layers.3.mlp`` -> 3)."""

@@ -18,6 +18,7 @@ from autotune.catalog.gpus import GPU
 from autotune.catalog.lengths import Workload
 from autotune.cost.architecture import Architecture
 from autotune.cost.correction import Correction, apply
+from autotune.cost.layouts import Layouts, adapt, layouts
 from autotune.cost.host import (
     DiskNeeds,
     HostNeeds,
@@ -40,6 +41,7 @@ from autotune.cost.recipe import KERNELS, Recipe
 from autotune.cost.uncertainty import CONFIDENCE, Band, band
 from autotune.plugin.registry import ModelFamily, blame, family_for, plugin_failed, stage_named, stages
 from autotune.util.errors import AutotuneError
+from autotune.util.versions import resolve_stack
 
 DATASET_BYTES_PER_TOKEN = 24
 """A tokenised example in host memory: input ids, labels and a mask, 8 bytes each."""
@@ -177,6 +179,13 @@ def describe(config: dict, family: ModelFamily, remote_code: bool = False) -> Ar
     return arch
 
 
+def architecture(config: dict, family: ModelFamily, remote_code: bool = False,
+                 stack: dict | None = None) -> Architecture:
+    """The exact architecture as ``stack``'s library versions build it (default: the
+    installed ones): :func:`describe`, adapted by :func:`~autotune.cost.layouts.layouts`."""
+    return adapt(describe(config, family, remote_code), layouts(resolve_stack(stack)))
+
+
 
 
 def family_kernel(family: ModelFamily, config: dict, recipe: Recipe) -> Recipe:
@@ -190,19 +199,23 @@ class CostModel:
     """One model described once (family, architecture, target groups), priced many times.
 
     ``device``: price CUDA steps or CPU ones; ``files``: the model's weight files on this
-    machine (for the host's loading peak).
+    machine (for the host's loading peak); ``stack``: the library versions to price for
+    (library -> version; the installed ones where not given), which set the
+    :class:`~autotune.cost.layouts.Layouts`.
     """
 
     def __init__(self, pm: pluggy.PluginManager, config: dict, family: str | None = None,
                  remote_code: bool = False, device: str = "cuda",
-                 files: WeightFiles | None = None):
+                 files: WeightFiles | None = None, stack: dict | None = None):
         self.pm = pm
         self.config = config
         self.remote_code = remote_code
         self.device = device
         self.files = files or weight_files(None)
+        self.stack = resolve_stack(stack)
+        self.layouts: Layouts = layouts(self.stack)
         self.family = family_for(pm, config, family)
-        self.arch = describe(config, self.family, remote_code)
+        self.arch = adapt(describe(config, self.family, remote_code), self.layouts)
         stages(pm)  # two stages of one name: the clash, named now (not "no plan fits")
         with blame(self.family, "module_groups"):
             self.groups = self.family.module_groups(config)
@@ -313,11 +326,12 @@ class CostModel:
 
 def assess(pm: pluggy.PluginManager, config: dict, recipe: Recipe, family: str | None = None,
            device: str = "cuda", remote_code: bool = False, *, files: WeightFiles | None = None,
-           **hardware) -> Assessment:
-    """One recipe of one model through the cost model (:meth:`CostModel.assess` takes the
-    rest: ``parallel``, ``gpu``, ``effective_batch``, ``workload``, ``correction``,
-    ``confidence``)."""
-    return CostModel(pm, config, family, remote_code, device, files).assess(recipe, **hardware)
+           stack: dict | None = None, **hardware) -> Assessment:
+    """One recipe of one model through the cost model for ``stack``'s library versions
+    (:meth:`CostModel.assess` takes the rest: ``parallel``, ``gpu``, ``effective_batch``,
+    ``workload``, ``correction``, ``confidence``)."""
+    return CostModel(pm, config, family, remote_code, device, files, stack).assess(recipe,
+                                                                                   **hardware)
 
 
 estimate = assess

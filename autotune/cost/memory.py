@@ -99,12 +99,13 @@ def quantised(arch: Architecture, recipe: Recipe) -> tuple[list[Linear], list[Te
     also quantise the fused 3-D expert parameters through its parametrization
     (``replace_parameter_4bit``, NF4 with double quantisation). bitsandbytes has no 8-bit
     parametrization: 8-bit plans leave fused experts 16-bit (then upcast to fp32 by
-    k-bit preparation). Routers, norms, embeddings and the head always stay unquantised.
+    k-bit preparation), as does bitsandbytes before 0.48 (``arch.quantisable_experts``).
+    Norms, embeddings, the head and routers that are no nn.Linear stay unquantised.
     """
     if recipe.bits == 16:
         return [], []
     linears = [lin for lin in arch.linears if lin.path != arch.head]
-    return linears, list(arch.experts) if recipe.bits == 4 else []
+    return linears, list(arch.experts) if recipe.bits == 4 and arch.quantisable_experts else []
 
 
 def kept_dtype(recipe: Recipe) -> str:
@@ -197,7 +198,7 @@ def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
 @lru_cache(maxsize=65536)
 def _role_key(path: str, index: int) -> str:
     rest = path.split(f".{index}.", 1)[1]
-    for prefix in ("self_attn.", "mlp."):
+    for prefix in ("self_attn.", "mlp.", "block_sparse_moe."):
         if rest.startswith(prefix):
             rest = rest[len(prefix):]
     return "experts" if rest.startswith("experts.") else rest
@@ -510,6 +511,9 @@ def expert_notes(arch: Architecture, recipe: Recipe) -> list[str]:
     if recipe.bits == 8:
         return [f"bitsandbytes has no 8-bit parametrization: the {len(arch.experts)} fused expert "
                 "tensors stay 16-bit (fp32 after k-bit preparation); 4-bit plans quantise them"]
+    if not arch.quantisable_experts:
+        return [f"bitsandbytes before 0.48 cannot quantise fused experts: the {len(arch.experts)} "
+                "fused expert tensors stay 16-bit (fp32 after k-bit preparation)"]
     return [f"the {len(arch.experts)} fused expert tensors are quantised to NF4 through "
             "bitsandbytes' parametrization and dequantised layer by layer for the expert "
             "matmuls"]

@@ -63,7 +63,7 @@ def resolve_targets(arch: Architecture, groups: dict[str, tuple[str, ...]], targ
     if not spec:
         raise AutotuneError("no LoRA targets given")
     own = {suffix.rsplit(".", 1)[-1]: (suffix.rsplit(".", 1)[-1], 1)
-           for suffix in arch.expert_suffixes}
+           for suffix in arch.expert_suffixes} if arch.adaptable_experts else {}
     fused = {**own, **arch.fused_targets}
     if spec == ALL_LINEAR:
         names = {lin.name for lin in arch.linears if lin.path != arch.head}

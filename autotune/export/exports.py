@@ -281,10 +281,11 @@ def export_context(pm, plan: dict, remote_code: bool = False) -> ExportContext:
     recipe = _recipe(plan)
     model = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
     family = family_for(pm, model.config, model.family)
+    stack = (plan.get("record") or {}).get("libraries")  # the versions it was planned for
     targets = None
     if _adapter(recipe):
-        targets = lora_targets(pm, model.config, family, recipe["targets"], remote_code)
-    experts, expert_targets = _experts(model.config, family, recipe, remote_code)
+        targets = lora_targets(pm, model.config, family, recipe["targets"], remote_code, stack)
+    experts, expert_targets = _experts(model.config, family, recipe, remote_code, stack)
     notes = []
     if family.remote_code(model.config) and not remote_code:
         notes.append(f"{model.id} runs remote code from its repository: the exports set "
@@ -297,16 +298,18 @@ def export_context(pm, plan: dict, remote_code: bool = False) -> ExportContext:
                          quantised_experts=experts, expert_targets=expert_targets)
 
 
-def _experts(config: dict, family, recipe: dict, remote_code: bool
+def _experts(config: dict, family, recipe: dict, remote_code: bool, stack: dict | None
              ) -> tuple[list[str], list[str]]:
-    """(quantised, LoRA-targeted) fused expert parameters, as suffixes below a layer."""
-    from autotune.cost.assess import describe
+    """(quantised, LoRA-targeted) fused expert parameters, as suffixes below a layer, on
+    ``stack``'s library versions."""
+    from autotune.cost.assess import architecture
     from autotune.cost.params import resolve_targets
 
-    arch = describe(config, family, remote_code)
+    arch = architecture(config, family, remote_code, stack)
     if not arch.experts:
         return [], []
-    quantised = list(arch.expert_suffixes) if recipe["bits"] == 4 else []
+    quantised = list(arch.expert_suffixes) if recipe["bits"] == 4 and arch.quantisable_experts \
+        else []
     targeted = []
     if _adapter(recipe):
         _, _, fused = resolve_targets(arch, family.module_groups(config), recipe["targets"])
@@ -314,16 +317,17 @@ def _experts(config: dict, family, recipe: dict, remote_code: bool
     return quantised, targeted
 
 
-def lora_targets(pm, config: dict, family, targets: str, remote_code: bool = False
-                 ) -> list[str] | None:
+def lora_targets(pm, config: dict, family, targets: str, remote_code: bool = False,
+                 stack: dict | None = None) -> list[str] | None:
     """Module names a ``targets`` spec adapts (``None`` for all-linear), as the executor
-    resolves them: the family's groups, PEFT's suffix matching, fused expert tensors."""
-    from autotune.cost.assess import describe
+    resolves them on ``stack``'s library versions: the family's groups, PEFT's suffix
+    matching, fused expert tensors."""
+    from autotune.cost.assess import architecture
     from autotune.cost.params import ALL_LINEAR, resolve_targets
 
     if targets.strip() == ALL_LINEAR:
         return None
-    arch = describe(config, family, remote_code)
+    arch = architecture(config, family, remote_code, stack)
     chosen, _, fused = resolve_targets(arch, family.module_groups(config), targets)
     own = {s.rsplit(".", 1)[-1] for s in arch.expert_suffixes}  # target parameters instead
     return sorted({lin.name for lin in chosen} | (set(fused) - own))

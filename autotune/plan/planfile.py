@@ -9,7 +9,7 @@ from autotune import __version__
 from autotune.cost.uncertainty import CONFIDENCE
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
-from autotune.util.versions import library_versions
+from autotune.util.versions import LIBRARIES, resolve_stack
 from autotune.catalog.lengths import BATCHINGS
 from autotune.cost.parallel import STRATEGIES
 from autotune.plugin.registry import stage_named, stage_settings
@@ -52,21 +52,27 @@ def file_digest(path: str) -> str:
 
 def plan_record(gpu, *, remote_code: bool = False, data_path: str | None = None,
                 correction=None, confidence: float | None = None, headroom: str = "0%",
-                device: str = "cuda") -> dict:
+                device: str = "cuda", stack: dict | None = None) -> dict:
     """The ``record`` section: every input the pick depends on beside the recipe, so that
-    ``explain``, ``export``, ``run`` and ``calibrate`` reproduce it without flags."""
+    ``explain``, ``export``, ``run`` and ``calibrate`` reproduce it without flags.
+    ``stack``: the library versions priced for (default: the installed ones), recorded
+    with the layouts they imply."""
+    from autotune.cost.layouts import layouts
+
+    stack = resolve_stack(stack)
     return {"layout": LAYOUT, "trust_remote_code": bool(remote_code), "device": device,
             "confidence": confidence or CONFIDENCE, "headroom": headroom, "gpu": gpu.to_dict(),
             **({"data": {"path": os.path.abspath(data_path), "sha256": file_digest(data_path)}}
                if data_path else {}),
             "calibration": correction.to_dict() if correction is not None else None,
-            "libraries": library_versions()}
+            "libraries": stack, "layouts": layouts(stack).to_dict()}
 
 
 def plan_document(model, gpu, budget: int, objective: str, candidate,
                   effective_batch: int, confidence: float | None = None,
                   data_path: str | None = None, stage_options: dict | None = None, *,
-                  remote_code: bool = False, headroom: str = "0%", correction=None) -> dict:
+                  remote_code: bool = False, headroom: str = "0%", correction=None,
+                  stack: dict | None = None) -> dict:
     """Everything ``autotune run`` needs to train ``candidate`` as planned, and in
     ``record`` everything ``explain`` needs to price it again to the byte.
     ``stage_options``: values given for the stage's own options (DPO's ``beta``), written
@@ -108,7 +114,8 @@ def plan_document(model, gpu, budget: int, objective: str, candidate,
         **({"distributed": candidate.parallel.to_dict()} if candidate.parallel.world > 1
            else {}),
         "record": plan_record(gpu, remote_code=remote_code, data_path=data_path,
-                              correction=correction, confidence=confidence, headroom=headroom),
+                              correction=correction, confidence=confidence, headroom=headroom,
+                              stack=stack),
     }
 
 
@@ -140,6 +147,10 @@ def require_record(plan: dict, path: str) -> dict:
                             f"{record['device']!r}")
     if not isinstance(record.get("gpu"), dict):
         raise AutotuneError(f"{path}: record.gpu must be the card's mapping")
+    for name, version in (record.get("libraries") or {}).items():
+        if name not in LIBRARIES or not (version is None or isinstance(version, str)):
+            raise AutotuneError(f"{path}: record.libraries: {name}: {version!r} is not a "
+                                f"version of one of {', '.join(LIBRARIES)}")
     data = record.get("data")
     if data:
         if not os.path.exists(data["path"]):
@@ -221,7 +232,8 @@ SECTIONS: dict[str, dict[str, str]] = {
                     "host_ram_bytes": _NUMBER, "confidence": _NUMBER, "data": _MAPPING},
     "predictions.data": {"path": _NAME},
     "record": {"layout": _COUNT, "trust_remote_code": _FLAG, "device": _TEXT,
-               "confidence": _NUMBER, "headroom": _TEXT, "gpu": _MAPPING, "libraries": _MAPPING},
+               "confidence": _NUMBER, "headroom": _TEXT, "gpu": _MAPPING, "libraries": _MAPPING,
+               "layouts": _MAPPING},
     "record.data": {"path": _TEXT, "sha256": _TEXT},
     "predictions.throughput": {"tokens_per_s": _NUMBER, "raw_tokens_per_s": _NUMBER},
 }

@@ -186,14 +186,16 @@ class Planner:
 
     ``device``: price CUDA steps (the default) or CPU ones; ``confidence``: of the peak's
     bounds (:mod:`autotune.cost.uncertainty`); ``files``: the model's weight files on this
-    machine (for the host's loading peak).
+    machine (for the host's loading peak); ``stack``: library versions to price for
+    (:class:`~autotune.cost.assess.CostModel`).
     """
 
     def __init__(self, pm: pluggy.PluginManager, config: dict, family: str | None = None,
                  model_id: str = "", remote_code: bool = False, calibrated: bool = True,
                  device: str = "cuda", confidence: float = CONFIDENCE,
                  files: WeightFiles | None = None,
-                 corrections: dict[str, calibration.Correction] | None = None):
+                 corrections: dict[str, calibration.Correction] | None = None,
+                 stack: dict | None = None):
         self.pm = pm
         self.calibrated = calibrated
         # fitted corrections by GPU id (`autotune calibrate`, or a plan record's); none with
@@ -205,7 +207,7 @@ class Planner:
         self.remote_code = remote_code
         self.device = device
         self.confidence = confidence
-        self.cost = CostModel(pm, config, family, remote_code, device, files)
+        self.cost = CostModel(pm, config, family, remote_code, device, files, stack)
         self.files = self.cost.files
         self.family = self.cost.family
         self.arch = self.cost.arch
@@ -274,8 +276,7 @@ class Planner:
         """A name that changes with everything the study's answer depends on."""
         payload = json.dumps({
             "version": __version__, "layout": TRIAL_LAYOUT, "model": self.model_id,
-            "config": self.config,
-            "remote_code": self.remote_code,
+            "config": self.config, "remote_code": self.remote_code, "stack": self.cost.stack,
             "gpu": space.gpu.id, "memory": space.gpu.memory_bytes, "budget": budget,
             "seq": space.seq_len, "stage": space.stage, "effective": space.effective_batch,
             "pins": space.pins.to_dict(), "groups": space.family_groups,

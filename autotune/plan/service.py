@@ -77,9 +77,11 @@ class Request:
     measure_top: int = 0
     measure_steps: int = 3
     output: str | None = None
+    """Where the plan will be written (its folder's free disk is checked)."""
     stage_options: dict = field(default_factory=dict)
     """Values given for the stage's own options (DPO's ``beta``), for plan.yaml."""
-    """Where the plan will be written (its folder's free disk is checked)."""
+    stack: dict | None = None
+    """Library versions to plan for (``--stack``; the installed ones where not given)."""
 
 
 @dataclass
@@ -113,7 +115,8 @@ class Planned:
         return plan_document(self.model, result.gpu, result.budget, r.objective, self.best,
                              r.effective_batch, self.planner.confidence, r.data,
                              r.stage_options, remote_code=r.remote_code, headroom=r.headroom,
-                             correction=self.planner.corrections.get(result.gpu.id))
+                             correction=self.planner.corrections.get(result.gpu.id),
+                             stack=self.planner.cost.stack)
 
 
 def storage_url(option: str | None) -> str | None:
@@ -186,7 +189,7 @@ def plan(pm: pluggy.PluginManager, request: Request,
     model = resolve_model(r.model, pm)
     planner = Planner(pm, model.config, model.family, model.id, r.remote_code,
                       calibrated=r.calibrated, confidence=r.confidence,
-                      files=weight_files(model.path))
+                      files=weight_files(model.path), stack=r.stack)
     lengths = read_lengths(pm, model, r.stage, r.data)
     seq_len = r.seq_len
     if lengths is not None:  # the data sets the length; an explicit cap limits it
@@ -283,7 +286,8 @@ class PricedPlan:
 
 def price_plan(pm: pluggy.PluginManager, plan: dict, path: str) -> PricedPlan:
     """Price ``plan`` (read from ``path``) again from its record: the same card, remote-code
-    layout, data, calibration, confidence and device, so the figures are the plan's own."""
+    layout, data, calibration, confidence, device and library versions, so the figures are
+    the plan's own."""
     record = require_record(plan, path)
     recipe = Recipe(**plan["recipe"])
     model = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
@@ -300,7 +304,8 @@ def price_plan(pm: pluggy.PluginManager, plan: dict, path: str) -> PricedPlan:
                       bool(record.get("trust_remote_code")),
                       calibrated=correction is not None, device=record.get("device", "cuda"),
                       confidence=record["confidence"], files=weight_files(model.path),
-                      corrections={gpu.id: correction} if correction else {})
+                      corrections={gpu.id: correction} if correction else {},
+                      stack=record.get("libraries"))
     training = plan.get("training") or {}
     effective = (training.get("requested_effective_batch") or training.get("effective_batch")
                  or recipe.batch)

@@ -199,6 +199,28 @@ def check_output(shown: str, final: str, partial: str) -> None:
         raise AutotuneError(f"cannot create {shown}: {parent} is not writable")
 
 
+def check_stack(plan: dict, model_spec, family, remote_code: bool) -> None:
+    """Refuse a plan priced for library versions (``plan --stack``, or another machine's)
+    that build this model otherwise than the installed ones: its memory would not hold."""
+    from autotune.cost.assess import architecture
+    from autotune.cost.layouts import layouts
+
+    planned = (plan.get("record") or {}).get("libraries")
+    if not planned or layouts(planned) == layouts():
+        return
+    config = dict(model_spec.config)
+    there, here = (architecture(config, family, remote_code, stack) for stack in (planned, None))
+    differ = [f"{name} {a} planned, {b} here" for name, a, b in (
+        ("experts", there.expert_layout, here.expert_layout),
+        ("4-bit fused experts", there.quantisable_experts, here.quantisable_experts),
+        ("LoRA on fused experts", there.adaptable_experts, here.adaptable_experts)) if a != b]
+    if differ:
+        versions = ", ".join(f"{k} {v}" for k, v in planned.items() if v)
+        raise AutotuneError(f"plan: priced for {versions}, which build {model_spec.id} otherwise "
+                            f"than this machine's libraries ({'; '.join(differ)}): re-run "
+                            "`autotune plan` here to price it for them")
+
+
 def check_plan(plan: dict, settings: RunSettings, model_spec, family) -> None:
     """Refuse, before a model loads, plan values and settings no run can start with."""
     from transformers.trainer_utils import SchedulerType
@@ -212,11 +234,12 @@ def check_plan(plan: dict, settings: RunSettings, model_spec, family) -> None:
     if not (settings.epochs or training.get("epochs", 3)) > 0 and not settings.max_steps:
         raise AutotuneError("plan: epochs must be more than 0 (or give --max-steps)")
     recipe = Recipe(**plan["recipe"])
+    check_stack(plan, model_spec, family, settings.remote_code)
     if recipe.adapter:
-        from autotune.cost.assess import describe
+        from autotune.cost.assess import architecture
         from autotune.cost.params import resolve_targets
 
-        arch = describe(dict(model_spec.config), family, settings.remote_code)
+        arch = architecture(dict(model_spec.config), family, settings.remote_code)
         chosen, _, fused = resolve_targets(arch, family.module_groups(model_spec.config),
                                            recipe.targets)
         if any(lin.path == arch.head for lin in chosen):

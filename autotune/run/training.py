@@ -350,13 +350,13 @@ def _model(model_spec, family, recipe: Recipe, device: str, settings: RunSetting
            path: str | None):
     """The model prepared for training, the adapter targets given to PEFT, and the
     post-load audit (:mod:`autotune.run.audit`), which stops a model unlike its plan."""
-    from autotune.cost.assess import describe
+    from autotune.cost.assess import architecture
     from autotune.cost.params import ALL_LINEAR, count, peft_targets
     from autotune.run.audit import audit
     from autotune.run.loading import load_base, prepare
 
     config = dict(model_spec.config)
-    arch = describe(config, family, settings.remote_code)
+    arch = architecture(config, family, settings.remote_code)
     counts = count(arch, recipe, family.module_groups(config))
     base = load_base(config, recipe, path, device, settings.seed, settings.remote_code,
                      family.load_kwargs(config), family.expert_parameters(config))

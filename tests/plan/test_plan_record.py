@@ -40,6 +40,9 @@ CORPUS = {
                   "--seq-len", "1024"],
     "dense-fsdp": ["--model", "qwen2.5-1.5b", "--gpu", "a10", "--gpus", "2", "--strategy",
                    "fsdp", "--method", "full-bf16", "--seq-len", "1024"],
+    "moe-older-stack": ["--model", "deepseek-v2-lite", "--gpu", "a100-80gb", "--method", "qlora",
+                        "--rank", "8", "--targets", "attn", "--seq-len", "1024",
+                        "--stack", "transformers=4.51,bitsandbytes=0.45"],
 }
 """Each plan pins most of the search: what is tested is the record, not the study."""
 
@@ -85,6 +88,30 @@ def test_explain_reproduces_the_plan_to_the_byte(pm, tmp_path, name):
     assert record["trust_remote_code"] == ("--trust-remote-code" in CORPUS[name])
     if "--data" in CORPUS[name]:
         assert record["data"]["sha256"] == planfile.file_digest(record["data"]["path"])
+    if "--stack" in CORPUS[name]:
+        assert record["libraries"]["transformers"] == "4.51"
+        assert record["layouts"]["experts"] == "per-expert"
+
+
+def test_a_plan_for_another_stack_is_priced_for_it_and_refused_here(pm, tmp_path):
+    """The record's versions price explain as the plan was priced; a run on this
+    machine, whose transformers fuses the experts, refuses it in one line."""
+    from autotune.catalog.models import resolve_model
+    from autotune.plugin.registry import family_for
+    from autotune.run.executor import check_stack
+
+    args = CORPUS["moe-older-stack"]
+    _, older = make_plan(pm, tmp_path / "older.yaml", args)
+    _, here = make_plan(pm, tmp_path / "here.yaml", args[:-2])
+    assert here["record"]["layouts"]["experts"] == "fused"
+    # 4-bit experts either way: per-expert linears on load, fused ones by parametrization
+    weights = [plan["predictions"]["memory"]["breakdown"]["weights"] for plan in (older, here)]
+    assert weights[0] == pytest.approx(weights[1], rel=0.02)
+    spec = resolve_model("deepseek-v2-lite", pm)
+    check_stack(here, spec, family_for(pm, spec.config), False)
+    with pytest.raises(AutotuneError, match="experts per-expert planned, fused here") as found:
+        check_stack(older, spec, family_for(pm, spec.config), False)
+    assert "\n" not in str(found.value)
 
 
 def test_a_calibrated_plan_keeps_its_correction(pm, tmp_path, monkeypatch):

@@ -264,20 +264,23 @@ def test_exports_write_moe_quantisation_or_say_they_cannot(pm, tmp_path):
     assert trl.read_text().startswith("# autotune: TRL's CLI cannot quantise")
 
 
-def test_transformers_4_prices_per_expert_linears(pm, monkeypatch):
+def test_transformers_4_prices_per_expert_linears(pm):
     """Version awareness: on transformers 4 DeepSeek-V2's experts are nn.Linear layers,
     which bitsandbytes quantises on load; the plan records the layout it assumed."""
-    from autotune.cost import architecture
+    from autotune.cost.assess import architecture
     from autotune.cost.memory import priced_weights
 
     spec = resolve_model("deepseek-v2-lite", pm)
+    family = family_for(pm, spec.config)
     recipe = Recipe(method="qlora", targets="attn")
-    fused = priced(pm, spec.config, recipe)[1]
-    monkeypatch.setattr(architecture, "fused_experts", lambda: False)
-    monkeypatch.setattr("autotune_plugins.deepseek.fused_experts", lambda: False)
-    linears = priced(pm, spec.config, recipe)[1]
+    fused = architecture(spec.config, family)
+    linears = architecture(spec.config, family, stack={"transformers": "4.51"})
     assert (fused.expert_layout, linears.expert_layout) == ("fused", "per-expert")
     assert fused.total == linears.total
+    # the hub's own modelling code keeps one nn.Linear per expert too: the same inventory
+    remote = describe({**spec.config, "auto_map": {"AutoModel": "x"}}, family, remote_code=True)
+    assert sorted((lin.path, lin.in_features, lin.out_features) for lin in linears.linears) == \
+        sorted((lin.path, lin.in_features, lin.out_features) for lin in remote.linears)
     weights = priced_weights(linears, recipe)
     assert weights["expert_layout"] == "per-expert" and weights["quantised_experts"] == 0
     # the same bytes either way: every expert is 4-bit

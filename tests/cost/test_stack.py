@@ -1,0 +1,101 @@
+"""--stack: the cost model priced for another machine's library versions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from autotune.catalog.models import resolve_model
+from autotune.cli.main import make_cli
+from autotune.cost.assess import architecture
+from autotune.cost.layouts import layouts
+from autotune.plugin.registry import family_for
+from autotune.util.errors import AutotuneError
+from autotune.util.versions import at_least, library_versions, parse_stack
+
+# Mixtral-8x7B's published config.json (mistralai/Mixtral-8x7B-v0.1)
+HIDDEN, INTER, LAYERS, EXPERTS, HEADS, KV_HEADS = 4096, 14336, 32, 8, 32, 8
+
+
+def estimate(pm, *args) -> dict:
+    result = CliRunner().invoke(make_cli(pm), ["estimate", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_mixtral_on_transformers_4_prices_4_bit_per_expert_linears(pm):
+    old = estimate(pm, "--model", "mixtral-8x7b", "--method", "qlora",
+                   "--stack", "transformers=4.46")
+    assert old["layouts"]["experts"] == "per-expert"
+    assert old["libraries"]["transformers"] == "4.46"
+    assert old["libraries"]["peft"] == library_versions()["peft"]  # the rest: installed
+    # transformers 4: q,k,v,o, the router (an nn.Linear) and w1,w2,w3 of each expert, by hand
+    r, d = 8, HIDDEN // HEADS
+    per_layer = (r * (HIDDEN + HEADS * d) * 2 + r * (HIDDEN + KV_HEADS * d) * 2
+                 + r * (HIDDEN + EXPERTS) + EXPERTS * 3 * r * (HIDDEN + INTER))
+    assert old["params"]["trainable"] == LAYERS * per_layer == 121_112_576
+    assert old["params"]["target_modules"] == LAYERS * (4 + 1 + 3 * EXPERTS)
+    # every linear but the head in NF4: half a byte per weight plus its block scales
+    quantised = old["params"]["total"] - 2 * 32000 * HIDDEN - (2 * LAYERS + 1) * HIDDEN
+    nf4 = old["memory"]["breakdown"]["weights"] - (2 * 32000 * HIDDEN
+                                                   + (2 * LAYERS + 1) * HIDDEN) * 4
+    assert 1.0 < nf4 / (quantised / 2) < 1.07
+    # transformers 5 before bitsandbytes 0.48: the fused experts stay unquantised (fp32
+    # after k-bit preparation), nine times the bytes
+    fused = estimate(pm, "--model", "mixtral-8x7b", "--method", "qlora",
+                     "--stack", "bitsandbytes=0.45")
+    assert fused["layouts"]["experts"] == "fused"
+    assert fused["memory"]["breakdown"]["weights"] > 6 * old["memory"]["breakdown"]["weights"]
+
+
+def test_peft_before_target_parameters_leaves_fused_experts_unadapted(pm):
+    spec = resolve_model("qwen1.5-moe-a2.7b", pm)
+    family = family_for(pm, spec.config)
+    from autotune.cost.params import resolve_targets
+
+    new = architecture(spec.config, family)
+    old = architecture(spec.config, family, stack={"peft": "0.16"})
+    groups = family.module_groups(spec.config)
+    assert resolve_targets(new, groups, "all-linear")[2]  # gate_up_proj, down_proj
+    chosen, _, fused = resolve_targets(old, groups, "all-linear")
+    assert not fused and all(".experts." not in lin.path for lin in chosen)
+
+
+@pytest.mark.parametrize("stack, expected", [
+    ({}, dict(experts="fused", attention="sdpa", adapter_dtype="fp32")),
+    ({"transformers": "4.35.2"}, dict(experts="per-expert", attention="eager")),
+    ({"transformers": "4.36", "torch": "2.1.0"}, dict(attention="eager")),
+    ({"peft": "0.10.0"}, dict(adapter_dtype="base", expert_adapters=False)),
+    ({"bitsandbytes": "0.47.0"}, dict(quantised_experts=False)),
+])
+def test_layouts_follow_the_documented_thresholds(stack, expected):
+    found = layouts(stack).to_dict()
+    assert {k: found[k] for k in expected} == expected
+
+
+def test_versions_compare_by_their_numbers():
+    assert at_least("2.5.1+cu124", "2.5") and at_least("4.36", "4.36.0")
+    assert not at_least("4.9", "4.36") and not at_least(None, "0.1")
+
+
+@pytest.mark.parametrize("text, says", [
+    ("transformers", "is not LIBRARY=VERSION"),
+    ("numpy=1.26", "unknown library 'numpy'"),
+    ("peft=latest", "is not a version number"),
+    ("", "give LIBRARY=VERSION pairs"),
+])
+def test_a_malformed_stack_is_one_named_line(pm, text, says):
+    with pytest.raises(AutotuneError, match=says):
+        parse_stack(text)
+    result = CliRunner().invoke(make_cli(pm), ["estimate", "--model", "qwen2.5-0.5b",
+                                               "--stack", text])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert isinstance(result.exception, AutotuneError) and "\n" not in str(result.exception)
+
+
+def test_the_default_attention_is_the_stacks(pm):
+    assert estimate(pm, "--model", "qwen2.5-0.5b", "--stack",
+                    "transformers=4.30")["recipe"]["attn"] == "eager"
+    assert estimate(pm, "--model", "qwen2.5-0.5b")["recipe"]["attn"] == "sdpa"
