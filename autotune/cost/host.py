@@ -23,7 +23,13 @@ from autotune.catalog.gpus import machine_ram  # noqa: F401 -- the one RAM reade
 from autotune.cost.activations import FP32
 from autotune.cost.architecture import Architecture
 from autotune.util.errors import AutotuneError
-from autotune.cost.memory import BYTES, largest_module, optimizer_state_bytes, weight_bytes
+from autotune.cost.memory import (
+    BYTES,
+    adapter_state_bytes,
+    largest_module,
+    optimizer_state_bytes,
+    weight_bytes,
+)
 from autotune.cost.parallel import HOST_BUFFER, MASTER_STATE, SINGLE, Parallel, host_bytes
 from autotune.cost.params import ParamCounts
 from autotune.cost.recipe import Recipe
@@ -213,16 +219,16 @@ def _offload_bytes(parallel: Parallel, arch: Architecture, recipe: Recipe,
     else:
         param_bytes = FP32 if recipe.adapter else BYTES[recipe.weight_dtype]
         adapters = trainable * FP32 if recipe.adapter else 0
-        state = (optimizer_state_bytes(recipe, _shapes(recipe, params), param_bytes)
-                 + weight_bytes(arch, recipe) + adapters + trainable * param_bytes)
+        state = (_state(recipe, params, param_bytes) + weight_bytes(arch, recipe) + adapters
+                 + trainable * param_bytes)
     return int(state * parallel.gpus / parallel.world * HOST_BUFFER)
 
 
-def _shapes(recipe: Recipe, params: ParamCounts) -> list[tuple[int, ...]]:
-    """Trainable tensor shapes: the adapters' own, else one flat tensor."""
+def _state(recipe: Recipe, params: ParamCounts, param_bytes: int) -> int:
+    """Optimizer state of the trainable tensors: the adapters' own, else one flat tensor."""
     if recipe.adapter and params.adapter_tensors:
-        return [shape for _, shape in params.adapter_tensors]
-    return [(params.trainable,)]
+        return adapter_state_bytes(recipe, params, param_bytes)
+    return optimizer_state_bytes(recipe, [(params.trainable,)], param_bytes)
 
 
 @dataclass
@@ -256,18 +262,17 @@ def disk_needs(arch: Architecture, recipe: Recipe, params: ParamCounts,
     """
     trainable = params.trainable
     tokenizer = arch.vocab * TOKENIZER_BYTES_PER_TOKEN
-    shapes = _shapes(recipe, params)
     if parallel.deepspeed:
         saved = 2 * (trainable if recipe.adapter else arch.total)
         optim = recipe
         if parallel.offload_optimizer and recipe.optim not in ("sgd", "adafactor"):
             optim = recipe.but(optim="adamw_torch")  # DeepSpeed's CPU Adam: fp32 moments
         module = saved if parallel.strategy != "zero3" else 0  # ZeRO-3 saves placeholders
-        state = FP32 * trainable + optimizer_state_bytes(optim, shapes, FP32) + module
+        state = FP32 * trainable + _state(optim, params, FP32) + module
     else:
         param_bytes = FP32 if recipe.adapter else BYTES[recipe.weight_dtype]
         saved = trainable * FP32 if recipe.adapter else arch.total * param_bytes
-        state = optimizer_state_bytes(recipe, shapes, param_bytes)
+        state = _state(recipe, params, param_bytes)
     return DiskNeeds(saved + state + tokenizer + CHECKPOINT_EXTRAS, KEPT,
                      saved + tokenizer)
 

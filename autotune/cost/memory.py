@@ -86,6 +86,11 @@ class _Timeline:
         if self.total > self.peak:
             self.peak, self.at, self.phase = self.total, dict(self.live), phase
 
+    def shift(self, component: str, nbytes: int) -> None:
+        """Change a component where the caller knows no peak can fall (layers it skips)."""
+        self.live[component] += nbytes
+        self.total += nbytes
+
     def spike(self, component: str, nbytes: int, phase: str) -> None:
         """A transient that is freed right away."""
         self.add(component, nbytes, phase)
@@ -182,15 +187,20 @@ def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     cache = arch.__dict__.setdefault("_roles_cache", {})  # as cached_property stores
     if key in cache:
         return cache[key]
+    if "_linear_slots" not in arch.__dict__:  # each decoder-layer linear: (layer, short name)
+        arch.__dict__["_linear_slots"] = [
+            (i, _role_key(lin.path, i), lin.path) for lin in arch.linears
+            if (i := layer_index(lin.path)) is not None and i < arch.num_layers]
+    made: dict[tuple, LinearRole] = {}
     roles: list[dict[str, LinearRole]] = [{} for _ in arch.layers]
-    for lin in arch.linears:
-        index = layer_index(lin.path)
-        if index is None or index >= arch.num_layers:
-            continue
-        trainable = recipe.method == "full" or (trained_layers is not None and index in trained_layers)
-        role = LinearRole(trainable, lin.path in adapted, recipe.rank, recipe.method == "dora",
-                          recipe.dropout > 0)
-        roles[index][_role_key(lin.path, index)] = role
+    for index, name, path in arch.__dict__["_linear_slots"]:
+        trainable = recipe.method == "full" or (trained_layers is not None
+                                                and index in trained_layers)
+        flags = (trainable, path in adapted)
+        if flags not in made:
+            made[flags] = LinearRole(*flags, recipe.rank, recipe.method == "dora",
+                                     recipe.dropout > 0)
+        roles[index][name] = made[flags]
     cache[key] = roles
     return roles
 
@@ -222,6 +232,17 @@ def _trainable_shapes(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         else:
             shapes.append(item.shape or (item.numel,))
     return shapes
+
+
+def adapter_state_bytes(recipe: Recipe, counts: ParamCounts, param_bytes: int) -> int:
+    """:func:`optimizer_state_bytes` of ``counts``' adapter tensors (cached on ``counts``:
+    a per-expert model has thousands)."""
+    cache = counts.__dict__.setdefault("_optimizer_cache", {})
+    key = (recipe.optim, param_bytes)
+    if key not in cache:
+        cache[key] = optimizer_state_bytes(recipe, [s for _, s in counts.adapter_tensors],
+                                           param_bytes)
+    return cache[key]
 
 
 def optimizer_state_bytes(recipe: Recipe, shapes: list[tuple[int, ...]], param_bytes: int) -> int:
@@ -308,11 +329,13 @@ def largest_module(arch: Architecture) -> int:
 
 @dataclass(frozen=True)
 class _Fixed:
-    """What a step's simulation takes from the recipe alone, not from its batch shape."""
+    """What a step's simulation takes from the recipe alone: not from its batch shape, nor
+    from how the cards share it (whole-model bytes, scaled by :func:`shares` per call)."""
 
     w: int
     """Bytes per element of the residual stream and of a full fine-tune's gradients."""
     p: Precision
+    param_bytes: int
     full: bool
     trained: frozenset[int] | None
     kinds: tuple[int, ...]
@@ -320,10 +343,8 @@ class _Fixed:
     one), the index into ``roles``."""
     roles: tuple[dict[str, LinearRole], ...]
     weights: int
-    adapters: int
     optimizer: int
-    buffers: int
-    gradient_share: float
+    """Optimizer state (any optimizer but DeepSpeed's own)."""
     dequantised: tuple[int, ...]
     dequantised_lora: tuple[int, ...]
     cast_copies: int
@@ -335,19 +356,16 @@ class _Fixed:
 
 
 def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
-           parallel: Parallel, autocast: bool) -> _Fixed:
-    """The batch-independent part of :func:`estimate_memory` (cached on ``arch``: a
-    planner prices one recipe at many micro batches and sequence lengths)."""
+           autocast: bool) -> _Fixed:
+    """The batch- and card-independent part of :func:`estimate_memory` (cached on
+    ``arch``: a planner prices one recipe at many micro batches, lengths and strategies)."""
     r = recipe
     key = (r.method, r.bits, r.precision, r.rank, r.dropout > 0, r.targets, r.freeze_layers,
-           r.optim, r.stage, device, parallel, autocast, counts.trainable, counts.all,
+           r.optim, r.stage, device, autocast, counts.trainable, counts.all,
            len(counts.targets), len(counts.target_params))
     cache = arch.__dict__.setdefault("_fixed_cache", {})  # as cached_property stores
     if key in cache:
         return cache[key]
-    if parallel.deepspeed and recipe.precision == "amp":
-        # DeepSpeed runs the model in 16 bit; its fp32 master weights are optimizer state
-        recipe = recipe.but(precision="bf16")
     c = BYTES[recipe.compute_dtype]
     w = BYTES[recipe.weight_dtype]
     autocast = recipe.compute_dtype != "fp32" and (autocast or w == FP32 or recipe.bits < 16)
@@ -361,32 +379,25 @@ def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
     trained = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
     shapes = _trainable_shapes(arch, recipe, counts, trained)
     roles = _roles(arch, recipe, counts, trained)
-    share = shares(parallel, counts.trainable, param_bytes, largest_module(arch))
-    optimizer = (deepspeed_optimizer_bytes(counts.trainable) if parallel.deepspeed
-                 else optimizer_state_bytes(recipe, shapes, param_bytes))
     deq = dequantised_experts(arch, recipe)
     lora_experts = {t.path for t in counts.target_params}  # W + BA: a second full copy
     deq_lora = [sum(x.numel * BYTES[recipe.weight_dtype] for x in arch.experts
                     if x.path in lora_experts and layer_index(x.path) == i) if deq[i] else 0
                 for i in range(arch.num_layers)]
-    scratch = optimizer_temporaries(recipe, shapes, param_bytes, device)
     full = recipe.method == "full"
     kinds: dict[tuple, int] = {}
-    for i, layer in enumerate(arch.layers):
-        kinds.setdefault((layer, tuple(sorted(roles[i].items())),
-                          full or (trained is not None and i in trained)), i)
-    layer_kinds = tuple(kinds[layer, tuple(sorted(roles[i].items())),
-                              full or (trained is not None and i in trained)]
+    layer_kinds = tuple(kinds.setdefault((layer, tuple(sorted(roles[i].items())),
+                                          full or (trained is not None and i in trained)), i)
                         for i, layer in enumerate(arch.layers))
     fixed = _Fixed(
-        w, p, full, frozenset(trained) if trained is not None else None, layer_kinds,
-        tuple(roles),
-        int(weight_bytes(arch, recipe) * share.weights),
-        int(counts.trainable * FP32 * share.weights) if recipe.adapter else 0,
-        int(optimizer * share.optimizer), share.buffers, share.gradients, tuple(deq),
-        tuple(deq_lora), _cast_copies(arch, recipe, trained) * c if copies else 0,
+        w, p, param_bytes, full, frozenset(trained) if trained is not None else None,
+        layer_kinds, tuple(roles), weight_bytes(arch, recipe),
+        adapter_state_bytes(recipe, counts, param_bytes) if recipe.adapter
+        else optimizer_state_bytes(recipe, shapes, param_bytes), tuple(deq), tuple(deq_lora),
+        _cast_copies(arch, recipe, trained) * c if copies else 0,
         tuple(_grads_by_layer(arch, recipe, counts, trained, w)),
-        int(scratch * share.optimizer), tuple(expert_notes(arch, recipe)))
+        optimizer_temporaries(recipe, shapes, param_bytes, device),
+        tuple(expert_notes(arch, recipe)))
     cache[key] = fixed
     return fixed
 
@@ -404,18 +415,25 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     ``False`` prices a pure 16-bit loop without autocast (16-bit bases only), where PEFT's
     fp32 adapters keep an fp32 copy of every adapted layer's input.
     """
-    f = _fixed(arch, recipe, counts, device, parallel, autocast)
+    if parallel.deepspeed and recipe.precision == "amp":
+        # DeepSpeed runs the model in 16 bit; its fp32 master weights are optimizer state
+        recipe = recipe.but(precision="bf16")
+    f = _fixed(arch, recipe, counts, device, autocast)
     attn = recipe.attn
     w, p, full, trained = f.w, f.p, f.full, f.trained
+    share = shares(parallel, counts.trainable, f.param_bytes, largest_module(arch))
+    optimizer = deepspeed_optimizer_bytes(counts.trainable) if parallel.deepspeed \
+        else f.optimizer
     shape = StepShape(recipe.batch * sequences, recipe.seq_len)
     t, c = shape.tokens, p.compute
     deq, deq_lora = f.dequantised, f.dequantised_lora
 
     tl = _Timeline()
-    tl.add("weights", f.weights, "start")
-    tl.add("adapters", f.adapters, "start")
-    tl.add("optimizer", f.optimizer, "start")
-    tl.add("communication", f.buffers, "start")
+    tl.add("weights", int(f.weights * share.weights), "start")
+    tl.add("adapters", int(counts.trainable * FP32 * share.weights) if recipe.adapter else 0,
+           "start")
+    tl.add("optimizer", int(optimizer * share.optimizer), "start")
+    tl.add("communication", share.buffers, "start")
     tl.add("inputs", t * INDEX, "start")
     # eager attention reads a materialised causal mask; checkpointing keeps it, an input of
     # every checkpointed layer, until the last recompute
@@ -428,28 +446,37 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     # prepare_model_for_kbit_training makes the embeddings' output require grad when
     # checkpointing, so even the first layer saves.
     grad_in = full or (recipe.bits < 16 and recipe.grad_ckpt)
-    saved_by_layer, kept_by_layer, mlp_by_layer = [], [], []
-    kernels = []
+    layers = []  # per layer: (saved, kept, held, dequantised, its LoRA copy, gradients, transient)
     for i, layer in enumerate(arch.layers):
-        norms = full or (trained is not None and i in trained)
         kernel = "math" if device == "cpu" and layer.attention.mla else attn
-        kernels.append(kernel)
         key = (f.kinds[i], grad_in, shape, kernel)
         if key not in f.saved:
-            f.saved[key] = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len,
-                                       f.roles[i], norms, grad_in, p, kernel)
-        saved, mlp_saved = f.saved[key]
-        mlp_by_layer.append(mlp_saved)
+            norms = full or (trained is not None and i in trained)
+            saved, mlp_saved = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len,
+                                           f.roles[i], norms, grad_in, p, kernel)
+            # the backward's transient: the incoming gradient and the MLP's gradient
+            # buffers, or (later, the MLP's saved tensors freed) the attention's
+            transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * c,
+                            attention_backward_spike(layer, shape.batch, shape.seq_len, p,
+                                                     kernel) - mlp_saved)
+            f.saved[key] = saved, transient
+        saved, transient = f.saved[key]
         grad_in = grad_in or saved > 0
         kept = t * arch.hidden * w if recipe.grad_ckpt and saved else saved
-        saved_by_layer.append(saved)
-        kept_by_layer.append(kept)
+        held = 0 if recipe.grad_ckpt or not saved else deq[i]  # dequantised experts saved
+        layers.append((saved, kept, held, deq[i], deq_lora[i], int(f.grads[i] * share.gradients),
+                       transient))
+    # layers alike in everything priced run as one: the total only grows in the forward
+    # pass, so a run's peak is at its last layer (its first, when the run adds nothing)
+    runs = _runs(layers)
+    for first, last in runs:
+        _, kept, held, dq, dq_lora, _, _ = layers[first]
+        tl.shift("activations", (kept + held) * (last - first))
+        i = last if kept + held else first
         tl.add("activations", kept, "forward")
-        if deq[i]:  # dequantised experts: for the layer's forward, or saved until backward
-            held = 0 if recipe.grad_ckpt or not saved else deq[i]
+        if dq:  # dequantised experts: for the layer's forward, or saved until backward
             tl.add("activations", held, "forward")
-            tl.spike("temporaries", deq[i] + deq_lora[i] - held, f"forward (layer {i} experts)")
-            kept_by_layer[-1] += held
+            tl.spike("temporaries", dq + dq_lora - held, f"forward (layer {i} experts)")
     # autocast keeps a 16-bit copy of each fp32 trainable weight a matmul uses, until backward
     tl.add("temporaries", f.cast_copies, "forward")
     final_norm = t * arch.hidden * FP32 + t * FP32 + (t * arch.hidden * w if full else 0)
@@ -472,36 +499,54 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         tl.spike("logits", logits * c, "backward (loss)")      # gradient cast back to 16 bit
     tl.add("logits", -logits * FP32, "backward (loss)")
     if full and not arch.tied_embeddings:
-        tl.add("gradients", int(arch.head_linear.numel * w * f.gradient_share),
+        tl.add("gradients", int(arch.head_linear.numel * w * share.gradients),
                "backward (head)")
     tl.add("activations", -(final_norm + head_in), "backward")
-    for i in reversed(range(arch.num_layers)):
-        saved, kept = saved_by_layer[i], kept_by_layer[i]
+    for first, last in reversed(runs):
+        saved, kept, held, dq, dq_lora, grads, transient = layers[first]
+        kept += held
+        # each layer adds its gradients and frees what it kept: the run's peak is at its
+        # first layer (the highest index) if that shrinks the total or keeps it, else at
+        # its last
+        grow = grads - kept
+        skipped = last - first
+        if grow > 0:
+            tl.shift("gradients", grads * skipped)
+            tl.shift("activations", -kept * skipped)
+        i = first if grow > 0 else last
         if recipe.grad_ckpt:
-            tl.add("activations", saved + (deq[i] if saved else 0),
+            tl.add("activations", saved + (dq if saved else 0),
                    f"backward (recompute layer {i})")
-            tl.spike("temporaries", deq_lora[i] if saved else 0,
+            tl.spike("temporaries", dq_lora if saved else 0,
                      f"backward (recompute layer {i} experts)")
-            saved += deq[i] if saved else 0
-        tl.add("gradients", int(f.grads[i] * f.gradient_share), f"backward (layer {i})")
-        # the incoming gradient and the MLP's gradient buffers, or (later, the MLP's
-        # saved tensors freed) the attention's
-        layer = arch.layers[i]
-        transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * c,
-                        attention_backward_spike(layer, shape.batch, shape.seq_len, p,
-                                                 kernels[i]) - mlp_by_layer[i])
+            saved += dq if saved else 0
+        tl.add("gradients", grads, f"backward (layer {i})")
         tl.spike("temporaries", transient if saved else 0, f"backward (layer {i})")
         tl.add("activations", -(saved + kept if recipe.grad_ckpt else kept), "backward")
+        if grow <= 0:
+            tl.shift("gradients", grads * skipped)
+            tl.shift("activations", -kept * skipped)
     if full:
-        tl.add("gradients", int(_embedding_numel(arch) * w * f.gradient_share),
+        tl.add("gradients", int(_embedding_numel(arch) * w * share.gradients),
                "backward (embeddings)")
     tl.add("temporaries", -f.cast_copies, "backward")
     tl.add("inputs", -mask, "backward")
 
     # -- optimizer step: every gradient exists, plus the step's own scratch
-    tl.spike("temporaries", f.scratch, "optimizer")
+    tl.spike("temporaries", int(f.scratch * share.optimizer), "optimizer")
     overhead = _device_overhead(tl.peak) if device == "cuda" else 0
     return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase, list(f.notes))
+
+
+def _runs(layers: list[tuple]) -> list[tuple[int, int]]:
+    """``(first, last)`` index of each run of consecutive equal entries of ``layers``."""
+    runs = []
+    for i, values in enumerate(layers):
+        if runs and layers[runs[-1][1]] == values:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
 
 
 def expert_notes(arch: Architecture, recipe: Recipe) -> list[str]:
@@ -540,12 +585,14 @@ def _grads_by_layer(arch: Architecture, recipe: Recipe, counts: ParamCounts,
                     trained: set[int] | None, w: int) -> list[int]:
     """Gradient bytes each layer's backward allocates."""
     if recipe.adapter:
-        per = [0] * arch.num_layers
-        for path, shape in counts.adapter_tensors:
-            index = layer_index(path)
-            if index is not None and index < arch.num_layers:
-                per[index] += math.prod(shape) * FP32
-        return per
+        if "_grads_by_layer" not in counts.__dict__:  # cached on counts
+            per = [0] * arch.num_layers
+            for path, shape in counts.adapter_tensors:
+                index = layer_index(path)
+                if index is not None and index < arch.num_layers:
+                    per[index] += math.prod(shape) * FP32
+            counts.__dict__["_grads_by_layer"] = per
+        return counts.__dict__["_grads_by_layer"]
     return [0 if trained is not None and i not in trained else n * w
             for i, n in enumerate(arch.layer_params)]
 

@@ -162,7 +162,11 @@ def count(arch: Architecture, recipe: Recipe, groups: dict[str, tuple[str, ...]]
     quick = dict(rule_of_thumb=rule_of_thumb(arch),
                  twelve_l_h2=12 * arch.num_layers * arch.hidden**2)
     if recipe.adapter:
-        chosen, unmatched, fused = resolve_targets(arch, groups, recipe.targets)
+        key = (recipe.targets, tuple((k, tuple(v)) for k, v in sorted(groups.items())))
+        cache = arch.__dict__.setdefault("_targets_cache", {})  # as cached_property stores
+        if key not in cache:
+            cache[key] = resolve_targets(arch, groups, recipe.targets)
+        chosen, unmatched, fused = cache[key]
         wrapped, shapes, ranks = _adapter_tensors(arch, recipe, chosen, fused)
         added = sum(math.prod(shape) for _, shape in shapes)
         return ParamCounts(total, added, total + added, targets=chosen,

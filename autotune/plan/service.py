@@ -225,7 +225,7 @@ def plan(pm: pluggy.PluginManager, request: Request,
         for card_id in OVERVIEW_CARDS:  # no GPU here and none named: the common cards
             card = resolve_gpu(card_id)
             planned.results.append(planner.plan(space_for(card), budget(card, r.headroom),
-                                                r.objective, None, r.seed, 1))
+                                                r.objective, r.storage, r.seed, 1))
         planned.overview = True
         return planned
     card = cards[0]
