@@ -110,13 +110,13 @@ def memory_fixes(planner: Planner, result: PlanResult, need: int, objective: str
     fixes = []
     if space.pins.method not in (None, "qlora"):  # unpinned, QLoRA was priced already
         loose = Pins(**{**space.pins.to_dict(), "method": "qlora"})
-        trial = _try(planner, space, loose, result.budget, objective)
+        trial = _try(planner, result, loose, objective)
         if trial:
             fixes.append(f"4-bit QLoRA fits (--method qlora: at most {gib(trial.high)})")
     for seq in (space.seq_len // 2, space.seq_len // 4, space.seq_len // 8):
         if seq < 64:
             break
-        shorter = _try(planner, space, space.pins, result.budget, objective, seq_len=seq)
+        shorter = _try(planner, result, space.pins, objective, seq_len=seq)
         if shorter:
             fixes.append(f"--seq-len {seq} fits (at most {gib(shorter.high)})")
             break
@@ -125,8 +125,8 @@ def memory_fixes(planner: Planner, result: PlanResult, need: int, objective: str
         remote = Planner(planner.pm, planner.config, planner.family.name, planner.model_id, True,
                          calibrated=planner.calibrated, device=planner.device,
                          confidence=planner.confidence, files=planner.files,
-                         corrections=planner.corrections)
-        trial = _try(remote, space, space.pins, result.budget, objective)
+                         corrections=planner.corrections, stack=planner.cost.stack)
+        trial = _try(remote, result, space.pins, objective)
         if trial:
             fixes.append("--trust-remote-code: the hub's modelling code keeps each expert an "
                          "nn.Linear, which bitsandbytes quantises (transformers' fused experts "
@@ -141,7 +141,7 @@ def memory_fixes(planner: Planner, result: PlanResult, need: int, objective: str
         fixes.append(f"no number of cards: the CUDA context alone may take {gib(context)} "
                      "of each")
     elif space.world == 1:
-        fixes.append(_cards_needed(planner, space, result.budget))
+        fixes.append(_cards_needed(planner, space, result.budget, result.storage))
     return fixes
 
 
@@ -151,7 +151,7 @@ def context_bound(planner: Planner) -> int:
     return band(empty, confidence=planner.confidence).high
 
 
-def _cards_needed(planner: Planner, space, budget: int) -> str:
+def _cards_needed(planner: Planner, space, budget: int, storage: str | None) -> str:
     """How many cards of this kind sharded plans need: fewest overall, and fewest without
     CPU offload (which needs host RAM and PCIe time)."""
     lean = Pins(**{"grad_ckpt": True, "batch": 1, **space.pins.to_dict()})
@@ -159,9 +159,10 @@ def _cards_needed(planner: Planner, space, budget: int) -> str:
     def smallest(n, offload):
         per_node, nodes = gpus_per_node_split(n)
         sharded = replace(space, pins=lean, gpus=per_node, nodes=nodes)
-        result = planner.plan(sharded, budget, "quality", None, 0, 10**6)
-        fitting = [c for c in result.ranked if offload or not c.parallel.offload_optimizer]
-        return min(fitting, key=lambda c: c.peak) if fitting else None
+        result = planner.plan(sharded, budget, "quality", storage, 0, 1)
+        fitting = [p for p in result.feasible_all if offload or not p.parallel.offload_optimizer]
+        return planner.candidate(min(fitting, key=lambda p: p.peak), sharded) if fitting \
+            else None
 
     found = []
     for offload in (True, False):
@@ -180,9 +181,11 @@ def _cards_needed(planner: Planner, space, budget: int) -> str:
             else "more than 256 cards of this kind, even sharded with CPU offload")
 
 
-def _try(planner: Planner, space, pins: Pins, budget: int, objective: str,
+def _try(planner: Planner, result: PlanResult, pins: Pins, objective: str,
          seq_len: int | None = None) -> Candidate | None:
-    """The best candidate of a changed space, or ``None`` when nothing fits either."""
+    """The best candidate of ``result``'s space changed, or ``None`` when nothing fits
+    either (a study of its own, stored beside ``result``'s)."""
+    space = result.space
     changed = replace(space, pins=pins, seq_len=seq_len or space.seq_len)
-    result = planner.plan(changed, budget, objective, None, 0, 1)
-    return result.ranked[0] if result.ranked else None
+    found = planner.plan(changed, result.budget, objective, result.storage, 0, 1)
+    return found.ranked[0] if found.ranked else None

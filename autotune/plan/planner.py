@@ -392,13 +392,14 @@ class Planner:
                   if t["state"] == "PRUNED" and "plan" in t["attrs"]]
         smallest = None
         if not feasible and pruned:
-            smallest = self._candidate(min(pruned, key=lambda p: p.high), space)
-        ranked = [self._candidate(p, space) for p in pick(feasible, objective)[:top]]
+            smallest = self.candidate(min(pruned, key=lambda p: p.high), space)
+        ranked = [self.candidate(p, space) for p in pick(feasible, objective)[:top]]
         return PlanResult(space.gpu, budget, space, ranked, smallest, len(analytic), reused,
                           name, feasible, pruned,
                           search=study.attrs.get(SEARCH, "sampled"))
 
-    def _candidate(self, point: Point, space: Space) -> Candidate:
+    def candidate(self, point: Point, space: Space) -> Candidate:
+        """``point`` priced in full, as ``space`` prices it."""
         candidate = self._candidate_at(space, point.recipe, point.parallel)
         candidate.pareto, candidate.measured = point.pareto, point.measured
         return candidate
