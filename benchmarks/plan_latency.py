@@ -24,6 +24,7 @@ QUESTIONS = [
     ["--model", "deepseek-7b"],
     ["--model", "deepseek-v2-lite", "--gpu", "a100-80gb"],
     ["--model", "deepseek-v2-lite", "--gpu", "v100-32gb", "--seq-len", "4096"],
+    ["--model", "qwen2.5-72b", "--gpu", "rtx3090"],
     ["--model", "deepseek-v2-lite", "--gpu", "a100-80gb", "--trust-remote-code"],
     ["--model", "deepseek-7b", "--gpu", "a100-80gb", "--gpus", "8"],
     ["--model", "deepseek-7b", "--gpu", "rtx3090", "--stage", "dpo", "--data", DPO],
@@ -52,6 +53,19 @@ def measure(exe: str, question: list[str], runs: int) -> tuple[list[float], list
     return fresh, stored
 
 
+def compiled() -> None:
+    """Byte-compile the packages as installing a wheel does: with PYTHONDONTWRITEBYTECODE
+    set (as on the reference machine) an editable install would compile every module at
+    every start, which no installed copy does."""
+    import autotune
+    import autotune_plugins
+    import autotune_profiles
+
+    for package in (autotune, autotune_plugins, autotune_profiles):
+        subprocess.run([sys.executable, "-m", "compileall", "-q",
+                        os.path.dirname(package.__file__)], check=True, capture_output=True)
+
+
 def shown(question: list[str]) -> str:
     return "`plan " + " ".join("DPO.jsonl" if a == DPO else a for a in question) + "`"
 
@@ -60,7 +74,9 @@ def main() -> None:
     numbers = [a for a in sys.argv[1:] if a.isdigit()]
     runs = int(numbers[0]) if numbers else 5
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
-    exe = shutil.which("autotune") or sys.exit("autotune is not installed")
+    exe = (shutil.which("autotune", path=os.path.dirname(sys.executable))
+           or shutil.which("autotune") or sys.exit("autotune is not installed"))
+    compiled()
     lines = ["| question | fresh median s | fresh min s | stored median s | stored min s |",
              "|---|---|---|---|---|"]
     for question in QUESTIONS:

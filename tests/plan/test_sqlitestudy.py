@@ -61,3 +61,45 @@ def test_a_file_of_another_schema_is_left_to_optuna(tmp_path):
         connection.execute("UPDATE alembic_version SET version_num = 'v3.0.0.d'")
     with pytest.raises(sqlitestudy.OtherSchema):
         sqlitestudy.connect(str(path))
+
+
+def test_optuna_dashboard_shows_a_stored_study_with_its_parameters_and_pick(tmp_path):
+    """What `optuna-dashboard <storage URL>` serves for a study `autotune plan` stored: its
+    trials with the search dimensions as parameters, objective values, and the pick on the
+    Pareto front (queried through the dashboard's own WSGI app, no browser)."""
+    import json
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard import wsgi
+
+    from tests.cli.test_hostile import OK, autotune, check
+
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    planned = autotune("plan", "--model", "deepseek-7b", "--gpu", "rtx3090", "--storage", url,
+                       "--json")
+    check(planned, OK)
+    report = json.loads(planned.out)
+    app = wsgi(url)
+
+    def get(path: str) -> dict:
+        environ: dict = {}
+        setup_testing_defaults(environ)
+        environ["PATH_INFO"] = path
+        status = []
+        body = b"".join(app(environ, lambda s, h, e=None: status.append(s)))
+        assert status == ["200 OK"], (path, status, body[:300])
+        return json.loads(body)
+
+    [summary] = get("/api/studies")["study_summaries"]
+    assert summary["study_name"] == report["study"]["name"]
+    study = get(f"/api/studies/{summary['study_id']}")
+    assert len(study["trials"]) == report["study"]["trials"]
+    assert {p["name"] for p in study["union_search_space"]} >= {
+        "method", "grad_ckpt", "rank", "targets", "freeze_layers", "optim"}
+    assert all(t["params"] for t in study["trials"])
+    front = [next(a["value"] for a in t["user_attrs"] if a["key"] == "plan")
+             for t in study["best_trials"]]
+    pick = report["plans"][0]  # the dashboard shows attributes as (possibly cut) JSON
+    shown = [f'"method": "{pick["method"]}"', f'"batch": {pick["micro_batch"]},',
+             f'"grad_ckpt": {json.dumps(pick["grad_ckpt"])},']
+    assert any(all(s in plan for s in shown) for plan in front), (shown, front)
