@@ -352,7 +352,8 @@ class _Fixed:
     scratch: int
     notes: tuple[str, ...]
     saved: dict = field(default_factory=dict, compare=False)
-    """What each kind of layer saves, by (kind, grad_in, shape, kernel): filled as priced."""
+    """What each kind of layer saves, by (kind, grad_in, shape, kernel), and each shape's
+    layers (:func:`_layer_runs`): filled as priced."""
 
 
 def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
@@ -419,14 +420,12 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         # DeepSpeed runs the model in 16 bit; its fp32 master weights are optimizer state
         recipe = recipe.but(precision="bf16")
     f = _fixed(arch, recipe, counts, device, autocast)
-    attn = recipe.attn
-    w, p, full, trained = f.w, f.p, f.full, f.trained
+    w, p, full = f.w, f.p, f.full
     share = shares(parallel, counts.trainable, f.param_bytes, largest_module(arch))
     optimizer = deepspeed_optimizer_bytes(counts.trainable) if parallel.deepspeed \
         else f.optimizer
     shape = StepShape(recipe.batch * sequences, recipe.seq_len)
     t, c = shape.tokens, p.compute
-    deq, deq_lora = f.dequantised, f.dequantised_lora
 
     tl = _Timeline()
     tl.add("weights", int(f.weights * share.weights), "start")
@@ -437,7 +436,8 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     tl.add("inputs", t * INDEX, "start")
     # eager attention reads a materialised causal mask; checkpointing keeps it, an input of
     # every checkpointed layer, until the last recompute
-    mask = shape.batch * shape.seq_len ** 2 * c if attn == "eager" and recipe.grad_ckpt else 0
+    mask = shape.batch * shape.seq_len ** 2 * c if recipe.attn == "eager" and recipe.grad_ckpt \
+        else 0
     tl.add("inputs", mask, "forward")
     tl.add("stage_extras", sum((extras or {}).values()), "start")
 
@@ -445,30 +445,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     # only its input stays, and the layer is recomputed in the backward pass.
     # prepare_model_for_kbit_training makes the embeddings' output require grad when
     # checkpointing, so even the first layer saves.
-    grad_in = full or (recipe.bits < 16 and recipe.grad_ckpt)
-    layers = []  # per layer: (saved, kept, held, dequantised, its LoRA copy, gradients, transient)
-    for i, layer in enumerate(arch.layers):
-        kernel = "math" if device == "cpu" and layer.attention.mla else attn
-        key = (f.kinds[i], grad_in, shape, kernel)
-        if key not in f.saved:
-            norms = full or (trained is not None and i in trained)
-            saved, mlp_saved = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len,
-                                           f.roles[i], norms, grad_in, p, kernel)
-            # the backward's transient: the incoming gradient and the MLP's gradient
-            # buffers, or (later, the MLP's saved tensors freed) the attention's
-            transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * c,
-                            attention_backward_spike(layer, shape.batch, shape.seq_len, p,
-                                                     kernel) - mlp_saved)
-            f.saved[key] = saved, transient
-        saved, transient = f.saved[key]
-        grad_in = grad_in or saved > 0
-        kept = t * arch.hidden * w if recipe.grad_ckpt and saved else saved
-        held = 0 if recipe.grad_ckpt or not saved else deq[i]  # dequantised experts saved
-        layers.append((saved, kept, held, deq[i], deq_lora[i], int(f.grads[i] * share.gradients),
-                       transient))
-    # layers alike in everything priced run as one: the total only grows in the forward
-    # pass, so a run's peak is at its last layer (its first, when the run adds nothing)
-    runs = _runs(layers)
+    layers, runs = _layer_runs(arch, f, recipe, shape, device, share.gradients)
     for first, last in runs:
         _, kept, held, dq, dq_lora, _, _ = layers[first]
         tl.shift("activations", (kept + held) * (last - first))
@@ -536,6 +513,39 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     tl.spike("temporaries", int(f.scratch * share.optimizer), "optimizer")
     overhead = _device_overhead(tl.peak) if device == "cuda" else 0
     return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase, list(f.notes))
+
+
+def _layer_runs(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, device: str,
+                gradient_share: float) -> tuple[list[tuple], list[tuple[int, int]]]:
+    """Per decoder layer: (saved, kept, held, dequantised experts, their LoRA copy,
+    gradients, backward transient); and the runs of alike layers (cached on ``f``)."""
+    key = ("runs", shape, recipe.attn, recipe.grad_ckpt, gradient_share)
+    if key in f.saved:
+        return f.saved[key]
+    t, c, w = shape.tokens, f.p.compute, f.w
+    grad_in = f.full or (recipe.bits < 16 and recipe.grad_ckpt)
+    layers = []
+    for i, layer in enumerate(arch.layers):
+        kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
+        kind = (f.kinds[i], grad_in, shape, kernel)
+        if kind not in f.saved:
+            norms = f.full or (f.trained is not None and i in f.trained)
+            saved, mlp_saved = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len,
+                                           f.roles[i], norms, grad_in, f.p, kernel)
+            # the backward's transient: the incoming gradient and the MLP's gradient
+            # buffers, or (later, the MLP's saved tensors freed) the attention's
+            transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * c,
+                            attention_backward_spike(layer, shape.batch, shape.seq_len, f.p,
+                                                     kernel) - mlp_saved)
+            f.saved[kind] = saved, transient
+        saved, transient = f.saved[kind]
+        grad_in = grad_in or saved > 0
+        kept = t * arch.hidden * w if recipe.grad_ckpt and saved else saved
+        held = 0 if recipe.grad_ckpt or not saved else f.dequantised[i]  # saved experts
+        layers.append((saved, kept, held, f.dequantised[i], f.dequantised_lora[i],
+                       int(f.grads[i] * gradient_share), transient))
+    f.saved[key] = layers, _runs(layers)
+    return f.saved[key]
 
 
 def _runs(layers: list[tuple]) -> list[tuple[int, int]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from autotune.util.errors import AutotuneError
 
@@ -99,6 +100,7 @@ class Parallel:
 SINGLE = Parallel()
 
 
+@lru_cache(maxsize=256)
 def options(gpus: int, nodes: int = 1, quantised: bool = False) -> tuple[Parallel, ...]:
     """The strategies the planner tries on ``gpus`` x ``nodes`` cards.
 
