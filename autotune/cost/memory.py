@@ -347,7 +347,9 @@ class _Fixed:
     """Optimizer state (any optimizer but DeepSpeed's own)."""
     dequantised: tuple[int, ...]
     dequantised_lora: tuple[int, ...]
-    cast_copies: int
+    cast_copies: tuple[int, ...]
+    """Bytes of autocast's 16-bit copies of trainable fp32 weights, per decoder layer; the
+    last entry is the rest (the output head)."""
     grads: tuple[int, ...]
     scratch: int
     notes: tuple[str, ...]
@@ -395,7 +397,8 @@ def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
         layer_kinds, tuple(roles), weight_bytes(arch, recipe),
         adapter_state_bytes(recipe, counts, param_bytes) if recipe.adapter
         else optimizer_state_bytes(recipe, shapes, param_bytes), tuple(deq), tuple(deq_lora),
-        _cast_copies(arch, recipe, trained) * c if copies else 0,
+        tuple(n * c for n in _cast_copies(arch, recipe, trained)) if copies
+        else (0,) * (arch.num_layers + 1),
         tuple(_grads_by_layer(arch, recipe, counts, trained, w)),
         optimizer_temporaries(recipe, shapes, param_bytes, device),
         tuple(expert_notes(arch, recipe)))
@@ -436,8 +439,8 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     tl.add("inputs", t * INDEX, "start")
     # eager attention reads a materialised causal mask; checkpointing keeps it, an input of
     # every checkpointed layer, until the last recompute
-    mask = shape.batch * shape.seq_len ** 2 * c if recipe.attn == "eager" and recipe.grad_ckpt \
-        else 0
+    mask = shape.batch * shape.seq_len ** 2 * w if recipe.attn == "eager" and recipe.grad_ckpt \
+        else 0  # in the embeddings' dtype: fp32 under amp
     tl.add("inputs", mask, "forward")
     tl.add("stage_extras", sum((extras or {}).values()), "start")
 
@@ -447,15 +450,16 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     # checkpointing, so even the first layer saves.
     layers, runs = _layer_runs(arch, f, recipe, shape, device, share.gradients)
     for first, last in runs:
-        _, kept, held, dq, dq_lora, _, _ = layers[first]
+        _, kept, held, dq, dq_lora, _, _, _ = layers[first]
         tl.shift("activations", (kept + held) * (last - first))
         i = last if kept + held else first
         tl.add("activations", kept, "forward")
         if dq:  # dequantised experts: for the layer's forward, or saved until backward
             tl.add("activations", held, "forward")
             tl.spike("temporaries", dq + dq_lora - held, f"forward (layer {i} experts)")
-    # autocast keeps a 16-bit copy of each fp32 trainable weight a matmul uses, until backward
-    tl.add("temporaries", f.cast_copies, "forward")
+    # autocast keeps a 16-bit copy of each fp32 trainable weight a matmul uses: saved for
+    # the backward, or (checkpointed layers) held by autocast's cache until the loss
+    tl.add("temporaries", sum(f.cast_copies), "forward")
     final_norm = t * arch.hidden * FP32 + t * FP32 + (t * arch.hidden * w if full else 0)
     head_in = t * arch.hidden * c if full else 0
     if not full and p.autocast and w == FP32:  # fp32 head: amp, or kept by bnb
@@ -475,38 +479,41 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     if c != FP32:
         tl.spike("logits", logits * c, "backward (loss)")      # gradient cast back to 16 bit
     tl.add("logits", -logits * FP32, "backward (loss)")
+    if recipe.grad_ckpt:  # each recompute casts its layer's weights again (the forward's
+        # copies go after the loss's backward: going before it under-predicts measured steps)
+        tl.add("temporaries", -sum(f.cast_copies[:-1]), "backward")
     if full and not arch.tied_embeddings:
         tl.add("gradients", int(arch.head_linear.numel * w * share.gradients),
                "backward (head)")
+    tl.add("temporaries", -f.cast_copies[-1], "backward (head)")
     tl.add("activations", -(final_norm + head_in), "backward")
     for first, last in reversed(runs):
-        saved, kept, held, dq, dq_lora, grads, transient = layers[first]
+        saved, kept, held, dq, dq_lora, grads, transient, cast = layers[first]
         kept += held
-        # each layer adds its gradients and frees what it kept: the run's peak is at its
-        # first layer (the highest index) if that shrinks the total or keeps it, else at
-        # its last
-        grow = grads - kept
+        # each layer adds its gradients and frees what it kept and its weights' 16-bit
+        # copies: the run's peak is at its first layer (the highest index) if that shrinks
+        # the total or keeps it, else at its last
+        grow = grads - kept - (0 if recipe.grad_ckpt else cast)
         skipped = last - first
         if grow > 0:
-            tl.shift("gradients", grads * skipped)
-            tl.shift("activations", -kept * skipped)
+            _skip_backward(tl, grads, kept, cast, skipped, recipe.grad_ckpt)
         i = first if grow > 0 else last
         if recipe.grad_ckpt:
             tl.add("activations", saved + (dq if saved else 0),
                    f"backward (recompute layer {i})")
+            tl.add("temporaries", cast, f"backward (recompute layer {i})")
             tl.spike("temporaries", dq_lora if saved else 0,
                      f"backward (recompute layer {i} experts)")
             saved += dq if saved else 0
         tl.add("gradients", grads, f"backward (layer {i})")
         tl.spike("temporaries", transient if saved else 0, f"backward (layer {i})")
         tl.add("activations", -(saved + kept if recipe.grad_ckpt else kept), "backward")
+        tl.add("temporaries", -cast, "backward")
         if grow <= 0:
-            tl.shift("gradients", grads * skipped)
-            tl.shift("activations", -kept * skipped)
+            _skip_backward(tl, grads, kept, cast, skipped, recipe.grad_ckpt)
     if full:
         tl.add("gradients", int(_embedding_numel(arch) * w * share.gradients),
                "backward (embeddings)")
-    tl.add("temporaries", -f.cast_copies, "backward")
     tl.add("inputs", -mask, "backward")
 
     # -- optimizer step: every gradient exists, plus the step's own scratch
@@ -515,10 +522,21 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase, list(f.notes))
 
 
+def _skip_backward(tl: _Timeline, grads: int, kept: int, cast: int, layers: int,
+                   checkpointed: bool) -> None:
+    """The backward of ``layers`` alike layers where no peak falls: their gradients come,
+    what they kept (and, unless recomputed, their weights' copies) goes."""
+    tl.shift("gradients", grads * layers)
+    tl.shift("activations", -kept * layers)
+    if not checkpointed:
+        tl.shift("temporaries", -cast * layers)
+
+
 def _layer_runs(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, device: str,
                 gradient_share: float) -> tuple[list[tuple], list[tuple[int, int]]]:
     """Per decoder layer: (saved, kept, held, dequantised experts, their LoRA copy,
-    gradients, backward transient); and the runs of alike layers (cached on ``f``)."""
+    gradients, backward transient, autocast's weight copies); and the runs of alike layers
+    (cached on ``f``)."""
     key = ("runs", shape, recipe.attn, recipe.grad_ckpt, gradient_share)
     if key in f.saved:
         return f.saved[key]
@@ -543,7 +561,7 @@ def _layer_runs(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape,
         kept = t * arch.hidden * w if recipe.grad_ckpt and saved else saved
         held = 0 if recipe.grad_ckpt or not saved else f.dequantised[i]  # saved experts
         layers.append((saved, kept, held, f.dequantised[i], f.dequantised_lora[i],
-                       int(f.grads[i] * gradient_share), transient))
+                       int(f.grads[i] * gradient_share), transient, f.cast_copies[i]))
     f.saved[key] = layers, _runs(layers)
     return f.saved[key]
 
@@ -574,12 +592,17 @@ def expert_notes(arch: Architecture, recipe: Recipe) -> list[str]:
             "matmuls"]
 
 
-def _cast_copies(arch: Architecture, recipe: Recipe, trained: set[int] | None) -> int:
-    """Elements of the trainable linear weights (and biases) that autocast copies."""
+def _cast_copies(arch: Architecture, recipe: Recipe, trained: set[int] | None) -> list[int]:
+    """Elements of the trainable linear weights (and biases) that autocast copies, per
+    decoder layer, the rest (the output head) last."""
+    per = [0] * (arch.num_layers + 1)
     if recipe.adapter:
-        return 0
-    return sum(lin.numel for lin in arch.linears
-               if recipe.method == "full" or layer_index(lin.path) in trained)
+        return per
+    for lin in arch.linears:
+        index = layer_index(lin.path)
+        if recipe.method == "full" or index in trained:
+            per[index if index is not None and index < arch.num_layers else -1] += lin.numel
+    return per
 
 
 def _widest_mlp(layer) -> int:
