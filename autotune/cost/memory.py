@@ -132,14 +132,18 @@ def _quantised_formats(arch: Architecture, recipe: Recipe, kept: str) -> dict[st
     q_params = (sum(lin.in_features * lin.out_features for lin in linears)
                 + sum(t.numel for t in experts))
     if recipe.bits == 4:
-        blocks = -(-q_params // NF4_BLOCK)
-        packed = (q_params // 2 + blocks + FP32 * -(-blocks // NF4_BLOCK2)
-                  + QUANT_STATE * (len(linears) + len(experts)))
-        fmt = "nf4"
+        packed, fmt = nf4_bytes(q_params, len(linears) + len(experts)), "nf4"
     else:
         packed = q_params + sum(lin.out_features for lin in linears) * FP32
         fmt = "int8"
     return {fmt: packed, kept: (arch.total - q_params) * BYTES[kept]}
+
+
+def nf4_bytes(numel: int, tensors: int) -> int:
+    """``numel`` elements of ``tensors`` tensors in NF4 with double quantisation: packed
+    pairs, an 8-bit absmax per block, an fp32 absmax per block of those, the codes."""
+    blocks = -(-numel // NF4_BLOCK)
+    return numel // 2 + blocks + FP32 * -(-blocks // NF4_BLOCK2) + QUANT_STATE * tensors
 
 
 def weight_bytes(arch: Architecture, recipe: Recipe) -> int:

@@ -12,10 +12,10 @@ import re
 import tempfile
 import warnings
 
+from autotune.cost.architecture import fused_experts
 from autotune.cost.params import ALL_LINEAR
 from autotune.cost.recipe import HF_ATTENTION, TORCH_DTYPES, Recipe
 from autotune.util.errors import AutotuneError
-
 
 
 def local_folder(path: str, what: str, needs: str | None = None) -> str:
@@ -45,11 +45,39 @@ def load_base(config: dict, recipe: Recipe, path: str | None = None, device: str
 
     ``extra``: further ``from_pretrained`` arguments (a family's ``load_kwargs``);
     ``experts``: the family's fused expert parameters (``ModelFamily.expert_parameters``),
-    which a 4-bit base quantises too (bitsandbytes' loader quantises ``nn.Linear`` only).
+    which a 4-bit base quantises too (bitsandbytes' loader quantises ``nn.Linear`` only),
+    on the CPU before the model goes to ``device`` (:func:`stages_on_cpu`).
     """
-    model = _load(config, recipe, path, device, seed, remote_code, extra)
+    staged = stages_on_cpu(recipe, experts, device, remote_code)
+    model = _load(config, recipe, path, "cpu" if staged else device, seed, remote_code, extra)
     if recipe.bits == 4:
         quantise_experts(model, experts)
+    return to_device(model, device) if staged else model
+
+
+def stages_on_cpu(recipe: Recipe, experts: tuple[str, ...], device: str,
+                  remote_code: bool = False) -> bool:
+    """Whether a base is loaded and quantised on the CPU, then moved to ``device``.
+
+    A 4-bit base with fused experts (transformers 5; the hub's remote code keeps
+    per-expert linears) would otherwise hold every expert in 16 bit on the accelerator
+    until they are quantised after the load (Mixtral-8x7B: 90 GiB of bf16 experts).
+    """
+    return recipe.bits == 4 and bool(experts) and device != "cpu" and fused_experts() \
+        and not remote_code
+
+
+def to_device(model, device: str):
+    """``model`` moved to ``device`` with the quantisation state of its parametrized
+    (4-bit expert) tensors, which ``Module.to`` does not reach."""
+    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
+
+    model.to(device)
+    for module in model.modules():
+        if isinstance(module, Bnb4bitParametrization):
+            module.quant_state.to(device)
+    if getattr(model, "hf_device_map", None) is not None:
+        model.hf_device_map = {"": device}
     return model
 
 
