@@ -383,3 +383,22 @@ def test_host_ram_prices_the_cpu_staging_of_a_4_bit_moe(pm, tmp_path):
         loading = host_needs(e.arch, recipe, e.params, device=device,
                              files=files).components["loading"]
         assert loading == pytest.approx(measured, rel=0.03), device
+
+
+def test_the_planner_searches_expert_lora_on_fused_experts_only(pm, tmp_path):
+    """``attn,experts`` is a point of the search for fused experts (every rank, within
+    PEFT's limits: no DoRA there), and not for a dense model."""
+    from autotune.plan.space import RANKS
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_MOE["mixtral"]))
+
+    def targets(model, method):
+        out = json.loads(invoke(pm, "plan", "--model", model, "--vram", "80GiB", "--seq-len",
+                                "256", "--method", method, "--top", "500", "--storage", "none",
+                                "--json"))
+        return {(p["targets"], p["rank"]) for p in out["plans"]}
+
+    assert {r for t, r in targets(config, "qlora") if t == "attn,experts"} == set(RANKS)
+    assert {t for t, _ in targets(config, "dora")} == {"qv", "attn"}
+    assert {t for t, _ in targets("deepseek-7b", "lora")} == {"qv", "attn", "all-linear"}
