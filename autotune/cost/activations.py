@@ -250,20 +250,27 @@ def _attention_linears(a: Attention, hidden: int) -> dict[str, tuple[int, int, s
 
 def _moe(saved: Saved, t: int, hidden: int, f: FeedForward, roles, p: Precision,
          in_bytes: int, grad_in: bool) -> None:
-    """Routed experts see top_k tokens' worth of rows each on average, plus shared experts."""
+    """Routed experts see top_k tokens' worth of rows each on average, plus shared experts.
+
+    The expert matmuls keep their inputs only when the expert weights take a gradient
+    (trained, or LoRA-adapted: W + BA); frozen experts keep the gated activations and
+    the weighted output only.
+    """
     c = p.compute
     routed = t * f.top_k
     expert_role = roles.get("experts", LinearRole())
-    if grad_in or expert_role.trainable:
+    weights_grad = expert_role.trainable or expert_role.adapted
+    if grad_in or weights_grad:
         if expert_role.trainable:
             saved.keep("router.x", t * hidden * c)
         saved.keep("router.logits", t * f.experts * (c + FP32))
         saved.keep("router.index", (t * f.top_k + 3 * routed) * INDEX)
         saved.keep("experts.weights", routed * FP32)
-        saved.keep("experts.x", routed * hidden * c)
+        if weights_grad:
+            saved.keep("experts.x", routed * hidden * c)
+            saved.keep("experts.h", routed * f.expert_intermediate * c)
         saved.keep("experts.gate_up", routed * 2 * f.expert_intermediate * c)
         saved.keep("experts.act", routed * f.expert_intermediate * c)
-        saved.keep("experts.h", routed * f.expert_intermediate * c)
         saved.keep("experts.out", routed * hidden * c)
     if f.shared_intermediate:
         gated_mlp(saved, "shared", "ln2.out", t, hidden, f.shared_intermediate,

@@ -180,7 +180,8 @@ def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     """How each linear layer takes part, by decoder layer and short name (read-only: cached
     on ``arch`` by everything it depends on, which excludes the batch)."""
     adapted = frozenset(lin.path for lin in counts.targets)
-    key = (recipe.method, recipe.rank, recipe.dropout > 0, adapted,
+    adapted_experts = frozenset(t.path for t in counts.target_params)
+    key = (recipe.method, recipe.rank, recipe.dropout > 0, adapted, adapted_experts,
            frozenset(trained_layers) if trained_layers is not None else None)
     cache = arch.__dict__.setdefault("_roles_cache", {})  # as cached_property stores
     if key in cache:
@@ -194,6 +195,15 @@ def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         role = LinearRole(trainable, lin.path in adapted, recipe.rank, recipe.method == "dora",
                           recipe.dropout > 0)
         roles[index][_role_key(lin.path, index)] = role
+    for tensor in arch.experts:  # fused experts: one role for the layer's expert tensors
+        index = layer_index(tensor.path)
+        if index is None or index >= arch.num_layers:
+            continue
+        before = roles[index].get("experts", LinearRole())
+        trainable = recipe.method == "full" or (trained_layers is not None
+                                                and index in trained_layers)
+        roles[index]["experts"] = LinearRole(trainable, before.adapted
+                                             or tensor.path in adapted_experts, recipe.rank)
     cache[key] = roles
     return roles
 
