@@ -50,6 +50,8 @@ class LinearRole:
     rank: int = 0
     dora: bool = False
     dropout: bool = False
+    adapter: int = 0
+    """Fused experts: elements of the LoRA factors of the adapted expert tensors."""
 
 
 @dataclass
@@ -254,7 +256,8 @@ def _moe(saved: Saved, t: int, hidden: int, f: FeedForward, roles, p: Precision,
 
     The expert matmuls keep their inputs only when the expert weights take a gradient
     (trained, or LoRA-adapted: W + BA); frozen experts keep the gated activations and
-    the weighted output only.
+    the weighted output only. Under autocast the LoRA factors of adapted experts are
+    kept as 16-bit copies (the weights W + BA are priced with the layer's expert copies).
     """
     c = p.compute
     routed = t * f.top_k
@@ -269,6 +272,8 @@ def _moe(saved: Saved, t: int, hidden: int, f: FeedForward, roles, p: Precision,
         if weights_grad:
             saved.keep("experts.x", routed * hidden * c)
             saved.keep("experts.h", routed * f.expert_intermediate * c)
+        if expert_role.adapted and p.autocast:
+            saved.keep("experts.lora_w16", expert_role.adapter * c)
         saved.keep("experts.gate_up", routed * 2 * f.expert_intermediate * c)
         saved.keep("experts.act", routed * f.expert_intermediate * c)
         saved.keep("experts.out", routed * hidden * c)

@@ -187,6 +187,10 @@ def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     if key in cache:
         return cache[key]
     roles: list[dict[str, LinearRole]] = [{} for _ in arch.layers]
+    adapters: dict[str, int] = {}
+    for path, shape in counts.adapter_tensors:
+        if path in adapted_experts:
+            adapters[path] = adapters.get(path, 0) + math.prod(shape)
     for lin in arch.linears:
         index = layer_index(lin.path)
         if index is None or index >= arch.num_layers:
@@ -202,8 +206,9 @@ def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         before = roles[index].get("experts", LinearRole())
         trainable = recipe.method == "full" or (trained_layers is not None
                                                 and index in trained_layers)
-        roles[index]["experts"] = LinearRole(trainable, before.adapted
-                                             or tensor.path in adapted_experts, recipe.rank)
+        roles[index]["experts"] = LinearRole(
+            trainable, before.adapted or tensor.path in adapted_experts, recipe.rank,
+            adapter=before.adapter + adapters.get(tensor.path, 0))
     cache[key] = roles
     return roles
 
@@ -380,7 +385,7 @@ def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
     deq = dequantised_experts(arch, recipe)
     lora_experts = {t.path for t in counts.target_params}  # W + BA: a second full copy
     deq_lora = [sum(x.numel * BYTES[recipe.weight_dtype] for x in arch.experts
-                    if x.path in lora_experts and layer_index(x.path) == i) if deq[i] else 0
+                    if x.path in lora_experts and layer_index(x.path) == i)
                 for i in range(arch.num_layers)]
     scratch = optimizer_temporaries(recipe, shapes, param_bytes, device)
     full = recipe.method == "full"
@@ -458,8 +463,10 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         saved_by_layer.append(saved)
         kept_by_layer.append(kept)
         tl.add("activations", kept, "forward")
-        if deq[i]:  # dequantised experts: for the layer's forward, or saved until backward
-            held = 0 if recipe.grad_ckpt or not saved else deq[i]
+        if deq[i] or deq_lora[i]:
+            # the expert weights as the matmuls take them (dequantised, or W + BA): for the
+            # layer's forward, or saved until backward
+            held = 0 if recipe.grad_ckpt or not saved else deq_lora[i] or deq[i]
             tl.add("activations", held, "forward")
             tl.spike("temporaries", deq[i] + deq_lora[i] - held, f"forward (layer {i} experts)")
             kept_by_layer[-1] += held
@@ -491,11 +498,11 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     for i in reversed(range(arch.num_layers)):
         saved, kept = saved_by_layer[i], kept_by_layer[i]
         if recipe.grad_ckpt:
-            tl.add("activations", saved + (deq[i] if saved else 0),
-                   f"backward (recompute layer {i})")
-            tl.spike("temporaries", deq_lora[i] if saved else 0,
+            held = deq_lora[i] or deq[i] if saved else 0
+            tl.add("activations", saved + held, f"backward (recompute layer {i})")
+            tl.spike("temporaries", deq[i] + deq_lora[i] - held if saved else 0,
                      f"backward (recompute layer {i} experts)")
-            saved += deq[i] if saved else 0
+            saved += held
         tl.add("gradients", int(f.grads[i] * f.gradient_share), f"backward (layer {i})")
         # the incoming gradient and the MLP's gradient buffers, or (later, the MLP's
         # saved tensors freed) the attention's
