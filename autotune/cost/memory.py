@@ -344,6 +344,9 @@ class _Fixed:
     gradient_share: float
     dequantised: tuple[int, ...]
     dequantised_lora: tuple[int, ...]
+    lora_grad: tuple[int, ...]
+    """Per layer: what the gradients of the adapted experts' W + BA add at most while the
+    backward reaches them (see :func:`_expert_lora_grad`)."""
     cast_copies: int
     grads: tuple[int, ...]
     scratch: int
@@ -402,7 +405,7 @@ def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
         int(weight_bytes(arch, recipe) * share.weights),
         int(counts.trainable * FP32 * share.weights) if recipe.adapter else 0,
         int(optimizer * share.optimizer), share.buffers, share.gradients, tuple(deq),
-        tuple(deq_lora), _cast_copies(arch, recipe, trained) * c if copies else 0,
+        tuple(deq_lora), tuple(_expert_lora_grad(arch, recipe, lora_experts)), _cast_copies(arch, recipe, trained) * c if copies else 0,
         tuple(_grads_by_layer(arch, recipe, counts, trained, w)),
         int(scratch * share.optimizer), tuple(expert_notes(arch, recipe)))
     cache[key] = fixed
@@ -503,6 +506,11 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
             tl.spike("temporaries", deq[i] + deq_lora[i] - held if saved else 0,
                      f"backward (recompute layer {i} experts)")
             saved += held
+        if f.lora_grad[i] and saved:  # W + BA freed before the adapters' gradients exist
+            tl.spike("temporaries", f.lora_grad[i], f"backward (layer {i} experts)")
+            tl.add("activations", -deq_lora[i], f"backward (layer {i} experts)")
+            saved, kept = (saved - deq_lora[i], kept) if recipe.grad_ckpt else \
+                (saved, kept - deq_lora[i])
         tl.add("gradients", int(f.grads[i] * f.gradient_share), f"backward (layer {i})")
         # the incoming gradient and the MLP's gradient buffers, or (later, the MLP's
         # saved tensors freed) the attention's
@@ -522,6 +530,21 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     tl.spike("temporaries", f.scratch, "optimizer")
     overhead = _device_overhead(tl.peak) if device == "cuda" else 0
     return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase, list(f.notes))
+
+
+def _expert_lora_grad(arch: Architecture, recipe: Recipe, adapted: set[str]) -> list[int]:
+    """Per layer, the most the experts' backward adds over their held W + BA: it reaches
+    the adapted expert tensors in reverse order, each W + BA's gradient (as large as it)
+    made while the tensors not reached yet are held, those reached freed."""
+    per = [0] * arch.num_layers
+    freed = [0] * arch.num_layers
+    for tensor in reversed(arch.experts):
+        index = layer_index(tensor.path)
+        if tensor.path in adapted and index is not None and index < arch.num_layers:
+            size = tensor.numel * BYTES[recipe.weight_dtype]
+            per[index] = max(per[index], size - freed[index])
+            freed[index] += size
+    return per
 
 
 def expert_notes(arch: Architecture, recipe: Recipe) -> list[str]:
