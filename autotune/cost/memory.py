@@ -160,18 +160,24 @@ def priced_weights(arch: Architecture, recipe: Recipe) -> dict:
             "quantised_tensors": len(linears) + len(experts), "quantised_experts": len(experts)}
 
 
-def dequantised_experts(arch: Architecture, recipe: Recipe) -> list[int]:
+def dequantised_experts(arch: Architecture, recipe: Recipe,
+                        adapted: set[str] | None = None) -> list[int]:
     """Bytes per decoder layer of its experts dequantised for the expert matmuls.
 
     The parametrization dequantises a whole 3-D expert tensor (to the dtype it was
     loaded in) on first use in the experts' forward and caches it for that forward; the
-    per-expert matmuls save views of it for the backward pass.
+    per-expert matmuls save views of it for the backward pass. With LoRA on them
+    (``adapted``: the adapted tensors' paths), PEFT's wrappers read each tensor when they
+    attach their proxies and that copy stays for the forward, which dequantises again:
+    then only the layer's last adapted tensor counts (its second copy, measured on the CPU).
     """
     per = [0] * arch.num_layers
     for tensor in quantised(arch, recipe)[1]:
         index = layer_index(tensor.path)
-        if index is not None and index < arch.num_layers:
-            per[index] += tensor.numel * BYTES[recipe.weight_dtype]
+        if index is not None and index < arch.num_layers and (adapted is None
+                                                              or tensor.path in adapted):
+            size = tensor.numel * BYTES[recipe.weight_dtype]
+            per[index] = size if adapted is not None else per[index] + size
     return per
 
 
@@ -344,6 +350,9 @@ class _Fixed:
     gradient_share: float
     dequantised: tuple[int, ...]
     dequantised_lora: tuple[int, ...]
+    redequantised: tuple[int, ...]
+    """Per layer: the last adapted quantised expert tensor, dequantised once more in the
+    forward (see :func:`dequantised_experts`)."""
     lora_grad: tuple[int, ...]
     """Per layer: what the gradients of the adapted experts' W + BA add at most while the
     backward reaches them (see :func:`_expert_lora_grad`)."""
@@ -405,7 +414,8 @@ def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
         int(weight_bytes(arch, recipe) * share.weights),
         int(counts.trainable * FP32 * share.weights) if recipe.adapter else 0,
         int(optimizer * share.optimizer), share.buffers, share.gradients, tuple(deq),
-        tuple(deq_lora), tuple(_expert_lora_grad(arch, recipe, lora_experts)), _cast_copies(arch, recipe, trained) * c if copies else 0,
+        tuple(deq_lora), tuple(dequantised_experts(arch, recipe, lora_experts)),
+        tuple(_expert_lora_grad(arch, recipe, lora_experts)), _cast_copies(arch, recipe, trained) * c if copies else 0,
         tuple(_grads_by_layer(arch, recipe, counts, trained, w)),
         int(scratch * share.optimizer), tuple(expert_notes(arch, recipe)))
     cache[key] = fixed
@@ -471,7 +481,8 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
             # layer's forward, or saved until backward
             held = 0 if recipe.grad_ckpt or not saved else deq_lora[i] or deq[i]
             tl.add("activations", held, "forward")
-            tl.spike("temporaries", deq[i] + deq_lora[i] - held, f"forward (layer {i} experts)")
+            tl.spike("temporaries", deq[i] + deq_lora[i] + f.redequantised[i] - held,
+                     f"forward (layer {i} experts)")
             kept_by_layer[-1] += held
     # autocast keeps a 16-bit copy of each fp32 trainable weight a matmul uses, until backward
     tl.add("temporaries", f.cast_copies, "forward")
@@ -503,7 +514,8 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         if recipe.grad_ckpt:
             held = deq_lora[i] or deq[i] if saved else 0
             tl.add("activations", saved + held, f"backward (recompute layer {i})")
-            tl.spike("temporaries", deq[i] + deq_lora[i] - held if saved else 0,
+            tl.spike("temporaries", deq[i] + deq_lora[i] + f.redequantised[i] - held
+                     if saved else 0,
                      f"backward (recompute layer {i} experts)")
             saved += held
         if f.lora_grad[i] and saved:  # W + BA freed before the adapters' gradients exist

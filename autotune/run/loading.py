@@ -52,7 +52,29 @@ def load_base(config: dict, recipe: Recipe, path: str | None = None, device: str
     model = _load(config, recipe, path, "cpu" if staged else device, seed, remote_code, extra)
     if recipe.bits == 4:
         quantise_experts(model, experts)
+    if recipe.bits < 16 and device == "cpu":
+        unmap_checkpoint(model)
     return to_device(model, device) if staged else model
+
+
+def unmap_checkpoint(model) -> None:
+    """Copy the floating-point tensors a quantised CPU load keeps in another dtype than
+    the load's (transformers' ``_keep_in_fp32_modules``: DeepSeek's routers), in place.
+
+    transformers memory-maps the checkpoint and a tensor stored in the dtype it is loaded
+    in stays a view of the map; the map lives as long as any such view. k-bit preparation
+    copies the 16-bit weights to fp32, so those views would be the last: a few router
+    weights would hold the whole checkpoint mapped through training.
+    """
+    import torch
+
+    dtype = model.dtype
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype \
+                        and type(tensor) in (torch.Tensor, torch.nn.Parameter):
+                    tensor.data = tensor.data.clone()
 
 
 def stages_on_cpu(recipe: Recipe, experts: tuple[str, ...], device: str,
