@@ -524,10 +524,10 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
             saved, kept = (saved - deq_lora[i], kept) if recipe.grad_ckpt else \
                 (saved, kept - deq_lora[i])
         tl.add("gradients", int(f.grads[i] * f.gradient_share), f"backward (layer {i})")
-        # the incoming gradient and the MLP's gradient buffers, or (later, the MLP's
-        # saved tensors freed) the attention's
+        # the incoming gradient and the MLP's gradient buffers (fp32 behind bitsandbytes
+        # layers), or (later, the MLP's saved tensors freed) the attention's
         layer = arch.layers[i]
-        transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * c,
+        transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * p.act,
                         attention_backward_spike(layer, shape.batch, shape.seq_len, p,
                                                  kernels[i]) - mlp_by_layer[i])
         tl.spike("temporaries", transient if saved else 0, f"backward (layer {i})")
