@@ -22,7 +22,6 @@ from dataclasses import dataclass, field, replace
 from autotune.catalog.gpus import machine_ram  # noqa: F401 -- the one RAM reader, for callers here
 from autotune.cost.activations import FP32
 from autotune.cost.architecture import Architecture
-from autotune.util.errors import AutotuneError
 from autotune.cost.memory import (
     BYTES,
     largest_module,
@@ -34,6 +33,7 @@ from autotune.cost.memory import (
 from autotune.cost.parallel import HOST_BUFFER, MASTER_STATE, SINGLE, Parallel, host_bytes
 from autotune.cost.params import ParamCounts
 from autotune.cost.recipe import Recipe
+from autotune.util.errors import AutotuneError
 from autotune.util.units import GiB, gib
 
 RUNTIME = {"cuda": int(2.5 * GiB), "cpu": int(1.5 * GiB)}

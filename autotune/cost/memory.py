@@ -160,24 +160,33 @@ def priced_weights(arch: Architecture, recipe: Recipe) -> dict:
             "quantised_tensors": len(linears) + len(experts), "quantised_experts": len(experts)}
 
 
-def dequantised_experts(arch: Architecture, recipe: Recipe,
-                        adapted: set[str] | None = None) -> list[int]:
+def dequantised_experts(arch: Architecture, recipe: Recipe) -> list[int]:
     """Bytes per decoder layer of its experts dequantised for the expert matmuls.
 
     The parametrization dequantises a whole 3-D expert tensor (to the dtype it was
     loaded in) on first use in the experts' forward and caches it for that forward; the
-    per-expert matmuls save views of it for the backward pass. With LoRA on them
-    (``adapted``: the adapted tensors' paths), PEFT's wrappers read each tensor when they
-    attach their proxies and that copy stays for the forward, which dequantises again:
-    then only the layer's last adapted tensor counts (its second copy, measured on the CPU).
+    per-expert matmuls save views of it for the backward pass.
     """
     per = [0] * arch.num_layers
     for tensor in quantised(arch, recipe)[1]:
         index = layer_index(tensor.path)
-        if index is not None and index < arch.num_layers and (adapted is None
-                                                              or tensor.path in adapted):
-            size = tensor.numel * BYTES[recipe.weight_dtype]
-            per[index] = size if adapted is not None else per[index] + size
+        if index is not None and index < arch.num_layers:
+            per[index] += tensor.numel * BYTES[recipe.weight_dtype]
+    return per
+
+
+def _redequantised(arch: Architecture, recipe: Recipe, adapted: set[str]) -> list[int]:
+    """Per decoder layer, its last LoRA-adapted quantised expert tensor, dequantised.
+
+    PEFT's wrappers read each adapted parameter as they attach their proxies, and that
+    dequantised copy stays for the experts' forward, which dequantises again: at the last
+    tensor both copies and its W + BA are live (measured on the CPU).
+    """
+    per = [0] * arch.num_layers
+    for tensor in quantised(arch, recipe)[1]:
+        index = layer_index(tensor.path)
+        if tensor.path in adapted and index is not None and index < arch.num_layers:
+            per[index] = tensor.numel * BYTES[recipe.weight_dtype]
     return per
 
 
@@ -352,7 +361,7 @@ class _Fixed:
     dequantised_lora: tuple[int, ...]
     redequantised: tuple[int, ...]
     """Per layer: the last adapted quantised expert tensor, dequantised once more in the
-    forward (see :func:`dequantised_experts`)."""
+    forward (see :func:`_redequantised`)."""
     lora_grad: tuple[int, ...]
     """Per layer: what the gradients of the adapted experts' W + BA add at most while the
     backward reaches them (see :func:`_expert_lora_grad`)."""
@@ -414,8 +423,9 @@ def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
         int(weight_bytes(arch, recipe) * share.weights),
         int(counts.trainable * FP32 * share.weights) if recipe.adapter else 0,
         int(optimizer * share.optimizer), share.buffers, share.gradients, tuple(deq),
-        tuple(deq_lora), tuple(dequantised_experts(arch, recipe, lora_experts)),
-        tuple(_expert_lora_grad(arch, recipe, lora_experts)), _cast_copies(arch, recipe, trained) * c if copies else 0,
+        tuple(deq_lora), tuple(_redequantised(arch, recipe, lora_experts)),
+        tuple(_expert_lora_grad(arch, recipe, lora_experts)),
+        _cast_copies(arch, recipe, trained) * c if copies else 0,
         tuple(_grads_by_layer(arch, recipe, counts, trained, w)),
         int(scratch * share.optimizer), tuple(expert_notes(arch, recipe)))
     cache[key] = fixed
@@ -521,8 +531,10 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         if f.lora_grad[i] and saved:  # W + BA freed before the adapters' gradients exist
             tl.spike("temporaries", f.lora_grad[i], f"backward (layer {i} experts)")
             tl.add("activations", -deq_lora[i], f"backward (layer {i} experts)")
-            saved, kept = (saved - deq_lora[i], kept) if recipe.grad_ckpt else \
-                (saved, kept - deq_lora[i])
+            if recipe.grad_ckpt:
+                saved -= deq_lora[i]
+            else:
+                kept -= deq_lora[i]
         tl.add("gradients", int(f.grads[i] * f.gradient_share), f"backward (layer {i})")
         # the incoming gradient and the MLP's gradient buffers (fp32 behind bitsandbytes
         # layers), or (later, the MLP's saved tensors freed) the attention's

@@ -71,7 +71,7 @@ def unmap_checkpoint(model) -> None:
     dtype = model.dtype
     for module in model.modules():
         for table in (module._parameters, module._buffers):
-            for name, tensor in table.items():
+            for tensor in table.values():
                 if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype \
                         and type(tensor) in (torch.Tensor, torch.nn.Parameter):
                     tensor.data = tensor.data.clone()
