@@ -257,15 +257,19 @@ def _moe(saved: Saved, t: int, hidden: int, f: FeedForward, roles, p: Precision,
     The expert matmuls keep their inputs only when the expert weights take a gradient
     (trained, or LoRA-adapted: W + BA); frozen experts keep the gated activations and
     the weighted output only. Under autocast the LoRA factors of adapted experts are
-    kept as 16-bit copies (the weights W + BA are priced with the layer's expert copies).
+    kept as 16-bit copies (the weights W + BA are priced with the layer's expert copies);
+    so are a LoRA-adapted router's, which keeps its input.
     """
     c = p.compute
     routed = t * f.top_k
     expert_role = roles.get("experts", LinearRole())
+    router = roles.get("router", LinearRole())
     weights_grad = expert_role.trainable or expert_role.adapted
-    if grad_in or weights_grad:
-        if expert_role.trainable:
+    if grad_in or weights_grad or router.adapted:
+        if expert_role.trainable or router.adapted:
             saved.keep("router.x", t * hidden * c)
+        if router.adapted and p.autocast:
+            saved.keep("router.lora_w16", router.adapter * c)
         saved.keep("router.logits", t * f.experts * (c + FP32))
         saved.keep("router.index", (t * f.top_k + 3 * routed) * INDEX)
         saved.keep("experts.weights", routed * FP32)

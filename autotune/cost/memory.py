@@ -214,14 +214,15 @@ def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         role = LinearRole(trainable, lin.path in adapted, recipe.rank, recipe.method == "dora",
                           recipe.dropout > 0)
         roles[index][_role_key(lin.path, index)] = role
-    for tensor in arch.experts:  # fused experts: one role for the layer's expert tensors
+    for tensor in arch.tensors:  # fused experts (one role for a layer's) and routers
         index = layer_index(tensor.path)
-        if index is None or index >= arch.num_layers:
+        if tensor.kind not in ("experts", "router") or index is None \
+                or index >= arch.num_layers:
             continue
-        before = roles[index].get("experts", LinearRole())
+        before = roles[index].get(tensor.kind, LinearRole())
         trainable = recipe.method == "full" or (trained_layers is not None
                                                 and index in trained_layers)
-        roles[index]["experts"] = LinearRole(
+        roles[index][tensor.kind] = LinearRole(
             trainable, before.adapted or tensor.path in adapted_experts, recipe.rank,
             adapter=before.adapter + adapters.get(tensor.path, 0))
     cache[key] = roles
