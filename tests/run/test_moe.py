@@ -402,3 +402,17 @@ def test_the_planner_searches_expert_lora_on_fused_experts_only(pm, tmp_path):
     assert {r for t, r in targets(config, "qlora") if t == "attn,experts"} == set(RANKS)
     assert {t for t, _ in targets(config, "dora")} == {"qv", "attn"}
     assert {t for t, _ in targets("deepseek-7b", "lora")} == {"qv", "attn", "all-linear"}
+
+
+def test_expert_lora_scores_between_attention_and_all_linear_as_documented(pm):
+    """docs/planner.md: attn 0.85, attn,experts 0.88 (fused experts only), all-linear 0.90."""
+    from autotune.cost.objectives import coverage
+
+    spec = resolve_model("mixtral-8x7b", pm)
+    family, arch, _ = priced(pm, spec.config, Recipe(method="qlora"))
+    groups = family.module_groups(spec.config)
+    assert [coverage(arch, groups, t) for t in ("attn", "attn,experts", "all-linear")] == \
+        [0.85, 0.88, 0.90]
+    dense = resolve_model("deepseek-7b", pm)
+    family, arch, _ = priced(pm, dense.config, Recipe(method="lora"))
+    assert coverage(arch, family.module_groups(dense.config), "attn,experts") == 0.85
