@@ -53,13 +53,14 @@ def load_base(config: dict, recipe: Recipe, path: str | None = None, device: str
     if recipe.bits == 4:
         quantise_experts(model, experts)
     if recipe.bits < 16 and device == "cpu":
-        unmap_checkpoint(model)
+        unmap_checkpoint(model, TORCH_DTYPES[recipe.weight_dtype])
     return to_device(model, device) if staged else model
 
 
-def unmap_checkpoint(model) -> None:
+def unmap_checkpoint(model, dtype: str) -> None:
     """Copy the floating-point tensors a quantised CPU load keeps in another dtype than
-    the load's (transformers' ``_keep_in_fp32_modules``: DeepSeek's routers), in place.
+    the load's (``dtype``, a torch name; transformers' ``_keep_in_fp32_modules``:
+    DeepSeek's routers), in place.
 
     transformers memory-maps the checkpoint and a tensor stored in the dtype it is loaded
     in stays a view of the map; the map lives as long as any such view. k-bit preparation
@@ -68,7 +69,7 @@ def unmap_checkpoint(model) -> None:
     """
     import torch
 
-    dtype = model.dtype
+    dtype = getattr(torch, dtype)
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for tensor in table.values():
