@@ -60,6 +60,23 @@ MOE_ARCHITECTURES = {
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                         num_local_experts=4, num_experts_per_tok=2, vocab_size=2048,
                         max_position_embeddings=2048),
+    # DeepSeek-V2 (MLA, fp32 routers, shared experts) with 4-bit-able widths
+    "deepseek-v2-4bit": dict(model_type="deepseek_v2", hidden_size=128, intermediate_size=256,
+                             moe_intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                             n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                             kv_lora_rank=64, q_lora_rank=None, qk_nope_head_dim=16,
+                             qk_rope_head_dim=32, v_head_dim=16, vocab_size=2048,
+                             max_position_embeddings=2048),
+    # DeepSeek-V2-Lite's experts (64 of 1,408, 6 per token) and attention at a 64-wide
+    # residual (gpu_sweep.py --device cpu's shape): the experts dominate the step
+    "deepseek-v2-lite-64": dict(model_type="deepseek_v2", hidden_size=64, intermediate_size=128,
+                                moe_intermediate_size=1408, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4,
+                                n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+                                first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
+                                qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                                vocab_size=512, max_position_embeddings=4096),
 }
 CONFIGS = {**ARCHITECTURES, **MOE_ARCHITECTURES}
 
@@ -117,8 +134,27 @@ SMALL: list[Case] = [Case(a, r) for a, r in [
     _r(method="qlora", targets="attn", batch=2, seq_len=128, grad_ckpt=True),
     _r(method="qlora", targets="attn,experts", batch=2, seq_len=128, grad_ckpt=True),
     _r(method="qlora", batch=2, seq_len=128, grad_ckpt=True),
-)]
-"""The original toy grid: 64-256 tokens, every method and optimizer; 4-bit fused experts."""
+)] + [Case(a, r) for a, r in [
+    # LoRA on fused experts (W + BA, PEFT's target_parameters), 16-bit and 4-bit bases
+    ("mixtral-moe", _r(method="lora", targets="attn,experts", batch=2, seq_len=64)),
+    ("mixtral-moe", _r(method="lora", targets="attn,experts", batch=2, seq_len=64,
+                       grad_ckpt=True)),
+    ("mixtral-moe", _r(method="lora", batch=2, seq_len=64)),
+    ("mixtral-4bit", _r(method="qlora", targets="attn,experts", batch=2, seq_len=64)),
+    ("mixtral-4bit", _r(method="qlora", batch=2, seq_len=64)),
+    ("deepseek-v2-4bit", _r(method="qlora", targets="attn", batch=2, seq_len=64)),
+    ("deepseek-v2-4bit", _r(method="qlora", targets="attn,experts", batch=2, seq_len=128,
+                            grad_ckpt=True)),
+    ("deepseek-v2-lite-64", _r(method="lora", batch=1, seq_len=64)),
+    ("deepseek-v2-lite-64", _r(method="lora", batch=1, seq_len=128, grad_ckpt=True)),
+    ("deepseek-v2-lite-64", _r(method="qlora", targets="attn", batch=1, seq_len=64)),
+    ("deepseek-v2-lite-64", _r(method="qlora", targets="attn,experts", batch=1, seq_len=64)),
+    ("deepseek-v2-lite-64", _r(method="qlora", batch=1, seq_len=64)),
+    ("deepseek-v2-lite-64", _r(method="qlora", targets="attn,experts", batch=1, seq_len=128,
+                               grad_ckpt=True)),
+]]
+"""The original toy grid: 64-256 tokens, every method and optimizer; 4-bit fused experts;
+LoRA on fused experts."""
 
 REAL: list[Case] = [
     Case("llama-s", _r(method="lora", batch=1, seq_len=8192)),
@@ -153,7 +189,7 @@ REAL: list[Case] = [
 """Sequence lengths people train at (512-8,192 tokens), batch 1-8, with small hidden sizes."""
 
 GRID: list[Case] = SMALL + REAL
-FAST: list[Case] = [SMALL[i] for i in (4, 6, 11, 13, 21, 22, 26, 27, 28)]
+FAST: list[Case] = [SMALL[i] for i in (4, 6, 11, 13, 21, 22, 26, 27, 28, 33, 38)]
 """What tests/cost/test_memory.py measures: a representative subset that runs in seconds."""
 
 

@@ -50,6 +50,8 @@ class LinearRole:
     rank: int = 0
     dora: bool = False
     dropout: bool = False
+    adapter: int = 0
+    """Fused experts: elements of the LoRA factors of the adapted expert tensors."""
 
 
 @dataclass
@@ -250,20 +252,34 @@ def _attention_linears(a: Attention, hidden: int) -> dict[str, tuple[int, int, s
 
 def _moe(saved: Saved, t: int, hidden: int, f: FeedForward, roles, p: Precision,
          in_bytes: int, grad_in: bool) -> None:
-    """Routed experts see top_k tokens' worth of rows each on average, plus shared experts."""
+    """Routed experts see top_k tokens' worth of rows each on average, plus shared experts.
+
+    The expert matmuls keep their inputs only when the expert weights take a gradient
+    (trained, or LoRA-adapted: W + BA); frozen experts keep the gated activations and
+    the weighted output only. Under autocast the LoRA factors of adapted experts are
+    kept as 16-bit copies (the weights W + BA are priced with the layer's expert copies);
+    so are a LoRA-adapted router's, which keeps its input.
+    """
     c = p.compute
     routed = t * f.top_k
     expert_role = roles.get("experts", LinearRole())
-    if grad_in or expert_role.trainable:
-        if expert_role.trainable:
+    router = roles.get("router", LinearRole())
+    weights_grad = expert_role.trainable or expert_role.adapted
+    if grad_in or weights_grad or router.adapted:
+        if expert_role.trainable or router.adapted:
             saved.keep("router.x", t * hidden * c)
+        if router.adapted and p.autocast:
+            saved.keep("router.lora_w16", router.adapter * c)
         saved.keep("router.logits", t * f.experts * (c + FP32))
         saved.keep("router.index", (t * f.top_k + 3 * routed) * INDEX)
         saved.keep("experts.weights", routed * FP32)
-        saved.keep("experts.x", routed * hidden * c)
+        if weights_grad:
+            saved.keep("experts.x", routed * hidden * c)
+            saved.keep("experts.h", routed * f.expert_intermediate * c)
+        if expert_role.adapted and p.autocast:
+            saved.keep("experts.lora_w16", expert_role.adapter * c)
         saved.keep("experts.gate_up", routed * 2 * f.expert_intermediate * c)
         saved.keep("experts.act", routed * f.expert_intermediate * c)
-        saved.keep("experts.h", routed * f.expert_intermediate * c)
         saved.keep("experts.out", routed * hidden * c)
     if f.shared_intermediate:
         gated_mlp(saved, "shared", "ln2.out", t, hidden, f.shared_intermediate,

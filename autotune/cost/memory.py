@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import NamedTuple
 
 from autotune.cost.activations import (
     FP32,
@@ -138,14 +139,18 @@ def _quantised_formats(arch: Architecture, recipe: Recipe, kept: str) -> dict[st
     q_params = (sum(lin.in_features * lin.out_features for lin in linears)
                 + sum(t.numel for t in experts))
     if recipe.bits == 4:
-        blocks = -(-q_params // NF4_BLOCK)
-        packed = (q_params // 2 + blocks + FP32 * -(-blocks // NF4_BLOCK2)
-                  + QUANT_STATE * (len(linears) + len(experts)))
-        fmt = "nf4"
+        packed, fmt = nf4_bytes(q_params, len(linears) + len(experts)), "nf4"
     else:
         packed = q_params + sum(lin.out_features for lin in linears) * FP32
         fmt = "int8"
     return {fmt: packed, kept: (arch.total - q_params) * BYTES[kept]}
+
+
+def nf4_bytes(numel: int, tensors: int) -> int:
+    """``numel`` elements of ``tensors`` tensors in NF4 with double quantisation: packed
+    pairs, an 8-bit absmax per block, an fp32 absmax per block of those, the codes."""
+    blocks = -(-numel // NF4_BLOCK)
+    return numel // 2 + blocks + FP32 * -(-blocks // NF4_BLOCK2) + QUANT_STATE * tensors
 
 
 def weight_bytes(arch: Architecture, recipe: Recipe) -> int:
@@ -177,12 +182,28 @@ def dequantised_experts(arch: Architecture, recipe: Recipe) -> list[int]:
     return per
 
 
+def _redequantised(arch: Architecture, recipe: Recipe, adapted: set[str]) -> list[int]:
+    """Per decoder layer, its last LoRA-adapted quantised expert tensor, dequantised.
+
+    PEFT's wrappers read each adapted parameter as they attach their proxies, and that
+    dequantised copy stays for the experts' forward, which dequantises again: at the last
+    tensor both copies and its W + BA are live (measured on the CPU).
+    """
+    per = [0] * arch.num_layers
+    for tensor in quantised(arch, recipe)[1]:
+        index = layer_index(tensor.path)
+        if tensor.path in adapted and index is not None and index < arch.num_layers:
+            per[index] = tensor.numel * BYTES[recipe.weight_dtype]
+    return per
+
+
 def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
            trained_layers: set[int] | None) -> list[dict[str, LinearRole]]:
     """How each linear layer takes part, by decoder layer and short name (read-only: cached
     on ``arch`` by everything it depends on, which excludes the batch)."""
     adapted = frozenset(lin.path for lin in counts.targets)
-    key = (recipe.method, recipe.rank, recipe.dropout > 0, adapted,
+    adapted_experts = frozenset(t.path for t in counts.target_params)
+    key = (recipe.method, recipe.rank, recipe.dropout > 0, adapted, adapted_experts,
            frozenset(trained_layers) if trained_layers is not None else None)
     cache = arch.__dict__.setdefault("_roles_cache", {})  # as cached_property stores
     if key in cache:
@@ -193,6 +214,10 @@ def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
             if (i := layer_index(lin.path)) is not None and i < arch.num_layers]
     made: dict[tuple, LinearRole] = {}
     roles: list[dict[str, LinearRole]] = [{} for _ in arch.layers]
+    adapters: dict[str, int] = {}
+    for path, shape in counts.adapter_tensors:
+        if path in adapted_experts:
+            adapters[path] = adapters.get(path, 0) + math.prod(shape)
     for index, name, path in arch.__dict__["_linear_slots"]:
         trainable = recipe.method == "full" or (trained_layers is not None
                                                 and index in trained_layers)
@@ -201,6 +226,17 @@ def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
             made[flags] = LinearRole(*flags, recipe.rank, recipe.method == "dora",
                                      recipe.dropout > 0)
         roles[index][name] = made[flags]
+    for tensor in arch.tensors:  # fused experts (one role for a layer's) and routers
+        index = layer_index(tensor.path)
+        if tensor.kind not in ("experts", "router") or index is None \
+                or index >= arch.num_layers:
+            continue
+        before = roles[index].get(tensor.kind, LinearRole())
+        trainable = recipe.method == "full" or (trained_layers is not None
+                                                and index in trained_layers)
+        roles[index][tensor.kind] = LinearRole(
+            trainable, before.adapted or tensor.path in adapted_experts, recipe.rank,
+            adapter=before.adapter + adapters.get(tensor.path, 0))
     cache[key] = roles
     return roles
 
@@ -347,6 +383,12 @@ class _Fixed:
     """Optimizer state (any optimizer but DeepSpeed's own)."""
     dequantised: tuple[int, ...]
     dequantised_lora: tuple[int, ...]
+    redequantised: tuple[int, ...]
+    """Per layer: the last adapted quantised expert tensor, dequantised once more in the
+    forward (see :func:`_redequantised`)."""
+    lora_grad: tuple[int, ...]
+    """Per layer: what the gradients of the adapted experts' W + BA add at most while the
+    backward reaches them (see :func:`_expert_lora_grad`)."""
     cast_copies: tuple[int, ...]
     """Bytes of autocast's 16-bit copies of trainable fp32 weights, per decoder layer; the
     last entry is the rest (the output head)."""
@@ -385,7 +427,7 @@ def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
     deq = dequantised_experts(arch, recipe)
     lora_experts = {t.path for t in counts.target_params}  # W + BA: a second full copy
     deq_lora = [sum(x.numel * BYTES[recipe.weight_dtype] for x in arch.experts
-                    if x.path in lora_experts and layer_index(x.path) == i) if deq[i] else 0
+                    if x.path in lora_experts and layer_index(x.path) == i)
                 for i in range(arch.num_layers)]
     full = recipe.method == "full"
     kinds: dict[tuple, int] = {}
@@ -397,6 +439,8 @@ def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
         layer_kinds, tuple(roles), weight_bytes(arch, recipe),
         adapter_state_bytes(recipe, counts, param_bytes) if recipe.adapter
         else optimizer_state_bytes(recipe, shapes, param_bytes), tuple(deq), tuple(deq_lora),
+        tuple(_redequantised(arch, recipe, lora_experts)),
+        tuple(_expert_lora_grad(arch, recipe, lora_experts)),
         tuple(n * c for n in _cast_copies(arch, recipe, trained)) if copies
         else (0,) * (arch.num_layers + 1),
         tuple(_grads_by_layer(arch, recipe, counts, trained, w)),
@@ -450,13 +494,16 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     # checkpointing, so even the first layer saves.
     layers, runs = _layer_runs(arch, f, recipe, shape, device, share.gradients)
     for first, last in runs:
-        _, kept, held, dq, dq_lora, _, _, _ = layers[first]
-        tl.shift("activations", (kept + held) * (last - first))
-        i = last if kept + held else first
-        tl.add("activations", kept, "forward")
-        if dq:  # dequantised experts: for the layer's forward, or saved until backward
-            tl.add("activations", held, "forward")
-            tl.spike("temporaries", dq + dq_lora - held, f"forward (layer {i} experts)")
+        layer = layers[first]
+        tl.shift("activations", (layer.kept + layer.held) * (last - first))
+        i = last if layer.kept + layer.held else first
+        tl.add("activations", layer.kept, "forward")
+        if layer.dq or layer.dq_lora:
+            # the expert weights as the matmuls take them (dequantised, or W + BA): for the
+            # layer's forward, or saved until backward
+            tl.add("activations", layer.held, "forward")
+            tl.spike("temporaries", layer.dq + layer.dq_lora + layer.redeq - layer.held,
+                     f"forward (layer {i} experts)")
     # autocast keeps a 16-bit copy of each fp32 trainable weight a matmul uses: saved for
     # the backward, or (checkpointed layers) held by autocast's cache until the loss
     tl.add("temporaries", sum(f.cast_copies), "forward")
@@ -488,29 +535,36 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     tl.add("temporaries", -f.cast_copies[-1], "backward (head)")
     tl.add("activations", -(final_norm + head_in), "backward")
     for first, last in reversed(runs):
-        saved, kept, held, dq, dq_lora, grads, transient, cast = layers[first]
-        kept += held
+        layer = layers[first]
+        saved, kept = layer.saved, layer.kept + layer.held
         # each layer adds its gradients and frees what it kept and its weights' 16-bit
         # copies: the run's peak is at its first layer (the highest index) if that shrinks
         # the total or keeps it, else at its last
-        grow = grads - kept - (0 if recipe.grad_ckpt else cast)
+        grow = layer.grads - kept - (0 if recipe.grad_ckpt else layer.cast)
         skipped = last - first
         if grow > 0:
-            _skip_backward(tl, grads, kept, cast, skipped, recipe.grad_ckpt)
+            _skip_backward(tl, layer, skipped, recipe.grad_ckpt)
         i = first if grow > 0 else last
         if recipe.grad_ckpt:
-            tl.add("activations", saved + (dq if saved else 0),
-                   f"backward (recompute layer {i})")
-            tl.add("temporaries", cast, f"backward (recompute layer {i})")
-            tl.spike("temporaries", dq_lora if saved else 0,
-                     f"backward (recompute layer {i} experts)")
-            saved += dq if saved else 0
-        tl.add("gradients", grads, f"backward (layer {i})")
-        tl.spike("temporaries", transient if saved else 0, f"backward (layer {i})")
+            held = layer.dq_lora or layer.dq if saved else 0
+            tl.add("activations", saved + held, f"backward (recompute layer {i})")
+            tl.add("temporaries", layer.cast, f"backward (recompute layer {i})")
+            tl.spike("temporaries", layer.dq + layer.dq_lora + layer.redeq - held
+                     if saved else 0, f"backward (recompute layer {i} experts)")
+            saved += held
+        if layer.lora_grad and saved:  # W + BA freed before the adapters' gradients exist
+            tl.spike("temporaries", layer.lora_grad, f"backward (layer {i} experts)")
+            tl.add("activations", -layer.dq_lora, f"backward (layer {i} experts)")
+            if recipe.grad_ckpt:
+                saved -= layer.dq_lora
+            else:
+                kept -= layer.dq_lora
+        tl.add("gradients", layer.grads, f"backward (layer {i})")
+        tl.spike("temporaries", layer.transient if saved else 0, f"backward (layer {i})")
         tl.add("activations", -(saved + kept if recipe.grad_ckpt else kept), "backward")
-        tl.add("temporaries", -cast, "backward")
+        tl.add("temporaries", -layer.cast, "backward")
         if grow <= 0:
-            _skip_backward(tl, grads, kept, cast, skipped, recipe.grad_ckpt)
+            _skip_backward(tl, layer, skipped, recipe.grad_ckpt)
     if full:
         tl.add("gradients", int(_embedding_numel(arch) * w * share.gradients),
                "backward (embeddings)")
@@ -522,21 +576,35 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase, list(f.notes))
 
 
-def _skip_backward(tl: _Timeline, grads: int, kept: int, cast: int, layers: int,
-                   checkpointed: bool) -> None:
+def _skip_backward(tl: _Timeline, layer: _Layer, layers: int, checkpointed: bool) -> None:
     """The backward of ``layers`` alike layers where no peak falls: their gradients come,
     what they kept (and, unless recomputed, their weights' copies) goes."""
-    tl.shift("gradients", grads * layers)
-    tl.shift("activations", -kept * layers)
+    tl.shift("gradients", layer.grads * layers)
+    tl.shift("activations", -(layer.kept + layer.held) * layers)
     if not checkpointed:
-        tl.shift("temporaries", -cast * layers)
+        tl.shift("temporaries", -layer.cast * layers)
+
+
+class _Layer(NamedTuple):
+    """One decoder layer's part in a step of one shape."""
+
+    saved: int
+    kept: int
+    """What stays until its backward: ``saved``, or its input when checkpointed."""
+    held: int
+    """Expert weights as the matmuls took them, saved for the backward."""
+    dq: int
+    dq_lora: int
+    redeq: int
+    lora_grad: int
+    grads: int
+    transient: int
+    cast: int
 
 
 def _layer_runs(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, device: str,
-                gradient_share: float) -> tuple[list[tuple], list[tuple[int, int]]]:
-    """Per decoder layer: (saved, kept, held, dequantised experts, their LoRA copy,
-    gradients, backward transient, autocast's weight copies); and the runs of alike layers
-    (cached on ``f``)."""
+                gradient_share: float) -> tuple[list[_Layer], list[tuple[int, int]]]:
+    """Each decoder layer's part, and the runs of alike layers (cached on ``f``)."""
     key = ("runs", shape, recipe.attn, recipe.grad_ckpt, gradient_share)
     if key in f.saved:
         return f.saved[key]
@@ -551,22 +619,25 @@ def _layer_runs(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape,
             saved, mlp_saved = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len,
                                            f.roles[i], norms, grad_in, f.p, kernel)
             # the backward's transient: the incoming gradient and the MLP's gradient
-            # buffers, or (later, the MLP's saved tensors freed) the attention's
-            transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * c,
+            # buffers (fp32 behind bitsandbytes layers), or (later, the MLP's saved tensors
+            # freed) the attention's
+            transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * f.p.act,
                             attention_backward_spike(layer, shape.batch, shape.seq_len, f.p,
                                                      kernel) - mlp_saved)
             f.saved[kind] = saved, transient
         saved, transient = f.saved[kind]
         grad_in = grad_in or saved > 0
-        kept = t * arch.hidden * w if recipe.grad_ckpt and saved else saved
-        held = 0 if recipe.grad_ckpt or not saved else f.dequantised[i]  # saved experts
-        layers.append((saved, kept, held, f.dequantised[i], f.dequantised_lora[i],
-                       int(f.grads[i] * gradient_share), transient, f.cast_copies[i]))
+        dq, dq_lora = f.dequantised[i], f.dequantised_lora[i]
+        layers.append(_Layer(
+            saved, t * arch.hidden * w if recipe.grad_ckpt and saved else saved,
+            0 if recipe.grad_ckpt or not saved or not (dq or dq_lora) else dq_lora or dq,
+            dq, dq_lora, f.redequantised[i], f.lora_grad[i], int(f.grads[i] * gradient_share),
+            transient, f.cast_copies[i]))
     f.saved[key] = layers, _runs(layers)
     return f.saved[key]
 
 
-def _runs(layers: list[tuple]) -> list[tuple[int, int]]:
+def _runs(layers: list) -> list[tuple[int, int]]:
     """``(first, last)`` index of each run of consecutive equal entries of ``layers``."""
     runs = []
     for i, values in enumerate(layers):
@@ -575,6 +646,21 @@ def _runs(layers: list[tuple]) -> list[tuple[int, int]]:
         else:
             runs.append((i, i))
     return runs
+
+
+def _expert_lora_grad(arch: Architecture, recipe: Recipe, adapted: set[str]) -> list[int]:
+    """Per layer, the most the experts' backward adds over their held W + BA: it reaches
+    the adapted expert tensors in reverse order, each W + BA's gradient (as large as it)
+    made while the tensors not reached yet are held, those reached freed."""
+    per = [0] * arch.num_layers
+    freed = [0] * arch.num_layers
+    for tensor in reversed(arch.experts):
+        index = layer_index(tensor.path)
+        if tensor.path in adapted and index is not None and index < arch.num_layers:
+            size = tensor.numel * BYTES[recipe.weight_dtype]
+            per[index] = max(per[index], size - freed[index])
+            freed[index] += size
+    return per
 
 
 def expert_notes(arch: Architecture, recipe: Recipe) -> list[str]:

@@ -32,7 +32,7 @@ from autotune.cost.params import resolve_targets
 from autotune.cost.recipe import Recipe
 from autotune.cost.uncertainty import CONFIDENCE, Band
 from autotune.plan import alternatives
-from autotune.plan.space import Space, parameters, suggest
+from autotune.plan.space import EXPERT_TARGETS, Space, parameters, suggest
 from autotune.plan.studies import Study, load_or_store
 from autotune.plugin.registry import STANDARD_GROUPS
 from autotune.util.errors import AutotuneError, PluginError
@@ -215,8 +215,9 @@ class Planner:
         self.model_id = model_id
 
     def family_groups(self) -> tuple[str, ...]:
-        """Family-named target groups that select at least one linear layer."""
-        found = []
+        """Family-named target groups that select at least one linear layer, and on fused
+        experts :data:`EXPERT_TARGETS`."""
+        found = [EXPERT_TARGETS] if self.arch.experts else []
         for name in self.groups:
             if name in STANDARD_GROUPS:
                 continue

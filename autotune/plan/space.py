@@ -24,6 +24,10 @@ METHODS = {
 }
 RANKS = (8, 16, 32, 64)
 TARGETS = ("qv", "attn", "all-linear")
+EXPERT_TARGETS = "attn,experts"
+"""Searched on fused experts too: attention and the 3-D expert tensors at the plan's rank
+(PEFT's ``target_parameters``; ``all-linear`` adapts them through PEFT's remap, at twice
+the rank on ``gate_up_proj``, and the routers)."""
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "adafactor")
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 

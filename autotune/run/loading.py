@@ -12,10 +12,10 @@ import re
 import tempfile
 import warnings
 
+from autotune.cost.layouts import layouts
 from autotune.cost.params import ALL_LINEAR
 from autotune.cost.recipe import HF_ATTENTION, TORCH_DTYPES, Recipe
 from autotune.util.errors import AutotuneError
-
 
 
 def local_folder(path: str, what: str, needs: str | None = None) -> str:
@@ -45,11 +45,62 @@ def load_base(config: dict, recipe: Recipe, path: str | None = None, device: str
 
     ``extra``: further ``from_pretrained`` arguments (a family's ``load_kwargs``);
     ``experts``: the family's fused expert parameters (``ModelFamily.expert_parameters``),
-    which a 4-bit base quantises too (bitsandbytes' loader quantises ``nn.Linear`` only).
+    which a 4-bit base quantises too (bitsandbytes' loader quantises ``nn.Linear`` only),
+    on the CPU before the model goes to ``device`` (:func:`stages_on_cpu`).
     """
-    model = _load(config, recipe, path, device, seed, remote_code, extra)
+    staged = stages_on_cpu(recipe, experts, device, remote_code)
+    model = _load(config, recipe, path, "cpu" if staged else device, seed, remote_code, extra)
     if recipe.bits == 4:
         quantise_experts(model, experts)
+    if recipe.bits < 16 and device == "cpu":
+        unmap_checkpoint(model, TORCH_DTYPES[recipe.weight_dtype])
+    return to_device(model, device) if staged else model
+
+
+def unmap_checkpoint(model, dtype: str) -> None:
+    """Copy the floating-point tensors a quantised CPU load keeps in another dtype than
+    the load's (``dtype``, a torch name; transformers' ``_keep_in_fp32_modules``:
+    DeepSeek's routers), in place.
+
+    transformers memory-maps the checkpoint and a tensor stored in the dtype it is loaded
+    in stays a view of the map; the map lives as long as any such view. k-bit preparation
+    copies the 16-bit weights to fp32, so those views would be the last: a few router
+    weights would hold the whole checkpoint mapped through training.
+    """
+    import torch
+
+    dtype = getattr(torch, dtype)
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for tensor in table.values():
+                if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype \
+                        and type(tensor) in (torch.Tensor, torch.nn.Parameter):
+                    tensor.data = tensor.data.clone()
+
+
+def stages_on_cpu(recipe: Recipe, experts: tuple[str, ...], device: str,
+                  remote_code: bool = False) -> bool:
+    """Whether a base is loaded and quantised on the CPU, then moved to ``device``.
+
+    A 4-bit base with fused experts (transformers 5; the hub's remote code keeps
+    per-expert linears) would otherwise hold every expert in 16 bit on the accelerator
+    until they are quantised after the load (Mixtral-8x7B: 90 GiB of bf16 experts).
+    """
+    return recipe.bits == 4 and bool(experts) and device != "cpu" \
+        and layouts().experts == "fused" and not remote_code
+
+
+def to_device(model, device: str):
+    """``model`` moved to ``device`` with the quantisation state of its parametrized
+    (4-bit expert) tensors, which ``Module.to`` does not reach."""
+    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
+
+    model.to(device)
+    for module in model.modules():
+        if isinstance(module, Bnb4bitParametrization):
+            module.quant_state.to(device)
+    if getattr(model, "hf_device_map", None) is not None:
+        model.hf_device_map = {"": device}
     return model
 
 

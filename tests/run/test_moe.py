@@ -301,3 +301,121 @@ def test_the_audit_passes_a_dense_model_built_as_planned(pm, method):
     record = audit(model, arch, recipe, counts)
     assert record["status"] == "ok" and record["found"]["trainable"] == counts.trainable
     assert record["expected"]["expert_layout"] is None
+
+
+def test_a_4_bit_moe_for_cuda_is_quantised_on_the_cpu_before_it_moves(pm, monkeypatch):
+    """No 16-bit expert tensor reaches the accelerator: the model is loaded and its experts
+    quantised on the CPU, then moved (the move is intercepted: no GPU here)."""
+    import torch
+    from bitsandbytes.nn import Params4bit
+
+    from autotune.run import loading
+
+    config = TINY_MOE["mixtral"]
+    experts = family_for(pm, config).expert_parameters(config)
+    recipe = Recipe(method="qlora", rank=4, alpha=8)
+    moved = {}
+
+    def to_device(model, device):
+        moved["device"] = device
+        moved["devices"] = {p.device.type for p in model.parameters()}
+        moved["16-bit 3-D"] = [n for n, p in model.named_parameters()
+                               if p.dim() == 3 and p.is_floating_point()]
+        moved["4-bit linears"] = sum(isinstance(p, Params4bit) for p in model.parameters())
+        return model
+
+    monkeypatch.setattr(loading, "to_device", to_device)
+    model = loading.load_base(config, recipe, None, "cuda", experts=experts)
+    assert moved == {"device": "cuda", "devices": {"cpu"}, "16-bit 3-D": [],
+                     "4-bit linears": 4 * 2}
+    assert sum(torch.nn.utils.parametrize.is_parametrized(m) for m in model.modules()) == 2
+    assert not loading.stages_on_cpu(recipe, experts, "cpu")
+    assert not loading.stages_on_cpu(recipe, (), "cuda")  # dense
+    assert not loading.stages_on_cpu(recipe.but(bits=8, method="lora"), experts, "cuda")
+    assert not loading.stages_on_cpu(recipe, experts, "cuda", remote_code=True)
+
+
+def test_moving_a_quantised_moe_moves_the_experts_quantisation_state(pm):
+    """``Module.to`` leaves bitsandbytes' parametrization state behind; ``to_device`` takes
+    it along (to the meta device here, the one other device a CPU machine has)."""
+    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
+
+    from autotune.run.loading import load_base, quantise_experts, to_device
+
+    config = TINY_MOE["mixtral"]  # a 16-bit base: bitsandbytes' Params4bit cannot go to meta
+    model = load_base(config, Recipe(method="lora"), None, "cpu")
+    quantise_experts(model, family_for(pm, config).expert_parameters(config))
+    states = [m.quant_state for m in model.modules() if isinstance(m, Bnb4bitParametrization)]
+    model.to("meta")
+    assert {s.absmax.device.type for s in states} == {"cpu"}
+    to_device(model, "meta")
+    assert len(states) == 4 and {s.absmax.device.type for s in states} \
+        | {s.state2.absmax.device.type for s in states} == {"meta"}
+
+
+def test_host_ram_prices_the_cpu_staging_of_a_4_bit_moe(pm, tmp_path):
+    """Loading's host RAM for a 4-bit fused-expert base (staged on the CPU for CUDA too)
+    is what a real staged load allocates: the experts in 16 bit, then bitsandbytes'
+    quantisation scratch. The checkpoint's own memory-mapped pages (page cache, see
+    docs/host.md) are left out of both."""
+    import os
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM
+
+    from autotune.cost.host import WeightFiles, host_needs
+    from autotune.run.loading import hf_config, load_base
+
+    config = dict(TINY_MOE["mixtral"], hidden_size=256, intermediate_size=512)
+    AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.bfloat16).save_pretrained(
+        tmp_path)
+    recipe = Recipe(method="qlora")
+    experts = family_for(pm, config).expert_parameters(config)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        load_base(config, recipe, str(tmp_path), "cpu", experts=experts)
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results
+                            .events() if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    measured = peak - os.path.getsize(tmp_path / "model.safetensors")
+    e = estimate(pm, config, recipe)
+    files = WeightFiles("safetensors", 1, 1, dtype="bf16")
+    for device in ("cuda", "cpu"):
+        loading = host_needs(e.arch, recipe, e.params, device=device,
+                             files=files).components["loading"]
+        assert loading == pytest.approx(measured, rel=0.03), device
+
+
+def test_the_planner_searches_expert_lora_on_fused_experts_only(pm, tmp_path):
+    """``attn,experts`` is a point of the search for fused experts (every rank, within
+    PEFT's limits: no DoRA there), and not for a dense model."""
+    from autotune.plan.space import RANKS
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_MOE["mixtral"]))
+
+    def targets(model, method):
+        out = json.loads(invoke(pm, "plan", "--model", model, "--vram", "80GiB", "--seq-len",
+                                "256", "--method", method, "--top", "500", "--storage", "none",
+                                "--json"))
+        return {(p["targets"], p["rank"]) for p in out["plans"]}
+
+    assert {r for t, r in targets(config, "qlora") if t == "attn,experts"} == set(RANKS)
+    assert {t for t, _ in targets(config, "dora")} == {"qv", "attn"}
+    assert {t for t, _ in targets("deepseek-7b", "lora")} == {"qv", "attn", "all-linear"}
+
+
+def test_expert_lora_scores_between_attention_and_all_linear_as_documented(pm):
+    """docs/planner.md: attn 0.85, attn,experts 0.88 (fused experts only), all-linear 0.90."""
+    from autotune.cost.objectives import coverage
+
+    spec = resolve_model("mixtral-8x7b", pm)
+    family, arch, _ = priced(pm, spec.config, Recipe(method="qlora"))
+    groups = family.module_groups(spec.config)
+    assert [coverage(arch, groups, t) for t in ("attn", "attn,experts", "all-linear")] == \
+        [0.85, 0.88, 0.90]
+    dense = resolve_model("deepseek-7b", pm)
+    family, arch, _ = priced(pm, dense.config, Recipe(method="lora"))
+    assert coverage(arch, family.module_groups(dense.config), "attn,experts") == 0.85
