@@ -395,6 +395,8 @@ class _Fixed:
     grads: tuple[int, ...]
     scratch: int
     notes: tuple[str, ...]
+    alike: tuple[tuple[int, int], ...] = ()
+    """Runs of consecutive layers alike in everything the recipe fixes (first, last)."""
     saved: dict = field(default_factory=dict, compare=False)
     """What each kind of layer saves, by (kind, grad_in, shape, kernel), and each shape's
     layers (:func:`_layer_runs`): filled as priced."""
@@ -434,18 +436,19 @@ def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
     layer_kinds = tuple(kinds.setdefault((layer, tuple(sorted(roles[i].items())),
                                           full or (trained is not None and i in trained)), i)
                         for i, layer in enumerate(arch.layers))
+    redeq = tuple(_redequantised(arch, recipe, lora_experts))
+    lora_grad = tuple(_expert_lora_grad(arch, recipe, lora_experts))
+    cast = tuple(n * c for n in _cast_copies(arch, recipe, trained)) if copies \
+        else (0,) * (arch.num_layers + 1)
+    grads = tuple(_grads_by_layer(arch, recipe, counts, trained, w))
     fixed = _Fixed(
         w, p, param_bytes, full, frozenset(trained) if trained is not None else None,
         layer_kinds, tuple(roles), weight_bytes(arch, recipe),
         adapter_state_bytes(recipe, counts, param_bytes) if recipe.adapter
         else optimizer_state_bytes(recipe, shapes, param_bytes), tuple(deq), tuple(deq_lora),
-        tuple(_redequantised(arch, recipe, lora_experts)),
-        tuple(_expert_lora_grad(arch, recipe, lora_experts)),
-        tuple(n * c for n in _cast_copies(arch, recipe, trained)) if copies
-        else (0,) * (arch.num_layers + 1),
-        tuple(_grads_by_layer(arch, recipe, counts, trained, w)),
-        optimizer_temporaries(recipe, shapes, param_bytes, device),
-        tuple(expert_notes(arch, recipe)))
+        redeq, lora_grad, cast, grads, optimizer_temporaries(recipe, shapes, param_bytes, device),
+        tuple(expert_notes(arch, recipe)),
+        tuple(_runs(list(zip(layer_kinds, deq, deq_lora, redeq, lora_grad, grads, cast)))))
     cache[key] = fixed
     return fixed
 
@@ -492,7 +495,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     # only its input stays, and the layer is recomputed in the backward pass.
     # prepare_model_for_kbit_training makes the embeddings' output require grad when
     # checkpointing, so even the first layer saves.
-    layers, runs = _layer_runs(arch, f, recipe, shape, device, share.gradients)
+    layers, runs = _layer_runs(arch, f, recipe, shape, device)
     for first, last in runs:
         layer = layers[first]
         tl.shift("activations", (layer.kept + layer.held) * (last - first))
@@ -540,10 +543,11 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         # each layer adds its gradients and frees what it kept and its weights' 16-bit
         # copies: the run's peak is at its first layer (the highest index) if that shrinks
         # the total or keeps it, else at its last
-        grow = layer.grads - kept - (0 if recipe.grad_ckpt else layer.cast)
+        grads = int(layer.grads * share.gradients)
+        grow = grads - kept - (0 if recipe.grad_ckpt else layer.cast)
         skipped = last - first
         if grow > 0:
-            _skip_backward(tl, layer, skipped, recipe.grad_ckpt)
+            _skip_backward(tl, layer, grads, skipped, recipe.grad_ckpt)
         i = first if grow > 0 else last
         if recipe.grad_ckpt:
             held = layer.dq_lora or layer.dq if saved else 0
@@ -559,12 +563,12 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
                 saved -= layer.dq_lora
             else:
                 kept -= layer.dq_lora
-        tl.add("gradients", layer.grads, f"backward (layer {i})")
+        tl.add("gradients", grads, f"backward (layer {i})")
         tl.spike("temporaries", layer.transient if saved else 0, f"backward (layer {i})")
         tl.add("activations", -(saved + kept if recipe.grad_ckpt else kept), "backward")
         tl.add("temporaries", -layer.cast, "backward")
         if grow <= 0:
-            _skip_backward(tl, layer, skipped, recipe.grad_ckpt)
+            _skip_backward(tl, layer, grads, skipped, recipe.grad_ckpt)
     if full:
         tl.add("gradients", int(_embedding_numel(arch) * w * share.gradients),
                "backward (embeddings)")
@@ -576,10 +580,11 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase, list(f.notes))
 
 
-def _skip_backward(tl: _Timeline, layer: _Layer, layers: int, checkpointed: bool) -> None:
-    """The backward of ``layers`` alike layers where no peak falls: their gradients come,
+def _skip_backward(tl: _Timeline, layer: _Layer, grads: int, layers: int,
+                   checkpointed: bool) -> None:
+    """The backward of ``layers`` alike layers where no peak falls: their ``grads`` come,
     what they kept (and, unless recomputed, their weights' copies) goes."""
-    tl.shift("gradients", layer.grads * layers)
+    tl.shift("gradients", grads * layers)
     tl.shift("activations", -(layer.kept + layer.held) * layers)
     if not checkpointed:
         tl.shift("temporaries", -layer.cast * layers)
@@ -598,43 +603,58 @@ class _Layer(NamedTuple):
     redeq: int
     lora_grad: int
     grads: int
+    """Its gradients' bytes, before a sharded strategy's share."""
     transient: int
     cast: int
 
 
-def _layer_runs(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, device: str,
-                gradient_share: float) -> tuple[list[_Layer], list[tuple[int, int]]]:
+def _layer_runs(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, device: str
+                ) -> tuple[list[_Layer], list[tuple[int, int]]]:
     """Each decoder layer's part, and the runs of alike layers (cached on ``f``)."""
-    key = ("runs", shape, recipe.attn, recipe.grad_ckpt, gradient_share)
+    key = ("runs", shape, recipe.attn, recipe.grad_ckpt)
     if key in f.saved:
         return f.saved[key]
-    t, c, w = shape.tokens, f.p.compute, f.w
     grad_in = f.full or (recipe.bits < 16 and recipe.grad_ckpt)
-    layers = []
-    for i, layer in enumerate(arch.layers):
-        kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
-        kind = (f.kinds[i], grad_in, shape, kernel)
-        if kind not in f.saved:
-            norms = f.full or (f.trained is not None and i in f.trained)
-            saved, mlp_saved = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len,
-                                           f.roles[i], norms, grad_in, f.p, kernel)
-            # the backward's transient: the incoming gradient and the MLP's gradient
-            # buffers (fp32 behind bitsandbytes layers), or (later, the MLP's saved tensors
-            # freed) the attention's
-            transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * f.p.act,
-                            attention_backward_spike(layer, shape.batch, shape.seq_len, f.p,
-                                                     kernel) - mlp_saved)
-            f.saved[kind] = saved, transient
-        saved, transient = f.saved[kind]
-        grad_in = grad_in or saved > 0
-        dq, dq_lora = f.dequantised[i], f.dequantised_lora[i]
-        layers.append(_Layer(
-            saved, t * arch.hidden * w if recipe.grad_ckpt and saved else saved,
-            0 if recipe.grad_ckpt or not saved or not (dq or dq_lora) else dq_lora or dq,
-            dq, dq_lora, f.redequantised[i], f.lora_grad[i], int(f.grads[i] * gradient_share),
-            transient, f.cast_copies[i]))
+    layers: list[_Layer] = []
+    for first, last in f.alike:  # a run's layers differ only while grad_in changes
+        i = first
+        while i <= last:
+            before = grad_in
+            found, grad_in = _layer(arch, f, recipe, shape, device, i, grad_in)
+            layers.append(found)
+            i += 1
+            if grad_in == before:
+                layers += [found] * (last - i + 1)
+                break
     f.saved[key] = layers, _runs(layers)
     return f.saved[key]
+
+
+def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, device: str,
+           i: int, grad_in: bool) -> tuple[_Layer, bool]:
+    """Decoder layer ``i``'s part, and whether the layers after it take a gradient input."""
+    t, c, w = shape.tokens, f.p.compute, f.w
+    layer = arch.layers[i]
+    kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
+    kind = (f.kinds[i], grad_in, shape, kernel)
+    if kind not in f.saved:
+        norms = f.full or (f.trained is not None and i in f.trained)
+        saved, mlp_saved = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len,
+                                       f.roles[i], norms, grad_in, f.p, kernel)
+        # the backward's transient: the incoming gradient and the MLP's gradient
+        # buffers (fp32 behind bitsandbytes layers), or (later, the MLP's saved tensors
+        # freed) the attention's
+        transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * f.p.act,
+                        attention_backward_spike(layer, shape.batch, shape.seq_len, f.p,
+                                                 kernel) - mlp_saved)
+        f.saved[kind] = saved, transient
+    saved, transient = f.saved[kind]
+    dq, dq_lora = f.dequantised[i], f.dequantised_lora[i]
+    return _Layer(
+        saved, t * arch.hidden * w if recipe.grad_ckpt and saved else saved,
+        0 if recipe.grad_ckpt or not saved or not (dq or dq_lora) else dq_lora or dq,
+        dq, dq_lora, f.redequantised[i], f.lora_grad[i], f.grads[i], transient,
+        f.cast_copies[i]), grad_in or saved > 0
 
 
 def _runs(layers: list) -> list[tuple[int, int]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.util.errors import AutotuneError
@@ -97,7 +97,7 @@ class Recipe:
         return "fp32" if self.precision in ("amp", "fp32") else self.precision
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def but(self, **changes) -> Recipe:
         """A copy with some settings changed."""

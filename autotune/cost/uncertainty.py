@@ -177,18 +177,28 @@ def quantile(scores: list[float], confidence: float) -> float | None:
     return sorted(scores)[rank - 1] if rank <= len(scores) else None
 
 
+@cache
+def _scale(scores: tuple[float, ...], cover_all: bool, confidence: float
+           ) -> tuple[float, float] | None:
+    """(down, up) of a band fitted to ``scores`` at ``confidence``, in prior widths;
+    ``None`` when the scores are too few."""
+    up = quantile(list(scores), confidence)
+    down = quantile([-s for s in scores], confidence)
+    if up is None or down is None:
+        return None
+    if cover_all:  # the fitted cases are the whole evidence: cover every one
+        up, down = max(up, *scores), max(down, *(-s for s in scores))
+    return max(down, 0.0), max(up, 0.0)  # never a band that excludes the estimate
+
+
 def fitted_band(memory: MemoryEstimate, device: str, confidence: float) -> Band | None:
     """The band fitted to measured scores for ``device``; ``None`` without enough of them."""
     fit = fits().get(device)
-    if not fit:
+    scale = fit and _scale(tuple(fit["scores"]), bool(fit.get("cover_all")), confidence)
+    if not scale:
         return None
-    up = quantile(fit["scores"], confidence)
-    down = quantile([-s for s in fit["scores"]], confidence)
-    if up is None or down is None:
-        return None
-    if fit.get("cover_all"):  # the fitted cases are the whole evidence: cover every one
-        up, down = max(up, *fit["scores"]), max(down, *(-s for s in fit["scores"]))
-    up, down = max(up, 0.0), max(down, 0.0)  # never a band that excludes the estimate
+    down, up = scale
+    source = f"{fit['label']} ({len(fit['scores'])} {fit['unit']})"
     widths = prior_widths(memory, device)
     values = {**memory.breakdown}
     if device == "cuda":
@@ -198,8 +208,7 @@ def fitted_band(memory: MemoryEstimate, device: str, confidence: float) -> Band 
     value = memory.peak if device == "cuda" else memory.tensor_peak
     low, high = _bounds(value, down * sum(w[0] for w in widths.values()),
                         up * sum(w[1] for w in widths.values()))
-    return Band(low, high, confidence, f"{fit['label']} ({len(fit['scores'])} {fit['unit']})",
-                components)
+    return Band(low, high, confidence, source, components)
 
 
 def source_kind(source: str) -> str:
