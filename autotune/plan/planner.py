@@ -1,14 +1,15 @@
-"""The planner: an Optuna study over the search space, the cost model as its constraint.
+"""The planner: every point of the search space priced by the cost model, kept as a study.
 
 Each trial is one point of :class:`~autotune.plan.space.Space`; its micro batch is the
 largest that fits (memory grows with the batch), its gradient accumulation makes up
 the effective batch. A point that fits at no batch is pruned with its smallest peak
 recorded. Feasible trials carry two objectives, fidelity and predicted tokens/s
-(:mod:`autotune.cost.objectives`); the Pareto front is ``study.best_trials`` and
-``--objective`` picks from it. A space of at most :data:`ENUMERATE` points (one card) is
-priced point by point and recorded as Optuna trials in one go; a larger one (many cards and
-strategies) is visited by Optuna's seeded brute-force sampler. Either way the pick is the
-exhaustive optimum, and each trial carries its point as Optuna parameters.
+(:mod:`autotune.cost.objectives`), and ``--objective`` picks from their Pareto front. A
+space of at most :data:`ENUMERATE` points is priced point by point, without Optuna; a
+larger one is visited by Optuna's seeded brute-force sampler. Either way the pick is the
+exhaustive optimum, and the study (:mod:`autotune.plan.studies`) keeps each trial's point
+as Optuna parameters and what ranking needs (:class:`Point`), so a stored study is ranked
+again without pricing, but for the plans shown.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from autotune.plan import sqlitestudy
-
 from autotune.util.errors import AutotuneError
 from autotune.util.files import cache_dir
 
