@@ -78,7 +78,14 @@ MOE_ARCHITECTURES = {
                                 qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                                 vocab_size=512, max_position_embeddings=4096),
 }
-CONFIGS = {**ARCHITECTURES, **MOE_ARCHITECTURES}
+WIDE_ARCHITECTURES = {
+    # layers wide against the vocabulary: the weights and the layers' own backward, not the
+    # logits, make the peak (the shape where DoRA's weight norms show)
+    "llama-wide": dict(model_type="llama", hidden_size=256, intermediate_size=704,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       vocab_size=1000, max_position_embeddings=2048),
+}
+CONFIGS = {**ARCHITECTURES, **MOE_ARCHITECTURES, **WIDE_ARCHITECTURES}
 
 
 @dataclass(frozen=True)
@@ -185,6 +192,10 @@ REAL: list[Case] = [
     Case("deepseek-v2-moe", _r(method="lora", targets="attn", batch=2, seq_len=512)),
     Case("deepseek-v2-moe", _r(method="full", precision="bf16", batch=1, seq_len=1024)),
     Case("mistral", _r(method="lora", dropout=0.1, batch=4, seq_len=512, grad_ckpt=True)),
+    Case("llama-wide", _r(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+    Case("llama-wide", _r(method="dora", batch=1, seq_len=512)),
+    Case("llama-wide", _r(method="dora", batch=1, seq_len=512, grad_ckpt=True)),
+    Case("llama-wide", _r(method="dora", batch=1, seq_len=128, grad_ckpt=True)),
 ]
 """Sequence lengths people train at (512-8,192 tokens), batch 1-8, with small hidden sizes."""
 

@@ -14,6 +14,7 @@ CPU peaks are reproducible to the byte, so the errors are the model's, not noise
 """
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -130,7 +131,9 @@ def fit_cpu(rows) -> None:
         "schema": "autotune.bounds/1", "devices": {}}
     bounds["devices"]["cpu"] = {
         "label": "CPU fit", "unit": "measured CPU steps", "confidence": 0.95, "cover_all": True,
-        "scores": sorted(round(score(r.memory, r.measured, "cpu"), 4) for r in rows)}
+        # four decimals, rounded away from zero: a bound that covers every case still does
+        "scores": sorted(math.copysign(math.ceil(abs(x) * 1e4) / 1e4, x) for x in
+                         (score(r.memory, r.measured, "cpu") for r in rows))}
     BOUNDS.write_text(json.dumps(bounds, indent=1) + "\n")
     fits.cache_clear()
 

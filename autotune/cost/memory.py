@@ -393,6 +393,8 @@ class _Fixed:
     """Bytes of autocast's 16-bit copies of trainable fp32 weights, per decoder layer; the
     last entry is the rest (the output head)."""
     grads: tuple[int, ...]
+    dora: tuple[int, ...]
+    """Per layer: DoRA's weight-norm temporaries (see :func:`_dora_norms`)."""
     scratch: int
     notes: tuple[str, ...]
     alike: tuple[tuple[int, int], ...] = ()
@@ -441,14 +443,18 @@ def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
     cast = tuple(n * c for n in _cast_copies(arch, recipe, trained)) if copies \
         else (0,) * (arch.num_layers + 1)
     grads = tuple(_grads_by_layer(arch, recipe, counts, trained, w))
+    dora = tuple(_dora_norms(arch, recipe, counts, p)) if recipe.method == "dora" \
+        else (0,) * arch.num_layers
     fixed = _Fixed(
         w, p, param_bytes, full, frozenset(trained) if trained is not None else None,
         layer_kinds, tuple(roles), weight_bytes(arch, recipe),
         adapter_state_bytes(recipe, counts, param_bytes) if recipe.adapter
         else optimizer_state_bytes(recipe, shapes, param_bytes), tuple(deq), tuple(deq_lora),
-        redeq, lora_grad, cast, grads, optimizer_temporaries(recipe, shapes, param_bytes, device),
+        redeq, lora_grad, cast, grads, dora,
+        optimizer_temporaries(recipe, shapes, param_bytes, device),
         tuple(expert_notes(arch, recipe)),
-        tuple(_runs(list(zip(layer_kinds, deq, deq_lora, redeq, lora_grad, grads, cast)))))
+        tuple(_runs(list(zip(layer_kinds, deq, deq_lora, redeq, lora_grad, grads, cast,
+                             dora)))))
     cache[key] = fixed
     return fixed
 
@@ -507,6 +513,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
             tl.add("activations", layer.held, "forward")
             tl.spike("temporaries", layer.dq + layer.dq_lora + layer.redeq - layer.held,
                      f"forward (layer {i} experts)")
+        tl.spike("temporaries", layer.dora, f"forward (layer {i} DoRA norms)")
     # autocast keeps a 16-bit copy of each fp32 trainable weight a matmul uses: saved for
     # the backward, or (checkpointed layers) held by autocast's cache until the loss
     tl.add("temporaries", sum(f.cast_copies), "forward")
@@ -555,6 +562,8 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
             tl.add("temporaries", layer.cast, f"backward (recompute layer {i})")
             tl.spike("temporaries", layer.dq + layer.dq_lora + layer.redeq - held
                      if saved else 0, f"backward (recompute layer {i} experts)")
+            tl.spike("temporaries", layer.dora if saved else 0,
+                     f"backward (recompute layer {i} DoRA norms)")
             saved += held
         if layer.lora_grad and saved:  # W + BA freed before the adapters' gradients exist
             tl.spike("temporaries", layer.lora_grad, f"backward (layer {i} experts)")
@@ -606,6 +615,8 @@ class _Layer(NamedTuple):
     """Its gradients' bytes, before a sharded strategy's share."""
     transient: int
     cast: int
+    dora: int
+    """DoRA's weight-norm temporaries in its forward (and recompute)."""
 
 
 def _layer_runs(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, device: str
@@ -654,7 +665,7 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
         saved, t * arch.hidden * w if recipe.grad_ckpt and saved else saved,
         0 if recipe.grad_ckpt or not saved or not (dq or dq_lora) else dq_lora or dq,
         dq, dq_lora, f.redequantised[i], f.lora_grad[i], f.grads[i], transient,
-        f.cast_copies[i]), grad_in or saved > 0
+        f.cast_copies[i], f.dora[i]), grad_in or saved > 0
 
 
 def _runs(layers: list) -> list[tuple[int, int]]:
@@ -666,6 +677,32 @@ def _runs(layers: list) -> list[tuple[int, int]]:
         else:
             runs.append((i, i))
     return runs
+
+
+def _dora_norms(arch: Architecture, recipe: Recipe, counts: ParamCounts,
+                p: Precision) -> list[int]:
+    """Per layer, the most PEFT's DoRA allocates while it takes one adapted layer's weight
+    norm ||W + s B A||: B A is made by running the adapters on an fp32 identity of the
+    layer's input width (fan_in x fan_in; kept for the adapters' backward, in 16 bit
+    under autocast), then W + s B A and its norm, weight-sized. Fitted on single layers
+    measured on the CPU (torch 2.13, PEFT 0.21), in bytes per fan_in^2 and fan_in x fan_out
+    element: autocast max(6 i^2 + 3 io, 2 i^2 + 16 io) on a 16-bit base, max(6 i^2 + 5 io,
+    2 i^2 + 14 io) on an fp32 one; without autocast 4 i^2 + 16 io, and 4 i^2 + 12 io. A
+    quantised base adds its dequantised 16-bit weight."""
+    base = 2 if recipe.bits == 16 and recipe.weight_dtype != "fp32" else 4
+    per = [0] * arch.num_layers
+    for lin in counts.targets:
+        index = layer_index(lin.path)
+        if index is None or index >= arch.num_layers:
+            continue
+        i2, io = lin.in_features ** 2, lin.in_features * lin.out_features
+        if p.autocast:
+            need = max(6 * i2 + (3 if base == 2 else 5) * io,
+                       2 * i2 + (16 if base == 2 else 14) * io)
+        else:
+            need = 4 * i2 + (16 if base == 2 else 12) * io
+        per[index] = max(per[index], need + (2 * io if recipe.bits < 16 else 0))
+    return per
 
 
 def _expert_lora_grad(arch: Architecture, recipe: Recipe, adapted: set[str]) -> list[int]:
