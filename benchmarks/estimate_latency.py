@@ -5,6 +5,7 @@
 Runs the console script as a user would and prints min / median / max seconds.
 """
 
+import os
 import shutil
 import statistics
 import subprocess
@@ -20,7 +21,8 @@ COMMANDS = [
 
 def main() -> None:
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 10
-    exe = shutil.which("autotune") or sys.exit("autotune is not installed")
+    exe = (shutil.which("autotune", path=os.path.dirname(sys.executable))
+           or shutil.which("autotune") or sys.exit("autotune is not installed"))
     print("| command | runs | min s | median s | max s |\n|---|---|---|---|---|")
     for args in COMMANDS:
         times = []
