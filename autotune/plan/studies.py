@@ -115,6 +115,8 @@ def open_storage(url: str):
     """The Optuna storage at ``url``; any problem is :class:`StorageUnavailable`."""
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO lines are not ours
+
     path = sqlite_file(url)
     for attempt in range(3):
         try:

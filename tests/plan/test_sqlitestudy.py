@@ -103,3 +103,24 @@ def test_optuna_dashboard_shows_a_stored_study_with_its_parameters_and_pick(tmp_
     shown = [f'"method": "{pick["method"]}"', f'"batch": {pick["micro_batch"]},',
              f'"grad_ckpt": {json.dumps(pick["grad_ckpt"])},']
     assert any(all(s in plan for s in shown) for plan in front), (shown, front)
+
+
+def test_a_database_of_other_tables_is_planned_into_through_optuna_quietly(tmp_path):
+    """A SQLite file that holds other tables (not Optuna's yet) goes through Optuna's API,
+    which adds its tables; nothing but the plan is printed, and the study is then reused."""
+    import json
+
+    from tests.plan.test_plan_safety import clean, console
+
+    path = tmp_path / "mine.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE notes (text)")
+    args = ("plan", "--model", "tiny", "--vram", "4GiB", "--seq-len", "64", "--storage",
+            f"sqlite:///{path}", "--json")
+    first = console(*args)
+    clean(first)
+    assert first.returncode == 0 and first.stderr.strip() == "", first.stderr
+    again = console(*args)
+    assert again.returncode == 0 and json.loads(again.stdout)["study"]["reused"], again.stderr
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT count(*) FROM notes").fetchone() == (0,)
