@@ -347,10 +347,7 @@ class Planner:
         study.optimize(objective, n_trials=size)
         if failed:
             raise failed[0]
-        return Study([{"state": t.state.name, "params": t.params,
-                       "choices": {k: d.choices for k, d in t.distributions.items()},
-                       "values": t.values, "attrs": t.user_attrs} for t in study.trials],
-                     {SEARCH: "sampled"})
+        return Study.of(study, {SEARCH: "sampled"})
 
     def _point(self, space: Space, budget: int, choice: dict
                ) -> tuple[Candidate | None, str | None]:

@@ -49,6 +49,13 @@ class Study:
     trials: list[dict]
     attrs: dict = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, study, attrs: dict) -> Study:
+        """The rows of an Optuna ``study``, with study attributes ``attrs``."""
+        return cls([{"state": t.state.name, "params": t.params,
+                     "choices": {k: d.choices for k, d in t.distributions.items()},
+                     "values": t.values, "attrs": t.user_attrs} for t in study.trials], attrs)
+
 
 def default_storage() -> str:
     """SQLite in the cache folder (:func:`autotune.util.files.cache_dir`)."""
@@ -167,10 +174,7 @@ class _Optuna:
         done = study.user_attrs.get(COMPLETE)
         if not (isinstance(done, int) and done >= size):
             return False
-        return Study([{"state": t.state.name, "params": t.params,
-                       "choices": {k: d.choices for k, d in t.distributions.items()},
-                       "values": t.values, "attrs": t.user_attrs} for t in study.trials],
-                     study.user_attrs)
+        return Study.of(study, study.user_attrs)
 
     def stale(self, name: str) -> bool:
         import optuna
