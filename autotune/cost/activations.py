@@ -10,6 +10,7 @@ ops share are counted once, keyed by name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from autotune.cost.architecture import Attention, FeedForward, Layer
 
@@ -35,6 +36,8 @@ class Precision:
     act: int = 0
     """Elementwise activations between linears: the compute width, except behind
     bitsandbytes layers, which return their input's dtype (the fp32 residual)."""
+    int8_inputs: bool = False
+    """Frozen linears are bitsandbytes 8-bit ones, which keep their input for backward."""
 
     def __post_init__(self) -> None:
         if not self.act:
@@ -92,6 +95,8 @@ def linear(saved: Saved, name: str, source: str, t: int, fan_in: int, fan_out: i
     """
     if grad_x and not role.trainable and p.copies_weights:
         saved.keep(f"{name}.w16", fan_in * fan_out * p.compute)
+    if grad_x and not role.trainable and p.int8_inputs:
+        saved.keep(source, t * fan_in * in_bytes)
     if role.trainable:
         if p.autocast and in_bytes != p.compute:
             saved.keep(f"{name}.x16", t * fan_in * p.compute)  # autocast copies per op
@@ -168,10 +173,53 @@ def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: 
            roles["down_proj"], p, c, grad_gate or grad_up)
 
 
+class LayerSaves(NamedTuple):
+    """What one decoder layer saves for backward, in bytes."""
+
+    total: int
+    mlp: int
+    """Of ``total``, what its MLP saves: freed before the attention's backward runs."""
+    frame: int
+    """Live beside what it saved at the top of its forward (:func:`forward_frame`)."""
+    grads_in: int
+    """The gradients live when its backward starts (:func:`incoming_gradients`)."""
+
+
+def forward_frame(saved: Saved, t: int, hidden: int, inter: int, roles: dict[str, LinearRole],
+                  p: Precision, in_bytes: int) -> int:
+    """Bytes a layer's forward (or checkpointed recompute) holds beyond what it saves at
+    its top, the MLP's last linear (measured with a live-tensor trace of PEFT's LoRA on the
+    CPU): the residual, the MLP's input and product and the down projection's base output
+    in the frame, and PEFT's fp32 copy of an adapted input (and its dropout) while the
+    adapters run."""
+    down = roles["down_proj"]
+    live = Saved()
+    live.keep("residual", t * hidden * p.residual)
+    live.keep("ln2.out", t * hidden * in_bytes)
+    live.keep("mlp.act_up", t * inter * p.act)
+    live.keep("mlp.down_proj.dora_base", t * hidden * p.compute)  # its base output
+    if down.adapted and p.act != FP32 and (p.autocast or down.dropout):
+        live.keep("mlp.down_proj.x32", t * inter * FP32)
+    if down.adapted and down.dropout and p.autocast:
+        live.keep("mlp.down_proj.dropped", t * inter * FP32)
+    return sum(n for name, n in live.storages.items() if name not in saved.storages)
+
+
+def incoming_gradients(t: int, hidden: int, down: LinearRole, p: Precision) -> int:
+    """The gradients a layer's backward holds when its first saved tensor is needed (which
+    makes a checkpointed layer recompute): its output's; a LoRA-adapted down projection's
+    scaled copy for ``lora_B``; DoRA's fp32 result's gradient and its scaled half."""
+    grads = t * hidden * p.residual
+    if down.adapted:
+        grads += t * hidden * (p.compute if p.autocast else FP32)
+    if down.dora:
+        grads += t * hidden * 2 * FP32
+    return grads
+
+
 def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str, LinearRole],
-                norms_trainable: bool, grad_in: bool, p: Precision, kernel: str) -> tuple[int, int]:
-    """Bytes one decoder layer saves for backward, and how many of them its MLP saves:
-    those are freed before the attention's backward runs.
+                norms_trainable: bool, grad_in: bool, p: Precision, kernel: str) -> LayerSaves:
+    """What one decoder layer saves for backward (:class:`LayerSaves`).
 
     ``kernel``: ``sdpa`` and ``flash`` (fused: output and log-sum-exp), ``eager`` (scores
     materialised) or ``math`` (SDPA's fallback on the CPU when head widths differ).
@@ -199,11 +247,13 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
     before_mlp = saved.total
     if f.moe:
         _moe(saved, t, hidden, f, roles, p, mid_bytes, grad_mid)
-    else:
-        gated_mlp(saved, "mlp", "ln2.out", t, hidden, f.intermediate,
-                  {n: roles.get(n, LinearRole()) for n in ("gate_proj", "up_proj", "down_proj")},
-                  p, mid_bytes, grad_mid)
-    return saved.total, saved.total - before_mlp
+        return LayerSaves(saved.total, saved.total - before_mlp, 0, 0)
+    mlp_roles = {n: roles.get(n, LinearRole()) for n in ("gate_proj", "up_proj", "down_proj")}
+    gated_mlp(saved, "mlp", "ln2.out", t, hidden, f.intermediate, mlp_roles, p, mid_bytes,
+              grad_mid)
+    return LayerSaves(saved.total, saved.total - before_mlp,
+                      forward_frame(saved, t, hidden, f.intermediate, mlp_roles, p, mid_bytes),
+                      incoming_gradients(t, hidden, mlp_roles["down_proj"], p))
 
 
 def _mla(saved: Saved, t: int, batch: int, seq: int, a: Attention, p: Precision, kernel: str,

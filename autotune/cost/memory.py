@@ -423,7 +423,10 @@ def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
         w = FP32
     p = Precision(compute=c, residual=w, autocast=autocast, copies_weights=copies,
                   dropout_mask=FP32 if device == "cpu" else 1,
-                  act=w if recipe.bits < 16 else c)
+                  # bitsandbytes' 8-bit layers on the CPU are F.linear on the dequantised
+                  # weight, which autocast runs in 16 bit
+                  act=c if recipe.bits == 16 or (recipe.bits == 8 and device == "cpu") else w,
+                  int8_inputs=recipe.bits == 8)
     param_bytes = FP32 if recipe.adapter else w
     trained = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
     shapes = _trainable_shapes(arch, recipe, counts, trained)
@@ -495,12 +498,16 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     mask = shape.batch * shape.seq_len ** 2 * w if recipe.attn == "eager" and recipe.grad_ckpt \
         else 0  # in the embeddings' dtype: fp32 under amp
     tl.add("inputs", mask, "forward")
+    # the rotary embedding's cos and sin (the embeddings' dtype), read by every layer's
+    # attention and saved by it (with checkpointing, inputs of every layer)
+    rotary = 0 if arch.layers[0].attention.mla else 2 * t * arch.layers[0].attention.head_dim * w
+    tl.add("inputs", rotary, "forward")
     tl.add("stage_extras", sum((extras or {}).values()), "start")
 
     # -- forward: each layer's saved tensors stay until its backward; with checkpointing
     # only its input stays, and the layer is recomputed in the backward pass.
-    # prepare_model_for_kbit_training makes the embeddings' output require grad when
-    # checkpointing, so even the first layer saves.
+    # Checkpointing makes the embeddings' output require grad (transformers 5, PEFT and
+    # prepare_model_for_kbit_training each do), so even the first layer saves.
     layers, runs = _layer_runs(arch, f, recipe, shape, device)
     for first, last in runs:
         layer = layers[first]
@@ -513,7 +520,9 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
             tl.add("activations", layer.held, "forward")
             tl.spike("temporaries", layer.dq + layer.dq_lora + layer.redeq - layer.held,
                      f"forward (layer {i} experts)")
-        tl.spike("temporaries", layer.dora, f"forward (layer {i} DoRA norms)")
+        # the frame also holds the layer's input and the embeddings' output
+        tl.spike("temporaries", layer.top + t * arch.hidden * w * (2 if i else 1),
+                 f"forward (layer {i})")
     # autocast keeps a 16-bit copy of each fp32 trainable weight a matmul uses: saved for
     # the backward, or (checkpointed layers) held by autocast's cache until the loss
     tl.add("temporaries", sum(f.cast_copies), "forward")
@@ -562,8 +571,8 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
             tl.add("temporaries", layer.cast, f"backward (recompute layer {i})")
             tl.spike("temporaries", layer.dq + layer.dq_lora + layer.redeq - held
                      if saved else 0, f"backward (recompute layer {i} experts)")
-            tl.spike("temporaries", layer.dora if saved else 0,
-                     f"backward (recompute layer {i} DoRA norms)")
+            tl.spike("temporaries", layer.recompute if saved else 0,
+                     f"backward (recompute layer {i})")
             saved += held
         if layer.lora_grad and saved:  # W + BA freed before the adapters' gradients exist
             tl.spike("temporaries", layer.lora_grad, f"backward (layer {i} experts)")
@@ -581,7 +590,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     if full:
         tl.add("gradients", int(_embedding_numel(arch) * w * share.gradients),
                "backward (embeddings)")
-    tl.add("inputs", -mask, "backward")
+    tl.add("inputs", -mask - rotary, "backward")
 
     # -- optimizer step: every gradient exists, plus the step's own scratch
     tl.spike("temporaries", int(f.scratch * share.optimizer), "optimizer")
@@ -615,8 +624,10 @@ class _Layer(NamedTuple):
     """Its gradients' bytes, before a sharded strategy's share."""
     transient: int
     cast: int
-    dora: int
-    """DoRA's weight-norm temporaries in its forward (and recompute)."""
+    top: int
+    """What its forward holds beyond what it saved at its top (DoRA: its weight norms)."""
+    recompute: int
+    """What its checkpointed recompute holds beyond what it saves, at its top."""
 
 
 def _layer_runs(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, device: str
@@ -625,7 +636,7 @@ def _layer_runs(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape,
     key = ("runs", shape, recipe.attn, recipe.grad_ckpt)
     if key in f.saved:
         return f.saved[key]
-    grad_in = f.full or (recipe.bits < 16 and recipe.grad_ckpt)
+    grad_in = f.full or recipe.grad_ckpt
     layers: list[_Layer] = []
     for first, last in f.alike:  # a run's layers differ only while grad_in changes
         i = first
@@ -650,22 +661,26 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
     kind = (f.kinds[i], grad_in, shape, kernel)
     if kind not in f.saved:
         norms = f.full or (f.trained is not None and i in f.trained)
-        saved, mlp_saved = layer_saved(layer, arch.hidden, shape.batch, shape.seq_len,
-                                       f.roles[i], norms, grad_in, f.p, kernel)
+        saved, mlp_saved, frame, grads_in = layer_saved(layer, arch.hidden, shape.batch,
+                                                        shape.seq_len, f.roles[i], norms,
+                                                        grad_in, f.p, kernel)
         # the backward's transient: the incoming gradient and the MLP's gradient
         # buffers (fp32 behind bitsandbytes layers), or (later, the MLP's saved tensors
         # freed) the attention's
         transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * f.p.act,
                         attention_backward_spike(layer, shape.batch, shape.seq_len, f.p,
                                                  kernel) - mlp_saved)
-        f.saved[kind] = saved, transient
-    saved, transient = f.saved[kind]
+        f.saved[kind] = saved, transient, max(
+            frame + _dora_top(layer, f.roles[i], t, arch.hidden, recipe, f.p, 3), f.dora[i]
+        ), max(frame + grads_in + _dora_top(layer, f.roles[i], t, arch.hidden, recipe, f.p, 2),
+               f.dora[i]) if recipe.grad_ckpt else 0
+    saved, transient, top, recompute = f.saved[kind]
     dq, dq_lora = f.dequantised[i], f.dequantised_lora[i]
     return _Layer(
         saved, t * arch.hidden * w if recipe.grad_ckpt and saved else saved,
         0 if recipe.grad_ckpt or not saved or not (dq or dq_lora) else dq_lora or dq,
         dq, dq_lora, f.redequantised[i], f.lora_grad[i], f.grads[i], transient,
-        f.cast_copies[i], f.dora[i]), grad_in or saved > 0
+        f.cast_copies[i], top, recompute), grad_in or saved > 0
 
 
 def _runs(layers: list) -> list[tuple[int, int]]:
@@ -681,28 +696,47 @@ def _runs(layers: list) -> list[tuple[int, int]]:
 
 def _dora_norms(arch: Architecture, recipe: Recipe, counts: ParamCounts,
                 p: Precision) -> list[int]:
-    """Per layer, the most PEFT's DoRA allocates while it takes one adapted layer's weight
-    norm ||W + s B A||: B A is made by running the adapters on an fp32 identity of the
-    layer's input width (fan_in x fan_in; kept for the adapters' backward, in 16 bit
-    under autocast), then W + s B A and its norm, weight-sized. Fitted on single layers
-    measured on the CPU (torch 2.13, PEFT 0.21), in bytes per fan_in^2 and fan_in x fan_out
+    """Per layer, the most :func:`_dora_norm` of one of its adapted linears."""
+    per = [0] * arch.num_layers
+    for lin in counts.targets:
+        index = layer_index(lin.path)
+        if index is not None and index < arch.num_layers:
+            per[index] = max(per[index], _dora_norm(lin.in_features, lin.out_features, recipe, p))
+    return per
+
+
+def _dora_norm(fan_in: int, fan_out: int, recipe: Recipe, p: Precision) -> int:
+    """The most PEFT's DoRA allocates while it takes one adapted layer's weight norm
+    ||W + s B A||: B A is made by running the adapters on an fp32 identity of the layer's
+    input width (fan_in x fan_in; kept for the adapters' backward, in 16 bit under
+    autocast), then W + s B A and its norm, weight-sized. Fitted on single layers measured
+    on the CPU (torch 2.13, PEFT 0.21), in bytes per fan_in^2 and fan_in x fan_out
     element: autocast max(6 i^2 + 3 io, 2 i^2 + 16 io) on a 16-bit base, max(6 i^2 + 5 io,
     2 i^2 + 14 io) on an fp32 one; without autocast 4 i^2 + 16 io, and 4 i^2 + 12 io. A
     quantised base adds its dequantised 16-bit weight."""
     base = 2 if recipe.bits == 16 and recipe.weight_dtype != "fp32" else 4
-    per = [0] * arch.num_layers
-    for lin in counts.targets:
-        index = layer_index(lin.path)
-        if index is None or index >= arch.num_layers:
-            continue
-        i2, io = lin.in_features ** 2, lin.in_features * lin.out_features
-        if p.autocast:
-            need = max(6 * i2 + (3 if base == 2 else 5) * io,
-                       2 * i2 + (16 if base == 2 else 14) * io)
-        else:
-            need = 4 * i2 + (16 if base == 2 else 12) * io
-        per[index] = max(per[index], need + (2 * io if recipe.bits < 16 else 0))
-    return per
+    i2, io = fan_in ** 2, fan_in * fan_out
+    if p.autocast:
+        need = max(6 * i2 + (3 if base == 2 else 5) * io, 2 * i2 + (16 if base == 2 else 14) * io)
+    else:
+        need = 4 * i2 + (16 if base == 2 else 12) * io
+    return need + (2 * io if recipe.bits < 16 else 0)
+
+
+def _dora_top(layer, roles: dict, t: int, hidden: int, recipe: Recipe, p: Precision,
+              products: int) -> int:
+    """What a DoRA-adapted down projection adds on top of its layer's forward frame
+    (:func:`~autotune.cost.activations.forward_frame`): its weight norm, taken before
+    its adapters run (their saved tensors not made yet), or its end, where its identity's
+    16-bit copy, W and B A in fp32 and the fp32 ``products`` of its result are live (3 in
+    the forward; a recompute stops after the second, the last that saves)."""
+    down = roles.get("down_proj")
+    if down is None or not down.dora or layer.mlp.moe:
+        return 0
+    inter, c = layer.mlp.intermediate, p.compute if p.autocast else FP32
+    pending = t * inter * c + t * down.rank * c + t * hidden * p.compute
+    end = inter * inter * c + 2 * inter * hidden * FP32 + products * t * hidden * FP32
+    return max(_dora_norm(inter, hidden, recipe, p) - pending, end)
 
 
 def _expert_lora_grad(arch: Architecture, recipe: Recipe, adapted: set[str]) -> list[int]:
