@@ -196,12 +196,19 @@ REAL: list[Case] = [
     Case("llama-wide", _r(method="dora", batch=1, seq_len=512)),
     Case("llama-wide", _r(method="dora", batch=1, seq_len=512, grad_ckpt=True)),
     Case("llama-wide", _r(method="dora", batch=1, seq_len=128, grad_ckpt=True)),
+    # bitsandbytes' 8-bit layers keep their inputs on their autograd context, where
+    # checkpointing cannot drop them; checkpointing makes frozen bottom layers save
+    Case("llama-s", _r(method="lora", bits=8, batch=2, seq_len=1024, grad_ckpt=True)),
+    Case("llama-wide", _r(method="lora", bits=8, batch=1, seq_len=512, grad_ckpt=True)),
+    Case("llama-s", _r(method="freeze", batch=4, seq_len=512, grad_ckpt=True)),
 ]
 """Sequence lengths people train at (512-8,192 tokens), batch 1-8, with small hidden sizes."""
 
 GRID: list[Case] = SMALL + REAL
-FAST: list[Case] = [SMALL[i] for i in (4, 6, 11, 13, 21, 22, 26, 27, 28, 33, 38)]
-"""What tests/cost/test_memory.py measures: a representative subset that runs in seconds."""
+FAST: list[Case] = [SMALL[i] for i in (4, 6, 11, 13, 21, 22, 26, 27, 28, 33, 38)] + [
+    c for c in REAL if c.arch == "llama-wide" and c.recipe.grad_ckpt]
+"""What tests/cost/test_memory.py measures: a representative subset that runs in seconds
+(with the layer-dominated checkpointed cases, where a recompute makes the peak)."""
 
 
 @dataclass

@@ -62,6 +62,8 @@ class Saved:
     """Saved tensors by storage name; a shared storage is counted once."""
 
     storages: dict[str, int] = field(default_factory=dict)
+    pinned: set[str] = field(default_factory=set)
+    """Storages kept outside autograd's saved tensors, which checkpointing cannot drop."""
 
     def keep(self, name: str, nbytes: int) -> None:
         self.storages.setdefault(name, nbytes)
@@ -70,15 +72,20 @@ class Saved:
     def total(self) -> int:
         return sum(self.storages.values())
 
+    @property
+    def pinned_total(self) -> int:
+        return sum(self.storages[name] for name in self.pinned)
+
 
 def norm(saved: Saved, name: str, t: int, width: int, p: Precision, grad_in: bool,
-         weight_trainable: bool, in_bytes: int) -> int:
+         weight_trainable: bool, in_bytes: int, source: str = "") -> int:
     """RMSNorm: an fp32 copy of the input, 1/rms, and (trainable weight) the normalised input.
 
-    Returns the byte width of its output.
+    An fp32 input is its own copy: it is kept as storage ``source``. Returns the byte width
+    of its output.
     """
     if grad_in or weight_trainable:
-        saved.keep(f"{name}.x32", t * width * FP32)
+        saved.keep(source if source and in_bytes == FP32 else f"{name}.x32", t * width * FP32)
         saved.keep(f"{name}.rsqrt", t * FP32)
         if weight_trainable:
             saved.keep(f"{name}.xhat", t * width * in_bytes)
@@ -95,8 +102,9 @@ def linear(saved: Saved, name: str, source: str, t: int, fan_in: int, fan_out: i
     """
     if grad_x and not role.trainable and p.copies_weights:
         saved.keep(f"{name}.w16", fan_in * fan_out * p.compute)
-    if grad_x and not role.trainable and p.int8_inputs:
+    if grad_x and not role.trainable and p.int8_inputs:  # on its autograd context (ctx.A)
         saved.keep(source, t * fan_in * in_bytes)
+        saved.pinned.add(source)
     if role.trainable:
         if p.autocast and in_bytes != p.compute:
             saved.keep(f"{name}.x16", t * fan_in * p.compute)  # autocast copies per op
@@ -178,11 +186,16 @@ class LayerSaves(NamedTuple):
 
     total: int
     mlp: int
-    """Of ``total``, what its MLP saves: freed before the attention's backward runs."""
+    """Of ``total``, what its MLP and the norm before it save: freed before the
+    attention's backward runs."""
     frame: int
     """Live beside what it saved at the top of its forward (:func:`forward_frame`)."""
     grads_in: int
     """The gradients live when its backward starts (:func:`incoming_gradients`)."""
+    own_input: int
+    """Of ``total``, its input itself (an fp32 residual saved by the first norm)."""
+    pinned: int
+    """Of ``total``, what it keeps even when checkpointed (:attr:`Saved.pinned`)."""
 
 
 def forward_frame(saved: Saved, t: int, hidden: int, inter: int, roles: dict[str, LinearRole],
@@ -207,9 +220,12 @@ def forward_frame(saved: Saved, t: int, hidden: int, inter: int, roles: dict[str
 
 def incoming_gradients(t: int, hidden: int, down: LinearRole, p: Precision) -> int:
     """The gradients a layer's backward holds when its first saved tensor is needed (which
-    makes a checkpointed layer recompute): its output's; a LoRA-adapted down projection's
+    makes a checkpointed layer recompute): its output's (and its copy in the MLP's output
+    dtype, where that is not the residual's); a LoRA-adapted down projection's
     scaled copy for ``lora_B``; DoRA's fp32 result's gradient and its scaled half."""
     grads = t * hidden * p.residual
+    if p.act != p.residual:  # cast to the MLP's output dtype
+        grads += t * hidden * p.act
     if down.adapted:
         grads += t * hidden * (p.compute if p.autocast else FP32)
     if down.dora:
@@ -227,7 +243,7 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
     t = batch * seq
     saved = Saved()
     a, f = layer.attention, layer.mlp
-    out_bytes = norm(saved, "ln1", t, hidden, p, grad_in, norms_trainable, p.residual)
+    out_bytes = norm(saved, "ln1", t, hidden, p, grad_in, norms_trainable, p.residual, "input")
     attn_linears = _attention_linears(a, hidden)
     grad_attn = grad_in or any(roles.get(n, LinearRole()).trainable or
                                roles.get(n, LinearRole()).adapted for n in attn_linears)
@@ -243,17 +259,21 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
     elif grad_attn:
         attention_core(saved, "attn", t, batch, seq, a, p, kernel)
     grad_mid = grad_attn or grad_in
-    mid_bytes = norm(saved, "ln2", t, hidden, p, grad_mid, norms_trainable, p.residual)
     before_mlp = saved.total
+    mid_bytes = norm(saved, "ln2", t, hidden, p, grad_mid, norms_trainable, p.residual,
+                     "residual")
+    own_input = saved.storages.get("input", 0)
     if f.moe:
         _moe(saved, t, hidden, f, roles, p, mid_bytes, grad_mid)
-        return LayerSaves(saved.total, saved.total - before_mlp, 0, 0)
+        return LayerSaves(saved.total, saved.total - before_mlp, 0, 0, own_input,
+                          saved.pinned_total)
     mlp_roles = {n: roles.get(n, LinearRole()) for n in ("gate_proj", "up_proj", "down_proj")}
     gated_mlp(saved, "mlp", "ln2.out", t, hidden, f.intermediate, mlp_roles, p, mid_bytes,
               grad_mid)
     return LayerSaves(saved.total, saved.total - before_mlp,
                       forward_frame(saved, t, hidden, f.intermediate, mlp_roles, p, mid_bytes),
-                      incoming_gradients(t, hidden, mlp_roles["down_proj"], p))
+                      incoming_gradients(t, hidden, mlp_roles["down_proj"], p), own_input,
+                      saved.pinned_total)
 
 
 def _mla(saved: Saved, t: int, batch: int, seq: int, a: Attention, p: Precision, kernel: str,

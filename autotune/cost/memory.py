@@ -400,8 +400,8 @@ class _Fixed:
     alike: tuple[tuple[int, int], ...] = ()
     """Runs of consecutive layers alike in everything the recipe fixes (first, last)."""
     saved: dict = field(default_factory=dict, compare=False)
-    """What each kind of layer saves, by (kind, grad_in, shape, kernel), and each shape's
-    layers (:func:`_layer_runs`): filled as priced."""
+    """What each kind of layer saves, by (kind, grad_in, shape, kernel, checkpointed), and
+    each shape's layers (:func:`_layer_runs`): filled as priced."""
 
 
 def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
@@ -613,7 +613,8 @@ class _Layer(NamedTuple):
 
     saved: int
     kept: int
-    """What stays until its backward: ``saved``, or its input when checkpointed."""
+    """What stays until its backward: ``saved``, or (checkpointed) its input and what
+    checkpointing cannot drop."""
     held: int
     """Expert weights as the matmuls took them, saved for the backward."""
     dq: int
@@ -658,26 +659,28 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
     t, c, w = shape.tokens, f.p.compute, f.w
     layer = arch.layers[i]
     kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
-    kind = (f.kinds[i], grad_in, shape, kernel)
+    kind = (f.kinds[i], grad_in, shape, kernel, recipe.grad_ckpt)
     if kind not in f.saved:
         norms = f.full or (f.trained is not None and i in f.trained)
-        saved, mlp_saved, frame, grads_in = layer_saved(layer, arch.hidden, shape.batch,
-                                                        shape.seq_len, f.roles[i], norms,
-                                                        grad_in, f.p, kernel)
+        saved, mlp_saved, frame, grads_in, own_input, pinned = layer_saved(
+            layer, arch.hidden, shape.batch, shape.seq_len, f.roles[i], norms, grad_in, f.p,
+            kernel)
+        if recipe.grad_ckpt:  # a recompute saves anew all but the input it keeps
+            saved -= own_input
         # the backward's transient: the incoming gradient and the MLP's gradient
         # buffers (fp32 behind bitsandbytes layers), or (later, the MLP's saved tensors
         # freed) the attention's
         transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * f.p.act,
                         attention_backward_spike(layer, shape.batch, shape.seq_len, f.p,
                                                  kernel) - mlp_saved)
-        f.saved[kind] = saved, transient, max(
+        f.saved[kind] = saved, pinned, transient, max(
             frame + _dora_top(layer, f.roles[i], t, arch.hidden, recipe, f.p, 3), f.dora[i]
         ), max(frame + grads_in + _dora_top(layer, f.roles[i], t, arch.hidden, recipe, f.p, 2),
                f.dora[i]) if recipe.grad_ckpt else 0
-    saved, transient, top, recompute = f.saved[kind]
+    saved, pinned, transient, top, recompute = f.saved[kind]
     dq, dq_lora = f.dequantised[i], f.dequantised_lora[i]
     return _Layer(
-        saved, t * arch.hidden * w if recipe.grad_ckpt and saved else saved,
+        saved, t * arch.hidden * w + pinned if recipe.grad_ckpt and saved else saved,
         0 if recipe.grad_ckpt or not saved or not (dq or dq_lora) else dq_lora or dq,
         dq, dq_lora, f.redequantised[i], f.lora_grad[i], f.grads[i], transient,
         f.cast_copies[i], top, recompute), grad_in or saved > 0

@@ -22,6 +22,28 @@ def test_a_measured_step_is_never_under_predicted_and_inside_the_bound(pm, case)
     assert b.source.startswith("CPU fit")
 
 
+def test_no_grid_case_is_under_predicted_and_the_cpu_bound_covers_each(pm):
+    """The whole grid against its recorded peaks (benchmarks/data/cpu_measured.json, measured
+    by benchmarks/memory_accuracy.py; a CPU step's peak is reproducible with the same
+    libraries): never more than 1% under, never more than 2% over, inside the CPU bound."""
+    import json
+
+    from autotune.util.versions import library_versions
+    from benchmarks.accuracy_grid import GRID, case_key
+    from benchmarks.memory_accuracy import MEASURED
+
+    recorded = json.loads(MEASURED.read_text())
+    if recorded["libraries"] != library_versions():
+        pytest.skip(f"peaks recorded with {recorded['libraries']}")
+    assert {case_key(CONFIGS[c.arch], c.recipe, c.autocast) for c in GRID} <= set(
+        recorded["peaks"])
+    for case in GRID:
+        row = compare(pm, case.arch, case.recipe, case.autocast, recorded["peaks"])
+        label = f"{case.arch} {describe_recipe(case.recipe, case.autocast)}"
+        assert -0.01 <= row.error <= 0.02, (label, row.estimated, row.measured)
+        assert band(row.memory, device="cpu").high >= row.measured, label
+
+
 def test_the_issue_case_without_autocast_keeps_fp32_copies_of_adapted_inputs(pm):
     """Without autocast PEFT casts each adapted layer's input to the fp32 adapters and saves
     it: 4 bytes per token and input feature of every adapted layer, where autocast saves 2."""
