@@ -10,6 +10,7 @@ then shows error, bound coverage and width on the ``held-out`` rows, which no fi
 ``--docs`` writes the tables into docs/accuracy.md.
 """
 
+import itertools
 import json
 import math
 import statistics
@@ -35,33 +36,38 @@ def fit_bound(rows) -> dict:
 
 
 def fit_throughput(pm, rows) -> dict:
-    """MFU per method class and one per-layer time, minimising the median |log error|."""
+    """The matmuls' MFU per method class, the attention's MFU and one per-layer time,
+    minimising the median |log error|."""
     from autotune.cost.objectives import method_class
 
     timed = [r for r in rows if r.split == "fit" and r.predicted_tokens_per_s]
     classes = sorted({method_class(r.recipe) for r in timed})
     best = None
-    for layer_ms in [i * 0.25 for i in range(41)]:
+    for layer_ms, attention in itertools.product([i * 0.25 for i in range(41)],
+                                                 [a / 20 for a in range(6, 21)]):
         mfu, errors = {}, []
         for cls in classes:
             mine = [r for r in timed if method_class(r.recipe) == cls]
-            choice = min((statistics.median(abs(math.log(_speed(pm, r, m / 100, layer_ms / 1000)
-                                                         / r.tokens_per_s)) for r in mine), m)
-                         for m in range(15, 101))
-            mfu[cls] = choice[1] / 100
-            errors += [abs(math.log(_speed(pm, r, mfu[cls], layer_ms / 1000) / r.tokens_per_s))
-                       for r in mine]
-        found = (statistics.median(errors), layer_ms, mfu)
+
+            def error(r, m, cls=cls):
+                return abs(math.log(_speed(pm, r, m, layer_ms / 1000, attention)
+                                    / r.tokens_per_s))
+
+            mfu[cls] = min(range(15, 101), key=lambda m, mine=mine: statistics.median(
+                error(r, m / 100) for r in mine)) / 100
+            errors += [error(r, mfu[cls]) for r in mine]
+        found = (statistics.median(errors), layer_ms, mfu, attention)
         best = found if best is None or found[0] < best[0] else best
     return {"source": "benchmarks/published_accuracy.py --fit on the fit rows of "
                       "benchmarks/data/published_gpu.yaml",
-            "n": len(timed), "mfu": best[2], "layer_time_s": best[1] / 1000}
+            "n": len(timed), "mfu": best[2], "attention_mfu": best[3],
+            "layer_time_s": best[1] / 1000}
 
 
 _CACHE: dict = {}
 
 
-def _speed(pm, row, mfu=None, layer_time=None) -> float:
+def _speed(pm, row, mfu=None, layer_time=None, attention_mfu=None) -> float:
     """Predicted tokens/s of a published row (its estimate cached)."""
     from autotune.catalog.gpus import resolve_gpu
     from autotune.cost.objectives import tokens_per_second
@@ -73,7 +79,7 @@ def _speed(pm, row, mfu=None, layer_time=None) -> float:
         _CACHE[key] = estimate_row(pm, row), resolve_gpu(row.gpu)
     e, gpu = _CACHE[key]
     return tokens_per_second(e.arch, e.recipe, e.params, gpu, row.grad_accum, mfu=mfu,
-                             layer_time=layer_time)
+                             layer_time=layer_time, attention_mfu=attention_mfu)
 
 
 def main() -> None:

@@ -17,13 +17,14 @@ optimizer                   - 0.005 for 8-bit AdamW, - 0.01 for Adafactor
 ==========================  =================================================
 
 so full > LoRA on all linear layers > attention-only; higher rank > lower; a 16-bit
-base > 8-bit > 4-bit. Throughput is a roofline: a step takes the longer of its matmul
-FLOPs at the card's dense bf16 rate times an achievable fraction (``MFU``) and the
-bytes its passes read at the card's bandwidth, plus a fixed time per layer and pass
-(kernel launches and Python, which dominate short sequences), plus the optimizer step
-spread over the accumulation steps. The MFU of each method and the per-layer time are
-fitted to published runs (``profiles/measurements/throughput.json``, written by
-``benchmarks/published_accuracy.py --fit``); without that file they are the priors.
+base > 8-bit > 4-bit. Throughput is a roofline: a step takes the longer of its FLOPs at
+the card's dense bf16 rate times an achievable fraction (``MFU``: one for the matmuls,
+one for the attention) and the bytes its passes read at the card's bandwidth, plus a
+4-bit base's dequantisation, a fixed time per layer and pass (kernel launches and Python,
+which dominate short sequences) and the optimizer step spread over the accumulation
+steps. The MFUs and the per-layer time are fitted to published runs
+(``profiles/measurements/throughput.json``, written by ``benchmarks/published_accuracy.py
+--fit``); without that file they are the priors.
 """
 
 from __future__ import annotations
@@ -144,21 +145,27 @@ def active_params(arch: Architecture) -> int:
 
 def tokens_per_second(arch: Architecture, recipe: Recipe, params: ParamCounts, gpu: GPU,
                       grad_accum: int = 1, sequences: int = 1, mfu: float | None = None,
-                      layer_time: float | None = None) -> float:
+                      layer_time: float | None = None,
+                      attention_mfu: float | None = None) -> float:
     """Predicted training tokens/s on one ``gpu`` (a roofline; see the module docstring).
 
-    ``mfu`` and ``layer_time`` override the fitted values (what a fit varies).
+    ``mfu``, ``layer_time`` and ``attention_mfu`` override the fitted values (what a fit
+    varies).
     """
     fit = fitted()
     if mfu is None:
         mfu = fit.get("mfu", {}).get(method_class(recipe), MFU)
     if layer_time is None:
         layer_time = fit.get("layer_time_s", LAYER_TIME)
+    if attention_mfu is None:
+        attention_mfu = fit.get("attention_mfu", MFU)
     tflops = gpu.bf16_tflops or NOMINAL["bf16_tflops"]
     bandwidth = (gpu.bandwidth_gbs or NOMINAL["bandwidth_gbs"]) * 1e9
     tokens = recipe.batch * recipe.seq_len * sequences
-    attention = 2 * arch.num_layers * recipe.seq_len * arch.hidden  # causal QK^T and PV
-    forward = 2 * active_params(arch) + 2 * attention
+    # QK^T and PV per token and layer: 4 s h FLOPs, half of them where the kernel skips
+    # the masked half (FlashAttention, SDPA's causal kernels); the backward is 2.5 forwards
+    attention = (4 if recipe.attn == "eager" else 2) * arch.num_layers * recipe.seq_len \
+        * arch.hidden * (1 + recipe.grad_ckpt + 2.5)
     if recipe.method == "full":
         passes = 3.0
     elif recipe.method == "freeze":
@@ -167,17 +174,19 @@ def tokens_per_second(arch: Architecture, recipe: Recipe, params: ParamCounts, g
         passes = 2.0 + 6 * params.trainable / max(active_params(arch), 1)
     if recipe.grad_ckpt:
         passes += 1.0
-    compute = tokens * forward * passes / (tflops * 1e12 * mfu)
+    compute = tokens * (2 * active_params(arch) * passes / mfu + attention / attention_mfu) \
+        / (tflops * 1e12)
     weights = weight_bytes(arch, recipe)
     reads = weights * (2 + recipe.grad_ckpt)
-    if recipe.bits == 4:  # dequantise each pass: write and read a 16-bit copy
-        reads += (2 + recipe.grad_ckpt) * 2 * 2 * params.total
+    # a 4-bit base is dequantised to a 16-bit copy, written and read, before each pass's
+    # matmuls: kernels of their own, which no matmul overlaps
+    dequantise = (2 + recipe.grad_ckpt) * 2 * 2 * params.total if recipe.bits == 4 else 0
     if recipe.method == "dora":  # W + BA and its column norms, in fp32, every forward
         adapted = sum(lin.in_features * lin.out_features for lin in params.targets)
         reads += (1 + recipe.grad_ckpt) * adapted * (BYTES[recipe.weight_dtype] + 2 * 4)
     optimizer = _optimizer_traffic(recipe, params) / grad_accum
     fixed = layer_time * arch.num_layers * (3 + recipe.grad_ckpt) * sequences
-    step = max(compute, reads / bandwidth) + fixed + optimizer / bandwidth
+    step = max(compute, reads / bandwidth) + (dequantise + optimizer) / bandwidth + fixed
     return tokens / step
 
 

@@ -73,6 +73,9 @@ class Space:
     """The data's lengths as they train (``--data``); ``seq_len`` is then its sequence length."""
     host_ram: int | None = None
     """Host RAM per node a plan may need (``None``: unchecked)."""
+    default_attn: str = "sdpa"
+    """The kernel the planned-for stack uses when none is named (eager before transformers
+    4.36 with torch 2.1.1: :mod:`autotune.cost.layouts`)."""
 
     @property
     def world(self) -> int:
@@ -125,8 +128,9 @@ class Space:
 
     @property
     def attn(self) -> str:
-        """The attention kernel: pinned, else FlashAttention-2 where the card has it."""
-        return self.pins.attn or ("flash" if self.gpu.flash_attention else "sdpa")
+        """The attention kernel: pinned, else FlashAttention-2 where the card has it, else
+        the stack's default."""
+        return self.pins.attn or ("flash" if self.gpu.flash_attention else self.default_attn)
 
     def recipe(self, choice: dict, batch: int) -> Recipe:
         """The :class:`Recipe` for one point of the space at micro batch ``batch``."""

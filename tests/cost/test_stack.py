@@ -99,3 +99,25 @@ def test_the_default_attention_is_the_stacks(pm):
     assert estimate(pm, "--model", "qwen2.5-0.5b", "--stack",
                     "transformers=4.30")["recipe"]["attn"] == "eager"
     assert estimate(pm, "--model", "qwen2.5-0.5b")["recipe"]["attn"] == "sdpa"
+
+
+@pytest.mark.usefixtures("offline_machine")
+def test_the_planner_plans_the_stacks_default_attention(pm):
+    """Where the card has no FlashAttention, the plans use the attention the planned-for
+    stack runs by default (eager before transformers 4.36), priced as such."""
+    def plans(*stack) -> list[dict]:
+        result = CliRunner().invoke(make_cli(pm), ["plan", "--model", "qwen2.5-0.5b", "--gpu",
+                                                   "v100-32gb", *stack, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["plans"]
+
+    old, new = plans("--stack", "transformers=4.30"), plans()
+    assert {p["attn"] for p in old} == {"eager"} and {p["attn"] for p in new} == {"sdpa"}
+    first = old[0]
+    priced = estimate(pm, "--model", "qwen2.5-0.5b", "--gpu", "v100-32gb", "--stack",
+                      "transformers=4.30", "--method", first["method"], "--rank",
+                      str(first["rank"]), "--targets", first["targets"], "--batch",
+                      str(first["micro_batch"]), "--precision", first["precision"],
+                      *(["--grad-ckpt"] if first["grad_ckpt"] else []))
+    assert priced["recipe"]["attn"] == "eager"
+    assert priced["memory"]["peak_bytes"] == first["memory"]["peak_bytes"]
