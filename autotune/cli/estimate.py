@@ -204,10 +204,9 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
     if params.unmatched:
         notes.append(f"targets {', '.join(params.unmatched)} match no module of this model "
                      "(PEFT skips them silently)")
-    if planner.cost.layouts.adapter_dtype == "base" and recipe.adapter and recipe.bits == 16 \
-            and recipe.precision in ("bf16", "fp16"):
-        notes.append(f"PEFT before 0.11 keeps adapters in the base's {recipe.precision}: they "
-                     "are priced as fp32 (PEFT 0.11 and later), an over-estimate")
+    if params.adapter_bytes != 4 and recipe.method == "dora":
+        notes.append(f"PEFT before 0.11 keeps adapters in the base's {recipe.precision}; "
+                     "DoRA's weight norms are priced as with fp32 adapters, an over-estimate")
     if result.family.remote_code(model.config):
         notes.append(f"this {result.family.name} model runs remote code: `autotune run` needs "
                      "--trust-remote-code")

@@ -38,6 +38,8 @@ class Precision:
     bitsandbytes layers, which return their input's dtype (the fp32 residual)."""
     int8_inputs: bool = False
     """Frozen linears are bitsandbytes 8-bit ones, which keep their input for backward."""
+    adapter: int = FP32
+    """Bytes of the LoRA adapters' weights: fp32, or a 16-bit base's (PEFT before 0.11)."""
 
     def __post_init__(self) -> None:
         if not self.act:
@@ -112,8 +114,12 @@ def linear(saved: Saved, name: str, source: str, t: int, fan_in: int, fan_out: i
             saved.keep(source, t * fan_in * in_bytes)
     if role.adapted:
         # PEFT casts the input to the adapter dtype (fp32); autocast then copies it back
-        # to 16 bit for lora_A, once per adapted layer.
-        if p.autocast:
+        # to 16 bit for lora_A, once per adapted layer. 16-bit adapters take it as it is.
+        if p.adapter != FP32 and not role.dropout:
+            saved.keep(source, t * fan_in * in_bytes)
+        elif p.adapter != FP32:
+            saved.keep(f"{name}.lora_x16", t * fan_in * p.adapter)
+        elif p.autocast:
             saved.keep(f"{name}.lora_x", t * fan_in * p.compute)
         elif role.dropout or in_bytes != FP32:
             saved.keep(f"{name}.lora_x32", t * fan_in * FP32)
@@ -121,9 +127,9 @@ def linear(saved: Saved, name: str, source: str, t: int, fan_in: int, fan_out: i
             saved.keep(source, t * fan_in * FP32)
         if role.dropout and grad_x:  # dropout keeps its mask when a gradient flows through
             saved.keep(f"{name}.lora_mask", t * fan_in * p.dropout_mask)
-        # lora_B's input: 16 bit under autocast, else the adapter dtype (fp32)
-        saved.keep(f"{name}.lora_ax", t * role.rank * (p.compute if p.autocast else FP32))
-        if p.autocast:  # 16-bit copies of the fp32 adapter weights, held until backward
+        # lora_B's input: 16 bit under autocast, else the adapter dtype
+        saved.keep(f"{name}.lora_ax", t * role.rank * (p.compute if p.autocast else p.adapter))
+        if p.autocast and p.adapter == FP32:  # 16-bit copies of the fp32 adapter weights
             saved.keep(f"{name}.lora_w16", role.rank * (fan_in + fan_out) * p.compute)
         if role.dora:
             saved.keep(f"{name}.dora_base", t * fan_out * p.compute)
@@ -211,10 +217,10 @@ def forward_frame(saved: Saved, t: int, hidden: int, inter: int, roles: dict[str
     live.keep("ln2.out", t * hidden * in_bytes)
     live.keep("mlp.act_up", t * inter * p.act)
     live.keep("mlp.down_proj.dora_base", t * hidden * p.compute)  # its base output
-    if down.adapted and p.act != FP32 and (p.autocast or down.dropout):
+    if down.adapted and p.adapter == FP32 and p.act != FP32 and (p.autocast or down.dropout):
         live.keep("mlp.down_proj.x32", t * inter * FP32)
     if down.adapted and down.dropout and p.autocast:
-        live.keep("mlp.down_proj.dropped", t * inter * FP32)
+        live.keep("mlp.down_proj.dropped", t * inter * p.adapter)
     return sum(n for name, n in live.storages.items() if name not in saved.storages)
 
 
@@ -227,7 +233,7 @@ def incoming_gradients(t: int, hidden: int, down: LinearRole, p: Precision) -> i
     if p.act != p.residual:  # cast to the MLP's output dtype
         grads += t * hidden * p.act
     if down.adapted:
-        grads += t * hidden * (p.compute if p.autocast else FP32)
+        grads += t * hidden * (p.compute if p.autocast else p.adapter)
     if down.dora:
         grads += t * hidden * 2 * FP32
     return grads

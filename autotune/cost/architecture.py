@@ -130,6 +130,9 @@ class Architecture:
     """bitsandbytes quantises the fused experts of 4-bit plans (see autotune.cost.layouts)."""
     adaptable_experts: bool = True
     """PEFT can put LoRA on the fused expert parameters (see autotune.cost.layouts)."""
+    half_adapters: bool = False
+    """LoRA adapters on a 16-bit base take its dtype (PEFT before 0.11; see
+    autotune.cost.layouts), not fp32."""
 
     @cached_property
     def total(self) -> int:

@@ -243,8 +243,8 @@ def _offload_bytes(parallel: Parallel, arch: Architecture, recipe: Recipe,
     if parallel.deepspeed:
         state = MASTER_STATE * trainable + (2 * arch.total if parallel.offload_params else 0)
     else:
-        param_bytes = FP32 if recipe.adapter else BYTES[recipe.weight_dtype]
-        adapters = trainable * FP32 if recipe.adapter else 0
+        param_bytes = params.adapter_bytes if recipe.adapter else BYTES[recipe.weight_dtype]
+        adapters = trainable * param_bytes if recipe.adapter else 0
         state = (_state(recipe, params, param_bytes) + weight_bytes(arch, recipe) + adapters
                  + trainable * param_bytes)
     return int(state * parallel.gpus / parallel.world * HOST_BUFFER)
@@ -296,8 +296,8 @@ def disk_needs(arch: Architecture, recipe: Recipe, params: ParamCounts,
         module = saved if parallel.strategy != "zero3" else 0  # ZeRO-3 saves placeholders
         state = FP32 * trainable + _state(optim, params, FP32) + module
     else:
-        param_bytes = FP32 if recipe.adapter else BYTES[recipe.weight_dtype]
-        saved = trainable * FP32 if recipe.adapter else arch.total * param_bytes
+        param_bytes = params.adapter_bytes if recipe.adapter else BYTES[recipe.weight_dtype]
+        saved = trainable * param_bytes if recipe.adapter else arch.total * param_bytes
         state = _state(recipe, params, param_bytes)
     return DiskNeeds(saved + state + tokenizer + CHECKPOINT_EXTRAS, KEPT,
                      saved + tokenizer)

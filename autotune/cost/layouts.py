@@ -80,9 +80,11 @@ def layouts(stack: Mapping[str, str | None] | None = None) -> Layouts:
 
 
 def adapt(arch: Architecture, found: Layouts) -> Architecture:
-    """``arch`` as ``found``'s stack builds it: fused experts split into transformers 4's
-    per-expert linears (the models of :data:`PER_EXPERT`), or kept fused with what
-    bitsandbytes and PEFT can do to them."""
+    """``arch`` as ``found``'s stack builds it: adapters in a 16-bit base's dtype before
+    PEFT 0.11; fused experts split into transformers 4's per-expert linears (the models of
+    :data:`PER_EXPERT`), or kept fused with what bitsandbytes and PEFT can do to them."""
+    if found.adapter_dtype == "base":
+        arch = replace(arch, half_adapters=True)
     if not arch.experts:
         return arch
     if found.experts == "per-expert" and arch.model_type in PER_EXPERT:

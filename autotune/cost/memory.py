@@ -306,8 +306,8 @@ def optimizer_state_bytes(recipe: Recipe, shapes: list[tuple[int, ...]], param_b
 
 def training_state_bytes(recipe: Recipe, params: ParamCounts) -> int:
     """Adapter weights, gradients and optimizer state of a model trained like ``recipe``."""
-    param_bytes = FP32 if recipe.adapter else BYTES[recipe.weight_dtype]
-    adapters = params.trainable * FP32 if recipe.adapter else 0
+    param_bytes = params.adapter_bytes if recipe.adapter else BYTES[recipe.weight_dtype]
+    adapters = params.trainable * param_bytes if recipe.adapter else 0
     return (adapters + params.trainable * param_bytes
             + optimizer_state_bytes(recipe, [(params.trainable,)], param_bytes))
 
@@ -327,9 +327,9 @@ def serving_memory(arch: Architecture, recipe: Recipe) -> MemoryEstimate:
 
 
 def checkpoint_bytes(arch: Architecture, recipe: Recipe, params: ParamCounts) -> int:
-    """Size of what a run saves: the adapter (fp32) or the full weights (16 bit)."""
+    """Size of what a run saves: the adapter (in its dtype) or the full weights (16 bit)."""
     if recipe.adapter:
-        return params.trainable * FP32
+        return params.trainable * params.adapter_bytes
     return arch.total * (2 if recipe.weight_dtype == "fp32" else BYTES[recipe.weight_dtype])
 
 
@@ -422,12 +422,14 @@ def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
     if recipe.bits < 16:  # prepare_model_for_kbit_training leaves the residual stream fp32
         w = FP32
     p = Precision(compute=c, residual=w, autocast=autocast, copies_weights=copies,
-                  dropout_mask=FP32 if device == "cpu" else 1,
+                  dropout_mask=(counts.adapter_bytes if recipe.adapter else FP32)
+                  if device == "cpu" else 1,
                   # bitsandbytes' 8-bit layers on the CPU are F.linear on the dequantised
                   # weight, which autocast runs in 16 bit
                   act=c if recipe.bits == 16 or (recipe.bits == 8 and device == "cpu") else w,
-                  int8_inputs=recipe.bits == 8)
-    param_bytes = FP32 if recipe.adapter else w
+                  int8_inputs=recipe.bits == 8,
+                  adapter=counts.adapter_bytes if recipe.adapter else FP32)
+    param_bytes = counts.adapter_bytes if recipe.adapter else w
     trained = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
     shapes = _trainable_shapes(arch, recipe, counts, trained)
     roles = _roles(arch, recipe, counts, trained)
@@ -488,7 +490,8 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
 
     tl = _Timeline()
     tl.add("weights", int(f.weights * share.weights), "start")
-    tl.add("adapters", int(counts.trainable * FP32 * share.weights) if recipe.adapter else 0,
+    tl.add("adapters", int(counts.trainable * f.param_bytes * share.weights) if recipe.adapter
+           else 0,
            "start")
     tl.add("optimizer", int(optimizer * share.optimizer), "start")
     tl.add("communication", share.buffers, "start")
@@ -803,7 +806,7 @@ def _grads_by_layer(arch: Architecture, recipe: Recipe, counts: ParamCounts,
             for path, shape in counts.adapter_tensors:
                 index = layer_index(path)
                 if index is not None and index < arch.num_layers:
-                    per[index] += math.prod(shape) * FP32
+                    per[index] += math.prod(shape) * counts.adapter_bytes
             counts.__dict__["_grads_by_layer"] = per
         return counts.__dict__["_grads_by_layer"]
     return [0 if trained is not None and i not in trained else n * w

@@ -34,6 +34,8 @@ class ParamCounts:
     """Every adapter tensor: (the adapted module or parameter's path, shape)."""
     unmatched: tuple[str, ...] = ()
     """Requested target names that match no module (PEFT would silently skip them)."""
+    adapter_bytes: int = 4
+    """Bytes of each adapter parameter: fp32, or a 16-bit base's (PEFT before 0.11)."""
 
     @property
     def trainable_percent(self) -> float:
@@ -169,10 +171,11 @@ def count(arch: Architecture, recipe: Recipe, groups: dict[str, tuple[str, ...]]
         chosen, unmatched, fused = cache[key]
         wrapped, shapes, ranks = _adapter_tensors(arch, recipe, chosen, fused)
         added = sum(math.prod(shape) for _, shape in shapes)
+        half = arch.half_adapters and recipe.bits == 16 and recipe.weight_dtype != "fp32"
         return ParamCounts(total, added, total + added, targets=chosen,
                            target_params=tuple(wrapped), param_ranks=tuple(ranks),
-                           adapter_tensors=tuple(shapes),
-                           unmatched=unmatched, **quick)
+                           adapter_tensors=tuple(shapes), unmatched=unmatched,
+                           adapter_bytes=2 if half else 4, **quick)
     if recipe.method == "freeze":
         per_layer = arch.layer_params
         trainable = sum(per_layer[i] for i in trainable_layers(arch, recipe))

@@ -121,3 +121,30 @@ def test_the_planner_plans_the_stacks_default_attention(pm):
                       *(["--grad-ckpt"] if first["grad_ckpt"] else []))
     assert priced["recipe"]["attn"] == "eager"
     assert priced["memory"]["peak_bytes"] == first["memory"]["peak_bytes"]
+
+
+@pytest.mark.parametrize("arch, shape", [("llama-gqa", dict(batch=2, seq_len=64)),
+                                         ("llama-wide", dict(batch=1, seq_len=512, dropout=0.1))])
+def test_adapters_before_peft_0_11_are_priced_in_the_bases_dtype(pm, monkeypatch, arch, shape):
+    """PEFT before 0.11 left adapters on a 16-bit base in its dtype; today's PEFT does so
+    with ``autocast_adapter_dtype=False``. A CPU step built that way is what
+    ``--stack peft=0.10`` prices (within -1%..+2%), where the fp32-adapter price is far above."""
+    import functools
+
+    import peft
+
+    from autotune.cost.assess import assess
+    from autotune.cost.recipe import Recipe
+    from autotune.run.measure import measure
+    from benchmarks.accuracy_grid import CONFIGS
+
+    monkeypatch.setattr(peft, "get_peft_model",
+                        functools.partial(peft.get_peft_model, autocast_adapter_dtype=False))
+    recipe = Recipe(method="lora", **shape)
+    old = assess(pm, CONFIGS[arch], recipe, device="cpu", stack={"peft": "0.10"})
+    new = assess(pm, CONFIGS[arch], recipe, device="cpu")
+    measured = measure(CONFIGS[arch], recipe, steps=3).peak_tensor_bytes
+    assert old.params.adapter_bytes == 2 and new.params.adapter_bytes == 4
+    assert old.memory.breakdown["adapters"] == 2 * old.params.trainable
+    assert -0.01 <= old.memory.tensor_peak / measured - 1 <= 0.02
+    assert new.memory.tensor_peak / measured - 1 > 0.05
