@@ -195,9 +195,11 @@ class LayerSaves(NamedTuple):
     """Of ``total``, what its MLP and the norm before it save: freed before the
     attention's backward runs."""
     frame: int
-    """Live beside what it saved at the top of its forward (:func:`forward_frame`)."""
+    """Live beside what it saved at the top of its forward (:func:`forward_frame`; dense
+    MLPs only, as the grid's MoE cases need none)."""
     grads_in: int
-    """The gradients live when its backward starts (:func:`incoming_gradients`)."""
+    """The gradients live when its backward starts (:func:`incoming_gradients`; dense
+    MLPs only)."""
     own_input: int
     """Of ``total``, its input itself (an fp32 residual saved by the first norm)."""
     pinned: int
@@ -219,8 +221,8 @@ def forward_frame(saved: Saved, t: int, hidden: int, inter: int, roles: dict[str
     live.keep("mlp.down_proj.dora_base", t * hidden * p.compute)  # its base output
     if down.adapted and p.adapter == FP32 and p.act != FP32 and (p.autocast or down.dropout):
         live.keep("mlp.down_proj.x32", t * inter * FP32)
-    if down.adapted and down.dropout and p.autocast:
-        live.keep("mlp.down_proj.dropped", t * inter * p.adapter)
+    if down.adapted and down.dropout and p.autocast:  # what 16-bit adapters save
+        live.keep("mlp.down_proj.lora_x16", t * inter * p.adapter)
     return sum(n for name, n in live.storages.items() if name not in saved.storages)
 
 

@@ -23,7 +23,7 @@ from autotune.cost.activations import (
     attention_backward_spike,
     layer_saved,
 )
-from autotune.cost.architecture import Architecture, Linear, Tensor, layer_index
+from autotune.cost.architecture import Architecture, Layer, Linear, Tensor, layer_index
 from autotune.cost.parallel import SINGLE, Parallel, deepspeed_optimizer_bytes, shares
 from autotune.cost.params import ParamCounts, trainable_layers
 from autotune.cost.recipe import Recipe
@@ -490,9 +490,8 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
 
     tl = _Timeline()
     tl.add("weights", int(f.weights * share.weights), "start")
-    tl.add("adapters", int(counts.trainable * f.param_bytes * share.weights) if recipe.adapter
-           else 0,
-           "start")
+    adapters = counts.trainable * f.param_bytes if recipe.adapter else 0
+    tl.add("adapters", int(adapters * share.weights), "start")
     tl.add("optimizer", int(optimizer * share.optimizer), "start")
     tl.add("communication", share.buffers, "start")
     tl.add("inputs", t * INDEX, "start")
@@ -676,10 +675,11 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
         transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * f.p.act,
                         attention_backward_spike(layer, shape.batch, shape.seq_len, f.p,
                                                  kernel) - mlp_saved)
-        f.saved[kind] = saved, pinned, transient, max(
-            frame + _dora_top(layer, f.roles[i], t, arch.hidden, recipe, f.p, 3), f.dora[i]
-        ), max(frame + grads_in + _dora_top(layer, f.roles[i], t, arch.hidden, recipe, f.p, 2),
-               f.dora[i]) if recipe.grad_ckpt else 0
+        top = max(frame + _dora_top(layer, f.roles[i], t, arch.hidden, recipe, f.p, 3),
+                  f.dora[i])
+        recompute = max(frame + grads_in + _dora_top(layer, f.roles[i], t, arch.hidden, recipe,
+                                                     f.p, 2), f.dora[i]) if recipe.grad_ckpt else 0
+        f.saved[kind] = saved, pinned, transient, top, recompute
     saved, pinned, transient, top, recompute = f.saved[kind]
     dq, dq_lora = f.dequantised[i], f.dequantised_lora[i]
     return _Layer(
@@ -729,7 +729,7 @@ def _dora_norm(fan_in: int, fan_out: int, recipe: Recipe, p: Precision) -> int:
     return need + (2 * io if recipe.bits < 16 else 0)
 
 
-def _dora_top(layer, roles: dict, t: int, hidden: int, recipe: Recipe, p: Precision,
+def _dora_top(layer: Layer, roles: dict, t: int, hidden: int, recipe: Recipe, p: Precision,
               products: int) -> int:
     """What a DoRA-adapted down projection adds on top of its layer's forward frame
     (:func:`~autotune.cost.activations.forward_frame`): its weight norm, taken before
