@@ -27,6 +27,7 @@ from autotune.cost.architecture import Architecture, Layer, Linear, Tensor, laye
 from autotune.cost.parallel import SINGLE, Parallel, deepspeed_optimizer_bytes, shares
 from autotune.cost.params import ParamCounts, trainable_layers
 from autotune.cost.recipe import Recipe
+from autotune.util.units import gib
 
 COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "logits",
               "temporaries", "inputs", "stage_extras", "communication")
@@ -597,7 +598,14 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     # -- optimizer step: every gradient exists, plus the step's own scratch
     tl.spike("temporaries", int(f.scratch * share.optimizer), "optimizer")
     overhead = _device_overhead(tl.peak) if device == "cuda" else 0
-    return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase, list(f.notes))
+    notes = list(f.notes)
+    pinned = sum(layer.kept - t * arch.hidden * w for layer in layers if layer.saved) \
+        if recipe.grad_ckpt and recipe.bits == 8 else 0
+    if pinned:
+        notes.append(f"bitsandbytes' 8-bit layers keep their inputs on their autograd context, "
+                     f"where checkpointing cannot drop them: {gib(pinned)} of activations stay "
+                     "from the forward to each layer's backward")
+    return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase, notes)
 
 
 def _skip_backward(tl: _Timeline, layer: _Layer, grads: int, layers: int,
