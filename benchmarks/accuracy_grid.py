@@ -201,6 +201,23 @@ REAL: list[Case] = [
     Case("llama-s", _r(method="lora", bits=8, batch=2, seq_len=1024, grad_ckpt=True)),
     Case("llama-wide", _r(method="lora", bits=8, batch=1, seq_len=512, grad_ckpt=True)),
     Case("llama-s", _r(method="freeze", batch=4, seq_len=512, grad_ckpt=True)),
+    # layer-dominated, where a layer's own backward or recompute makes the peak: every
+    # method and precision, with dropout, eager attention and a q,v-only LoRA
+    *[Case("llama-wide", _r(**kw)) for kw in (
+        dict(method="lora", dropout=0.1, batch=1, seq_len=512, grad_ckpt=True),
+        dict(method="lora", precision="amp", batch=1, seq_len=512, grad_ckpt=True),
+        dict(method="lora", precision="fp32", batch=1, seq_len=512, grad_ckpt=True),
+        dict(method="lora", batch=1, seq_len=512, grad_ckpt=True, attn="eager"),
+        dict(method="lora", targets="q_proj,v_proj", batch=2, seq_len=512, grad_ckpt=True),
+        dict(method="qlora", batch=1, seq_len=512, grad_ckpt=True),
+        dict(method="qlora", dropout=0.1, batch=1, seq_len=512, grad_ckpt=True),
+        dict(method="dora", dropout=0.1, batch=1, seq_len=512),
+        dict(method="dora", dropout=0.1, batch=1, seq_len=512, grad_ckpt=True),
+        dict(method="full", precision="bf16", batch=1, seq_len=512, grad_ckpt=True),
+        dict(method="full", precision="amp", batch=1, seq_len=512, grad_ckpt=True),
+        dict(method="full", precision="fp32", batch=1, seq_len=512, grad_ckpt=True),
+        dict(method="freeze", batch=1, seq_len=512),
+        dict(method="freeze", batch=1, seq_len=512, grad_ckpt=True))],
 ]
 """Sequence lengths people train at (512-8,192 tokens), batch 1-8, with small hidden sizes."""
 

@@ -131,6 +131,10 @@ def linear(saved: Saved, name: str, source: str, t: int, fan_in: int, fan_out: i
         saved.keep(f"{name}.lora_ax", t * role.rank * (p.compute if p.autocast else p.adapter))
         if p.autocast and p.adapter == FP32:  # 16-bit copies of the fp32 adapter weights
             saved.keep(f"{name}.lora_w16", role.rank * (fan_in + fan_out) * p.compute)
+        if role.dora and role.dropout:  # DoRA runs the base again on the dropped input,
+            # through the weight cast to the adapters' dtype (and by autocast to 16 bit)
+            saved.keep(f"{name}.dora_w", fan_in * fan_out * (p.compute if p.autocast
+                                                              else p.adapter))
         if role.dora:
             saved.keep(f"{name}.dora_base", t * fan_out * p.compute)
             saved.keep(f"{name}.dora_lora", t * fan_out * p.compute)
@@ -168,8 +172,8 @@ def attention_backward_spike(layer: Layer, batch: int, seq: int, p: Precision,
 
 
 def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: int,
-              roles: dict[str, LinearRole], p: Precision, in_bytes: int, grad_in: bool) -> None:
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+              roles: dict[str, LinearRole], p: Precision, in_bytes: int, grad_in: bool) -> int:
+    """SwiGLU: down(silu(gate(x)) * up(x)). Returns what the down projection alone saves."""
     c = p.act
     linear(saved, f"{name}.gate_proj", source, t, hidden, inter, roles["gate_proj"], p, in_bytes,
            grad_in)
@@ -183,8 +187,10 @@ def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: 
             saved.keep(f"{name}.up", t * inter * c)        # for d(act)
         if grad_up:
             saved.keep(f"{name}.act", t * inter * c)       # for d(up)
+    before = saved.total
     linear(saved, f"{name}.down_proj", f"{name}.act_up", t, inter, hidden,
            roles["down_proj"], p, c, grad_gate or grad_up)
+    return saved.total - before
 
 
 class LayerSaves(NamedTuple):
@@ -204,6 +210,8 @@ class LayerSaves(NamedTuple):
     """Of ``total``, its input itself (an fp32 residual saved by the first norm)."""
     pinned: int
     """Of ``total``, what it keeps even when checkpointed (:attr:`Saved.pinned`)."""
+    down: int
+    """Of ``total``, what its down projection alone saves (dense MLPs only)."""
 
 
 def forward_frame(saved: Saved, t: int, hidden: int, inter: int, roles: dict[str, LinearRole],
@@ -218,7 +226,7 @@ def forward_frame(saved: Saved, t: int, hidden: int, inter: int, roles: dict[str
     live.keep("residual", t * hidden * p.residual)
     live.keep("ln2.out", t * hidden * in_bytes)
     live.keep("mlp.act_up", t * inter * p.act)
-    live.keep("mlp.down_proj.dora_base", t * hidden * p.compute)  # its base output
+    live.keep("mlp.down_proj.dora_base", t * hidden * p.act)  # its base output
     if down.adapted and p.adapter == FP32 and p.act != FP32 and (p.autocast or down.dropout):
         live.keep("mlp.down_proj.x32", t * inter * FP32)
     if down.adapted and down.dropout and p.autocast:  # what 16-bit adapters save
@@ -274,14 +282,14 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
     if f.moe:
         _moe(saved, t, hidden, f, roles, p, mid_bytes, grad_mid)
         return LayerSaves(saved.total, saved.total - before_mlp, 0, 0, own_input,
-                          saved.pinned_total)
+                          saved.pinned_total, 0)
     mlp_roles = {n: roles.get(n, LinearRole()) for n in ("gate_proj", "up_proj", "down_proj")}
-    gated_mlp(saved, "mlp", "ln2.out", t, hidden, f.intermediate, mlp_roles, p, mid_bytes,
-              grad_mid)
+    down = gated_mlp(saved, "mlp", "ln2.out", t, hidden, f.intermediate, mlp_roles, p,
+                     mid_bytes, grad_mid)
     return LayerSaves(saved.total, saved.total - before_mlp,
                       forward_frame(saved, t, hidden, f.intermediate, mlp_roles, p, mid_bytes),
                       incoming_gradients(t, hidden, mlp_roles["down_proj"], p), own_input,
-                      saved.pinned_total)
+                      saved.pinned_total, down)
 
 
 def _mla(saved: Saved, t: int, batch: int, seq: int, a: Attention, p: Precision, kernel: str,

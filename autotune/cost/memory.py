@@ -354,6 +354,19 @@ def optimizer_temporaries(recipe: Recipe, shapes: list[tuple[int, ...]], param_b
     return 2 * max(sizes) * param_bytes
 
 
+def _cpu_gemm_packing(layer: Layer, hidden: int, down: LinearRole | None) -> int:
+    """What the CPU's 16-bit GEMM (oneDNN) allocates inside the matmul at the top of a
+    layer's forward (:func:`~autotune.cost.activations.forward_frame`): its weight operand
+    packed in blocks of 64 output rows, plus a few KB (measured: 365,568 bytes for a
+    704 x 256 weight, 95,872 for a rank-8 adapter of width 704). That matmul is the down
+    projection's ``lora_A`` when it is adapted, its base weight when not, or when DoRA runs
+    the base again on a dropped-out input."""
+    inter = layer.mlp.intermediate
+    rows = hidden if down is None or not down.adapted or (down.dora and down.dropout) \
+        else down.rank
+    return inter * -(-rows // 64) * 64 * 2 + 6 * 1024
+
+
 def largest_module(arch: Architecture) -> int:
     """Parameters of the largest module: what ZeRO-3 and FSDP gather at a time (cached on
     ``arch``)."""
@@ -584,8 +597,14 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
                 saved -= layer.dq_lora
             else:
                 kept -= layer.dq_lora
-        tl.add("gradients", grads, f"backward (layer {i})")
-        tl.spike("temporaries", layer.transient if saved else 0, f"backward (layer {i})")
+        # the MLP's backward peaks with only its down projection's gradients made; the
+        # attention's, with every gradient of the layer and the MLP's saved tensors freed
+        early = int(layer.early_grads * share.gradients)
+        tl.add("gradients", early, f"backward (layer {i})")
+        tl.spike("temporaries", layer.mlp_transient if saved else 0, f"backward (layer {i})")
+        tl.add("gradients", grads - early, f"backward (layer {i})")
+        tl.spike("temporaries", layer.attention_transient if saved else 0,
+                 f"backward (layer {i} attention)")
         tl.add("activations", -(saved + kept if recipe.grad_ckpt else kept), "backward")
         tl.add("temporaries", -layer.cast, "backward")
         if grow <= 0:
@@ -633,7 +652,12 @@ class _Layer(NamedTuple):
     lora_grad: int
     grads: int
     """Its gradients' bytes, before a sharded strategy's share."""
-    transient: int
+    early_grads: int
+    """Of ``grads``, those made before its MLP's backward peaks (the down projection's)."""
+    mlp_transient: int
+    """The MLP backward's gradient buffers and the gradients arriving, at their peak."""
+    attention_transient: int
+    """The attention backward's scratch beyond what the MLP saved (freed by then)."""
     cast: int
     top: int
     """What its forward holds beyond what it saved at its top (DoRA: its weight norms)."""
@@ -672,29 +696,47 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
     kind = (f.kinds[i], grad_in, shape, kernel, recipe.grad_ckpt)
     if kind not in f.saved:
         norms = f.full or (f.trained is not None and i in f.trained)
-        saved, mlp_saved, frame, grads_in, own_input, pinned = layer_saved(
+        saved, mlp_saved, frame, grads_in, own_input, pinned, down = layer_saved(
             layer, arch.hidden, shape.batch, shape.seq_len, f.roles[i], norms, grad_in, f.p,
             kernel)
         if recipe.grad_ckpt:  # a recompute saves anew all but the input it keeps
             saved -= own_input
-        # the backward's transient: the incoming gradient and the MLP's gradient
-        # buffers (fp32 behind bitsandbytes layers), or (later, the MLP's saved tensors
-        # freed) the attention's
-        transient = max(t * arch.hidden * c + 3 * t * _widest_mlp(layer) * f.p.act,
-                        attention_backward_spike(layer, shape.batch, shape.seq_len, f.p,
-                                                 kernel) - mlp_saved)
+        # the MLP backward's transient: the gradients arriving and three gradient buffers
+        # of its width (fp32 behind bitsandbytes layers), the down projection's saved
+        # tensors freed by then; later, the MLP's saved tensors freed, the attention's
+        buffers = 3 * t * _widest_mlp(layer) * f.p.act
+        mlp_transient = t * arch.hidden * f.p.residual + buffers - down if down \
+            else t * arch.hidden * c + buffers
+        attention_transient = max(0, attention_backward_spike(
+            layer, shape.batch, shape.seq_len, f.p, kernel) - mlp_saved)
+        if device == "cpu" and c != FP32 and not layer.mlp.moe:
+            frame += _cpu_gemm_packing(layer, arch.hidden, f.roles[i].get("down_proj"))
         top = max(frame + _dora_top(layer, f.roles[i], t, arch.hidden, recipe, f.p, 3),
                   f.dora[i])
         recompute = max(frame + grads_in + _dora_top(layer, f.roles[i], t, arch.hidden, recipe,
                                                      f.p, 2), f.dora[i]) if recipe.grad_ckpt else 0
-        f.saved[kind] = saved, pinned, transient, top, recompute
-    saved, pinned, transient, top, recompute = f.saved[kind]
+        f.saved[kind] = saved, pinned, mlp_transient, attention_transient, top, recompute
+    saved, pinned, mlp_transient, attention_transient, top, recompute = f.saved[kind]
     dq, dq_lora = f.dequantised[i], f.dequantised_lora[i]
     return _Layer(
         saved, t * arch.hidden * w + pinned if recipe.grad_ckpt and saved else saved,
         0 if recipe.grad_ckpt or not saved or not (dq or dq_lora) else dq_lora or dq,
-        dq, dq_lora, f.redequantised[i], f.lora_grad[i], f.grads[i], transient,
-        f.cast_copies[i], top, recompute), grad_in or saved > 0
+        dq, dq_lora, f.redequantised[i], f.lora_grad[i], f.grads[i],
+        _early_grads(layer, f.roles[i].get("down_proj"), arch.hidden, f.param_bytes,
+                     f.grads[i]), mlp_transient, attention_transient, f.cast_copies[i], top,
+        recompute), grad_in or saved > 0
+
+
+def _early_grads(layer: Layer, down: LinearRole | None, hidden: int, param_bytes: int,
+                 grads: int) -> int:
+    """Of a layer's gradient bytes, those its down projection makes before the MLP's
+    backward peaks (all of them for an MoE block, whose experts' come then too)."""
+    if layer.mlp.moe or down is None:
+        return grads
+    inter = layer.mlp.intermediate
+    if down.trainable:
+        return min(grads, inter * hidden * param_bytes)
+    return min(grads, down.rank * (inter + hidden) * param_bytes) if down.adapted else 0
 
 
 def _runs(layers: list) -> list[tuple[int, int]]:
