@@ -84,6 +84,25 @@ WIDE_ARCHITECTURES = {
     "llama-wide": dict(model_type="llama", hidden_size=256, intermediate_size=704,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        vocab_size=1000, max_position_embeddings=2048),
+    # Qwen3's per-head q and k norms, dense and MoE (routing weights in the logits' dtype)
+    "qwen3-wide": dict(model_type="qwen3", hidden_size=256, intermediate_size=704,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=64, vocab_size=1000, max_position_embeddings=2048),
+    "qwen3-moe-wide": dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=512,
+                           moe_intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                           num_experts_per_tok=2, head_dim=64, vocab_size=1000,
+                           max_position_embeddings=2048),
+    # Mixtral's fp32 routing weights; Qwen2-MoE's gated shared expert
+    "mixtral-wide": dict(model_type="mixtral", hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         num_local_experts=4, num_experts_per_tok=2, vocab_size=1000,
+                         max_position_embeddings=2048),
+    "qwen2-moe-wide": dict(model_type="qwen2_moe", hidden_size=256, intermediate_size=512,
+                           moe_intermediate_size=256, shared_expert_intermediate_size=512,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           num_experts=4, num_experts_per_tok=2, vocab_size=1000,
+                           max_position_embeddings=2048, decoder_sparse_step=1),
 }
 CONFIGS = {**ARCHITECTURES, **MOE_ARCHITECTURES, **WIDE_ARCHITECTURES}
 
@@ -218,12 +237,30 @@ REAL: list[Case] = [
         dict(method="full", precision="fp32", batch=1, seq_len=512, grad_ckpt=True),
         dict(method="freeze", batch=1, seq_len=512),
         dict(method="freeze", batch=1, seq_len=512, grad_ckpt=True))],
+    *[Case(arch, _r(**kw)) for arch, kw in (
+        ("qwen3-wide", dict(method="lora", batch=1, seq_len=512)),
+        ("qwen3-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+        ("qwen3-wide", dict(method="full", precision="bf16", batch=1, seq_len=512)),
+        ("qwen3-moe-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+        ("qwen3-moe-wide", dict(method="lora", targets="attn,experts", batch=1, seq_len=512,
+                                grad_ckpt=True)),
+        ("qwen3-moe-wide", dict(method="full", precision="bf16", batch=1, seq_len=512)),
+        ("mixtral-wide", dict(method="lora", targets="attn", batch=1, seq_len=512)),
+        ("mixtral-wide", dict(method="lora", targets="attn", batch=1, seq_len=512,
+                              grad_ckpt=True)),
+        ("mixtral-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+        ("mixtral-wide", dict(method="qlora", targets="attn", batch=1, seq_len=512,
+                              grad_ckpt=True)),
+        ("mixtral-wide", dict(method="full", precision="bf16", batch=1, seq_len=512,
+                              grad_ckpt=True)),
+        ("qwen2-moe-wide", dict(method="lora", targets="attn", batch=1, seq_len=512)),
+        ("qwen2-moe-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)))],
 ]
 """Sequence lengths people train at (512-8,192 tokens), batch 1-8, with small hidden sizes."""
 
 GRID: list[Case] = SMALL + REAL
 FAST: list[Case] = [SMALL[i] for i in (4, 6, 11, 13, 21, 22, 26, 27, 28, 33, 38)] + [
-    c for c in REAL if c.arch == "llama-wide" and c.recipe.grad_ckpt]
+    c for c in REAL if c.arch.endswith("-wide") and c.recipe.grad_ckpt]
 """What tests/cost/test_memory.py measures: a representative subset that runs in seconds
 (with the layer-dominated checkpointed cases, where a recompute makes the peak)."""
 

@@ -201,11 +201,10 @@ class LayerSaves(NamedTuple):
     """Of ``total``, what its MLP and the norm before it save: freed before the
     attention's backward runs."""
     frame: int
-    """Live beside what it saved at the top of its forward (:func:`forward_frame`; dense
-    MLPs only, as the grid's MoE cases need none)."""
+    """Live beside what it saved at the top of its forward (:func:`forward_frame`,
+    :func:`moe_frame`)."""
     grads_in: int
-    """The gradients live when its backward starts (:func:`incoming_gradients`; dense
-    MLPs only)."""
+    """The gradients live when its backward starts (:func:`incoming_gradients`)."""
     own_input: int
     """Of ``total``, its input itself (an fp32 residual saved by the first norm)."""
     pinned: int
@@ -234,12 +233,31 @@ def forward_frame(saved: Saved, t: int, hidden: int, inter: int, roles: dict[str
     return sum(n for name, n in live.storages.items() if name not in saved.storages)
 
 
-def incoming_gradients(t: int, hidden: int, down: LinearRole, p: Precision) -> int:
+def moe_frame(saved: Saved, t: int, hidden: int, f: FeedForward, p: Precision,
+              in_bytes: int) -> int:
+    """:func:`forward_frame` of a mixture-of-experts block, at its top (the weighted expert
+    outputs): the residual and the block's input, each routed token's gathered input, and
+    the expert outputs weighted by the routing weights: with fp32 weights, promoted to fp32
+    (a copy on the CPU), then the fp32 product."""
+    routed = t * f.top_k
+    live = Saved()
+    live.keep("residual", t * hidden * p.residual)
+    live.keep("ln2.out", t * hidden * in_bytes)
+    live.keep("experts.x", routed * hidden * in_bytes)
+    if f.fp32_routing:
+        live.keep("experts.promoted", routed * hidden * FP32)
+    live.keep("experts.weighted", routed * hidden * (FP32 if f.fp32_routing else p.compute))
+    return sum(n for name, n in live.storages.items() if name not in saved.storages)
+
+
+def incoming_gradients(t: int, hidden: int, down: LinearRole, p: Precision,
+                       top_k: int = 0, routed_bytes: int = FP32) -> int:
     """The gradients a layer's backward holds when its first saved tensor is needed (which
     makes a checkpointed layer recompute): its output's (and its copy in the MLP's output
     dtype, where that is not the residual's); a LoRA-adapted down projection's
-    scaled copy for ``lora_B``; DoRA's fp32 result's gradient and its scaled half."""
-    grads = t * hidden * p.residual
+    scaled copy for ``lora_B``; DoRA's fp32 result's gradient and its scaled half; the
+    gradient of ``top_k`` weighted expert outputs per token (MoE; ``routed_bytes`` wide)."""
+    grads = t * hidden * p.residual + t * top_k * hidden * routed_bytes
     if p.act != p.residual:  # cast to the MLP's output dtype
         grads += t * hidden * p.act
     if down.adapted:
@@ -273,6 +291,12 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
     if grad_attn and a.mla:
         _mla(saved, t, batch, seq, a, p, kernel, norms_trainable)
     elif grad_attn:
+        if a.qk_norm:  # per-head RMSNorm of q and k: what norm() keeps, per head
+            for which, width in (("q", a.heads * a.head_dim), ("k", a.kv_heads * a.head_dim)):
+                saved.keep(f"{which}_norm.x32", t * width * FP32)
+                saved.keep(f"{which}_norm.rsqrt", t * width // a.head_dim * FP32)
+                if norms_trainable:
+                    saved.keep(f"{which}_norm.xhat", t * width * p.compute)
         attention_core(saved, "attn", t, batch, seq, a, p, kernel)
     grad_mid = grad_attn or grad_in
     before_mlp = saved.total
@@ -281,7 +305,10 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
     own_input = saved.storages.get("input", 0)
     if f.moe:
         _moe(saved, t, hidden, f, roles, p, mid_bytes, grad_mid)
-        return LayerSaves(saved.total, saved.total - before_mlp, 0, 0, own_input,
+        return LayerSaves(saved.total, saved.total - before_mlp,
+                          moe_frame(saved, t, hidden, f, p, mid_bytes),
+                          incoming_gradients(t, hidden, LinearRole(), p, f.top_k,
+                                             FP32 if f.fp32_routing else p.compute), own_input,
                           saved.pinned_total, 0)
     mlp_roles = {n: roles.get(n, LinearRole()) for n in ("gate_proj", "up_proj", "down_proj")}
     down = gated_mlp(saved, "mlp", "ln2.out", t, hidden, f.intermediate, mlp_roles, p,
@@ -358,7 +385,7 @@ def _moe(saved: Saved, t: int, hidden: int, f: FeedForward, roles, p: Precision,
             saved.keep("router.lora_w16", router.adapter * c)
         saved.keep("router.logits", t * f.experts * (c + FP32))
         saved.keep("router.index", (t * f.top_k + 3 * routed) * INDEX)
-        saved.keep("experts.weights", routed * FP32)
+        saved.keep("experts.weights", routed * (FP32 if f.fp32_routing else c))
         if weights_grad:
             saved.keep("experts.x", routed * hidden * c)
             saved.keep("experts.h", routed * f.expert_intermediate * c)
@@ -369,5 +396,9 @@ def _moe(saved: Saved, t: int, hidden: int, f: FeedForward, roles, p: Precision,
         saved.keep("experts.out", routed * hidden * c)
     if f.shared_intermediate:
         gated_mlp(saved, "shared", "ln2.out", t, hidden, f.shared_intermediate,
-                  {n: roles.get(f"shared_experts.{n}", LinearRole())
+                  {n: roles.get(f"shared_experts.{n}", roles.get(f"shared_expert.{n}",
+                                                                 LinearRole()))
                    for n in ("gate_proj", "up_proj", "down_proj")}, p, in_bytes, grad_in)
+        if f.shared_gated and grad_in:  # sigmoid(gate(x)) * out keeps both factors
+            saved.keep("shared.out", t * hidden * c)
+            saved.keep("shared.gate", t * c)

@@ -66,6 +66,9 @@ class Attention:
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
     rope_dim: int = 0
+    qk_norm: bool = False
+    """q and k are RMS-normalised per head before the rotary embedding (Qwen3's
+    ``q_norm``/``k_norm``)."""
 
     @property
     def mla(self) -> bool:
@@ -81,6 +84,12 @@ class FeedForward:
     top_k: int = 0
     expert_intermediate: int = 0
     shared_intermediate: int = 0
+    shared_gated: bool = False
+    """The shared experts' output is scaled by a sigmoid gate (Qwen2-MoE's
+    ``shared_expert_gate``)."""
+    fp32_routing: bool = True
+    """The routing weights stay fp32 (Mixtral, DeepSeek); Qwen's MoE routers cast them to
+    the logits' dtype."""
 
     @property
     def moe(self) -> bool:

@@ -723,17 +723,22 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
         0 if recipe.grad_ckpt or not saved or not (dq or dq_lora) else dq_lora or dq,
         dq, dq_lora, f.redequantised[i], f.lora_grad[i], f.grads[i],
         _early_grads(layer, f.roles[i].get("down_proj"), arch.hidden, f.param_bytes,
-                     f.grads[i]), mlp_transient, attention_transient, f.cast_copies[i], top,
+                     f.grads[i], f.roles[i].get("experts")), mlp_transient, attention_transient, f.cast_copies[i], top,
         recompute), grad_in or saved > 0
 
 
 def _early_grads(layer: Layer, down: LinearRole | None, hidden: int, param_bytes: int,
-                 grads: int) -> int:
+                 grads: int, experts: LinearRole | None = None) -> int:
     """Of a layer's gradient bytes, those its down projection makes before the MLP's
-    backward peaks (all of them for an MoE block, whose experts' come then too)."""
-    if layer.mlp.moe or down is None:
+    backward peaks (trained experts: their down projections'; else, for an MoE block,
+    all of them)."""
+    f = layer.mlp
+    if f.moe and experts is not None and experts.trainable:
+        return min(grads, (f.experts * f.expert_intermediate + f.shared_intermediate)
+                   * hidden * param_bytes)
+    if f.moe or down is None:
         return grads
-    inter = layer.mlp.intermediate
+    inter = f.intermediate
     if down.trainable:
         return min(grads, inter * hidden * param_bytes)
     return min(grads, down.rank * (inter + hidden) * param_bytes) if down.adapted else 0

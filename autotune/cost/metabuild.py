@@ -6,6 +6,8 @@ second. This is the ground truth the family plugins' analytic descriptions are h
 
 from __future__ import annotations
 
+import re
+
 from autotune.cost.architecture import (
     PEFT_FUSED_TARGETS,
     Architecture,
@@ -16,6 +18,9 @@ from autotune.cost.architecture import (
     Tensor,
 )
 from autotune.util.errors import AutotuneError
+
+_SHARED = re.compile(r"\.shared_experts?\.")
+"""A shared expert's linear layer (Qwen2-MoE's ``shared_expert``, DeepSeek's ``shared_experts``)."""
 
 
 def build_on_meta(config: dict):
@@ -79,7 +84,8 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         model_type=cfg.model_type,
         hidden=cfg.hidden_size,
         vocab=cfg.vocab_size,
-        layers=tuple(_layers(cfg)),
+        layers=tuple(_layers(cfg, linears, _fp32_routing(model),
+                             any(t.path.endswith("self_attn.q_norm.weight") for t in tensors))),
         linears=tuple(linears),
         tensors=tuple(tensors),
         tied_embeddings=out.weight is model.get_input_embeddings().weight,
@@ -121,8 +127,32 @@ def _kinds(model) -> dict[str, str]:
     return kinds
 
 
-def _layers(cfg) -> list[Layer]:
-    """Layer shapes from a transformers config, for the activation model."""
+def _fp32_routing(model) -> bool:
+    """Whether the first MoE router returns fp32 routing weights from a 16-bit input: run
+    on the meta device (a copy in bf16); fp32, the larger, where it cannot be run."""
+    import copy
+
+    import torch
+
+    top_k = getattr(model.config, "num_experts_per_tok", None)
+    router = next((m for path, m in model.named_modules() if path.endswith(".mlp.gate")
+                   or "router" in type(m).__name__.lower()), None)
+    if router is None or not top_k:
+        return True
+    try:
+        out = copy.deepcopy(router).to(device="meta", dtype=torch.bfloat16)(torch.empty(
+            2, model.config.hidden_size, device="meta", dtype=torch.bfloat16))
+    except Exception:  # noqa: BLE001 -- any router API we cannot call: assume fp32
+        return True
+    weights = [o for o in (out if isinstance(out, tuple) else (out,))
+               if torch.is_tensor(o) and o.is_floating_point() and o.shape[-1] == top_k]
+    return not weights or weights[0].dtype == torch.float32
+
+
+def _layers(cfg, linears: list[Linear], fp32_routing: bool = True,
+            qk_norm: bool = False) -> list[Layer]:
+    """Layer shapes from a transformers config (and the shared experts from the linear
+    layers the build made), for the activation model."""
     h, heads = cfg.hidden_size, cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     d = getattr(cfg, "head_dim", None) or h // heads
@@ -130,7 +160,12 @@ def _layers(cfg) -> list[Layer]:
     experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0
     if experts:
         top_k = getattr(cfg, "num_experts_per_tok", 2)
-        mlp = FeedForward(0, experts, top_k, getattr(cfg, "moe_intermediate_size", None) or inter)
+        shared = next((lin.out_features for lin in linears
+                       if _SHARED.search(lin.path) and lin.path.endswith(".gate_proj")), 0)
+        mlp = FeedForward(0, experts, top_k, getattr(cfg, "moe_intermediate_size", None) or inter,
+                          shared, any(lin.path.endswith(".shared_expert_gate") for lin in linears),
+                          fp32_routing)
     else:
         mlp = FeedForward(inter)
-    return [Layer(Attention(heads, kv, d, d), mlp) for _ in range(cfg.num_hidden_layers)]
+    attention = Attention(heads, kv, d, d, qk_norm=qk_norm)
+    return [Layer(attention, mlp) for _ in range(cfg.num_hidden_layers)]
