@@ -701,9 +701,10 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
             kernel)
         if recipe.grad_ckpt:  # a recompute saves anew all but the input it keeps
             saved -= own_input
-        # the MLP backward's transient: the gradients arriving and three gradient buffers
-        # of its width (fp32 behind bitsandbytes layers), the down projection's saved
-        # tensors freed by then; later, the MLP's saved tensors freed, the attention's
+        # the MLP backward's transient: the arriving gradient and three gradient buffers of
+        # its width (fp32 behind bitsandbytes layers), the down projection's saved tensors
+        # freed by then (an MoE block frees none); later, the MLP's saved tensors freed,
+        # the attention's
         buffers = 3 * t * _widest_mlp(layer) * f.p.act
         mlp_transient = t * arch.hidden * f.p.residual + buffers - down if down \
             else t * arch.hidden * c + buffers
@@ -723,8 +724,8 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
         0 if recipe.grad_ckpt or not saved or not (dq or dq_lora) else dq_lora or dq,
         dq, dq_lora, f.redequantised[i], f.lora_grad[i], f.grads[i],
         _early_grads(layer, f.roles[i].get("down_proj"), arch.hidden, f.param_bytes,
-                     f.grads[i], f.roles[i].get("experts")), mlp_transient, attention_transient, f.cast_copies[i], top,
-        recompute), grad_in or saved > 0
+                     f.grads[i], f.roles[i].get("experts")),
+        mlp_transient, attention_transient, f.cast_copies[i], top, recompute), grad_in or saved > 0
 
 
 def _early_grads(layer: Layer, down: LinearRole | None, hidden: int, param_bytes: int,
