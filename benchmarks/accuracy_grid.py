@@ -93,6 +93,14 @@ WIDE_ARCHITECTURES = {
                            num_attention_heads=4, num_key_value_heads=2, num_experts=4,
                            num_experts_per_tok=2, head_dim=64, vocab_size=1000,
                            max_position_embeddings=2048),
+    # Gemma 3's sandwich norms, computed in fp32 with (1 + w)
+    "gemma3-wide": dict(model_type="gemma3_text", hidden_size=256, intermediate_size=704,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=64, vocab_size=1000, max_position_embeddings=2048),
+    # Gemma 2's soft-capped scores and logits (eager attention: it has no SDPA path)
+    "gemma2-wide": dict(model_type="gemma2", hidden_size=256, intermediate_size=704,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=64, vocab_size=1000, max_position_embeddings=2048),
     # Mixtral's fp32 routing weights; Qwen2-MoE's gated shared expert
     "mixtral-wide": dict(model_type="mixtral", hidden_size=256, intermediate_size=512,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -253,6 +261,12 @@ REAL: list[Case] = [
                               grad_ckpt=True)),
         ("mixtral-wide", dict(method="full", precision="bf16", batch=1, seq_len=512,
                               grad_ckpt=True)),
+        ("gemma3-wide", dict(method="lora", batch=1, seq_len=512)),
+        ("gemma3-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+        ("gemma3-wide", dict(method="full", precision="bf16", batch=1, seq_len=512)),
+        ("gemma2-wide", dict(method="lora", batch=1, seq_len=512, attn="eager")),
+        ("gemma2-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True,
+                             attn="eager")),
         ("qwen2-moe-wide", dict(method="lora", targets="attn", batch=1, seq_len=512)),
         ("qwen2-moe-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)))],
 ]

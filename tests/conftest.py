@@ -26,6 +26,18 @@ def pm():
     return get_plugin_manager(load_entrypoints=False)
 
 
+@pytest.fixture(autouse=True)
+def _process_plugin_manager():
+    """The CLI makes the manager it runs on the process's (``use``), and code handed a stage
+    by name reads it: each test leaves it as it found it, so one that ran the CLI with a
+    misbehaving plugin does not hand that plugin to the next."""
+    from autotune.plugin import manager
+
+    before = list(manager._current)
+    yield
+    manager._current[:] = before
+
+
 @pytest.fixture
 def offline_machine(monkeypatch, tmp_path):
     """No GPU on this machine (whatever it has) and a private study cache."""

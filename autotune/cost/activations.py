@@ -80,8 +80,9 @@ class Saved:
 
 
 def norm(saved: Saved, name: str, t: int, width: int, p: Precision, grad_in: bool,
-         weight_trainable: bool, in_bytes: int, source: str = "") -> int:
-    """RMSNorm: an fp32 copy of the input, 1/rms, and (trainable weight) the normalised input.
+         weight_trainable: bool, in_bytes: int, source: str = "", xhat_bytes: int = 0) -> int:
+    """RMSNorm: an fp32 copy of the input, 1/rms, and (trainable weight) the normalised input
+    (``xhat_bytes`` wide, default the input's).
 
     An fp32 input is its own copy: it is kept as storage ``source``. Returns the byte width
     of its output.
@@ -90,7 +91,7 @@ def norm(saved: Saved, name: str, t: int, width: int, p: Precision, grad_in: boo
         saved.keep(source if source and in_bytes == FP32 else f"{name}.x32", t * width * FP32)
         saved.keep(f"{name}.rsqrt", t * FP32)
         if weight_trainable:
-            saved.keep(f"{name}.xhat", t * width * in_bytes)
+            saved.keep(f"{name}.xhat", t * width * (xhat_bytes or in_bytes))
     return max(in_bytes, p.residual)
 
 
@@ -154,6 +155,8 @@ def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Att
         scores = batch * a.heads * seq * seq
         saved.keep(f"{name}.probs32", scores * FP32)
         saved.keep(f"{name}.probs", scores * c)
+        if a.softcap:  # tanh keeps its output
+            saved.keep(f"{name}.tanh", scores * c)
     else:
         saved.keep(f"{name}.lse", batch * a.heads * seq * FP32)
 
@@ -214,12 +217,14 @@ class LayerSaves(NamedTuple):
 
 
 def forward_frame(saved: Saved, t: int, hidden: int, inter: int, roles: dict[str, LinearRole],
-                  p: Precision, in_bytes: int) -> int:
+                  p: Precision, in_bytes: int, past_down: bool = False) -> int:
     """Bytes a layer's forward (or checkpointed recompute) holds beyond what it saves at
     its top, the MLP's last linear (measured with a live-tensor trace of PEFT's LoRA on the
     CPU): the residual, the MLP's input and product and the down projection's base output
     in the frame, and PEFT's fp32 copy of an adapted input (and its dropout) while the
-    adapters run."""
+    adapters run. ``past_down``: something after the down projection saves (a norm of the
+    MLP's output), so a recompute runs it to its end, where ``lora_B``'s output is live too
+    (measured: one more output-sized tensor than at ``lora_A``)."""
     down = roles["down_proj"]
     live = Saved()
     live.keep("residual", t * hidden * p.residual)
@@ -230,6 +235,8 @@ def forward_frame(saved: Saved, t: int, hidden: int, inter: int, roles: dict[str
         live.keep("mlp.down_proj.x32", t * inter * FP32)
     if down.adapted and down.dropout and p.autocast:  # what 16-bit adapters save
         live.keep("mlp.down_proj.lora_x16", t * inter * p.adapter)
+    if down.adapted and past_down:
+        live.keep("mlp.down_proj.lora_out", t * hidden * p.compute)
     return sum(n for name, n in live.storages.items() if name not in saved.storages)
 
 
@@ -277,7 +284,9 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
     t = batch * seq
     saved = Saved()
     a, f = layer.attention, layer.mlp
-    out_bytes = norm(saved, "ln1", t, hidden, p, grad_in, norms_trainable, p.residual, "input")
+    xb = FP32 if layer.fp32_norms else 0
+    out_bytes = norm(saved, "ln1", t, hidden, p, grad_in, norms_trainable, p.residual, "input",
+                     xb)
     attn_linears = _attention_linears(a, hidden)
     grad_attn = grad_in or any(roles.get(n, LinearRole()).trainable or
                                roles.get(n, LinearRole()).adapted for n in attn_linears)
@@ -296,12 +305,14 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
                 saved.keep(f"{which}_norm.x32", t * width * FP32)
                 saved.keep(f"{which}_norm.rsqrt", t * width // a.head_dim * FP32)
                 if norms_trainable:
-                    saved.keep(f"{which}_norm.xhat", t * width * p.compute)
+                    saved.keep(f"{which}_norm.xhat", t * width * (xb or p.compute))
         attention_core(saved, "attn", t, batch, seq, a, p, kernel)
     grad_mid = grad_attn or grad_in
+    if grad_attn and layer.output_norms:  # the attention's output normed (Gemma's sandwich)
+        norm(saved, "ln_attn_out", t, hidden, p, True, norms_trainable, p.compute, "", xb)
     before_mlp = saved.total
     mid_bytes = norm(saved, "ln2", t, hidden, p, grad_mid, norms_trainable, p.residual,
-                     "residual")
+                     "residual", xb)
     own_input = saved.storages.get("input", 0)
     if f.moe:
         _moe(saved, t, hidden, f, roles, p, mid_bytes, grad_mid)
@@ -313,8 +324,11 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
     mlp_roles = {n: roles.get(n, LinearRole()) for n in ("gate_proj", "up_proj", "down_proj")}
     down = gated_mlp(saved, "mlp", "ln2.out", t, hidden, f.intermediate, mlp_roles, p,
                      mid_bytes, grad_mid)
+    if grad_mid and layer.output_norms > 1:  # and the MLP's
+        norm(saved, "ln_mlp_out", t, hidden, p, True, norms_trainable, p.compute, "", xb)
     return LayerSaves(saved.total, saved.total - before_mlp,
-                      forward_frame(saved, t, hidden, f.intermediate, mlp_roles, p, mid_bytes),
+                      forward_frame(saved, t, hidden, f.intermediate, mlp_roles, p, mid_bytes,
+                                    layer.output_norms > 1),
                       incoming_gradients(t, hidden, mlp_roles["down_proj"], p), own_input,
                       saved.pinned_total, down)
 

@@ -69,6 +69,8 @@ class Attention:
     qk_norm: bool = False
     """q and k are RMS-normalised per head before the rotary embedding (Qwen3's
     ``q_norm``/``k_norm``)."""
+    softcap: bool = False
+    """The scores are soft-capped, ``cap * tanh(s / cap)`` (Gemma 2)."""
 
     @property
     def mla(self) -> bool:
@@ -116,6 +118,12 @@ class Layer:
     """Names of family-specific blocks (e.g. ``"lfa"``, Yuan's)."""
     saves: tuple[SavedActivation, ...] = ()
     """What those blocks save for backward when the attention gets gradients."""
+    output_norms: int = 0
+    """Norms of the attention's and the MLP's outputs before the residual add (Gemma's
+    sandwich norms: 2)."""
+    fp32_norms: bool = False
+    """Its RMSNorms scale by the weight in fp32 (Gemma's ``1 + w``): a trained weight keeps
+    the fp32 normalised input."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,10 @@ class Architecture:
     half_adapters: bool = False
     """LoRA adapters on a 16-bit base take its dtype (PEFT before 0.11; see
     autotune.cost.layouts), not fp32."""
+    supports_sdpa: bool = True
+    """transformers runs this model with SDPA (Gemma 2 has no SDPA path: eager instead)."""
+    logit_softcap: bool = False
+    """The logits are soft-capped, ``cap * tanh(z / cap)`` (Gemma 2)."""
 
     @cached_property
     def total(self) -> int:

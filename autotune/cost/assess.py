@@ -270,8 +270,10 @@ class CostModel:
                 effective_batch: int | None, workload: Workload | None,
                 correction: Correction | None, confidence: float) -> Assessment:
         if recipe.attn not in self._kernels:  # the family's forced kernel, asked once
-            forced = family_kernel(self.family, self.config, recipe)
-            self._kernels[recipe.attn] = forced.attn
+            forced = family_kernel(self.family, self.config, recipe).attn
+            if forced == "sdpa" and not self.arch.supports_sdpa:  # what transformers runs
+                forced = "eager"
+            self._kernels[recipe.attn] = forced
         recipe = recipe.but(attn=self._kernels[recipe.attn]) \
             if self._kernels[recipe.attn] != recipe.attn else recipe
         if workload is not None and workload.seq_len != recipe.seq_len:

@@ -548,9 +548,11 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         head_in = arch.head_linear.in_features * arch.head_linear.out_features * c  # weight copy
     tl.add("activations", final_norm + head_in, "forward")
 
-    # -- loss: logits, their fp32 copy, log-softmax kept for backward
+    # -- loss: logits, their fp32 copy, log-softmax kept for backward (soft-capped logits:
+    # and the tanh's output, until the head's backward)
     logits = t * arch.vocab
-    tl.add("logits", logits * c, "loss")
+    capped = logits * c if arch.logit_softcap else 0
+    tl.add("logits", logits * c + capped, "loss")
     if c != FP32:
         tl.add("logits", logits * FP32, "loss")
     tl.add("logits", logits * FP32, "loss")                     # log_softmax output
@@ -560,7 +562,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     tl.add("logits", -2 * logits * FP32, "backward (loss)")  # log-probs and their gradient
     if c != FP32:
         tl.spike("logits", logits * c, "backward (loss)")      # gradient cast back to 16 bit
-    tl.add("logits", -logits * FP32, "backward (loss)")
+    tl.add("logits", -logits * FP32 - capped, "backward (loss)")
     if recipe.grad_ckpt:  # each recompute casts its layer's weights again (the forward's
         # copies go after the loss's backward: going before it under-predicts measured steps)
         tl.add("temporaries", -sum(f.cast_copies[:-1]), "backward")

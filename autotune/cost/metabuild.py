@@ -85,7 +85,8 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         hidden=cfg.hidden_size,
         vocab=cfg.vocab_size,
         layers=tuple(_layers(cfg, linears, _fp32_routing(model),
-                             any(t.path.endswith("self_attn.q_norm.weight") for t in tensors))),
+                             any(t.path.endswith("self_attn.q_norm.weight") for t in tensors),
+                             _output_norms(tensors), _fp32_norms(model))),
         linears=tuple(linears),
         tensors=tuple(tensors),
         tied_embeddings=out.weight is model.get_input_embeddings().weight,
@@ -93,6 +94,8 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         counted_by=counted_by,
         hidden_act=getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", "gelu"),
         fused_targets=_peft_fused_targets(cfg.model_type),
+        supports_sdpa=getattr(model, "_supports_sdpa", True) is not False,
+        logit_softcap=bool(getattr(cfg, "final_logit_softcapping", None)),
     )
 
 
@@ -127,6 +130,30 @@ def _kinds(model) -> dict[str, str]:
     return kinds
 
 
+def _output_norms(tensors: list[Tensor]) -> int:
+    """Norms a decoder layer applies to its attention's and MLP's outputs: Gemma 2 and 3
+    norm the MLP's input with ``pre_feedforward_layernorm``, so their
+    ``post_attention_layernorm`` and ``post_feedforward_layernorm`` norm outputs."""
+    first = [t.path for t in tensors if ".layers.0." in t.path]
+    if not any(p.endswith(".pre_feedforward_layernorm.weight") for p in first):
+        return 0
+    return sum(p.endswith((".post_attention_layernorm.weight",
+                           ".post_feedforward_layernorm.weight")) for p in first)
+
+
+def _fp32_norms(model) -> bool:
+    """Whether the decoder layers' input norm scales by its weight in fp32 (Gemma's
+    ``output * (1.0 + self.weight.float())``), read from its ``forward``'s source."""
+    import inspect
+
+    norm = next((m for path, m in model.named_modules()
+                 if path.endswith("layers.0.input_layernorm")), None)
+    try:
+        return norm is not None and "weight.float()" in inspect.getsource(type(norm).forward)
+    except (OSError, TypeError):  # no source (compiled or builtin): Llama's 16-bit product
+        return False
+
+
 def _fp32_routing(model) -> bool:
     """Whether the first MoE router returns fp32 routing weights from a 16-bit input: run
     on the meta device (a copy in bf16); fp32, the larger, where it cannot be run."""
@@ -150,7 +177,8 @@ def _fp32_routing(model) -> bool:
 
 
 def _layers(cfg, linears: list[Linear], fp32_routing: bool = True,
-            qk_norm: bool = False) -> list[Layer]:
+            qk_norm: bool = False, output_norms: int = 0, fp32_norms: bool = False
+            ) -> list[Layer]:
     """Layer shapes from a transformers config (and the shared experts from the linear
     layers the build made), for the activation model."""
     h, heads = cfg.hidden_size, cfg.num_attention_heads
@@ -167,5 +195,7 @@ def _layers(cfg, linears: list[Linear], fp32_routing: bool = True,
                           fp32_routing)
     else:
         mlp = FeedForward(inter)
-    attention = Attention(heads, kv, d, d, qk_norm=qk_norm)
-    return [Layer(attention, mlp) for _ in range(cfg.num_hidden_layers)]
+    attention = Attention(heads, kv, d, d, qk_norm=qk_norm,
+                          softcap=bool(getattr(cfg, "attn_logit_softcapping", None)))
+    return [Layer(attention, mlp, output_norms=output_norms, fp32_norms=fp32_norms)
+            for _ in range(cfg.num_hidden_layers)]

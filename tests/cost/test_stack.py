@@ -148,3 +148,24 @@ def test_adapters_before_peft_0_11_are_priced_in_the_bases_dtype(pm, monkeypatch
     assert old.memory.breakdown["adapters"] == 2 * old.params.trainable
     assert -0.01 <= old.memory.tensor_peak / measured - 1 <= 0.02
     assert new.memory.tensor_peak / measured - 1 > 0.05
+
+
+@pytest.mark.usefixtures("offline_machine")
+def test_a_model_without_sdpa_is_planned_and_priced_with_eager_attention(pm, tmp_path):
+    """transformers has no SDPA path for Gemma 2 (loading it so raises): estimate and plan
+    choose eager, which loads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(model_type="gemma2", hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                  head_dim=32, vocab_size=256, max_position_embeddings=128)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    built = AutoConfig.for_model(**config)
+    with pytest.raises(ValueError, match="scaled_dot_product_attention"):
+        AutoModelForCausalLM.from_config(built, attn_implementation="sdpa")
+    AutoModelForCausalLM.from_config(built, attn_implementation="eager")
+    assert estimate(pm, "--model", str(tmp_path / "config.json"))["recipe"]["attn"] == "eager"
+    result = CliRunner().invoke(make_cli(pm), ["plan", "--model", str(tmp_path / "config.json"),
+                                               "--gpu", "t4", "--json"])
+    assert result.exit_code == 0, result.output
+    assert {p["attn"] for p in json.loads(result.stdout)["plans"]} == {"eager"}
