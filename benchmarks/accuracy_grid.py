@@ -101,6 +101,10 @@ WIDE_ARCHITECTURES = {
     "gemma2-wide": dict(model_type="gemma2", hidden_size=256, intermediate_size=704,
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                         head_dim=64, vocab_size=1000, max_position_embeddings=2048),
+    # Phi-3's fused qkv_proj and gate_up_proj
+    "phi3-wide": dict(model_type="phi3", hidden_size=256, intermediate_size=704,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=1000, pad_token_id=0, max_position_embeddings=2048),
     # Mixtral's fp32 routing weights; Qwen2-MoE's gated shared expert
     "mixtral-wide": dict(model_type="mixtral", hidden_size=256, intermediate_size=512,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -267,6 +271,8 @@ REAL: list[Case] = [
         ("gemma2-wide", dict(method="lora", batch=1, seq_len=512, attn="eager")),
         ("gemma2-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True,
                              attn="eager")),
+        ("phi3-wide", dict(method="lora", batch=1, seq_len=512)),
+        ("phi3-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
         ("qwen2-moe-wide", dict(method="lora", targets="attn", batch=1, seq_len=512)),
         ("qwen2-moe-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)))],
 ]

@@ -176,14 +176,20 @@ def attention_backward_spike(layer: Layer, batch: int, seq: int, p: Precision,
 
 def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: int,
               roles: dict[str, LinearRole], p: Precision, in_bytes: int, grad_in: bool) -> int:
-    """SwiGLU: down(silu(gate(x)) * up(x)). Returns what the down projection alone saves."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as two linears or one fused
+    ``gate_up_proj`` (Phi-3) whose halves are views. Returns what the down projection
+    alone saves."""
     c = p.act
-    linear(saved, f"{name}.gate_proj", source, t, hidden, inter, roles["gate_proj"], p, in_bytes,
-           grad_in)
-    linear(saved, f"{name}.up_proj", source, t, hidden, inter, roles["up_proj"], p, in_bytes,
-           grad_in)
-    grad_gate = grad_in or roles["gate_proj"].trainable or roles["gate_proj"].adapted
-    grad_up = grad_in or roles["up_proj"].trainable or roles["up_proj"].adapted
+    gate, up = roles["gate_proj"], roles["up_proj"]
+    if "gate_up_proj" in roles:
+        gate = up = roles["gate_up_proj"]
+        linear(saved, f"{name}.gate_up_proj", source, t, hidden, 2 * inter, gate, p, in_bytes,
+               grad_in)
+    else:
+        linear(saved, f"{name}.gate_proj", source, t, hidden, inter, gate, p, in_bytes, grad_in)
+        linear(saved, f"{name}.up_proj", source, t, hidden, inter, up, p, in_bytes, grad_in)
+    grad_gate = grad_in or gate.trainable or gate.adapted
+    grad_up = grad_in or up.trainable or up.adapted
     if grad_gate or grad_up:
         if grad_gate:
             saved.keep(f"{name}.gate", t * inter * c)      # silu's input
@@ -287,7 +293,7 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
     xb = FP32 if layer.fp32_norms else 0
     out_bytes = norm(saved, "ln1", t, hidden, p, grad_in, norms_trainable, p.residual, "input",
                      xb)
-    attn_linears = _attention_linears(a, hidden)
+    attn_linears = _attention_linears(a, hidden, "qkv_proj" in roles)
     grad_attn = grad_in or any(roles.get(n, LinearRole()).trainable or
                                roles.get(n, LinearRole()).adapted for n in attn_linears)
     for lname, (fan_in, fan_out, source) in attn_linears.items():
@@ -307,6 +313,9 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
                 if norms_trainable:
                     saved.keep(f"{which}_norm.xhat", t * width * (xb or p.compute))
         attention_core(saved, "attn", t, batch, seq, a, p, kernel)
+        if "qkv_proj" in roles and "attn.v" in saved.storages:  # v, a view of the fused
+            # output, keeps all of it
+            saved.storages["attn.v"] = t * attn_linears["qkv_proj"][1] * p.compute
     grad_mid = grad_attn or grad_in
     if grad_attn and layer.output_norms:  # the attention's output normed (Gemma's sandwich)
         norm(saved, "ln_attn_out", t, hidden, p, True, norms_trainable, p.compute, "", xb)
@@ -322,6 +331,8 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
                                              FP32 if f.fp32_routing else p.compute), own_input,
                           saved.pinned_total, 0)
     mlp_roles = {n: roles.get(n, LinearRole()) for n in ("gate_proj", "up_proj", "down_proj")}
+    if "gate_up_proj" in roles:
+        mlp_roles["gate_up_proj"] = roles["gate_up_proj"]
     down = gated_mlp(saved, "mlp", "ln2.out", t, hidden, f.intermediate, mlp_roles, p,
                      mid_bytes, grad_mid)
     if grad_mid and layer.output_norms > 1:  # and the MLP's
@@ -355,8 +366,12 @@ def _mla(saved: Saved, t: int, batch: int, seq: int, a: Attention, p: Precision,
         saved.keep("attn.lse", batch * a.heads * seq * FP32)
 
 
-def _attention_linears(a: Attention, hidden: int) -> dict[str, tuple[int, int, str]]:
+def _attention_linears(a: Attention, hidden: int, fused: bool = False
+                       ) -> dict[str, tuple[int, int, str]]:
     q_out = a.heads * a.head_dim
+    if fused:  # one qkv_proj (Phi-3)
+        return {"qkv_proj": (hidden, q_out + a.kv_heads * (a.head_dim + a.v_head_dim), "ln1.out"),
+                "o_proj": (a.heads * a.v_head_dim, hidden, "attn.out")}
     if not a.mla:
         return {
             "q_proj": (hidden, q_out, "ln1.out"),
