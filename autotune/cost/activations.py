@@ -202,6 +202,19 @@ def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: 
     return saved.total - before
 
 
+STRUCTURED = frozenset({
+    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "q_a_proj", "q_b_proj",
+    "kv_a_proj_with_mqa", "kv_b_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj",
+    "experts", "router", "gate"})
+"""Linear layers (by short name) whose place in a layer :func:`layer_saved` knows; others
+are priced one by one (:func:`layer_saved`'s ``others``)."""
+
+
+def structured(name: str) -> bool:
+    """Whether :func:`layer_saved` knows the linear layer ``name``'s place."""
+    return name in STRUCTURED or name.startswith(("shared_experts.", "shared_expert."))
+
+
 class LayerSaves(NamedTuple):
     """What one decoder layer saves for backward, in bytes."""
 
@@ -281,15 +294,24 @@ def incoming_gradients(t: int, hidden: int, down: LinearRole, p: Precision,
 
 
 def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str, LinearRole],
-                norms_trainable: bool, grad_in: bool, p: Precision, kernel: str) -> LayerSaves:
+                norms_trainable: bool, grad_in: bool, p: Precision, kernel: str,
+                others: tuple[tuple[str, int, int], ...] = ()) -> LayerSaves:
     """What one decoder layer saves for backward (:class:`LayerSaves`).
 
     ``kernel``: ``sdpa`` and ``flash`` (fused: output and log-sum-exp), ``eager`` (scores
     materialised) or ``math`` (SDPA's fallback on the CPU when head widths differ).
+    ``others``: (short name, fan-in, fan-out) of the layer's linears not :func:`structured`
+    (Falcon's ``query_key_value``, a gate of a shared expert): each trained or adapted one
+    keeps its own input and makes gradients flow through the layer.
     """
     t = batch * seq
     saved = Saved()
     a, f = layer.attention, layer.mlp
+    for name, fan_in, fan_out in others:
+        role = roles.get(name, LinearRole())
+        if role.trainable or role.adapted:
+            linear(saved, name, f"{name}.in", t, fan_in, fan_out, role, p, p.compute)
+            grad_in = True
     xb = FP32 if layer.fp32_norms else 0
     out_bytes = norm(saved, "ln1", t, hidden, p, grad_in, norms_trainable, p.residual, "input",
                      xb)

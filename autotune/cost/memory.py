@@ -22,6 +22,7 @@ from autotune.cost.activations import (
     Precision,
     attention_backward_spike,
     layer_saved,
+    structured,
 )
 from autotune.cost.architecture import Architecture, Layer, Linear, Tensor, layer_index
 from autotune.cost.parallel import SINGLE, Parallel, deepspeed_optimizer_bytes, shares
@@ -700,7 +701,7 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
         norms = f.full or (f.trained is not None and i in f.trained)
         saved, mlp_saved, frame, grads_in, own_input, pinned, down = layer_saved(
             layer, arch.hidden, shape.batch, shape.seq_len, f.roles[i], norms, grad_in, f.p,
-            kernel)
+            kernel, _unstructured(arch)[i])
         if recipe.grad_ckpt:  # a recompute saves anew all but the input it keeps
             saved -= own_input
         # the MLP backward's transient: the arriving gradient and three gradient buffers of
@@ -728,6 +729,21 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
         _early_grads(layer, f.roles[i].get("down_proj"), arch.hidden, f.param_bytes,
                      f.grads[i], f.roles[i].get("experts")),
         mlp_transient, attention_transient, f.cast_copies[i], top, recompute), grad_in or saved > 0
+
+
+def _unstructured(arch: Architecture) -> list[tuple[tuple[str, int, int], ...]]:
+    """Per decoder layer, (short name, fan-in, fan-out) of its linears whose place the
+    activation model does not know (cached on ``arch``)."""
+    if "_unstructured" not in arch.__dict__:
+        per: list[list] = [[] for _ in arch.layers]
+        for lin in arch.linears:
+            index = layer_index(lin.path)
+            if index is not None and index < arch.num_layers:
+                name = _role_key(lin.path, index)
+                if not structured(name):
+                    per[index].append((name, lin.in_features, lin.out_features))
+        arch.__dict__["_unstructured"] = [tuple(found) for found in per]
+    return arch.__dict__["_unstructured"]
 
 
 def _early_grads(layer: Layer, down: LinearRole | None, hidden: int, param_bytes: int,

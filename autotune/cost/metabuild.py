@@ -86,7 +86,7 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         vocab=cfg.vocab_size,
         layers=tuple(_layers(cfg, linears, _fp32_routing(model),
                              any(t.path.endswith("self_attn.q_norm.weight") for t in tensors),
-                             _output_norms(tensors), _fp32_norms(model))),
+                             _output_norms(tensors, cfg.hidden_size), _fp32_norms(model))),
         linears=tuple(linears),
         tensors=tuple(tensors),
         tied_embeddings=out.weight is model.get_input_embeddings().weight,
@@ -130,15 +130,12 @@ def _kinds(model) -> dict[str, str]:
     return kinds
 
 
-def _output_norms(tensors: list[Tensor]) -> int:
-    """Norms a decoder layer applies to its attention's and MLP's outputs: Gemma 2 and 3
-    norm the MLP's input with ``pre_feedforward_layernorm``, so their
-    ``post_attention_layernorm`` and ``post_feedforward_layernorm`` norm outputs."""
-    first = [t.path for t in tensors if ".layers.0." in t.path]
-    if not any(p.endswith(".pre_feedforward_layernorm.weight") for p in first):
-        return 0
-    return sum(p.endswith((".post_attention_layernorm.weight",
-                           ".post_feedforward_layernorm.weight")) for p in first)
+def _output_norms(tensors: list[Tensor], hidden: int) -> int:
+    """Norms a decoder layer applies to its attention's and MLP's outputs (Gemma 2 and 3,
+    GLM-4): its residual-wide norms beyond the two before the attention and the MLP."""
+    widths = [t.numel for t in tensors if ".layers.0." in t.path and t.kind == "norm"
+              and t.path.endswith(".weight") and ".self_attn." not in t.path]
+    return max(0, sum(n == hidden for n in widths) - 2)
 
 
 def _fp32_norms(model) -> bool:

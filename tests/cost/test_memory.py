@@ -44,6 +44,19 @@ def test_no_grid_case_is_under_predicted_and_the_cpu_bound_covers_each(pm):
         assert band(row.memory, device="cpu").high >= row.measured, label
 
 
+def test_linear_layers_the_model_does_not_place_still_make_it_price_the_step(pm):
+    """Falcon's fused ``query_key_value`` and its ``dense_h_to_4h`` MLP have names the
+    activation model does not place; adapted, they keep their inputs and make gradients
+    flow, so the step is not taken for a frozen one (it was priced 45% under)."""
+    falcon = dict(model_type="falcon", hidden_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
+                  vocab_size=512)
+    for recipe in (Recipe(method="lora", batch=1, seq_len=256),
+                   Recipe(method="lora", batch=1, seq_len=256, grad_ckpt=True)):
+        row = compare(pm, falcon, recipe)
+        assert row.error >= 0, (row.estimated, row.measured)
+
+
 def test_the_issue_case_without_autocast_keeps_fp32_copies_of_adapted_inputs(pm):
     """Without autocast PEFT casts each adapted layer's input to the fp32 adapters and saves
     it: 4 bytes per token and input feature of every adapted layer, where autocast saves 2."""
