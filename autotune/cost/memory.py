@@ -210,17 +210,14 @@ def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     cache = arch.__dict__.setdefault("_roles_cache", {})  # as cached_property stores
     if key in cache:
         return cache[key]
-    if "_linear_slots" not in arch.__dict__:  # each decoder-layer linear: (layer, short name)
-        arch.__dict__["_linear_slots"] = [
-            (i, _role_key(lin.path, i), lin.path) for lin in arch.linears
-            if (i := layer_index(lin.path)) is not None and i < arch.num_layers]
     made: dict[tuple, LinearRole] = {}
     roles: list[dict[str, LinearRole]] = [{} for _ in arch.layers]
     adapters: dict[str, int] = {}
     for path, shape in counts.adapter_tensors:
         if path in adapted_experts:
             adapters[path] = adapters.get(path, 0) + math.prod(shape)
-    for index, name, path in arch.__dict__["_linear_slots"]:
+    for index, name, lin in _linear_slots(arch):
+        path = lin.path
         trainable = recipe.method == "full" or (trained_layers is not None
                                                 and index in trained_layers)
         flags = (trainable, path in adapted)
@@ -241,6 +238,15 @@ def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
             adapter=before.adapter + adapters.get(tensor.path, 0))
     cache[key] = roles
     return roles
+
+
+def _linear_slots(arch: Architecture) -> list[tuple[int, str, Linear]]:
+    """Each decoder-layer linear as (layer, short name, linear), cached on ``arch``."""
+    if "_linear_slots" not in arch.__dict__:
+        arch.__dict__["_linear_slots"] = [
+            (i, _role_key(lin.path, i), lin) for lin in arch.linears
+            if (i := layer_index(lin.path)) is not None and i < arch.num_layers]
+    return arch.__dict__["_linear_slots"]
 
 
 @lru_cache(maxsize=65536)
@@ -736,12 +742,9 @@ def _unstructured(arch: Architecture) -> list[tuple[tuple[str, int, int], ...]]:
     activation model does not know (cached on ``arch``)."""
     if "_unstructured" not in arch.__dict__:
         per: list[list] = [[] for _ in arch.layers]
-        for lin in arch.linears:
-            index = layer_index(lin.path)
-            if index is not None and index < arch.num_layers:
-                name = _role_key(lin.path, index)
-                if not structured(name):
-                    per[index].append((name, lin.in_features, lin.out_features))
+        for index, name, lin in _linear_slots(arch):
+            if not structured(name):
+                per[index].append((name, lin.in_features, lin.out_features))
         arch.__dict__["_unstructured"] = [tuple(found) for found in per]
     return arch.__dict__["_unstructured"]
 
