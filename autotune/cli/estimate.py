@@ -199,8 +199,12 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
     correction = planner.corrections.get(speed_card.id) if speed_card else None
     result = planner.cost.assess(recipe, gpu=speed_card, workload=workload,
                                  correction=correction, confidence=planner.confidence)
+    asked = recipe.attn
     params, recipe, arch, memory = result.params, result.recipe, result.arch, result.memory
     notes = list(memory.notes)
+    if recipe.attn != asked:
+        notes.append(f"this model runs {recipe.attn} attention, not {asked} (what its family "
+                     "or transformers allows): priced and run with it")
     if params.unmatched:
         notes.append(f"targets {', '.join(params.unmatched)} match no module of this model "
                      "(PEFT skips them silently)")

@@ -165,6 +165,9 @@ def test_a_model_without_sdpa_is_planned_and_priced_with_eager_attention(pm, tmp
         AutoModelForCausalLM.from_config(built, attn_implementation="sdpa")
     AutoModelForCausalLM.from_config(built, attn_implementation="eager")
     assert estimate(pm, "--model", str(tmp_path / "config.json"))["recipe"]["attn"] == "eager"
+    pinned = estimate(pm, "--model", str(tmp_path / "config.json"), "--attn", "sdpa")
+    assert pinned["recipe"]["attn"] == "eager"
+    assert any("eager attention, not sdpa" in note for note in pinned["notes"])
     result = CliRunner().invoke(make_cli(pm), ["plan", "--model", str(tmp_path / "config.json"),
                                                "--gpu", "t4", "--json"])
     assert result.exit_code == 0, result.output
