@@ -23,6 +23,7 @@ from autotune.cost.architecture import (
     SavedActivation,
     Tensor,
     decoder,
+    latent_attention,
 )
 from autotune.cost.memory import training_state_bytes, weight_bytes
 from autotune.cost.params import ParamCounts
@@ -50,6 +51,7 @@ __all__ = [
     "Tensor",
     "decoder",
     "hookimpl",
+    "latent_attention",
     "packing",
     "training_state_bytes",
     "weight_bytes",

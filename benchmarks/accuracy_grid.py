@@ -115,6 +115,41 @@ WIDE_ARCHITECTURES = {
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            num_experts=4, num_experts_per_tok=2, vocab_size=1000,
                            max_position_embeddings=2048, decoder_sparse_step=1),
+    # -- architectures no family describes, read from a meta-device build
+    # DeepSeek-V3: MLA with a low-rank q, a dense first layer, sigmoid-scored experts
+    "deepseek-v3-wide": dict(model_type="deepseek_v3", hidden_size=256, intermediate_size=704,
+                             moe_intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                             n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                             kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32,
+                             qk_rope_head_dim=16, v_head_dim=32, n_group=1, topk_group=1,
+                             vocab_size=1000, max_position_embeddings=2048),
+    # Hunyuan's q and k norms under other names (query_layernorm, key_layernorm)
+    "hunyuan-wide": dict(model_type="hunyuan_v1_dense", hidden_size=256, intermediate_size=704,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=64, vocab_size=1000, max_position_embeddings=2048),
+    # Seed-OSS's dropout of the attention probabilities and of both residual branches
+    "seed-oss-wide": dict(model_type="seed_oss", hidden_size=256, intermediate_size=704,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=64, vocab_size=1000, max_position_embeddings=2048,
+                          attention_dropout=0.1, residual_dropout=0.1),
+    # OLMo 2's norms after the attention and the MLP (none before), fp32 weight products
+    "olmo2-wide": dict(model_type="olmo2", hidden_size=256, intermediate_size=704,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       vocab_size=1000, max_position_embeddings=2048, eos_token_id=0,
+                       pad_token_id=0),
+    # Granite's residual multiplier
+    "granite-wide": dict(model_type="granite", hidden_size=256, intermediate_size=704,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=1000, max_position_embeddings=2048,
+                         residual_multiplier=0.22, embedding_multiplier=12.0,
+                         attention_multiplier=0.0078, logits_scaling=8.0),
+    # Qwen3-MoE with a dense first layer (mlp_only_layers)
+    "qwen3-moe-dense0": dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=704,
+                             moe_intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                             num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0],
+                             vocab_size=1000, max_position_embeddings=2048),
 }
 CONFIGS = {**ARCHITECTURES, **MOE_ARCHITECTURES, **WIDE_ARCHITECTURES}
 
@@ -274,7 +309,17 @@ REAL: list[Case] = [
         ("phi3-wide", dict(method="lora", batch=1, seq_len=512)),
         ("phi3-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
         ("qwen2-moe-wide", dict(method="lora", targets="attn", batch=1, seq_len=512)),
-        ("qwen2-moe-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)))],
+        ("qwen2-moe-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+        ("deepseek-v3-wide", dict(method="lora", batch=1, seq_len=512)),
+        ("deepseek-v3-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+        ("deepseek-v3-wide", dict(method="full", precision="bf16", batch=1, seq_len=512)),
+        ("hunyuan-wide", dict(method="lora", batch=1, seq_len=512)),
+        ("hunyuan-wide", dict(method="full", precision="bf16", batch=1, seq_len=512)),
+        ("seed-oss-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+        ("olmo2-wide", dict(method="lora", batch=1, seq_len=512)),
+        ("granite-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+        ("qwen3-moe-dense0", dict(method="lora", batch=1, seq_len=512)),
+        ("qwen3-moe-dense0", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)))],
 ]
 """Sequence lengths people train at (512-8,192 tokens), batch 1-8, with small hidden sizes."""
 

@@ -7,11 +7,11 @@ plugin describes by hand.
 
 from autotune import (
     PEFT_FUSED_TARGETS,
-    Attention,
     FeedForward,
     ModelFamily,
     decoder,
     hookimpl,
+    latent_attention,
 )
 
 MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -64,18 +64,9 @@ class DeepSeek(ModelFamily):
         # pattern (a transformers 4 stack splits them: autotune.cost.layouts).
         remote = config.get("model_type") == "deepseek" or bool(remote_code and
                                                                  config.get("auto_map"))
-        return decoder(config, latent=_latent(config), **_experts(config),
+        return decoder(config, latent=latent_attention(config), **_experts(config),
                        experts_as_linears=remote, fused_targets=PEFT_FUSED_TARGETS["qwen2_moe"],
                        counted_by="plugin deepseek" + (" (remote code)" if remote else ""))
-
-
-def _latent(config: dict) -> Attention | None:
-    """Multi-head latent attention (V2): low-rank joint K/V, optional low-rank Q."""
-    if not config.get("kv_lora_rank"):
-        return None
-    heads, rope = config["num_attention_heads"], config["qk_rope_head_dim"]
-    return Attention(heads, heads, config["qk_nope_head_dim"] + rope, config["v_head_dim"],
-                     config.get("q_lora_rank") or 0, config["kv_lora_rank"], rope)
 
 
 def _experts(config: dict) -> dict:

@@ -157,8 +157,32 @@ def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Att
         saved.keep(f"{name}.probs", scores * c)
         if a.softcap:  # tanh keeps its output
             saved.keep(f"{name}.tanh", scores * c)
+        if a.dropout:  # the dropped probabilities replace them in the matmul; and the mask
+            saved.keep(f"{name}.probs_mask", scores * dropout_mask(p, c))
+    elif kernel == "math":  # SDPA's fallback: fp32 q, k, v and probabilities
+        math_scores(saved, name, t, batch, seq, a)
     else:
         saved.keep(f"{name}.lse", batch * a.heads * seq * FP32)
+
+
+def math_scores(saved: Saved, name: str, t: int, batch: int, seq: int, a: Attention) -> None:
+    """SDPA's math path (the CPU's, where head widths differ or the probabilities are
+    dropped out): fp32 q, k, v and probabilities; with dropout, its fp32 noise and the
+    dropped probabilities too (measured, 12 bytes a score)."""
+    saved.keep(f"{name}.q", t * a.heads * a.head_dim * FP32)
+    saved.keep(f"{name}.k", t * a.kv_heads * a.head_dim * FP32)
+    saved.keep(f"{name}.v", t * a.kv_heads * a.v_head_dim * FP32)
+    scores = batch * a.heads * seq * seq * FP32
+    saved.keep(f"{name}.probs32", scores)
+    if a.dropout:
+        saved.keep(f"{name}.probs_noise", scores)
+        saved.keep(f"{name}.probs_dropped", scores)
+
+
+def dropout_mask(p: Precision, width: int) -> int:
+    """Bytes per element of the mask dropping out a ``width``-byte tensor: a bool on CUDA,
+    the input's own dtype on the CPU."""
+    return 1 if p.dropout_mask == 1 else width
 
 
 def attention_backward_spike(layer: Layer, batch: int, seq: int, p: Precision,
@@ -166,12 +190,14 @@ def attention_backward_spike(layer: Layer, batch: int, seq: int, p: Precision,
     """Scratch of one layer's attention backward beyond what it saved.
 
     Eager (and SDPA's math path) materialise the gradient of the probabilities: the
-    16-bit gradient and its fp32 copy for the fp32 softmax's backward, both
-    batch x heads x seq x seq. Fused kernels work in tiles.
+    16-bit gradient (fp32 on the math path) and its fp32 copy for the fp32 softmax's
+    backward, both batch x heads x seq x seq. Fused kernels work in tiles.
     """
     if kernel not in ("eager", "math"):
         return 0
-    return batch * layer.attention.heads * seq * seq * (p.compute + FP32)
+    # the math path's gradients are fp32 from the start (measured: 8 bytes a score)
+    return batch * layer.attention.heads * seq * seq * (
+        (p.compute if kernel == "eager" else FP32) + FP32)
 
 
 def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: int,
@@ -277,13 +303,16 @@ def moe_frame(saved: Saved, t: int, hidden: int, f: FeedForward, p: Precision,
 
 
 def incoming_gradients(t: int, hidden: int, down: LinearRole, p: Precision,
-                       top_k: int = 0, routed_bytes: int = FP32) -> int:
+                       top_k: int = 0, routed_bytes: int = FP32, scaled: bool = False) -> int:
     """The gradients a layer's backward holds when its first saved tensor is needed (which
     makes a checkpointed layer recompute): its output's (and its copy in the MLP's output
     dtype, where that is not the residual's); a LoRA-adapted down projection's
     scaled copy for ``lora_B``; DoRA's fp32 result's gradient and its scaled half; the
-    gradient of ``top_k`` weighted expert outputs per token (MoE; ``routed_bytes`` wide)."""
+    gradient of ``top_k`` weighted expert outputs per token (MoE; ``routed_bytes`` wide);
+    ``scaled``: two scaled copies of the output's gradient (a residual multiplier; measured)."""
     grads = t * hidden * p.residual + t * top_k * hidden * routed_bytes
+    if scaled:
+        grads += 2 * t * hidden * p.act
     if p.act != p.residual:  # cast to the MLP's output dtype
         grads += t * hidden * p.act
     if down.adapted:
@@ -314,7 +343,7 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
             grad_in = True
     xb = FP32 if layer.fp32_norms else 0
     out_bytes = norm(saved, "ln1", t, hidden, p, grad_in, norms_trainable, p.residual, "input",
-                     xb)
+                     xb) if layer.pre_norms else p.residual
     attn_linears = _attention_linears(a, hidden, "qkv_proj" in roles)
     grad_attn = grad_in or any(roles.get(n, LinearRole()).trainable or
                                roles.get(n, LinearRole()).adapted for n in attn_linears)
@@ -339,18 +368,21 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
             # output, keeps all of it
             saved.storages["attn.v"] = t * attn_linears["qkv_proj"][1] * p.compute
     grad_mid = grad_attn or grad_in
+    if grad_attn and layer.residual_dropout:  # the attention's output dropped out
+        saved.keep("attn.drop_mask", t * hidden * dropout_mask(p, p.compute))
     if grad_attn and layer.output_norms:  # the attention's output normed (Gemma's sandwich)
         norm(saved, "ln_attn_out", t, hidden, p, True, norms_trainable, p.compute, "", xb)
     before_mlp = saved.total
     mid_bytes = norm(saved, "ln2", t, hidden, p, grad_mid, norms_trainable, p.residual,
-                     "residual", xb)
+                     "residual", xb) if layer.pre_norms else p.residual
     own_input = saved.storages.get("input", 0)
     if f.moe:
         _moe(saved, t, hidden, f, roles, p, mid_bytes, grad_mid)
         return LayerSaves(saved.total, saved.total - before_mlp,
                           moe_frame(saved, t, hidden, f, p, mid_bytes),
                           incoming_gradients(t, hidden, LinearRole(), p, f.top_k,
-                                             FP32 if f.fp32_routing else p.compute), own_input,
+                                             FP32 if f.fp32_routing else p.compute,
+                                             layer.residual_scale), own_input,
                           saved.pinned_total, 0)
     mlp_roles = {n: roles.get(n, LinearRole()) for n in ("gate_proj", "up_proj", "down_proj")}
     if "gate_up_proj" in roles:
@@ -359,10 +391,13 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
                      mid_bytes, grad_mid)
     if grad_mid and layer.output_norms > 1:  # and the MLP's
         norm(saved, "ln_mlp_out", t, hidden, p, True, norms_trainable, p.compute, "", xb)
+    if grad_mid and layer.residual_dropout:
+        saved.keep("mlp.drop_mask", t * hidden * dropout_mask(p, p.act))
     return LayerSaves(saved.total, saved.total - before_mlp,
                       forward_frame(saved, t, hidden, f.intermediate, mlp_roles, p, mid_bytes,
                                     layer.output_norms > 1),
-                      incoming_gradients(t, hidden, mlp_roles["down_proj"], p), own_input,
+                      incoming_gradients(t, hidden, mlp_roles["down_proj"], p,
+                                         scaled=layer.residual_scale), own_input,
                       saved.pinned_total, down)
 
 
@@ -377,11 +412,13 @@ def _mla(saved: Saved, t: int, batch: int, seq: int, a: Attention, p: Precision,
         if rank:
             norm(saved, name, t, rank, p, True, norms_trainable, p.compute)
             saved.keep(f"{name}.norm", t * rank * p.compute)
-    width = FP32 if kernel == "math" else p.compute
-    saved.keep("attn.q", t * a.heads * a.head_dim * width)
-    saved.keep("attn.k", t * a.heads * a.head_dim * width)
-    saved.keep("attn.v", t * a.heads * a.v_head_dim * width)
-    if kernel in ("math", "eager"):
+    if kernel == "math":
+        math_scores(saved, "attn", t, batch, seq, a)
+        return
+    saved.keep("attn.q", t * a.heads * a.head_dim * p.compute)
+    saved.keep("attn.k", t * a.heads * a.head_dim * p.compute)
+    saved.keep("attn.v", t * a.heads * a.v_head_dim * p.compute)
+    if kernel == "eager":
         saved.keep("attn.probs32", batch * a.heads * seq * seq * FP32)
     else:
         saved.keep("attn.out", t * a.heads * a.v_head_dim * p.compute)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -71,6 +71,8 @@ class Attention:
     ``q_norm``/``k_norm``)."""
     softcap: bool = False
     """The scores are soft-capped, ``cap * tanh(s / cap)`` (Gemma 2)."""
+    dropout: bool = False
+    """The attention probabilities are dropped out in training (``attention_dropout`` > 0)."""
 
     @property
     def mla(self) -> bool:
@@ -124,6 +126,15 @@ class Layer:
     fp32_norms: bool = False
     """Its RMSNorms scale by the weight in fp32 (Gemma's ``1 + w``): a trained weight keeps
     the fp32 normalised input."""
+    pre_norms: bool = True
+    """Norms before the attention and the MLP; without them (OLMo 2: ``output_norms``
+    only) both read the residual stream itself."""
+    residual_dropout: bool = False
+    """The attention's and the MLP's outputs are dropped out before the residual adds
+    (Seed-OSS's ``residual_dropout``, Phi's ``resid_pdrop``)."""
+    residual_scale: bool = False
+    """The attention's and the MLP's outputs are scaled before the residual adds
+    (Granite's ``residual_multiplier``): their gradients get scaled copies."""
 
 
 @dataclass(frozen=True)
@@ -218,6 +229,29 @@ def head_dim(config: dict) -> int:
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
+_ATTENTION_DROPOUT = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+_RESIDUAL_DROPOUT = ("residual_dropout", "resid_pdrop", "hidden_dropout", "hidden_dropout_prob")
+
+
+def model_dropout(config: dict) -> tuple[bool, bool]:
+    """Whether training drops out the attention probabilities, and the attention's and
+    MLP's outputs, by the config's rates (transformers' names for them)."""
+    def rate(keys):
+        return any(isinstance(config.get(k), int | float) and config[k] > 0 for k in keys)
+
+    return rate(_ATTENTION_DROPOUT), rate(_RESIDUAL_DROPOUT)
+
+
+def latent_attention(config: dict) -> Attention | None:
+    """Multi-head latent attention (DeepSeek-V2 and -V3) from its config keys: low-rank
+    joint K/V, optional low-rank Q; ``None`` for any other attention."""
+    if not config.get("kv_lora_rank"):
+        return None
+    heads, rope = config["num_attention_heads"], config["qk_rope_head_dim"]
+    return Attention(heads, heads, config["qk_nope_head_dim"] + rope, config["v_head_dim"],
+                     config.get("q_lora_rank") or 0, config["kv_lora_rank"], rope)
+
+
 def decoder(
     config: dict,
     *,
@@ -261,6 +295,7 @@ def decoder(
     tensors: list[Tensor] = [Tensor("model.embed_tokens.weight", vocab * h, "embedding",
                                     (vocab, h))]
     layers: list[Layer] = []
+    attention_dropout, residual_dropout = model_dropout(config)
     for i in range(n_layers):
         p = f"model.layers.{i}"
         attention = _attention(config, p, h, heads, kv_heads, qkv_bias, o_bias, latent, linears,
@@ -272,7 +307,8 @@ def decoder(
             tensors.append(Tensor(f"{p}.{suffix}", size, kind))
         tensors.append(Tensor(f"{p}.input_layernorm.weight", h, "norm"))
         tensors.append(Tensor(f"{p}.post_attention_layernorm.weight", h, "norm"))
-        layers.append(Layer(attention, mlp, tags, saves))
+        layers.append(Layer(replace(attention, dropout=attention_dropout), mlp, tags, saves,
+                            residual_dropout=residual_dropout))
     tensors.append(Tensor("model.norm.weight", h, "norm"))
     linears.append(Linear("lm_head", h, vocab, False))
     fused = any(t.kind == "experts" for t in tensors)

@@ -701,7 +701,9 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
     """Decoder layer ``i``'s part, and whether the layers after it take a gradient input."""
     t, c, w = shape.tokens, f.p.compute, f.w
     layer = arch.layers[i]
-    kernel = "math" if device == "cpu" and layer.attention.mla else recipe.attn
+    kernel = recipe.attn
+    if device == "cpu" and kernel == "sdpa" and (layer.attention.mla or layer.attention.dropout):
+        kernel = "math"  # no fused CPU kernel for unequal head widths or dropout
     kind = (f.kinds[i], grad_in, shape, kernel, recipe.grad_ckpt)
     if kind not in f.saved:
         norms = f.full or (f.trained is not None and i in f.trained)

@@ -7,6 +7,7 @@ second. This is the ground truth the family plugins' analytic descriptions are h
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from autotune.cost.architecture import (
     PEFT_FUSED_TARGETS,
@@ -16,11 +17,18 @@ from autotune.cost.architecture import (
     Layer,
     Linear,
     Tensor,
+    latent_attention,
+    layer_index,
+    model_dropout,
 )
 from autotune.util.errors import AutotuneError
 
 _SHARED = re.compile(r"\.shared_experts?\.")
 """A shared expert's linear layer (Qwen2-MoE's ``shared_expert``, DeepSeek's ``shared_experts``)."""
+_ATTENTION = re.compile(r"\.(self_attn|self_attention|attention|attn)\.")
+"""A parameter inside a decoder layer's attention block."""
+_LATENT_NORMS = ("q_a_layernorm.weight", "kv_a_layernorm.weight")
+"""MLA's norms of its low-rank latents (priced by the MLA model itself)."""
 
 
 def build_on_meta(config: dict):
@@ -84,9 +92,8 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         model_type=cfg.model_type,
         hidden=cfg.hidden_size,
         vocab=cfg.vocab_size,
-        layers=tuple(_layers(cfg, linears, _fp32_routing(model),
-                             any(t.path.endswith("self_attn.q_norm.weight") for t in tensors),
-                             _output_norms(tensors, cfg.hidden_size), _fp32_norms(model))),
+        layers=tuple(_layers(cfg, linears, tensors, _fp32_routing(model),
+                             *_norm_places(tensors, cfg.hidden_size), _fp32_norms(model))),
         linears=tuple(linears),
         tensors=tuple(tensors),
         tied_embeddings=out.weight is model.get_input_embeddings().weight,
@@ -130,25 +137,51 @@ def _kinds(model) -> dict[str, str]:
     return kinds
 
 
-def _output_norms(tensors: list[Tensor], hidden: int) -> int:
+def _norm_places(tensors: list[Tensor], hidden: int) -> tuple[int, bool]:
     """Norms a decoder layer applies to its attention's and MLP's outputs (Gemma 2 and 3,
-    GLM-4): its residual-wide norms beyond the two before the attention and the MLP."""
-    widths = [t.numel for t in tensors if ".layers.0." in t.path and t.kind == "norm"
-              and t.path.endswith(".weight") and ".self_attn." not in t.path]
-    return max(0, sum(n == hidden for n in widths) - 2)
+    GLM-4: its residual-wide norms beyond the two before the attention and the MLP), and
+    whether those two exist (OLMo 2 and EXAONE 4 have a ``post_feedforward_layernorm`` and
+    no norm before either block)."""
+    found = [t for t in tensors if ".layers.0." in t.path and t.kind == "norm"
+             and t.path.endswith(".weight") and not _ATTENTION.search(t.path)
+             and t.numel == hidden]
+    if len(found) == 2 and any(t.path.endswith("post_feedforward_layernorm.weight")
+                               for t in found):
+        return 2, False
+    return max(0, len(found) - 2), True
 
 
 def _fp32_norms(model) -> bool:
-    """Whether the decoder layers' input norm scales by its weight in fp32 (Gemma's
-    ``output * (1.0 + self.weight.float())``), read from its ``forward``'s source."""
-    import inspect
+    """Whether the decoder layers' norms scale by their weight in fp32 (Gemma's
+    ``output * (1.0 + self.weight.float())``, OLMo 2's ``self.weight * x32``): run the first
+    layer's first norm on the meta device in bf16 and see what its weight's product saves."""
+    import copy
 
-    norm = next((m for path, m in model.named_modules()
-                 if path.endswith("layers.0.input_layernorm")), None)
-    try:
-        return norm is not None and "weight.float()" in inspect.getsource(type(norm).forward)
-    except (OSError, TypeError):  # no source (compiled or builtin): Llama's 16-bit product
+    import torch
+
+    norm = next((m for path, m in model.named_modules() if ".layers.0." in f"{path}."
+                 and "norm" in type(m).__name__.lower() and not _ATTENTION.search(f"{path}.")
+                 and getattr(m, "weight", None) is not None and m.weight.dim() == 1), None)
+    if norm is None:
         return False
+    try:
+        probe = copy.deepcopy(norm).to(device="meta", dtype=torch.bfloat16)
+        out = probe(torch.empty(2, probe.weight.numel(), device="meta", dtype=torch.bfloat16))
+    except Exception:  # noqa: BLE001 -- a norm we cannot call alone: Llama's 16-bit product
+        return False
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__.startswith("MulBackward"):
+            kept = [getattr(node, f"_saved_{side}", None) for side in ("self", "other")]
+            if any(torch.is_tensor(x) and x.dtype == torch.float32 and x.dim() == 2
+                   for x in kept):
+                return True
+        todo.extend(fn for fn, _ in node.next_functions)
+    return False
 
 
 def _fp32_routing(model) -> bool:
@@ -173,26 +206,50 @@ def _fp32_routing(model) -> bool:
     return not weights or weights[0].dtype == torch.float32
 
 
-def _layers(cfg, linears: list[Linear], fp32_routing: bool = True,
-            qk_norm: bool = False, output_norms: int = 0, fp32_norms: bool = False
+def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: bool = True,
+            output_norms: int = 0, pre_norms: bool = True, fp32_norms: bool = False
             ) -> list[Layer]:
-    """Layer shapes from a transformers config (and the shared experts from the linear
-    layers the build made), for the activation model."""
+    """Each decoder layer's shape, from the config and what the build put in that layer:
+    experts or a dense MLP (DeepSeek's first dense layers, Qwen-MoE's ``mlp_only_layers``),
+    the dense MLP's width, norms inside the attention (q and k norms under any name)."""
     h, heads = cfg.hidden_size, cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     d = getattr(cfg, "head_dim", None) or h // heads
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * h
-    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0
-    if experts:
-        top_k = getattr(cfg, "num_experts_per_tok", 2)
-        shared = next((lin.out_features for lin in linears
-                       if _SHARED.search(lin.path) and lin.path.endswith(".gate_proj")), 0)
-        mlp = FeedForward(0, experts, top_k, getattr(cfg, "moe_intermediate_size", None) or inter,
-                          shared, any(lin.path.endswith(".shared_expert_gate") for lin in linears),
-                          fp32_routing)
-    else:
-        mlp = FeedForward(inter)
-    attention = Attention(heads, kv, d, d, qk_norm=qk_norm,
-                          softcap=bool(getattr(cfg, "attn_logit_softcapping", None)))
-    return [Layer(attention, mlp, output_norms=output_norms, fp32_norms=fp32_norms)
-            for _ in range(cfg.num_hidden_layers)]
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) \
+        or getattr(cfg, "n_routed_experts", None) or 0
+    settings = cfg.to_dict()
+    latent = latent_attention(settings)
+    attention_dropout, residual_dropout = model_dropout(settings)
+    per_linear: list[list[Linear]] = [[] for _ in range(cfg.num_hidden_layers)]
+    per_tensor: list[list[Tensor]] = [[] for _ in range(cfg.num_hidden_layers)]
+    for items, found in ((linears, per_linear), (tensors, per_tensor)):
+        for item in items:
+            index = layer_index(item.path)
+            if index is not None and index < cfg.num_hidden_layers:
+                found[index].append(item)
+    layers = []
+    for own_linears, own_tensors in zip(per_linear, per_tensor, strict=True):
+        qk_norm = any(t.kind == "norm" and _ATTENTION.search(t.path)
+                      and not t.path.endswith(_LATENT_NORMS) for t in own_tensors)
+        attention = latent or Attention(heads, kv, d, d)
+        attention = replace(attention, qk_norm=qk_norm, dropout=attention_dropout,
+                            softcap=bool(getattr(cfg, "attn_logit_softcapping", None)))
+        routed = any(t.kind == "experts" for t in own_tensors) or \
+            any(".experts." in lin.path for lin in own_linears)
+        if experts and routed:
+            top_k = getattr(cfg, "num_experts_per_tok", 2)
+            shared = next((lin.out_features for lin in own_linears
+                           if _SHARED.search(lin.path) and lin.path.endswith(".gate_proj")), 0)
+            mlp = FeedForward(0, experts, top_k,
+                              getattr(cfg, "moe_intermediate_size", None) or inter, shared,
+                              any(lin.path.endswith(".shared_expert_gate")
+                                  for lin in own_linears), fp32_routing)
+        else:
+            mlp = FeedForward(next((lin.in_features for lin in own_linears
+                                    if lin.path.endswith("mlp.down_proj")), inter))
+        layers.append(Layer(attention, mlp, output_norms=output_norms, pre_norms=pre_norms,
+                            fp32_norms=fp32_norms,
+                            residual_dropout=residual_dropout,
+                            residual_scale="residual_multiplier" in settings))
+    return layers

@@ -1,0 +1,34 @@
+"""What a meta-device build tells the memory model, against what the configs say."""
+
+from autotune.cost.metabuild import from_transformers
+from benchmarks.accuracy_grid import CONFIGS
+
+
+def test_deepseek_v3_has_latent_attention_and_a_dense_first_layer():
+    config = CONFIGS["deepseek-v3-wide"]
+    first, second = from_transformers(config).layers
+    assert first.attention.mla and first.attention.q_lora_rank == config["q_lora_rank"]
+    assert not first.mlp.moe and first.mlp.intermediate == config["intermediate_size"]
+    assert second.mlp.moe and second.mlp.experts == config["n_routed_experts"]
+
+
+def test_qwen3_moe_mlp_only_layers_are_dense():
+    first, second = from_transformers(CONFIGS["qwen3-moe-dense0"]).layers
+    assert (first.mlp.moe, second.mlp.moe) == (False, True)
+
+
+def test_q_and_k_norms_are_found_under_any_name():
+    assert from_transformers(CONFIGS["hunyuan-wide"]).layers[0].attention.qk_norm
+    assert not from_transformers(CONFIGS["llama-wide"]).layers[0].attention.qk_norm
+
+
+def test_dropout_rates_and_norm_places_come_from_the_model():
+    seed = from_transformers(CONFIGS["seed-oss-wide"]).layers[0]
+    assert seed.attention.dropout and seed.residual_dropout
+    llama = from_transformers(CONFIGS["llama-wide"]).layers[0]
+    assert not (llama.attention.dropout or llama.residual_dropout or llama.fp32_norms)
+    olmo2 = from_transformers(CONFIGS["olmo2-wide"]).layers[0]
+    assert (olmo2.pre_norms, olmo2.output_norms, olmo2.fp32_norms) == (False, 2, True)
+    gemma3 = from_transformers(CONFIGS["gemma3-wide"]).layers[0]
+    assert (gemma3.pre_norms, gemma3.output_norms, gemma3.fp32_norms) == (True, 2, True)
+    assert from_transformers(CONFIGS["granite-wide"]).layers[0].residual_scale
