@@ -144,6 +144,10 @@ WIDE_ARCHITECTURES = {
                          vocab_size=1000, max_position_embeddings=2048,
                          residual_multiplier=0.22, embedding_multiplier=12.0,
                          attention_multiplier=0.0078, logits_scaling=8.0),
+    # Arcee's MLP without a gate (up_proj, relu2, down_proj)
+    "arcee-wide": dict(model_type="arcee", hidden_size=256, intermediate_size=704,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       vocab_size=1000, max_position_embeddings=2048),
     # Qwen3-MoE with a dense first layer (mlp_only_layers)
     "qwen3-moe-dense0": dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=704,
                              moe_intermediate_size=128, num_hidden_layers=2,
@@ -318,6 +322,9 @@ REAL: list[Case] = [
         ("seed-oss-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
         ("olmo2-wide", dict(method="lora", batch=1, seq_len=512)),
         ("granite-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+        ("arcee-wide", dict(method="lora", batch=1, seq_len=512)),
+        ("arcee-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+        ("arcee-wide", dict(method="full", precision="bf16", batch=1, seq_len=512)),
         ("qwen3-moe-dense0", dict(method="lora", batch=1, seq_len=512)),
         ("qwen3-moe-dense0", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)))],
 ]

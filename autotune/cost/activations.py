@@ -201,12 +201,23 @@ def attention_backward_spike(layer: Layer, batch: int, seq: int, p: Precision,
 
 
 def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: int,
-              roles: dict[str, LinearRole], p: Precision, in_bytes: int, grad_in: bool) -> int:
+              roles: dict[str, LinearRole], p: Precision, in_bytes: int, grad_in: bool,
+              act_saves: float = 1.0) -> int:
     """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as two linears or one fused
-    ``gate_up_proj`` (Phi-3) whose halves are views. Returns what the down projection
-    alone saves."""
+    ``gate_up_proj`` (Phi-3) whose halves are views; without a gate (GPT-NeoX's, Phi's,
+    StarCoder2's MLPs), down(act(up(x))); the activation keeps ``act_saves`` times its
+    input. Returns what the down projection alone saves."""
     c = p.act
-    gate, up = roles["gate_proj"], roles["up_proj"]
+    gate, up = roles.get("gate_proj"), roles["up_proj"]
+    if gate is None and "gate_up_proj" not in roles:
+        linear(saved, f"{name}.up_proj", source, t, hidden, inter, up, p, in_bytes, grad_in)
+        grad_up = grad_in or up.trainable or up.adapted
+        if grad_up:
+            saved.keep(f"{name}.up", int(t * inter * c * act_saves))  # the activation's
+        before = saved.total
+        linear(saved, f"{name}.down_proj", f"{name}.act_up", t, inter, hidden,
+               roles["down_proj"], p, c, grad_up)
+        return saved.total - before
     if "gate_up_proj" in roles:
         gate = up = roles["gate_up_proj"]
         linear(saved, f"{name}.gate_up_proj", source, t, hidden, 2 * inter, gate, p, in_bytes,
@@ -218,7 +229,7 @@ def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: 
     grad_up = grad_in or up.trainable or up.adapted
     if grad_gate or grad_up:
         if grad_gate:
-            saved.keep(f"{name}.gate", t * inter * c)      # silu's input
+            saved.keep(f"{name}.gate", int(t * inter * c * act_saves))  # silu's input
             saved.keep(f"{name}.up", t * inter * c)        # for d(act)
         if grad_up:
             saved.keep(f"{name}.act", t * inter * c)       # for d(up)
@@ -384,11 +395,12 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
                                              FP32 if f.fp32_routing else p.compute,
                                              layer.residual_scale), own_input,
                           saved.pinned_total, 0)
-    mlp_roles = {n: roles.get(n, LinearRole()) for n in ("gate_proj", "up_proj", "down_proj")}
+    mlp_roles = {n: roles.get(n, LinearRole()) for n in ("gate_proj", "up_proj", "down_proj")
+                 if n != "gate_proj" or n in roles or "up_proj" not in roles}
     if "gate_up_proj" in roles:
         mlp_roles["gate_up_proj"] = roles["gate_up_proj"]
     down = gated_mlp(saved, "mlp", "ln2.out", t, hidden, f.intermediate, mlp_roles, p,
-                     mid_bytes, grad_mid)
+                     mid_bytes, grad_mid, f.activation_saves)
     if grad_mid and layer.output_norms > 1:  # and the MLP's
         norm(saved, "ln_mlp_out", t, hidden, p, True, norms_trainable, p.compute, "", xb)
     if grad_mid and layer.residual_dropout:

@@ -94,6 +94,9 @@ class FeedForward:
     fp32_routing: bool = True
     """The routing weights stay fp32 (Mixtral, DeepSeek); Qwen's MoE routers cast them to
     the logits' dtype."""
+    activation_saves: float = 1.0
+    """Bytes its activation function saves per byte of its input (native SiLU and GELU: 1;
+    transformers' Python ``gelu_new``: 4)."""
 
     @property
     def moe(self) -> bool:

@@ -249,13 +249,31 @@ def _linear_slots(arch: Architecture) -> list[tuple[int, str, Linear]]:
     return arch.__dict__["_linear_slots"]
 
 
+_BLOCKS = {"self_attn": "attention", "self_attention": "attention", "attention": "attention",
+           "attn": "attention", "mlp": "mlp", "feed_forward": "mlp", "block_sparse_moe": "mlp"}
+"""A decoder layer's attention and MLP modules, by the names models give them."""
+_ALIASES = {
+    "attention": {"query_key_value": "qkv_proj", "c_attn": "qkv_proj", "Wqkv": "qkv_proj",
+                  "dense": "o_proj", "out_proj": "o_proj", "c_proj": "o_proj"},
+    "mlp": {"c_fc": "up_proj", "fc1": "up_proj", "dense_h_to_4h": "up_proj",
+            "c_proj": "down_proj", "fc2": "down_proj", "dense_4h_to_h": "down_proj",
+            "w1": "up_proj", "w2": "gate_proj"},
+}
+"""Other models' names for the linear layers the activation model places (GPT-NeoX,
+Falcon, StarCoder2, Phi, GPT-2-style Conv1D layers, Qwen's remote code)."""
+
+
 @lru_cache(maxsize=65536)
 def _role_key(path: str, index: int) -> str:
+    """A decoder-layer linear's place: its short name, in Llama's names where another
+    model names it otherwise (``mlp.fc1`` is ``up_proj``)."""
     rest = path.split(f".{index}.", 1)[1]
-    for prefix in ("self_attn.", "mlp.", "block_sparse_moe."):
-        if rest.startswith(prefix):
-            rest = rest[len(prefix):]
-    return "experts" if rest.startswith("experts.") else rest
+    block, _, name = rest.partition(".")
+    if block not in _BLOCKS or not name:
+        return rest
+    if name.startswith("experts."):
+        return "experts"
+    return _ALIASES[_BLOCKS[block]].get(name, name)
 
 
 def _trainable_shapes(arch: Architecture, recipe: Recipe, counts: ParamCounts,

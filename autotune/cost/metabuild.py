@@ -99,7 +99,7 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         tied_embeddings=out.weight is model.get_input_embeddings().weight,
         head=head,
         counted_by=counted_by,
-        hidden_act=getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", "gelu"),
+        hidden_act=_hidden_act(cfg),
         fused_targets=_peft_fused_targets(cfg.model_type),
         supports_sdpa=getattr(model, "_supports_sdpa", True) is not False,
         logit_softcap=bool(getattr(cfg, "final_logit_softcapping", None)),
@@ -184,6 +184,39 @@ def _fp32_norms(model) -> bool:
     return False
 
 
+def _hidden_act(cfg) -> str:
+    return getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", "gelu")
+
+
+def _activation_saves(name: str) -> float:
+    """What transformers' activation ``name`` saves for backward per byte of its input,
+    read from the autograd graph of a tiny bf16 run (composite Python activations save
+    several intermediates); 1 where it cannot be run."""
+    import torch
+    from transformers.activations import ACT2FN
+
+    try:
+        x = torch.ones(4, 64, dtype=torch.bfloat16, requires_grad=True)
+        out = ACT2FN[name](x)
+    except Exception:  # noqa: BLE001 -- an activation we cannot build or call alone
+        return 1.0
+    storages, seen, todo = {}, set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for attr in dir(node):
+            if attr.startswith("_saved_"):
+                kept = getattr(node, attr)
+                for item in kept if isinstance(kept, tuple | list) else (kept,):
+                    if torch.is_tensor(item) and item.numel() > 1:
+                        storage = item.untyped_storage()
+                        storages[storage.data_ptr()] = storage.nbytes()
+        todo.extend(fn for fn, _ in node.next_functions)
+    return sum(storages.values()) / (x.numel() * x.element_size()) or 1.0
+
+
 def _fp32_routing(model) -> bool:
     """Whether the first MoE router returns fp32 routing weights from a 16-bit input: run
     on the meta device (a copy in bf16); fp32, the larger, where it cannot be run."""
@@ -228,6 +261,7 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: boo
             index = layer_index(item.path)
             if index is not None and index < cfg.num_hidden_layers:
                 found[index].append(item)
+    act_saves = _activation_saves(_hidden_act(cfg))
     layers = []
     for own_linears, own_tensors in zip(per_linear, per_tensor, strict=True):
         qk_norm = any(t.kind == "norm" and _ATTENTION.search(t.path)
@@ -244,10 +278,11 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: boo
             mlp = FeedForward(0, experts, top_k,
                               getattr(cfg, "moe_intermediate_size", None) or inter, shared,
                               any(lin.path.endswith(".shared_expert_gate")
-                                  for lin in own_linears), fp32_routing)
+                                  for lin in own_linears), fp32_routing, act_saves)
         else:
             mlp = FeedForward(next((lin.in_features for lin in own_linears
-                                    if lin.path.endswith("mlp.down_proj")), inter))
+                                    if lin.path.endswith("mlp.down_proj")), inter),
+                              activation_saves=act_saves)
         layers.append(Layer(attention, mlp, output_norms=output_norms, pre_norms=pre_norms,
                             fp32_norms=fp32_norms,
                             residual_dropout=residual_dropout,

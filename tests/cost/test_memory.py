@@ -57,6 +57,22 @@ def test_linear_layers_the_model_does_not_place_still_make_it_price_the_step(pm)
         assert row.error >= 0, (row.estimated, row.measured)
 
 
+@pytest.mark.parametrize("model_type", ["phi", "gpt_neox", "starcoder2"])
+def test_other_names_for_the_linears_and_python_activations_are_priced(pm, model_type):
+    """Phi's ``fc1``/``fc2`` and ``dense``, GPT-NeoX's ``query_key_value`` and
+    ``dense_h_to_4h``, StarCoder2's ``c_fc``/``c_proj``: MLPs without a gate, placed as
+    Llama's linears; Phi's ``gelu_new`` (Python) saves four times its input. Priced as a
+    gated SiLU MLP they were up to 25% over; without the activation's saves, Phi 12% under."""
+    config = dict(model_type=model_type, hidden_size=128, intermediate_size=352,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=512, max_position_embeddings=1024, eos_token_id=0,
+                  bos_token_id=0, pad_token_id=0)
+    for recipe in (Recipe(method="lora", batch=1, seq_len=256),
+                   Recipe(method="lora", batch=1, seq_len=256, grad_ckpt=True)):
+        row = compare(pm, config, recipe)
+        assert 0 <= row.error <= 0.15, (model_type, row.estimated, row.measured)
+
+
 def test_the_issue_case_without_autocast_keeps_fp32_copies_of_adapted_inputs(pm):
     """Without autocast PEFT casts each adapted layer's input to the fp32 adapters and saves
     it: 4 bytes per token and input feature of every adapted layer, where autocast saves 2."""
