@@ -143,8 +143,13 @@ def linear(saved: Saved, name: str, source: str, t: int, fan_in: int, fan_out: i
 
 def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Attention,
                    p: Precision, kernel: str) -> None:
-    """Rotary q and k, v, the output and (fused kernels) the log-sum-exp; eager adds scores."""
+    """Rotary q and k, v, the output and (fused kernels) the log-sum-exp; eager adds scores,
+    SDPA's math path keeps its own fp32 copies instead (:func:`math_scores`)."""
     c = p.compute
+    if kernel == "math":
+        math_scores(saved, name, t, batch, seq, a)
+        saved.keep(f"{name}.out", t * a.heads * a.v_head_dim * c)
+        return
     q_bytes = t * a.heads * a.head_dim * c
     kv_heads = a.kv_heads if kernel != "eager" else a.heads  # eager repeats k and v
     saved.keep(f"{name}.q", q_bytes)
@@ -159,19 +164,18 @@ def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Att
             saved.keep(f"{name}.tanh", scores * c)
         if a.dropout:  # the dropped probabilities replace them in the matmul; and the mask
             saved.keep(f"{name}.probs_mask", scores * dropout_mask(p, c))
-    elif kernel == "math":  # SDPA's fallback: fp32 q, k, v and probabilities
-        math_scores(saved, name, t, batch, seq, a)
     else:
         saved.keep(f"{name}.lse", batch * a.heads * seq * FP32)
 
 
 def math_scores(saved: Saved, name: str, t: int, batch: int, seq: int, a: Attention) -> None:
     """SDPA's math path (the CPU's, where head widths differ or the probabilities are
-    dropped out): fp32 q, k, v and probabilities; with dropout, its fp32 noise and the
-    dropped probabilities too (measured, 12 bytes a score)."""
+    dropped out): fp32 q, k, v (k and v repeated to every query head) and probabilities;
+    with dropout, its fp32 noise and the dropped probabilities too (measured, 12 bytes a
+    score)."""
     saved.keep(f"{name}.q", t * a.heads * a.head_dim * FP32)
-    saved.keep(f"{name}.k", t * a.kv_heads * a.head_dim * FP32)
-    saved.keep(f"{name}.v", t * a.kv_heads * a.v_head_dim * FP32)
+    saved.keep(f"{name}.k", t * a.heads * a.head_dim * FP32)
+    saved.keep(f"{name}.v", t * a.heads * a.v_head_dim * FP32)
     scores = batch * a.heads * seq * seq * FP32
     saved.keep(f"{name}.probs32", scores)
     if a.dropout:
@@ -195,9 +199,12 @@ def attention_backward_spike(layer: Layer, batch: int, seq: int, p: Precision,
     """
     if kernel not in ("eager", "math"):
         return 0
-    # the math path's gradients are fp32 from the start (measured: 8 bytes a score)
-    return batch * layer.attention.heads * seq * seq * (
-        (p.compute if kernel == "eager" else FP32) + FP32)
+    scores = batch * layer.attention.heads * seq * seq
+    if kernel == "eager":
+        return scores * (p.compute + FP32)
+    # the math path's gradients are fp32 from the start (measured: 8 bytes a score); with
+    # dropout its noise and dropped probabilities are freed on the way (measured: 4)
+    return scores * FP32 * (1 if layer.attention.dropout else 2)
 
 
 def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: int,
