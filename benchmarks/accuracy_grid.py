@@ -144,6 +144,10 @@ WIDE_ARCHITECTURES = {
                          vocab_size=1000, max_position_embeddings=2048,
                          residual_multiplier=0.22, embedding_multiplier=12.0,
                          attention_multiplier=0.0078, logits_scaling=8.0),
+    # ERNIE 4.5's rotary embedding: fp32 cos and sin, interleaved anew in every layer
+    "ernie-wide": dict(model_type="ernie4_5", hidden_size=256, intermediate_size=704,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=64, vocab_size=1000, max_position_embeddings=2048),
     # Arcee's MLP without a gate (up_proj, relu2, down_proj)
     "arcee-wide": dict(model_type="arcee", hidden_size=256, intermediate_size=704,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -324,6 +328,8 @@ REAL: list[Case] = [
         ("seed-oss-wide", dict(method="full", precision="bf16", batch=1, seq_len=512)),
         ("olmo2-wide", dict(method="lora", batch=1, seq_len=512)),
         ("granite-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+        ("ernie-wide", dict(method="lora", batch=1, seq_len=512)),
+        ("ernie-wide", dict(method="full", precision="bf16", batch=1, seq_len=512)),
         ("arcee-wide", dict(method="lora", batch=1, seq_len=512)),
         ("arcee-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
         ("arcee-wide", dict(method="full", precision="bf16", batch=1, seq_len=512)),

@@ -382,6 +382,8 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
                 if norms_trainable:
                     saved.keep(f"{which}_norm.xhat", t * width * (xb or p.compute))
         attention_core(saved, "attn", t, batch, seq, a, p, kernel)
+        if a.rotary_saves:
+            saved.keep("attn.rotary", t * a.rotary_saves)
         if "qkv_proj" in roles and "attn.v" in saved.storages:  # v, a view of the fused
             # output, keeps all of it
             saved.storages["attn.v"] = t * attn_linears["qkv_proj"][1] * p.compute

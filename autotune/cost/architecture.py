@@ -73,6 +73,9 @@ class Attention:
     """The scores are soft-capped, ``cap * tanh(s / cap)`` (Gemma 2)."""
     dropout: bool = False
     """The attention probabilities are dropped out in training (``attention_dropout`` > 0)."""
+    rotary_saves: int = 0
+    """Bytes per token its rotary embedding saves beyond the shared cos and sin (ERNIE 4.5
+    interleaves fp32 copies of them in every layer)."""
 
     @property
     def mla(self) -> bool:

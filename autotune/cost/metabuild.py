@@ -92,7 +92,7 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         model_type=cfg.model_type,
         hidden=cfg.hidden_size,
         vocab=cfg.vocab_size,
-        layers=tuple(_layers(cfg, linears, tensors, _fp32_routing(model),
+        layers=tuple(_layers(cfg, linears, tensors, _fp32_routing(model), _rotary_saves(model),
                              *_norm_places(tensors, cfg.hidden_size), _fp32_norms(model))),
         linears=tuple(linears),
         tensors=tuple(tensors),
@@ -217,6 +217,48 @@ def _activation_saves(name: str) -> float:
     return sum(storages.values()) / (x.numel() * x.element_size()) or 1.0
 
 
+def _rotary_saves(model) -> int:
+    """Bytes per token the model's ``apply_rotary_pos_emb`` saves for backward beyond its
+    inputs (new fp32 copies of cos and sin: ERNIE 4.5), from a tiny bf16 run at the model's
+    head count and width; 0 where the model has none or it cannot be run."""
+    import sys
+
+    import torch
+
+    rotary = getattr(sys.modules.get(type(model).__module__), "apply_rotary_pos_emb", None)
+    embedding = next((m for path, m in model.named_modules() if path.endswith("rotary_emb")),
+                     None)
+    cfg, seq = model.config, 8
+    heads = cfg.num_attention_heads
+    width = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    if rotary is None or embedding is None:
+        return 0
+    try:  # the shape and dtype of its cos and sin, from a meta-device run
+        shapes = [(x.shape, x.dtype) for x in embedding(
+            torch.empty(1, seq, cfg.hidden_size, device="meta", dtype=torch.bfloat16),
+            torch.arange(seq, device="meta")[None])]
+    except Exception:  # noqa: BLE001 -- a rotary module we cannot call alone
+        return 0
+    q, k = (torch.ones(1, heads, seq, width, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    cos, sin = (torch.ones(shape, dtype=dtype) for shape, dtype in shapes[:2])
+    inputs = {x.untyped_storage().data_ptr() for x in (q, k, cos, sin)}
+    storages = {}
+
+    def pack(x):
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in inputs:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return x
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            rotary(q, k, cos, sin)
+    except Exception:  # noqa: BLE001 -- another signature: the shared cos and sin only
+        return 0
+    return sum(storages.values()) // seq
+
+
 def _fp32_routing(model) -> bool:
     """Whether the first MoE router returns fp32 routing weights from a 16-bit input: run
     on the meta device (a copy in bf16); fp32, the larger, where it cannot be run."""
@@ -240,7 +282,7 @@ def _fp32_routing(model) -> bool:
 
 
 def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: bool = True,
-            output_norms: int = 0, pre_norms: bool = True, fp32_norms: bool = False
+            rotary_saves: int = 0, output_norms: int = 0, pre_norms: bool = True, fp32_norms: bool = False
             ) -> list[Layer]:
     """Each decoder layer's shape, from the config and what the build put in that layer:
     experts or a dense MLP (DeepSeek's first dense layers, Qwen-MoE's ``mlp_only_layers``),
@@ -268,6 +310,7 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: boo
                       and not t.path.endswith(_LATENT_NORMS) for t in own_tensors)
         attention = latent or Attention(heads, kv, d, d)
         attention = replace(attention, qk_norm=qk_norm, dropout=attention_dropout,
+                            rotary_saves=0 if latent else rotary_saves,
                             softcap=bool(getattr(cfg, "attn_logit_softcapping", None)))
         routed = any(t.kind == "experts" for t in own_tensors) or \
             any(".experts." in lin.path for lin in own_linears)

@@ -32,3 +32,10 @@ def test_dropout_rates_and_norm_places_come_from_the_model():
     gemma3 = from_transformers(CONFIGS["gemma3-wide"]).layers[0]
     assert (gemma3.pre_norms, gemma3.output_norms, gemma3.fp32_norms) == (True, 2, True)
     assert from_transformers(CONFIGS["granite-wide"]).layers[0].residual_scale
+
+
+def test_a_rotary_embedding_that_copies_cos_and_sin_per_layer_is_found():
+    """ERNIE 4.5 interleaves new fp32 copies of cos and sin in every layer (2 x 64 x 4 bytes
+    a token at head width 64); Llama's are shared."""
+    assert from_transformers(CONFIGS["ernie-wide"]).layers[0].attention.rotary_saves == 512
+    assert from_transformers(CONFIGS["llama-wide"]).layers[0].attention.rotary_saves == 0
