@@ -159,7 +159,7 @@ WIDE_ARCHITECTURES = {
                              num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0],
                              vocab_size=1000, max_position_embeddings=2048),
 }
-CONFIGS = {**ARCHITECTURES, **MOE_ARCHITECTURES, **WIDE_ARCHITECTURES}
+
 
 
 @dataclass(frozen=True)
@@ -338,11 +338,36 @@ REAL: list[Case] = [
 ]
 """Sequence lengths people train at (512-8,192 tokens), batch 1-8, with small hidden sizes."""
 
+_WIDE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048,
+             bos_token_id=0, eos_token_id=0, pad_token_id=0)
+SURVEY_ARCHITECTURES = {
+    name: dict(model_type=name, **_WIDE, **extra) for name, extra in (
+        ("olmo", {}), ("cohere", {}), ("gemma", dict(head_dim=64)), ("glm", dict(head_dim=64)),
+        ("glm4", dict(head_dim=64)), ("smollm3", {}), ("exaone4", {}), ("stablelm", {}),
+        ("starcoder2", {}), ("phi", {}), ("gpt_neox", {}), ("apertus", {}),
+        ("glm4_moe", dict(head_dim=64, moe_intermediate_size=128, n_routed_experts=4,
+                          n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                          n_group=1, topk_group=1)),
+        ("granitemoe", dict(num_local_experts=4, num_experts_per_tok=2,
+                            residual_multiplier=0.22, embedding_multiplier=12.0,
+                            attention_multiplier=0.0078, logits_scaling=8.0)),
+        ("falcon", dict(multi_query=True, parallel_attn=True, bias=False)))}
+"""Every other decoder transformers builds that the grid does not hold, at the wide shape:
+the held-out check of architectures no family describes (read from a meta-device build)."""
+SURVEY: list[Case] = [
+    Case(name, _r(**recipe)) for name in SURVEY_ARCHITECTURES for recipe in (
+        dict(method="lora", batch=1, seq_len=512),
+        dict(method="lora", batch=1, seq_len=512, grad_ckpt=True),
+        dict(method="full", precision="bf16", batch=1, seq_len=512))]
+
 GRID: list[Case] = SMALL + REAL
 FAST: list[Case] = [SMALL[i] for i in (4, 6, 11, 13, 21, 22, 26, 27, 28, 33, 38)] + [
     c for c in REAL if c.arch.endswith("-wide") and c.recipe.grad_ckpt]
 """What tests/cost/test_memory.py measures: a representative subset that runs in seconds
 (with the layer-dominated checkpointed cases, where a recompute makes the peak)."""
+
+CONFIGS = {**ARCHITECTURES, **MOE_ARCHITECTURES, **WIDE_ARCHITECTURES, **SURVEY_ARCHITECTURES}
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """Estimated vs measured peak tensor memory of real CPU training steps.
 
-    python benchmarks/memory_accuracy.py [--small] [--sweep N] [--fit] [--docs] [--cached]
+    python benchmarks/memory_accuracy.py [--small] [--sweep N] [--survey] [--fit] [--docs]
+                                         [--cached]
 
 Runs ``benchmarks.accuracy_grid.GRID`` (the toy grid and the real-shape grid; ``--small``:
 the toy grid only) and, with ``--sweep N``, N random cases drawn by
-``benchmarks/random_sweep.py``, printing one row per case and the median, worst and
+``benchmarks/random_sweep.py``, and with ``--survey`` the architectures the grid does not
+hold (``accuracy_grid.SURVEY``), printing one row per case and the median, worst and
 largest under-prediction. ``--fit`` writes the grid's conformal scores into
 ``profiles/measurements/bounds.json`` (the CPU bound; the sweep is its held-out check);
 ``--docs`` writes the tables into docs/accuracy.md. Measured peaks are kept in
@@ -23,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* from a checkout
 
 from autotune.plugin.manager import get_plugin_manager
-from benchmarks.accuracy_grid import GRID, SMALL, compare, describe_recipe
+from benchmarks.accuracy_grid import CONFIGS, GRID, SMALL, SURVEY, compare, describe_recipe
 
 BOUNDS = Path(__file__).resolve().parents[1] / "profiles" / "measurements" / "bounds.json"
 MEASURED = Path(__file__).resolve().parent / "data" / "cpu_measured.json"
@@ -94,7 +96,8 @@ def main() -> None:
     pm = get_plugin_manager(load_entrypoints=False)
     tables, measured = {}, load_measured()
     for name, cases in (("accuracy", SMALL if "--small" in sys.argv else GRID),
-                        ("sweep", None if "--sweep" in sys.argv else False)):
+                        ("sweep", None if "--sweep" in sys.argv else False),
+                        ("survey", SURVEY if "--survey" in sys.argv else False)):
         if cases is False:
             continue
         lines = []
@@ -131,6 +134,7 @@ def fit_cpu(rows) -> None:
         "schema": "autotune.bounds/1", "devices": {}}
     bounds["devices"]["cpu"] = {
         "label": "CPU fit", "unit": "measured CPU steps", "confidence": 0.95, "cover_all": True,
+        "model_types": sorted({CONFIGS[r.arch]["model_type"] for r in rows}),
         # four decimals, rounded away from zero: a bound that covers every case still does
         "scores": sorted(math.copysign(math.ceil(abs(x) * 1e4) / 1e4, x) for x in
                          (score(r.memory, r.measured, "cpu") for r in rows))}

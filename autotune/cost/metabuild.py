@@ -27,6 +27,8 @@ _SHARED = re.compile(r"\.shared_experts?\.")
 """A shared expert's linear layer (Qwen2-MoE's ``shared_expert``, DeepSeek's ``shared_experts``)."""
 _ATTENTION = re.compile(r"\.(self_attn|self_attention|attention|attn)\.")
 """A parameter inside a decoder layer's attention block."""
+_MLP = re.compile(r"\.(mlp|feed_forward|ffn)\.")
+"""A linear layer inside a decoder layer's MLP."""
 _LATENT_NORMS = ("q_a_layernorm.weight", "kv_a_layernorm.weight")
 """MLA's norms of its low-rank latents (priced by the MLA model itself)."""
 
@@ -323,8 +325,11 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: boo
                               any(lin.path.endswith(".shared_expert_gate")
                                   for lin in own_linears), fp32_routing, act_saves)
         else:
+            # its width: the input of the MLP's linear back to the residual (Falcon's
+            # dense_4h_to_h is 4 x hidden whatever the config says)
             mlp = FeedForward(next((lin.in_features for lin in own_linears
-                                    if lin.path.endswith("mlp.down_proj")), inter),
+                                    if _MLP.search(lin.path) and not _SHARED.search(lin.path)
+                                    and lin.out_features == cfg.hidden_size), inter),
                               activation_saves=act_saves)
         layers.append(Layer(attention, mlp, output_norms=output_norms, pre_norms=pre_norms,
                             fp32_norms=fp32_norms,

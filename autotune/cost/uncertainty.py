@@ -147,6 +147,11 @@ def fits() -> dict:
     return json.loads(text).get("devices", {})
 
 
+def measured_model_types() -> frozenset[str]:
+    """The model types whose training steps the CPU fit measured."""
+    return frozenset(fits().get("cpu", {}).get("model_types", ()))
+
+
 def prior_widths(memory: MemoryEstimate, device: str) -> dict[str, tuple[float, float]]:
     """Each component's (down, up) prior width in bytes (1 sigma): the conformal scale."""
     widths = {name: (PRIORS[name][0] * abs(v), PRIORS[name][1] * abs(v))
