@@ -244,9 +244,18 @@ def _linear_slots(arch: Architecture) -> list[tuple[int, str, Linear]]:
     """Each decoder-layer linear as (layer, short name, linear), cached on ``arch``."""
     if "_linear_slots" not in arch.__dict__:
         arch.__dict__["_linear_slots"] = [
-            (i, _role_key(lin.path, i), lin) for lin in arch.linears
+            (i, _fused_gate(_role_key(lin.path, i), lin, arch.layers[i]), lin)
+            for lin in arch.linears
             if (i := layer_index(lin.path)) is not None and i < arch.num_layers]
     return arch.__dict__["_linear_slots"]
+
+
+def _fused_gate(name: str, lin: Linear, layer: Layer) -> str:
+    """An MLP's first linear twice its width wide is gate and up in one (ChatGLM's
+    ``dense_h_to_4h``), whatever its name says."""
+    if name == "up_proj" and lin.out_features == 2 * layer.mlp.intermediate:
+        return "gate_up_proj"
+    return name
 
 
 _BLOCKS = {"self_attn": "attention", "self_attention": "attention", "attention": "attention",

@@ -39,3 +39,27 @@ def test_a_rotary_embedding_that_copies_cos_and_sin_per_layer_is_found():
     a token at head width 64); Llama's are shared."""
     assert from_transformers(CONFIGS["ernie-wide"]).layers[0].attention.rotary_saves == 512
     assert from_transformers(CONFIGS["llama-wide"]).layers[0].attention.rotary_saves == 0
+
+
+def test_other_names_for_a_fused_layout_price_as_the_measured_one():
+    """ChatGLM names Phi-3's fused layers otherwise (``self_attention.query_key_value`` and
+    ``dense``, ``mlp.dense_h_to_4h`` twice the MLP's width, ``dense_4h_to_h``): renamed,
+    the grid's measured Phi-3 layout prices the same step."""
+    from dataclasses import replace
+
+    from autotune.cost.memory import estimate_memory
+    from autotune.cost.params import count
+    from autotune.cost.recipe import Recipe
+
+    names = {"self_attn.qkv_proj": "self_attention.query_key_value",
+             "self_attn.o_proj": "self_attention.dense", "mlp.gate_up_proj": "mlp.dense_h_to_4h",
+             "mlp.down_proj": "mlp.dense_4h_to_h"}
+    phi3 = from_transformers(CONFIGS["phi3-wide"])
+    renamed = replace(phi3, linears=tuple(
+        replace(lin, path=next((lin.path.replace(old, new) for old, new in names.items()
+                                if lin.path.endswith(old)), lin.path)) for lin in phi3.linears))
+    for recipe in (Recipe(method="lora", batch=1, seq_len=512),
+                   Recipe(method="lora", batch=1, seq_len=512, grad_ckpt=True)):
+        priced = [estimate_memory(arch, recipe, count(arch, recipe, {}), device="cpu").tensor_peak
+                  for arch in (phi3, renamed)]
+        assert priced[0] == priced[1]
