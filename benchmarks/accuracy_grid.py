@@ -148,6 +148,13 @@ WIDE_ARCHITECTURES = {
     "ernie-wide": dict(model_type="ernie4_5", hidden_size=256, intermediate_size=704,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        head_dim=64, vocab_size=1000, max_position_embeddings=2048),
+    # GraniteMoE: Granite's multipliers on 16-bit experts
+    "granitemoe-wide": dict(model_type="granitemoe", hidden_size=256, intermediate_size=704,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            num_local_experts=4, num_experts_per_tok=2, vocab_size=1000,
+                            max_position_embeddings=2048, residual_multiplier=0.22,
+                            embedding_multiplier=12.0, attention_multiplier=0.0078,
+                            logits_scaling=8.0),
     # Arcee's MLP without a gate (up_proj, relu2, down_proj)
     "arcee-wide": dict(model_type="arcee", hidden_size=256, intermediate_size=704,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -330,6 +337,9 @@ REAL: list[Case] = [
         ("granite-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
         ("ernie-wide", dict(method="lora", batch=1, seq_len=512)),
         ("ernie-wide", dict(method="full", precision="bf16", batch=1, seq_len=512)),
+        ("granitemoe-wide", dict(method="lora", batch=1, seq_len=512)),
+        ("granitemoe-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+        ("granitemoe-wide", dict(method="full", precision="bf16", batch=1, seq_len=512)),
         ("arcee-wide", dict(method="lora", batch=1, seq_len=512)),
         ("arcee-wide", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
         ("arcee-wide", dict(method="full", precision="bf16", batch=1, seq_len=512)),
@@ -349,9 +359,6 @@ SURVEY_ARCHITECTURES = {
         ("glm4_moe", dict(head_dim=64, moe_intermediate_size=128, n_routed_experts=4,
                           n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
                           n_group=1, topk_group=1)),
-        ("granitemoe", dict(num_local_experts=4, num_experts_per_tok=2,
-                            residual_multiplier=0.22, embedding_multiplier=12.0,
-                            attention_multiplier=0.0078, logits_scaling=8.0)),
         ("falcon", dict(multi_query=True, parallel_attn=True, bias=False)))}
 """Every other decoder transformers builds that the grid does not hold, at the wide shape:
 the held-out check of architectures no family describes (read from a meta-device build)."""

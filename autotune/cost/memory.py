@@ -743,7 +743,7 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
         # its width (fp32 behind bitsandbytes layers), the down projection's saved tensors
         # freed by then (an MoE block frees none); later, the MLP's saved tensors freed,
         # the attention's
-        buffers = 3 * t * _widest_mlp(layer) * f.p.act
+        buffers = 3 * t * _widest_mlp(layer, not f.dequantised[i]) * f.p.act
         mlp_transient = t * arch.hidden * f.p.residual + buffers - down if down \
             else t * arch.hidden * c + buffers
         attention_transient = max(0, attention_backward_spike(
@@ -894,9 +894,13 @@ def _cast_copies(arch: Architecture, recipe: Recipe, trained: set[int] | None) -
     return per
 
 
-def _widest_mlp(layer) -> int:
+def _widest_mlp(layer, routed: bool = False) -> int:
+    """The MLP's intermediate width per token; ``routed``: an MoE block's 16-bit experts'
+    backward works at the routed tokens' width, ``top_k`` experts a token (measured)."""
     f = layer.mlp
-    return f.intermediate if not f.moe else max(f.shared_intermediate, f.expert_intermediate)
+    if not f.moe:
+        return f.intermediate
+    return max(f.shared_intermediate, f.expert_intermediate * (f.top_k if routed else 1))
 
 
 def _embedding_numel(arch: Architecture) -> int:
