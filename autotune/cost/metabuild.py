@@ -241,6 +241,8 @@ def _rotary_saves(model) -> int:
             torch.arange(seq, device="meta")[None])]
     except Exception:  # noqa: BLE001 -- a rotary module we cannot call alone
         return 0
+    if len(shapes) < 2:
+        return 0
     q, k = (torch.ones(1, heads, seq, width, dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
     cos, sin = (torch.ones(shape, dtype=dtype) for shape, dtype in shapes[:2])
@@ -284,8 +286,8 @@ def _fp32_routing(model) -> bool:
 
 
 def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: bool = True,
-            rotary_saves: int = 0, output_norms: int = 0, pre_norms: bool = True, fp32_norms: bool = False
-            ) -> list[Layer]:
+            rotary_saves: int = 0, output_norms: int = 0, pre_norms: bool = True,
+            fp32_norms: bool = False) -> list[Layer]:
     """Each decoder layer's shape, from the config and what the build put in that layer:
     experts or a dense MLP (DeepSeek's first dense layers, Qwen-MoE's ``mlp_only_layers``),
     the dense MLP's width, norms inside the attention (q and k norms under any name)."""
