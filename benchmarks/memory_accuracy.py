@@ -60,16 +60,21 @@ def summary(rows, seconds: float) -> str:
 
 
 def coverage(rows) -> str:
-    from autotune.cost.uncertainty import band, fits
+    """How often the 95% bound, as ``estimate`` gives it (the CPU fit for the model types
+    it measured, the priors for others), holds the measured peak, and how far above."""
+    from autotune.cost.uncertainty import band, fit_applies, fits
 
     if "cpu" not in fits():
         return ""
-    inside = [band(r.memory, device="cpu").low <= r.measured <= band(r.memory, device="cpu").high
-              for r in rows]
-    widths = [band(r.memory, device="cpu").high / r.measured - 1 for r in rows]
-    return (f"; the 95% bound ({band(rows[0].memory, device='cpu').source}) covers "
-            f"{sum(inside)} of {len(rows)}, median {100 * statistics.median(widths):+.2f}% above "
-            "the measured peak")
+    bands = [band(r.memory, device="cpu", fitted=fit_applies(
+        CONFIGS[r.arch]["model_type"] if r.arch in CONFIGS else r.arch)) for r in rows]
+    inside = sum(b.low <= r.measured <= b.high for b, r in zip(bands, rows, strict=True))
+    under = sum(r.measured <= b.high for b, r in zip(bands, rows, strict=True))
+    widths = [b.high / r.measured - 1 for b, r in zip(bands, rows, strict=True)]
+    sources = " / ".join(sorted({b.source for b in bands}))
+    return (f"; the 95% bound ({sources}) covers {inside} of {len(rows)} ({under} at or under "
+            f"its upper end), median {100 * statistics.median(widths):+.2f}% above the "
+            "measured peak")
 
 
 def run(pm, cases, label: str, emit, measured: dict) -> list:

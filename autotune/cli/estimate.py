@@ -191,7 +191,7 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
     none is named."""
     from autotune.cost.host import free_disk, machine_ram
     from autotune.cost.memory import checkpoint_bytes
-    from autotune.cost.uncertainty import measured_model_types, source_kind
+    from autotune.cost.uncertainty import fit_applies, source_kind
 
     speed_card = card if card is not None else probed
     if speed_card is not None and not speed_card.has_throughput:
@@ -211,11 +211,10 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
     if params.adapter_bytes != 4 and recipe.method == "dora":
         notes.append(f"PEFT before 0.11 keeps adapters in the base's {recipe.precision}; "
                      "DoRA's weight norms are priced as with fp32 adapters, an over-estimate")
-    measured = measured_model_types()
-    if measured and arch.model_type not in measured:
+    if not fit_applies(arch.model_type):
         notes.append(f"no {arch.model_type} training step is among autotune's measured ones: "
-                     "its layers are priced from what the model builds, and the bound rests "
-                     "on other architectures (docs/accuracy.md: the survey)")
+                     "its layers are priced from what the model builds, and its bounds are "
+                     "the priors' (docs/accuracy.md: the survey)")
     if result.family.remote_code(model.config):
         notes.append(f"this {result.family.name} model runs remote code: `autotune run` needs "
                      "--trust-remote-code")

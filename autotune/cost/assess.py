@@ -38,7 +38,7 @@ from autotune.cost.objectives import fidelity, tokens_per_second
 from autotune.cost.parallel import SINGLE, Parallel, communication_seconds
 from autotune.cost.params import ParamCounts, count
 from autotune.cost.recipe import KERNELS, Recipe
-from autotune.cost.uncertainty import CONFIDENCE, Band, band
+from autotune.cost.uncertainty import CONFIDENCE, Band, band, fit_applies
 from autotune.plugin.registry import ModelFamily, blame, family_for, plugin_failed, stage_named, stages
 from autotune.util.errors import AutotuneError
 from autotune.util.versions import resolve_stack
@@ -304,7 +304,8 @@ class CostModel:
         return Assessment(
             self.family, self.arch, recipe, counts, memory, raw, parallel, accum, score,
             total, raw_total,
-            band(memory, device=self.device, correction=correction, confidence=confidence),
+            band(memory, device=self.device, correction=correction, confidence=confidence,
+                 fitted=fit_applies(self.arch.model_type)),
             host, disk, workload.to_dict(recipe.batch) if workload else None, correction,
             weights)
 
