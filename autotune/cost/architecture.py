@@ -13,6 +13,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 
+from autotune.util.errors import AutotuneError
+
 _LAYER = re.compile(r"\.(\d+)\.")
 
 # PEFT on transformers 5 MoE models: LoRA targets that named per-expert linears (and the
@@ -253,6 +255,10 @@ def latent_attention(config: dict) -> Attention | None:
     joint K/V, optional low-rank Q; ``None`` for any other attention."""
     if not config.get("kv_lora_rank"):
         return None
+    dims = ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+    if not all(isinstance(config.get(k), int) and config[k] > 0 for k in dims):
+        raise AutotuneError(f"config.json: kv_lora_rank (multi-head latent attention) needs "
+                            f"whole positive {', '.join(dims)}")
     heads, rope = config["num_attention_heads"], config["qk_rope_head_dim"]
     return Attention(heads, heads, config["qk_nope_head_dim"] + rope, config["v_head_dim"],
                      config.get("q_lora_rank") or 0, config["kv_lora_rank"], rope)

@@ -90,6 +90,10 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         raise AutotuneError(f"{model.config.model_type!r} builds without an output head: not a "
                             "causal language model autotune can tune")
     cfg = model.config
+    if not getattr(cfg, "num_attention_heads", None):
+        raise AutotuneError(f"{cfg.model_type!r} has no attention heads in its config: autotune "
+                            "prices decoders built of attention layers, not state-space or "
+                            "recurrent models")
     return Architecture(
         model_type=cfg.model_type,
         hidden=cfg.hidden_size,

@@ -468,6 +468,8 @@ def not_a_config(content: bytes) -> bool:
     ({"model_type": "deepseek_v2", **BASE_CONFIG, "kv_lora_rank": "x"}, ERROR),
     ({"model_type": "deepseek_v2", **BASE_CONFIG, "kv_lora_rank": 8}, ERROR),  # lacks MLA dims
     ({"model_type": "llama", **BASE_CONFIG, "intermediate_size": None}, ERROR),
+    ({"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100},
+     ERROR),  # no attention heads: a state-space model
 ])
 def test_config_json_edge_cases(tmp_path, config, expect):
     """Including unknown model types, which go to transformers (a meta-device build)."""
