@@ -79,9 +79,9 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         linears.append(Linear(path, *shape, module.bias is not None))
         owned.update(f"{path}.{n}" for n, _ in module.named_parameters(recurse=False))
     kinds = _kinds(model)
-    tensors = [
-        Tensor(name, p.numel(), kinds.get(name.rsplit(".", 1)[0], "other") if p.dim() < 3
-               else "experts", tuple(p.shape))
+    tensors = [  # fused experts: 3-D parameters of an experts module (not a convolution's)
+        Tensor(name, p.numel(), "experts" if p.dim() == 3 and ".experts." in name
+               else kinds.get(name.rsplit(".", 1)[0], "other"), tuple(p.shape))
         for name, p in model.named_parameters() if name not in owned
     ]
     out = model.get_output_embeddings()
@@ -190,6 +190,15 @@ def _fp32_norms(model) -> bool:
     return False
 
 
+def _setting(cfg, name: str, layer: int = 0):
+    """A config value, or layer ``layer``'s where transformers keeps it per layer (Gemma 4's
+    ``head_dim``: reading the global one raises)."""
+    try:
+        return getattr(cfg, name, None)
+    except Exception:  # noqa: BLE001 -- transformers' per-layer attribute error
+        return getattr(cfg.per_layer_config[layer], name, None)
+
+
 def _hidden_act(cfg) -> str:
     return getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", "gelu")
 
@@ -236,7 +245,7 @@ def _rotary_saves(model) -> int:
                      None)
     cfg, seq = model.config, 8
     heads = cfg.num_attention_heads
-    width = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    width = _setting(cfg, "head_dim") or cfg.hidden_size // heads
     if rotary is None or embedding is None:
         return 0
     try:  # the shape and dtype of its cos and sin, from a meta-device run
@@ -296,8 +305,6 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: boo
     experts or a dense MLP (DeepSeek's first dense layers, Qwen-MoE's ``mlp_only_layers``),
     the dense MLP's width, norms inside the attention (q and k norms under any name)."""
     h, heads = cfg.hidden_size, cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    d = getattr(cfg, "head_dim", None) or h // heads
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * h
     experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) \
         or getattr(cfg, "n_routed_experts", None) or 0
@@ -313,10 +320,13 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: boo
                 found[index].append(item)
     act_saves = _activation_saves(_hidden_act(cfg))
     layers = []
-    for own_linears, own_tensors in zip(per_linear, per_tensor, strict=True):
+    for index, (own_linears, own_tensors) in enumerate(zip(per_linear, per_tensor,
+                                                           strict=True)):
         qk_norm = any(t.kind == "norm" and _ATTENTION.search(t.path)
                       and not t.path.endswith(_LATENT_NORMS) for t in own_tensors)
-        attention = latent or Attention(heads, kv, d, d)
+        d = _setting(cfg, "head_dim", index) or h // heads
+        attention = latent or Attention(
+            heads, _setting(cfg, "num_key_value_heads", index) or heads, d, d)
         attention = replace(attention, qk_norm=qk_norm, dropout=attention_dropout,
                             rotary_saves=0 if latent else rotary_saves,
                             softcap=bool(getattr(cfg, "attn_logit_softcapping", None)))

@@ -136,9 +136,11 @@ def active_params(arch: Architecture) -> int:
         return arch.__dict__["_active_params"]
     inactive = 0.0
     for item in (*arch.tensors, *arch.linears):
-        if ".experts." in f"{item.path}.":
-            mlp = arch.layers[layer_index(item.path)].mlp
-            inactive += item.numel * (1 - mlp.top_k / mlp.experts)
+        index = layer_index(item.path)
+        if ".experts." in f"{item.path}." and index is not None and index < arch.num_layers:
+            mlp = arch.layers[index].mlp
+            if mlp.experts:  # experts its config does not count run as dense
+                inactive += item.numel * (1 - mlp.top_k / mlp.experts)
     arch.__dict__["_active_params"] = int(arch.total - inactive)
     return arch.__dict__["_active_params"]
 

@@ -478,6 +478,18 @@ def test_config_json_edge_cases(tmp_path, config, expect):
     check(autotune("estimate", "--model", str(path)), expect)
 
 
+@pytest.mark.parametrize("model_type", [
+    "bamba",        # a Mamba mixer's 3-D convolution weight, not fused experts
+    "aria_text",    # experts under a name its config does not count (moe_num_experts)
+    "gemma4_text",  # head_dim kept per layer: reading the global one raises
+])
+def test_plan_answers_for_odd_architectures(tmp_path, model_type):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": model_type, **BASE_CONFIG, "pad_token_id": 0,
+                                "bos_token_id": 0, "eos_token_id": 0}))
+    check(autotune("plan", "--model", str(path), "--gpu", "rtx3090", "--storage", "none"), OK)
+
+
 def test_model_folder_without_or_with_a_bad_config(tmp_path):
     check(autotune("estimate", "--model", str(tmp_path)), ERROR)
     (tmp_path / "config.json").mkdir()
