@@ -78,95 +78,65 @@ MOE_ARCHITECTURES = {
                                 qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                                 vocab_size=512, max_position_embeddings=4096),
 }
+_WIDE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048)
+"""The layer-dominated shape: layers wide against the vocabulary."""
+
+
+def _wide(model_type: str, **changes) -> dict:
+    """A config of ``model_type`` at the wide shape, with ``changes``."""
+    return dict(model_type=model_type, **{**_WIDE, **changes})
+
+
 WIDE_ARCHITECTURES = {
     # layers wide against the vocabulary: the weights and the layers' own backward, not the
     # logits, make the peak (the shape where DoRA's weight norms show)
-    "llama-wide": dict(model_type="llama", hidden_size=256, intermediate_size=704,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       vocab_size=1000, max_position_embeddings=2048),
+    "llama-wide": _wide("llama"),
     # Qwen3's per-head q and k norms, dense and MoE (routing weights in the logits' dtype)
-    "qwen3-wide": dict(model_type="qwen3", hidden_size=256, intermediate_size=704,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=64, vocab_size=1000, max_position_embeddings=2048),
-    "qwen3-moe-wide": dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=512,
-                           moe_intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_experts=4,
-                           num_experts_per_tok=2, head_dim=64, vocab_size=1000,
-                           max_position_embeddings=2048),
+    "qwen3-wide": _wide("qwen3", head_dim=64),
+    "qwen3-moe-wide": _wide("qwen3_moe", intermediate_size=512, moe_intermediate_size=256,
+                            num_experts=4, num_experts_per_tok=2, head_dim=64),
     # Gemma 3's sandwich norms, computed in fp32 with (1 + w)
-    "gemma3-wide": dict(model_type="gemma3_text", hidden_size=256, intermediate_size=704,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        head_dim=64, vocab_size=1000, max_position_embeddings=2048),
+    "gemma3-wide": _wide("gemma3_text", head_dim=64),
     # Gemma 2's soft-capped scores and logits (eager attention: it has no SDPA path)
-    "gemma2-wide": dict(model_type="gemma2", hidden_size=256, intermediate_size=704,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        head_dim=64, vocab_size=1000, max_position_embeddings=2048),
+    "gemma2-wide": _wide("gemma2", head_dim=64),
     # Phi-3's fused qkv_proj and gate_up_proj
-    "phi3-wide": dict(model_type="phi3", hidden_size=256, intermediate_size=704,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      vocab_size=1000, pad_token_id=0, max_position_embeddings=2048),
+    "phi3-wide": _wide("phi3", pad_token_id=0),
     # Mixtral's fp32 routing weights; Qwen2-MoE's gated shared expert
-    "mixtral-wide": dict(model_type="mixtral", hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         num_local_experts=4, num_experts_per_tok=2, vocab_size=1000,
-                         max_position_embeddings=2048),
-    "qwen2-moe-wide": dict(model_type="qwen2_moe", hidden_size=256, intermediate_size=512,
-                           moe_intermediate_size=256, shared_expert_intermediate_size=512,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           num_experts=4, num_experts_per_tok=2, vocab_size=1000,
-                           max_position_embeddings=2048, decoder_sparse_step=1),
+    "mixtral-wide": _wide("mixtral", intermediate_size=512, num_local_experts=4,
+                          num_experts_per_tok=2),
+    "qwen2-moe-wide": _wide("qwen2_moe", intermediate_size=512, moe_intermediate_size=256,
+                            shared_expert_intermediate_size=512, num_experts=4,
+                            num_experts_per_tok=2, decoder_sparse_step=1),
     # -- architectures no family describes, read from a meta-device build
     # DeepSeek-V3: MLA with a low-rank q, a dense first layer, sigmoid-scored experts
-    "deepseek-v3-wide": dict(model_type="deepseek_v3", hidden_size=256, intermediate_size=704,
-                             moe_intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
-                             n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
-                             kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32,
-                             qk_rope_head_dim=16, v_head_dim=32, n_group=1, topk_group=1,
-                             vocab_size=1000, max_position_embeddings=2048),
+    "deepseek-v3-wide": _wide("deepseek_v3", num_key_value_heads=4, moe_intermediate_size=128,
+                              n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                              first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=96,
+                              qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                              n_group=1, topk_group=1),
     # Hunyuan's q and k norms under other names (query_layernorm, key_layernorm)
-    "hunyuan-wide": dict(model_type="hunyuan_v1_dense", hidden_size=256, intermediate_size=704,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=64, vocab_size=1000, max_position_embeddings=2048),
+    "hunyuan-wide": _wide("hunyuan_v1_dense", head_dim=64),
     # Seed-OSS's dropout of the attention probabilities and of both residual branches
-    "seed-oss-wide": dict(model_type="seed_oss", hidden_size=256, intermediate_size=704,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          head_dim=64, vocab_size=1000, max_position_embeddings=2048,
-                          attention_dropout=0.1, residual_dropout=0.1),
+    "seed-oss-wide": _wide("seed_oss", head_dim=64, attention_dropout=0.1,
+                           residual_dropout=0.1),
     # OLMo 2's norms after the attention and the MLP (none before), fp32 weight products
-    "olmo2-wide": dict(model_type="olmo2", hidden_size=256, intermediate_size=704,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       vocab_size=1000, max_position_embeddings=2048, eos_token_id=0,
-                       pad_token_id=0),
+    "olmo2-wide": _wide("olmo2", eos_token_id=0, pad_token_id=0),
     # Granite's residual multiplier
-    "granite-wide": dict(model_type="granite", hidden_size=256, intermediate_size=704,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=1000, max_position_embeddings=2048,
-                         residual_multiplier=0.22, embedding_multiplier=12.0,
-                         attention_multiplier=0.0078, logits_scaling=8.0),
+    "granite-wide": _wide("granite", residual_multiplier=0.22, embedding_multiplier=12.0,
+                          attention_multiplier=0.0078, logits_scaling=8.0),
     # ERNIE 4.5's rotary embedding: fp32 cos and sin, interleaved anew in every layer
-    "ernie-wide": dict(model_type="ernie4_5", hidden_size=256, intermediate_size=704,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=64, vocab_size=1000, max_position_embeddings=2048),
+    "ernie-wide": _wide("ernie4_5", head_dim=64),
     # GraniteMoE: Granite's multipliers on 16-bit experts
-    "granitemoe-wide": dict(model_type="granitemoe", hidden_size=256, intermediate_size=704,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            num_local_experts=4, num_experts_per_tok=2, vocab_size=1000,
-                            max_position_embeddings=2048, residual_multiplier=0.22,
-                            embedding_multiplier=12.0, attention_multiplier=0.0078,
-                            logits_scaling=8.0),
+    "granitemoe-wide": _wide("granitemoe", num_local_experts=4, num_experts_per_tok=2,
+                             residual_multiplier=0.22, embedding_multiplier=12.0,
+                             attention_multiplier=0.0078, logits_scaling=8.0),
     # Arcee's MLP without a gate (up_proj, relu2, down_proj)
-    "arcee-wide": dict(model_type="arcee", hidden_size=256, intermediate_size=704,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       vocab_size=1000, max_position_embeddings=2048),
+    "arcee-wide": _wide("arcee"),
     # Qwen3-MoE with a dense first layer (mlp_only_layers)
-    "qwen3-moe-dense0": dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=704,
-                             moe_intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                             num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0],
-                             vocab_size=1000, max_position_embeddings=2048),
+    "qwen3-moe-dense0": _wide("qwen3_moe", moe_intermediate_size=128, head_dim=64,
+                              num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0]),
 }
-
 
 
 @dataclass(frozen=True)
@@ -348,11 +318,9 @@ REAL: list[Case] = [
 ]
 """Sequence lengths people train at (512-8,192 tokens), batch 1-8, with small hidden sizes."""
 
-_WIDE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048,
-             bos_token_id=0, eos_token_id=0, pad_token_id=0)
 SURVEY_ARCHITECTURES = {
-    name: dict(model_type=name, **_WIDE, **extra) for name, extra in (
+    name: _wide(name, bos_token_id=0, eos_token_id=0, pad_token_id=0, **extra)
+    for name, extra in (
         ("olmo", {}), ("cohere", {}), ("gemma", dict(head_dim=64)), ("glm", dict(head_dim=64)),
         ("glm4", dict(head_dim=64)), ("smollm3", {}), ("exaone4", {}), ("stablelm", {}),
         ("starcoder2", {}), ("phi", {}), ("gpt_neox", {}), ("apertus", {}),
@@ -360,7 +328,7 @@ SURVEY_ARCHITECTURES = {
                           n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
                           n_group=1, topk_group=1)),
         ("falcon", dict(multi_query=True, parallel_attn=True, bias=False)))}
-"""Every other decoder transformers builds that the grid does not hold, at the wide shape:
+"""More decoders transformers builds that the grid does not hold, at the wide shape:
 the held-out check of architectures no family describes (read from a meta-device build)."""
 SURVEY: list[Case] = [
     Case(name, _r(**recipe)) for name in SURVEY_ARCHITECTURES for recipe in (

@@ -175,19 +175,9 @@ def _fp32_norms(model) -> bool:
         out = probe(torch.empty(2, probe.weight.numel(), device="meta", dtype=torch.bfloat16))
     except Exception:  # noqa: BLE001 -- a norm we cannot call alone: Llama's 16-bit product
         return False
-    seen, todo = set(), [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node).__name__.startswith("MulBackward"):
-            kept = [getattr(node, f"_saved_{side}", None) for side in ("self", "other")]
-            if any(torch.is_tensor(x) and x.dtype == torch.float32 and x.dim() == 2
-                   for x in kept):
-                return True
-        todo.extend(fn for fn, _ in node.next_functions)
-    return False
+    return any(torch.is_tensor(x) and x.dtype == torch.float32 and x.dim() == 2
+               for node in _graph(out) if type(node).__name__.startswith("MulBackward")
+               for x in (getattr(node, "_saved_self", None), getattr(node, "_saved_other", None)))
 
 
 def _setting(cfg, name: str, layer: int = 0):
@@ -215,12 +205,8 @@ def _activation_saves(name: str) -> float:
         out = ACT2FN[name](x)
     except Exception:  # noqa: BLE001 -- an activation we cannot build or call alone
         return 1.0
-    storages, seen, todo = {}, set(), [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+    storages = {}
+    for node in _graph(out):
         for attr in dir(node):
             if attr.startswith("_saved_"):
                 kept = getattr(node, attr)
@@ -228,8 +214,19 @@ def _activation_saves(name: str) -> float:
                     if torch.is_tensor(item) and item.numel() > 1:
                         storage = item.untyped_storage()
                         storages[storage.data_ptr()] = storage.nbytes()
-        todo.extend(fn for fn, _ in node.next_functions)
     return sum(storages.values()) / (x.numel() * x.element_size()) or 1.0
+
+
+def _graph(out):
+    """Every node of the autograd graph that made ``out``."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        todo.extend(fn for fn, _ in node.next_functions)
 
 
 def _rotary_saves(model) -> int:
