@@ -10,7 +10,10 @@ bf16), LoRA, DoRA, QLoRA (nf4 with double quantisation), LoRA on an 8-bit base a
 policy step, on a dense model (deepseek-7b) and a mixture of experts with latent attention
 (deepseek-v2-lite; ``--moe-methods``), with and without checkpointing, at 1k-8k tokens.
 ``--budget-s`` stops starting new points after that many seconds, so that one command stays
-within 8 minutes on one modern GPU (the points not reached are listed).
+within 8 minutes on one modern GPU (the points not reached are listed). ``--models`` takes
+profile ids or config files: ``--models benchmarks/data/falcon-7b.json --methods lora
+--seq-lens 1024,2048`` measures Falcon-7B's attention, whose one broadcast k and v head
+SDPA runs on its math path (fp32 probabilities), as the estimate assumes on a GPU too.
 ``dpo`` measures DPO's policy step: chosen and rejected (2 x batch sequences) through the
 adapters; the reference model's forward (adapters off, no gradient) is not run, and the
 record is the plain 2 x batch step that calibration prices.
@@ -59,7 +62,8 @@ CPU_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads":
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="deepseek-7b,deepseek-v2-lite",
-                        help="profile ids whose configs are measured (comma-separated)")
+                        help="profile ids or config.json files whose configs are measured "
+                             "(comma-separated)")
     parser.add_argument("--layers", type=int, default=2,
                         help="decoder layers kept of each config (default 2)")
     parser.add_argument("--methods", default=",".join(METHODS),

@@ -141,6 +141,15 @@ def linear(saved: Saved, name: str, source: str, t: int, fan_in: int, fan_out: i
             saved.keep(f"{name}.dora_lora", t * fan_out * p.compute)
 
 
+def attention_kernel(a: Attention, attn: str, device: str) -> str:
+    """The kernel an attention runs as: ``attn`` (sdpa, flash, eager), or ``math`` where
+    SDPA takes its math path: on any device for k and v heads handed over to broadcast (no
+    fused kernel takes them), on the CPU also for unequal head widths (MLA) or dropout."""
+    if attn == "sdpa" and (a.kv_broadcast or device == "cpu" and (a.mla or a.dropout)):
+        return "math"
+    return attn
+
+
 def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Attention,
                    p: Precision, kernel: str) -> None:
     """Rotary q and k, v, the output and (fused kernels) the log-sum-exp; eager adds scores,
@@ -170,12 +179,14 @@ def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Att
 
 def math_scores(saved: Saved, name: str, t: int, batch: int, seq: int, a: Attention) -> None:
     """SDPA's math path (the CPU's, where head widths differ or the probabilities are
-    dropped out): fp32 q, k, v (k and v repeated to every query head) and probabilities;
-    with dropout, its fp32 noise and the dropped probabilities too (measured, 12 bytes a
-    score)."""
+    dropped out; any device's for broadcast k and v heads): fp32 q, k, v (k and v repeated
+    to every query head where it groups them, kept at their own heads where they
+    broadcast) and probabilities; with dropout, its fp32 noise and the dropped
+    probabilities too (measured, 12 bytes a score)."""
+    kv_heads = a.kv_heads if a.kv_broadcast else a.heads
     saved.keep(f"{name}.q", t * a.heads * a.head_dim * FP32)
-    saved.keep(f"{name}.k", t * a.heads * a.head_dim * FP32)
-    saved.keep(f"{name}.v", t * a.heads * a.v_head_dim * FP32)
+    saved.keep(f"{name}.k", t * kv_heads * a.head_dim * FP32)
+    saved.keep(f"{name}.v", t * kv_heads * a.v_head_dim * FP32)
     scores = batch * a.heads * seq * seq * FP32
     saved.keep(f"{name}.probs32", scores)
     if a.dropout:
@@ -384,8 +395,8 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
         attention_core(saved, "attn", t, batch, seq, a, p, kernel)
         if a.rotary_saves:
             saved.keep("attn.rotary", t * a.rotary_saves)
-        if "qkv_proj" in roles and "attn.v" in saved.storages:  # v, a view of the fused
-            # output, keeps all of it
+        if "qkv_proj" in roles and kernel != "math":  # v, a view of the fused output,
+            # keeps all of it (the math path keeps an fp32 copy instead)
             saved.storages["attn.v"] = t * attn_linears["qkv_proj"][1] * p.compute
     grad_mid = grad_attn or grad_in
     if grad_attn and layer.residual_dropout:  # the attention's output dropped out

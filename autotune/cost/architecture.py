@@ -78,6 +78,15 @@ class Attention:
     rotary_saves: int = 0
     """Bytes per token its rotary embedding saves beyond the shared cos and sin (ERNIE 4.5
     interleaves fp32 copies of them in every layer)."""
+    kv_broadcast: bool = False
+    """The model hands SDPA fewer k and v heads than query heads, to broadcast, without
+    ``enable_gqa`` (Falcon's multi-query attention): no fused kernel takes that on any
+    device, so SDPA runs its math path."""
+    mask_heads: int = 0
+    """Heads of the explicit mask the model hands SDPA (batch x heads x seq x seq; 0: none,
+    causal by flag): Falcon's ALiBi scores, one per head."""
+    mask_float: bool = False
+    """That mask is a float one in the model's dtype (a boolean one takes a byte)."""
 
     @property
     def mla(self) -> bool:

@@ -21,10 +21,11 @@ from autotune.cost.activations import (
     LinearRole,
     Precision,
     attention_backward_spike,
+    attention_kernel,
     layer_saved,
     structured,
 )
-from autotune.cost.architecture import Architecture, Layer, Linear, Tensor, layer_index
+from autotune.cost.architecture import Architecture, Attention, Layer, Linear, Tensor, layer_index
 from autotune.cost.parallel import SINGLE, Parallel, deepspeed_optimizer_bytes, shares
 from autotune.cost.params import ParamCounts, trainable_layers
 from autotune.cost.recipe import Recipe
@@ -543,10 +544,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     tl.add("optimizer", int(optimizer * share.optimizer), "start")
     tl.add("communication", share.buffers, "start")
     tl.add("inputs", t * INDEX, "start")
-    # eager attention reads a materialised causal mask; checkpointing keeps it, an input of
-    # every checkpointed layer, until the last recompute
-    mask = shape.batch * shape.seq_len ** 2 * w if recipe.attn == "eager" and recipe.grad_ckpt \
-        else 0  # in the embeddings' dtype: fp32 under amp
+    mask = _attention_mask(arch.layers[0].attention, recipe, shape, w)
     tl.add("inputs", mask, "forward")
     # the rotary embedding's cos and sin (the embeddings' dtype), read by every layer's
     # attention and saved by it (with checkpointing, inputs of every layer)
@@ -723,14 +721,25 @@ def _layer_runs(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape,
     return f.saved[key]
 
 
+def _attention_mask(a: Attention, recipe: Recipe, shape: StepShape, w: int) -> int:
+    """The materialised attention mask kept to the end of the backward: eager's causal mask
+    (batch x seq², in the embeddings' dtype ``w``: fp32 under amp), kept by checkpointing,
+    an input of every checkpointed layer, until the last recompute; a mask the model hands
+    SDPA (Falcon's ALiBi scores, a head each), which SDPA saves."""
+    area = shape.batch * shape.seq_len ** 2
+    if recipe.attn == "eager":
+        return area * w if recipe.grad_ckpt else 0
+    if recipe.attn == "sdpa":
+        return area * a.mask_heads * (w if a.mask_float else 1)
+    return 0
+
+
 def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, device: str,
            i: int, grad_in: bool) -> tuple[_Layer, bool]:
     """Decoder layer ``i``'s part, and whether the layers after it take a gradient input."""
     t, c, w = shape.tokens, f.p.compute, f.w
     layer = arch.layers[i]
-    kernel = recipe.attn
-    if device == "cpu" and kernel == "sdpa" and (layer.attention.mla or layer.attention.dropout):
-        kernel = "math"  # no fused CPU kernel for unequal head widths or dropout
+    kernel = attention_kernel(layer.attention, recipe.attn, device)
     kind = (f.kinds[i], grad_in, shape, kernel, recipe.grad_ckpt)
     if kind not in f.saved:
         norms = f.full or (f.trained is not None and i in f.trained)

@@ -7,7 +7,7 @@ second. This is the ground truth the family plugins' analytic descriptions are h
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from autotune.cost.architecture import (
     PEFT_FUSED_TARGETS,
@@ -99,7 +99,8 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         hidden=cfg.hidden_size,
         vocab=cfg.vocab_size,
         layers=tuple(_layers(cfg, linears, tensors, _fp32_routing(model), _rotary_saves(model),
-                             *_norm_places(tensors, cfg.hidden_size), _fp32_norms(model))),
+                             *_norm_places(tensors, cfg.hidden_size), _fp32_norms(model),
+                             _sdpa_call(model))),
         linears=tuple(linears),
         tensors=tuple(tensors),
         tied_embeddings=out.weight is model.get_input_embeddings().weight,
@@ -273,6 +274,58 @@ def _rotary_saves(model) -> int:
     return sum(storages.values()) // seq
 
 
+class _Called(Exception):
+    """Stops a probing forward at the call it was looking for."""
+
+
+@dataclass(frozen=True)
+class _SdpaCall:
+    """What a model hands SDPA: k and v heads to broadcast (fewer than the query heads,
+    without ``enable_gqa``; 0 where grouped or equal), and an explicit mask's heads (0:
+    none) and whether it is a float mask (in the model's dtype) or a boolean one."""
+
+    broadcast_kv_heads: int = 0
+    mask_heads: int = 0
+    mask_float: bool = False
+
+
+def _sdpa_call(model) -> _SdpaCall:
+    """The first SDPA call of a meta-device forward over a few tokens, stopped there
+    (Falcon's multi-query attention hands it one k and v head whatever the config's
+    ``num_kv_heads``, and its ALiBi scores as a float mask); the default where the forward
+    cannot run on the meta device."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                q, k = args[0], kwargs.get("key", args[1] if len(args) > 1 else None)
+                mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+                broadcast = k.dim() == 4 and k.shape[1] < q.shape[1] \
+                    and not kwargs.get("enable_gqa", False)
+                masked = torch.is_tensor(mask) and mask.dim() == 4
+                raise _Called(_SdpaCall(k.shape[1] if broadcast else 0,
+                                        mask.shape[1] if masked else 0,
+                                        masked and mask.is_floating_point()))
+            return func(*args, **kwargs)
+
+    cfg = model.config
+    kept = cfg._attn_implementation
+    cfg._attn_implementation = "sdpa"
+    try:
+        with Spy():
+            model(input_ids=torch.zeros(1, 8, dtype=torch.long, device="meta"))
+    except _Called as called:
+        return called.args[0]
+    except Exception:  # noqa: BLE001 -- a model that cannot run on the meta device
+        return _SdpaCall()
+    finally:
+        cfg._attn_implementation = kept
+    return _SdpaCall()
+
+
 def _fp32_routing(model) -> bool:
     """Whether the first MoE router returns fp32 routing weights from a 16-bit input: run
     on the meta device (a copy in bf16); fp32, the larger, where it cannot be run."""
@@ -297,7 +350,7 @@ def _fp32_routing(model) -> bool:
 
 def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: bool = True,
             rotary_saves: int = 0, output_norms: int = 0, pre_norms: bool = True,
-            fp32_norms: bool = False) -> list[Layer]:
+            fp32_norms: bool = False, sdpa: _SdpaCall = _SdpaCall()) -> list[Layer]:
     """Each decoder layer's shape, from the config and what the build put in that layer:
     experts or a dense MLP (DeepSeek's first dense layers, Qwen-MoE's ``mlp_only_layers``),
     the dense MLP's width, norms inside the attention (q and k norms under any name)."""
@@ -323,10 +376,12 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: boo
                       and not t.path.endswith(_LATENT_NORMS) for t in own_tensors)
         d = _setting(cfg, "head_dim", index) or h // heads
         attention = latent or Attention(
-            heads, _setting(cfg, "num_key_value_heads", index) or heads, d, d)
+            heads, sdpa.broadcast_kv_heads or _setting(cfg, "num_key_value_heads", index)
+            or heads, d, d, kv_broadcast=bool(sdpa.broadcast_kv_heads))
         attention = replace(attention, qk_norm=qk_norm, dropout=attention_dropout,
                             rotary_saves=0 if latent else rotary_saves,
-                            softcap=bool(getattr(cfg, "attn_logit_softcapping", None)))
+                            softcap=bool(getattr(cfg, "attn_logit_softcapping", None)),
+                            mask_heads=sdpa.mask_heads, mask_float=sdpa.mask_float)
         routed = any(t.kind == "experts" for t in own_tensors) or \
             any(".experts." in lin.path for lin in own_linears)
         if experts and routed:

@@ -34,8 +34,9 @@ import math
 from functools import cache
 from importlib.resources import files
 
-from autotune.cost.architecture import Architecture, layer_index
 from autotune.catalog.gpus import GPU
+from autotune.cost.activations import attention_kernel
+from autotune.cost.architecture import Architecture, layer_index
 from autotune.cost.memory import BYTES, weight_bytes
 from autotune.cost.params import ALL_LINEAR, ParamCounts, resolve_targets
 from autotune.cost.recipe import Recipe
@@ -65,7 +66,7 @@ def method_class(recipe: Recipe) -> str:
     if recipe.adapter:
         return "qlora" if recipe.bits < 16 else "lora"
     return recipe.method
-NOMINAL = dict(bf16_tflops=100.0, bandwidth_gbs=1000.0)
+NOMINAL = dict(bf16_tflops=100.0, fp32_tflops=12.5, bandwidth_gbs=1000.0)
 """Stand-in figures for a memory budget with no known card (``--vram``)."""
 
 EXPERT_COVERAGE = "attention,experts"
@@ -165,9 +166,14 @@ def tokens_per_second(arch: Architecture, recipe: Recipe, params: ParamCounts, g
     bandwidth = (gpu.bandwidth_gbs or NOMINAL["bandwidth_gbs"]) * 1e9
     tokens = recipe.batch * recipe.seq_len * sequences
     # QK^T and PV per token and layer: 4 s h FLOPs, half of them where the kernel skips
-    # the masked half (FlashAttention, SDPA's causal kernels); the backward is 2.5 forwards
-    attention = (4 if recipe.attn == "eager" else 2) * arch.num_layers * recipe.seq_len \
+    # the masked half (FlashAttention, SDPA's causal kernels); the backward is 2.5 forwards.
+    # SDPA's math path (Falcon's broadcast k and v) materialises every score in fp32: no
+    # tensor cores
+    kernel = attention_kernel(arch.layers[0].attention, recipe.attn, "cuda")
+    attention = (4 if kernel in ("eager", "math") else 2) * arch.num_layers * recipe.seq_len \
         * arch.hidden * (1 + recipe.grad_ckpt + 2.5)
+    if kernel == "math":
+        attention *= tflops / (gpu.fp32_tflops or NOMINAL["fp32_tflops"])
     if recipe.method == "full":
         passes = 3.0
     elif recipe.method == "freeze":

@@ -63,3 +63,19 @@ def test_other_names_for_a_fused_layout_price_as_the_measured_one():
         priced = [estimate_memory(arch, recipe, count(arch, recipe, {}), device="cpu").tensor_peak
                   for arch in (phi3, renamed)]
         assert priced[0] == priced[1]
+
+
+def test_what_the_model_hands_sdpa_is_read_from_its_first_call():
+    """Falcon's multi-query attention hands SDPA one k and v head to broadcast, whatever its
+    config's ``num_kv_heads`` says (no fused kernel takes that: the math path on any
+    device); its ALiBi variant hands it the scores' bias as a float mask, one per head.
+    Llama groups its k and v heads (``enable_gqa``) and masks by flag."""
+    falcon = from_transformers(CONFIGS["falcon"]).layers[0].attention
+    assert (falcon.kv_broadcast, falcon.kv_heads) == (True, 1)
+    alibi = from_transformers({**CONFIGS["falcon"], "alibi": True, "multi_query": False})
+    attention = alibi.layers[0].attention
+    assert (attention.kv_broadcast, attention.mask_heads, attention.mask_float) == \
+        (False, attention.heads, True)
+    llama = from_transformers(CONFIGS["llama-wide"]).layers[0].attention
+    assert (llama.kv_broadcast, llama.kv_heads, llama.mask_heads) == \
+        (False, CONFIGS["llama-wide"]["num_key_value_heads"], 0)
