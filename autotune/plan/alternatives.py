@@ -185,13 +185,13 @@ def cheapest_fit(assess: Callable[[Setup], Assessed], base: Setup, changes: list
 def _priced(assess, base: Setup, before: Assessed, combo: tuple[Change, ...],
             budget: int | None, host_ram: int | None = None) -> Alternative | None:
     setup = base
-    for change in combo:
-        setup = change.apply(setup)
-        if setup is None:
+    try:  # a lever that prices what it makes (one more card) prices the changes before it
+        for change in combo:
+            setup = change.apply(setup)
+            if setup is None:
+                return None
+        if setup == base:
             return None
-    if setup == base:
-        return None
-    try:
         after = assess(setup)
     except AutotuneError:  # a lever this model cannot take (no attention projections)
         return None

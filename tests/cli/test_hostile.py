@@ -490,6 +490,15 @@ def test_plan_answers_for_odd_architectures(tmp_path, model_type):
     check(autotune("plan", "--model", str(path), "--gpu", "rtx3090", "--storage", "none"), OK)
 
 
+def test_levers_a_model_cannot_take_are_skipped_in_combinations():
+    """Falcon-7B with SDPA does not fit an A100 (its broadcast k and v run on the math
+    path); the advice combined one more card with LoRA on attention projections it does
+    not have, and the named error of that lever ended the estimate."""
+    falcon = Path(__file__).parents[2] / "benchmarks" / "data" / "falcon-7b.json"
+    check(autotune("estimate", "--model", str(falcon), "--gpu", "a100-80gb", "--batch", "4",
+                   "--attn", "sdpa"), OK)
+
+
 def test_model_folder_without_or_with_a_bad_config(tmp_path):
     check(autotune("estimate", "--model", str(tmp_path)), ERROR)
     (tmp_path / "config.json").mkdir()
