@@ -116,8 +116,6 @@ def main() -> None:
     try:
         from autotune.plugin.manager import get_plugin_manager
 
-        # a signal while the interpreter shuts down would print a traceback from a finaliser
-        atexit.register(_ignore_signals)
         make_cli(get_plugin_manager()).main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("autotune: aborted", err=True)
@@ -146,6 +144,11 @@ def main() -> None:
         click.echo(f"autotune: internal error: {type(exc).__name__}: {one_line(str(exc))} "
                    "(set AUTOTUNE_DEBUG=1 for the traceback)", err=True)
         sys.exit(70)
+    finally:
+        # a signal while the interpreter shuts down would print a traceback from a finaliser:
+        # registered last, this runs first at exit (before the finalisers the command's
+        # imports registered, such as torch's)
+        atexit.register(_ignore_signals)
 
 
 _LINE_BREAKS = {ord(c): c.encode("unicode_escape").decode()
