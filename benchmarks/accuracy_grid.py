@@ -327,7 +327,13 @@ SURVEY_ARCHITECTURES = {
         ("glm4_moe", dict(head_dim=64, moe_intermediate_size=128, n_routed_experts=4,
                           n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
                           n_group=1, topk_group=1)),
-        ("falcon", dict(multi_query=True, parallel_attn=True, bias=False)))}
+        ("falcon", dict(multi_query=True, parallel_attn=True, bias=False)),
+        # experts counted, sized and routed under other names (OLMoE's experts as wide as
+        # its intermediate_size, Hunyuan's moe_topk and shared_mlp, ERNIE's moe_num_experts)
+        ("olmoe", {"head_dim": 64, "num_experts": 4, "num_experts_per_tok": 2}),
+        ("hunyuan_v1_moe", {"head_dim": 64, "num_experts": 4, "moe_topk": 2}),
+        ("ernie4_5_moe", {"head_dim": 64, "moe_num_experts": 4, "moe_k": 2,
+                          "moe_intermediate_size": 128}))}
 """More decoders transformers builds that the grid does not hold, at the wide shape:
 the held-out check of architectures no family describes (read from a meta-device build)."""
 SURVEY: list[Case] = [

@@ -49,7 +49,8 @@ class Linear:
 
 @dataclass(frozen=True)
 class Tensor:
-    """Any other parameter tensor, with its role: embedding, norm, experts, router, conv, other."""
+    """Any other parameter tensor, with its role: embedding, norm, experts, router, conv, fixed
+    (kept out of training by the model), other."""
 
     path: str
     numel: int
@@ -247,7 +248,8 @@ def head_dim(config: dict) -> int:
 
 
 _ATTENTION_DROPOUT = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
-_RESIDUAL_DROPOUT = ("residual_dropout", "resid_pdrop", "hidden_dropout", "hidden_dropout_prob")
+_RESIDUAL_DROPOUT = ("residual_dropout", "resid_pdrop", "hidden_dropout", "hidden_dropout_prob",
+                     "dropout")
 
 
 def model_dropout(config: dict) -> tuple[bool, bool]:

@@ -279,10 +279,14 @@ def _role_key(path: str, index: int) -> str:
     model names it otherwise (``mlp.fc1`` is ``up_proj``)."""
     rest = path.split(f".{index}.", 1)[1]
     block, _, name = rest.partition(".")
+    if not name and block in _ALIASES["mlp"]:  # an MLP linear straight in the layer (OPT)
+        return _ALIASES["mlp"][block]
     if block not in _BLOCKS or not name:
         return rest
     if name.startswith("experts."):
         return "experts"
+    if name.startswith("shared_mlp."):  # Hunyuan's name for the shared experts
+        return "shared_experts." + name.removeprefix("shared_mlp.")
     return _ALIASES[_BLOCKS[block]].get(name, name)
 
 
@@ -295,7 +299,8 @@ def _trainable_shapes(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     for item in (*arch.linears, *arch.tensors):
         if trained is not None and layer_index(item.path) not in trained:
             continue
-        if item.path == arch.head and arch.tied_embeddings:
+        if item.path == arch.head and arch.tied_embeddings or \
+                isinstance(item, Tensor) and item.kind == "fixed":
             continue
         if isinstance(item, Linear):
             shapes.append((item.out_features, item.in_features))

@@ -23,8 +23,14 @@ from autotune.cost.architecture import (
 )
 from autotune.util.errors import AutotuneError
 
-_SHARED = re.compile(r"\.shared_experts?\.")
-"""A shared expert's linear layer (Qwen2-MoE's ``shared_expert``, DeepSeek's ``shared_experts``)."""
+_SHARED = re.compile(r"\.shared_(experts?|mlp)\.")
+"""A shared expert's linear layer (Qwen2-MoE's ``shared_expert``, DeepSeek's
+``shared_experts``, Hunyuan's ``shared_mlp``)."""
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+"""A per-expert linear layer (transformers 4's layout), with its expert's index."""
+_TOP_K = ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token")
+"""What configs call the experts a token is routed to (Hunyuan: ``moe_topk``, ERNIE 4.5:
+``moe_k``)."""
 _ATTENTION = re.compile(r"\.(self_attn|self_attention|attention|attn)\.")
 """A parameter inside a decoder layer's attention block."""
 _MLP = re.compile(r"\.(mlp|feed_forward|ffn)\.")
@@ -79,8 +85,10 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         linears.append(Linear(path, *shape, module.bias is not None))
         owned.update(f"{path}.{n}" for n, _ in module.named_parameters(recurse=False))
     kinds = _kinds(model)
-    tensors = [  # fused experts: 3-D parameters of an experts module (not a convolution's)
-        Tensor(name, p.numel(), "experts" if p.dim() == 3 and ".experts." in name
+    tensors = [  # fused experts: 3-D parameters of an experts module (not a convolution's);
+        # fixed: parameters the model keeps out of training (ERNIE's expert score bias)
+        Tensor(name, p.numel(), "fixed" if not p.requires_grad else "experts"
+               if p.dim() == 3 and ".experts." in name
                else kinds.get(name.rsplit(".", 1)[0], "other"), tuple(p.shape))
         for name, p in model.named_parameters() if name not in owned
     ]
@@ -348,6 +356,25 @@ def _fp32_routing(model) -> bool:
     return not weights or weights[0].dtype == torch.float32
 
 
+def _expert_count(linears: list[Linear], tensors: list[Tensor]) -> int:
+    """A layer's routed experts, as built: a fused experts tensor's first side, or the
+    per-expert linears' indices (whatever the config calls the count: ``num_experts``,
+    ERNIE's ``moe_num_experts``)."""
+    fused = [t.shape[0] for t in tensors if t.kind == "experts" and len(t.shape) == 3]
+    indices = {m.group(1) for lin in linears if (m := _EXPERT.search(lin.path))}
+    return max(fused, default=0) or len(indices)
+
+
+def _expert_width(linears: list[Linear], tensors: list[Tensor], hidden: int) -> int:
+    """A routed expert's MLP width, as built: the narrower side of its projections back to
+    the residual (a fused experts tensor's, or a per-expert linear's input); 0 if none."""
+    widths = [t.shape[1] if t.shape[2] == hidden else t.shape[2] for t in tensors
+              if t.kind == "experts" and len(t.shape) == 3 and hidden in t.shape[1:]]
+    widths += [lin.in_features for lin in linears
+               if ".experts." in lin.path and lin.out_features == hidden]
+    return min(widths, default=0)
+
+
 def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: bool = True,
             rotary_saves: int = 0, output_norms: int = 0, pre_norms: bool = True,
             fp32_norms: bool = False, sdpa: _SdpaCall = _SdpaCall()) -> list[Layer]:
@@ -356,8 +383,6 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: boo
     the dense MLP's width, norms inside the attention (q and k norms under any name)."""
     h, heads = cfg.hidden_size, cfg.num_attention_heads
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * h
-    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) \
-        or getattr(cfg, "n_routed_experts", None) or 0
     settings = cfg.to_dict()
     latent = latent_attention(settings)
     attention_dropout, residual_dropout = model_dropout(settings)
@@ -384,20 +409,25 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: boo
                             mask_heads=sdpa.mask_heads, mask_float=sdpa.mask_float)
         routed = any(t.kind == "experts" for t in own_tensors) or \
             any(".experts." in lin.path for lin in own_linears)
+        experts = _expert_count(own_linears, own_tensors)
         if experts and routed:
-            top_k = getattr(cfg, "num_experts_per_tok", 2)
+            top_k = next((k for k in (_setting(cfg, name) for name in _TOP_K) if k), 2)
+            top_k = top_k[index] if isinstance(top_k, list | tuple) else top_k
             shared = next((lin.out_features for lin in own_linears
                            if _SHARED.search(lin.path) and lin.path.endswith(".gate_proj")), 0)
-            mlp = FeedForward(0, experts, top_k,
-                              getattr(cfg, "moe_intermediate_size", None) or inter, shared,
+            mlp = FeedForward(0, experts, top_k, _expert_width(own_linears, own_tensors, h)
+                              or getattr(cfg, "moe_intermediate_size", None) or inter, shared,
                               any(lin.path.endswith(".shared_expert_gate")
                                   for lin in own_linears), fp32_routing, act_saves)
         else:
             # its width: the input of the MLP's linear back to the residual (Falcon's
-            # dense_4h_to_h is 4 x hidden whatever the config says)
+            # dense_4h_to_h is 4 x hidden whatever the config says; OPT's fc2, outside any
+            # MLP module, is ffn_dim wide)
+            back = [lin.in_features for lin in own_linears if lin.out_features == h
+                    and not _ATTENTION.search(lin.path) and not _SHARED.search(lin.path)]
             mlp = FeedForward(next((lin.in_features for lin in own_linears
                                     if _MLP.search(lin.path) and not _SHARED.search(lin.path)
-                                    and lin.out_features == cfg.hidden_size), inter),
+                                    and lin.out_features == h), max(back, default=inter)),
                               activation_saves=act_saves)
         layers.append(Layer(attention, mlp, output_norms=output_norms, pre_norms=pre_norms,
                             fp32_norms=fp32_norms,

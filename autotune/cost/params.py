@@ -180,4 +180,5 @@ def count(arch: Architecture, recipe: Recipe, groups: dict[str, tuple[str, ...]]
         per_layer = arch.layer_params
         trainable = sum(per_layer[i] for i in trainable_layers(arch, recipe))
         return ParamCounts(total, trainable, total, **quick)
-    return ParamCounts(total, total, total, **quick)
+    fixed = sum(t.numel for t in arch.tensors if t.kind == "fixed")
+    return ParamCounts(total, total - fixed, total, **quick)
