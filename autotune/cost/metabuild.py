@@ -115,7 +115,8 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         head=head,
         counted_by=counted_by,
         hidden_act=_hidden_act(cfg),
-        fused_targets=_peft_fused_targets(cfg.model_type),
+        fused_targets=_peft_fused_targets(cfg.model_type)  # PEFT's import takes seconds
+        if any(t.kind == "experts" for t in tensors) else {},
         supports_sdpa=getattr(model, "_supports_sdpa", True) is not False,
         logit_softcap=bool(getattr(cfg, "final_logit_softcapping", None)),
     )
