@@ -771,10 +771,14 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
         f.saved[kind] = saved, pinned, mlp_transient, attention_transient, top, recompute
     saved, pinned, mlp_transient, attention_transient, top, recompute = f.saved[kind]
     dq, dq_lora = f.dequantised[i], f.dequantised_lora[i]
+    # the down projection's W + BA gradient comes with its input's: each routed token's
+    # expert activations
+    lora_grad = f.lora_grad[i] and f.lora_grad[i] \
+        + t * layer.mlp.top_k * layer.mlp.expert_intermediate * f.p.act
     return _Layer(
         saved, t * arch.hidden * w + pinned if recipe.grad_ckpt and saved else saved,
         0 if recipe.grad_ckpt or not saved or not (dq or dq_lora) else dq_lora or dq,
-        dq, dq_lora, f.redequantised[i], f.lora_grad[i], f.grads[i],
+        dq, dq_lora, f.redequantised[i], lora_grad, f.grads[i],
         _early_grads(layer, f.roles[i].get("down_proj"), arch.hidden, f.param_bytes,
                      f.grads[i], f.roles[i].get("experts")),
         mlp_transient, attention_transient, f.cast_copies[i], top, recompute), grad_in or saved > 0

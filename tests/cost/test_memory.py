@@ -76,9 +76,13 @@ def test_falcon_attention_is_priced_as_sdpa_runs_it(pm, changes):
 def test_experts_sized_as_built_price_the_step(pm):
     """Hunyuan's experts are as wide as its ``intermediate_size``, routed to ``moe_topk``
     of them, beside a ``shared_mlp``: read from the config's other names they were priced
-    23% under."""
+    23% under. Checkpointed, the down projection's W + BA gradient comes with its input's
+    (each routed token's expert activations): without it, 3.6% under."""
     row = compare(pm, CONFIGS["hunyuan_v1_moe"], Recipe(method="lora", batch=1, seq_len=512))
     assert 0 <= row.error <= 0.02, (row.estimated, row.measured)
+    row = compare(pm, CONFIGS["hunyuan_v1_moe"],
+                  Recipe(method="lora", batch=1, seq_len=512, grad_ckpt=True))
+    assert -0.01 <= row.error <= 0.02, (row.estimated, row.measured)
 
 
 @pytest.mark.parametrize("model_type", ["phi", "gpt_neox", "starcoder2"])
