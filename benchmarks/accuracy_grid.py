@@ -25,6 +25,11 @@ ARCHITECTURES = {
     "mistral": dict(model_type="mistral", hidden_size=192, intermediate_size=512,
                     num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
                     vocab_size=4096, max_position_embeddings=2048),
+    # ... with a window shorter than the sequence: every layer takes a mask past it
+    "mistral-sliding": {"model_type": "mistral", "hidden_size": 192, "intermediate_size": 512,
+                        "num_hidden_layers": 2, "num_attention_heads": 6,
+                        "num_key_value_heads": 2, "vocab_size": 4096,
+                        "max_position_embeddings": 2048, "sliding_window": 256},
     "deepseek-v2-moe": dict(model_type="deepseek_v2", hidden_size=128, intermediate_size=256,
                             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
                             vocab_size=3000, kv_lora_rank=32, q_lora_rank=48,
@@ -98,6 +103,8 @@ WIDE_ARCHITECTURES = {
                             num_experts=4, num_experts_per_tok=2, head_dim=64),
     # Gemma 3's sandwich norms, computed in fp32 with (1 + w)
     "gemma3-wide": _wide("gemma3_text", head_dim=64),
+    # ... with a window shorter than the sequence: its sliding layers take a mask
+    "gemma3-sliding": _wide("gemma3_text", head_dim=64, sliding_window=128),
     # Gemma 2's soft-capped scores and logits (eager attention: it has no SDPA path)
     "gemma2-wide": _wide("gemma2", head_dim=64),
     # Phi-3's fused qkv_proj and gate_up_proj
@@ -141,12 +148,14 @@ WIDE_ARCHITECTURES = {
 
 @dataclass(frozen=True)
 class Case:
-    """One grid point: a model, a recipe, and whether 16-bit compute runs under autocast
-    (the Trainer's way) or as a pure 16-bit loop."""
+    """One grid point: a model, a recipe, whether 16-bit compute runs under autocast
+    (the Trainer's way) or as a pure 16-bit loop, and whether a batch of several is padded
+    to one length (an SFT collator's batches; else full rows, as the pt stage wraps text)."""
 
     arch: str
     recipe: Recipe
     autocast: bool = True
+    padded: bool = False
 
 
 def _r(**kw) -> Recipe:
@@ -315,6 +324,30 @@ REAL: list[Case] = [
         ("arcee-wide", dict(method="full", precision="bf16", batch=1, seq_len=512)),
         ("qwen3-moe-dense0", dict(method="lora", batch=1, seq_len=512)),
         ("qwen3-moe-dense0", dict(method="lora", batch=1, seq_len=512, grad_ckpt=True)))],
+    # batches padded to one length (SFT's collator): transformers hands SDPA the mask and k
+    # and v repeated to every head, SDPA saves an additive copy of the mask in every layer
+    *[Case(arch, _r(**kw), padded=True) for arch, kw in (
+        ("llama-s", {"method": "lora", "batch": 2, "seq_len": 2048}),
+        ("llama-s", {"method": "lora", "batch": 2, "seq_len": 2048, "grad_ckpt": True}),
+        ("llama-s", {"method": "qlora", "batch": 4, "seq_len": 1024, "grad_ckpt": True}),
+        ("llama-mha", {"method": "lora", "batch": 4, "seq_len": 1024}),
+        ("llama-wide", {"method": "lora", "batch": 2, "seq_len": 512}),
+        ("llama-wide", {"method": "full", "precision": "bf16", "batch": 2, "seq_len": 512,
+                        "grad_ckpt": True}),
+        ("qwen3-moe-wide", {"method": "lora", "batch": 2, "seq_len": 512}),
+        ("qwen3-moe-wide", {"method": "lora", "batch": 2, "seq_len": 512, "grad_ckpt": True}),
+        ("mixtral-wide", {"method": "lora", "targets": "attn", "batch": 2, "seq_len": 512}),
+        ("deepseek-v3-wide", {"method": "lora", "batch": 2, "seq_len": 512}),
+        ("gemma2-wide", {"method": "lora", "batch": 2, "seq_len": 512, "attn": "eager"}),
+        ("seed-oss-wide", {"method": "lora", "batch": 2, "seq_len": 512}))],
+    # sliding windows shorter than the sequence: a mask for the sliding layers, which SDPA
+    # saves an additive copy of in each (a family's config, and a meta-device build)
+    *[Case(arch, _r(**kw)) for arch, kw in (
+        ("mistral-sliding", {"method": "lora", "batch": 2, "seq_len": 1024}),
+        ("mistral-sliding", {"method": "lora", "batch": 1, "seq_len": 1024, "grad_ckpt": True}),
+        ("gemma3-sliding", {"method": "lora", "batch": 1, "seq_len": 512}),
+        ("gemma3-sliding", {"method": "lora", "batch": 1, "seq_len": 512, "grad_ckpt": True}),
+        ("gemma3-sliding", {"method": "full", "precision": "bf16", "batch": 1, "seq_len": 512}))],
 ]
 """Sequence lengths people train at (512-8,192 tokens), batch 1-8, with small hidden sizes."""
 
@@ -333,11 +366,21 @@ SURVEY_ARCHITECTURES = {
         ("olmoe", {"head_dim": 64, "num_experts": 4, "num_experts_per_tok": 2}),
         ("hunyuan_v1_moe", {"head_dim": 64, "num_experts": 4, "moe_topk": 2}),
         ("ernie4_5_moe", {"head_dim": 64, "moe_num_experts": 4, "moe_k": 2,
-                          "moe_intermediate_size": 128}))}
+                          "moe_intermediate_size": 128}),
+        # StarCoder's one k and v head, grouped by SDPA, and its causal-mask buffer
+        ("gpt_bigcode", {"n_inner": 704}),
+        # GPT-OSS (eager: no SDPA path): attention sinks, a softmax in the scores' dtype,
+        # biased experts with a clamped gate, sliding and full layers
+        ("gpt_oss", {"head_dim": 64, "num_local_experts": 4, "num_experts_per_tok": 2,
+                     "layer_types": ["sliding_attention", "full_attention"],
+                     "sliding_window": 128}))}
 """More decoders transformers builds that the grid does not hold, at the wide shape:
 the held-out check of architectures no family describes (read from a meta-device build)."""
+EAGER_ONLY = frozenset({"gpt_oss"})
+"""Survey architectures transformers builds without an SDPA path: measured with eager."""
 SURVEY: list[Case] = [
-    Case(name, _r(**recipe)) for name in SURVEY_ARCHITECTURES for recipe in (
+    Case(name, _r(**recipe, attn="eager" if name in EAGER_ONLY else "sdpa"))
+    for name in SURVEY_ARCHITECTURES for recipe in (
         dict(method="lora", batch=1, seq_len=512),
         dict(method="lora", batch=1, seq_len=512, grad_ckpt=True),
         dict(method="full", precision="bf16", batch=1, seq_len=512))]
@@ -362,6 +405,7 @@ class Comparison:
     autocast: bool = True
     memory: object = None
     """The CPU estimate (a :class:`~autotune.cost.memory.MemoryEstimate`)."""
+    padded: bool = False
 
     @property
     def error(self) -> float:
@@ -369,26 +413,29 @@ class Comparison:
         return (self.estimated - self.measured) / self.measured
 
 
-def predict(pm, config: dict, recipe: Recipe, autocast: bool = True):
-    """The CPU estimate of one case (a pure 16-bit loop re-simulated without autocast)."""
+def predict(pm, config: dict, recipe: Recipe, autocast: bool = True, padded: bool = False):
+    """The CPU estimate of one case: the front door's where a batch of several is
+    ``padded`` (the recipe's stage pads), re-simulated for full rows or a pure 16-bit loop."""
     from autotune.cost.assess import estimate
     from autotune.cost.memory import estimate_memory
 
     predicted = estimate(pm, config, recipe, device="cpu")
-    if not autocast:
+    if not autocast or not padded:
         predicted.memory = estimate_memory(predicted.arch, predicted.recipe, predicted.params,
-                                           device="cpu", autocast=False)
+                                           device="cpu", autocast=autocast, padded=padded)
     return predicted
 
 
-def case_key(config: dict, recipe: Recipe, autocast: bool) -> str:
-    """What identifies a measurement: the config, the recipe and autocast."""
-    return json.dumps([config, recipe.to_dict(), autocast], sort_keys=True)
+def case_key(config: dict, recipe: Recipe, autocast: bool, padded: bool = False) -> str:
+    """What identifies a measurement: the config, the recipe, autocast and padding."""
+    return json.dumps([config, recipe.to_dict(), autocast] + ["padded"] * padded,
+                      sort_keys=True)
 
 
 def compare(pm, arch: str | dict, recipe: Recipe, autocast: bool = True,
-            measured: dict | None = None) -> Comparison:
-    """Estimate and measure one case on the CPU (``arch``: a grid name or a config).
+            measured: dict | None = None, padded: bool = False) -> Comparison:
+    """Estimate and measure one case on the CPU (``arch``: a grid name or a config;
+    ``padded``: batches padded to one length, else full rows).
 
     ``measured``: peaks already measured by :func:`case_key` (CPU peaks are reproducible to
     the byte with the same library versions); a case not in it is measured and added.
@@ -396,22 +443,24 @@ def compare(pm, arch: str | dict, recipe: Recipe, autocast: bool = True,
     from autotune.run.measure import measure
 
     config = CONFIGS[arch] if isinstance(arch, str) else arch
-    predicted = predict(pm, config, recipe, autocast)
-    key = case_key(config, recipe, autocast)
+    predicted = predict(pm, config, recipe, autocast, padded)
+    key = case_key(config, recipe, autocast, padded)
     if measured is None or key not in measured:
         targets = None if recipe.targets == "all-linear" else peft_targets(predicted.params)[0]
         # built as the plan priced it (experts quantised, adapters placed) and audited
         peak = measure(config, recipe, target_modules=targets, steps=3, autocast=autocast,
+                       padded=padded,
                        planned=(predicted.family, predicted.arch,
                                 predicted.params)).peak_tensor_bytes
         if measured is not None:
             measured[key] = peak
     name = arch if isinstance(arch, str) else config["model_type"]
     return Comparison(name, recipe, predicted.memory.tensor_peak,
-                      measured[key] if measured is not None else peak, autocast, predicted.memory)
+                      measured[key] if measured is not None else peak, autocast, predicted.memory,
+                      padded)
 
 
-def describe_recipe(recipe: Recipe, autocast: bool = True) -> str:
+def describe_recipe(recipe: Recipe, autocast: bool = True, padded: bool = False) -> str:
     """A short label: method, bits, precision, batch x sequence, extras."""
     precision = recipe.precision if autocast else f"pure {recipe.precision}"
     parts = [recipe.method, f"{recipe.bits}-bit" if recipe.bits < 16 else precision,
@@ -426,4 +475,6 @@ def describe_recipe(recipe: Recipe, autocast: bool = True) -> str:
         parts.append(recipe.attn)
     if recipe.optim != "adamw_torch":
         parts.append(recipe.optim)
+    if padded:
+        parts.append("padded")
     return " ".join(parts)

@@ -84,7 +84,7 @@ def run(pm, cases, label: str, emit, measured: dict) -> list:
 
     def show(row):
         rows.append(row)
-        emit(f"| {row.arch:<16} | {describe_recipe(row.recipe, row.autocast):<50} | "
+        emit(f"| {row.arch:<16} | {describe_recipe(row.recipe, row.autocast, row.padded):<50} | "
              f"{row.estimated:>12,} | {row.measured:>12,} | {100 * row.error:+5.2f}% |")
 
     if cases is None:
@@ -93,7 +93,7 @@ def run(pm, cases, label: str, emit, measured: dict) -> list:
         sweep(pm, int(sys.argv[sys.argv.index("--sweep") + 1]), show, measured)
     else:
         for case in cases:
-            show(compare(pm, case.arch, case.recipe, case.autocast, measured))
+            show(compare(pm, case.arch, case.recipe, case.autocast, measured, case.padded))
     emit("\n" + summary(rows, time.perf_counter() - started))
     return rows
 

@@ -141,33 +141,40 @@ def linear(saved: Saved, name: str, source: str, t: int, fan_in: int, fan_out: i
             saved.keep(f"{name}.dora_lora", t * fan_out * p.compute)
 
 
-def attention_kernel(a: Attention, attn: str, device: str) -> str:
+def attention_kernel(a: Attention, attn: str, device: str, masked: bool = False) -> str:
     """The kernel an attention runs as: ``attn`` (sdpa, flash, eager), or ``math`` where
     SDPA takes its math path: on any device for k and v heads handed over to broadcast (no
-    fused kernel takes them), on the CPU also for unequal head widths (MLA) or dropout."""
+    fused kernel takes them), on the CPU also for unequal head widths (MLA) or dropout;
+    ``masked`` where a fused SDPA kernel takes a padded batch's mask (``masked``)."""
     if attn == "sdpa" and (a.kv_broadcast or device == "cpu" and (a.mla or a.dropout)):
         return "math"
+    if attn == "sdpa" and masked:
+        return "masked"
     return attn
 
 
 def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Attention,
                    p: Precision, kernel: str) -> None:
     """Rotary q and k, v, the output and (fused kernels) the log-sum-exp; eager adds scores,
-    SDPA's math path keeps its own fp32 copies instead (:func:`math_scores`)."""
+    SDPA's math path keeps its own fp32 copies instead (:func:`math_scores`), a masked one
+    the mask (:func:`padding_mask`)."""
     c = p.compute
     if kernel == "math":
         math_scores(saved, name, t, batch, seq, a)
         saved.keep(f"{name}.out", t * a.heads * a.v_head_dim * c)
         return
     q_bytes = t * a.heads * a.head_dim * c
-    kv_heads = a.kv_heads if kernel != "eager" else a.heads  # eager repeats k and v
+    # eager repeats k and v, and so does transformers for an SDPA given a mask (no enable_gqa)
+    kv_heads = a.kv_heads if kernel in ("sdpa", "flash") else a.heads
+    padding_mask(saved, name, batch, seq, a, p, kernel)
     saved.keep(f"{name}.q", q_bytes)
     saved.keep(f"{name}.k", t * kv_heads * a.head_dim * c)
     saved.keep(f"{name}.v", t * kv_heads * a.v_head_dim * c)
     saved.keep(f"{name}.out", t * a.heads * a.v_head_dim * c)
     if kernel == "eager":
         scores = batch * a.heads * seq * seq
-        saved.keep(f"{name}.probs32", scores * FP32)
+        if a.softmax_fp32:
+            saved.keep(f"{name}.probs32", scores * FP32)
         saved.keep(f"{name}.probs", scores * c)
         if a.softcap:  # tanh keeps its output
             saved.keep(f"{name}.tanh", scores * c)
@@ -175,6 +182,16 @@ def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Att
             saved.keep(f"{name}.probs_mask", scores * dropout_mask(p, c))
     else:
         saved.keep(f"{name}.lse", batch * a.heads * seq * FP32)
+
+
+def padding_mask(saved: Saved, name: str, batch: int, seq: int, a: Attention, p: Precision,
+                 kernel: str) -> None:
+    """A padded batch's mask as a fused SDPA kernel saves it: SDPA turns the boolean mask
+    into an additive one in the query's dtype at every call (torch's
+    ``convert_boolean_attn_mask``), rows padded to 16 for CUDA's memory-efficient kernel."""
+    if kernel == "masked":
+        saved.keep(f"{name}.mask", batch * max(a.mask_heads, 1) * seq * -(-seq // 16) * 16
+                   * p.compute)
 
 
 def math_scores(saved: Saved, name: str, t: int, batch: int, seq: int, a: Attention) -> None:
@@ -206,13 +223,14 @@ def attention_backward_spike(layer: Layer, batch: int, seq: int, p: Precision,
 
     Eager (and SDPA's math path) materialise the gradient of the probabilities: the
     16-bit gradient (fp32 on the math path) and its fp32 copy for the fp32 softmax's
-    backward, both batch x heads x seq x seq. Fused kernels work in tiles.
+    backward (a 16-bit softmax's own gradient instead), both batch x heads x seq x seq.
+    Fused kernels work in tiles.
     """
     if kernel not in ("eager", "math"):
         return 0
     scores = batch * layer.attention.heads * seq * seq
     if kernel == "eager":
-        return scores * (p.compute + FP32)
+        return scores * (p.compute + (FP32 if layer.attention.softmax_fp32 else p.compute))
     # the math path's gradients are fp32 from the start (measured: 8 bytes a score); with
     # dropout its noise and dropped probabilities are freed on the way (measured: 4)
     return scores * FP32 * (1 if layer.attention.dropout else 2)
@@ -319,16 +337,25 @@ def moe_frame(saved: Saved, t: int, hidden: int, f: FeedForward, p: Precision,
     """:func:`forward_frame` of a mixture-of-experts block, at its top (the weighted expert
     outputs): the residual and the block's input, each routed token's gathered input, and
     the expert outputs weighted by the routing weights: with fp32 weights, promoted to fp32
-    (a copy on the CPU), then the fp32 product."""
+    (a copy on the CPU), then the fp32 product; or, where that is more, inside the gating:
+    its largest intermediate, and the gate and up projection's biases gathered per routed
+    token (GPT-OSS)."""
     routed = t * f.top_k
     live = Saved()
     live.keep("residual", t * hidden * p.residual)
     live.keep("ln2.out", t * hidden * in_bytes)
     live.keep("experts.x", routed * hidden * in_bytes)
+    gating = dict(live.storages)
+    gating["experts.gate_transient"] = int(routed * 2 * f.expert_intermediate * p.compute
+                                           * f.gate_transient)
+    if f.expert_bias:
+        gating["experts.gate_bias"] = routed * 2 * f.expert_intermediate * p.compute
+        live.keep("experts.down_bias", routed * hidden * p.compute)
     if f.fp32_routing:
         live.keep("experts.promoted", routed * hidden * FP32)
     live.keep("experts.weighted", routed * hidden * (FP32 if f.fp32_routing else p.compute))
-    return sum(n for name, n in live.storages.items() if name not in saved.storages)
+    return max(sum(n for name, n in moment.items() if name not in saved.storages)
+               for moment in (live.storages, gating))
 
 
 def incoming_gradients(t: int, hidden: int, down: LinearRole, p: Precision,
@@ -356,8 +383,9 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
                 others: tuple[tuple[str, int, int], ...] = ()) -> LayerSaves:
     """What one decoder layer saves for backward (:class:`LayerSaves`).
 
-    ``kernel``: ``sdpa`` and ``flash`` (fused: output and log-sum-exp), ``eager`` (scores
-    materialised) or ``math`` (SDPA's fallback on the CPU when head widths differ).
+    ``kernel``: ``sdpa`` and ``flash`` (fused: output and log-sum-exp), ``masked`` (fused,
+    with a padded batch's mask), ``eager`` (scores materialised) or ``math`` (SDPA's
+    fallback, see :func:`attention_kernel`).
     ``others``: (short name, fan-in, fan-out) of the layer's linears not :func:`structured`
     (Falcon's ``query_key_value``, a gate of a shared expert): each trained or adapted one
     keeps its own input and makes gradients flow through the layer.
@@ -447,6 +475,7 @@ def _mla(saved: Saved, t: int, batch: int, seq: int, a: Attention, p: Precision,
     if kernel == "math":
         math_scores(saved, "attn", t, batch, seq, a)
         return
+    padding_mask(saved, "attn", batch, seq, a, p, kernel)
     saved.keep("attn.q", t * a.heads * a.head_dim * p.compute)
     saved.keep("attn.k", t * a.heads * a.head_dim * p.compute)
     saved.keep("attn.v", t * a.heads * a.v_head_dim * p.compute)
@@ -511,8 +540,7 @@ def _moe(saved: Saved, t: int, hidden: int, f: FeedForward, roles, p: Precision,
             saved.keep("experts.h", routed * f.expert_intermediate * c)
         if expert_role.adapted and p.autocast:
             saved.keep("experts.lora_w16", expert_role.adapter * c)
-        saved.keep("experts.gate_up", routed * 2 * f.expert_intermediate * c)
-        saved.keep("experts.act", routed * f.expert_intermediate * c)
+        saved.keep("experts.gated", int(routed * 2 * f.expert_intermediate * c * f.gate_saves))
         saved.keep("experts.out", routed * hidden * c)
     if f.shared_intermediate:
         gated_mlp(saved, "shared", "ln2.out", t, hidden, f.shared_intermediate,

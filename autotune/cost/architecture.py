@@ -88,6 +88,12 @@ class Attention:
     causal by flag): Falcon's ALiBi scores, one per head."""
     mask_float: bool = False
     """That mask is a float one in the model's dtype (a boolean one takes a byte)."""
+    softmax_fp32: bool = True
+    """Eager attention takes its softmax in fp32 and casts the probabilities back (Llama:
+    both are saved); GPT-OSS's runs in the scores' dtype."""
+    sliding_window: int = 0
+    """Tokens it attends back over when the layer slides (0: the whole sequence): past
+    them the model hands the attention a mask."""
 
     @property
     def mla(self) -> bool:
@@ -112,6 +118,14 @@ class FeedForward:
     activation_saves: float = 1.0
     """Bytes its activation function saves per byte of its input (native SiLU and GELU: 1;
     transformers' Python ``gelu_new``: 4)."""
+    gate_saves: float = 1.5
+    """Bytes the experts' gating saves per byte of their fused gate and up output (SwiGLU:
+    the output and silu's output, 1.5; GPT-OSS's clamped gate: 3)."""
+    gate_transient: float = 0.0
+    """The largest intermediate the gating frees, per byte of that output (GPT-OSS's
+    scaled gate: 0.5)."""
+    expert_bias: bool = False
+    """The experts add biases, gathered per routed token (GPT-OSS)."""
 
     @property
     def moe(self) -> bool:
@@ -183,6 +197,9 @@ class Architecture:
     """transformers runs this model with SDPA (Gemma 2 has no SDPA path: eager instead)."""
     logit_softcap: bool = False
     """The logits are soft-capped, ``cap * tanh(z / cap)`` (Gemma 2)."""
+    buffers: int = 0
+    """Bytes of the buffers the model registers beside its parameters (GPT-BigCode's
+    causal mask: max positions squared booleans; rotary tables)."""
 
     @cached_property
     def total(self) -> int:
@@ -250,6 +267,20 @@ def head_dim(config: dict) -> int:
 _ATTENTION_DROPOUT = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 _RESIDUAL_DROPOUT = ("residual_dropout", "resid_pdrop", "hidden_dropout", "hidden_dropout_prob",
                      "dropout")
+
+
+def sliding_window(config: dict, layer: int) -> int:
+    """The window layer ``layer`` of ``config`` slides over (0: none): by its
+    ``layer_types`` entry, else every layer's where ``sliding_window`` is set (Mistral,
+    Phi-3), but with ``use_sliding_window`` (Qwen2) only from ``max_window_layers`` on."""
+    window = config.get("sliding_window") or 0
+    types = config.get("layer_types")
+    if types:
+        return window if types[layer] == "sliding_attention" else 0
+    if "use_sliding_window" in config:
+        on = config["use_sliding_window"] and layer >= (config.get("max_window_layers") or 0)
+        return window if on else 0
+    return window
 
 
 def model_dropout(config: dict) -> tuple[bool, bool]:
@@ -330,7 +361,8 @@ def decoder(
             tensors.append(Tensor(f"{p}.{suffix}", size, kind))
         tensors.append(Tensor(f"{p}.input_layernorm.weight", h, "norm"))
         tensors.append(Tensor(f"{p}.post_attention_layernorm.weight", h, "norm"))
-        layers.append(Layer(replace(attention, dropout=attention_dropout), mlp, tags, saves,
+        layers.append(Layer(replace(attention, dropout=attention_dropout,
+                                    sliding_window=sliding_window(config, i)), mlp, tags, saves,
                             residual_dropout=residual_dropout))
     tensors.append(Tensor("model.norm.weight", h, "norm"))
     linears.append(Linear("lm_head", h, vocab, False))

@@ -244,8 +244,10 @@ class CostModel:
                     extras = stage.extra_memory(self.arch, recipe, counts)
                 with blame(stage, "sequences_per_example"):
                     sequences = stage.sequences_per_example()
+                with blame(stage, "batching"):
+                    padded = stage.batching(recipe.attn) == "padded"
                 memory = estimate_memory(self.arch, recipe, counts, extras, self.device,
-                                         sequences, parallel)
+                                         sequences, parallel, padded=padded)
                 self._priced[key] = (counts, memory, sequences)
         return self._priced[key]
 

@@ -48,10 +48,12 @@ ALLOCATOR_SLACK = 0.05
 
 @dataclass(frozen=True)
 class StepShape:
-    """Sequences per micro batch and their length, as the model sees them."""
+    """Sequences per micro batch, their length and their mask, as the model sees them."""
 
     batch: int
     seq_len: int
+    masked: bool = False
+    """The sequences are padded to one length: the model takes an attention mask."""
 
     @property
     def tokens(self) -> int:
@@ -157,8 +159,9 @@ def nf4_bytes(numel: int, tensors: int) -> int:
 
 
 def weight_bytes(arch: Architecture, recipe: Recipe) -> int:
-    """Base weights in their storage format (see :func:`weight_formats`)."""
-    return sum(weight_formats(arch, recipe).values())
+    """Base weights in their storage format (see :func:`weight_formats`) and the model's
+    buffers."""
+    return sum(weight_formats(arch, recipe).values()) + arch.buffers
 
 
 def priced_weights(arch: Architecture, recipe: Recipe) -> dict:
@@ -521,7 +524,7 @@ def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
 def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
                     extras: dict[str, int] | None = None, device: str = "cuda",
                     sequences: int = 1, parallel: Parallel = SINGLE,
-                    autocast: bool = True) -> MemoryEstimate:
+                    autocast: bool = True, padded: bool = False) -> MemoryEstimate:
     """Simulate one training step (after the first) and return its peak, by component.
 
     ``sequences`` multiplies the batch (2 for preference pairs); ``extras`` are a stage's
@@ -529,7 +532,9 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     GPUs the figures are one rank's (:mod:`autotune.cost.parallel`). ``autocast``: 16-bit
     compute runs under ``torch.autocast``, as the Trainer's ``bf16``/``fp16`` flags run it;
     ``False`` prices a pure 16-bit loop without autocast (16-bit bases only), where PEFT's
-    fp32 adapters keep an fp32 copy of every adapted layer's input.
+    fp32 adapters keep an fp32 copy of every adapted layer's input. ``padded``: the stage
+    pads its sequences to the longest of a micro batch, so a batch of several carries an
+    attention mask.
     """
     if parallel.deepspeed and recipe.precision == "amp":
         # DeepSpeed runs the model in 16 bit; its fp32 master weights are optimizer state
@@ -539,7 +544,8 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     share = shares(parallel, counts.trainable, f.param_bytes, largest_module(arch))
     optimizer = deepspeed_optimizer_bytes(counts.trainable) if parallel.deepspeed \
         else f.optimizer
-    shape = StepShape(recipe.batch * sequences, recipe.seq_len)
+    shape = StepShape(recipe.batch * sequences, recipe.seq_len, padded and
+                      recipe.batch * sequences > 1)
     t, c = shape.tokens, p.compute
 
     tl = _Timeline()
@@ -549,8 +555,8 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     tl.add("optimizer", int(optimizer * share.optimizer), "start")
     tl.add("communication", share.buffers, "start")
     tl.add("inputs", t * INDEX, "start")
-    mask = _attention_mask(arch.layers[0].attention, recipe, shape, w)
-    tl.add("inputs", mask, "forward")
+    masks, mask = _attention_masks(arch, recipe, shape, w)
+    tl.add("inputs", masks, "forward")
     # the rotary embedding's cos and sin (the embeddings' dtype), read by every layer's
     # attention and saved by it (with checkpointing, inputs of every layer)
     rotary = 0 if arch.layers[0].attention.mla else 2 * t * arch.layers[0].attention.head_dim * w
@@ -584,6 +590,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     if not full and p.autocast and w == FP32:  # fp32 head: amp, or kept by bnb
         head_in = arch.head_linear.in_features * arch.head_linear.out_features * c  # weight copy
     tl.add("activations", final_norm + head_in, "forward")
+    tl.add("inputs", mask - masks, "forward")  # the masks the backward does not need
 
     # -- loss: logits, their fp32 copy, log-softmax kept for backward (soft-capped logits:
     # and the tanh's output, until the head's backward)
@@ -663,6 +670,13 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         notes.append(f"bitsandbytes' 8-bit layers keep their inputs on their autograd context, "
                      f"where checkpointing cannot drop them: {gib(pinned)} of activations stay "
                      "from the forward to each layer's backward")
+    if shape.masked and attention_kernel(arch.layers[0].attention, recipe.attn, device,
+                                         True) == "masked":
+        copy = gib(shape.batch * shape.seq_len ** 2 * p.compute)
+        notes.append(f"the stage pads a batch of {shape.batch} sequences: SDPA takes the "
+                     f"attention mask, each layer's attention saves an additive copy of it "
+                     f"({copy}) and k and v repeated to every head; FlashAttention trains "
+                     "padding-free")
     return MemoryEstimate(tl.at, tl.peak, overhead, tl.phase, notes)
 
 
@@ -726,17 +740,31 @@ def _layer_runs(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape,
     return f.saved[key]
 
 
-def _attention_mask(a: Attention, recipe: Recipe, shape: StepShape, w: int) -> int:
-    """The materialised attention mask kept to the end of the backward: eager's causal mask
-    (batch x seq², in the embeddings' dtype ``w``: fp32 under amp), kept by checkpointing,
-    an input of every checkpointed layer, until the last recompute; a mask the model hands
-    SDPA (Falcon's ALiBi scores, a head each), which SDPA saves."""
+def _masked(a: Attention, shape: StepShape) -> bool:
+    """Whether the attention takes a mask: a padded batch, or a window shorter than the
+    sequence."""
+    return shape.masked or 0 < a.sliding_window < shape.seq_len
+
+
+def _attention_masks(arch: Architecture, recipe: Recipe, shape: StepShape,
+                     w: int) -> tuple[int, int]:
+    """(bytes, of them kept to the end of the backward) of the attention masks the model
+    materialises, one for its full layers and one for its sliding ones: eager's (batch x
+    seq² in the embeddings' dtype ``w``: fp32 under amp), SDPA's boolean ones where a
+    layer is masked (SDPA saves its own additive copies); live through the forward, and
+    kept by checkpointing (an input of every checkpointed layer) until the last recompute.
+    A mask the model hands SDPA (Falcon's ALiBi scores, a head each) SDPA saves."""
     area = shape.batch * shape.seq_len ** 2
-    if recipe.attn == "eager":
-        return area * w if recipe.grad_ckpt else 0
-    if recipe.attn == "sdpa":
-        return area * a.mask_heads * (w if a.mask_float else 1)
-    return 0
+    a = arch.layers[0].attention
+    if recipe.attn == "sdpa" and a.mask_heads:
+        mask = area * a.mask_heads * (w if a.mask_float else 1)
+        return mask, mask
+    if recipe.attn not in ("eager", "sdpa"):
+        return 0, 0
+    kinds = {bool(layer.attention.sliding_window) for layer in arch.layers
+             if recipe.attn == "eager" or _masked(layer.attention, shape)}
+    masks = len(kinds) * area * (w if recipe.attn == "eager" else 1)
+    return masks, masks if recipe.grad_ckpt else 0
 
 
 def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, device: str,
@@ -744,7 +772,8 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
     """Decoder layer ``i``'s part, and whether the layers after it take a gradient input."""
     t, c, w = shape.tokens, f.p.compute, f.w
     layer = arch.layers[i]
-    kernel = attention_kernel(layer.attention, recipe.attn, device)
+    kernel = attention_kernel(layer.attention, recipe.attn, device,
+                              _masked(layer.attention, shape))
     kind = (f.kinds[i], grad_in, shape, kernel, recipe.grad_ckpt)
     if kind not in f.saved:
         norms = f.full or (f.trained is not None and i in f.trained)

@@ -20,6 +20,7 @@ from autotune.cost.architecture import (
     latent_attention,
     layer_index,
     model_dropout,
+    sliding_window,
 )
 from autotune.util.errors import AutotuneError
 
@@ -108,7 +109,8 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         vocab=cfg.vocab_size,
         layers=tuple(_layers(cfg, linears, tensors, _fp32_routing(model), _rotary_saves(model),
                              *_norm_places(tensors, cfg.hidden_size), _fp32_norms(model),
-                             _sdpa_call(model))),
+                             _sdpa_call(model), _gating(model),
+                             _eager_softmax_fp32(model))),
         linears=tuple(linears),
         tensors=tuple(tensors),
         tied_embeddings=out.weight is model.get_input_embeddings().weight,
@@ -119,6 +121,7 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         if any(t.kind == "experts" for t in tensors) else {},
         supports_sdpa=getattr(model, "_supports_sdpa", True) is not False,
         logit_softcap=bool(getattr(cfg, "final_logit_softcapping", None)),
+        buffers=sum(b.numel() * b.element_size() for b in model.buffers()),
     )
 
 
@@ -227,6 +230,46 @@ def _activation_saves(name: str) -> float:
     return sum(storages.values()) / (x.numel() * x.element_size()) or 1.0
 
 
+def _gating(model) -> tuple[float, float]:
+    """What the experts' gating saves, and the most it holds beyond that while it runs, per
+    byte of their fused gate and up output: read from a tiny bf16 CPU run of the first
+    experts module's ``_apply_gate`` under the profiler (transformers' default SwiGLU saves
+    1.5 and holds nothing more; GPT-OSS clamps both halves, saves each step and holds its
+    clamped up and scaled gate besides); (1.5, 0) where it has none."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from autotune.util.quiet import native_stderr_quiet
+
+    experts = next((m for path, m in model.named_modules()
+                    if path.endswith(".experts") and hasattr(m, "_apply_gate")), None)
+    if experts is None or not getattr(experts, "has_gate", True):
+        return 1.5, 0.0
+    x = torch.ones(64, 256, dtype=torch.bfloat16, requires_grad=True) * 1  # not a leaf
+    size = x.numel() * x.element_size()
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    try:
+        with native_stderr_quiet(), profile(activities=[ProfilerActivity.CPU],
+                                            profile_memory=True) as prof, \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            result = experts._apply_gate(x)
+    except Exception:  # noqa: BLE001 -- a gate we cannot call alone
+        return 1.5, 0.0
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in
+                            prof.profiler.kineto_results.events() if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    kept = sum(n for ptr, n in saved.items() if ptr != x.untyped_storage().data_ptr())
+    held = peak - kept - result.untyped_storage().nbytes()
+    return sum(saved.values()) / size or 1.5, round(max(held, 0) / size, 2)
+
+
 def _graph(out):
     """Every node of the autograd graph that made ``out``."""
     seen, todo = set(), [out.grad_fn]
@@ -289,50 +332,84 @@ class _Called(Exception):
 
 @dataclass(frozen=True)
 class _SdpaCall:
-    """What a model hands SDPA: k and v heads to broadcast (fewer than the query heads,
-    without ``enable_gqa``; 0 where grouped or equal), and an explicit mask's heads (0:
+    """What a model hands SDPA: its k and v heads (0: unknown) and whether they broadcast
+    (fewer than the query heads, without ``enable_gqa``), and an explicit mask's heads (0:
     none) and whether it is a float mask (in the model's dtype) or a boolean one."""
 
-    broadcast_kv_heads: int = 0
+    kv_heads: int = 0
+    kv_broadcast: bool = False
     mask_heads: int = 0
     mask_float: bool = False
 
 
-def _sdpa_call(model) -> _SdpaCall:
-    """The first SDPA call of a meta-device forward over a few tokens, stopped there
-    (Falcon's multi-query attention hands it one k and v head whatever the config's
-    ``num_kv_heads``, and its ALiBi scores as a float mask); the default where the forward
-    cannot run on the meta device."""
+def _first_call(model, attn: str, spot, dtype=None):
+    """What ``spot(func, args, kwargs)`` returns at the first call it answers (not ``None``)
+    in a meta-device forward over a few tokens with attention ``attn`` (and the weights in
+    ``dtype``), stopped there; ``None`` where it answers none or the model cannot run."""
     import torch
     from torch.overrides import TorchFunctionMode
 
     class Spy(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            if func is torch.nn.functional.scaled_dot_product_attention:
-                q, k = args[0], kwargs.get("key", args[1] if len(args) > 1 else None)
-                mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-                broadcast = k.dim() == 4 and k.shape[1] < q.shape[1] \
-                    and not kwargs.get("enable_gqa", False)
-                masked = torch.is_tensor(mask) and mask.dim() == 4
-                raise _Called(_SdpaCall(k.shape[1] if broadcast else 0,
-                                        mask.shape[1] if masked else 0,
-                                        masked and mask.is_floating_point()))
+            found = spot(func, args, kwargs)
+            if found is not None:
+                raise _Called(found)
             return func(*args, **kwargs)
 
     cfg = model.config
-    kept = cfg._attn_implementation
-    cfg._attn_implementation = "sdpa"
+    kept, kept_dtype = cfg._attn_implementation, next(model.parameters()).dtype
+    cfg._attn_implementation = attn
     try:
+        if dtype is not None:
+            model.to(dtype)
         with Spy():
             model(input_ids=torch.zeros(1, 8, dtype=torch.long, device="meta"))
     except _Called as called:
         return called.args[0]
     except Exception:  # noqa: BLE001 -- a model that cannot run on the meta device
-        return _SdpaCall()
+        return None
     finally:
         cfg._attn_implementation = kept
-    return _SdpaCall()
+        model.to(kept_dtype)
+    return None
+
+
+def _sdpa_call(model) -> _SdpaCall:
+    """The first SDPA call of a meta-device forward (Falcon's multi-query attention hands
+    it one k and v head whatever the config's ``num_kv_heads``, and its ALiBi scores as a
+    float mask); the default where the forward cannot run on the meta device."""
+    import torch
+
+    def spot(func, args, kwargs):
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return None
+        q, k = args[0], kwargs.get("key", args[1] if len(args) > 1 else None)
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        broadcast = k.dim() == 4 and k.shape[1] < q.shape[1] \
+            and not kwargs.get("enable_gqa", False)
+        masked = torch.is_tensor(mask) and mask.dim() == 4
+        return _SdpaCall(k.shape[1] if k.dim() == 4 else 0, broadcast,
+                         mask.shape[1] if masked else 0, masked and mask.is_floating_point())
+
+    return _first_call(model, "sdpa", spot) or _SdpaCall()
+
+
+def _eager_softmax_fp32(model) -> bool:
+    """Whether eager attention takes its softmax in fp32 from 16-bit scores (Llama's, which
+    keeps both), read from the first softmax over scores of a bf16 meta-device forward;
+    GPT-OSS's runs in the scores' dtype. True where it cannot be run."""
+    import torch
+
+    softmax = (torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax)
+
+    def spot(func, args, kwargs):
+        if func in softmax and args and args[0].dim() == 4:
+            out = func(*args, **kwargs)
+            return out.dtype == torch.float32
+        return None
+
+    return _first_call(model, "eager", spot, torch.bfloat16) is not False
 
 
 def _fp32_routing(model) -> bool:
@@ -378,7 +455,9 @@ def _expert_width(linears: list[Linear], tensors: list[Tensor], hidden: int) -> 
 
 def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: bool = True,
             rotary_saves: int = 0, output_norms: int = 0, pre_norms: bool = True,
-            fp32_norms: bool = False, sdpa: _SdpaCall = _SdpaCall()) -> list[Layer]:
+            fp32_norms: bool = False, sdpa: _SdpaCall = _SdpaCall(),
+            gating: tuple[float, float] = (1.5, 0.0),
+            softmax_fp32: bool = True) -> list[Layer]:
     """Each decoder layer's shape, from the config and what the build put in that layer:
     experts or a dense MLP (DeepSeek's first dense layers, Qwen-MoE's ``mlp_only_layers``),
     the dense MLP's width, norms inside the attention (q and k norms under any name)."""
@@ -401,13 +480,17 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: boo
         qk_norm = any(t.kind == "norm" and _ATTENTION.search(t.path)
                       and not t.path.endswith(_LATENT_NORMS) for t in own_tensors)
         d = _setting(cfg, "head_dim", index) or h // heads
-        attention = latent or Attention(
-            heads, sdpa.broadcast_kv_heads or _setting(cfg, "num_key_value_heads", index)
-            or heads, d, d, kv_broadcast=bool(sdpa.broadcast_kv_heads))
+        kv_heads = _setting(cfg, "num_key_value_heads", index)
+        if sdpa.kv_heads and kv_heads == _setting(cfg, "num_key_value_heads", 0):
+            kv_heads = sdpa.kv_heads  # layer 0's as handed over, in layers configured alike
+        attention = latent or Attention(heads, kv_heads or heads, d, d,
+                                        kv_broadcast=sdpa.kv_broadcast)
         attention = replace(attention, qk_norm=qk_norm, dropout=attention_dropout,
                             rotary_saves=0 if latent else rotary_saves,
                             softcap=bool(getattr(cfg, "attn_logit_softcapping", None)),
-                            mask_heads=sdpa.mask_heads, mask_float=sdpa.mask_float)
+                            mask_heads=sdpa.mask_heads, mask_float=sdpa.mask_float,
+                            softmax_fp32=softmax_fp32,
+                            sliding_window=sliding_window(settings, index))
         routed = any(t.kind == "experts" for t in own_tensors) or \
             any(".experts." in lin.path for lin in own_linears)
         experts = _expert_count(own_linears, own_tensors)
@@ -419,7 +502,9 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: boo
             mlp = FeedForward(0, experts, top_k, _expert_width(own_linears, own_tensors, h)
                               or getattr(cfg, "moe_intermediate_size", None) or inter, shared,
                               any(lin.path.endswith(".shared_expert_gate")
-                                  for lin in own_linears), fp32_routing, act_saves)
+                                  for lin in own_linears), fp32_routing, act_saves,
+                              *gating, any(".experts." in t.path and t.path.endswith("bias")
+                                           for t in own_tensors))
         else:
             # its width: the input of the MLP's linear back to the residual (Falcon's
             # dense_4h_to_h is 4 x hidden whatever the config says; OPT's fc2, outside any

@@ -82,15 +82,21 @@ def make_optimizer(recipe: Recipe, params, lr: float = 1e-4):
 
 
 def train_steps(model, recipe: Recipe, vocab: int, steps: int, device: str, seed: int = 0,
-                mark=None, autocast: bool = True) -> list[float]:
+                mark=None, autocast: bool = True, padded: bool = False) -> list[float]:
     """Run ``steps`` optimizer steps on random tokens; return the losses.
 
-    ``autocast=False``: a pure 16-bit loop (no autocast) for 16-bit weights.
+    ``autocast=False``: a pure 16-bit loop (no autocast) for 16-bit weights; ``padded``: a
+    batch of several padded to one length, as a collator pads it (an attention mask with
+    the first row one token short).
     """
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (recipe.batch, recipe.seq_len), generator=generator).to(device)
+    mask = None
+    if padded and recipe.batch > 1:
+        mask = torch.ones_like(ids)
+        mask[0, -1] = 0
     optimizer = make_optimizer(recipe, model.parameters())
     autocast = (torch.autocast(device_type=device.split(":")[0],
                                dtype=getattr(torch, TORCH_DTYPES[recipe.compute_dtype]))
@@ -100,7 +106,7 @@ def train_steps(model, recipe: Recipe, vocab: int, steps: int, device: str, seed
     for step in range(steps):
         with mark(step) if mark else contextlib.nullcontext():
             with autocast:
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids, labels=ids, attention_mask=mask).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -111,22 +117,24 @@ def train_steps(model, recipe: Recipe, vocab: int, steps: int, device: str, seed
 
 def measure(config: dict, recipe: Recipe, target_modules: list[str] | str | None = None,
             steps: int = 3, device: str = "cpu", seed: int = 0, planned=None,
-            autocast: bool = True) -> Measurement:
+            autocast: bool = True, padded: bool = True) -> Measurement:
     """Peak tensor bytes over optimizer steps 2..``steps`` and tokens/s, measured for real.
 
     ``planned``: ``(family, arch, counts)`` of the plan, to build and audit the model as
-    the plan priced it (see :func:`build_model`); ``autocast=False``: a pure 16-bit loop.
+    the plan priced it (see :func:`build_model`); ``autocast=False``: a pure 16-bit loop;
+    ``padded``: a batch of several is padded to one length, as the default stage's
+    collator pads it (see :func:`train_steps`); ``False``: full rows, no mask.
     """
     if steps < 2:
         raise ValueError("need at least two steps: optimizer state exists from the second on")
     if device.startswith("cuda"):
         return _measure_cuda(config, recipe, target_modules, steps, device, seed, planned,
-                             autocast)
-    return _measure_cpu(config, recipe, target_modules, steps, seed, planned, autocast)
+                             autocast, padded)
+    return _measure_cpu(config, recipe, target_modules, steps, seed, planned, autocast, padded)
 
 
 def _measure_cpu(config, recipe, target_modules, steps, seed, planned=None,
-                 autocast=True) -> Measurement:
+                 autocast=True, padded=False) -> Measurement:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from autotune.util.quiet import native_stderr_quiet
@@ -137,11 +145,12 @@ def _measure_cpu(config, recipe, target_modules, steps, seed, planned=None,
         model = build_model(config, recipe, target_modules, "cpu", seed, planned)
         losses = train_steps(model, recipe, config["vocab_size"], steps, "cpu", seed,
                              mark=lambda step: record_function(f"{STEP_MARK}{step}"),
-                             autocast=autocast)
+                             autocast=autocast, padded=padded)
     events = prof.profiler.kineto_results.events()
     peak = _peak_in_window(events, first_step=1)
     start = time.perf_counter()
-    train_steps(model, recipe, config["vocab_size"], 1, "cpu", seed, autocast=autocast)
+    train_steps(model, recipe, config["vocab_size"], 1, "cpu", seed, autocast=autocast,
+                padded=padded)
     elapsed = time.perf_counter() - start
     del model
     return Measurement(peak, recipe.batch * recipe.seq_len / elapsed, "cpu", steps, losses)
@@ -164,16 +173,17 @@ def _peak_in_window(events, first_step: int) -> int:
 
 
 def _measure_cuda(config, recipe, target_modules, steps, device, seed,
-                  planned=None, autocast=True) -> Measurement:
+                  planned=None, autocast=True, padded=False) -> Measurement:
     import torch
 
     model = build_model(config, recipe, target_modules, device, seed, planned)
-    first = train_steps(model, recipe, config["vocab_size"], 1, device, seed, autocast=autocast)
+    first = train_steps(model, recipe, config["vocab_size"], 1, device, seed, autocast=autocast,
+                        padded=padded)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     losses = train_steps(model, recipe, config["vocab_size"], steps - 1, device, seed,
-                         autocast=autocast)
+                         autocast=autocast, padded=padded)
     torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     tokens = recipe.batch * recipe.seq_len * (steps - 1)

@@ -69,7 +69,8 @@ def test_what_the_model_hands_sdpa_is_read_from_its_first_call():
     """Falcon's multi-query attention hands SDPA one k and v head to broadcast, whatever its
     config's ``num_kv_heads`` says (no fused kernel takes that: the math path on any
     device); its ALiBi variant hands it the scores' bias as a float mask, one per head.
-    Llama groups its k and v heads (``enable_gqa``) and masks by flag."""
+    Llama groups its k and v heads (``enable_gqa``) and masks by flag; so does GPT-BigCode,
+    one k and v head whatever its config's ``num_key_value_heads`` says."""
     falcon = from_transformers(CONFIGS["falcon"]).layers[0].attention
     assert (falcon.kv_broadcast, falcon.kv_heads) == (True, 1)
     alibi = from_transformers({**CONFIGS["falcon"], "alibi": True, "multi_query": False})
@@ -79,6 +80,9 @@ def test_what_the_model_hands_sdpa_is_read_from_its_first_call():
     llama = from_transformers(CONFIGS["llama-wide"]).layers[0].attention
     assert (llama.kv_broadcast, llama.kv_heads, llama.mask_heads) == \
         (False, CONFIGS["llama-wide"]["num_key_value_heads"], 0)
+    bigcode = from_transformers(CONFIGS["gpt_bigcode"]).layers[0].attention
+    assert CONFIGS["gpt_bigcode"]["num_key_value_heads"] == 2
+    assert (bigcode.kv_broadcast, bigcode.kv_heads) == (False, 1)
 
 
 def test_experts_are_counted_sized_and_routed_as_built():
@@ -103,3 +107,35 @@ def test_experts_are_counted_sized_and_routed_as_built():
     trainable = sum(p.numel() for p in built.parameters() if p.requires_grad)
     full = count(from_transformers(ernie_config), Recipe(method="full"), {})
     assert full.trainable == trainable < full.total
+
+
+def test_gpt_oss_is_read_as_it_runs():
+    """GPT-OSS: its experts' gating clamps both halves and keeps every step (twice what
+    SwiGLU keeps: 3 bytes per byte of the gate and up output against 1.5, with the clamped
+    up and the scaled gate held besides while it runs), its experts add biases, its eager
+    softmax runs in the scores' dtype (Llama's in fp32), and its layers alternate sliding
+    and full attention."""
+    gpt_oss = from_transformers(CONFIGS["gpt_oss"])
+    first, second = gpt_oss.layers
+    assert (first.mlp.gate_saves, first.mlp.gate_transient, first.mlp.expert_bias) == \
+        (3.0, 0.5, True)
+    mixtral = from_transformers(CONFIGS["mixtral-wide"]).layers[0].mlp
+    assert (mixtral.gate_saves, mixtral.gate_transient, mixtral.expert_bias) == \
+        (1.5, 0.0, False)
+    assert not first.attention.softmax_fp32
+    assert from_transformers(CONFIGS["llama-wide"]).layers[0].attention.softmax_fp32
+    assert (first.attention.sliding_window, second.attention.sliding_window) == (128, 0)
+
+
+def test_sliding_windows_by_layer():
+    """A window per layer from ``layer_types``; a family config's ``sliding_window`` for
+    every layer (Mistral), unless ``use_sliding_window`` is off (Qwen2)."""
+    from autotune.cost.architecture import sliding_window
+
+    assert [sliding_window(CONFIGS["mistral-sliding"], i) for i in range(2)] == [256, 256]
+    qwen2 = {"sliding_window": 4096, "use_sliding_window": False, "max_window_layers": 1}
+    assert [sliding_window(qwen2, i) for i in range(2)] == [0, 0]
+    assert [sliding_window({**qwen2, "use_sliding_window": True}, i) for i in range(2)] == \
+        [0, 4096]
+    gemma3 = from_transformers(CONFIGS["gemma3-sliding"]).layers
+    assert {layer.attention.sliding_window for layer in gemma3} <= {0, 128}
