@@ -245,7 +245,8 @@ def _gating(model) -> tuple[float, float]:
                     if path.endswith(".experts") and hasattr(m, "_apply_gate")), None)
     if experts is None or not getattr(experts, "has_gate", True):
         return 1.5, 0.0
-    x = torch.ones(64, 256, dtype=torch.bfloat16, requires_grad=True) * 1  # not a leaf
+    with torch.enable_grad():
+        x = torch.ones(64, 256, dtype=torch.bfloat16, requires_grad=True) * 1  # not a leaf
     size = x.numel() * x.element_size()
     saved = {}
 
@@ -254,8 +255,8 @@ def _gating(model) -> tuple[float, float]:
         return tensor
 
     try:
-        with native_stderr_quiet(), profile(activities=[ProfilerActivity.CPU],
-                                            profile_memory=True) as prof, \
+        with torch.enable_grad(), native_stderr_quiet(), \
+                profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             result = experts._apply_gate(x)
     except Exception:  # noqa: BLE001 -- a gate we cannot call alone
