@@ -223,14 +223,17 @@ def attention_backward_spike(layer: Layer, batch: int, seq: int, p: Precision,
 
     Eager (and SDPA's math path) materialise the gradient of the probabilities: the
     16-bit gradient (fp32 on the math path) and its fp32 copy for the fp32 softmax's
-    backward (a 16-bit softmax's own gradient instead), both batch x heads x seq x seq.
-    Fused kernels work in tiles.
+    backward (a 16-bit softmax's own gradient instead), both batch x heads x seq x seq,
+    and what the model's own eager attention holds beyond (GPT-OSS's). Fused kernels work
+    in tiles.
     """
     if kernel not in ("eager", "math"):
         return 0
     scores = batch * layer.attention.heads * seq * seq
     if kernel == "eager":
-        return scores * (p.compute + (FP32 if layer.attention.softmax_fp32 else p.compute))
+        a = layer.attention
+        return int(scores * (p.compute + (FP32 if a.softmax_fp32 else p.compute)
+                             + a.eager_backward * p.compute / 2))
     # the math path's gradients are fp32 from the start (measured: 8 bytes a score); with
     # dropout its noise and dropped probabilities are freed on the way (measured: 4)
     return scores * FP32 * (1 if layer.attention.dropout else 2)

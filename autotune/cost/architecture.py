@@ -94,6 +94,9 @@ class Attention:
     sliding_window: int = 0
     """Tokens it attends back over when the layer slides (0: the whole sequence): past
     them the model hands the attention a mask."""
+    eager_backward: float = 0.0
+    """Bytes per score (bf16) its eager backward holds beyond a plain eager attention's
+    (GPT-OSS's sinks and the max it subtracts with gradient)."""
 
     @property
     def mla(self) -> bool:

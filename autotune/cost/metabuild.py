@@ -109,8 +109,7 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         vocab=cfg.vocab_size,
         layers=tuple(_layers(cfg, linears, tensors, _fp32_routing(model), _rotary_saves(model),
                              *_norm_places(tensors, cfg.hidden_size), _fp32_norms(model),
-                             _sdpa_call(model), _gating(model),
-                             _eager_softmax_fp32(model))),
+                             _sdpa_call(model), _gating(model), _eager_scores(model))),
         linears=tuple(linears),
         tensors=tuple(tensors),
         tied_embeddings=out.weight is model.get_input_embeddings().weight,
@@ -261,14 +260,24 @@ def _gating(model) -> tuple[float, float]:
             result = experts._apply_gate(x)
     except Exception:  # noqa: BLE001 -- a gate we cannot call alone
         return 1.5, 0.0
-    live = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in
-                            prof.profiler.kineto_results.events() if e.name() == "[memory]"):
+    kept = sum(n for ptr, n in saved.items() if ptr != x.untyped_storage().data_ptr())
+    held = _memory_peak(prof) - kept - result.untyped_storage().nbytes()
+    return sum(saved.values()) / size or 1.5, round(max(held, 0) / size, 2)
+
+
+def _memory_peak(prof, since: str | None = None) -> int:
+    """The most CPU memory a profiled run held at once; with ``since``, above what was held
+    when the region of that name began (frees of what was held before counted)."""
+    events = prof.profiler.kineto_results.events()
+    begin = next((e.start_ns() for e in events if e.name() == since), 0)
+    live = start = peak = 0
+    for stamp, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events
+                                if e.name() == "[memory]"):
+        if stamp < begin:
+            start = peak = live + nbytes
         live += nbytes
         peak = max(peak, live)
-    kept = sum(n for ptr, n in saved.items() if ptr != x.untyped_storage().data_ptr())
-    held = peak - kept - result.untyped_storage().nbytes()
-    return sum(saved.values()) / size or 1.5, round(max(held, 0) / size, 2)
+    return peak - start
 
 
 def _graph(out):
@@ -413,6 +422,67 @@ def _eager_softmax_fp32(model) -> bool:
     return _first_call(model, "eager", spot, torch.bfloat16) is not False
 
 
+def _eager_scores(model) -> tuple[bool, float]:
+    """Eager attention's softmax dtype and its backward's extra (see below)."""
+    softmax_fp32 = _eager_softmax_fp32(model)
+    return softmax_fp32, _eager_backward(model, softmax_fp32)
+
+
+def _eager_backward(model, softmax_fp32: bool) -> float:
+    """Bytes per score (bf16) the backward of the model's ``eager_attention_forward`` holds
+    beyond a plain eager attention's with the same softmax (GPT-OSS's sinks and the max it
+    subtracts with gradient: 2), from tiny CPU runs of both under the profiler at two
+    sequence lengths (the difference keeps the seq² term); 0 where it cannot be run."""
+    import sys
+    import types
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from autotune.util.quiet import native_stderr_quiet
+
+    forward = getattr(sys.modules.get(type(model).__module__), "eager_attention_forward", None)
+    attention = next((m for path, m in model.named_modules()
+                      if path.endswith(("self_attn", "self_attention"))), None)
+    cfg = model.config
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None)
+    if forward is None or attention is None or not kv or heads % kv:
+        return 0.0
+
+    def plain(module, q, k, v, mask, scaling, dropout=0.0, **_):
+        k, v = (x.repeat_interleave(heads // kv, 1) for x in (k, v))
+        scores = q @ k.transpose(2, 3) * scaling + mask
+        probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype) if softmax_fp32 \
+            else torch.softmax(scores, -1)
+        return probs @ v, probs
+
+    probe = types.SimpleNamespace(**{**{k: v for k, v in vars(attention).items()
+                                        if not k.startswith("_")},
+                                     "training": True, "num_key_value_groups": heads // kv})
+    for name, parameter in attention.named_parameters(recurse=False):  # attention sinks
+        setattr(probe, name, torch.zeros(parameter.shape, dtype=torch.bfloat16))
+
+    def held(function, seq: int) -> int:
+        """The backward's peak above what was live when it began (the saved tensors it
+        frees on the way counted)."""
+        q, k, v = (torch.ones(1, n, seq, 8, dtype=torch.bfloat16, requires_grad=True)
+                   for n in (heads, kv, kv))
+        mask = torch.full((seq, seq), -1e4, dtype=torch.bfloat16).triu(1)[None, None]
+        with native_stderr_quiet(), profile(activities=[ProfilerActivity.CPU],
+                                            profile_memory=True) as prof:
+            out = function(probe, q, k, v, mask, scaling=8 ** -0.5, dropout=0.0)[0]
+            with record_function("autotune.backward"):
+                out.backward(torch.ones_like(out))
+        return _memory_peak(prof, "autotune.backward")
+
+    try:
+        with torch.enable_grad():
+            extra = [held(forward, seq) - held(plain, seq) for seq in (64, 128)]
+    except Exception:  # noqa: BLE001 -- an eager attention we cannot call alone
+        return 0.0
+    return max(0.0, round((extra[1] - 2 * extra[0]) / (heads * (128 ** 2 - 2 * 64 ** 2)), 1))
+
+
 def _fp32_routing(model) -> bool:
     """Whether the first MoE router returns fp32 routing weights from a 16-bit input: run
     on the meta device (a copy in bf16); fp32, the larger, where it cannot be run."""
@@ -458,7 +528,7 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: boo
             rotary_saves: int = 0, output_norms: int = 0, pre_norms: bool = True,
             fp32_norms: bool = False, sdpa: _SdpaCall = _SdpaCall(),
             gating: tuple[float, float] = (1.5, 0.0),
-            softmax_fp32: bool = True) -> list[Layer]:
+            eager: tuple[bool, float] = (True, 0.0)) -> list[Layer]:
     """Each decoder layer's shape, from the config and what the build put in that layer:
     experts or a dense MLP (DeepSeek's first dense layers, Qwen-MoE's ``mlp_only_layers``),
     the dense MLP's width, norms inside the attention (q and k norms under any name)."""
@@ -490,7 +560,7 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: boo
                             rotary_saves=0 if latent else rotary_saves,
                             softcap=bool(getattr(cfg, "attn_logit_softcapping", None)),
                             mask_heads=sdpa.mask_heads, mask_float=sdpa.mask_float,
-                            softmax_fp32=softmax_fp32,
+                            softmax_fp32=eager[0], eager_backward=eager[1],
                             sliding_window=sliding_window(settings, index))
         routed = any(t.kind == "experts" for t in own_tensors) or \
             any(".experts." in lin.path for lin in own_linears)

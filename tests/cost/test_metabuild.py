@@ -113,8 +113,9 @@ def test_gpt_oss_is_read_as_it_runs():
     """GPT-OSS: its experts' gating clamps both halves and keeps every step (twice what
     SwiGLU keeps: 3 bytes per byte of the gate and up output against 1.5, with the clamped
     up and the scaled gate held besides while it runs), its experts add biases, its eager
-    softmax runs in the scores' dtype (Llama's in fp32), and its layers alternate sliding
-    and full attention."""
+    softmax runs in the scores' dtype (Llama's in fp32) and its backward holds 2 bytes a
+    score more than a plain eager attention's, and its layers alternate sliding and full
+    attention."""
     gpt_oss = from_transformers(CONFIGS["gpt_oss"])
     first, second = gpt_oss.layers
     assert (first.mlp.gate_saves, first.mlp.gate_transient, first.mlp.expert_bias) == \
@@ -122,8 +123,9 @@ def test_gpt_oss_is_read_as_it_runs():
     mixtral = from_transformers(CONFIGS["mixtral-wide"]).layers[0].mlp
     assert (mixtral.gate_saves, mixtral.gate_transient, mixtral.expert_bias) == \
         (1.5, 0.0, False)
-    assert not first.attention.softmax_fp32
-    assert from_transformers(CONFIGS["llama-wide"]).layers[0].attention.softmax_fp32
+    assert (first.attention.softmax_fp32, first.attention.eager_backward) == (False, 2.0)
+    llama = from_transformers(CONFIGS["llama-wide"]).layers[0].attention
+    assert (llama.softmax_fp32, llama.eager_backward) == (True, 0.0)
     assert (first.attention.sliding_window, second.attention.sliding_window) == (128, 0)
 
 
