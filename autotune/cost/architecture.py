@@ -276,10 +276,12 @@ def sliding_window(config: dict, layer: int) -> int:
     """The window layer ``layer`` of ``config`` slides over (0: none): by its
     ``layer_types`` entry, else every layer's where ``sliding_window`` is set (Mistral,
     Phi-3), but with ``use_sliding_window`` (Qwen2) only from ``max_window_layers`` on."""
-    window = config.get("sliding_window") or 0
+    window = config.get("sliding_window")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        return 0
     types = config.get("layer_types")
-    if types:
-        return window if types[layer] == "sliding_attention" else 0
+    if isinstance(types, list | tuple) and types:
+        return window if layer < len(types) and types[layer] == "sliding_attention" else 0
     if "use_sliding_window" in config:
         on = config["use_sliding_window"] and layer >= (config.get("max_window_layers") or 0)
         return window if on else 0

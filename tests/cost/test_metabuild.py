@@ -141,3 +141,6 @@ def test_sliding_windows_by_layer():
         [0, 4096]
     gemma3 = from_transformers(CONFIGS["gemma3-sliding"]).layers
     assert {layer.attention.sliding_window for layer in gemma3} <= {0, 128}
+    # a hand-edited config.json: no window, not a crash
+    assert sliding_window({"sliding_window": "128"}, 0) == 0
+    assert sliding_window({"sliding_window": 64, "layer_types": ["sliding_attention"]}, 1) == 0
