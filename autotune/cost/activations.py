@@ -145,7 +145,8 @@ def attention_kernel(a: Attention, attn: str, device: str, masked: bool = False)
     """The kernel an attention runs as: ``attn`` (sdpa, flash, eager), or ``math`` where
     SDPA takes its math path: on any device for k and v heads handed over to broadcast (no
     fused kernel takes them), on the CPU also for unequal head widths (MLA) or dropout;
-    ``masked`` where a fused SDPA kernel takes a padded batch's mask (``masked``)."""
+    ``masked`` where a fused SDPA kernel takes a mask (``masked``: a padded batch, or a
+    window shorter than the sequence)."""
     if attn == "sdpa" and (a.kv_broadcast or device == "cpu" and (a.mla or a.dropout)):
         return "math"
     if attn == "sdpa" and masked:
@@ -157,7 +158,7 @@ def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Att
                    p: Precision, kernel: str) -> None:
     """Rotary q and k, v, the output and (fused kernels) the log-sum-exp; eager adds scores,
     SDPA's math path keeps its own fp32 copies instead (:func:`math_scores`), a masked one
-    the mask (:func:`padding_mask`)."""
+    the mask (:func:`kernel_mask`)."""
     c = p.compute
     if kernel == "math":
         math_scores(saved, name, t, batch, seq, a)
@@ -166,7 +167,7 @@ def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Att
     q_bytes = t * a.heads * a.head_dim * c
     # eager repeats k and v, and so does transformers for an SDPA given a mask (no enable_gqa)
     kv_heads = a.kv_heads if kernel in ("sdpa", "flash") else a.heads
-    padding_mask(saved, name, batch, seq, a, p, kernel)
+    kernel_mask(saved, name, batch, seq, a, p, kernel)
     saved.keep(f"{name}.q", q_bytes)
     saved.keep(f"{name}.k", t * kv_heads * a.head_dim * c)
     saved.keep(f"{name}.v", t * kv_heads * a.v_head_dim * c)
@@ -184,11 +185,12 @@ def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Att
         saved.keep(f"{name}.lse", batch * a.heads * seq * FP32)
 
 
-def padding_mask(saved: Saved, name: str, batch: int, seq: int, a: Attention, p: Precision,
-                 kernel: str) -> None:
-    """A padded batch's mask as a fused SDPA kernel saves it: SDPA turns the boolean mask
-    into an additive one in the query's dtype at every call (torch's
-    ``convert_boolean_attn_mask``), rows padded to 16 for CUDA's memory-efficient kernel."""
+def kernel_mask(saved: Saved, name: str, batch: int, seq: int, a: Attention, p: Precision,
+                kernel: str) -> None:
+    """The mask a fused SDPA kernel saves (a padded batch's, a sliding window's): SDPA
+    turns the boolean mask into an additive one in the query's dtype at every call
+    (torch's ``convert_boolean_attn_mask``), rows padded to 16 for CUDA's
+    memory-efficient kernel."""
     if kernel == "masked":
         saved.keep(f"{name}.mask", batch * max(a.mask_heads, 1) * seq * -(-seq // 16) * 16
                    * p.compute)
@@ -387,7 +389,7 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
     """What one decoder layer saves for backward (:class:`LayerSaves`).
 
     ``kernel``: ``sdpa`` and ``flash`` (fused: output and log-sum-exp), ``masked`` (fused,
-    with a padded batch's mask), ``eager`` (scores materialised) or ``math`` (SDPA's
+    with a mask), ``eager`` (scores materialised) or ``math`` (SDPA's
     fallback, see :func:`attention_kernel`).
     ``others``: (short name, fan-in, fan-out) of the layer's linears not :func:`structured`
     (Falcon's ``query_key_value``, a gate of a shared expert): each trained or adapted one
@@ -478,7 +480,7 @@ def _mla(saved: Saved, t: int, batch: int, seq: int, a: Attention, p: Precision,
     if kernel == "math":
         math_scores(saved, "attn", t, batch, seq, a)
         return
-    padding_mask(saved, "attn", batch, seq, a, p, kernel)
+    kernel_mask(saved, "attn", batch, seq, a, p, kernel)
     saved.keep("attn.q", t * a.heads * a.head_dim * p.compute)
     saved.keep("attn.k", t * a.heads * a.head_dim * p.compute)
     saved.keep("attn.v", t * a.heads * a.v_head_dim * p.compute)
