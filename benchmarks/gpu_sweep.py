@@ -16,7 +16,9 @@ profile ids or config files: ``--models benchmarks/data/falcon-7b.json --methods
 SDPA runs on its math path (fp32 probabilities), as the estimate assumes on a GPU too.
 ``dpo`` measures DPO's policy step: chosen and rejected (2 x batch sequences) through the
 adapters; the reference model's forward (adapters off, no gradient) is not run, and the
-record is the plain 2 x batch step that calibration prices.
+record is the plain 2 x batch step that calibration prices. A step of several sequences
+is padded to one length (an attention mask, the first row one token short), as the sft
+and dpo stages train and calibration prices it.
 
 The models are randomly initialised from the real configs of the named profiles with only
 ``--layers`` decoder layers (the embeddings, head and layer shapes are the real ones), so
