@@ -7,6 +7,7 @@ second. This is the ground truth the family plugins' analytic descriptions are h
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from autotune.cost.architecture import (
@@ -236,9 +237,6 @@ def _gating(model) -> tuple[float, float]:
     1.5 and holds nothing more; GPT-OSS clamps both halves, saves each step and holds its
     clamped up and scaled gate besides); (1.5, 0) where it has none."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from autotune.util.quiet import native_stderr_quiet
 
     experts = next((m for path, m in model.named_modules()
                     if path.endswith(".experts") and hasattr(m, "_apply_gate")), None)
@@ -247,22 +245,41 @@ def _gating(model) -> tuple[float, float]:
     with torch.enable_grad():
         x = torch.ones(64, 256, dtype=torch.bfloat16, requires_grad=True) * 1  # not a leaf
     size = x.numel() * x.element_size()
-    saved = {}
-
-    def pack(tensor):
-        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
+    saved: dict[int, int] = {}
     try:
-        with torch.enable_grad(), native_stderr_quiet(), \
-                profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.enable_grad(), _memory_profile() as prof, _saving(saved):
             result = experts._apply_gate(x)
     except Exception:  # noqa: BLE001 -- a gate we cannot call alone
         return 1.5, 0.0
     kept = sum(n for ptr, n in saved.items() if ptr != x.untyped_storage().data_ptr())
     held = _memory_peak(prof) - kept - result.untyped_storage().nbytes()
     return sum(saved.values()) / size or 1.5, round(max(held, 0) / size, 2)
+
+
+@contextmanager
+def _memory_profile():
+    """The PyTorch profiler recording CPU allocations, its start-up lines silenced."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from autotune.util.quiet import native_stderr_quiet
+
+    with native_stderr_quiet(), profile(activities=[ProfilerActivity.CPU],
+                                        profile_memory=True) as prof:
+        yield prof
+
+
+@contextmanager
+def _saving(storages: dict[int, int]):
+    """Record in ``storages`` (address -> bytes) what autograd saves for backward in the
+    block."""
+    import torch
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield
 
 
 def _memory_peak(prof, since: str | None = None) -> int:
@@ -320,20 +337,13 @@ def _rotary_saves(model) -> int:
             for _ in range(2))
     cos, sin = (torch.ones(shape, dtype=dtype) for shape, dtype in shapes[:2])
     inputs = {x.untyped_storage().data_ptr() for x in (q, k, cos, sin)}
-    storages = {}
-
-    def pack(x):
-        storage = x.untyped_storage()
-        if storage.data_ptr() not in inputs:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return x
-
+    storages: dict[int, int] = {}
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        with _saving(storages):
             rotary(q, k, cos, sin)
     except Exception:  # noqa: BLE001 -- another signature: the shared cos and sin only
         return 0
-    return sum(storages.values()) // seq
+    return sum(n for ptr, n in storages.items() if ptr not in inputs) // seq
 
 
 class _Called(Exception):
@@ -437,9 +447,7 @@ def _eager_backward(model, softmax_fp32: bool) -> float:
     import types
 
     import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    from autotune.util.quiet import native_stderr_quiet
+    from torch.profiler import record_function
 
     forward = getattr(sys.modules.get(type(model).__module__), "eager_attention_forward", None)
     attention = next((m for path, m in model.named_modules()
@@ -468,8 +476,7 @@ def _eager_backward(model, softmax_fp32: bool) -> float:
         q, k, v = (torch.ones(1, n, seq, 8, dtype=torch.bfloat16, requires_grad=True)
                    for n in (heads, kv, kv))
         mask = torch.full((seq, seq), -1e4, dtype=torch.bfloat16).triu(1)[None, None]
-        with native_stderr_quiet(), profile(activities=[ProfilerActivity.CPU],
-                                            profile_memory=True) as prof:
+        with _memory_profile() as prof:
             out = function(probe, q, k, v, mask, scaling=8 ** -0.5, dropout=0.0)[0]
             with record_function("autotune.backward"):
                 out.backward(torch.ones_like(out))
