@@ -16,6 +16,10 @@ from autotune.cost.architecture import Attention, FeedForward, Layer
 
 FP32 = 4
 INDEX = 8  # int64
+FUSED = ("sdpa", "flash", "masked")
+"""Kernels that keep their own output for backward, laid out as q is (CPU flash,
+FlashAttention; CUDA's memory-efficient kernel, which takes ``masked`` there, is always
+token-major: a copy counted too many)."""
 
 
 @dataclass(frozen=True)
@@ -340,27 +344,33 @@ def forward_frame(saved: Saved, t: int, hidden: int, inter: int, roles: dict[str
 def moe_frame(saved: Saved, t: int, hidden: int, f: FeedForward, p: Precision,
               in_bytes: int) -> int:
     """:func:`forward_frame` of a mixture-of-experts block, at its top (the weighted expert
-    outputs): the residual and the block's input, each routed token's gathered input, and
+    outputs): the residual and the block's input, each routed token's gathered input (and
+    the shared experts' output, where they run first), and
     the expert outputs weighted by the routing weights: with fp32 weights, promoted to fp32
-    (a copy on the CPU), then the fp32 product; or, where that is more, inside the gating:
-    its largest intermediate, and the gate and up projection's biases gathered per routed
-    token (GPT-OSS)."""
+    (a copy on the CPU), then the fp32 product; or, where that is more, inside the gating
+    (before the experts' output is saved): its largest intermediate, its result, and the
+    gate and up projection's biases gathered per routed token (GPT-OSS)."""
     routed = t * f.top_k
     live = Saved()
     live.keep("residual", t * hidden * p.residual)
     live.keep("ln2.out", t * hidden * in_bytes)
     live.keep("experts.x", routed * hidden * in_bytes)
+    if f.shared_first and f.shared_intermediate:
+        live.keep("shared.out", t * hidden * p.compute)
     gating = dict(live.storages)
     gating["experts.gate_transient"] = int(routed * 2 * f.expert_intermediate * p.compute
                                            * f.gate_transient)
+    gating["experts.h"] = routed * f.expert_intermediate * p.compute  # the gating's result
     if f.expert_bias:
         gating["experts.gate_bias"] = routed * 2 * f.expert_intermediate * p.compute
         live.keep("experts.down_bias", routed * hidden * p.compute)
     if f.fp32_routing:
         live.keep("experts.promoted", routed * hidden * FP32)
     live.keep("experts.weighted", routed * hidden * (FP32 if f.fp32_routing else p.compute))
-    return max(sum(n for name, n in moment.items() if name not in saved.storages)
-               for moment in (live.storages, gating))
+    # the gating runs before the experts' output is saved
+    return max(sum(n for name, n in live.storages.items() if name not in saved.storages),
+               sum(n for name, n in gating.items() if name not in saved.storages)
+               - saved.storages.get("experts.out", 0))
 
 
 def incoming_gradients(t: int, hidden: int, down: LinearRole, p: Precision,
@@ -407,6 +417,8 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
     out_bytes = norm(saved, "ln1", t, hidden, p, grad_in, norms_trainable, p.residual, "input",
                      xb) if layer.pre_norms else p.residual
     attn_linears = _attention_linears(a, hidden, "qkv_proj" in roles)
+    if a.heads_major and not a.mla and kernel in FUSED:  # the output follows q's layout
+        attn_linears["o_proj"] = (*attn_linears["o_proj"][:2], "attn.o_in")
     grad_attn = grad_in or any(roles.get(n, LinearRole()).trainable or
                                roles.get(n, LinearRole()).adapted for n in attn_linears)
     for lname, (fan_in, fan_out, source) in attn_linears.items():
@@ -534,7 +546,8 @@ def _moe(saved: Saved, t: int, hidden: int, f: FeedForward, roles, p: Precision,
     weights_grad = expert_role.trainable or expert_role.adapted
     if grad_in or weights_grad or router.adapted:
         if expert_role.trainable or router.adapted:
-            saved.keep("router.x", t * hidden * c)
+            fp32 = f.fp32_router_autocast if p.autocast else f.fp32_router
+            saved.keep("router.x", t * hidden * (FP32 if fp32 else c))
         if router.adapted and p.autocast:
             saved.keep("router.lora_w16", router.adapter * c)
         saved.keep("router.logits", t * f.experts * (c + FP32))

@@ -79,6 +79,14 @@ class Attention:
     rotary_saves: int = 0
     """Bytes per token its rotary embedding saves beyond the shared cos and sin (ERNIE 4.5
     interleaves fp32 copies of them in every layer)."""
+    rotary_width: int = 0
+    """Elements per token of the cos and sin the model's rotary embedding shares with every
+    layer (0: unknown, taken as two head widths; GLM's and GPT-NeoX's partial rotary: less)."""
+    rotary_fp32: bool = False
+    """Those cos and sin are fp32 whatever the model's dtype (OLMo's, ERNIE 4.5's)."""
+    rotary_kept: bool = True
+    """Autograd saves those cos and sin themselves (not ERNIE 4.5's nor GLM's, which save
+    copies): else they go with the forward, unless checkpointing keeps them."""
     kv_broadcast: bool = False
     """The model hands SDPA fewer k and v heads than query heads, to broadcast, without
     ``enable_gqa`` (Falcon's multi-query attention): no fused kernel takes that on any
@@ -88,6 +96,10 @@ class Attention:
     causal by flag): Falcon's ALiBi scores, one per head."""
     mask_float: bool = False
     """That mask is a float one in the model's dtype (a boolean one takes a byte)."""
+    heads_major: bool = False
+    """The q it hands SDPA lies heads-major in memory (GLM's, rebuilt by ``cat`` after a
+    partial rotary; Llama's is a token-major view): a fused kernel's output follows q, so
+    the output projection reads a token-major copy of it."""
     softmax_fp32: bool = True
     """Eager attention takes its softmax in fp32 and casts the probabilities back (Llama:
     both are saved); GPT-OSS's runs in the scores' dtype."""
@@ -118,6 +130,14 @@ class FeedForward:
     fp32_routing: bool = True
     """The routing weights stay fp32 (Mixtral, DeepSeek); Qwen's MoE routers cast them to
     the logits' dtype."""
+    fp32_router: bool = False
+    """The router's matmul takes an fp32 copy of its input without autocast (DeepSeek-V3's
+    and GLM-4.5's cast; autocast casts it back)."""
+    fp32_router_autocast: bool = False
+    """It does under autocast too (ERNIE 4.5 turns autocast off)."""
+    shared_first: bool = False
+    """The shared experts run before the routed ones, their output live meanwhile (ERNIE
+    4.5)."""
     activation_saves: float = 1.0
     """Bytes its activation function saves per byte of its input (native SiLU and GELU: 1;
     transformers' Python ``gelu_new``: 4)."""

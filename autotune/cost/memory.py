@@ -557,9 +557,11 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     tl.add("inputs", t * INDEX, "start")
     masks, mask = _attention_masks(arch, recipe, shape, w)
     tl.add("inputs", masks, "forward")
-    # the rotary embedding's cos and sin (the embeddings' dtype), read by every layer's
-    # attention and saved by it (with checkpointing, inputs of every layer)
-    rotary = 0 if arch.layers[0].attention.mla else 2 * t * arch.layers[0].attention.head_dim * w
+    # the rotary embedding's cos and sin (the embeddings' dtype unless fp32), read by every
+    # layer's attention and saved by it (with checkpointing, inputs of every layer)
+    a0 = arch.layers[0].attention
+    rotary = 0 if a0.mla else t * (a0.rotary_width or 2 * a0.head_dim) * (
+        FP32 if a0.rotary_fp32 else w)
     tl.add("inputs", rotary, "forward")
     tl.add("stage_extras", sum((extras or {}).values()), "start")
 
@@ -591,6 +593,9 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         head_in = arch.head_linear.in_features * arch.head_linear.out_features * c  # weight copy
     tl.add("activations", final_norm + head_in, "forward")
     tl.add("inputs", mask - masks, "forward")  # the masks the backward does not need
+    if not (a0.rotary_kept or recipe.grad_ckpt):  # cos and sin the backward does not need
+        tl.add("inputs", -rotary, "forward")
+        rotary = 0
 
     # -- loss: logits, their fp32 copy, log-softmax kept for backward (soft-capped logits:
     # and the tanh's output, until the head's backward)
@@ -800,10 +805,10 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
         f.saved[kind] = saved, pinned, mlp_transient, attention_transient, top, recompute
     saved, pinned, mlp_transient, attention_transient, top, recompute = f.saved[kind]
     dq, dq_lora = f.dequantised[i], f.dequantised_lora[i]
-    # the down projection's W + BA gradient comes with its input's: each routed token's
-    # expert activations
-    lora_grad = f.lora_grad[i] and f.lora_grad[i] \
-        + t * layer.mlp.top_k * layer.mlp.expert_intermediate * f.p.act
+    # the down projection's W + BA gradient comes with its input's (each routed token's
+    # expert activations), its output's still held
+    lora_grad = f.lora_grad[i] and f.lora_grad[i] + t * layer.mlp.top_k * (
+        layer.mlp.expert_intermediate + arch.hidden) * f.p.act
     return _Layer(
         saved, t * arch.hidden * w + pinned if recipe.grad_ckpt and saved else saved,
         0 if recipe.grad_ckpt or not saved or not (dq or dq_lora) else dq_lora or dq,

@@ -7,7 +7,7 @@ second. This is the ground truth the family plugins' analytic descriptions are h
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 
 from autotune.cost.architecture import (
@@ -108,7 +108,8 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         model_type=cfg.model_type,
         hidden=cfg.hidden_size,
         vocab=cfg.vocab_size,
-        layers=tuple(_layers(cfg, linears, tensors, _fp32_routing(model), _rotary_saves(model),
+        layers=tuple(_layers(cfg, linears, tensors, _routing(model, _shared_first(model)),
+                             _rotary(model),
                              *_norm_places(tensors, cfg.hidden_size), _fp32_norms(model),
                              _sdpa_call(model), _gating(model), _eager_scores(model))),
         linears=tuple(linears),
@@ -309,10 +310,24 @@ def _graph(out):
         todo.extend(fn for fn, _ in node.next_functions)
 
 
-def _rotary_saves(model) -> int:
-    """Bytes per token the model's ``apply_rotary_pos_emb`` saves for backward beyond its
-    inputs (new fp32 copies of cos and sin: ERNIE 4.5), from a tiny bf16 run at the model's
-    head count and width; 0 where the model has none or it cannot be run."""
+@dataclass(frozen=True)
+class _Rotary:
+    """A model's rotary embedding: the cos and sin it shares with every layer (elements per
+    token of both, 0: none found; fp32 whatever the model's dtype: OLMo's, ERNIE 4.5's),
+    what its ``apply_rotary_pos_emb`` saves beyond its inputs (bytes per token), and
+    whether it saves the shared cos and sin themselves."""
+
+    width: int = 0
+    fp32: bool = False
+    saves: int = 0
+    kept: bool = True
+
+
+def _rotary(model) -> _Rotary:
+    """The rotary embedding of a bf16 meta-device run of its embedding module (the shared
+    cos and sin) and a tiny bf16 CPU run of ``apply_rotary_pos_emb`` at the model's head
+    count and width (new fp32 copies of cos and sin: ERNIE 4.5; GLM's half-width ones
+    interleaved to full width); what cannot be run reads as none."""
     import sys
 
     import torch
@@ -323,27 +338,33 @@ def _rotary_saves(model) -> int:
     cfg, seq = model.config, 8
     heads = cfg.num_attention_heads
     width = _setting(cfg, "head_dim") or cfg.hidden_size // heads
-    if rotary is None or embedding is None:
-        return 0
+    if embedding is None:
+        return _Rotary()
     try:  # the shape and dtype of its cos and sin, from a meta-device run
-        shapes = [(x.shape, x.dtype) for x in embedding(
+        shared = [x for x in embedding(
             torch.empty(1, seq, cfg.hidden_size, device="meta", dtype=torch.bfloat16),
-            torch.arange(seq, device="meta")[None])]
+            torch.arange(seq, device="meta")[None]) if torch.is_tensor(x)]
     except Exception:  # noqa: BLE001 -- a rotary module we cannot call alone
-        return 0
-    if len(shapes) < 2:
-        return 0
+        return _Rotary()
+    if len(shared) < 2 or any(x.is_complex() for x in shared):
+        return _Rotary()
+    found = _Rotary(sum(x.numel() for x in shared[:2]) // seq,
+                    all(x.dtype == torch.float32 for x in shared[:2]))
+    if rotary is None:
+        return found
     q, k = (torch.ones(1, heads, seq, width, dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
-    cos, sin = (torch.ones(shape, dtype=dtype) for shape, dtype in shapes[:2])
+    cos, sin = (torch.ones(x.shape, dtype=x.dtype) for x in shared[:2])
     inputs = {x.untyped_storage().data_ptr() for x in (q, k, cos, sin)}
     storages: dict[int, int] = {}
     try:
         with _saving(storages):
             rotary(q, k, cos, sin)
     except Exception:  # noqa: BLE001 -- another signature: the shared cos and sin only
-        return 0
-    return sum(n for ptr, n in storages.items() if ptr not in inputs) // seq
+        return found
+    return replace(found, saves=sum(n for ptr, n in storages.items()
+                                    if ptr not in inputs) // seq,
+                   kept=any(x.untyped_storage().data_ptr() in storages for x in (cos, sin)))
 
 
 class _Called(Exception):
@@ -353,13 +374,15 @@ class _Called(Exception):
 @dataclass(frozen=True)
 class _SdpaCall:
     """What a model hands SDPA: its k and v heads (0: unknown) and whether they broadcast
-    (fewer than the query heads, without ``enable_gqa``), and an explicit mask's heads (0:
-    none) and whether it is a float mask (in the model's dtype) or a boolean one."""
+    (fewer than the query heads, without ``enable_gqa``), an explicit mask's heads (0:
+    none) and whether it is a float mask (in the model's dtype) or a boolean one, and
+    whether q lies heads-major in memory."""
 
     kv_heads: int = 0
     kv_broadcast: bool = False
     mask_heads: int = 0
     mask_float: bool = False
+    heads_major: bool = False
 
 
 def _first_call(model, attn: str, spot, dtype=None):
@@ -398,7 +421,8 @@ def _first_call(model, attn: str, spot, dtype=None):
 def _sdpa_call(model) -> _SdpaCall:
     """The first SDPA call of a meta-device forward (Falcon's multi-query attention hands
     it one k and v head whatever the config's ``num_kv_heads``, and its ALiBi scores as a
-    float mask); the default where the forward cannot run on the meta device."""
+    float mask; GLM's q, rebuilt by ``cat`` after a partial rotary, lies heads-major); the
+    default where the forward cannot run on the meta device."""
     import torch
 
     def spot(func, args, kwargs):
@@ -410,7 +434,8 @@ def _sdpa_call(model) -> _SdpaCall:
             and not kwargs.get("enable_gqa", False)
         masked = torch.is_tensor(mask) and mask.dim() == 4
         return _SdpaCall(k.shape[1] if k.dim() == 4 else 0, broadcast,
-                         mask.shape[1] if masked else 0, masked and mask.is_floating_point())
+                         mask.shape[1] if masked else 0, masked and mask.is_floating_point(),
+                         q.dim() == 4 and not q.transpose(1, 2).is_contiguous())
 
     return _first_call(model, "sdpa", spot) or _SdpaCall()
 
@@ -490,26 +515,83 @@ def _eager_backward(model, softmax_fp32: bool) -> float:
     return max(0.0, round((extra[1] - 2 * extra[0]) / (heads * (128 ** 2 - 2 * 64 ** 2)), 1))
 
 
-def _fp32_routing(model) -> bool:
-    """Whether the first MoE router returns fp32 routing weights from a 16-bit input: run
-    on the meta device (a copy in bf16); fp32, the larger, where it cannot be run."""
+@dataclass(frozen=True)
+class _Routing:
+    """A MoE router: whether its routing weights are fp32 from a 16-bit input, and whether
+    its matmul takes an fp32 copy of that input (saved when it is trained): without
+    autocast (DeepSeek-V3's cast), and under autocast (ERNIE 4.5 turns it off); whether
+    its block runs the shared experts first (:func:`_shared_first`)."""
+
+    fp32_weights: bool = True
+    fp32_input: bool = False
+    fp32_input_autocast: bool = False
+    shared_first: bool = False
+
+
+def _routing(model, shared_first: bool = False) -> _Routing:
+    """The first MoE router, a bf16 CPU copy run on two tokens without and under autocast
+    (fp32 weights, the larger, where it cannot be run; a router over 2^26 parameters is
+    not copied)."""
     import copy
 
     import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     top_k = getattr(model.config, "num_experts_per_tok", None)
     router = next((m for path, m in model.named_modules() if path.endswith(".mlp.gate")
                    or "router" in type(m).__name__.lower()), None)
-    if router is None or not top_k:
-        return True
+    if router is None or not top_k or sum(p.numel() for p in router.parameters()) > 2 ** 26:
+        return _Routing(shared_first=shared_first)
+    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+    class Spy(TorchDispatchMode):  # below autocast: the dtypes the matmul takes
+        def __init__(self):
+            super().__init__()
+            self.input = None
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in matmuls and self.input is None:
+                self.input = args[func is torch.ops.aten.addmm.default].dtype
+            return func(*args, **(kwargs or {}))
+
+    runs = []
     try:
-        out = copy.deepcopy(router).to(device="meta", dtype=torch.bfloat16)(torch.empty(
-            2, model.config.hidden_size, device="meta", dtype=torch.bfloat16))
+        probe = copy.deepcopy(router).to_empty(device="cpu").to(torch.bfloat16)
+        for autocast in (False, True):
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast), \
+                    Spy() as spy:
+                out = probe(torch.zeros(2, model.config.hidden_size, dtype=torch.bfloat16))
+            runs.append((out, spy.input == torch.float32))
     except Exception:  # noqa: BLE001 -- any router API we cannot call: assume fp32
-        return True
+        return _Routing(shared_first=shared_first)
+    out = runs[0][0]
     weights = [o for o in (out if isinstance(out, tuple) else (out,))
                if torch.is_tensor(o) and o.is_floating_point() and o.shape[-1] == top_k]
-    return not weights or weights[0].dtype == torch.float32
+    return _Routing(not weights or weights[0].dtype == torch.float32, runs[0][1], runs[1][1],
+                    shared_first)
+
+
+def _shared_first(model) -> bool:
+    """Whether the first MoE block runs its shared experts before the routed ones (ERNIE
+    4.5: their output is live while the routed experts run), from a meta-device run of the
+    block alone; ``False`` where it has none or cannot run alone."""
+    import torch
+
+    block = next((m for m in model.modules() if hasattr(m, "experts") and any(
+        hasattr(m, name) for name in ("shared_experts", "shared_expert", "shared_mlp"))), None)
+    if block is None:
+        return False
+    shared = next(getattr(block, name) for name in ("shared_experts", "shared_expert",
+                                                    "shared_mlp") if hasattr(block, name))
+    order: list[str] = []
+    hooks = [module.register_forward_pre_hook(lambda *_, name=name: order.append(name))
+             for module, name in ((shared, "shared"), (block.experts, "routed"))]
+    with suppress(Exception):  # a block that cannot run alone: what ran first
+        block(torch.empty(1, 8, model.config.hidden_size, device="meta",
+                          dtype=next(block.parameters()).dtype))
+    for hook in hooks:
+        hook.remove()
+    return order[:1] == ["shared"]
 
 
 def _expert_count(linears: list[Linear], tensors: list[Tensor]) -> int:
@@ -531,8 +613,8 @@ def _expert_width(linears: list[Linear], tensors: list[Tensor], hidden: int) -> 
     return min(widths, default=0)
 
 
-def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: bool = True,
-            rotary_saves: int = 0, output_norms: int = 0, pre_norms: bool = True,
+def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing = _Routing(),
+            rotary: _Rotary = _Rotary(), output_norms: int = 0, pre_norms: bool = True,
             fp32_norms: bool = False, sdpa: _SdpaCall = _SdpaCall(),
             gating: tuple[float, float] = (1.5, 0.0),
             eager: tuple[bool, float] = (True, 0.0)) -> list[Layer]:
@@ -564,9 +646,12 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: boo
         attention = latent or Attention(heads, kv_heads or heads, d, d,
                                         kv_broadcast=sdpa.kv_broadcast)
         attention = replace(attention, qk_norm=qk_norm, dropout=attention_dropout,
-                            rotary_saves=0 if latent else rotary_saves,
+                            rotary_saves=0 if latent else rotary.saves,
+                            rotary_width=rotary.width, rotary_fp32=rotary.fp32,
+                            rotary_kept=rotary.kept,
                             softcap=bool(getattr(cfg, "attn_logit_softcapping", None)),
                             mask_heads=sdpa.mask_heads, mask_float=sdpa.mask_float,
+                            heads_major=sdpa.heads_major,
                             softmax_fp32=eager[0], eager_backward=eager[1],
                             sliding_window=sliding_window(settings, index))
         routed = any(t.kind == "experts" for t in own_tensors) or \
@@ -580,9 +665,11 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], fp32_routing: boo
             mlp = FeedForward(0, experts, top_k, _expert_width(own_linears, own_tensors, h)
                               or getattr(cfg, "moe_intermediate_size", None) or inter, shared,
                               any(lin.path.endswith(".shared_expert_gate")
-                                  for lin in own_linears), fp32_routing, act_saves,
-                              *gating, any(".experts." in t.path and t.path.endswith("bias")
-                                           for t in own_tensors))
+                                  for lin in own_linears), routing.fp32_weights,
+                              routing.fp32_input, routing.fp32_input_autocast,
+                              routing.shared_first, act_saves, *gating,
+                              any(".experts." in t.path and t.path.endswith("bias")
+                                  for t in own_tensors))
         else:
             # its width: the input of the MLP's linear back to the residual (Falcon's
             # dense_4h_to_h is 4 x hidden whatever the config says; OPT's fc2, outside any

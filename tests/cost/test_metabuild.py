@@ -41,6 +41,32 @@ def test_a_rotary_embedding_that_copies_cos_and_sin_per_layer_is_found():
     assert from_transformers(CONFIGS["llama-wide"]).layers[0].attention.rotary_saves == 0
 
 
+def test_the_shared_rotary_tables_and_the_layout_of_q_are_read_as_built():
+    """Llama shares full-width cos and sin in the model's dtype and saves them; OLMo's are
+    fp32; GLM's are half the head width, interleaved into per-layer copies (the shared ones
+    not saved), and its q, rebuilt by ``cat`` after the partial rotary, lies heads-major."""
+    llama = from_transformers(CONFIGS["llama-wide"]).layers[0].attention
+    assert (llama.rotary_width, llama.rotary_fp32, llama.rotary_kept, llama.heads_major) == \
+        (2 * llama.head_dim, False, True, False)
+    olmo = from_transformers(CONFIGS["olmo"]).layers[0].attention
+    assert (olmo.rotary_width, olmo.rotary_fp32) == (2 * olmo.head_dim, True)
+    glm = from_transformers(CONFIGS["glm"]).layers[0].attention
+    assert (glm.rotary_width, glm.rotary_kept, glm.heads_major) == (glm.head_dim, False, True)
+
+
+def test_routers_and_shared_experts_are_read_as_they_run():
+    """DeepSeek-V3 casts its router's input to fp32, which autocast casts back; ERNIE 4.5
+    turns autocast off for it, and runs its shared experts before the routed ones (Qwen2-MoE
+    too); Mixtral's router takes the 16-bit input and it has no shared experts."""
+    deepseek = from_transformers(CONFIGS["deepseek-v3-wide"]).layers[-1].mlp
+    ernie = from_transformers(CONFIGS["ernie4_5_moe"]).layers[-1].mlp
+    qwen2 = from_transformers(CONFIGS["qwen2-moe-wide"]).layers[-1].mlp
+    mixtral = from_transformers(CONFIGS["mixtral-wide"]).layers[-1].mlp
+    assert [(f.fp32_router, f.fp32_router_autocast, f.shared_first)
+            for f in (deepseek, ernie, qwen2, mixtral)] == [
+        (True, False, False), (True, True, True), (False, False, True), (False, False, False)]
+
+
 def test_other_names_for_a_fused_layout_price_as_the_measured_one():
     """ChatGLM names Phi-3's fused layers otherwise (``self_attention.query_key_value`` and
     ``dense``, ``mlp.dense_h_to_4h`` twice the MLP's width, ``dense_4h_to_h``): renamed,
@@ -112,7 +138,7 @@ def test_experts_are_counted_sized_and_routed_as_built():
 def test_gpt_oss_is_read_as_it_runs():
     """GPT-OSS: its experts' gating clamps both halves and keeps every step (twice what
     SwiGLU keeps: 3 bytes per byte of the gate and up output against 1.5, with the clamped
-    up and the scaled gate held besides while it runs), its experts add biases, its eager
+    up held besides while it runs), its experts add biases, its eager
     softmax runs in the scores' dtype (Llama's in fp32) and its backward holds 2 bytes a
     score more than a plain eager attention's, and its layers alternate sliding and full
     attention."""
