@@ -11,7 +11,6 @@ everything is written: a crash never leaves an output folder that looks complete
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ import pluggy
 
 from autotune.run import checkpoints
 from autotune.util.atomic import write_json
+from autotune.util.files import read_json
 from autotune.util.errors import AutotuneError
 from autotune.cost.parallel import Parallel
 from autotune.cost.recipe import Recipe
@@ -108,11 +108,7 @@ def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
         if os.path.exists(os.path.join(final, REPORT)):
             raise AutotuneError(f"the run in {folder} has finished: nothing to resume")
         raise AutotuneError(f"no unfinished run in {folder} (looked for {partial}/{STATE})")
-    try:
-        with open(os.path.join(partial, STATE), encoding="utf-8") as handle:
-            state = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise AutotuneError(f"cannot read {partial}/{STATE}: {exc}") from exc
+    state = read_json(os.path.join(partial, STATE), "run state")
     if not isinstance(state, dict) or state.get("schema") != STATE_SCHEMA:
         raise AutotuneError(f"{partial}/{STATE} was written by another autotune version")
     with checkpoints.Signals(quiet) as signals:
@@ -171,8 +167,7 @@ def _finish_saved(state: dict, partial: str, final: str) -> dict:
 
         report = collect(partial, Parallel.from_dict(state["plan"]["distributed"]))
     else:
-        with open(os.path.join(partial, REPORT), encoding="utf-8") as handle:
-            report = json.load(handle)
+        report = read_json(os.path.join(partial, REPORT), "run report")
     finish(partial, final)
     return report
 

@@ -3,12 +3,12 @@ or a model folder of its own (what ``autotune merge`` writes)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pluggy
 
 from autotune.util.errors import AutotuneError
+from autotune.util.files import read_json
 from autotune.run.training import REPORT
 
 
@@ -27,14 +27,10 @@ def read_report(run_dir: str) -> dict:
     """The ``run_report.json`` of a finished run, checked: a hand-edited or damaged report is
     one error naming the field, not a failure later."""
     path = os.path.join(run_dir, REPORT)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            report = json.load(handle)
-    except FileNotFoundError as exc:
+    if not os.path.lexists(path):
         raise AutotuneError(f"{run_dir} is neither a finished autotune run (no {REPORT}) "
-                            "nor a model folder (no config.json)") from exc
-    except (OSError, ValueError, RecursionError) as exc:
-        raise AutotuneError(f"cannot read {path}: {exc}") from exc
+                            "nor a model folder (no config.json)")
+    report = read_json(path, "run report")
     problem = _problem(report)
     if problem:
         raise AutotuneError(f"{path} is damaged or was edited: {problem}")
@@ -166,9 +162,10 @@ def _expert_parameters(pm: pluggy.PluginManager, base_path: str) -> tuple[str, .
     from autotune.plugin.registry import family_for
 
     try:
-        with open(os.path.join(base_path, "config.json"), encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, ValueError):
+        config = read_json(os.path.join(base_path, "config.json"), "model config")
+    except AutotuneError:
+        return ()
+    if not isinstance(config, dict):
         return ()
     return family_for(pm, config).expert_parameters(config)
 def is_model_folder(path: str) -> bool:

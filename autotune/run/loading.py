@@ -16,15 +16,18 @@ from autotune.cost.layouts import layouts
 from autotune.cost.params import ALL_LINEAR
 from autotune.cost.recipe import HF_ATTENTION, TORCH_DTYPES, Recipe
 from autotune.util.errors import AutotuneError
+from autotune.util.files import regular_file
 
 
 def local_folder(path: str, what: str, needs: str | None = None) -> str:
     """``path`` as an absolute local folder for ``from_pretrained`` (a relative path that is
     missing would be taken for a hub id): refuse one that is missing or lacks ``needs``."""
     folder = os.path.abspath(path)
-    if not os.path.isdir(folder) or (needs and not os.path.isfile(os.path.join(folder, needs))):
+    if not os.path.isdir(folder) or (needs and not os.path.lexists(os.path.join(folder, needs))):
         missing = f"{folder} has no {needs}" if os.path.isdir(folder) else f"{folder} is missing"
         raise AutotuneError(f"cannot load the {what}: {missing} (autotune never downloads)")
+    if needs:
+        regular_file(os.path.join(folder, needs), f"the {what}'s file")
     return folder
 
 

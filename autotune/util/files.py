@@ -52,6 +52,18 @@ def read_bytes(path: str | os.PathLike, limit: int, what: str = "file") -> bytes
     return data
 
 
+def read_json(path: str | os.PathLike, what: str = "file", limit: int = 64 * MiB):
+    """The JSON document in the regular file ``path`` (at most ``limit`` bytes), or one
+    error naming it."""
+    import json
+
+    data = read_bytes(path, limit, what)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise AutotuneError(f"cannot read {what} {os.fspath(path)}: {exc}") from None
+
+
 def check_new_file(path: str | None, force: bool, option: str,
                    inputs: tuple[str | None, ...] = ()) -> None:
     """The one overwrite rule: ``path`` (given to ``option``) may be written only when it does

@@ -364,6 +364,34 @@ def test_output_folders_a_run_cannot_use(pm, tmp_path, reference, no_training):
                 "not writable")
 
 
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_run_files_that_are_no_regular_files_are_refused_at_once(pm, tmp_path, reference, kind):
+    """A run's report, its adapter's config and an unfinished run's state swapped for a
+    FIFO (reading it would block) or /dev/zero (it never ends): one line each, at once."""
+    def special(path: Path) -> None:
+        path.unlink()
+        if kind == "fifo":
+            os.mkfifo(path)
+        else:
+            path.symlink_to("/dev/zero")
+
+    finished = tmp_path / "finished"
+    shutil.copytree(reference[3], finished)
+    special(finished / "adapter" / "adapter_config.json")
+    refused(autotune(pm, "generate", str(finished), "--prompt", "hi"), "adapter_config.json",
+            "not a regular file")
+    refused(autotune(pm, "merge", str(finished)), "adapter_config.json", "not a regular file")
+    special(finished / "run_report.json")
+    for command in (("report",), ("generate", "--prompt", "hi"), ("merge",)):
+        refused(autotune(pm, *command, str(finished)), "run_report.json", "not a regular file")
+    unfinished = tmp_path / "unfinished.partial"
+    unfinished.mkdir()
+    (unfinished / executor.STATE).write_text("{}")
+    special(unfinished / executor.STATE)
+    refused(autotune(pm, "run", "--resume", str(tmp_path / "unfinished")), executor.STATE,
+            "not a regular file")
+
+
 @pytest.mark.parametrize("name", ["wandb", "banana"])
 def test_report_to_an_integration_that_is_not_there(pm, tmp_path, reference, no_training, name):
     pytest.importorskip("transformers")
