@@ -89,8 +89,10 @@ class Space:
         if self.strategy:
             found = tuple(p for p in found if p.strategy == self.strategy)
             if not found:
-                raise AutotuneError(f"strategy {self.strategy!r} is not available here "
-                                    f"({'one GPU' if self.world == 1 else 'quantised base'})")
+                raise AutotuneError(
+                    f"strategy {self.strategy!r} is not available on one GPU" if self.world == 1
+                    else f"strategy {self.strategy!r} shards 16-bit bases only, not a "
+                    "quantised method's")
         return found
 
     def parallel(self, choice: dict) -> Parallel:
@@ -107,6 +109,9 @@ class Space:
         allowed = stage_named(None, self.stage).methods
         if allowed is not None:
             methods = tuple(m for m in methods if METHODS[m][0] in allowed)
+        if self.strategy and self.world > 1 and not any(
+                p.strategy == self.strategy for p in options(self.gpus, self.nodes, True)):
+            methods = tuple(m for m in methods if METHODS[m][1] == 16)  # it shards 16-bit only
         freeze = tuple(sorted({n for n in (2, 4, max(1, self.num_layers // 4))
                                if n <= self.num_layers}))
         return {

@@ -195,6 +195,24 @@ def test_plan_json_and_plan_file(pm, tmp_path):
         report["plans"][0]["memory"]["peak_bytes"]
 
 
+@pytest.mark.parametrize("strategy", ["zero1", "zero3", "fsdp"])
+def test_a_sharding_strategy_searches_the_methods_it_can_shard(pm, strategy):
+    """DeepSpeed ZeRO and FSDP shard 16-bit bases only: pinning one leaves the quantised
+    methods out of the search (it used to refuse the whole question), and pinning both
+    is one error naming the clash."""
+    result = CliRunner().invoke(make_cli(pm), [
+        "plan", "--model", "tiny", "--gpu", "a100-80gb", "--gpus", "4", "--strategy", strategy,
+        "--storage", "none", "--json"])
+    assert result.exit_code == 0, result.output
+    plans = json.loads(result.output)["plans"]
+    assert plans and all(p["bits"] == 16 and p["strategy"] == strategy
+                         for p in plans), plans
+    result = CliRunner().invoke(make_cli(pm), [
+        "plan", "--model", "tiny", "--gpu", "a100-80gb", "--gpus", "4", "--strategy", strategy,
+        "--method", "qlora", "--storage", "none"])
+    assert result.exit_code == 1 and "16-bit bases only" in str(result.exception), result
+
+
 def test_no_gpu_and_no_target_gives_a_table_of_cards(pm):
     result = CliRunner().invoke(make_cli(pm), ["plan", "--model", "deepseek-7b", "--json"])
     assert result.exit_code == 0, result.output
