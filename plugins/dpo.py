@@ -18,8 +18,10 @@ class DirectPreference(Stage):
     demo = "emotional_support_dpo.jsonl"
     methods = ("full", "lora", "dora", "qlora")  # the planner offers no freeze tuning for DPO
     options = (
-        Option("beta", 0.1, "How far the policy may move from the reference (DPO's beta)."),
-        Option("pref_ftx", 0.0, "Weight of an SFT loss on the chosen answers added to DPO's."),
+        Option("beta", 0.1, "How far the policy may move from the reference (DPO's beta).",
+               minimum=0),
+        Option("pref_ftx", 0.0, "Weight of an SFT loss on the chosen answers added to DPO's.",
+               minimum=0),
     )
     exports = {"llamafactory": "dpo", "trl": "dpo", "axolotl": "dpo"}
 

@@ -8,7 +8,7 @@ import functools
 import click
 import pluggy
 
-from autotune.plugin.registry import stage_named, stage_settings, stages
+from autotune.plugin.registry import Option, option_problem, stage_named, stage_settings, stages
 
 STAGE_OPTIONS = "autotune.stage_options"
 """``click.Context.meta`` key: the stage options given on the command line."""
@@ -40,7 +40,7 @@ def with_stages(command: click.Command, pm: pluggy.PluginManager) -> click.Comma
                 declared[option.name] = stage.name
                 params.append(click.Option(
                     ["--" + option.name.replace("_", "-"), option.name],
-                    type=type(option.default), default=None,
+                    type=type(option.default), default=None, callback=_checked(option),
                     help=f"{option.help} [{stage.name}; default: {option.default}]"))
     if not declared and params == command.params:
         return command
@@ -56,6 +56,17 @@ def with_stages(command: click.Command, pm: pluggy.PluginManager) -> click.Comma
 
     command.callback = invoke
     return command
+
+
+def _checked(option: Option):
+    """A click callback refusing a value ``option`` cannot take, before any work."""
+    def check(_ctx, _param, value):
+        problem = option_problem(option, value)
+        if problem:
+            raise click.BadParameter(problem)
+        return value
+
+    return check
 
 
 def override(plan: dict, pm: pluggy.PluginManager) -> dict:

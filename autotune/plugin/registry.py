@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -122,6 +123,8 @@ class Option:
     name: str
     default: float | int | str | bool
     help: str = ""
+    minimum: float | None = None
+    """The least a numeric option may be (any finite number where ``None``)."""
 
 
 class Stage:
@@ -228,7 +231,25 @@ def stage_settings(stage: Stage, given: dict | None = None) -> dict:
         theirs = ", ".join("--" + n.replace("_", "-") for n in own) or "none"
         raise AutotuneError(f"{flag} is not an option of stage {stage.name!r} (its options: "
                             f"{theirs})")
+    for name, value in given.items():
+        problem = option_problem(own[name], value)
+        if problem:
+            raise AutotuneError(f"--{name.replace('_', '-')} {problem}")
     return {name: given.get(name, option.default) for name, option in own.items()}
+
+
+def option_problem(option: Option, value) -> str | None:
+    """What is wrong with ``value`` for ``option`` (a numeric option takes a finite number,
+    at least its minimum), or ``None``."""
+    if value is None or isinstance(option.default, bool) or not isinstance(option.default,
+                                                                           int | float):
+        return None
+    floor = option.minimum
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
+            value) or (floor is not None and value < floor):
+        return (f"must be a finite number{'' if floor is None else f' of at least {floor:g}'}"
+                f", not {value!r}")
+    return None
 
 
 def packing(training: dict) -> dict:

@@ -5,6 +5,7 @@ both run it."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import sys
@@ -113,6 +114,13 @@ def train_plan(pm, state: dict, partial: str, final: str, rows: list, quiet: boo
         checkpoint = checkpoints.latest(trainer_dir)
     signals.mode = "hold"  # trained: the weights are saved whatever arrives now
     step = trainer.state.global_step
+    if tracker.diverged:
+        at, loss = tracker.diverged
+        kept = checkpoints.latest(trainer_dir)
+        raise AutotuneError(
+            f"training diverged: the loss is {loss} at step {at} (learning rate "
+            f"{plan['training'].get('learning_rate')}): lower the learning rate in the plan "
+            "and run again" + (f"; the checkpoints before it stay in {partial}" if kept else ""))
     if schedule.stopped and step < trainer.state.max_steps:
         raise checkpoints.RunInterrupted(f"stopped by {signals.name} at step {step}",
                                          signals.received, step)
@@ -401,6 +409,7 @@ def trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str,
         "fp16": recipe.compute_dtype == "fp16",
         "use_cpu": device == "cpu",
         "disable_tqdm": True,
+        "logging_nan_inf_filter": False,  # a diverged loss is shown, and stops the run
         "max_length": recipe.seq_len,
         _checkpointing_name(): False,  # applied by autotune.run.loading.prepare already
         "dataloader_num_workers": 0,
@@ -423,6 +432,8 @@ class _Tracker:
         self.tokens = 0
         self.train_seconds = 0.0
         self.started = time.perf_counter()
+        self.diverged: tuple[int, float] | None = None
+        """The step and loss where the loss stopped being a number (training stops there)."""
 
     def callback(self):
         from transformers import TrainerCallback
@@ -440,6 +451,9 @@ class _Tracker:
                     elapsed = time.perf_counter() - tracker.started
                     say(tracker.quiet, f"step {state.global_step}/{state.max_steps} loss "
                                         f"{float(logs['loss']):.4f} ({elapsed:.0f} s)")
+                    if not math.isfinite(float(logs["loss"])):
+                        tracker.diverged = (state.global_step, float(logs["loss"]))
+                        control.should_training_stop = True
 
             def on_train_end(self, args, state, control, **kwargs):
                 tracker.train_seconds = time.perf_counter() - tracker.started

@@ -392,6 +392,30 @@ def test_run_files_that_are_no_regular_files_are_refused_at_once(pm, tmp_path, r
             "not a regular file")
 
 
+def test_a_diverged_run_stops_with_its_step_and_finishes_nothing(pm, tmp_path, reference):
+    """A learning rate of 1e30 makes the loss nan by the third step: the Trainer's logging
+    used to average the nan away and the run reported success (loss 0.0)."""
+    plan = json.loads(json.dumps(reference[1]))
+    plan["training"]["learning_rate"] = 1e30
+    refused(run_plan(pm, tmp_path, plan, "--max-steps", "6", "--output-dir",
+                     str(tmp_path / "run")), "diverged", "learning rate 1e+30")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("given", [("--beta", "nan"), ("--beta", "inf"), ("--beta", "-1"),
+                                   ("--pref-ftx", "-5"), ("--pref-ftx", "nan")])
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_stage_options_take_finite_numbers_in_range(pm, tmp_path, reference, no_training,
+                                                    command, given):
+    """DPO's beta and pref_ftx are non-negative numbers: refused on the command line, before
+    a plan is searched or a run starts (the plan file already refused them)."""
+    args = (["plan", "--model", "tiny", "--vram", "8GiB", "--stage", "dpo"]
+            if command == "plan" else ["run", str(reference[0]), "--output-dir",
+                                       str(tmp_path / "run")])
+    refused(autotune(pm, *args, *given), given[0], "finite number")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("name", ["wandb", "banana"])
 def test_report_to_an_integration_that_is_not_there(pm, tmp_path, reference, no_training, name):
     pytest.importorskip("transformers")
