@@ -15,7 +15,8 @@ from autotune import __version__
 from autotune.cli.options import with_stages
 from autotune.plugin.manager import use
 from autotune.util.errors import AutotuneError, PluginError
-from autotune.util.quiet import loud_libraries, offline, quiet_libraries
+from autotune.run.checkpoints import STOPPING
+from autotune.util.quiet import loud_libraries, offline, quiet_libraries, tolerant_stderr
 
 COMMANDS = ("models", "probe", "gpus", "estimate", "plan", "explain", "run", "report", "merge",
             "generate", "plugins", "completion", "calibrate", "export")
@@ -104,8 +105,9 @@ def make_cli(pm: pluggy.PluginManager) -> click.Group:
 
 
 def _ignore_signals() -> None:
-    """At exit the command is done: a late Ctrl-C or SIGTERM has nothing left to stop."""
-    for number in (signal.SIGINT, signal.SIGTERM):
+    """At exit the command is done: a late Ctrl-C, SIGTERM or SIGHUP has nothing left to
+    stop."""
+    for number in STOPPING:
         signal.signal(number, signal.SIG_IGN)
 
 
@@ -113,6 +115,7 @@ def main() -> None:
     """Entry point of the ``autotune`` script: errors end in one line, not a traceback."""
     quiet_libraries()
     offline()
+    tolerant_stderr()
     try:
         from autotune.plugin.manager import get_plugin_manager
 

@@ -16,6 +16,7 @@ from autotune.cli.options import given as given_stage_options
 from autotune.cli.options import override
 from autotune.cli.sections import run_summary
 from autotune.plugin.registry import DEFAULT_STAGE
+from autotune.run.checkpoints import STOPPING
 from autotune.util.errors import AutotuneError
 from autotune.cost.recipe import LIMITS
 
@@ -137,7 +138,7 @@ def _finished_is_final(output_dir: str):
                    f"and saved in {output_dir}", err=True)
 
     try:
-        previous = {s: signal.signal(s, late) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, late) for s in STOPPING}
     except ValueError:  # not the main thread: signals keep their handlers
         previous = {}
     try:

@@ -106,8 +106,13 @@ def alone(handle) -> bool:
 
 # --- signals ------------------------------------------------------------------------------------
 
+STOPPING = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                 if hasattr(signal, name))
+"""The signals that ask a run to stop (SIGHUP: its terminal closed)."""
+
+
 class Signals:
-    """SIGINT and SIGTERM for the life of a run, acted on as its phase allows.
+    """SIGINT, SIGTERM and SIGHUP for the life of a run, acted on as its phase allows.
 
     ``abort`` (preparing, loading): stop at once with :class:`RunInterrupted`.
     ``checkpoint`` (training): save a checkpoint after this step, then stop; a second
@@ -115,7 +120,7 @@ class Signals:
     Handlers exist only in the main thread; elsewhere signals keep their defaults.
     """
 
-    NUMBERS = (signal.SIGINT, signal.SIGTERM)
+    NUMBERS = STOPPING
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet

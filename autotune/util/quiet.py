@@ -74,3 +74,36 @@ def launch_environment(env: dict[str, str]) -> dict[str, str]:
     level is raised; ``--verbose`` and ``AUTOTUNE_DEBUG`` keep the C++ warnings."""
     quiet = {} if _LOUD or os.environ.get("AUTOTUNE_DEBUG") else {"TORCH_CPP_LOG_LEVEL": "ERROR"}
     return {"OMP_NUM_THREADS": "1", **quiet, **env}
+
+
+class _Tolerant:
+    """A stream whose writes never fail: once the reader is gone (a closed pipe, a hung-up
+    terminal) the rest is dropped, so progress lines cannot stop the work they report on."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except OSError:
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except OSError:
+                self.broken = True
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def tolerant_stderr() -> None:
+    """Make ``sys.stderr`` a stream whose writes never fail (see :class:`_Tolerant`)."""
+    if sys.stderr is not None and not isinstance(sys.stderr, _Tolerant):
+        sys.stderr = _Tolerant(sys.stderr)

@@ -174,6 +174,32 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(pm, tmp_path, reference):
     assert losses(report) == pytest.approx(losses(uninterrupted), rel=1e-3)
 
 
+def test_a_hang_up_saves_a_checkpoint_though_no_one_reads_its_lines(pm, tmp_path, reference):
+    """SIGHUP (the terminal closed) stops a run as SIGTERM does; with the terminal gone its
+    progress and error lines cannot be written, and that must not lose the checkpoint."""
+    plan_path, _, uninterrupted = reference
+    output = tmp_path / "run"
+    process = launch(plan_path, output)
+    wait_for_step(process, 3)
+    process.stderr.close()  # no one reads stderr any more: writing to it fails
+    process.send_signal(signal.SIGHUP)
+    assert process.wait(timeout=120) == 130
+    assert checkpoints.latest(str(tmp_path / "run.partial" / "trainer")) is not None
+    report = resume(pm, str(output), quiet=True)
+    assert losses(report) == pytest.approx(losses(uninterrupted), rel=1e-3)
+
+
+def test_a_closed_stderr_does_not_stop_a_run(pm, tmp_path, reference):
+    """`autotune run ... 2>&1 | head -3`: the reader goes after three lines; the run
+    finishes."""
+    plan_path, _, uninterrupted = reference
+    process = launch(plan_path, tmp_path / "run")
+    process.stderr.readline()
+    process.stderr.close()
+    assert process.wait(timeout=300) == 0
+    assert (tmp_path / "run" / "run_report.json").is_file()
+
+
 def test_a_checkpoint_without_its_commit_marker_is_not_resumed_from(tmp_path):
     trainer = tmp_path / "trainer"
     for step in (2, 4, 6):
