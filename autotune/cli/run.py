@@ -10,6 +10,7 @@ import signal
 import time
 
 import click
+from click.core import ParameterSource
 
 from autotune.cli.estimate import trust_remote_code_option
 from autotune.cli.options import given as given_stage_options
@@ -80,9 +81,13 @@ def command(ctx, plan_file, data, output_dir, max_steps, epochs, report_to, mode
     pm = ctx.obj
     quiet = quiet or ctx.find_root().meta.get("autotune.quiet", False)
     if resume_dir:
-        if plan_file or model_spec or data or demo:
-            raise AutotuneError("--resume continues a run as it was planned: give no plan "
-                                "file, --model, --data or --demo with it")
+        given = [max(p.opts, key=len) if isinstance(p, click.Option) else "a plan file"
+                 for p in ctx.command.params if p.name not in ("resume_dir", "quiet", "as_json")
+                 and ctx.get_parameter_source(p.name) in (ParameterSource.COMMANDLINE,
+                                                          ParameterSource.ENVIRONMENT)]
+        if given:
+            raise AutotuneError(f"--resume continues a run as it was planned and set up: "
+                                f"{', '.join(given)} cannot change it (start a new run)")
         final = resume_dir.rstrip("/").removesuffix(".partial")
         with _finished_is_final(final):
             _show(resume(pm, resume_dir, quiet or as_json), final, as_json)

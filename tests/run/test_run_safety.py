@@ -392,6 +392,20 @@ def test_run_files_that_are_no_regular_files_are_refused_at_once(pm, tmp_path, r
             "not a regular file")
 
 
+@pytest.mark.parametrize("given", [("--max-steps", "9"), ("--epochs", "2"),
+                                   ("--save-every", "1"), ("--report-to", "tensorboard"),
+                                   ("--data", "x.jsonl"), ("--beta", "0.2")])
+def test_resume_refuses_what_it_cannot_change(pm, tmp_path, given):
+    """A resumed run keeps its plan and settings: an option that would change them is
+    refused, not silently ignored, and the unfinished run is left as it is."""
+    unfinished = tmp_path / "run.partial"
+    unfinished.mkdir()
+    (unfinished / executor.STATE).write_text("{}")
+    refused(autotune(pm, "run", "--resume", str(tmp_path / "run"), *given), given[0],
+            "cannot change it")
+    assert (unfinished / executor.STATE).read_text() == "{}"
+
+
 def test_a_diverged_run_stops_with_its_step_and_finishes_nothing(pm, tmp_path, reference):
     """A learning rate of 1e30 makes the loss nan by the third step: the Trainer's logging
     used to average the nan away and the run reported success (loss 0.0)."""
