@@ -186,6 +186,13 @@ def read(paths: str | Iterable[str] | None = None) -> Loaded:
     return loaded
 
 
+PLAUSIBLE = 1e15
+"""The largest figure a record may hold (bytes of one device, tokens/s)."""
+RATIO = 100
+"""A memory figure further than this factor from its prediction (or an allocator's peak
+from the tensors') measured something else."""
+
+
 def _invalid(record: Any) -> str | None:
     """Why ``record`` is not a usable measurement, or ``None``."""
     if not isinstance(record, dict):
@@ -195,12 +202,23 @@ def _invalid(record: Any) -> str | None:
     for key in ("gpu", "model", "recipe", "predicted", "measured"):
         if not isinstance(record.get(key), dict):
             return f"{key} is missing or not an object"
+    gpu_id = record["gpu"].get("id")
+    if gpu_id is not None and not isinstance(gpu_id, str):
+        return f"gpu.id is not a string: {gpu_id!r}"
     for section in ("predicted", "measured"):
         for key, value in record[section].items():
             if value is not None and (not isinstance(value, (int, float))
-                                      or isinstance(value, bool) or value < 0
-                                      or not math.isfinite(value)):
-                return f"{section}.{key} is not a number >= 0: {value!r}"
+                                      or isinstance(value, bool)
+                                      or not (value == 0 or 1e-3 <= value <= PLAUSIBLE)):
+                return (f"{section}.{key} is not 0 or a number from 0.001 to {PLAUSIBLE:g}: "
+                        f"{value!r}")
+    for (one, a), (other, b) in (  # memory: a measurement close to what it measured
+            (("predicted", "tensor_peak_bytes"), ("measured", "peak_tensor_bytes")),
+            (("measured", "peak_tensor_bytes"), ("measured", "peak_reserved_bytes")),
+            (("measured", "peak_tensor_bytes"), ("measured", "device_used_bytes"))):
+        x, y = record[one].get(a), record[other].get(b)
+        if x and y and not 1 / RATIO <= y / x <= RATIO:
+            return f"{other}.{b} is {y / x:.3g} times {one}.{a}: not one measurement"
     return None
 
 
@@ -481,7 +499,7 @@ def load(path: str | None = None) -> dict[str, Correction]:
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         import sys
 
-        print(f"autotune: warning: ignoring unreadable calibration {path} "
+        print(f"autotune: warning: ignoring an unreadable or damaged calibration {path} "
               "(`autotune calibrate --reset` removes it)", file=sys.stderr)
         return {}
 

@@ -33,6 +33,14 @@ class Correction:
     ``calibrated`` (in-sample: measured on the records the correction was fitted to)."""
     fitted_at: str = ""
 
+    def __post_init__(self):
+        """A hand-edited or damaged correction is refused (``ValueError``), not applied."""
+        for name, low, high in (("tensor_scale", 0.01, 100), ("efficiency", 1e-18, 1e18),
+                                ("fragmentation", 0, 100), ("device_overhead", 0, 1e15)):
+            value = getattr(self, name)
+            if not low <= value <= high:  # nan too
+                raise ValueError(f"{name} {value!r} is outside {low:g} to {high:g}")
+
     def tensor_peak(self, raw_tensor_peak: int) -> int:
         return round(raw_tensor_peak * self.tensor_scale)
 

@@ -87,6 +87,45 @@ def test_malformed_lines_are_skipped_and_counted(tmp_path, cli):
     assert report["skipped"] == 5 and report["corrections"]["a100-80gb"]["n"] == 2
 
 
+@pytest.mark.parametrize("section, key, value", [
+    ("measured", "device_used_bytes", 1e300), ("measured", "peak_tensor_bytes", 1e-300),
+    ("predicted", "tensor_peak_bytes", 1e14), ("measured", "tokens_per_s", 1e-300),
+    ("measured", "peak_reserved_bytes", 1e14), ("gpu", "id", ["a100-80gb"])])
+def test_a_record_no_run_could_have_measured_is_skipped(tmp_path, cli, section, key, value):
+    """Figures past any device (1e300 bytes), ratios a measurement of the named plan cannot
+    have (a peak a million times the prediction) and ids of the wrong type are bad lines:
+    they used to reach the fit (OverflowError in every later estimate, log of zero)."""
+    path = tmp_path / "store.jsonl"
+    poisoned = synthetic(10 * GiB)
+    poisoned[section][key] = value
+    path.write_text("".join(json.dumps(r) + "\n" for r in (
+        poisoned, synthetic(10 * GiB), synthetic(20 * GiB))))
+    result = cli("calibrate", "--store", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["skipped"] == 1 and report["corrections"]["a100-80gb"]["n"] == 2
+    estimate = cli("estimate", "--model", "tiny", "--gpu", "a100-80gb", "--json")
+    assert estimate.exit_code == 0 and json.loads(estimate.stdout)["calibration"]["n"] == 2
+
+
+@pytest.mark.parametrize("key, value", [("efficiency", 0), ("device_overhead", -1e12),
+                                        ("tensor_scale", float("nan")),
+                                        ("fragmentation", 1e6)])
+def test_a_calibration_edited_past_what_a_fit_gives_is_ignored(tmp_path, cli, key, value):
+    """A zero efficiency divided the speed by zero, a negative overhead made a negative
+    peak: such a calibration.json is ignored with a warning, as a broken one is."""
+    write_store(tmp_path / "store.jsonl")
+    cli("calibrate", "--store", str(tmp_path / "store.jsonl"))
+    path = Path(calibration.calibration_path())
+    document = json.loads(path.read_text())
+    document["corrections"]["a100-80gb"][key] = value
+    path.write_text(json.dumps(document))
+    assert calibration.load() == {}
+    estimate = cli("estimate", "--model", "tiny", "--gpu", "a100-80gb", "--json")
+    assert estimate.exit_code == 0 and json.loads(estimate.stdout)["calibration"] is None
+    assert "damaged calibration" in estimate.stderr
+
+
 def test_nothing_to_fit_is_said_clearly(cli, tmp_path):
     result = cli("calibrate")
     assert result.exit_code == 0 and "nothing to fit: no GPU measurements yet" in result.output
