@@ -117,6 +117,7 @@ def main() -> None:
     offline()
     tolerant_stderr()
     try:
+        _check_arguments(sys.argv[1:])
         from autotune.plugin.manager import get_plugin_manager
 
         make_cli(get_plugin_manager()).main(standalone_mode=False)
@@ -152,6 +153,19 @@ def main() -> None:
         # registered last, this runs first at exit (before the finalisers the command's
         # imports registered, such as torch's)
         atexit.register(_ignore_signals)
+
+
+def _check_arguments(arguments: list[str]) -> None:
+    """Every argument is text: one that is not valid UTF-8 (bytes the terminal or a file
+    name holds in another encoding) cannot go into the UTF-8 records autotune writes."""
+    for argument in arguments:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = argument.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            raise AutotuneError(f"the argument {shown!r} is not valid UTF-8: autotune keeps "
+                                "what it is given in UTF-8 files (rename the file, or "
+                                "re-encode the text)") from None
 
 
 _LINE_BREAKS = {ord(c): c.encode("unicode_escape").decode()

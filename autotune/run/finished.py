@@ -115,12 +115,10 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
              remote_code: bool = False):
     """(model, tokenizer, report) of a run; adapters are merged into the base if ``merge``.
     A model folder (config, weights, tokenizer: a merged run) loads as it is, report ``None``."""
-    from transformers import AutoTokenizer
-
     if not merge and is_model_folder(run_dir):
         folder = os.path.abspath(run_dir)  # a relative path is never a hub id
-        return _load_folder(folder, remote_code), AutoTokenizer.from_pretrained(
-            folder, local_files_only=True), None
+        tokenizer = _tokenizer(folder, "model folder")
+        return _load_folder(folder, remote_code), tokenizer, None
 
     from autotune.run.loading import load_adapter, load_base, local_folder
     from autotune.cost.recipe import Recipe
@@ -129,9 +127,8 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
     saved = report["saved"]
     recipe = Recipe(**report["recipe"])
     device = report["measured"]["device"]
-    tokenizer = AutoTokenizer.from_pretrained(
-        local_folder(os.path.join(run_dir, saved["tokenizer"]), "run's tokenizer"),
-        local_files_only=True)
+    tokenizer = _tokenizer(local_folder(os.path.join(run_dir, saved["tokenizer"]),
+                                        "run's tokenizer"), "run's tokenizer folder")
     if "model" in saved:  # full or freeze tuning: the trained weights themselves
         full = recipe.but(method="full", bits=16)
         return (load_base({}, full, os.path.join(run_dir, saved["model"]), device,
@@ -172,6 +169,24 @@ def is_model_folder(path: str) -> bool:
     """A folder with a ``config.json`` and no run report: a model to load as it is."""
     return (os.path.isfile(os.path.join(path, "config.json"))
             and not os.path.exists(os.path.join(path, REPORT)))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _tokenizer(folder: str, what: str):
+    """The tokenizer saved in ``folder``, or one error saying there is none (a run's
+    ``base`` folder holds the weights only: generate from the run folder)."""
+    from transformers import AutoTokenizer
+
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise AutotuneError(f"the {what} {folder} has no tokenizer ({', '.join(TOKENIZER_FILES)})"
+                            ": give the run folder, or a model folder with its tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise AutotuneError(f"cannot load the tokenizer in {folder}: "
+                            f"{str(exc).splitlines()[0]}") from None
 
 
 def _load_folder(path: str, remote_code: bool):

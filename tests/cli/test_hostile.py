@@ -858,7 +858,9 @@ def test_console_script_with_odd_bytes_and_huge_numbers(tmp_path):
            "AUTOTUNE_CACHE_DIR": str(tmp_path)}
     for args in (["estimate", "--model", os.fsdecode(b"\xff\xfe")],
                  ["estimate", "--model", "tiny", "--vram", "9" * 400 + "GB"],
-                 ["gpus", os.fsdecode(b"rtx\xff")]):
+                 ["gpus", os.fsdecode(b"rtx\xff")],
+                 ["generate", str(tmp_path), "--prompt", os.fsdecode(b"hi\xff")],
+                 ["run", "--demo", "--output-dir", os.fsdecode(bytes(tmp_path) + b"/d\xff")]):
         result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
                                 text=True, timeout=120, env=env, check=False)
         check(Outcome(result.returncode, result.stdout, result.stderr), ERROR)

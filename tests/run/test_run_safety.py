@@ -392,6 +392,15 @@ def test_run_files_that_are_no_regular_files_are_refused_at_once(pm, tmp_path, r
             "not a regular file")
 
 
+def test_generate_from_a_folder_without_a_tokenizer_says_so(pm, reference):
+    """A random-init run's ``base`` folder holds the weights only: generate from it used to
+    end in transformers' ValueError about sentencepiece (an internal error)."""
+    base = reference[3] / "base"
+    assert (base / "config.json").is_file()
+    refused(autotune(pm, "generate", str(base), "--prompt", "hi"), "has no tokenizer",
+            "run folder")
+
+
 @pytest.mark.parametrize("given", [("--max-steps", "9"), ("--epochs", "2"),
                                    ("--save-every", "1"), ("--report-to", "tensorboard"),
                                    ("--data", "x.jsonl"), ("--beta", "0.2")])
