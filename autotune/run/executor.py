@@ -11,6 +11,7 @@ everything is written: a crash never leaves an output folder that looks complete
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -89,6 +90,8 @@ def _run(pm, plan: dict, settings: RunSettings, signals: checkpoints.Signals) ->
             shutil.rmtree(partial, ignore_errors=True)
         if isinstance(exc, (checkpoints.RunInterrupted, KeyboardInterrupt)):
             raise _stopped(exc, partial, final, kept_run) from None
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRORS:
+            raise _write_failed(exc, partial, final, kept_run) from None
         raise
     finally:
         if lock:
@@ -129,6 +132,10 @@ def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
             return _start(pm, state, partial, final, rows, quiet, signals)
         except (checkpoints.RunInterrupted, KeyboardInterrupt) as exc:
             raise _stopped(exc, partial, final, True) from None
+        except OSError as exc:
+            if exc.errno not in WRITE_ERRORS:
+                raise
+            raise _write_failed(exc, partial, final, True) from None
         finally:
             lock.close()
 
@@ -156,6 +163,25 @@ def _stopped(exc: BaseException, partial: str, final: str, kept: bool) -> Autotu
     return checkpoints.RunInterrupted(
         f"stopped by {name}{f' at step {step}' if step else ''}; {where}: continue with "
         f"`autotune run --resume {shown(final)}`", number)
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                errno.EPERM, errno.EIO}
+"""What the file system says when a run cannot write: a full disk, a quota, a read-only or
+failing one."""
+
+
+def _write_failed(exc: OSError, partial: str, final: str, kept: bool) -> AutotuneError:
+    """The one line for a run that could not write its folder (a checkpoint, the tokenizer,
+    the random base): where the run is kept and how it continues, or that nothing was."""
+    what = f"cannot write {exc.filename or partial}: {exc.strerror or exc}"
+    if not kept:
+        return AutotuneError(f"{what}; nothing was trained ({partial} removed): free space "
+                             "and run again")
+    saved = checkpoints.latest(os.path.join(partial, "trainer"))
+    return AutotuneError(f"{what}; the run is kept in {partial}: free space, then `autotune "
+                         f"run --resume {shown(final)}` continues from "
+                         f"{os.path.basename(saved) if saved else 'the start'}")
 
 
 def _finish_saved(state: dict, partial: str, final: str) -> dict:

@@ -185,6 +185,38 @@ def test_disk_full_during_the_final_save_keeps_a_run_that_resumes(pm, tmp_path, 
     assert (first / "run" / "adapter").is_dir() and not partial.exists()
 
 
+def test_disk_full_at_the_start_or_at_a_checkpoint_is_one_line(pm, tmp_path, reference,
+                                                               monkeypatch):
+    """ENOSPC writing the tokenizer at the start (nothing trained: nothing kept) or the
+    second checkpoint (the run is kept to resume from its last): one line each, not exit
+    70."""
+    _, plan, uninterrupted, _ = reference
+    real = training.prepare_tokenizer
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "x"))
+
+    monkeypatch.setattr(training, "prepare_tokenizer", full)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    common = ("-q", "run", str(path), "--data", dataset_path("sft"), "--random-init",
+              "--max-steps", str(STEPS), "--save-every", "1")
+    refused(autotune(pm, *common, "--output-dir", str(tmp_path / "a")),
+            "No space left on device", "nothing was trained")
+    assert not (tmp_path / "a.partial").exists()
+    monkeypatch.setattr(training, "prepare_tokenizer", real)
+    def second(state):
+        if state.global_step >= 2:
+            full()
+
+    with_callback(monkeypatch, on_save=second)
+    refused(autotune(pm, *common, "--output-dir", str(tmp_path / "b")),
+            "No space left on device", "--resume", "continues from checkpoint-")
+    monkeypatch.undo()
+    report = resume(pm, str(tmp_path / "b"), quiet=True)
+    assert losses(report) == pytest.approx(losses(uninterrupted), rel=1e-3)
+
+
 def test_a_run_killed_between_saving_and_renaming_is_only_finished_by_resume(
         pm, tmp_path, reference, monkeypatch):
     _, plan, uninterrupted, _ = reference
