@@ -53,6 +53,22 @@ class GPU:
     aliases: tuple[str, ...] = ()
     match: tuple[str, ...] = ()
 
+    def lacks(self, compute_dtype: str, attn: str) -> str | None:
+        """What this card cannot run of a recipe's compute dtype and attention kernel (bf16
+        and FlashAttention-2 need compute capability 8.0), or ``None``; a memory budget
+        (no compute capability) is not asked."""
+        if not self.compute_capability:
+            return None
+        missing = [(what, instead) for what, instead, needed, has in (
+            ("bf16", "--precision fp16", compute_dtype == "bf16", self.bf16),
+            ("FlashAttention-2", "--attn sdpa", attn == "flash", self.flash_attention))
+            if needed and not has]
+        if not missing:
+            return None
+        return (f"the {self.name} has compute capability {self.compute_capability}: "
+                f"{' and '.join(w for w, _ in missing)} need{'s' if len(missing) == 1 else ''} "
+                f"8.0 (use {' and '.join(i for _, i in missing)})")
+
     @property
     def has_throughput(self) -> bool:
         """Whether the throughput figures are known (catalogue cards only)."""

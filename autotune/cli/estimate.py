@@ -20,6 +20,7 @@ from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.cost.recipe import ATTENTION, LIMITS, METHODS, OPTIMIZERS, PRECISIONS, Recipe
 from autotune.plan.advice import fit_line
 from autotune.plan.service import read_lengths, target_gpu
+from autotune.util.errors import AutotuneError
 from autotune.util.units import GiB, gib
 
 SCHEMA = "autotune.estimate/1"
@@ -49,9 +50,9 @@ def recipe_options(func):
                      show_default=True, help="Tokens per sequence."),
         click.option("--grad-ckpt/--no-grad-ckpt", default=False, show_default=True,
                      help="Gradient checkpointing."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="bf16",
-                     show_default=True,
-                     help="bf16/fp16: 16-bit weights; amp: fp32 master weights + autocast."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+                     help="bf16/fp16: 16-bit weights; amp: fp32 master weights + autocast "
+                          "(default bf16; fp16 on a --gpu without bf16)."),
         click.option("--optim", type=click.Choice(OPTIMIZERS), default="adamw_torch",
                      show_default=True, help="Optimizer."),
         click.option("--attn", type=click.Choice(ATTENTION), default=None,
@@ -167,7 +168,12 @@ def command(pm, model_spec, data_path, gpu, vram, device, confidence, trust_remo
     planner = Planner(pm, model.config, model.family, model.id, trust_remote_code,
                       calibrated=not no_calibration, device=device,
                       confidence=confidence / 100, files=weight_files(model.path), stack=stack)
-    recipe = make_recipe(**{**options, "attn": options["attn"] or planner.cost.layouts.attention})
+    precision = options["precision"] or (
+        "fp16" if card is not None and card.lacks("bf16", "") else "bf16")
+    recipe = make_recipe(**{**options, "precision": precision,
+                            "attn": options["attn"] or planner.cost.layouts.attention})
+    if card is not None and (problem := card.lacks(recipe.compute_dtype, recipe.attn)):
+        raise AutotuneError(problem)  # asked for what the card cannot run
     probed = None
     if not no_calibration and device == "cuda" and card is None:
         probed = calibration_for(None)[1]

@@ -94,6 +94,9 @@ def resolve_targets(arch: Architecture, groups: dict[str, tuple[str, ...]], targ
         if hit:
             chosen.append(lin)
     unmatched = tuple(n for n, ok in matched.items() if not ok)
+    if any(lin.path == arch.head for lin in chosen):
+        raise AutotuneError(f"LoRA targets {targets!r} include the output head ({arch.head}), "
+                            "which autotune's runs do not adapt")
     if not chosen and not params:
         raise AutotuneError(f"LoRA targets {targets!r} match no linear layer of this model "
                             f"(its layers are named {', '.join(linear_names(arch))})")

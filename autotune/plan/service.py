@@ -198,6 +198,9 @@ def plan(pm: pluggy.PluginManager, request: Request,
     if r.pins.targets is not None:  # pinned targets that match nothing: an error, not a tune
         resolve_targets(planner.arch, planner.groups, r.pins.targets)
     cards, local = _cards(r)
+    for card in cards or ():  # a pinned kernel the card cannot run
+        if r.pins.attn and (problem := card.lacks("", r.pins.attn)):
+            raise AutotuneError(problem)
     per_node = r.gpus or (len(cards) if cards else 1)
     if r.strategy and per_node * r.nodes == 1:
         raise AutotuneError("--strategy needs several cards: give --gpus N (and --nodes M)")

@@ -261,13 +261,10 @@ def check_plan(plan: dict, settings: RunSettings, model_spec, family) -> None:
         from autotune.cost.params import resolve_targets
 
         arch = architecture(dict(model_spec.config), family, settings.remote_code)
-        chosen, _, fused = resolve_targets(arch, family.module_groups(model_spec.config),
-                                           recipe.targets)
-        if any(lin.path == arch.head for lin in chosen):
-            raise AutotuneError(f"plan: targets {recipe.targets!r} include the output head "
-                                f"({arch.head}), which LoRA here does not adapt")
-        if not chosen and not fused:
-            raise AutotuneError(f"plan: targets {recipe.targets!r} match no linear layer")
+        try:
+            resolve_targets(arch, family.module_groups(model_spec.config), recipe.targets)
+        except AutotuneError as exc:
+            raise AutotuneError(f"plan: {exc}") from None
     if settings.random_init and not model_spec.path and (
             model_spec.config.get("vocab_size") or 0) < 300:
         raise AutotuneError(f"--random-init builds a byte-level tokenizer, which needs a "

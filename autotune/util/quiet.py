@@ -20,6 +20,8 @@ def quiet_libraries() -> None:
     quiet = os.environ["TRANSFORMERS_VERBOSITY"] == "error"
     if quiet and "transformers" in sys.modules:  # imported already: the variable came late
         sys.modules["transformers"].logging.set_verbosity_error()
+    if os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1" and "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()  # the same, for datasets
     if not os.environ.get("AUTOTUNE_DEBUG"):
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -467,6 +467,28 @@ def test_out_of_range_numbers_are_usage_errors(args):
     assert result.code == 2
 
 
+@pytest.mark.parametrize("args, message", [
+    (("plan", "--model", "tiny", "--gpu", "t4", "--targets", "lm_head"), "output head"),
+    (("estimate", "--model", "tiny", "--targets", "q_proj,lm_head"), "output head"),
+    (("plan", "--model", "tiny", "--gpu", "t4", "--attn", "flash"), "FlashAttention-2 needs 8.0"),
+    (("estimate", "--model", "tiny", "--gpu", "t4", "--attn", "flash"), "--attn sdpa"),
+    (("estimate", "--model", "tiny", "--gpu", "t4", "--precision", "bf16"), "bf16 needs 8.0"),
+])
+def test_pins_no_run_on_the_card_could_honour_are_refused(args, message):
+    """LoRA on the output head (runs refuse it), FlashAttention-2 or bf16 on a Turing card
+    (compute capability 7.5): refused before any search, where they were priced and
+    exported as if they could run."""
+    result = autotune(*args)
+    check(result, ERROR)
+    assert message in result.err, result
+
+
+def test_a_card_without_bf16_is_estimated_in_fp16_by_default():
+    result = autotune("estimate", "--model", "tiny", "--gpu", "t4", "--json")
+    check(result, OK)
+    assert json.loads(result.out)["recipe"]["precision"] == "fp16"
+
+
 def test_host_info_and_machine_ram_read_one_cgroup_hierarchy(tmp_path, monkeypatch):
     from autotune.catalog import gpus
     from autotune.cost import host
