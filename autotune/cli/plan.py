@@ -146,7 +146,7 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
     if output:
         from autotune.plan.planfile import write_yaml
 
-        write_yaml(output, planned.document())
+        write_yaml(output, planned.document(), replace=force)
         report["written"] = output
         from autotune.cli.explain import run_command
 

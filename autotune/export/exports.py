@@ -803,6 +803,6 @@ def write(export: Export, force: bool = False, inputs: tuple[str | None, ...] = 
         text = dump(path, config)
         if path == export.path and export.caveats and not path.endswith(".json"):
             text = "".join(f"# autotune: {c}\n" for c in export.caveats) + text
-        write_text(path, text)
+        write_text(path, text, replace=force)
         written.append(path)
     return written

@@ -163,11 +163,12 @@ def require_record(plan: dict, path: str) -> dict:
     return record
 
 
-def write_yaml(path: str, document: dict) -> None:
-    """Write ``document`` to ``path`` atomically: a temporary file renamed into place."""
+def write_yaml(path: str, document: dict, replace: bool = True) -> None:
+    """Write ``document`` to ``path`` atomically: a temporary file renamed into place (or,
+    unless ``replace``, linked where no file is)."""
     import yaml
 
-    write_text(path, yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+    write_text(path, yaml.safe_dump(document, sort_keys=False, allow_unicode=True), replace)
 
 
 REQUIRED = ("schema", "model", "recipe")

@@ -10,8 +10,11 @@ from autotune.util.errors import AutotuneError
 from autotune.util.files import new_file_mode
 
 
-def write_text(path: str, text: str) -> str:
-    """Write ``text`` to ``path`` atomically; a failure is one :class:`AutotuneError` line."""
+def write_text(path: str, text: str, replace: bool = True) -> str:
+    """Write ``text`` to ``path`` atomically; a failure is one :class:`AutotuneError` line.
+    ``replace=False``: only if ``path`` does not exist when the file lands (a hard link,
+    which fails on an existing name: no other process's file between check and write is
+    overwritten)."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -23,11 +26,15 @@ def write_text(path: str, text: str) -> str:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(temporary, new_file_mode(path))  # a replaced file keeps its mode
-            os.replace(temporary, path)
-        except BaseException:
+            if replace:
+                os.replace(temporary, path)
+            else:
+                os.link(temporary, path)
+        finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
-            raise
+    except FileExistsError:
+        raise AutotuneError(f"{path} already exists (pass --force to overwrite it)") from None
     except OSError as exc:
         raise AutotuneError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path

@@ -483,6 +483,25 @@ def test_pins_no_run_on_the_card_could_honour_are_refused(args, message):
     assert message in result.err, result
 
 
+def test_a_plan_file_another_process_writes_meanwhile_is_kept(tmp_path, monkeypatch):
+    """-o checks that the file is new before the search and lands it with a hard link,
+    which fails on an existing name: another process's file written in between stays."""
+    from autotune.util import files
+
+    target, checked = tmp_path / "plan.yaml", files.check_new_file
+
+    def check_then_race(path, *args, **kwargs):
+        checked(path, *args, **kwargs)
+        if path == str(target):
+            target.write_text("theirs")
+
+    monkeypatch.setattr(files, "check_new_file", check_then_race)
+    result = autotune("plan", "--model", "tiny", "--vram", "8GiB", "-o", str(target))
+    check(result, ERROR)
+    assert "already exists" in result.err and target.read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.yaml"]  # no temporary left
+
+
 def test_a_card_without_bf16_is_estimated_in_fp16_by_default():
     result = autotune("estimate", "--model", "tiny", "--gpu", "t4", "--json")
     check(result, OK)
