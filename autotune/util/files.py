@@ -64,6 +64,14 @@ def read_json(path: str | os.PathLike, what: str = "file", limit: int = 64 * MiB
         raise AutotuneError(f"cannot read {what} {os.fspath(path)}: {exc}") from None
 
 
+def file_on_the_way(folder: str) -> str | None:
+    """The nearest of ``folder`` and its parents that exists, where it is no folder (a
+    file a path runs through)."""
+    while folder and not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return folder if folder and not os.path.isdir(folder) else None
+
+
 def check_new_file(path: str | None, force: bool, option: str,
                    inputs: tuple[str | None, ...] = ()) -> None:
     """The one overwrite rule: ``path`` (given to ``option``) may be written only when it does
@@ -76,6 +84,9 @@ def check_new_file(path: str | None, force: bool, option: str,
             raise AutotuneError(f"{option} {path} is the input file {source} itself: "
                                 "give another path")
     if not os.path.lexists(path):
+        parent = file_on_the_way(os.path.dirname(os.path.abspath(path)))
+        if parent:
+            raise AutotuneError(f"{option} {path}: {parent} is a file, not a folder")
         return
     if not os.path.isfile(path):
         raise AutotuneError(f"{option} {path} exists and is not a regular file")

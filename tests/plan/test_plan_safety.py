@@ -502,6 +502,14 @@ def test_a_plan_file_another_process_writes_meanwhile_is_kept(tmp_path, monkeypa
     assert [p.name for p in tmp_path.iterdir()] == ["plan.yaml"]  # no temporary left
 
 
+def test_an_output_path_through_a_file_is_refused_before_the_search(tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = autotune("plan", "--model", "tiny", "--vram", "8GiB", "-o",
+                      str(tmp_path / "afile" / "plan.yaml"))
+    check(result, ERROR)
+    assert "is a file, not a folder" in result.err and "study" not in result.err, result
+
+
 def test_a_card_without_bf16_is_estimated_in_fp16_by_default():
     result = autotune("estimate", "--model", "tiny", "--gpu", "t4", "--json")
     check(result, OK)
