@@ -178,11 +178,17 @@ OFFLOAD_DEVICES = ("none", "cpu")
 
 
 def read_plan(path: str) -> dict:
-    """A plan file, checked: known keys, this schema, and a valid recipe."""
-    from autotune.cost.recipe import Recipe
+    """A plan file, checked (:func:`check_plan`)."""
     from autotune.util.yamlfile import read_yaml
 
-    document = read_yaml(path, "plan")
+    return check_plan(read_yaml(path, "plan"), path)
+
+
+def check_plan(document, path: str) -> dict:
+    """``document`` as a plan (from the file or the run folder ``path`` names), checked:
+    known keys, this schema, a valid recipe, and what each section holds."""
+    from autotune.cost.recipe import Recipe
+
     if not isinstance(document, dict):
         raise AutotuneError(f"{path} is not a plan file (expected a mapping)")
     missing = [k for k in REQUIRED if k not in document]

@@ -114,6 +114,7 @@ def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
     state = read_json(os.path.join(partial, STATE), "run state")
     if not isinstance(state, dict) or state.get("schema") != STATE_SCHEMA:
         raise AutotuneError(f"{partial}/{STATE} was written by another autotune version")
+    _check_state(state, f"{partial}/{STATE}")
     with checkpoints.Signals(quiet) as signals:
         lock = checkpoints.claim(partial)  # refuses while an orphaned launcher or rank writes
         try:
@@ -138,6 +139,32 @@ def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
             raise _write_failed(exc, partial, final, True) from None
         finally:
             lock.close()
+
+
+SETTINGS = {"data": (str,), "output_dir": (str,), "max_steps": (int, type(None)),
+            "epochs": (int, float, type(None)), "report_to": (str,), "remote_code": (bool,),
+            "random_init": (bool,), "seed": (int,), "save_every": (int, type(None)),
+            "save_minutes": (int, float, type(None))}
+"""What a run state's settings hold (:class:`RunSettings`, but ``quiet``)."""
+
+
+def _check_state(state: dict, where: str) -> None:
+    """A run state a hand edit or a damaged disk changed is one error naming the field."""
+    from autotune.plan.planfile import check_plan
+
+    settings = state.get("settings")
+    problem = (
+        "settings is not an object" if not isinstance(settings, dict) else
+        next((f"settings.{key} is {settings.get(key)!r}" for key, kinds in SETTINGS.items()
+              if not isinstance(settings.get(key), kinds)), None)
+        or next((f"settings has an unknown key {key!r}" for key in settings
+                 if key not in SETTINGS), None)
+        or ("data_fingerprint is not a string" if not isinstance(
+            state.get("data_fingerprint"), str) else None)
+        or ("events is not a list" if not isinstance(state.get("events", []), list) else None))
+    if problem:
+        raise AutotuneError(f"{where} is damaged or was edited: {problem}")
+    check_plan(state.get("plan"), f"{where}: plan")
 
 
 def _keep(exc: BaseException, state: dict, partial: str, lock) -> bool:

@@ -447,6 +447,31 @@ def test_resume_refuses_what_it_cannot_change(pm, tmp_path, given):
     assert (unfinished / executor.STATE).read_text() == "{}"
 
 
+@pytest.mark.parametrize("edit, words", [
+    (("settings", "max_steps", "x"), ["settings.max_steps"]),
+    (("settings", "banana", 1), ["unknown key 'banana'"]),
+    (("plan", "recipe", {"method": "zzz"}), ["plan: recipe", "zzz"]),
+    (("plan", "training", {"grad_accum": -1}), ["training.grad_accum"]),
+])
+def test_a_damaged_run_state_is_named_on_resume(pm, tmp_path, reference, edit, words):
+    """Fields of run.json changed by hand or by a failing disk: one error naming the field
+    (they were internal errors, exit 70, once the run started)."""
+    section, key, value = edit
+    state = {"schema": training.STATE_SCHEMA, "plan": json.loads(json.dumps(reference[1])),
+             "settings": {"data": dataset_path("sft"), "output_dir": str(tmp_path / "run"),
+                          "max_steps": 3, "epochs": None, "report_to": "none",
+                          "remote_code": False, "random_init": True, "seed": 0,
+                          "save_every": None, "save_minutes": None},
+             "data_fingerprint": "0", "events": []}
+    if isinstance(value, dict):
+        state[section][key].update(value)
+    else:
+        state[section][key] = value
+    (tmp_path / "run.partial").mkdir()
+    (tmp_path / "run.partial" / executor.STATE).write_text(json.dumps(state))
+    refused(autotune(pm, "run", "--resume", str(tmp_path / "run")), *words)
+
+
 def test_a_diverged_run_stops_with_its_step_and_finishes_nothing(pm, tmp_path, reference):
     """A learning rate of 1e30 makes the loss nan by the third step: the Trainer's logging
     used to average the nan away and the run reported success (loss 0.0)."""
