@@ -114,10 +114,10 @@ def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
     state = read_json(os.path.join(partial, STATE), "run state")
     if not isinstance(state, dict) or state.get("schema") != STATE_SCHEMA:
         raise AutotuneError(f"{partial}/{STATE} was written by another autotune version")
-    _check_state(state, f"{partial}/{STATE}")
     with checkpoints.Signals(quiet) as signals:
         lock = checkpoints.claim(partial)  # refuses while an orphaned launcher or rank writes
         try:
+            _check_state(state, f"{partial}/{STATE}")
             if os.path.exists(os.path.join(partial, checkpoints.STOP)):
                 os.remove(os.path.join(partial, checkpoints.STOP))
             if os.path.exists(os.path.join(partial, REPORT)):  # trained and saved already
