@@ -25,13 +25,12 @@ from autotune.plan.advice import describe, strategy
 from autotune.plan.batch import describe as describe_step
 from autotune.plan.batch import step_batch
 from autotune.plan.space import METHODS
+from autotune.cost.parallel import GPUS_MAX, NODES_MAX
 from autotune.util.units import GiB, gib
 
 SCHEMA = "autotune.plan/1"
 INFEASIBLE = 3
 """Exit code when no plan fits."""
-GPUS_MAX, NODES_MAX = 64, 4096
-"""The most cards per node and nodes planned for (a larger cluster is a typo)."""
 
 
 @click.command("plan")

@@ -20,6 +20,8 @@ from functools import lru_cache
 from autotune.util.errors import AutotuneError
 
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")
+GPUS_MAX, NODES_MAX = 64, 4096
+"""The most cards per node and nodes planned for (a larger cluster is a typo)."""
 DEEPSPEED = {"zero1": 1, "zero2": 2, "zero3": 3}
 SHARDS_PARAMS = ("zero3", "fsdp")
 MASTER_STATE = 16

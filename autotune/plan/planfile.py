@@ -208,6 +208,7 @@ def check_plan(document, path: str) -> dict:
     except (TypeError, AutotuneError) as exc:
         raise AutotuneError(f"{path}: recipe: {exc}") from exc
     _check_sections(path, document)
+    _check_agreement(path, document)
     if "distributed" in document:
         _check_distributed(path, document["distributed"])
         from autotune.cost.parallel import Parallel
@@ -287,6 +288,31 @@ def _check_sections(path: str, document: dict) -> None:
     objective = document.get("objective", "balanced")
     if not isinstance(objective, str):
         raise AutotuneError(f"{path}: objective must be a string, not {objective!r}")
+
+
+def _check_agreement(path: str, document: dict) -> None:
+    """What the sections' types cannot say: the trained batch is the priced one, a ratio is
+    a fraction, counts stay within what anything trains."""
+    from autotune.cost.parallel import GPUS_MAX
+    from autotune.cost.recipe import LIMITS
+
+    training, hardware = document.get("training") or {}, document.get("hardware") or {}
+    batch = document["recipe"].get("batch", 1)
+    problem = next((message for failed, message in (
+        ("micro_batch" in training and training["micro_batch"] != batch,
+         f"training.micro_batch {training.get('micro_batch')} is not the recipe's batch "
+         f"{batch} (edit both: the run trains one, the plan priced the other)"),
+        (training.get("warmup_ratio", 0) >= 1,
+         f"training.warmup_ratio must be below 1 (a share of the steps), not "
+         f"{training.get('warmup_ratio')!r}"),
+        (training.get("grad_accum", 1) > LIMITS["batch"],
+         f"training.grad_accum must be at most {LIMITS['batch']:,}, not "
+         f"{training.get('grad_accum')!r}"),
+        (hardware.get("gpus", 1) > GPUS_MAX,
+         f"hardware.gpus must be at most {GPUS_MAX}, not {hardware.get('gpus')!r}"))
+        if failed), None)
+    if problem:
+        raise AutotuneError(f"{path}: {problem}")
 
 
 def _check_distributed(path: str, block) -> None:

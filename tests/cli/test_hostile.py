@@ -640,6 +640,9 @@ def edited_plans(draw, base):
     else:  # a required section dropped
         del document[draw(st.sampled_from(["schema", "model", "recipe"]))]
         valid = False
+    if valid and kind in ("recipe", "section") and key in ("batch", "micro_batch"):
+        # the trained micro batch is the priced one: editing one alone is a contradiction
+        valid = document["recipe"]["batch"] == document["training"]["micro_batch"]
     expect = EITHER if valid is None else OK if valid else ERROR
     return yaml.safe_dump(document, allow_unicode=True).encode(), expect
 

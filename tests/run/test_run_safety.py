@@ -239,6 +239,7 @@ def test_two_process_ddp_interrupted_before_its_first_checkpoint_resumes(pm, tmp
     path, _ = make_plan(pm, tmp_path, "--gpus", "2", "--strategy", "ddp")
     plan = yaml.safe_load(path.read_text())
     plan["training"].update(micro_batch=2, grad_accum=1)
+    plan["recipe"]["batch"] = 2
     path.write_text(yaml.safe_dump(plan))
     output = tmp_path / "run"
     process = subprocess.Popen(
