@@ -144,6 +144,10 @@ def _check_shapes(config: dict) -> None:
         raise AutotuneError(f"config.json: num_attention_heads {heads} is not a multiple of "
                             f"num_key_value_heads {kv}")
     per_token = config.get("num_experts_per_tok")
+    routed = any(config.get(key) for key in EXPERTS)
+    for key in ("num_experts_per_tok", "moe_intermediate_size"):
+        if routed and config.get(key) == 0:  # experts that no token reaches, or empty ones
+            raise AutotuneError(f"config.json: {key} is 0 in a model with experts")
     for key in EXPERTS:
         experts = config.get(key)
         if experts == 0:  # a layer of no experts: leave the key out for a dense model

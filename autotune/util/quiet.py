@@ -25,6 +25,8 @@ def quiet_libraries() -> None:
     if not os.environ.get("AUTOTUNE_DEBUG"):
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # torch on building a zero-width layer (a config's size 0, e.g. no shared expert)
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 

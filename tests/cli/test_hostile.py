@@ -470,6 +470,12 @@ def not_a_config(content: bytes) -> bool:
     ({"model_type": "llama", **BASE_CONFIG, "intermediate_size": None}, ERROR),
     ({"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100},
      ERROR),  # no attention heads: a state-space model
+    ({"model_type": "mixtral", **BASE_CONFIG, "num_local_experts": 4,
+      "num_experts_per_tok": 0}, ERROR),  # experts no token reaches
+    ({"model_type": "qwen3_moe", **BASE_CONFIG, "num_experts": 4, "num_experts_per_tok": 2,
+      "moe_intermediate_size": 0}, ERROR),  # empty experts
+    ({"model_type": "qwen2_moe", **BASE_CONFIG, "num_experts": 4, "num_experts_per_tok": 2,
+      "moe_intermediate_size": 32, "shared_expert_intermediate_size": 0}, OK),  # no shared
 ])
 def test_config_json_edge_cases(tmp_path, config, expect):
     """Including unknown model types, which go to transformers (a meta-device build)."""
