@@ -150,7 +150,7 @@ SETTINGS = {"data": (str,), "output_dir": (str,), "max_steps": (int, type(None))
 
 def _check_state(state: dict, where: str) -> None:
     """A run state a hand edit or a damaged disk changed is one error naming the field."""
-    from autotune.plan.planfile import check_plan
+    from autotune.plan import planfile
 
     settings = state.get("settings")
     problem = (
@@ -164,7 +164,7 @@ def _check_state(state: dict, where: str) -> None:
         or ("events is not a list" if not isinstance(state.get("events", []), list) else None))
     if problem:
         raise AutotuneError(f"{where} is damaged or was edited: {problem}")
-    check_plan(state.get("plan"), f"{where}: plan")
+    planfile.check_plan(state.get("plan"), f"{where}: plan")
 
 
 def _keep(exc: BaseException, state: dict, partial: str, lock) -> bool:
