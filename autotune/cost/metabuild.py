@@ -108,10 +108,10 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         model_type=cfg.model_type,
         hidden=cfg.hidden_size,
         vocab=cfg.vocab_size,
-        layers=tuple(_layers(cfg, linears, tensors, _routing(model, _shared_first(model)),
-                             _rotary(model),
+        layers=tuple(_layers(cfg, linears, tensors, _routing(model), _rotary(model),
                              *_norm_places(tensors, cfg.hidden_size), _fp32_norms(model),
-                             _sdpa_call(model), _gating(model), _eager_scores(model))),
+                             _sdpa_call(model), _gating(model), _eager_scores(model),
+                             _shared_first(model))),
         linears=tuple(linears),
         tensors=tuple(tensors),
         tied_embeddings=out.weight is model.get_input_embeddings().weight,
@@ -519,16 +519,14 @@ def _eager_backward(model, softmax_fp32: bool) -> float:
 class _Routing:
     """A MoE router: whether its routing weights are fp32 from a 16-bit input, and whether
     its matmul takes an fp32 copy of that input (saved when it is trained): without
-    autocast (DeepSeek-V3's cast), and under autocast (ERNIE 4.5 turns it off); whether
-    its block runs the shared experts first (:func:`_shared_first`)."""
+    autocast (DeepSeek-V3's cast), and under autocast (ERNIE 4.5 turns it off)."""
 
     fp32_weights: bool = True
     fp32_input: bool = False
     fp32_input_autocast: bool = False
-    shared_first: bool = False
 
 
-def _routing(model, shared_first: bool = False) -> _Routing:
+def _routing(model) -> _Routing:
     """The first MoE router, a bf16 CPU copy run on two tokens without and under autocast
     (fp32 weights, the larger, where it cannot be run; a router over 2^26 parameters is
     not copied)."""
@@ -541,7 +539,7 @@ def _routing(model, shared_first: bool = False) -> _Routing:
     router = next((m for path, m in model.named_modules() if path.endswith(".mlp.gate")
                    or "router" in type(m).__name__.lower()), None)
     if router is None or not top_k or sum(p.numel() for p in router.parameters()) > 2 ** 26:
-        return _Routing(shared_first=shared_first)
+        return _Routing()
     matmuls = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 
     class Spy(TorchDispatchMode):  # below autocast: the dtypes the matmul takes
@@ -563,12 +561,11 @@ def _routing(model, shared_first: bool = False) -> _Routing:
                 out = probe(torch.zeros(2, model.config.hidden_size, dtype=torch.bfloat16))
             runs.append((out, spy.input == torch.float32))
     except Exception:  # noqa: BLE001 -- any router API we cannot call: assume fp32
-        return _Routing(shared_first=shared_first)
+        return _Routing()
     out = runs[0][0]
     weights = [o for o in (out if isinstance(out, tuple) else (out,))
                if torch.is_tensor(o) and o.is_floating_point() and o.shape[-1] == top_k]
-    return _Routing(not weights or weights[0].dtype == torch.float32, runs[0][1], runs[1][1],
-                    shared_first)
+    return _Routing(not weights or weights[0].dtype == torch.float32, runs[0][1], runs[1][1])
 
 
 def _shared_first(model) -> bool:
@@ -577,12 +574,11 @@ def _shared_first(model) -> bool:
     block alone; ``False`` where it has none or cannot run alone."""
     import torch
 
-    block = next((m for m in model.modules() if hasattr(m, "experts") and any(
-        hasattr(m, name) for name in ("shared_experts", "shared_expert", "shared_mlp"))), None)
+    block, shared = next(((m, getattr(m, name)) for m in model.modules() if hasattr(m, "experts")
+                          for name in ("shared_experts", "shared_expert", "shared_mlp")
+                          if getattr(m, name, None) is not None), (None, None))
     if block is None:
         return False
-    shared = next(getattr(block, name) for name in ("shared_experts", "shared_expert",
-                                                    "shared_mlp") if hasattr(block, name))
     order: list[str] = []
     hooks = [module.register_forward_pre_hook(lambda *_, name=name: order.append(name))
              for module, name in ((shared, "shared"), (block.experts, "routed"))]
@@ -617,7 +613,7 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing
             rotary: _Rotary = _Rotary(), output_norms: int = 0, pre_norms: bool = True,
             fp32_norms: bool = False, sdpa: _SdpaCall = _SdpaCall(),
             gating: tuple[float, float] = (1.5, 0.0),
-            eager: tuple[bool, float] = (True, 0.0)) -> list[Layer]:
+            eager: tuple[bool, float] = (True, 0.0), shared_first: bool = False) -> list[Layer]:
     """Each decoder layer's shape, from the config and what the build put in that layer:
     experts or a dense MLP (DeepSeek's first dense layers, Qwen-MoE's ``mlp_only_layers``),
     the dense MLP's width, norms inside the attention (q and k norms under any name)."""
@@ -667,7 +663,7 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing
                               any(lin.path.endswith(".shared_expert_gate")
                                   for lin in own_linears), routing.fp32_weights,
                               routing.fp32_input, routing.fp32_input_autocast,
-                              routing.shared_first, act_saves, *gating,
+                              shared_first, act_saves, *gating,
                               any(".experts." in t.path and t.path.endswith("bias")
                                   for t in own_tensors))
         else:

@@ -152,19 +152,28 @@ def _check_state(state: dict, where: str) -> None:
     """A run state a hand edit or a damaged disk changed is one error naming the field."""
     from autotune.plan import planfile
 
-    settings = state.get("settings")
-    problem = (
-        "settings is not an object" if not isinstance(settings, dict) else
-        next((f"settings.{key} is {settings.get(key)!r}" for key, kinds in SETTINGS.items()
-              if not isinstance(settings.get(key), kinds)), None)
-        or next((f"settings has an unknown key {key!r}" for key in settings
-                 if key not in SETTINGS), None)
-        or ("data_fingerprint is not a string" if not isinstance(
-            state.get("data_fingerprint"), str) else None)
-        or ("events is not a list" if not isinstance(state.get("events", []), list) else None))
+    problem = _state_problem(state)
     if problem:
         raise AutotuneError(f"{where} is damaged or was edited: {problem}")
     planfile.check_plan(state.get("plan"), f"{where}: plan")
+
+
+def _state_problem(state: dict) -> str | None:
+    """What is wrong with a run state's settings, fingerprint and events, or ``None``."""
+    settings = state.get("settings")
+    if not isinstance(settings, dict):
+        return "settings is not an object"
+    for key, kinds in SETTINGS.items():
+        if not isinstance(settings.get(key), kinds):
+            return f"settings.{key} is {settings.get(key)!r}"
+    for key in settings:
+        if key not in SETTINGS:
+            return f"settings has an unknown key {key!r}"
+    if not isinstance(state.get("data_fingerprint"), str):
+        return "data_fingerprint is not a string"
+    if not isinstance(state.get("events", []), list):
+        return "events is not a list"
+    return None
 
 
 def _keep(exc: BaseException, state: dict, partial: str, lock) -> bool:

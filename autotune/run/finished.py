@@ -162,9 +162,9 @@ def _expert_parameters(pm: pluggy.PluginManager, base_path: str) -> tuple[str, .
         config = read_json(os.path.join(base_path, "config.json"), "model config")
     except AutotuneError:
         return ()
-    if not isinstance(config, dict):
-        return ()
-    return family_for(pm, config).expert_parameters(config)
+    return family_for(pm, config).expert_parameters(config) if isinstance(config, dict) else ()
+
+
 def is_model_folder(path: str) -> bool:
     """A folder with a ``config.json`` and no run report: a model to load as it is."""
     return (os.path.isfile(os.path.join(path, "config.json"))
