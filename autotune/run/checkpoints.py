@@ -23,6 +23,7 @@ import time
 
 from autotune.util.atomic import write_json
 from autotune.util.errors import AutotuneError
+from autotune.util.files import read_json
 
 MARKER = "autotune-complete.json"
 LOCK = "run.lock"
@@ -31,9 +32,20 @@ STOP = "stop-requested"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
-def commit(folder: str, step: int) -> None:
-    """Mark ``folder`` as a complete checkpoint of ``step``."""
-    write_json(os.path.join(folder, MARKER), {"step": step, "time": time.time()})
+def commit(folder: str, step: int, tokens: int) -> None:
+    """Mark ``folder`` as a complete checkpoint of ``step``, with the ``tokens`` trained up to
+    it (over every session of the run)."""
+    write_json(os.path.join(folder, MARKER), {"step": step, "time": time.time(),
+                                              "tokens": tokens})
+
+
+def tokens_before(checkpoint: str | None) -> int:
+    """The tokens trained up to ``checkpoint`` (0 from the start, or for a checkpoint of
+    an older version that did not count them)."""
+    if checkpoint is None:
+        return 0
+    tokens = read_json(os.path.join(checkpoint, MARKER), "checkpoint marker").get("tokens")
+    return tokens if isinstance(tokens, int) and tokens >= 0 else 0
 
 
 def latest(trainer_dir: str) -> str | None:
@@ -165,11 +177,13 @@ class Signals:
 class SaveSchedule:
     """When to checkpoint: every ``steps`` optimizer steps and/or every ``seconds``, and at
     once when a signal arrives or ``stop_file`` appears (then training stops after the save).
-    The ranks of a multi-process run agree on both every step, so they stop together."""
+    The ranks of a multi-process run agree on both every step, so they stop together.
+    ``tokens``: the tokens trained so far, recorded with each checkpoint."""
 
-    def __init__(self, signals: Signals, steps: int | None = None, seconds: float | None = None,
-                 stop_file: str | None = None):
+    def __init__(self, signals: Signals, tokens, steps: int | None = None,
+                 seconds: float | None = None, stop_file: str | None = None):
         self.signals = signals
+        self.tokens = tokens
         self.steps = steps
         self.seconds = seconds
         self.stop_file = stop_file
@@ -198,7 +212,7 @@ class SaveSchedule:
                 schedule._last = time.monotonic()
                 if args.should_save:
                     commit(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"),
-                           state.global_step)
+                           state.global_step, schedule.tokens())
 
         return Callback()
 

@@ -87,9 +87,9 @@ def train_plan(pm, state: dict, partial: str, final: str, rows: list, quiet: boo
                     f"batch {plan['training']['micro_batch']}) on {device}")
         model, targets, checked = _model(model_spec, family, recipe, device, settings, base)
         args = trainer_args(plan, recipe, settings, device, trainer_dir)
-        tracker = _Tracker(quiet)
+        tracker = _Tracker(quiet, checkpoints.tokens_before(checkpoint))
         schedule = checkpoints.SaveSchedule(
-            signals, settings.save_every, settings.save_minutes and settings.save_minutes * 60,
+            signals, lambda tracker=tracker: tracker.tokens, settings.save_every, settings.save_minutes and settings.save_minutes * 60,
             os.path.join(partial, checkpoints.STOP) if launched else None)
         trainer = _trainer(stage, model, tokenizer, rows, args, recipe, plan,
                            [tracker.callback(), schedule.callback(), injector.callback()])
@@ -425,15 +425,21 @@ def trainer_args(plan: dict, recipe: Recipe, settings: RunSettings, device: str,
 
 
 class _Tracker:
-    """Progress on stderr, and this session's token count and training time."""
+    """Progress on stderr; the tokens trained, this session's and all of them (``earlier``:
+    those of the checkpoint it resumed from), and this session's training time."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool, earlier: int = 0):
         self.quiet = quiet
-        self.tokens = 0
+        self.earlier = earlier
+        self.session_tokens = 0
         self.train_seconds = 0.0
         self.started = time.perf_counter()
         self.diverged: tuple[int, float] | None = None
         """The step and loss where the loss stopped being a number (training stops there)."""
+
+    @property
+    def tokens(self) -> int:
+        return self.earlier + self.session_tokens
 
     def callback(self):
         from transformers import TrainerCallback
@@ -447,7 +453,8 @@ class _Tracker:
             def on_log(self, args, state, control, logs=None, **kwargs):
                 logs = logs or {}
                 if "loss" in logs:
-                    tracker.tokens = int(float(logs.get("num_tokens", tracker.tokens)))
+                    tracker.session_tokens = int(float(logs.get("num_tokens",
+                                                                tracker.session_tokens)))
                     elapsed = time.perf_counter() - tracker.started
                     say(tracker.quiet, f"step {state.global_step}/{state.max_steps} loss "
                                         f"{float(logs['loss']):.4f} ({elapsed:.0f} s)")
@@ -536,7 +543,7 @@ def _report(pm, plan, model_spec, recipe, settings, tracker: _Tracker, trainer, 
                       "tokens_per_s": plan.get("predictions", {}).get("throughput", {}).get(
                           "tokens_per_s") if device == "cuda" else None},
         "measured": {**measured,
-                     "tokens_per_s": round(tracker.tokens / train_seconds, 1)
+                     "tokens_per_s": round(tracker.session_tokens / train_seconds, 1)
                      if train_seconds else None},
         "saved": saved,
         "notes": notes,

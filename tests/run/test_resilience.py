@@ -74,6 +74,7 @@ def test_out_of_memory_steps_down_and_trains_the_same_curve(pm, tmp_path, refere
     assert report["steps"] == STEPS
     # 2 x 2 sees the same sequences per step as 4 x 1: the same curve, to rounding
     assert losses(report) == pytest.approx(losses(uninterrupted), rel=2e-3)
+    assert report["tokens"] == uninterrupted["tokens"]  # the steps before the checkpoint too
     written = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert written["training"]["micro_batch"] == 2  # the plan as it trained
     assert not (tmp_path / "run.partial").exists()
@@ -151,6 +152,7 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(pm, tmp_path, r
     report = resume(pm, str(output), quiet=True)
     assert report["steps"] == STEPS
     assert losses(report) == pytest.approx(losses(uninterrupted), rel=1e-3)
+    assert report["tokens"] == uninterrupted["tokens"]  # both sessions' tokens
     assert (output / "adapter").is_dir() and not partial.exists()
     with pytest.raises(AutotuneError, match="has finished"):
         resume(pm, str(output))
@@ -204,8 +206,8 @@ def test_a_checkpoint_without_its_commit_marker_is_not_resumed_from(tmp_path):
     trainer = tmp_path / "trainer"
     for step in (2, 4, 6):
         (trainer / f"checkpoint-{step}").mkdir(parents=True)
-    checkpoints.commit(str(trainer / "checkpoint-2"), 2)
-    checkpoints.commit(str(trainer / "checkpoint-4"), 4)
+    checkpoints.commit(str(trainer / "checkpoint-2"), 2, 512)
+    checkpoints.commit(str(trainer / "checkpoint-4"), 4, 1024)
     assert checkpoints.latest(str(trainer)) == str(trainer / "checkpoint-4")
     assert not (trainer / "checkpoint-6").exists()  # half-written by a kill: removed
 
