@@ -19,7 +19,7 @@ from autotune.cli.output import force_option, table
 from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.cost.recipe import ATTENTION, LIMITS, METHODS, OPTIMIZERS, PRECISIONS, Recipe
 from autotune.plan.advice import fit_line
-from autotune.plan.service import read_lengths, target_gpu
+from autotune.plan.service import context_note, read_lengths, target_gpu
 from autotune.util.errors import AutotuneError
 from autotune.util.units import GiB, gib
 
@@ -75,6 +75,9 @@ trust_remote_code_option = click.option(
 def make_recipe(method, bits, rank, alpha, lora_dropout, targets, freeze_layers, batch, seq_len,
                 grad_ckpt, precision, optim, attn, stage) -> Recipe:
     """A :class:`Recipe` from the CLI options (defaults filled in)."""
+    if method == "qlora" and bits not in (None, "4"):
+        raise AutotuneError(f"--method qlora trains adapters on a 4-bit base, not --bits {bits} "
+                            "(use --method lora --bits 8 or 16)")
     if bits is None:
         bits = 4 if method == "qlora" else 16
     return Recipe(method=method, bits=int(bits), precision=precision, rank=rank,
@@ -207,7 +210,7 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
                                  correction=correction, confidence=planner.confidence)
     asked = recipe.attn
     params, recipe, arch, memory = result.params, result.recipe, result.arch, result.memory
-    notes = list(memory.notes)
+    notes = [*memory.notes, *context_note(model.config, recipe.seq_len)]
     if recipe.attn != asked:
         notes.append(f"this model runs {recipe.attn} attention, not {asked} (what its family "
                      "or transformers allows): priced and run with it")

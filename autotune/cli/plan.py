@@ -131,9 +131,9 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
     report["host_ram_limit_bytes"] = planned.host_limit
     if planned.lengths is not None:
         report["data"] = planned.lengths.to_dict(planned.seq_len)
+    report["notes"] += planned.notes
     if result.feasible:
         report["alternatives"] = planned.alternatives
-        report["notes"] += planned.notes
     if plot:
         from autotune.cli.plots import pareto_front
 
@@ -215,7 +215,8 @@ def _render(report: dict) -> str:
                          p["why"]])
             measured = p.get("measured")
             if measured:
-                rows.append(["", f"measured: {measured.get('status')}"]
+                rows.append(["", (f"measured on {measured.get('device', '?')}: "
+                                  f"{measured.get('status')}")]
                             + [""] * shift + ["", "", "", "",
                              f"{measured.get('peak_tensor_bytes', 0) / GiB:.2f}", "",
                              f"{measured.get('tokens_per_s', 0):.0f}", "", "tensor peak"])
@@ -278,7 +279,8 @@ def _overview(planned) -> dict:
                                         "params": planner.arch.total},
             "stage": r.stage, "seq_len": planned.seq_len, "objective": r.objective,
             "note": "no GPU found here and none named (--gpu/--vram): the best plan per card",
-            "cards": cards, "plans": [c["plan"] for c in cards if c["plan"]]}
+            "notes": planned.notes, "cards": cards,
+            "plans": [c["plan"] for c in cards if c["plan"]]}
 
 
 def _render_overview(report: dict) -> str:
@@ -305,4 +307,5 @@ def _render_overview(report: dict) -> str:
     if calibrated:
         lines.append("calibrated from measured runs: " + ", ".join(calibrated)
                      + " (--no-calibration shows the raw figures)")
+    lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)

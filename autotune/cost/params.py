@@ -157,8 +157,11 @@ def _adapter_tensors(arch: Architecture, recipe: Recipe, chosen: tuple[Linear, .
 
 def trainable_layers(arch: Architecture, recipe: Recipe) -> range:
     """The decoder layers freeze-tuning trains: the top ``freeze_layers``."""
-    n = min(recipe.freeze_layers, arch.num_layers)
-    return range(arch.num_layers - n, arch.num_layers)
+    if recipe.freeze_layers > arch.num_layers:
+        raise AutotuneError(f"freeze layers {recipe.freeze_layers} is more than the model's "
+                            f"{arch.num_layers} decoder layers (train at most "
+                            f"{arch.num_layers}, or all of it with method full)")
+    return range(arch.num_layers - recipe.freeze_layers, arch.num_layers)
 
 
 def count(arch: Architecture, recipe: Recipe, groups: dict[str, tuple[str, ...]]) -> ParamCounts:

@@ -57,7 +57,10 @@ class Recipe:
         if not _whole(self.bits):  # 16.0 == 16: only a whole number is a bit width
             raise AutotuneError(f"unknown bits {self.bits!r} (choose from 16, 8, 4)")
         _one_of("bits", self.bits, (16, 8, 4))
-        if self.method == "qlora" and self.bits != 4:
+        if self.method == "qlora" and self.bits == 8:
+            raise AutotuneError("qlora trains adapters on a 4-bit base, not 8-bit (for an "
+                                "8-bit base use lora with 8 bits)")
+        if self.method == "qlora":  # the field's default, 16, stands for "the method's"
             object.__setattr__(self, "bits", 4)
         if self.bits < 16 and self.method in ("full", "freeze"):
             raise AutotuneError(f"{self.method} fine-tuning needs a 16-bit base, not {self.bits}-bit "

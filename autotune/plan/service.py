@@ -175,10 +175,37 @@ def budget(card: GPU, headroom: str) -> int:
     return found
 
 
+def _positions(config: dict) -> int | None:
+    """The longest sequence the model's positions reach, where its config gives one: its
+    position table, stretched by a RoPE scaling factor the table does not include yet
+    (Qwen's YaRN recipe keeps the table at the original length; Llama 3.1's and DeepSeek-V2's
+    tables hold the stretched length already)."""
+    value = config.get("max_position_embeddings") or config.get("n_positions")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return None
+    scaling = config.get("rope_scaling")
+    if isinstance(scaling, dict):
+        factor = scaling.get("factor")
+        original = scaling.get("original_max_position_embeddings", value)
+        if isinstance(factor, (int, float)) and 1 < factor < 1e6 and isinstance(
+                original, (int, float)) and value <= original:
+            value = int(value * factor)
+    return value if value <= LIMITS["seq_len"] else None
+
+
 def context_length(config: dict) -> int:
     """The longest sequence the model takes (its position table), the cap for ``--data``."""
-    value = config.get("max_position_embeddings") or config.get("n_positions")
-    return value if isinstance(value, int) and 0 < value <= LIMITS["seq_len"] else 4096
+    return _positions(config) or 4096
+
+
+def context_note(config: dict, seq_len: int) -> list[str]:
+    """A note when ``seq_len`` is longer than the model's position table (none otherwise)."""
+    positions = _positions(config)
+    if positions is None or seq_len <= positions:
+        return []
+    return [(f"{seq_len:,} tokens is longer than the model's context of {positions:,} "
+             "positions (max_position_embeddings): it was not trained at that length; extend "
+             "it (rope_scaling in its config.json) or train shorter sequences")]
 
 
 def plan(pm: pluggy.PluginManager, request: Request,
@@ -216,7 +243,8 @@ def plan(pm: pluggy.PluginManager, request: Request,
         return replace(space, workload=Workload(lengths, seq_len,
                                                 batching_for(r.stage, space.attn)))
 
-    planned = Planned(r, model, planner, lengths, seq_len, local, host_limit, [])
+    planned = Planned(r, model, planner, lengths, seq_len, local, host_limit, [],
+                      notes=context_note(model.config, seq_len))
     if cards is None:
         if r.one_card or r.output:
             what = "--plot draws" if r.one_card else "-o writes the plan for"
@@ -239,7 +267,7 @@ def plan(pm: pluggy.PluginManager, request: Request,
         from autotune.plan.trials import measure_candidates  # torch: only when measuring
 
         measure_candidates(planner, result, r.measure_top, r.measure_steps, result.storage,
-                           r.objective, measure)
+                           r.objective, measure, on_card=local)
     if result.feasible:
         best = result.ranked[0]
         planned.alternatives = [a.to_dict() for a in alternatives.costed(
@@ -247,7 +275,7 @@ def plan(pm: pluggy.PluginManager, request: Request,
                              result.space.workload),
             alternatives.Setup(best.recipe, best.parallel), lengths, result.budget,
             result.space.host_ram)]
-        planned.notes = advice.machine_notes(best, host_limit, local, r.output)
+        planned.notes += advice.machine_notes(best, host_limit, local, r.output)
     else:
         planned.infeasible = advice.infeasible(planner, result, r.objective)
     return planned

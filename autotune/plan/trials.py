@@ -3,7 +3,9 @@
 Each measured plan is added to the study as a trial of its own (user attribute
 ``measured``), so measurements accumulate in shared storage; an out-of-memory step is a
 failed trial, never a crash. The plans are then re-ranked: those that ran and fit the
-budget come first, ordered by the objective with measured tokens/s.
+budget come first, ordered by the objective; their measured tokens/s replace the predicted
+ones only when measured on the card the plan is for (this machine's GPU): a CPU step, or
+another card's, says nothing of that card's speed.
 
 Several workers can share one stored study (``--storage`` on a common database): a
 worker claims a plan by opening a running trial for it (the lowest trial number wins a
@@ -40,9 +42,11 @@ def measurement_device(planner: Planner) -> str:
 
 
 def measure_candidates(planner: Planner, result: PlanResult, k: int, steps: int,
-                       storage: str | None, objective: str, measure: Callable) -> None:
+                       storage: str | None, objective: str, measure: Callable,
+                       on_card: bool = False) -> None:
     """Measure the ``k`` best plans of ``result`` with ``measure`` (the run layer's
-    :func:`~autotune.run.measure.measure`) and re-rank it in place."""
+    :func:`~autotune.run.measure.measure`) and re-rank it in place. ``on_card``: the plan
+    is for this machine's GPU, so a CUDA measurement times that card."""
     import torch
 
     device = measurement_device(planner)
@@ -83,7 +87,8 @@ def measure_candidates(planner: Planner, result: PlanResult, k: int, steps: int,
         _gather(storage, result.study_name, chosen)
     confirmed = [c for c in chosen if c.measured.get("status") == "ok"]
     for c in confirmed:
-        c.tokens_per_s = c.measured["tokens_per_s"]
+        if on_card and c.measured.get("device") == "cuda":
+            c.tokens_per_s = c.measured["tokens_per_s"]
     rest = [c for c in result.ranked if c not in confirmed]
     result.ranked = pick(confirmed, objective) + rest
 

@@ -76,10 +76,38 @@ def test_inference_stage_uses_the_serving_rule(run):
     assert report["memory"]["peak_bytes"] == int(total * 2 * 1.2)
 
 
+def test_a_sequence_past_the_models_context_is_noted_by_estimate_and_plan(run, tmp_path):
+    """deepseek-7b's config has 4,096 positions; a YaRN-scaled config reaches its factor."""
+    def notes(*args):
+        result = run(*args, "--json")
+        assert result.exit_code == 0, result.output
+        return [n for n in json.loads(result.output)["notes"] if "context" in n]
+
+    assert notes("estimate", "--model", "deepseek-7b", "--seq-len", "4096") == []
+    [note] = notes("estimate", "--model", "deepseek-7b", "--seq-len", "8192")
+    assert "8,192 tokens is longer than the model's context of 4,096 positions" in note
+    assert notes("plan", "--model", "deepseek-7b", "--seq-len", "8192", "--vram", "80GiB",
+                 "--method", "qlora", "--storage", "none") == [note]
+    assert len(notes("plan", "--model", "deepseek-7b", "--seq-len", "8192",  # no card: overview
+                     "--method", "qlora", "--storage", "none")) == 1
+    yarn = tmp_path / "config.json"
+    yarn.write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "vocab_size": 256, "max_position_embeddings": 1024,
+        "rope_scaling": {"type": "yarn", "factor": 4.0,
+                         "original_max_position_embeddings": 1024}}))
+    assert notes("estimate", "--model", str(yarn), "--seq-len", "4096") == []
+    assert len(notes("estimate", "--model", str(yarn), "--seq-len", "4097")) == 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["estimate", "--model", "deepsek-7b"], "did you mean deepseek-7b"),
     (["estimate", "--model", "deepseek-7b", "--targets", "nope"], "match no linear layer"),
     (["estimate", "--model", "deepseek-7b", "--method", "full", "--bits", "4"], "16-bit base"),
+    (["estimate", "--model", "deepseek-7b", "--method", "qlora", "--bits", "8"], "4-bit base"),
+    (["estimate", "--model", "deepseek-7b", "--method", "freeze", "--freeze-layers", "31"],
+     "more than the model's 30 decoder layers"),
     (["estimate", "--model", "deepseek-7b", "--vram", "lots"], "cannot read 'lots'"),
     (["estimate", "--model", "deepseek-7b", "--gpu", "a100"], "a100"),
 ])

@@ -130,7 +130,7 @@ def test_measured_plans_keep_the_profiler_quiet(tmp_path):
                     "lora", "--rank", "8", "--targets", "qv", "--batch", "1", "--measure", "1",
                     "--measure-steps", "2", "--storage", "none", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "measured: ok" in done.stdout
+    assert "measured on cpu: ok" in done.stdout
     assert "USDT" not in done.stderr and "profiler_start" not in done.stderr + done.stdout
 
 

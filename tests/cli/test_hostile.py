@@ -216,6 +216,8 @@ def estimate_args(draw):
     method = given.get("--method", ("lora",))[0]
     if method in ("full", "freeze"):
         verdicts.pop("--targets", None)  # no adapter: the targets are not read
+    if method == "freeze" and verdicts.get("--freeze-layers") == OK:
+        verdicts["--freeze-layers"] = EITHER  # more layers than the model has: refused
     if method == "dora" and given["--model"][0] in MOE_MODELS:
         verdicts["dora"] = EITHER  # PEFT refuses DoRA on fused experts: it depends on targets
     if "--gpu" in given and "--vram" in given:
@@ -246,10 +248,12 @@ def test_estimate_arguments(case):
 @pytest.mark.parametrize("stage", ["sft", "dpo", "ppo", "inference"])
 def test_estimate_largest_values_are_answered(option, value, stage):
     for method in ("lora", "full", "freeze"):
+        # more top layers than the model's 27 to train: refused (for the method that reads it)
+        expect = ERROR if option == "--freeze-layers" and method == "freeze" else OK
         for device in ("cuda", "cpu"):
             check(autotune("estimate", "--model", "deepseek-v2-lite", option, value, "--stage",
                            stage, "--method", method, "--device", device, "--attn", "eager",
-                           "--gpu", "t4", "--json"), OK)
+                           "--gpu", "t4", "--json"), expect)
 
 
 CAPPED = ["--rank", "--batch", "--seq-len", "--effective-batch", "--seed"]

@@ -135,3 +135,19 @@ def test_freeze_trains_the_top_layers(pm):
     arch = describe(config, family)
     c = count(arch, Recipe(method="freeze", freeze_layers=1), family.module_groups(config))
     assert c.trainable == arch.layer_params[-1]
+    layers = arch.num_layers
+    every = count(arch, Recipe(method="freeze", freeze_layers=layers), family.module_groups(config))
+    assert every.trainable == sum(arch.layer_params)  # every decoder layer, no embeddings
+    from autotune.util.errors import AutotuneError
+
+    with pytest.raises(AutotuneError, match=f"more than the model's {layers} decoder layers"):
+        count(arch, Recipe(method="freeze", freeze_layers=layers + 1),
+              family.module_groups(config))
+
+
+def test_qlora_on_an_eight_bit_base_is_refused_not_turned_into_four_bits():
+    from autotune.util.errors import AutotuneError
+
+    assert Recipe(method="qlora").bits == 4  # the method's own width, by default
+    with pytest.raises(AutotuneError, match="4-bit base, not 8-bit"):
+        Recipe(method="qlora", bits=8)

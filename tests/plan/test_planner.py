@@ -151,6 +151,12 @@ def test_stored_study_is_reused_and_measured_trials_accumulate(pm, tmp_path):
     report = json.loads(measured.output[measured.output.index("{"):])
     assert report["plans"][0]["measured"]["status"] == "ok"
     assert report["plans"][0]["measured"]["peak_tensor_bytes"] > 0
+    keys = ("method", "bits", "precision", "rank", "targets", "micro_batch", "grad_ckpt",
+            "optim", "attn")
+    predicted = {tuple(p[k] for k in keys): p["throughput"] for p in first["plans"]}
+    for plan in report["plans"][:2]:  # timed on the CPU: no speed of the planned card
+        assert plan["measured"]["device"] == "cpu" and plan["measured"]["tokens_per_s"] > 0
+        assert plan["throughput"] == predicted[tuple(plan[k] for k in keys)]
     study = optuna.load_study(study_name=first["study"]["name"], storage=storage)
     assert sum("measured" in t.user_attrs for t in study.trials) == 2
 
