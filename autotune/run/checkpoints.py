@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 from autotune.util.atomic import write_json
 from autotune.util.errors import AutotuneError
@@ -40,12 +41,17 @@ def commit(folder: str, step: int, tokens: int) -> None:
 
 
 def tokens_before(checkpoint: str | None) -> int:
-    """The tokens trained up to ``checkpoint`` (0 from the start, or for a checkpoint of
-    an older version that did not count them)."""
+    """The tokens trained up to ``checkpoint`` (0 from the start, or where its marker does
+    not say: an older version's, or one damaged since; the count is a report's, not worth
+    refusing a resume over)."""
     if checkpoint is None:
         return 0
-    tokens = read_json(os.path.join(checkpoint, MARKER), "checkpoint marker").get("tokens")
-    return tokens if isinstance(tokens, int) and tokens >= 0 else 0
+    try:
+        marker = read_json(os.path.join(checkpoint, MARKER), "checkpoint marker")
+    except AutotuneError:
+        return 0
+    tokens = marker.get("tokens") if isinstance(marker, dict) else None
+    return tokens if type(tokens) is int and tokens >= 0 else 0
 
 
 def latest(trainer_dir: str) -> str | None:
@@ -180,7 +186,7 @@ class SaveSchedule:
     The ranks of a multi-process run agree on both every step, so they stop together.
     ``tokens``: the tokens trained so far, recorded with each checkpoint."""
 
-    def __init__(self, signals: Signals, tokens, steps: int | None = None,
+    def __init__(self, signals: Signals, tokens: Callable[[], int], steps: int | None = None,
                  seconds: float | None = None, stop_file: str | None = None):
         self.signals = signals
         self.tokens = tokens

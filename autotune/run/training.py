@@ -89,7 +89,8 @@ def train_plan(pm, state: dict, partial: str, final: str, rows: list, quiet: boo
         args = trainer_args(plan, recipe, settings, device, trainer_dir)
         tracker = _Tracker(quiet, checkpoints.tokens_before(checkpoint))
         schedule = checkpoints.SaveSchedule(
-            signals, lambda tracker=tracker: tracker.tokens, settings.save_every, settings.save_minutes and settings.save_minutes * 60,
+            signals, lambda tracker=tracker: tracker.tokens, settings.save_every,
+            settings.save_minutes and settings.save_minutes * 60,
             os.path.join(partial, checkpoints.STOP) if launched else None)
         trainer = _trainer(stage, model, tokenizer, rows, args, recipe, plan,
                            [tracker.callback(), schedule.callback(), injector.callback()])
