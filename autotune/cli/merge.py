@@ -24,13 +24,37 @@ def command(pm, run_dir, output, trust_remote_code, as_json) -> None:
 
     if "adapter" not in read_report(run_dir)["saved"]:
         raise AutotuneError(f"{run_dir} holds full weights already: nothing to merge")
-    output = output or os.path.join(run_dir, "merged")
+    output = os.path.abspath(output or os.path.join(run_dir, "merged"))
     if os.path.exists(output) and os.listdir(output):
-        raise AutotuneError(f"{output} exists and is not empty")
+        raise AutotuneError(f"{output} exists and is not empty: give another --output")
     model, tokenizer, _ = load_run(pm, run_dir, merge=True, remote_code=trust_remote_code)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    _save(model, tokenizer, output)
     result = {"schema": "autotune.merge/1", "run": run_dir, "merged": output,
               "params": sum(p.numel() for p in model.parameters())}
     click.echo(json.dumps(result, indent=2) if as_json else
                f"merged the adapter of {run_dir} into {output} ({result['params']:,} parameters)")
+
+
+def _save(model, tokenizer, output: str) -> None:
+    """Write the merged model into a folder beside ``output`` and rename it into place:
+    a refused write (a full or read-only disk) is one error and leaves nothing behind."""
+    import shutil
+
+    from autotune.run.executor import write_error
+
+    parent = os.path.dirname(output)
+    folder = os.path.join(parent, f".{os.path.basename(output)}.merging-{os.getpid()}")
+    try:
+        os.makedirs(folder)
+    except OSError as exc:
+        raise AutotuneError(f"cannot write {output}: {exc.strerror or exc}") from None
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        os.replace(folder, output)  # over an empty folder too
+    except Exception as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        if (refused := write_error(exc)) is None:
+            raise
+        raise AutotuneError(f"cannot write {output}: {refused.strerror or refused}; nothing "
+                            "was written") from None

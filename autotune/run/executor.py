@@ -90,8 +90,8 @@ def _run(pm, plan: dict, settings: RunSettings, signals: checkpoints.Signals) ->
             shutil.rmtree(partial, ignore_errors=True)
         if isinstance(exc, (checkpoints.RunInterrupted, KeyboardInterrupt)):
             raise _stopped(exc, partial, final, kept_run) from None
-        if isinstance(exc, OSError) and exc.errno in WRITE_ERRORS:
-            raise _write_failed(exc, partial, final, kept_run) from None
+        if (refused := write_error(exc)) is not None:
+            raise _write_failed(refused, partial, final, kept_run) from None
         raise
     finally:
         if lock:
@@ -133,10 +133,10 @@ def resume(pm: pluggy.PluginManager, folder: str, quiet: bool = False) -> dict:
             return _start(pm, state, partial, final, rows, quiet, signals)
         except (checkpoints.RunInterrupted, KeyboardInterrupt) as exc:
             raise _stopped(exc, partial, final, True) from None
-        except OSError as exc:
-            if exc.errno not in WRITE_ERRORS:
+        except Exception as exc:
+            if (refused := write_error(exc)) is None:
                 raise
-            raise _write_failed(exc, partial, final, True) from None
+            raise _write_failed(refused, partial, final, True) from None
         finally:
             lock.close()
 
@@ -205,6 +205,24 @@ WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACC
                 errno.EPERM, errno.EIO}
 """What the file system says when a run cannot write: a full disk, a quota, a read-only or
 failing one."""
+
+
+_WRITERS = ("PytorchStreamWriter", "inline_container", "Error while serializing")
+"""What torch's checkpoint writer (a RuntimeError) and safetensors (a SafetensorError) say
+when the file system refuses a write: they carry no errno."""
+
+
+def write_error(exc: BaseException) -> OSError | None:
+    """``exc`` as the refused write it is, else ``None``: the file system's own error, or
+    torch's or safetensors' writer failing on one (a full disk, a file-size limit)."""
+    if isinstance(exc, OSError):
+        return exc if exc.errno in WRITE_ERRORS else None
+    if isinstance(exc, RuntimeError) or type(exc).__name__ == "SafetensorError":
+        text = str(exc)
+        if any(writer in text for writer in _WRITERS):
+            return OSError(errno.EIO, "the file system refused a write (a full disk or a "
+                                      f"file-size limit?): {text.splitlines()[0][:160]}")
+    return None
 
 
 def _write_failed(exc: OSError, partial: str, final: str, kept: bool) -> AutotuneError:

@@ -4,6 +4,7 @@ or a model folder of its own (what ``autotune merge`` writes)."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pluggy
 
@@ -118,7 +119,8 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
     if not merge and is_model_folder(run_dir):
         folder = os.path.abspath(run_dir)  # a relative path is never a hub id
         tokenizer = _tokenizer(folder, "model folder")
-        return _load_folder(folder, remote_code), tokenizer, None
+        with _loading(folder, "model"):
+            return _load_folder(folder, remote_code), tokenizer, None
 
     from autotune.run.loading import load_adapter, load_base, local_folder
     from autotune.cost.recipe import Recipe
@@ -131,8 +133,9 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
                                         "run's tokenizer"), "run's tokenizer folder")
     if "model" in saved:  # full or freeze tuning: the trained weights themselves
         full = recipe.but(method="full", bits=16)
-        return (load_base({}, full, os.path.join(run_dir, saved["model"]), device,
-                          remote_code=remote_code).eval(), tokenizer, report)
+        with _loading(os.path.join(run_dir, saved["model"]), "trained model"):
+            return (load_base({}, full, os.path.join(run_dir, saved["model"]), device,
+                              remote_code=remote_code).eval(), tokenizer, report)
     if "base" in saved:
         base_path = os.path.join(run_dir, saved["base"])
     else:
@@ -144,14 +147,30 @@ def load_run(pm: pluggy.PluginManager, run_dir: str, merge: bool = False,
                                 "machine (autotune never downloads)")
     if merge:  # merging needs a 16-bit base: quantised weights cannot absorb the adapter
         recipe = recipe.but(method="lora", bits=16)
-    base = load_base({}, recipe, base_path, device, remote_code=remote_code,
-                     experts=_expert_parameters(pm, base_path))
-    model = load_adapter(base, local_folder(os.path.join(run_dir, saved["adapter"]),
-                                            "run's adapter", "adapter_config.json"),
-                         quantised_experts=Recipe(**report["recipe"]).bits == 4)
+    with _loading(base_path, "base model"):
+        base = load_base({}, recipe, base_path, device, remote_code=remote_code,
+                         experts=_expert_parameters(pm, base_path))
+    adapter = local_folder(os.path.join(run_dir, saved["adapter"]), "run's adapter",
+                           "adapter_config.json")
+    with _loading(adapter, "adapter"):
+        model = load_adapter(base, adapter,
+                             quantised_experts=Recipe(**report["recipe"]).bits == 4)
     if merge:
         model = model.merge_and_unload()
     return model.eval(), tokenizer, report
+
+
+@contextmanager
+def _loading(folder: str, what: str):
+    """Files in ``folder`` that cannot be read as the ``what`` they should be (a truncated
+    weights file, a damaged config): one error naming the folder."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise AutotuneError(f"cannot load the {what} in {folder}: {first}") from None
 
 
 def _expert_parameters(pm: pluggy.PluginManager, base_path: str) -> tuple[str, ...]:

@@ -217,6 +217,34 @@ def test_disk_full_at_the_start_or_at_a_checkpoint_is_one_line(pm, tmp_path, ref
     assert losses(report) == pytest.approx(losses(uninterrupted), rel=1e-3)
 
 
+def test_a_file_size_limit_in_torchs_checkpoint_writer_keeps_the_run(pm, tmp_path, reference,
+                                                                      monkeypatch):
+    """torch's writer reports a refused write (EFBIG under `ulimit -f`, a quota) as a
+    RuntimeError without an errno: the same one line as ENOSPC, the checkpoints before it
+    kept (was exit 70 with the run folder removed)."""
+    from transformers import Trainer
+
+    _, plan, uninterrupted, _ = reference
+    real = Trainer._save_optimizer_and_scheduler
+
+    def limited(self, output_dir):
+        if self.state.global_step >= 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                               "2560 vs 2454")
+        return real(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", limited)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    refused(autotune(pm, "-q", "run", str(path), "--data", dataset_path("sft"), "--random-init",
+                     "--max-steps", str(STEPS), "--save-every", "1", "--output-dir",
+                     str(tmp_path / "run")),
+            "refused a write", "inline_container", "--resume", "continues from checkpoint-1")
+    monkeypatch.undo()
+    report = resume(pm, str(tmp_path / "run"), quiet=True)
+    assert losses(report) == pytest.approx(losses(uninterrupted), rel=1e-3)
+
+
 def test_a_run_killed_between_saving_and_renaming_is_only_finished_by_resume(
         pm, tmp_path, reference, monkeypatch):
     _, plan, uninterrupted, _ = reference
@@ -432,6 +460,39 @@ def test_generate_from_a_folder_without_a_tokenizer_says_so(pm, reference):
     assert (base / "config.json").is_file()
     refused(autotune(pm, "generate", str(base), "--prompt", "hi"), "has no tokenizer",
             "run folder")
+
+
+@pytest.mark.parametrize("damage", ["config", "weights"])
+def test_a_damaged_adapter_is_named_by_generate_and_merge(pm, tmp_path, reference, damage):
+    """A broken adapter_config.json or a truncated adapter_model.safetensors: one line
+    naming the adapter folder (was exit 70, JSONDecodeError / SafetensorError)."""
+    finished = tmp_path / "finished"
+    shutil.copytree(reference[3], finished)
+    if damage == "config":
+        (finished / "adapter" / "adapter_config.json").write_text("{")
+    else:
+        with open(finished / "adapter" / "adapter_model.safetensors", "r+b") as weights:
+            weights.truncate(10)
+    for command in (("generate", str(finished), "--prompt", "hi"), ("merge", str(finished))):
+        refused(autotune(pm, *command), "cannot load the adapter in", str(finished / "adapter"))
+    assert not (finished / "merged").exists()
+
+
+def test_merge_onto_a_disk_that_refuses_the_write_leaves_nothing(pm, tmp_path, reference,
+                                                                monkeypatch):
+    """A full or read-only disk while merging: one line, no half-written folder."""
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    def full(self, folder, **kwargs):
+        Path(folder, "model.safetensors").write_bytes(b"part")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: "
+                              "StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    refused(autotune(pm, "merge", str(reference[3]), "--output", str(tmp_path / "m")),
+            f"cannot write {tmp_path / 'm'}", "No space left on device", "nothing was written")
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("given", [("--max-steps", "9"), ("--epochs", "2"),
