@@ -42,11 +42,13 @@ def command(pm, plan_file, as_json) -> None:
     result, recipe, hardware = priced.assessment, priced.assessment.recipe, plan.get("hardware", {})
     found = alternatives.costed(priced.assessor(), alternatives.Setup(recipe, result.parallel),
                                 priced.lengths, hardware.get("budget_bytes"))
-    memory = priced.candidate().to_dict()["memory"]
+    candidate = priced.candidate().to_dict()
+    memory = candidate["memory"]
     report = {
         "schema": "autotune.explain/1", "plan": plan_file, "model": priced.model.id,
         "recipe": recipe.to_dict(), "hardware": hardware,
-        "why": _why(plan, recipe, result, hardware),
+        "fidelity": candidate["fidelity"], "throughput": candidate["throughput"],
+        "why": _why(plan, recipe, result, hardware, candidate),
         "memory": {**memory, "peak_phase": result.memory.phase,
                    "components": [{"name": k, "bytes": v, "meaning": MEANING.get(k, "")}
                                   for k, v in result.breakdown.items() if v]},
@@ -56,7 +58,8 @@ def command(pm, plan_file, as_json) -> None:
     click.echo(json.dumps(report, indent=2) if as_json else _render(report))
 
 
-def _why(plan, recipe, result, hardware) -> list[str]:
+def _why(plan, recipe, result, hardware, candidate: dict) -> list[str]:
+    """The plan in words, from its figures priced again (an edited plan's own)."""
     lines = []
     predictions = plan.get("predictions", {})
     objective = plan.get("objective", "balanced")
@@ -67,10 +70,9 @@ def _why(plan, recipe, result, hardware) -> list[str]:
                      f"{hardware.get('name', 'the card')} with "
                      f"{(budget - high) / GiB:.2f} GiB to spare under the "
                      f"{budget / GiB:.2f} GiB budget at the peak's upper bound.")
-    if "fidelity" in predictions:
-        lines.append(f"Fidelity {predictions['fidelity']:.2f} (1.00 = full fine-tuning with fp32 "
-                     "master weights); predicted "
-                     f"{predictions.get('throughput', {}).get('tokens_per_s', 0):.0f} tokens/s.")
+    lines.append(f"Fidelity {candidate['fidelity']:.2f} (1.00 = full fine-tuning with fp32 "
+                 "master weights); predicted "
+                 f"{candidate['throughput']['tokens_per_s']:.0f} tokens/s.")
     if recipe.adapter:
         lines.append(f"It trains {result.params.trainable:,} adapter parameters "
                      f"({result.params.trainable_percent:.2f}% of {result.params.all:,}) on "

@@ -566,7 +566,8 @@ def _number(v):
 
 
 RECIPE_RULES = {  # key: is the value valid in a LoRA recipe on a 16-bit base
-    "method": lambda v: v in ("full", "freeze", "lora", "dora", "qlora") and type(v) is str,
+    # qlora on the base's 16 bits: a contradiction (its base is 4-bit)
+    "method": lambda v: v in ("full", "freeze", "lora", "dora") and type(v) is str,
     "bits": lambda v: type(v) is int and v in (16, 8, 4),
     "precision": lambda v: type(v) is str and v in ("bf16", "fp16", "fp32", "amp"),
     "optim": lambda v: type(v) is str and v in ("adamw_torch", "adamw_8bit",

@@ -78,10 +78,13 @@ BOUNDS = ("peak_bytes", "tensor_peak_bytes", "peak_bytes_low", "peak_bytes_high"
 @pytest.mark.parametrize("name", CORPUS)
 def test_explain_reproduces_the_plan_to_the_byte(pm, tmp_path, name):
     report, document = make_plan(pm, tmp_path / "plan.yaml", CORPUS[name])
-    memory = explained(pm, tmp_path / "plan.yaml")["memory"]
+    found = explained(pm, tmp_path / "plan.yaml")
+    memory = found["memory"]
     planned = report["plans"][0]["memory"]
     for key in BOUNDS:
         assert memory[key] == planned[key] == document["predictions"]["memory"][key], key
+    for key in ("fidelity", "throughput"):
+        assert found[key] == report["plans"][0][key] == document["predictions"][key], key
     assert memory["peak_bytes_low"] < memory["peak_bytes"] < memory["peak_bytes_high"]
     record = document["record"]
     assert record["layout"] == planfile.LAYOUT
@@ -91,6 +94,30 @@ def test_explain_reproduces_the_plan_to_the_byte(pm, tmp_path, name):
     if "--stack" in CORPUS[name]:
         assert record["libraries"]["transformers"] == "4.51"
         assert record["layouts"]["experts"] == "per-expert"
+
+
+def test_explain_prices_an_edited_recipe_all_over_again(pm, tmp_path):
+    """A plan edited by hand (rank 16 -> 8): explain's fidelity and tokens/s are the new
+    recipe's, as `plan` prices it with that rank pinned, not the file's old predictions."""
+    path = tmp_path / "plan.yaml"
+    _, document = make_plan(pm, path, CORPUS["dense-16bit"])
+    document["recipe"].update(rank=8, alpha=16)
+    path.write_text(yaml.safe_dump(document))
+    found = explained(pm, path)
+    args = CORPUS["dense-16bit"]
+    args = [*args[:args.index("--rank")], "--rank", "8", *args[args.index("--rank") + 2:]]
+    pinned = make_plan(pm, tmp_path / "rank8.yaml", args)[0]["plans"]
+    again = next(p for p in pinned if p["rank"] == 8 and p["micro_batch"] ==
+                 document["training"]["micro_batch"] and p["grad_ckpt"] ==
+                 document["recipe"]["grad_ckpt"] and p["optim"] == document["recipe"]["optim"])
+    assert found["throughput"] == again["throughput"] != document["predictions"]["throughput"]
+    assert found["fidelity"] == again["fidelity"] != document["predictions"]["fidelity"]
+    text = invoke(pm, "explain", path).stdout
+    assert f"Fidelity {again['fidelity']:.2f}" in text
+    assert f"predicted {again['throughput']['tokens_per_s']:.0f} tokens/s" in text
+    document["recipe"].update(method="qlora", bits=16)
+    path.write_text(yaml.safe_dump(document))
+    assert "recipe.bits 16 with method qlora" in refused(pm, path)
 
 
 def test_a_plan_for_another_stack_is_priced_for_it_and_refused_here(pm, tmp_path):
