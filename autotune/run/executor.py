@@ -346,10 +346,15 @@ def check_report_to(report_to: str) -> None:
 
 
 
+CPU_LARGEST = 1_000_000_000
+"""The most parameters a run trains on the CPU (a step of a larger model takes minutes)."""
+
+
 def check_machine(pm, plan: dict, model_spec, final: str, quiet: bool,
                   remote_code: bool = False) -> None:
-    """Refuse, with numbers, a run this machine cannot hold: more host RAM than it has, or
-    more disk than the output folder's file system has free; warn when RAM is short now."""
+    """Refuse, with numbers, a run this machine cannot hold: a model too large to train
+    without a GPU, more host RAM than it has, or more disk than the output folder's file
+    system has free; warn when RAM is short now."""
     import torch
 
     from autotune.cost.assess import assess
@@ -361,6 +366,12 @@ def check_machine(pm, plan: dict, model_spec, final: str, quiet: bool,
                        files=weight_files(model_spec.path),
                        parallel=Parallel.from_dict(plan.get("distributed")),
                        effective_batch=plan.get("training", {}).get("effective_batch"))
+    if device == "cpu" and candidate.arch.total > CPU_LARGEST:
+        card = (plan.get("hardware") or {}).get("name") or "a GPU"
+        raise AutotuneError(
+            f"this machine has no GPU, and {model_spec.id} has {candidate.arch.total:,} "
+            f"parameters: a CPU trains models up to {CPU_LARGEST:,} (each step of a larger "
+            f"one takes minutes); run the plan where {card} is")
     total, available = machine_ram()
     folder = os.path.dirname(final)
     ram = check_ram(candidate.host, total, available)

@@ -462,6 +462,23 @@ def test_generate_from_a_folder_without_a_tokenizer_says_so(pm, reference):
             "run folder")
 
 
+def test_a_gpu_plan_for_a_7b_model_is_refused_on_a_machine_without_one(pm, tmp_path):
+    """Without a GPU a 7B plan would build a 14 GB random model in RAM, then take minutes a
+    step: refused before any of it, naming the card it was planned for."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    path = tmp_path / "d7.yaml"
+    code, err = autotune(pm, "plan", "--model", "deepseek-7b", "--gpu", "rtx3090", "--storage",
+                         "none", "-o", str(path))
+    assert code == 0, err
+    refused(autotune(pm, "-q", "run", str(path), "--data", dataset_path("sft"), "--random-init",
+                     "--output-dir", str(tmp_path / "run")),
+            "no GPU", "6,910,365,696 parameters", "RTX 3090")
+    assert sorted(os.listdir(tmp_path)) == ["d7.yaml"]
+
+
 @pytest.mark.parametrize("damage", ["config", "weights"])
 def test_a_damaged_adapter_is_named_by_generate_and_merge(pm, tmp_path, reference, damage):
     """A broken adapter_config.json or a truncated adapter_model.safetensors: one line
