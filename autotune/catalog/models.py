@@ -98,6 +98,14 @@ class ModelSpec:
     """A local folder holding the weights/tokenizer, if any."""
     params: int | None = None
     """The published total parameter count (profiles only)."""
+    published_context: int | None = None
+    """The context length the model card states (profiles only)."""
+
+    @property
+    def context(self) -> int | None:
+        """The longest sequence the model was trained for: its card's (profiles), else the
+        reach of its positions (:func:`positions`), where either is known."""
+        return self.published_context or positions(self.config)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,6 +118,24 @@ class ModelSpec:
             "model_type": self.config.get("model_type"),
             "config": copy.deepcopy(self.config),
         }
+
+
+def positions(config: dict) -> int | None:
+    """The longest sequence a model's positions reach, where its config gives one: its
+    position table, stretched by a RoPE scaling factor the table does not include yet
+    (Qwen's YaRN recipe keeps the table at the original length; Llama 3.1's and DeepSeek-V2's
+    tables hold the stretched length already)."""
+    value = config.get("max_position_embeddings") or config.get("n_positions")
+    if type(value) is not int or value <= 0:
+        return None
+    scaling = config.get("rope_scaling")
+    if isinstance(scaling, dict):
+        factor = scaling.get("factor")
+        original = scaling.get("original_max_position_embeddings", value)
+        if type(factor) in (int, float) and 1 < factor < 1e6 and type(original) in (
+                int, float) and value <= original:
+            value = int(value * factor)
+    return value
 
 
 # -- validation -------------------------------------------------------------------------
@@ -474,6 +500,7 @@ def resolve_model(spec: str, pm: pluggy.PluginManager) -> ModelSpec:
             source="profile",
             path=str(snapshot) if snapshot else None,
             params=profile.params,
+            published_context=profile.context,
         )
 
     try:

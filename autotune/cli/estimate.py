@@ -210,7 +210,7 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
                                  correction=correction, confidence=planner.confidence)
     asked = recipe.attn
     params, recipe, arch, memory = result.params, result.recipe, result.arch, result.memory
-    notes = [*memory.notes, *context_note(model.config, recipe.seq_len)]
+    notes = [*memory.notes, *context_note(model, recipe.seq_len)]
     if recipe.attn != asked:
         notes.append(f"this model runs {recipe.attn} attention, not {asked} (what its family "
                      "or transformers allows): priced and run with it")

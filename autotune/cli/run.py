@@ -190,7 +190,10 @@ def _plan(pm, model_spec, stage, gpu, vram, seq_len, remote_code, quiet, data: s
         raise AutotuneError(f"no plan for {planned.model.id} fits {card.name}; see "
                             "`autotune plan`")
     if not quiet:
-        click.echo(f"autotune: planned {best.recipe.method} (r{best.recipe.rank}, "
-                   f"{best.recipe.targets}), batch {best.recipe.batch} x {best.grad_accum} for "
+        r = best.recipe
+        what = f"{r.method} (r{r.rank}, {r.targets})" if r.adapter else r.method
+        click.echo(f"autotune: planned {what}, batch {r.batch} x {best.grad_accum} for "
                    f"{card.name}", err=True)
+        for note in planned.notes:
+            click.echo(f"autotune: note: {note}", err=True)
     return planned.document()

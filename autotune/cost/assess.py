@@ -93,7 +93,8 @@ class Assessment:
 
 
 SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-         "intermediate_size", "vocab_size", "head_dim", "n_embd", "n_layer", "n_head")
+         "intermediate_size", "vocab_size", "head_dim", "n_embd", "n_layer", "n_head",
+         "max_position_embeddings", "n_positions")
 COUNTS = ("n_routed_experts", "num_local_experts", "num_experts", "n_shared_experts",
           "num_experts_per_tok", "moe_intermediate_size", "kv_lora_rank", "q_lora_rank",
           "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "first_k_dense_replace",

@@ -175,37 +175,21 @@ def budget(card: GPU, headroom: str) -> int:
     return found
 
 
-def _positions(config: dict) -> int | None:
-    """The longest sequence the model's positions reach, where its config gives one: its
-    position table, stretched by a RoPE scaling factor the table does not include yet
-    (Qwen's YaRN recipe keeps the table at the original length; Llama 3.1's and DeepSeek-V2's
-    tables hold the stretched length already)."""
-    value = config.get("max_position_embeddings") or config.get("n_positions")
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        return None
-    scaling = config.get("rope_scaling")
-    if isinstance(scaling, dict):
-        factor = scaling.get("factor")
-        original = scaling.get("original_max_position_embeddings", value)
-        if isinstance(factor, (int, float)) and 1 < factor < 1e6 and isinstance(
-                original, (int, float)) and value <= original:
-            value = int(value * factor)
-    return value if value <= LIMITS["seq_len"] else None
+def context_length(model: ModelSpec) -> int:
+    """The longest sequence the model takes (:attr:`ModelSpec.context`; 4,096 where
+    nothing says), the cap for ``--data``."""
+    context = model.context
+    return context if context is not None and context <= LIMITS["seq_len"] else 4096
 
 
-def context_length(config: dict) -> int:
-    """The longest sequence the model takes (its position table), the cap for ``--data``."""
-    return _positions(config) or 4096
-
-
-def context_note(config: dict, seq_len: int) -> list[str]:
-    """A note when ``seq_len`` is longer than the model's position table (none otherwise)."""
-    positions = _positions(config)
-    if positions is None or seq_len <= positions:
+def context_note(model: ModelSpec, seq_len: int) -> list[str]:
+    """A note when ``seq_len`` is longer than the model was trained for (none otherwise)."""
+    context = model.context
+    if context is None or seq_len <= context:
         return []
-    return [(f"{seq_len:,} tokens is longer than the model's context of {positions:,} "
-             "positions (max_position_embeddings): it was not trained at that length; extend "
-             "it (rope_scaling in its config.json) or train shorter sequences")]
+    return [(f"{seq_len:,} tokens is longer than the {context:,} tokens {model.id} was "
+             "trained for: extend its context (rope_scaling in its config.json) or train "
+             "shorter sequences")]
 
 
 def plan(pm: pluggy.PluginManager, request: Request,
@@ -221,7 +205,7 @@ def plan(pm: pluggy.PluginManager, request: Request,
     seq_len = r.seq_len
     if lengths is not None:  # the data sets the length; an explicit cap limits it
         seq_len = choose_seq_len(lengths, r.seq_len if r.seq_len_explicit
-                                 else context_length(model.config))
+                                 else context_length(model))
     if r.pins.targets is not None:  # pinned targets that match nothing: an error, not a tune
         resolve_targets(planner.arch, planner.groups, r.pins.targets)
     cards, local = _cards(r)
@@ -244,7 +228,7 @@ def plan(pm: pluggy.PluginManager, request: Request,
                                                 batching_for(r.stage, space.attn)))
 
     planned = Planned(r, model, planner, lengths, seq_len, local, host_limit, [],
-                      notes=context_note(model.config, seq_len))
+                      notes=context_note(model, seq_len))
     if cards is None:
         if r.one_card or r.output:
             what = "--plot draws" if r.one_card else "-o writes the plan for"

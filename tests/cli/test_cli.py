@@ -77,19 +77,27 @@ def test_inference_stage_uses_the_serving_rule(run):
 
 
 def test_a_sequence_past_the_models_context_is_noted_by_estimate_and_plan(run, tmp_path):
-    """deepseek-7b's config has 4,096 positions; a YaRN-scaled config reaches its factor."""
+    """deepseek-7b's card says 4,096 tokens; DeepSeek-V2-Lite's 32k, though its config's
+    position table reaches 163,840; a config file's YaRN scaling reaches its factor."""
     def notes(*args):
         result = run(*args, "--json")
         assert result.exit_code == 0, result.output
-        return [n for n in json.loads(result.output)["notes"] if "context" in n]
+        return [n for n in json.loads(result.output)["notes"] if "trained for" in n]
 
     assert notes("estimate", "--model", "deepseek-7b", "--seq-len", "4096") == []
     [note] = notes("estimate", "--model", "deepseek-7b", "--seq-len", "8192")
-    assert "8,192 tokens is longer than the model's context of 4,096 positions" in note
+    assert "8,192 tokens is longer than the 4,096 tokens deepseek-7b was trained for" in note
+    assert notes("estimate", "--model", "deepseek-v2-lite", "--seq-len", "32768") == []
+    assert "the 32,768 tokens deepseek-v2-lite" in notes(
+        "estimate", "--model", "deepseek-v2-lite", "--seq-len", "40000")[0]
     assert notes("plan", "--model", "deepseek-7b", "--seq-len", "8192", "--vram", "80GiB",
                  "--method", "qlora", "--storage", "none") == [note]
     assert len(notes("plan", "--model", "deepseek-7b", "--seq-len", "8192",  # no card: overview
                      "--method", "qlora", "--storage", "none")) == 1
+    written = tmp_path / "long.yaml"
+    assert run("plan", "--model", "tiny", "--vram", "2GiB", "--seq-len", "4096", "--storage",
+               "none", "-o", str(written)).exit_code == 0
+    assert len(notes("explain", str(written))) == 1  # the plan file keeps the question
     yarn = tmp_path / "config.json"
     yarn.write_text(json.dumps({
         "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
