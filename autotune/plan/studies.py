@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from autotune.plan import sqlitestudy
 from autotune.util.errors import AutotuneError
@@ -315,7 +316,14 @@ def _guard(function, *args, **kwargs):
 
 
 def warn(url: str, exc: Exception) -> None:
-    """The one warning line a broken storage costs."""
+    """The one warning line a broken storage costs (a password in its URL not shown)."""
     text = str(exc).replace("\n", " ")
-    print(f"autotune: warning: study storage {url} unusable ({text}); planning without "
+    shown = url
+    try:
+        password = urlsplit(url).password
+    except ValueError:  # an unreadable port or address: nothing to hide that parses
+        password = None
+    if password:
+        shown, text = url.replace(password, "***"), text.replace(password, "***")
+    print(f"autotune: warning: study storage {shown} unusable ({text}); planning without "
           "storing", file=sys.stderr, flush=True)

@@ -143,6 +143,7 @@ def _corrupted(tmp_path):
     (_corrupted, ()),
     (_cache_in_a_file, ()),
     (lambda tmp_path: {}, ("--storage", "sqlite://")),
+    (lambda tmp_path: {}, ("--storage", "postgresql://user:s3cret@127.0.0.1:1/db")),
     (lambda tmp_path: {"AUTOTUNE_CACHE_DIR": "", "XDG_CACHE_HOME": "",
                        "HOME": str(tmp_path / "home-file")}, ()),
 ])
@@ -154,6 +155,7 @@ def test_a_broken_store_plans_without_storing_with_one_warning(tmp_path, broken,
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "planning without storing" in warnings[0], result.stderr
+    assert "s3cret" not in result.stderr  # a password in the URL is not shown
     assert "#  recipe" in result.stdout
 
 
