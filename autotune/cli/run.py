@@ -22,6 +22,8 @@ from autotune.util.errors import AutotuneError
 from autotune.cost.recipe import LIMITS
 
 DEMO_STEPS = 30
+PLANNING = ("stage", "gpu", "vram", "seq_len")
+"""The options that plan a --model run (a plan file has its own)."""
 
 
 @click.command("run")
@@ -100,8 +102,15 @@ def command(ctx, plan_file, data, output_dir, max_steps, epochs, report_to, mode
         max_steps = max_steps or DEMO_STEPS
         vram, seq_len = vram or (None if gpu else "2GiB"), min(seq_len, 256)
         output_dir = output_dir or _fresh("autotune-demo")
-    if plan_file and model_spec:
-        raise AutotuneError("give a plan file or --model, not both")
+    if max_steps and epochs:
+        raise AutotuneError("give --max-steps or --epochs, not both")
+    if plan_file and (model_spec or demo):
+        raise AutotuneError(f"give a plan file or {'--demo' if demo else '--model'}, not both")
+    if plan_file and (given := [f"--{name.replace('_', '-')}" for name in PLANNING
+                                if ctx.get_parameter_source(name) in (
+                                    ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]):
+        raise AutotuneError(f"{', '.join(given)} plan with --model; a plan file has its own "
+                            "(plan it again with `autotune plan` to change them)")
     if plan_file:
         from autotune.plan import planfile
 

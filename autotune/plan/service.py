@@ -33,7 +33,7 @@ from autotune.plan.planfile import plan_document, require_record
 from autotune.plan.planner import Candidate, Planner, PlanResult
 from autotune.plan.studies import default_storage
 from autotune.plan.space import Pins, Space
-from autotune.plugin.registry import DEFAULT_STAGE, family_for, stage_named
+from autotune.plugin.registry import DEFAULT_STAGE, family_for, stage_named, stage_settings
 from autotune.util.errors import AutotuneError
 from autotune.util.units import gib, parse_size
 
@@ -197,6 +197,7 @@ def plan(pm: pluggy.PluginManager, request: Request,
     """Plan ``request``: the study, its costed alternatives, the advice when nothing fits.
     ``measure``: the run layer's step measurer, for ``request.measure_top`` > 0."""
     r = request
+    stage_settings(stage_named(pm, r.stage), r.stage_options)  # --beta on sft: refused now
     model = resolve_model(r.model, pm)
     planner = Planner(pm, model.config, model.family, model.id, r.remote_code,
                       calibrated=r.calibrated, confidence=r.confidence,
@@ -230,8 +231,9 @@ def plan(pm: pluggy.PluginManager, request: Request,
     planned = Planned(r, model, planner, lengths, seq_len, local, host_limit, [],
                       notes=context_note(model, seq_len))
     if cards is None:
-        if r.one_card or r.output:
-            what = "--plot draws" if r.one_card else "-o writes the plan for"
+        if r.one_card or r.output or r.measure_top:
+            what = ("--plot draws" if r.one_card else "-o writes the plan for" if r.output
+                    else "--measure measures the plans for")
             raise AutotuneError(f"{what} one card, and this machine has no GPU: name the card "
                                 "with --gpu (e.g. --gpu rtx3090) or a budget with --vram "
                                 "(e.g. --vram 24GiB)")

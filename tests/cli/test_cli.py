@@ -114,6 +114,8 @@ def test_a_sequence_past_the_models_context_is_noted_by_estimate_and_plan(run, t
     (["estimate", "--model", "deepseek-7b", "--targets", "nope"], "match no linear layer"),
     (["estimate", "--model", "deepseek-7b", "--method", "full", "--bits", "4"], "16-bit base"),
     (["estimate", "--model", "deepseek-7b", "--method", "qlora", "--bits", "8"], "4-bit base"),
+    (["plan", "--model", "tiny", "--vram", "2GiB", "--storage", "none", "--beta", "0.5"],
+     "--beta is not an option of stage 'sft'"),  # ignored unless -o wrote the plan
     (["estimate", "--model", "deepseek-7b", "--method", "freeze", "--freeze-layers", "31"],
      "more than the model's 30 decoder layers"),
     (["estimate", "--model", "deepseek-7b", "--vram", "lots"], "cannot read 'lots'"),
@@ -124,6 +126,18 @@ def test_errors_are_one_line(args, message):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_measuring_the_per_card_overview_is_refused():
+    """Without a GPU and none named, plan shows the best plan per common card: --measure
+    (like -o and --plot) needs one card, and measured nothing there without a word."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: no overview")
+    result = autotune("plan", "--model", "tiny", "--storage", "none", "--measure", "1")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "--measure measures the plans for one card" in result.stderr
 
 
 def test_malformed_config_is_one_line(tmp_path):

@@ -409,6 +409,21 @@ def test_plan_values_no_run_can_start_with(pm, tmp_path, reference, no_training,
     assert not (tmp_path / "run.partial").exists()
 
 
+@pytest.mark.parametrize("extra, words", [
+    (("--stage", "dpo"), ["--stage plan with --model", "plan it again"]),
+    (("--seq-len", "64", "--gpu", "a10"), ["--gpu, --seq-len plan with --model"]),
+    (("--max-steps", "1", "--epochs", "2"), ["--max-steps or --epochs, not both"]),
+    (("--demo",), ["a plan file or --demo, not both"]),
+])
+def test_options_a_plan_file_would_ignore_are_refused(pm, tmp_path, reference, no_training,
+                                                      extra, words):
+    """A plan file fixes its stage, card and length: --stage, --gpu, --vram and --seq-len
+    (which plan a --model run) were silently ignored beside one."""
+    refused(run_plan(pm, tmp_path, reference[1], *extra, "--output-dir", str(tmp_path / "run")),
+            *words)
+    assert not (tmp_path / "run.partial").exists()
+
+
 def test_output_folders_a_run_cannot_use(pm, tmp_path, reference, no_training):
     plan = reference[1]
     shadow = tmp_path / "taken"
