@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from autotune.cost.parallel import DEEPSPEED as ZERO_STAGES
 from autotune.cost.recipe import HF_ATTENTION, HF_OPTIMIZERS, TORCH_DTYPES
-from autotune.plugin.registry import DEFAULT_STAGE, Stage, stage_named
+from autotune.plugin.registry import DEFAULT_STAGE, Stage, packing, stage_named
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
 from autotune.util.files import check_new_file
@@ -77,6 +77,12 @@ def _training(plan: dict) -> dict:
     training = plan.get("training") or {}
     return {"micro_batch": recipe.get("batch", 1), "grad_accum": 1,
             **training_defaults(recipe.get("method", "lora")), **training}
+
+
+def _batching(training: dict) -> str:
+    """How the plan batches its rows: ``padded``, ``packed`` or ``wrapped`` (see
+    :meth:`~autotune.plugin.registry.Stage.batching`; ``packing: true``: wrapped)."""
+    return training.get("batching") or ("wrapped" if training.get("packing") else "padded")
 
 
 def _compute_dtype(recipe: dict) -> str:
@@ -392,6 +398,8 @@ def llamafactory_config(plan: dict, context: ExportContext | None = None,
     name, folder = _dataset_name(data)
     config.update({"dataset": name, "dataset_dir": folder, "template": context.template,
                    "cutoff_len": recipe["seq_len"]})
+    batching = _batching(training)  # packed: no attention across examples (neat_packing)
+    config.update({"packing": batching != "padded", "neat_packing": batching == "packed"})
     config.update({"output_dir": _output_dir(plan, "llamafactory"), "logging_steps": 10,
                    "save_steps": 500, "report_to": "none"})
     config.update(_hf_training(recipe, training))
@@ -498,7 +506,9 @@ def axolotl_config(plan: dict, context: ExportContext | None = None, data: str |
         config["chat_template"] = CHAT_TEMPLATE
     config.update({"dataset_prepared_path": "last_run_prepared", "val_set_size": 0.0,
                    "output_dir": _output_dir(plan, "axolotl"),
-                   "sequence_len": recipe["seq_len"]})
+                   "sequence_len": recipe["seq_len"],
+                   # multipack: full rows, no attention across examples
+                   "sample_packing": _batching(training) != "padded"})
     config.update({
         "micro_batch_size": int(training["micro_batch"]),
         "gradient_accumulation_steps": int(training["grad_accum"]),
@@ -606,6 +616,7 @@ def trl_config(plan: dict, context: ExportContext | None = None, data: str | Non
     config.update(_trl_dataset(data))
     config["output_dir"] = _output_dir(plan, "trl")
     config.update(_hf_training(recipe, training))
+    config.update(packing(training))  # as autotune's own run builds its SFTConfig
     config.update({
         "warmup_steps": float(training.get("warmup_ratio", 0.0)),  # a float < 1 is a ratio
         "bf16": compute == "bf16",

@@ -46,6 +46,7 @@ VARIANTS = {
     "lora_zero2": {"recipe": {"optim": "adamw_8bit"},
                    "distributed": {"strategy": "zero2", "gpus": 2, "nodes": 1,
                                    "offload": {"optimizer": "cpu", "params": "none"}}},
+    "lora_packed": {"training": {"batching": "packed"}},
     "lora_zero1_sgd": {"recipe": {"optim": "sgd"},
                        "distributed": {"strategy": "zero1", "gpus": 2, "nodes": 1,
                                        "offload": {"optimizer": "cpu"}}},
@@ -249,6 +250,22 @@ def test_trl_sft_config_reads_back_through_trl(exported):
     assert model.dtype == "bfloat16" and model.attn_implementation == "flash_attention_2"
     assert [(d.path, d.data_files) for d in mixture.datasets] == [("json",
                                                                    "path/to/train.jsonl")]
+
+
+def test_packed_batches_are_packed_by_every_tool(exported):
+    """A plan priced with packed rows (a data plan on FlashAttention: several examples a row,
+    none attending to another) trains packed: TRL's best-fit packing through its own parser,
+    LLaMA-Factory's neat packing and Axolotl's multipack; a padded plan packs nothing."""
+    pytest.importorskip("trl")
+    (_, sft, _, _), _ = trl_parse("sft", exported["lora_packed", "trl"]["path"])
+    assert sft.packing is True and sft.packing_strategy == "bfd"
+    (_, padded, _, _), _ = trl_parse("sft", exported["lora", "trl"]["path"])
+    assert padded.packing is False
+    packed, plain = (exported[name, "llamafactory"]["config"] for name in ("lora_packed", "lora"))
+    assert (packed["packing"], packed["neat_packing"]) == (True, True)
+    assert (plain["packing"], plain["neat_packing"]) == (False, False)
+    assert exported["lora_packed", "axolotl"]["config"]["sample_packing"] is True
+    assert exported["lora", "axolotl"]["config"]["sample_packing"] is False
 
 
 def test_trl_pretraining_on_several_gpus_hands_accelerate_its_config(exported):
