@@ -19,7 +19,7 @@ from autotune.cli.output import force_option, table
 from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.cost.recipe import ATTENTION, LIMITS, METHODS, OPTIMIZERS, PRECISIONS, Recipe
 from autotune.plan.advice import fit_line
-from autotune.plan.service import context_note, read_lengths, target_gpu
+from autotune.plan.service import question_notes, read_lengths, target_gpu
 from autotune.util.errors import AutotuneError
 from autotune.util.units import GiB, gib
 
@@ -210,7 +210,7 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
                                  correction=correction, confidence=planner.confidence)
     asked = recipe.attn
     params, recipe, arch, memory = result.params, result.recipe, result.arch, result.memory
-    notes = [*memory.notes, *context_note(model, recipe.seq_len)]
+    notes = [*memory.notes, *question_notes(model, recipe.seq_len)]
     if recipe.attn != asked:
         notes.append(f"this model runs {recipe.attn} attention, not {asked} (what its family "
                      "or transformers allows): priced and run with it")

@@ -35,7 +35,7 @@ def command(pm, plan_file, as_json) -> None:
     """
     from autotune.plan import alternatives
     from autotune.plan.planfile import data_path, read_plan
-    from autotune.plan.service import context_note, price_plan
+    from autotune.plan.service import price_plan, question_notes
 
     plan = read_plan(plan_file)
     priced = price_plan(pm, plan, plan_file)
@@ -53,7 +53,7 @@ def command(pm, plan_file, as_json) -> None:
                    "components": [{"name": k, "bytes": v, "meaning": MEANING.get(k, "")}
                                   for k, v in result.breakdown.items() if v]},
         "alternatives": [a.to_dict() for a in found],
-        "notes": context_note(priced.model, recipe.seq_len),
+        "notes": question_notes(priced.model, recipe.seq_len, priced.gpu),
         "run": run_command(plan_file, data_path(plan)),
     }
     click.echo(json.dumps(report, indent=2) if as_json else _render(report))

@@ -25,6 +25,7 @@ from autotune.cost import host
 from autotune.cost.assess import Assessment
 from autotune.cost.correction import Correction
 from autotune.cost.host import weight_files
+from autotune.cost.objectives import NOMINAL
 from autotune.cost.parallel import Parallel
 from autotune.cost.params import resolve_targets
 from autotune.cost.recipe import LIMITS, Recipe
@@ -175,6 +176,11 @@ def budget(card: GPU, headroom: str) -> int:
     return found
 
 
+NOMINAL_NOTE = (f"tokens/s on a memory budget (--vram) are a stand-in card's "
+                f"({NOMINAL['bf16_tflops']:g} bf16 TFLOPS, {NOMINAL['bandwidth_gbs']:,.0f} "
+                "GB/s): they rank these plans, not the speed of yours (--gpu names it)")
+
+
 def context_length(model: ModelSpec) -> int:
     """The longest sequence the model takes (:attr:`ModelSpec.context`; 4,096 where
     nothing says), the cap for ``--data``."""
@@ -182,14 +188,18 @@ def context_length(model: ModelSpec) -> int:
     return context if context is not None and context <= LIMITS["seq_len"] else 4096
 
 
-def context_note(model: ModelSpec, seq_len: int) -> list[str]:
-    """A note when ``seq_len`` is longer than the model was trained for (none otherwise)."""
+def question_notes(model: ModelSpec, seq_len: int, card: GPU | None = None) -> list[str]:
+    """What to know about the question itself: a ``seq_len`` longer than the model was
+    trained for; a ``card`` that is a memory budget, priced for speed as a stand-in."""
+    notes = []
     context = model.context
-    if context is None or seq_len <= context:
-        return []
-    return [(f"{seq_len:,} tokens is longer than the {context:,} tokens {model.id} was "
-             "trained for: extend its context (rope_scaling in its config.json) or train "
-             "shorter sequences")]
+    if context is not None and seq_len > context:
+        notes.append(f"{seq_len:,} tokens is longer than the {context:,} tokens {model.id} was "
+                     "trained for: extend its context (rope_scaling in its config.json) or "
+                     "train shorter sequences")
+    if card is not None and not card.has_throughput:
+        notes.append(NOMINAL_NOTE)
+    return notes
 
 
 def plan(pm: pluggy.PluginManager, request: Request,
@@ -229,7 +239,7 @@ def plan(pm: pluggy.PluginManager, request: Request,
                                                 batching_for(r.stage, space.attn)))
 
     planned = Planned(r, model, planner, lengths, seq_len, local, host_limit, [],
-                      notes=context_note(model, seq_len))
+                      notes=question_notes(model, seq_len))
     if cards is None:
         if r.one_card or r.output or r.measure_top:
             what = ("--plot draws" if r.one_card else "-o writes the plan for" if r.output
@@ -246,6 +256,7 @@ def plan(pm: pluggy.PluginManager, request: Request,
         planned.overview = True
         return planned
     card = cards[0]
+    planned.notes = question_notes(model, seq_len, card)
     result = planner.plan(space_for(card), budget(card, r.headroom), r.objective, r.storage,
                           r.seed, r.top)
     planned.results.append(result)

@@ -128,6 +128,22 @@ def test_errors_are_one_line(args, message):
     assert result.stderr.count("\n") == 1 and message in result.stderr
 
 
+def test_tokens_per_second_on_a_memory_budget_say_they_are_a_stand_in_cards(run, tmp_path):
+    """A --vram budget has no compute figures: its plans' tokens/s come from a stand-in
+    card, and plan and explain say so; a named card's do not need the note."""
+    def stand_in(*args):
+        result = run(*args, "--json")
+        assert result.exit_code == 0, result.output
+        return [n for n in json.loads(result.output)["notes"] if "stand-in" in n]
+
+    path = tmp_path / "plan.yaml"
+    [note] = stand_in("plan", "--model", "tiny", "--vram", "2GiB", "--seq-len", "128",
+                      "--storage", "none", "-o", str(path))
+    assert "100 bf16 TFLOPS" in note and stand_in("explain", str(path)) == [note]
+    assert stand_in("plan", "--model", "tiny", "--gpu", "a10", "--seq-len", "128",
+                    "--storage", "none") == []
+
+
 def test_measuring_the_per_card_overview_is_refused():
     """Without a GPU and none named, plan shows the best plan per common card: --measure
     (like -o and --plot) needs one card, and measured nothing there without a word."""
