@@ -18,7 +18,7 @@ from autotune.cost.parallel import cards_needed, gpus_per_node_split
 from autotune.cost.uncertainty import band
 from autotune.plan import alternatives
 from autotune.plan.planner import Candidate, Planner, PlanResult
-from autotune.plan.space import Pins
+from autotune.plan.space import METHODS, Pins
 from autotune.util.units import gib
 
 
@@ -83,7 +83,7 @@ def infeasible(planner: Planner, result: PlanResult, objective: str) -> dict:
     message = (f"no plan fits {result.gpu.name}: the smallest needs {gib(need)} at its upper "
                f"bound, the budget is {gib(result.budget)}{short}. It would fit with: "
                + "; ".join(fixes) + ".")
-    if smallest is not None:
+    if smallest is not None and (cheapest is not None or not fixes):  # else: the fixes say
         message += " " + fit_line(cheapest.to_dict() if cheapest else None, result.budget,
                                   space.host_ram) + "."
     return {"smallest_peak_bytes": need, "budget_bytes": result.budget, "fixes": fixes,
@@ -137,9 +137,13 @@ def memory_fixes(planner: Planner, result: PlanResult, need: int, objective: str
     if bigger:
         fixes.append("a card with more memory: " + ", ".join(g.id for g in bigger[:4]))
     context = context_bound(planner)
+    pinned_bits = METHODS[space.pins.method][1] if space.pins.method else 16
     if context >= result.budget:
         fixes.append(f"no number of cards: the CUDA context alone may take {gib(context)} "
                      "of each")
+    elif pinned_bits < 16 and space.world == 1:
+        fixes.append(f"not more cards of this kind: ZeRO and FSDP shard 16-bit bases only, and "
+                     f"--method {space.pins.method} is pinned")
     elif space.world == 1:
         fixes.append(_cards_needed(planner, space, result.budget, result.storage))
     return fixes
@@ -154,7 +158,9 @@ def context_bound(planner: Planner) -> int:
 def _cards_needed(planner: Planner, space, budget: int, storage: str | None) -> str:
     """How many cards of this kind sharded plans need: fewest overall, and fewest without
     CPU offload (which needs host RAM and PCIe time)."""
-    lean = Pins(**{"grad_ckpt": True, "batch": 1, **space.pins.to_dict()})
+    # checkpointing is searched, not pinned on: freeze tuning saves less without it (no
+    # gradient flows through its frozen layers then)
+    lean = Pins(**{"batch": 1, **space.pins.to_dict()})
 
     def smallest(n, offload):
         per_node, nodes = gpus_per_node_split(n)

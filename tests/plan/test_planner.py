@@ -253,6 +253,28 @@ def test_infeasible_exits_non_zero_with_numbers_and_fixes(pm):
     assert "zero3" in cards  # sharded: the only way full tuning of 7B fits 24 GB cards
 
 
+def test_the_cards_advice_is_a_plan_that_fits_on_that_many(pm):
+    """72B on 24 GB cards: the advice's card count, asked for, gives a plan that fits (it
+    searched checkpointing on only and said "more than 256 cards"; freeze tuning, which
+    then keeps no activations for its frozen layers, fits 2 with offload). A pinned 8-bit
+    base, which nothing shards, gets no card count at all."""
+    def plan(*args):
+        result = CliRunner().invoke(make_cli(pm), [
+            "plan", "--model", "qwen2.5-72b", "--gpu", "rtx4090", "--seq-len", "4096",
+            "--storage", "none", "--json", *args])
+        return result.exit_code, json.loads(result.output)
+
+    code, report = plan()
+    assert code == 3
+    [cards] = [fix for fix in report["infeasible"]["fixes"] if "x rtx4090 (--gpus" in fix]
+    gpus = cards[cards.index("--gpus") + 7:].split(")")[0].split()[0]
+    code, sharded = plan("--gpus", gpus)
+    assert code == 0 and sharded["plans"], cards
+    code, report = plan("--method", "lora-8bit")
+    assert code == 3 and not any("x rtx4090 (--gpus" in f for f in report["infeasible"]["fixes"])
+    assert any("shard 16-bit bases only" in f for f in report["infeasible"]["fixes"])
+
+
 # -- the seeds' verdicts -----------------------------------------------------------------
 
 def test_seed_000_deepseek_7b_lora_fits_a_3090_in_16_bit(pm):
