@@ -214,6 +214,9 @@ def to_json(model, planner, recipe: Recipe, card=None, probed=None, workload=Non
     if recipe.attn != asked:
         notes.append(f"this model runs {recipe.attn} attention, not {asked} (what its family "
                      "or transformers allows): priced and run with it")
+    if model.params and abs(params.total - model.params) > 0.01 * model.params:
+        notes.append(f"the profile of {model.id} says {model.params:,} parameters; its "
+                     f"config counts {params.total:,}: one of them is wrong")
     if params.unmatched:
         notes.append(f"targets {', '.join(params.unmatched)} match no module of this model "
                      "(PEFT skips them silently)")

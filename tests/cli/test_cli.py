@@ -144,6 +144,29 @@ def test_tokens_per_second_on_a_memory_budget_say_they_are_a_stand_in_cards(run,
                     "--storage", "none") == []
 
 
+def test_a_profile_whose_parameter_count_its_config_does_not_make_is_noted(
+        run, tmp_path, monkeypatch):
+    """A user profile's ``params`` is the published total: where the exact count of its
+    config disagrees (here: 5), estimate says so rather than trusting either."""
+    import yaml
+
+    from autotune.catalog.models import PROFILES_PATH_ENV
+
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    shipped = yaml.safe_load((repo / "profiles/models/llama/llama-2-13b.yaml").read_text())
+    shipped.update(id="my-13b", name="me/my-13b", aliases=[], params=5)
+    (tmp_path / "my-13b.yaml").write_text(yaml.safe_dump(shipped))
+    monkeypatch.setenv(PROFILES_PATH_ENV, str(tmp_path))
+    notes = json.loads(run("estimate", "--model", "my-13b", "--json").output)["notes"]
+    assert "the profile of my-13b says 5 parameters; its config counts 13,015,864,320" in \
+        " ".join(notes)
+    monkeypatch.delenv(PROFILES_PATH_ENV)
+    notes = json.loads(run("estimate", "--model", "llama-2-13b", "--json").output)["notes"]
+    assert not any("parameters; its config" in n for n in notes)
+
+
 def test_measuring_the_per_card_overview_is_refused():
     """Without a GPU and none named, plan shows the best plan per common card: --measure
     (like -o and --plot) needs one card, and measured nothing there without a word."""
