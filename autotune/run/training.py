@@ -314,8 +314,9 @@ def prepare_tokenizer(model_spec, family, settings: RunSettings, partial: str):
                                 "tokenizer is built for it)")
         raise AutotuneError(
             f"the weights of {model_spec.id} ({model_spec.name}) are not on this machine and "
-            "autotune never downloads: put them in the Hugging Face cache or pass --model "
-            "PATH to a local folder (or --random-init to train from random weights)")
+            "autotune never downloads: put them in the Hugging Face cache, or plan from a "
+            "local folder of them (--model PATH to `autotune plan` or `autotune run`), or "
+            "train from random weights with --random-init")
     if not tokenizer.chat_template:
         tokenizer.chat_template = family.chat_template(model_spec.config)
     if tokenizer.pad_token is None:
