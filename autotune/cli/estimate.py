@@ -162,9 +162,9 @@ def command(pm, model_spec, data_path, gpu, vram, device, confidence, trust_remo
     from autotune.catalog.models import resolve_model
     from autotune.cost.host import weight_files
     from autotune.plan.planner import Planner
-    from autotune.util.files import check_new_file
+    from autotune.cli.plots import check_plot
 
-    check_new_file(plot, force, "--plot", (data_path, model_spec))
+    check_plot(plot, force, (data_path, model_spec))
 
     card = target_gpu(gpu, vram)
     model = resolve_model(model_spec, pm)

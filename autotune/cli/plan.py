@@ -26,6 +26,7 @@ from autotune.plan.batch import describe as describe_step
 from autotune.plan.batch import step_batch
 from autotune.plan.space import METHODS
 from autotune.cost.parallel import GPUS_MAX, NODES_MAX
+from autotune.util.errors import AutotuneError
 from autotune.util.units import GiB, gib
 
 SCHEMA = "autotune.plan/1"
@@ -104,10 +105,13 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
     """
     from autotune.plan.service import Request, plan, storage_url
     from autotune.plan.space import Pins
+    from autotune.cli.plots import check_plot
     from autotune.util.files import check_new_file
 
     check_new_file(output, force, "-o", (data_path, model_spec))
-    check_new_file(plot, force, "--plot", (data_path, model_spec, output))
+    if plot and output and os.path.abspath(plot) == os.path.abspath(output):
+        raise AutotuneError(f"--plot and -o both name {plot}: give two files")
+    check_plot(plot, force, (data_path, model_spec, output))
     explicit = click.get_current_context().get_parameter_source("seq_len")
     request = Request(
         model_spec, gpu, vram, seq_len, explicit == click.core.ParameterSource.COMMANDLINE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from autotune.util.errors import AutotuneError
-from autotune.util.files import new_file_mode
+from autotune.util.files import check_new_file, new_file_mode
 from autotune.util.units import GiB
 
 COLOURS = {"weights": "#4c72b0", "adapters": "#55a868", "gradients": "#c44e52",
@@ -23,12 +23,35 @@ def _pyplot():
     return plt
 
 
+FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "tif", "tiff", "eps", "ps")
+"""What ``--plot`` writes, by the file's extension (matplotlib's Agg formats)."""
+
+
+def plot_format(path: str) -> str:
+    """The image format ``path``'s extension names, or one error before any work (a
+    ``.txt`` got PNG bytes); no extension: PNG."""
+    extension = os.path.splitext(path)[1].lower().lstrip(".")
+    if extension and extension not in FORMATS:
+        raise AutotuneError(f"--plot {path}: .{extension} is no image format autotune writes "
+                            f"(give .{', .'.join(FORMATS[:3])}, ...)")
+    return extension or "png"
+
+
+def check_plot(path: str | None, force: bool, inputs: tuple[str | None, ...] = ()) -> None:
+    """``--plot PATH`` checked before any work: an image format, and the overwrite rule
+    (:func:`~autotune.util.files.check_new_file`)."""
+    if path:
+        check_new_file(path, force, "--plot", inputs)
+        plot_format(path)
+
+
 def _save(fig, path: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
+    fmt = plot_format(path)
     try:
         os.makedirs(folder, exist_ok=True)
-        temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp.png")
-        fig.savefig(temporary, dpi=100, bbox_inches="tight")
+        temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp.{fmt}")
+        fig.savefig(temporary, dpi=100, bbox_inches="tight", format=fmt)
         os.chmod(temporary, new_file_mode(path))  # a replaced file keeps its mode
         os.replace(temporary, path)
     except OSError as exc:

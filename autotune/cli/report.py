@@ -21,9 +21,9 @@ def command(run_dir, plot, force, as_json) -> None:
     import os
 
     from autotune.run.finished import read_report
-    from autotune.util.files import check_new_file
+    from autotune.cli.plots import check_plot
 
-    check_new_file(plot, force, "--plot", (os.path.join(run_dir, "run_report.json"),))
+    check_plot(plot, force, (os.path.join(run_dir, "run_report.json"),))
 
     report = read_report(run_dir)
     if plot:

@@ -33,6 +33,24 @@ def test_estimate_plot(pm, tmp_path):
     assert_png(tmp_path / "memory.png")
 
 
+def test_a_plot_is_written_in_the_format_its_name_says(pm, tmp_path):
+    """--plot x.pdf / x.svg write PDF and SVG (they held PNG bytes); a name that is no image
+    format (x.txt), or the plan file's own name, is refused before any work."""
+    invoke(pm, "estimate", "--model", "tiny", "--plot", tmp_path / "memory.pdf")
+    assert (tmp_path / "memory.pdf").read_bytes().startswith(b"%PDF")
+    invoke(pm, "plan", "--model", "tiny", "--vram", "2GiB", "--storage", "none", "--plot",
+           tmp_path / "pareto.svg")
+    assert b"<svg" in (tmp_path / "pareto.svg").read_bytes()[:500]
+    for args, words in ((("estimate", "--model", "tiny", "--plot", tmp_path / "m.txt"),
+                         ".txt is no image format"),
+                        (("plan", "--model", "tiny", "--vram", "2GiB", "--storage", "none",
+                          "--plot", tmp_path / "p.png", "-o", tmp_path / "p.png"),
+                         "--plot and -o both name")):
+        result = CliRunner().invoke(make_cli(pm), [str(a) for a in args])
+        assert result.exit_code == 1 and words in str(result.exception), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.pdf", "pareto.svg"]
+
+
 def test_plan_plot(pm, tmp_path):
     invoke(pm, "plan", "--model", "qwen2.5-1.5b", "--gpu", "rtx3060", "--storage", "none",
            "--plot", tmp_path / "pareto.png")
