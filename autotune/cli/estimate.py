@@ -15,7 +15,7 @@ from autotune.cli.sections import (
     data_lines,
     host_lines,
 )
-from autotune.cli.output import force_option, table
+from autotune.cli.output import plot_force_option, table
 from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.cost.recipe import ATTENTION, LIMITS, METHODS, OPTIMIZERS, PRECISIONS, Recipe
 from autotune.plan.advice import fit_line
@@ -152,7 +152,7 @@ confidence_option = click.option(
 @no_calibration_option
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Draw the memory breakdown against the card as a PNG.")
-@force_option
+@plot_force_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.estimate/1).")
 @click.pass_obj
 def command(pm, model_spec, data_path, gpu, vram, device, confidence, trust_remote_code,

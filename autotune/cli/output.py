@@ -8,9 +8,12 @@ import sys
 import click
 
 force_option = click.option("--force", is_flag=True,
-                            help="Overwrite the files -o/--plot name if they exist.")
+                            help="Overwrite the files -o or --plot name if they exist.")
 """``--force``: what ``-o`` and ``--plot`` need to replace a file
 (:func:`autotune.util.files.check_new_file`)."""
+plot_force_option = click.option("--force", is_flag=True,
+                                 help="Overwrite the file --plot names if it exists.")
+"""``--force`` where ``--plot`` is the only file written."""
 
 
 def table(columns: list[str], rows: list[list], right: set[int] = frozenset(),

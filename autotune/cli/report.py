@@ -7,14 +7,14 @@ import json
 import click
 
 from autotune.cli.sections import run_summary
-from autotune.cli.output import force_option
+from autotune.cli.output import plot_force_option
 
 
 @click.command("report")
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw the loss curve and memory "
                                                               "as a PNG.")
-@force_option
+@plot_force_option
 @click.option("--json", "as_json", is_flag=True, help="Print run_report.json.")
 def command(run_dir, plot, force, as_json) -> None:
     """Show a run's report: loss, throughput, predicted vs measured memory."""

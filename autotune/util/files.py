@@ -79,6 +79,9 @@ def check_new_file(path: str | None, force: bool, option: str,
     of the command's own ``inputs`` (the ``--data`` file), whatever ``--force`` says."""
     if not path:
         return
+    if path == "-":
+        raise AutotuneError(f"{option} -: autotune writes a file there, not to standard "
+                            "output (--json prints the document); give a file name")
     for source in inputs:
         if source and _same(path, source):
             raise AutotuneError(f"{option} {path} is the input file {source} itself: "

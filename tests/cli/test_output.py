@@ -45,7 +45,9 @@ def test_a_plot_is_written_in_the_format_its_name_says(pm, tmp_path):
                          ".txt is no image format"),
                         (("plan", "--model", "tiny", "--vram", "2GiB", "--storage", "none",
                           "--plot", tmp_path / "p.png", "-o", tmp_path / "p.png"),
-                         "--plot and -o both name")):
+                         "--plot and -o both name"),
+                        (("plan", "--model", "tiny", "--vram", "2GiB", "--storage", "none",
+                          "-o", "-"), "not to standard output")):
         result = CliRunner().invoke(make_cli(pm), [str(a) for a in args])
         assert result.exit_code == 1 and words in str(result.exception), result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.pdf", "pareto.svg"]
