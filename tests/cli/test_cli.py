@@ -114,6 +114,10 @@ def test_a_sequence_past_the_models_context_is_noted_by_estimate_and_plan(run, t
     (["estimate", "--model", "deepseek-7b", "--targets", "nope"], "match no linear layer"),
     (["estimate", "--model", "deepseek-7b", "--method", "full", "--bits", "4"], "16-bit base"),
     (["estimate", "--model", "deepseek-7b", "--method", "qlora", "--bits", "8"], "4-bit base"),
+    (["estimate", "--model", "tiny", "--method", "full", "--rank", "16"],
+     "--rank does not apply to --method full"),
+    (["estimate", "--model", "tiny", "--method", "lora", "--freeze-layers", "1"],
+     "--freeze-layers does not apply to --method lora"),
     (["plan", "--model", "tiny", "--vram", "2GiB", "--storage", "none", "--beta", "0.5"],
      "--beta is not an option of stage 'sft'"),  # ignored unless -o wrote the plan
     (["estimate", "--model", "deepseek-7b", "--method", "freeze", "--freeze-layers", "31"],

@@ -214,8 +214,11 @@ def estimate_args(draw):
             given[option] = draw(strategy)
     verdicts = {option: verdict for option, (_, verdict) in given.items()}
     method = given.get("--method", ("lora",))[0]
-    if method in ("full", "freeze"):
-        verdicts.pop("--targets", None)  # no adapter: the targets are not read
+    unread = ("--rank", "--alpha", "--targets") if method in ("full", "freeze") \
+        else ("--freeze-layers",)
+    for option in unread:  # an option the method does not read: refused
+        if option in verdicts:
+            verdicts[option] = ERROR
     if method == "freeze" and verdicts.get("--freeze-layers") == OK:
         verdicts["--freeze-layers"] = EITHER  # more layers than the model has: refused
     if method == "dora" and given["--model"][0] in MOE_MODELS:
@@ -248,8 +251,10 @@ def test_estimate_arguments(case):
 @pytest.mark.parametrize("stage", ["sft", "dpo", "ppo", "inference"])
 def test_estimate_largest_values_are_answered(option, value, stage):
     for method in ("lora", "full", "freeze"):
-        # more top layers than the model's 27 to train: refused (for the method that reads it)
-        expect = ERROR if option == "--freeze-layers" and method == "freeze" else OK
+        # --freeze-layers: more top layers than the model's 27 (freeze), or not read (the
+        # others); --rank and --alpha are not read by full and freeze tuning: refused
+        expect = ERROR if option == "--freeze-layers" or (
+            option in ("--rank", "--alpha") and method != "lora") else OK
         for device in ("cuda", "cpu"):
             check(autotune("estimate", "--model", "deepseek-v2-lite", option, value, "--stage",
                            stage, "--method", method, "--device", device, "--attn", "eager",
