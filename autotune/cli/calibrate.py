@@ -14,9 +14,8 @@ SCHEMA = "autotune.calibrate/1"
 @click.command("calibrate")
 @click.option("--store", "stores", multiple=True, type=click.Path(dir_okay=False),
               help="Measurement file(s) to fit (JSONL; repeatable). Default: the local store "
-                   "($AUTOTUNE_MEASUREMENTS or the cache's measurements.jsonl) and any GPU "
-                   "measurements that ship with autotune (profiles/measurements/*.jsonl, if "
-                   "any).")
+                   "($AUTOTUNE_MEASUREMENTS or the cache's measurements.jsonl) and the GPU "
+                   "measurements that ship with autotune (profiles/measurements/*.jsonl).")
 @click.option("--min-runs", type=click.IntRange(1), default=2, show_default=True,
               help="Measured runs a GPU needs before it gets a correction.")
 @click.option("--reset", is_flag=True,
