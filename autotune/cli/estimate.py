@@ -165,7 +165,8 @@ confidence_option = click.option(
 @stack_option
 @no_calibration_option
 @click.option("--plot", type=click.Path(dir_okay=False),
-              help="Draw the memory breakdown against the card as a PNG.")
+              help="Draw the memory breakdown against the card (PNG, PDF, SVG... by "
+                   "the file's name).")
 @plot_force_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.estimate/1).")
 @click.pass_obj

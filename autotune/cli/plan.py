@@ -87,7 +87,7 @@ INFEASIBLE = 3
 @stack_option
 @no_calibration_option
 @click.option("--plot", type=click.Path(dir_okay=False),
-              help="Draw the Pareto front (fidelity vs tokens/s) as a PNG.")
+              help="Draw the Pareto front (fidelity vs tokens/s): PNG, PDF, SVG... by its name.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the pick as plan.yaml.")
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema autotune.plan/1).")

@@ -12,8 +12,8 @@ from autotune.cli.output import plot_force_option
 
 @click.command("report")
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
-@click.option("--plot", type=click.Path(dir_okay=False), help="Draw the loss curve and memory "
-                                                              "as a PNG.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Draw the loss curve and memory (PNG, PDF, SVG... by the file's name).")
 @plot_force_option
 @click.option("--json", "as_json", is_flag=True, help="Print run_report.json.")
 def command(run_dir, plot, force, as_json) -> None:

@@ -94,7 +94,7 @@ def run_summary(report: dict, output_dir: str, written: bool = True) -> str:
     lines = [f"trained {report['model']['id']} ({report['stage']}, {report['recipe']['method']}) "
              f"for {report['steps']} steps in {report['duration_s']:.0f} s",
              f"loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}; "
-             f"{measured['tokens_per_s'] or 0:.0f} tokens/s",
+             f"{measured['tokens_per_s'] or 0:.0f} tokens/s while training",
              memory_compared(report)["line"],
              *([f"effective batch: {describe(report['training']['effective_batch'])}"]
                if isinstance(report.get("training", {}).get("effective_batch"), dict) else []),
