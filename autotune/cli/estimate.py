@@ -175,9 +175,9 @@ def command(pm, model_spec, data_path, gpu, vram, device, confidence, trust_remo
     """Count parameters exactly and predict the peak memory of a training step."""
     from autotune.catalog.lengths import Workload, batching_for
     from autotune.catalog.models import resolve_model
+    from autotune.cli.plots import check_plot
     from autotune.cost.host import weight_files
     from autotune.plan.planner import Planner
-    from autotune.cli.plots import check_plot
 
     check_plot(plot, force, (data_path, model_spec))
 

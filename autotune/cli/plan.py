@@ -103,9 +103,9 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
     several cards (--gpus, --nodes) also DDP, DeepSpeed ZeRO-1/2/3 and FSDP, with and
     without CPU offload.
     """
+    from autotune.cli.plots import check_plot
     from autotune.plan.service import Request, plan, storage_url
     from autotune.plan.space import Pins
-    from autotune.cli.plots import check_plot
     from autotune.util.files import check_new_file
 
     check_new_file(output, force, "-o", (data_path, model_spec))

@@ -20,8 +20,8 @@ def command(run_dir, plot, force, as_json) -> None:
     """Show a run's report: loss, throughput, predicted vs measured memory."""
     import os
 
-    from autotune.run.finished import read_report
     from autotune.cli.plots import check_plot
+    from autotune.run.finished import read_report
 
     check_plot(plot, force, (os.path.join(run_dir, "run_report.json"),))
 

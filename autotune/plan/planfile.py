@@ -301,8 +301,8 @@ def _check_agreement(path: str, document: dict) -> None:
     batch = recipe.get("batch", 1)
     problem = next((message for failed, message in (
         (recipe.get("method") == "qlora" and recipe.get("bits", 4) != 4,
-         f"recipe.bits {recipe.get('bits')!r} with method qlora, which trains on a 4-bit base "
-         "(edit both: lora for an 8- or 16-bit base)"),
+         (f"recipe.bits {recipe.get('bits')!r} with method qlora, which trains on a 4-bit "
+          "base (edit both: lora for an 8- or 16-bit base)")),
         ("micro_batch" in training and training["micro_batch"] != batch,
          f"training.micro_batch {training.get('micro_batch')} is not the recipe's batch "
          f"{batch} (edit both: the run trains one, the plan priced the other)"),

@@ -152,11 +152,11 @@ def test_a_profile_whose_parameter_count_its_config_does_not_make_is_noted(
         run, tmp_path, monkeypatch):
     """A user profile's ``params`` is the published total: where the exact count of its
     config disagrees (here: 5), estimate says so rather than trusting either."""
+    from pathlib import Path
+
     import yaml
 
     from autotune.catalog.models import PROFILES_PATH_ENV
-
-    from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
     shipped = yaml.safe_load((repo / "profiles/models/llama/llama-2-13b.yaml").read_text())
