@@ -15,6 +15,7 @@ from autotune.cli.sections import (
     data_lines,
     host_lines,
 )
+from autotune.cli.options import from_user
 from autotune.cli.output import plot_force_option, table
 from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.cost.recipe import ATTENTION, LIMITS, METHODS, OPTIMIZERS, PRECISIONS, Recipe
@@ -76,9 +77,9 @@ def make_recipe(method, bits, rank, alpha, lora_dropout, targets, freeze_layers,
                 grad_ckpt, precision, optim, attn, stage) -> Recipe:
     """A :class:`Recipe` from the CLI options (defaults filled in); an option the method
     does not read, given on the command line, is refused."""
-    unread = [f"--{name.replace('_', '-')}" for name in (
-        ("rank", "alpha", "lora_dropout", "targets") if method in ("full", "freeze") else ())
-        + (("freeze_layers",) if method != "freeze" else ()) if _given(name)]
+    unread = (("rank", "alpha", "lora_dropout", "targets") if method in ("full", "freeze")
+              else ()) + (("freeze_layers",) if method != "freeze" else ())
+    unread = [f"--{name.replace('_', '-')}" for name in unread if from_user(name)]
     if unread:
         raise AutotuneError(f"{', '.join(unread)} {'does' if len(unread) == 1 else 'do'} not "
                             f"apply to --method {method}")
@@ -91,13 +92,6 @@ def make_recipe(method, bits, rank, alpha, lora_dropout, targets, freeze_layers,
                   alpha=alpha or 2 * rank, dropout=lora_dropout, targets=targets,
                   freeze_layers=freeze_layers, batch=batch, seq_len=seq_len, grad_ckpt=grad_ckpt,
                   optim=optim, attn=attn, stage=stage)
-
-
-def _given(name: str) -> bool:
-    """Whether option ``name`` was given on the command line (or its environment)."""
-    ctx = click.get_current_context(silent=True)
-    return ctx is not None and ctx.get_parameter_source(name) in (
-        click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
 
 
 def _stack(ctx, param, value):

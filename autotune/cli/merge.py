@@ -40,7 +40,7 @@ def _save(model, tokenizer, output: str) -> None:
     a refused write (a full or read-only disk) is one error and leaves nothing behind."""
     import shutil
 
-    from autotune.run.executor import write_error
+    from autotune.util.files import write_error
 
     parent = os.path.dirname(output)
     folder = os.path.join(parent, f".{os.path.basename(output)}.merging-{os.getpid()}")

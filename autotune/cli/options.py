@@ -79,6 +79,14 @@ def override(plan: dict, pm: pluggy.PluginManager) -> dict:
     return plan
 
 
+def from_user(name: str) -> bool:
+    """Whether option ``name`` of the running command was given by the user (on the command
+    line or through its environment variable), not left at its default."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.get_parameter_source(name) in (
+        click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+
+
 def given() -> dict:
     """The stage options given to the running command (``{}`` outside one)."""
     ctx = click.get_current_context(silent=True)

@@ -10,11 +10,10 @@ import signal
 import time
 
 import click
-from click.core import ParameterSource
 
 from autotune.cli.estimate import trust_remote_code_option
 from autotune.cli.options import given as given_stage_options
-from autotune.cli.options import override
+from autotune.cli.options import from_user, override
 from autotune.cli.sections import run_summary
 from autotune.plugin.registry import DEFAULT_STAGE
 from autotune.run.checkpoints import STOPPING
@@ -85,8 +84,7 @@ def command(ctx, plan_file, data, output_dir, max_steps, epochs, report_to, mode
     if resume_dir:
         given = [max(p.opts, key=len) if isinstance(p, click.Option) else "a plan file"
                  for p in ctx.command.params if p.name not in ("resume_dir", "quiet", "as_json")
-                 and ctx.get_parameter_source(p.name) in (ParameterSource.COMMANDLINE,
-                                                          ParameterSource.ENVIRONMENT)]
+                 and from_user(p.name)]
         if given:
             raise AutotuneError(f"--resume continues a run as it was planned and set up: "
                                 f"{', '.join(given)} cannot change it (start a new run)")
@@ -107,8 +105,7 @@ def command(ctx, plan_file, data, output_dir, max_steps, epochs, report_to, mode
     if plan_file and (model_spec or demo):
         raise AutotuneError(f"give a plan file or {'--demo' if demo else '--model'}, not both")
     if plan_file and (given := [f"--{name.replace('_', '-')}" for name in PLANNING
-                                if ctx.get_parameter_source(name) in (
-                                    ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]):
+                                if from_user(name)]):
         raise AutotuneError(f"{', '.join(given)} plan with --model; a plan file has its own "
                             "(plan it again with `autotune plan` to change them)")
     if plan_file:

@@ -239,7 +239,7 @@ def plan(pm: pluggy.PluginManager, request: Request,
                                                 batching_for(r.stage, space.attn)))
 
     planned = Planned(r, model, planner, lengths, seq_len, local, host_limit, [],
-                      notes=question_notes(model, seq_len))
+                      notes=question_notes(model, seq_len, cards[0] if cards else None))
     if cards is None:
         if r.one_card or r.output or r.measure_top:
             what = ("--plot draws" if r.one_card else "-o writes the plan for" if r.output
@@ -256,7 +256,6 @@ def plan(pm: pluggy.PluginManager, request: Request,
         planned.overview = True
         return planned
     card = cards[0]
-    planned.notes = question_notes(model, seq_len, card)
     result = planner.plan(space_for(card), budget(card, r.headroom), r.objective, r.storage,
                           r.seed, r.top)
     planned.results.append(result)

@@ -11,7 +11,6 @@ everything is written: a crash never leaves an output folder that looks complete
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import signal
@@ -22,7 +21,7 @@ import pluggy
 
 from autotune.run import checkpoints
 from autotune.util.atomic import write_json
-from autotune.util.files import read_json
+from autotune.util.files import read_json, write_error
 from autotune.util.errors import AutotuneError
 from autotune.cost.parallel import Parallel
 from autotune.cost.recipe import Recipe
@@ -199,30 +198,6 @@ def _stopped(exc: BaseException, partial: str, final: str, kept: bool) -> Autotu
     return checkpoints.RunInterrupted(
         f"stopped by {name}{f' at step {step}' if step else ''}; {where}: continue with "
         f"`autotune run --resume {shown(final)}`", number)
-
-
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
-                errno.EPERM, errno.EIO}
-"""What the file system says when a run cannot write: a full disk, a quota, a read-only or
-failing one."""
-
-
-_WRITERS = ("PytorchStreamWriter", "inline_container", "Error while serializing")
-"""What torch's checkpoint writer (a RuntimeError) and safetensors (a SafetensorError) say
-when the file system refuses a write: they carry no errno."""
-
-
-def write_error(exc: BaseException) -> OSError | None:
-    """``exc`` as the refused write it is, else ``None``: the file system's own error, or
-    torch's or safetensors' writer failing on one (a full disk, a file-size limit)."""
-    if isinstance(exc, OSError):
-        return exc if exc.errno in WRITE_ERRORS else None
-    if isinstance(exc, RuntimeError) or type(exc).__name__ == "SafetensorError":
-        text = str(exc)
-        if any(writer in text for writer in _WRITERS):
-            return OSError(errno.EIO, "the file system refused a write (a full disk or a "
-                                      f"file-size limit?): {text.splitlines()[0][:160]}")
-    return None
 
 
 def _write_failed(exc: OSError, partial: str, final: str, kept: bool) -> AutotuneError:

@@ -3,6 +3,7 @@ and one rule for overwriting."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -113,3 +114,27 @@ def new_file_mode(path: str) -> int:
         umask = os.umask(0)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                errno.EPERM, errno.EIO}
+"""What the file system says when a write is refused: a full disk, a quota, a read-only or
+failing one."""
+
+
+_WRITERS = ("PytorchStreamWriter", "inline_container", "Error while serializing")
+"""What torch's checkpoint writer (a RuntimeError) and safetensors (a SafetensorError) say
+when the file system refuses a write: they carry no errno."""
+
+
+def write_error(exc: BaseException) -> OSError | None:
+    """``exc`` as the refused write it is, else ``None``: the file system's own error, or
+    torch's or safetensors' writer failing on one (a full disk, a file-size limit)."""
+    if isinstance(exc, OSError):
+        return exc if exc.errno in WRITE_ERRORS else None
+    if isinstance(exc, RuntimeError) or type(exc).__name__ == "SafetensorError":
+        text = str(exc)
+        if any(writer in text for writer in _WRITERS):
+            return OSError(errno.EIO, "the file system refused a write (a full disk or a "
+                                      f"file-size limit?): {text.splitlines()[0][:160]}")
+    return None
