@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from autotune.cost.architecture import Attention, FeedForward, Layer
+from autotune.cost.architecture import RMS_NORM, Attention, FeedForward, Layer, NormSaves
 
 FP32 = 4
 INDEX = 8  # int64
@@ -44,6 +44,9 @@ class Precision:
     """Frozen linears are bitsandbytes 8-bit ones, which keep their input for backward."""
     adapter: int = FP32
     """Bytes of the LoRA adapters' weights: fp32, or a 16-bit base's (PEFT before 0.11)."""
+    cuda: bool = False
+    """The step runs on a CUDA device, whose autocast runs ``layer_norm`` in fp32 and whose
+    ``layer_norm`` keeps fp32 statistics (the CPU's: the input's dtype)."""
 
     def __post_init__(self) -> None:
         if not self.act:
@@ -84,19 +87,26 @@ class Saved:
 
 
 def norm(saved: Saved, name: str, t: int, width: int, p: Precision, grad_in: bool,
-         weight_trainable: bool, in_bytes: int, source: str = "", xhat_bytes: int = 0) -> int:
-    """RMSNorm: an fp32 copy of the input, 1/rms, and (trainable weight) the normalised input
-    (``xhat_bytes`` wide, default the input's).
-
-    An fp32 input is its own copy: it is kept as storage ``source``. Returns the byte width
-    of its output.
-    """
+         weight_trainable: bool, in_bytes: int, source: str = "",
+         kind: NormSaves = RMS_NORM) -> int:
+    """A norm reading storage ``source`` (``in_bytes`` wide): what ``kind`` keeps; under
+    CUDA's autocast a native ``layer_norm`` runs on an fp32 copy with an fp32 output.
+    Returns the byte width of its output."""
+    fp32 = kind.native and p.cuda and p.autocast
+    if fp32 and in_bytes != FP32:  # the copy is its fp32 input
+        name, source, in_bytes = f"{name}.x32", "", FP32
     if grad_in or weight_trainable:
-        saved.keep(source if source and in_bytes == FP32 else f"{name}.x32", t * width * FP32)
-        saved.keep(f"{name}.rsqrt", t * FP32)
-        if weight_trainable:
-            saved.keep(f"{name}.xhat", t * width * (xhat_bytes or in_bytes))
-    return max(in_bytes, p.residual)
+        i = in_bytes == FP32
+        if kind.keeps_input[i]:
+            saved.keep(source or f"{name}.x", t * width * in_bytes)
+        if kind.wide[i]:
+            saved.keep(f"{name}.kept", int(t * width * kind.wide[i]))
+        # torch's layer_norm keeps fp32 statistics on CUDA
+        saved.keep(f"{name}.stats", int(t * (2 * FP32 if kind.native and p.cuda
+                                             else kind.token[i])))
+        if weight_trainable and kind.trained[i]:
+            saved.keep(f"{name}.xhat", int(t * width * kind.trained[i]))
+    return FP32 if fp32 else max(in_bytes, p.residual)
 
 
 def linear(saved: Saved, name: str, source: str, t: int, fan_in: int, fan_out: int,
@@ -318,7 +328,8 @@ class LayerSaves(NamedTuple):
 
 
 def forward_frame(saved: Saved, t: int, hidden: int, inter: int, roles: dict[str, LinearRole],
-                  p: Precision, in_bytes: int, past_down: bool = False) -> int:
+                  p: Precision, in_bytes: int, past_down: bool = False,
+                  mlp_in: str = "ln2.out") -> int:
     """Bytes a layer's forward (or checkpointed recompute) holds beyond what it saves at
     its top, the MLP's last linear (measured with a live-tensor trace of PEFT's LoRA on the
     CPU): the residual, the MLP's input and product and the down projection's base output
@@ -329,7 +340,7 @@ def forward_frame(saved: Saved, t: int, hidden: int, inter: int, roles: dict[str
     down = roles["down_proj"]
     live = Saved()
     live.keep("residual", t * hidden * p.residual)
-    live.keep("ln2.out", t * hidden * in_bytes)
+    live.keep(mlp_in, t * hidden * in_bytes)
     live.keep("mlp.act_up", t * inter * p.act)
     live.keep("mlp.down_proj.dora_base", t * hidden * p.act)  # its base output
     if down.adapted and p.adapter == FP32 and p.act != FP32 and (p.autocast or down.dropout):
@@ -413,9 +424,9 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
         if role.trainable or role.adapted:
             linear(saved, name, f"{name}.in", t, fan_in, fan_out, role, p, p.compute)
             grad_in = True
-    xb = FP32 if layer.fp32_norms else 0
+    kind = layer.norms
     out_bytes = norm(saved, "ln1", t, hidden, p, grad_in, norms_trainable, p.residual, "input",
-                     xb) if layer.pre_norms else p.residual
+                     kind) if layer.pre_norms else p.residual
     attn_linears = _attention_linears(a, hidden, "qkv_proj" in roles)
     if a.heads_major and not a.mla and kernel in FUSED:  # the output follows q's layout
         attn_linears["o_proj"] = (*attn_linears["o_proj"][:2], "attn.o_in")
@@ -436,21 +447,28 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
                 saved.keep(f"{which}_norm.x32", t * width * FP32)
                 saved.keep(f"{which}_norm.rsqrt", t * width // a.head_dim * FP32)
                 if norms_trainable:
-                    saved.keep(f"{which}_norm.xhat", t * width * (xb or p.compute))
+                    saved.keep(f"{which}_norm.xhat",
+                                   t * width * (FP32 if kind.fp32_product else p.compute))
         attention_core(saved, "attn", t, batch, seq, a, p, kernel)
         if a.rotary_saves:
             saved.keep("attn.rotary", t * a.rotary_saves)
         if "qkv_proj" in roles and kernel != "math":  # v, a view of the fused output,
             # keeps all of it (the math path keeps an fp32 copy instead)
             saved.storages["attn.v"] = t * attn_linears["qkv_proj"][1] * p.compute
-    grad_mid = grad_attn or grad_in
+    grad_mid = grad_in if layer.parallel else grad_attn or grad_in
     if grad_attn and layer.residual_dropout:  # the attention's output dropped out
         saved.keep("attn.drop_mask", t * hidden * dropout_mask(p, p.compute))
     if grad_attn and layer.output_norms:  # the attention's output normed (Gemma's sandwich)
-        norm(saved, "ln_attn_out", t, hidden, p, True, norms_trainable, p.compute, "", xb)
+        norm(saved, "ln_attn_out", t, hidden, p, True, norms_trainable, p.compute, "", kind)
     before_mlp = saved.total
-    mid_bytes = norm(saved, "ln2", t, hidden, p, grad_mid, norms_trainable, p.residual,
-                     "residual", xb) if layer.pre_norms else p.residual
+    mlp_in = "ln1.out" if layer.shared_norm else "ln2.out" if layer.pre_norms else "residual"
+    if layer.shared_norm:
+        mid_bytes = out_bytes
+    elif layer.pre_norms:
+        mid_bytes = norm(saved, "ln2", t, hidden, p, grad_mid, norms_trainable, p.residual,
+                         "input" if layer.parallel else "residual", kind)
+    else:
+        mid_bytes = p.residual
     own_input = saved.storages.get("input", 0)
     if f.moe:
         _moe(saved, t, hidden, f, roles, p, mid_bytes, grad_mid)
@@ -464,15 +482,16 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
                  if n != "gate_proj" or n in roles or "up_proj" not in roles}
     if "gate_up_proj" in roles:
         mlp_roles["gate_up_proj"] = roles["gate_up_proj"]
-    down = gated_mlp(saved, "mlp", "ln2.out", t, hidden, f.intermediate, mlp_roles, p,
+    down = gated_mlp(saved, "mlp", mlp_in, t, hidden, f.intermediate, mlp_roles, p,
                      mid_bytes, grad_mid, f.activation_saves)
     if grad_mid and layer.output_norms > 1:  # and the MLP's
-        norm(saved, "ln_mlp_out", t, hidden, p, True, norms_trainable, p.compute, "", xb)
+        norm(saved, "ln_mlp_out", t, hidden, p, True, norms_trainable, p.compute, "", kind)
     if grad_mid and layer.residual_dropout:
         saved.keep("mlp.drop_mask", t * hidden * dropout_mask(p, p.act))
     return LayerSaves(saved.total, saved.total - before_mlp,
                       forward_frame(saved, t, hidden, f.intermediate, mlp_roles, p, mid_bytes,
-                                    layer.output_norms > 1),
+                                    layer.output_norms > 1, mlp_in)
+                      + layer.frame_extra * t * hidden * p.residual,
                       incoming_gradients(t, hidden, mlp_roles["down_proj"], p,
                                          scaled=layer.residual_scale), own_input,
                       saved.pinned_total, down)

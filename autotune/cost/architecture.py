@@ -166,6 +166,32 @@ class SavedActivation:
 
 
 @dataclass(frozen=True)
+class NormSaves:
+    """What a norm keeps for backward, for a 16-bit and an fp32 input (the pairs' two
+    entries): whether the input itself, the bytes per element kept beside it (a frozen
+    weight; ``trained``: the more a trained weight keeps) and per token. The default is
+    transformers' RMSNorm: an fp32 copy of the input (the input itself when fp32) and
+    1/rms, and the normalised input behind a trained weight. ``native``: torch's
+    ``layer_norm`` (``nn.LayerNorm``), which CUDA's autocast runs in fp32 on an fp32 copy."""
+
+    keeps_input: tuple[bool, bool] = (False, True)
+    wide: tuple[float, float] = (4, 0)
+    trained: tuple[float, float] = (2, 4)
+    token: tuple[float, float] = (4, 4)
+    native: bool = False
+
+    @property
+    def fp32_product(self) -> bool:
+        """It scales by its weight in fp32 (Gemma's ``1 + w``, OLMo 2's): a trained weight
+        keeps the fp32 normalised input."""
+        return self.trained[0] == 4
+
+
+RMS_NORM = NormSaves()
+"""transformers' RMSNorm: what a norm is taken for unless a build shows otherwise."""
+
+
+@dataclass(frozen=True)
 class Layer:
     """One decoder layer's shape, for the activation model."""
 
@@ -178,12 +204,19 @@ class Layer:
     output_norms: int = 0
     """Norms of the attention's and the MLP's outputs before the residual add (Gemma's
     sandwich norms: 2)."""
-    fp32_norms: bool = False
-    """Its RMSNorms scale by the weight in fp32 (Gemma's ``1 + w``): a trained weight keeps
-    the fp32 normalised input."""
+    norms: NormSaves = RMS_NORM
+    """What its residual-wide norms keep for backward."""
     pre_norms: bool = True
     """Norms before the attention and the MLP; without them (OLMo 2: ``output_norms``
     only) both read the residual stream itself."""
+    parallel: bool = False
+    """The attention and the MLP both read the layer's input, their outputs added to it
+    together (GPT-NeoX's parallel residual, Phi's, Falcon's and Cohere's blocks)."""
+    shared_norm: bool = False
+    """Of a parallel layer: one norm feeds both (Phi, Falcon, Cohere; GPT-NeoX has two)."""
+    frame_extra: int = 0
+    """Residual-wide tensors its forward holds at the MLP's last linear beyond the
+    activation model's frame (StableLM's locals keep the attention's input and output)."""
     residual_dropout: bool = False
     """The attention's and the MLP's outputs are dropped out before the residual adds
     (Seed-OSS's ``residual_dropout``, Phi's ``resid_pdrop``)."""

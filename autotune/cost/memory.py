@@ -20,12 +20,22 @@ from autotune.cost.activations import (
     INDEX,
     LinearRole,
     Precision,
+    Saved,
     attention_backward_spike,
     attention_kernel,
     layer_saved,
+    norm,
     structured,
 )
-from autotune.cost.architecture import Architecture, Attention, Layer, Linear, Tensor, layer_index
+from autotune.cost.architecture import (
+    RMS_NORM,
+    Architecture,
+    Attention,
+    Layer,
+    Linear,
+    Tensor,
+    layer_index,
+)
 from autotune.cost.parallel import SINGLE, Parallel, deepspeed_optimizer_bytes, shares
 from autotune.cost.params import ParamCounts, trainable_layers
 from autotune.cost.recipe import Recipe
@@ -485,7 +495,8 @@ def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
                   # weight, which autocast runs in 16 bit
                   act=c if recipe.bits == 16 or (recipe.bits == 8 and device == "cpu") else w,
                   int8_inputs=recipe.bits == 8,
-                  adapter=counts.adapter_bytes if recipe.adapter else FP32)
+                  adapter=counts.adapter_bytes if recipe.adapter else FP32,
+                  cuda=device != "cpu")
     param_bytes = counts.adapter_bytes if recipe.adapter else w
     trained = set(trainable_layers(arch, recipe)) if recipe.method == "freeze" else None
     shapes = _trainable_shapes(arch, recipe, counts, trained)
@@ -587,7 +598,10 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     # autocast keeps a 16-bit copy of each fp32 trainable weight a matmul uses: saved for
     # the backward, or (checkpointed layers) held by autocast's cache until the loss
     tl.add("temporaries", sum(f.cast_copies), "forward")
-    final_norm = t * arch.hidden * FP32 + t * FP32 + (t * arch.hidden * w if full else 0)
+    final = Saved()  # the final norm, taken as the layers' are
+    norm(final, "final_norm", t, arch.hidden, p, True, full, w,
+         kind=arch.layers[-1].norms if arch.layers else RMS_NORM)
+    final_norm = final.total
     head_in = t * arch.hidden * c if full else 0
     if not full and p.autocast and w == FP32:  # fp32 head: amp, or kept by bnb
         head_in = arch.head_linear.in_features * arch.head_linear.out_features * c  # weight copy

@@ -6,17 +6,20 @@ second. This is the ground truth the family plugins' analytic descriptions are h
 
 from __future__ import annotations
 
+import itertools
 import re
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 
 from autotune.cost.architecture import (
     PEFT_FUSED_TARGETS,
+    RMS_NORM,
     Architecture,
     Attention,
     FeedForward,
     Layer,
     Linear,
+    NormSaves,
     Tensor,
     latent_attention,
     layer_index,
@@ -104,14 +107,15 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         raise AutotuneError(f"{cfg.model_type!r} has no attention heads in its config: autotune "
                             "prices decoders built of attention layers, not state-space or "
                             "recurrent models")
+    places = _norm_places(tensors, cfg)
     return Architecture(
         model_type=cfg.model_type,
         hidden=cfg.hidden_size,
         vocab=cfg.vocab_size,
         layers=tuple(_layers(cfg, linears, tensors, _routing(model), _rotary(model),
-                             *_norm_places(tensors, cfg.hidden_size), _fp32_norms(model),
-                             _sdpa_call(model), _gating(model), _eager_scores(model),
-                             _shared_first(model))),
+                             places, _norm_saves(model), _sdpa_call(model), _gating(model),
+                             _eager_scores(model), _shared_first(model),
+                             _frame_extra(model, places))),
         linears=tuple(linears),
         tensors=tuple(tensors),
         tied_embeddings=out.weight is model.get_input_embeddings().weight,
@@ -157,41 +161,158 @@ def _kinds(model) -> dict[str, str]:
     return kinds
 
 
-def _norm_places(tensors: list[Tensor], hidden: int) -> tuple[int, bool]:
-    """Norms a decoder layer applies to its attention's and MLP's outputs (Gemma 2 and 3,
-    GLM-4: its residual-wide norms beyond the two before the attention and the MLP), and
-    whether those two exist (OLMo 2 and EXAONE 4 have a ``post_feedforward_layernorm`` and
-    no norm before either block)."""
-    found = [t for t in tensors if ".layers.0." in t.path and t.kind == "norm"
+@dataclass(frozen=True)
+class _NormPlaces:
+    """Where a decoder layer's residual-wide norms sit (see :class:`Layer`): norms of the
+    attention's and the MLP's outputs (Gemma 2 and 3, GLM-4), whether norms precede both
+    (not OLMo 2's and EXAONE 4's), and whether both blocks read the layer's input
+    (``parallel``), through one shared norm (``shared_norm``)."""
+
+    output_norms: int = 0
+    pre_norms: bool = True
+    parallel: bool = False
+    shared_norm: bool = False
+
+
+def _norm_places(tensors: list[Tensor], cfg) -> _NormPlaces:
+    """The first layer's norms, by their weights; a parallel block by its config
+    (``use_parallel_residual``, ``parallel_attn``) or by one norm for both blocks."""
+    found = [t for t in tensors if layer_index(t.path) == 0 and t.kind == "norm"
              and t.path.endswith(".weight") and not _ATTENTION.search(t.path)
-             and t.numel == hidden]
+             and t.numel == cfg.hidden_size]
     if len(found) == 2 and any(t.path.endswith("post_feedforward_layernorm.weight")
                                for t in found):
-        return 2, False
-    return max(0, len(found) - 2), True
+        return _NormPlaces(2, False)
+    shared = len(found) == 1
+    parallel = shared or any(getattr(cfg, flag, False) is True
+                             for flag in ("use_parallel_residual", "parallel_attn"))
+    return _NormPlaces(max(0, len(found) - 2), True, parallel, shared)
 
 
-def _fp32_norms(model) -> bool:
-    """Whether the decoder layers' norms scale by their weight in fp32 (Gemma's
-    ``output * (1.0 + self.weight.float())``, OLMo 2's ``self.weight * x32``): run the first
-    layer's first norm on the meta device in bf16 and see what its weight's product saves."""
+def _norm_saves(model) -> NormSaves:
+    """What the first layer's first norm keeps for backward: run a CPU copy of it on a few
+    tokens, 16-bit and fp32, its weight frozen and trained, and collect what autograd
+    saves."""
     import copy
 
     import torch
 
-    norm = next((m for path, m in model.named_modules() if ".layers.0." in f"{path}."
+    norm = next((m for path, m in model.named_modules() if layer_index(f"{path}.") == 0
                  and "norm" in type(m).__name__.lower() and not _ATTENTION.search(f"{path}.")
-                 and getattr(m, "weight", None) is not None and m.weight.dim() == 1), None)
+                 and (getattr(m, "weight", None) is None or m.weight.dim() == 1)), None)
     if norm is None:
-        return False
+        return RMS_NORM
+    found = {}
     try:
-        probe = copy.deepcopy(norm).to(device="meta", dtype=torch.bfloat16)
-        out = probe(torch.empty(2, probe.weight.numel(), device="meta", dtype=torch.bfloat16))
-    except Exception:  # noqa: BLE001 -- a norm we cannot call alone: Llama's 16-bit product
-        return False
-    return any(torch.is_tensor(x) and x.dtype == torch.float32 and x.dim() == 2
-               for node in _graph(out) if type(node).__name__.startswith("MulBackward")
-               for x in (getattr(node, "_saved_self", None), getattr(node, "_saved_other", None)))
+        for dtype, trained in itertools.product((torch.bfloat16, torch.float32), (False, True)):
+            probe = copy.deepcopy(norm).to_empty(device="cpu").to(dtype)
+            for weight in probe.parameters():  # OLMo's norm has none
+                torch.nn.init.ones_(weight)
+                weight.requires_grad_(trained)
+            found[dtype, trained] = _norm_probe(probe, dtype, model.config.hidden_size)
+    except Exception:  # noqa: BLE001 -- a norm we cannot call alone: priced as an RMSNorm
+        return RMS_NORM
+    rows = [(found[dtype, False], found[dtype, True]) for dtype in (torch.bfloat16,
+                                                                   torch.float32)]
+    return NormSaves(keeps_input=tuple(frozen[0] for frozen, _ in rows),
+                     wide=tuple(frozen[1] for frozen, _ in rows),
+                     trained=tuple(trained[1] - frozen[1] for frozen, trained in rows),
+                     token=tuple(frozen[2] for frozen, _ in rows),
+                     native=found[torch.bfloat16, False][3])
+
+
+_PROBE_TOKENS = 3
+
+
+def _norm_probe(norm, dtype, width: int) -> tuple[bool, float, float, bool]:
+    """(keeps its input, bytes per element kept beside it, bytes per token, runs torch's
+    ``layer_norm`` on its input as it comes) of ``norm`` on a few tokens."""
+    import torch
+
+    x = torch.ones(_PROBE_TOKENS, width, dtype=dtype, requires_grad=True)
+    own = {q.untyped_storage().data_ptr() for q in norm.parameters()}
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(tensor):
+        kept.setdefault(tensor.untyped_storage().data_ptr(), tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = norm(x)
+    keeps_input = kept.pop(x.untyped_storage().data_ptr(), None) is not None
+    others = [t for ptr, t in kept.items() if ptr not in own]
+    wide = sum(t.untyped_storage().nbytes() for t in others if t.numel() == x.numel())
+    token = sum(t.untyped_storage().nbytes() for t in others if t.numel() == _PROBE_TOKENS)
+    native = type(out.grad_fn).__name__.startswith("NativeLayerNormBackward")
+    return keeps_input, wide / x.numel(), token / _PROBE_TOKENS, native and keeps_input
+
+
+_FRAME_TOKENS = 37
+"""Tokens of the frame probe: prime, so that no other shape (heads x tokens x tokens)
+matches tokens x hidden."""
+
+
+class _FrameSeen(Exception):
+    """Stops the probe's forward once the MLP's last linear is reached."""
+
+
+def _frame_extra(model, places: _NormPlaces) -> int:
+    """Residual-wide tensors a dense decoder layer's forward has made and still holds when
+    its MLP's last linear runs, beyond the activation model's frame (the residual, or the
+    attention's output, and the MLP's input): StableLM's and GPT-BigCode's layers leave
+    the attention's input and output in their locals (2). Counted in a no-grad forward of
+    the meta build, stopped there; 0 where it cannot run."""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cfg, t = model.config, _FRAME_TOKENS
+    index = min(1, cfg.num_hidden_layers - 1)
+    down = [path for path, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and layer_index(f"{path}.") == index and m.out_features == cfg.hidden_size
+            and _MLP.search(f"{path}.") and not _SHARED.search(f"{path}.")
+            and not _EXPERT.search(f"{path}.")]
+    if not down:
+        return 0
+    layer = model.get_submodule(re.match(rf"(.*?\.{index})\.", f"{down[-1]}.").group(1))
+    owned = {x.untyped_storage()._cdata for x in (*model.parameters(), *model.buffers())}
+    live: dict[int, int] = {}  # storage -> elements; 0: made before the layer
+    found: list[int] = []
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                return True  # a data-dependent check (a mask's .all()) taken as holding
+            out = func(*args, **(kwargs or {}))
+            for x in out if isinstance(out, tuple | list) else (out,):
+                if torch.is_tensor(x) and x.untyped_storage()._cdata not in owned \
+                        and x.untyped_storage()._cdata not in live:
+                    storage = x.untyped_storage()
+                    live[storage._cdata] = storage.nbytes() // x.element_size()
+                    weakref.finalize(storage, live.pop, storage._cdata, None)
+            return out
+
+    def enter(*_):
+        live.update(dict.fromkeys(live, 0))
+
+    def seen(*_):
+        found.append(sum(n == t * cfg.hidden_size for n in live.values()))
+        raise _FrameSeen
+
+    hooks = (layer.register_forward_pre_hook(enter),
+             model.get_submodule(down[-1]).register_forward_pre_hook(seen))
+    try:
+        with torch.no_grad(), Track():
+            model(input_ids=torch.zeros(1, t, dtype=torch.long, device="meta"), use_cache=False)
+    except _FrameSeen:  # without norms the MLP reads the residual itself
+        return max(found[0] - 1 - places.pre_norms, 0)
+    except Exception:  # noqa: BLE001 -- a forward the meta device cannot run
+        return 0
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return 0
 
 
 def _setting(cfg, name: str, layer: int = 0):
@@ -610,10 +731,11 @@ def _expert_width(linears: list[Linear], tensors: list[Tensor], hidden: int) -> 
 
 
 def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing = _Routing(),
-            rotary: _Rotary = _Rotary(), output_norms: int = 0, pre_norms: bool = True,
-            fp32_norms: bool = False, sdpa: _SdpaCall = _SdpaCall(),
+            rotary: _Rotary = _Rotary(), places: _NormPlaces = _NormPlaces(),
+            norms: NormSaves = RMS_NORM, sdpa: _SdpaCall = _SdpaCall(),
             gating: tuple[float, float] = (1.5, 0.0),
-            eager: tuple[bool, float] = (True, 0.0), shared_first: bool = False) -> list[Layer]:
+            eager: tuple[bool, float] = (True, 0.0), shared_first: bool = False,
+            frame_extra: int = 0) -> list[Layer]:
     """Each decoder layer's shape, from the config and what the build put in that layer:
     experts or a dense MLP (DeepSeek's first dense layers, Qwen-MoE's ``mlp_only_layers``),
     the dense MLP's width, norms inside the attention (q and k norms under any name)."""
@@ -676,8 +798,9 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing
                                     if _MLP.search(lin.path) and not _SHARED.search(lin.path)
                                     and lin.out_features == h), max(back, default=inter)),
                               activation_saves=act_saves)
-        layers.append(Layer(attention, mlp, output_norms=output_norms, pre_norms=pre_norms,
-                            fp32_norms=fp32_norms,
+        layers.append(Layer(attention, mlp, output_norms=places.output_norms,
+                            pre_norms=places.pre_norms, norms=norms, parallel=places.parallel,
+                            shared_norm=places.shared_norm, frame_extra=frame_extra,
                             residual_dropout=residual_dropout,
                             residual_scale="residual_multiplier" in settings))
     return layers

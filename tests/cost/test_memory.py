@@ -147,7 +147,22 @@ def test_kv_heads_and_buffers_as_built_price_the_step(pm):
     for recipe in (Recipe(method="lora", batch=1, seq_len=512),
                    Recipe(method="lora", batch=1, seq_len=512, grad_ckpt=True)):
         row = compare(pm, CONFIGS["gpt_bigcode"], recipe)
-        assert 0 <= row.error <= 0.05, (row.estimated, row.measured)
+        assert -0.01 <= row.error <= 0.02, (row.estimated, row.measured)
+
+
+@pytest.mark.parametrize("arch, recipe", [
+    ("phi", Recipe(method="full", precision="bf16", batch=1, seq_len=512)),
+    ("gpt_neox", Recipe(method="lora", batch=1, seq_len=512)),
+    ("stablelm", Recipe(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+    ("cohere", Recipe(method="lora", batch=1, seq_len=512))])
+def test_layer_norms_parallel_blocks_and_held_locals_price_the_step(pm, arch, recipe):
+    """nn.LayerNorm keeps its 16-bit input, no fp32 copy (Phi was priced 13.7% over when
+    taken for an RMSNorm); parallel blocks read the layer's input (GPT-NeoX: 8.5% over);
+    StableLM's locals hold the attention's input and output through the MLP (4.0% under
+    checkpointed without them); Cohere's norm keeps a centred fp32 copy too (4.4% under
+    without it, its final norm's included)."""
+    row = compare(pm, CONFIGS[arch], recipe)
+    assert -0.01 <= row.error <= 0.02, (arch, row.estimated, row.measured)
 
 
 def test_experts_sized_as_built_price_the_step(pm):

@@ -26,12 +26,29 @@ def test_dropout_rates_and_norm_places_come_from_the_model():
     seed = from_transformers(CONFIGS["seed-oss-wide"]).layers[0]
     assert seed.attention.dropout and seed.residual_dropout
     llama = from_transformers(CONFIGS["llama-wide"]).layers[0]
-    assert not (llama.attention.dropout or llama.residual_dropout or llama.fp32_norms)
+    assert not (llama.attention.dropout or llama.residual_dropout or llama.norms.fp32_product)
     olmo2 = from_transformers(CONFIGS["olmo2-wide"]).layers[0]
-    assert (olmo2.pre_norms, olmo2.output_norms, olmo2.fp32_norms) == (False, 2, True)
+    assert (olmo2.pre_norms, olmo2.output_norms, olmo2.norms.fp32_product) == (False, 2, True)
     gemma3 = from_transformers(CONFIGS["gemma3-wide"]).layers[0]
-    assert (gemma3.pre_norms, gemma3.output_norms, gemma3.fp32_norms) == (True, 2, True)
+    assert (gemma3.pre_norms, gemma3.output_norms, gemma3.norms.fp32_product) == (True, 2, True)
     assert from_transformers(CONFIGS["granite-wide"]).layers[0].residual_scale
+
+
+def test_layer_norms_parallel_blocks_and_held_locals_come_from_the_model():
+    """nn.LayerNorm keeps its input and no fp32 copy; Phi feeds its attention and MLP from
+    one norm, GPT-NeoX from two of the same input; StableLM's layer holds its attention's
+    input and output until the MLP is done (transformers' code, read by running it)."""
+    llama = from_transformers(CONFIGS["llama-wide"]).layers[0]
+    assert not llama.norms.native and llama.norms.wide == (4, 0)  # RMSNorm's fp32 copy
+    assert (llama.parallel, llama.frame_extra) == (False, 0)
+    phi = from_transformers(CONFIGS["phi"]).layers[0]
+    assert phi.norms.native and phi.norms.keeps_input == (True, True)
+    assert phi.norms.wide == (0, 0) and (phi.parallel, phi.shared_norm) == (True, True)
+    neox = from_transformers(CONFIGS["gpt_neox"]).layers[0]
+    assert (neox.parallel, neox.shared_norm) == (True, False)
+    assert from_transformers(CONFIGS["stablelm"]).layers[0].frame_extra == 2
+    cohere = from_transformers(CONFIGS["cohere"]).layers[0].norms  # a centred fp32 copy too
+    assert not cohere.native and cohere.wide == (8, 8)
 
 
 def test_a_rotary_embedding_that_copies_cos_and_sin_per_layer_is_found():
