@@ -17,7 +17,6 @@ model's, not noise.
 """
 
 import json
-import math
 import statistics
 import sys
 import time
@@ -134,16 +133,14 @@ def main() -> None:
 def fit_cpu(rows) -> None:
     """The CPU entry of bounds.json: the grid's conformal scores. On the CPU the grid is
     the whole evidence, so the band is also asked to cover its worst case (``cover_all``)."""
-    from autotune.cost.uncertainty import fits, score
+    from autotune.cost.uncertainty import fits, score, stored
 
     bounds = json.loads(BOUNDS.read_text()) if BOUNDS.exists() else {
         "schema": "autotune.bounds/1", "devices": {}}
     bounds["devices"]["cpu"] = {
         "label": "CPU fit", "unit": "measured CPU steps", "confidence": 0.95, "cover_all": True,
         "model_types": sorted({CONFIGS[r.arch]["model_type"] for r in rows}),
-        # four decimals, rounded away from zero: a bound that covers every case still does
-        "scores": sorted(math.copysign(math.ceil(abs(x) * 1e4) / 1e4, x) for x in
-                         (score(r.memory, r.measured, "cpu") for r in rows))}
+        "scores": sorted(stored(score(r.memory, r.measured, "cpu")) for r in rows)}
     BOUNDS.write_text(json.dumps(bounds, indent=1) + "\n")
     fits.cache_clear()
 

@@ -28,10 +28,10 @@ CONFIDENCE = 0.95
 
 def fit_bound(rows) -> dict:
     """Conformal scores of the fit rows (the GPU entry of bounds.json)."""
-    from autotune.cost.uncertainty import score
+    from autotune.cost.uncertainty import score, stored
 
     return {"label": "GPU fit", "unit": "published runs", "confidence": CONFIDENCE,
-            "scores": sorted(round(score(r.memory, r.measured_bytes, "cuda"), 4)
+            "scores": sorted(stored(score(r.memory, r.measured_bytes, "cuda"))
                              for r in rows if r.split == "fit")}
 
 

@@ -22,8 +22,8 @@ from functools import cache
 from importlib.resources import files
 from statistics import NormalDist
 
-from autotune.util.errors import AutotuneError
 from autotune.cost.memory import CUDA_CONTEXT, MemoryEstimate
+from autotune.util.errors import AutotuneError
 
 CONFIDENCE = 0.95
 SPREAD_FLOOR = 0.01
@@ -182,6 +182,12 @@ def score(memory: MemoryEstimate, measured: int, device: str) -> float:
     side = 1 if measured >= value else 0
     scale = sum(w[side] for w in widths.values()) or 1.0
     return (measured - value) / scale
+
+
+def stored(score: float) -> float:
+    """A score as ``bounds.json`` keeps it: four decimals, rounded away from zero, so that
+    a band fitted to cover a case still does."""
+    return math.copysign(math.ceil(abs(score) * 1e4) / 1e4, score)
 
 
 def quantile(scores: list[float], confidence: float) -> float | None:

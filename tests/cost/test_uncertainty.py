@@ -162,6 +162,19 @@ def test_a_cover_all_fit_holds_every_fitted_case(memory, monkeypatch):
     assert b.high >= worst
 
 
+def test_a_stored_score_never_narrows_the_band_it_was_fitted_to_give(memory, monkeypatch):
+    """Rounded to four decimals toward zero, the largest fitted score (the 95% quantile of
+    19) left that published run 0.02% outside its own bound."""
+    from autotune.cost.uncertainty import score, stored
+
+    measured = int(memory.peak * 1.1) + 7
+    exact = score(memory, measured, "cuda")
+    assert stored(exact) >= exact and stored(-exact) <= -exact
+    monkeypatch.setattr("autotune.cost.uncertainty.fits",
+                        lambda: fit_of([0.0] * 18 + [stored(exact)]))
+    assert band(memory).high >= measured
+
+
 def test_a_band_source_names_its_evidence_in_one_word():
     from autotune.cost.uncertainty import source_kind
 
