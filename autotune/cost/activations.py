@@ -174,9 +174,8 @@ def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Att
     SDPA's math path keeps its own fp32 copies instead (:func:`math_scores`), a masked one
     the mask (:func:`kernel_mask`)."""
     c = p.compute
-    if kernel == "math":
+    if kernel == "math":  # its matmuls' backward needs no output
         math_scores(saved, name, t, batch, seq, a)
-        saved.keep(f"{name}.out", t * a.heads * a.v_head_dim * c)
         return
     q_bytes = t * a.heads * a.head_dim * c
     # eager repeats k and v, and so does transformers for an SDPA given a mask (no enable_gqa)
@@ -233,7 +232,7 @@ def dropout_mask(p: Precision, width: int) -> int:
     return 1 if p.dropout_mask == 1 else width
 
 
-def attention_backward_spike(layer: Layer, batch: int, seq: int, p: Precision,
+def attention_backward_spike(layer: Layer, hidden: int, batch: int, seq: int, p: Precision,
                              kernel: str) -> int:
     """Scratch of one layer's attention backward beyond what it saved.
 
@@ -241,18 +240,23 @@ def attention_backward_spike(layer: Layer, batch: int, seq: int, p: Precision,
     16-bit gradient (fp32 on the math path) and its fp32 copy for the fp32 softmax's
     backward (a 16-bit softmax's own gradient instead), both batch x heads x seq x seq,
     and what the model's own eager attention holds beyond (GPT-OSS's). Fused kernels work
-    in tiles.
+    in tiles. Where one norm feeds a parallel block, the MLP's gradient of its output
+    waits for the attention's.
     """
+    held = 0
+    if layer.shared_norm:
+        out = FP32 if layer.norms.native and p.cuda and p.autocast else p.residual
+        held = batch * seq * hidden * out
     if kernel not in ("eager", "math"):
-        return 0
+        return held
     scores = batch * layer.attention.heads * seq * seq
     if kernel == "eager":
         a = layer.attention
-        return int(scores * (p.compute + (FP32 if a.softmax_fp32 else p.compute)
-                             + a.eager_backward * p.compute / 2))
+        return held + int(scores * (p.compute + (FP32 if a.softmax_fp32 else p.compute)
+                                    + a.eager_backward * p.compute / 2))
     # the math path's gradients are fp32 from the start (measured: 8 bytes a score); with
     # dropout its noise and dropped probabilities are freed on the way (measured: 4)
-    return scores * FP32 * (1 if layer.attention.dropout else 2)
+    return held + scores * FP32 * (1 if layer.attention.dropout else 2)
 
 
 def gated_mlp(saved: Saved, name: str, source: str, t: int, hidden: int, inter: int,

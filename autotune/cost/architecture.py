@@ -253,6 +253,10 @@ class Architecture:
     """transformers runs this model with SDPA (Gemma 2 has no SDPA path: eager instead)."""
     logit_softcap: bool = False
     """The logits are soft-capped, ``cap * tanh(z / cap)`` (Gemma 2)."""
+    embedding_dropout: bool = False
+    """The embeddings' output is dropped out in training (GPT-2's and GPT-BigCode's
+    ``embd_pdrop``): where it takes a gradient, the mask is kept to the end of the
+    backward."""
     buffers: int = 0
     """Bytes of the buffers the model registers beside its parameters (GPT-BigCode's
     causal mask: max positions squared booleans; rotary tables)."""
@@ -323,6 +327,7 @@ def head_dim(config: dict) -> int:
 _ATTENTION_DROPOUT = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 _RESIDUAL_DROPOUT = ("residual_dropout", "resid_pdrop", "hidden_dropout", "hidden_dropout_prob",
                      "dropout")
+_EMBEDDING_DROPOUT = ("embd_pdrop", "embedding_dropout")
 
 
 def sliding_window(config: dict, layer: int) -> int:
@@ -341,13 +346,13 @@ def sliding_window(config: dict, layer: int) -> int:
     return window
 
 
-def model_dropout(config: dict) -> tuple[bool, bool]:
-    """Whether training drops out the attention probabilities, and the attention's and
-    MLP's outputs, by the config's rates (transformers' names for them)."""
+def model_dropout(config: dict) -> tuple[bool, bool, bool]:
+    """Whether training drops out the attention probabilities, the attention's and MLP's
+    outputs, and the embeddings' output, by the config's rates (transformers' names)."""
     def rate(keys):
         return any(isinstance(config.get(k), int | float) and config[k] > 0 for k in keys)
 
-    return rate(_ATTENTION_DROPOUT), rate(_RESIDUAL_DROPOUT)
+    return rate(_ATTENTION_DROPOUT), rate(_RESIDUAL_DROPOUT), rate(_EMBEDDING_DROPOUT)
 
 
 def latent_attention(config: dict) -> Attention | None:
@@ -407,7 +412,7 @@ def decoder(
     tensors: list[Tensor] = [Tensor("model.embed_tokens.weight", vocab * h, "embedding",
                                     (vocab, h))]
     layers: list[Layer] = []
-    attention_dropout, residual_dropout = model_dropout(config)
+    attention_dropout, residual_dropout, embedding_dropout = model_dropout(config)
     for i in range(n_layers):
         p = f"model.layers.{i}"
         attention = _attention(config, p, h, heads, kv_heads, qkv_bias, o_bias, latent, linears,
@@ -436,6 +441,7 @@ def decoder(
         tied_embeddings=tied,
         counted_by=counted_by,
         hidden_act=config.get("hidden_act", "silu"),
+        embedding_dropout=embedding_dropout,
     )
 
 

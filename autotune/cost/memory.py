@@ -23,6 +23,7 @@ from autotune.cost.activations import (
     Saved,
     attention_backward_spike,
     attention_kernel,
+    dropout_mask,
     layer_saved,
     norm,
     structured,
@@ -575,6 +576,10 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         FP32 if a0.rotary_fp32 else w)
     tl.add("inputs", rotary, "forward")
     tl.add("stage_extras", sum((extras or {}).values()), "start")
+    # a dropout of the embeddings' output keeps its mask where that output takes a gradient
+    dropped = t * arch.hidden * dropout_mask(p, w) \
+        if arch.embedding_dropout and (full or recipe.grad_ckpt) else 0
+    tl.add("activations", dropped, "forward")
 
     # -- forward: each layer's saved tensors stay until its backward; with checkpointing
     # only its input stays, and the layer is recomputed in the backward pass.
@@ -678,6 +683,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         tl.add("gradients", int(_embedding_numel(arch) * w * share.gradients),
                "backward (embeddings)")
     tl.add("inputs", -mask - rotary, "backward")
+    tl.add("activations", -dropped, "backward (embeddings)")
 
     # -- optimizer step: every gradient exists, plus the step's own scratch
     tl.spike("temporaries", int(f.scratch * share.optimizer), "optimizer")
@@ -809,7 +815,7 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
         mlp_transient = t * arch.hidden * f.p.residual + buffers - down if down \
             else t * arch.hidden * c + buffers
         attention_transient = max(0, attention_backward_spike(
-            layer, shape.batch, shape.seq_len, f.p, kernel) - mlp_saved)
+            layer, arch.hidden, shape.batch, shape.seq_len, f.p, kernel) - mlp_saved)
         if device == "cpu" and c != FP32 and not layer.mlp.moe:
             frame += _cpu_gemm_packing(layer, arch.hidden, f.roles[i].get("down_proj"))
         top = max(frame + _dora_top(layer, f.roles[i], t, arch.hidden, recipe, f.p, 3),

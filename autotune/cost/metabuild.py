@@ -126,6 +126,7 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         if any(t.kind == "experts" for t in tensors) else {},
         supports_sdpa=getattr(model, "_supports_sdpa", True) is not False,
         logit_softcap=bool(getattr(cfg, "final_logit_softcapping", None)),
+        embedding_dropout=model_dropout(cfg.to_dict())[2],
         buffers=sum(b.numel() * b.element_size() for b in model.buffers()),
     )
 
@@ -743,7 +744,7 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * h
     settings = cfg.to_dict()
     latent = latent_attention(settings)
-    attention_dropout, residual_dropout = model_dropout(settings)
+    attention_dropout, residual_dropout, _ = model_dropout(settings)
     per_linear: list[list[Linear]] = [[] for _ in range(cfg.num_hidden_layers)]
     per_tensor: list[list[Tensor]] = [[] for _ in range(cfg.num_hidden_layers)]
     for items, found in ((linears, per_linear), (tensors, per_tensor)):
