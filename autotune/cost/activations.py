@@ -487,7 +487,7 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
     if "gate_up_proj" in roles:
         mlp_roles["gate_up_proj"] = roles["gate_up_proj"]
     down = gated_mlp(saved, "mlp", mlp_in, t, hidden, f.intermediate, mlp_roles, p,
-                     mid_bytes, grad_mid, f.activation_saves)
+                     mid_bytes, grad_mid, f.activation_bytes(p.cuda and p.autocast))
     if grad_mid and layer.output_norms > 1:  # and the MLP's
         norm(saved, "ln_mlp_out", t, hidden, p, True, norms_trainable, p.compute, "", kind)
     if grad_mid and layer.residual_dropout:

@@ -149,6 +149,14 @@ class FeedForward:
     scaled gate: 0.5)."""
     expert_bias: bool = False
     """The experts add biases, gathered per routed token (GPT-OSS)."""
+    activation_saves_cuda: float = 0.0
+    """:attr:`activation_saves` under CUDA's autocast, which runs ``pow`` and ``exp`` in
+    fp32 (``gelu_new``: 7; 0: the same as without)."""
+
+    def activation_bytes(self, cuda_autocast: bool) -> float:
+        """Bytes its activation saves per byte of its input, on the step's device."""
+        return (self.activation_saves_cuda or self.activation_saves) if cuda_autocast \
+            else self.activation_saves
 
     @property
     def moe(self) -> bool:

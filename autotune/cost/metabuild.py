@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 
 from autotune.cost.architecture import (
@@ -329,28 +329,53 @@ def _hidden_act(cfg) -> str:
     return getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", "gelu")
 
 
-def _activation_saves(name: str) -> float:
-    """What transformers' activation ``name`` saves for backward per byte of its input,
-    read from the autograd graph of a tiny bf16 run (composite Python activations save
-    several intermediates); 1 where it cannot be run."""
+_CUDA_FP32 = frozenset({
+    "pow", "__pow__", "__rpow__", "exp", "expm1", "log", "log1p", "log2", "log10", "softplus",
+    "sinh", "cosh", "tan", "acos", "asin", "reciprocal", "rsqrt", "erfinv", "__rtruediv__",
+    "__rdiv__", "softmax", "log_softmax", "sum", "prod", "cumsum", "cumprod"})
+"""Functions CUDA's autocast runs in fp32 (torch's autocast op reference; the CPU's
+autocast leaves them in the input's dtype)."""
+
+
+def _activation_saves(name: str) -> tuple[float, float]:
+    """What transformers' activation ``name`` saves for backward per byte of its 16-bit
+    input, read from the autograd graph of a tiny bf16 run (composite Python activations
+    save several intermediates): as run, and under CUDA's autocast, emulated by running
+    :data:`_CUDA_FP32` on fp32 copies (``gelu_new``'s cube: 4 and 7); 1 where it cannot be
+    run."""
     import torch
+    from torch.overrides import TorchFunctionMode
     from transformers.activations import ACT2FN
 
-    try:
-        x = torch.ones(4, 64, dtype=torch.bfloat16, requires_grad=True)
-        out = ACT2FN[name](x)
-    except Exception:  # noqa: BLE001 -- an activation we cannot build or call alone
-        return 1.0
-    storages = {}
-    for node in _graph(out):
-        for attr in dir(node):
-            if attr.startswith("_saved_"):
-                kept = getattr(node, attr)
-                for item in kept if isinstance(kept, tuple | list) else (kept,):
-                    if torch.is_tensor(item) and item.numel() > 1:
-                        storage = item.untyped_storage()
-                        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values()) / (x.numel() * x.element_size()) or 1.0
+    class CudaAutocast(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in _CUDA_FP32:
+                args = tuple(a.float() if torch.is_tensor(a) and a.dtype == torch.bfloat16
+                             else a for a in args)
+            return func(*args, **(kwargs or {}))
+
+    found = []
+    for mode in (nullcontext(), CudaAutocast()):
+        try:
+            x = torch.ones(4, 64, dtype=torch.bfloat16, requires_grad=True)
+            function = ACT2FN[name]  # its parameters (xIELU's) in the model's dtype
+            if isinstance(function, torch.nn.Module):
+                function = function.to(torch.bfloat16)
+            with mode:
+                out = function(x)
+        except Exception:  # noqa: BLE001 -- an activation we cannot build or call alone
+            return 1.0, 1.0
+        storages = {}
+        for node in _graph(out):
+            for attr in dir(node):
+                if attr.startswith("_saved_"):
+                    kept = getattr(node, attr)
+                    for item in kept if isinstance(kept, tuple | list) else (kept,):
+                        if torch.is_tensor(item) and item.numel() > 1:
+                            storage = item.untyped_storage()
+                            storages[storage.data_ptr()] = storage.nbytes()
+        found.append(sum(storages.values()) / (x.numel() * x.element_size()) or 1.0)
+    return found[0], found[1]
 
 
 def _gating(model) -> tuple[float, float]:
@@ -786,9 +811,9 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing
                               any(lin.path.endswith(".shared_expert_gate")
                                   for lin in own_linears), routing.fp32_weights,
                               routing.fp32_input, routing.fp32_input_autocast,
-                              shared_first, act_saves, *gating,
+                              shared_first, act_saves[0], *gating,
                               any(".experts." in t.path and t.path.endswith("bias")
-                                  for t in own_tensors))
+                                  for t in own_tensors), activation_saves_cuda=act_saves[1])
         else:
             # its width: the input of the MLP's linear back to the residual (Falcon's
             # dense_4h_to_h is 4 x hidden whatever the config says; OPT's fc2, outside any
@@ -798,7 +823,8 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing
             mlp = FeedForward(next((lin.in_features for lin in own_linears
                                     if _MLP.search(lin.path) and not _SHARED.search(lin.path)
                                     and lin.out_features == h), max(back, default=inter)),
-                              activation_saves=act_saves)
+                              activation_saves=act_saves[0],
+                              activation_saves_cuda=act_saves[1])
         layers.append(Layer(attention, mlp, output_norms=places.output_norms,
                             pre_norms=places.pre_norms, norms=norms, parallel=places.parallel,
                             shared_norm=places.shared_norm, frame_extra=frame_extra,

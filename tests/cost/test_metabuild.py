@@ -187,3 +187,17 @@ def test_sliding_windows_by_layer():
     # a hand-edited config.json: no window, not a crash
     assert sliding_window({"sliding_window": "128"}, 0) == 0
     assert sliding_window({"sliding_window": 64, "layer_types": ["sliding_attention"]}, 1) == 0
+
+
+def test_an_activation_saves_more_under_cuda_autocast_where_it_runs_pow_in_fp32():
+    """transformers' ``gelu_new``, 0.5 x (1 + tanh(c (x + 0.044715 x^3))), keeps its 16-bit
+    input and three more of its size: 4 times the input. CUDA's autocast runs ``pow`` on an
+    fp32 copy, and from there the sum, the tanh and 1 + tanh are fp32: the copy (4 bytes),
+    tanh's output (4), 0.5 x (2) and 1 + tanh (4) are kept, 7 times the 16-bit input."""
+    from autotune.cost.metabuild import _activation_saves
+
+    assert _activation_saves("gelu_new") == (4.0, 7.0)
+    assert _activation_saves("silu") == (1.0, 1.0)
+    phi = from_transformers(CONFIGS["phi"]).layers[0].mlp
+    assert phi.activation_bytes(cuda_autocast=True) == 7.0
+    assert phi.activation_bytes(cuda_autocast=False) == 4.0
