@@ -107,6 +107,11 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         raise AutotuneError(f"{cfg.model_type!r} has no attention heads in its config: autotune "
                             "prices decoders built of attention layers, not state-space or "
                             "recurrent models")
+    if found := _unpriced_block(model):
+        raise AutotuneError(f"{cfg.model_type!r} has {found}: autotune prices decoders of "
+                            "attention and MLP blocks, not the memory of a state-space, "
+                            "linear-attention or recurrent block (its estimate would be far "
+                            "below the step's)")
     places = _norm_places(tensors, cfg)
     return Architecture(
         model_type=cfg.model_type,
@@ -129,6 +134,27 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         embedding_dropout=model_dropout(cfg.to_dict())[2],
         buffers=sum(b.numel() * b.element_size() for b in model.buffers()),
     )
+
+
+_UNPRICED = re.compile(r"mamba|mixer|deltanet|lightning|recurrent|linearattention|shortconv",
+                       re.IGNORECASE)
+"""Block classes of hybrid decoders (Granite 4's and Bamba's Mamba, Qwen3-Next's Gated
+DeltaNet, MiniMax's lightning attention, RecurrentGemma's RG-LRU, Falcon-H1's mixer)."""
+
+
+def _unpriced_block(model) -> str | None:
+    """A decoder layer's block the activation model cannot price, named; ``None`` if none:
+    a ``layer_types`` entry other than an attention's, or a block class of a hybrid."""
+    kinds = getattr(model.config, "layer_types", None) or ()
+    odd = sorted({k for k in kinds if isinstance(k, str) and "attention" not in k
+                  or isinstance(k, str) and "linear" in k})
+    if odd:
+        return f"{', '.join(odd)} layers"
+    for path, module in model.named_modules():
+        name = type(module).__name__
+        if layer_index(f"{path}.") is not None and _UNPRICED.search(name):
+            return f"{name} blocks in its decoder layers"
+    return None
 
 
 def _peft_fused_targets(model_type: str) -> dict[str, tuple[str, int]]:

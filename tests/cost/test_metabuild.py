@@ -1,7 +1,10 @@
 """What a meta-device build tells the memory model, against what the configs say."""
 
+import pytest
+
 from autotune.cost.metabuild import from_transformers
-from benchmarks.accuracy_grid import CONFIGS
+from autotune.util.errors import AutotuneError
+from benchmarks.accuracy_grid import CONFIGS, _wide
 
 
 def test_deepseek_v3_has_latent_attention_and_a_dense_first_layer():
@@ -201,3 +204,16 @@ def test_an_activation_saves_more_under_cuda_autocast_where_it_runs_pow_in_fp32(
     phi = from_transformers(CONFIGS["phi"]).layers[0].mlp
     assert phi.activation_bytes(cuda_autocast=True) == 7.0
     assert phi.activation_bytes(cuda_autocast=False) == 4.0
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("qwen3_next", dict(num_experts=4, num_experts_per_tok=2, head_dim=64, linear_key_head_dim=64,
+                        linear_value_head_dim=64, moe_intermediate_size=256)),
+    ("granitemoehybrid", dict(num_local_experts=4, num_experts_per_tok=2)),
+    ("recurrent_gemma", {}),
+    ("falcon_h1", {})])
+def test_hybrid_decoders_are_refused_not_under_priced(model_type, extra):
+    """Priced as attention layers, measured CPU steps were far above the estimate
+    (Qwen3-Next LoRA: 81% under; Granite 4's Mamba layers: 96%; RecurrentGemma: 27-44%)."""
+    with pytest.raises(AutotuneError, match="state-space, linear-attention or recurrent"):
+        from_transformers(_wide(model_type, **extra))
