@@ -207,9 +207,10 @@ def test_an_activation_saves_more_under_cuda_autocast_where_it_runs_pow_in_fp32(
 
 
 @pytest.mark.parametrize("model_type, extra", [
-    ("qwen3_next", dict(num_experts=4, num_experts_per_tok=2, head_dim=64, linear_key_head_dim=64,
-                        linear_value_head_dim=64, moe_intermediate_size=256)),
-    ("granitemoehybrid", dict(num_local_experts=4, num_experts_per_tok=2)),
+    ("qwen3_next", {"num_experts": 4, "num_experts_per_tok": 2, "head_dim": 64,
+                    "linear_key_head_dim": 64, "linear_value_head_dim": 64,
+                    "moe_intermediate_size": 256}),
+    ("granitemoehybrid", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     ("recurrent_gemma", {}),
     ("falcon_h1", {})])
 def test_hybrid_decoders_are_refused_not_under_priced(model_type, extra):
