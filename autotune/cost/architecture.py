@@ -257,6 +257,9 @@ class Architecture:
     half_adapters: bool = False
     """LoRA adapters on a 16-bit base take its dtype (PEFT before 0.11; see
     autotune.cost.layouts), not fp32."""
+    supports_checkpointing: bool = True
+    """transformers can checkpoint its layers (JetMoE's ``supports_gradient_checkpointing``
+    is False: its run would stop at loading)."""
     supports_sdpa: bool = True
     """transformers runs this model with SDPA (Gemma 2 has no SDPA path: eager instead)."""
     logit_softcap: bool = False

@@ -276,6 +276,10 @@ class CostModel:
     def _assess(self, recipe: Recipe, parallel: Parallel, gpu: GPU | None,
                 effective_batch: int | None, workload: Workload | None,
                 correction: Correction | None, confidence: float) -> Assessment:
+        if recipe.grad_ckpt and not self.arch.supports_checkpointing:
+            raise AutotuneError(f"{self.arch.model_type!r} cannot checkpoint its layers "
+                                "(transformers has no gradient checkpointing for it): plan "
+                                "without --grad-ckpt")
         if recipe.attn not in self._kernels:  # the family's forced kernel, asked once
             forced = family_kernel(self.family, self.config, recipe).attn
             if forced == "sdpa" and not self.arch.supports_sdpa:  # what transformers runs

@@ -108,10 +108,10 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
                             "prices decoders built of attention layers, not state-space or "
                             "recurrent models")
     if found := _unpriced_block(model):
-        raise AutotuneError(f"{cfg.model_type!r} has {found}: autotune prices decoders of "
-                            "attention and MLP blocks, not the memory of a state-space, "
-                            "linear-attention or recurrent block (its estimate would be far "
-                            "below the step's)")
+        raise AutotuneError(f"{cfg.model_type!r} has {found}: autotune prices decoder "
+                            "layers of attention and MLP (or expert) blocks it can place, "
+                            "not state-space, linear-attention or recurrent blocks; this "
+                            "model's estimate would be far below its step's memory")
     places = _norm_places(tensors, cfg)
     return Architecture(
         model_type=cfg.model_type,
@@ -130,6 +130,8 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         fused_targets=_peft_fused_targets(cfg.model_type)  # PEFT's import takes seconds
         if any(t.kind == "experts" for t in tensors) else {},
         supports_sdpa=getattr(model, "_supports_sdpa", True) is not False,
+        supports_checkpointing=getattr(model, "supports_gradient_checkpointing", True)
+        is not False,
         logit_softcap=bool(getattr(cfg, "final_logit_softcapping", None)),
         embedding_dropout=model_dropout(cfg.to_dict())[2],
         buffers=sum(b.numel() * b.element_size() for b in model.buffers()),
@@ -144,7 +146,8 @@ DeltaNet, MiniMax's lightning attention, RecurrentGemma's RG-LRU, Falcon-H1's mi
 
 def _unpriced_block(model) -> str | None:
     """A decoder layer's block the activation model cannot price, named; ``None`` if none:
-    a ``layer_types`` entry other than an attention's, or a block class of a hybrid."""
+    a ``layer_types`` entry other than an attention's, a block class of a hybrid, or 3-D
+    weights outside an MLP's ``experts`` (JetMoE's mixture of attention heads)."""
     kinds = getattr(model.config, "layer_types", None) or ()
     odd = sorted({k for k in kinds if isinstance(k, str) and "attention" not in k
                   or isinstance(k, str) and "linear" in k})
@@ -154,6 +157,10 @@ def _unpriced_block(model) -> str | None:
         name = type(module).__name__
         if layer_index(f"{path}.") is not None and _UNPRICED.search(name):
             return f"{name} blocks in its decoder layers"
+    for path, weight in model.named_parameters():  # JetMoE's experts of attention heads
+        if layer_index(path) is not None and weight.dim() == 3 and (
+                _ATTENTION.search(path) or ".experts." not in path):
+            return f"expert weights it cannot place ({path})"
     return None
 
 

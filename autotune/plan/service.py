@@ -232,7 +232,8 @@ def plan(pm: pluggy.PluginManager, request: Request,
     def space_for(card: GPU) -> Space:
         space = Space(card, seq_len, r.stage, r.effective_batch, planner.arch.num_layers,
                       planner.family_groups(), r.pins, per_node, r.nodes, r.strategy,
-                      host_ram=host_limit, default_attn=planner.cost.layouts.attention)
+                      host_ram=host_limit, default_attn=planner.cost.layouts.attention,
+                      checkpointing=planner.arch.supports_checkpointing)
         if lengths is None:
             return space
         return replace(space, workload=Workload(lengths, seq_len,

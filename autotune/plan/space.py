@@ -76,6 +76,8 @@ class Space:
     default_attn: str = "sdpa"
     """The kernel the planned-for stack uses when none is named (eager before transformers
     4.36 with torch 2.1.1: :mod:`autotune.cost.layouts`)."""
+    checkpointing: bool = True
+    """The model's layers can be checkpointed (not JetMoE's)."""
 
     @property
     def world(self) -> int:
@@ -114,12 +116,16 @@ class Space:
             methods = tuple(m for m in methods if METHODS[m][1] == 16)  # it shards 16-bit only
         freeze = tuple(sorted({n for n in (2, 4, max(1, self.num_layers // 4))
                                if n <= self.num_layers}))
+        if self.pins.grad_ckpt and not self.checkpointing:
+            raise AutotuneError("this model cannot checkpoint its layers (transformers has no "
+                                "gradient checkpointing for it): plan without --grad-ckpt")
         return {
             "method": _pinned(self.pins.method, methods),
             "rank": _pinned(self.pins.rank, RANKS),
             "targets": _pinned(self.pins.targets, TARGETS + self.family_groups),
             "freeze_layers": freeze,
-            "grad_ckpt": _pinned(self.pins.grad_ckpt, (False, True)),
+            "grad_ckpt": _pinned(self.pins.grad_ckpt, (False, True) if self.checkpointing
+                                 else (False,)),
             "optim": _pinned(self.pins.optim, OPTIMIZERS),
         }
 

@@ -479,6 +479,8 @@ def not_a_config(content: bytes) -> bool:
     ({"model_type": "llama", **BASE_CONFIG, "intermediate_size": None}, ERROR),
     ({"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100},
      ERROR),  # no attention heads: a state-space model
+    ({"model_type": "bamba", **BASE_CONFIG, "pad_token_id": 0, "bos_token_id": 0,
+      "eos_token_id": 0}, ERROR),  # a hybrid: Mamba mixers beside its attention, refused
     ({"model_type": "mixtral", **BASE_CONFIG, "num_local_experts": 4,
       "num_experts_per_tok": 0}, ERROR),  # experts no token reaches
     ({"model_type": "qwen3_moe", **BASE_CONFIG, "num_experts": 4, "num_experts_per_tok": 2,
@@ -494,7 +496,6 @@ def test_config_json_edge_cases(tmp_path, config, expect):
 
 
 @pytest.mark.parametrize("model_type", [
-    "bamba",        # a Mamba mixer's 3-D convolution weight, not fused experts
     "aria_text",    # experts under a name its config does not count (moe_num_experts)
     "gemma4_text",  # head_dim kept per layer: reading the global one raises
 ])

@@ -329,3 +329,25 @@ def test_budget_card_plans(pm):
     planner = planner_for(pm, "qwen2.5-0.5b")
     gpu = budget_gpu(8 * 2**30)
     assert planner.plan(space_for(planner, gpu), gpu.memory_bytes, "speed", None).ranked
+
+
+def test_a_model_transformers_cannot_checkpoint_is_never_planned_with_checkpointing(
+        pm, tmp_path):
+    """GPT-NeoX-Japanese sets ``supports_gradient_checkpointing = False``: a plan with
+    checkpointing stopped when the run loaded the model; now estimate refuses it, the
+    search leaves it out, and pinning it is refused before any search."""
+    from autotune.util.errors import AutotuneError
+
+    config = {"model_type": "gpt_neox_japanese", "hidden_size": 256, "num_hidden_layers": 2,
+              "intermediate_multiple_size": 2, "num_attention_heads": 4, "vocab_size": 1000}
+    with pytest.raises(AutotuneError, match="cannot checkpoint"):
+        estimate(pm, config, Recipe(method="lora", grad_ckpt=True), device="cpu")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    out = CliRunner().invoke(make_cli(pm), ["plan", "--model", str(path), "--gpu", "a100-80gb",
+                                          "--json"])
+    assert out.exit_code == 0, out.output
+    assert not any(p["grad_ckpt"] for p in json.loads(out.output)["plans"])
+    pinned = CliRunner().invoke(make_cli(pm), ["plan", "--model", str(path), "--gpu",
+                                             "a100-80gb", "--grad-ckpt"])
+    assert pinned.exit_code == 1 and "cannot checkpoint" in str(pinned.exception)
