@@ -81,7 +81,7 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
     linears: list[Linear] = []
     owned: set[str] = set()
     for path, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear) and _returns_tensor(module):
             shape = (module.in_features, module.out_features)
         elif isinstance(module, Conv1D):  # GPT-2 style: a linear layer with a transposed weight
             shape = (module.nx, module.nf)
@@ -162,6 +162,21 @@ def _unpriced_block(model) -> str | None:
                 _ATTENTION.search(path) or ".experts." not in path):
             return f"expert weights it cannot place ({path})"
     return None
+
+
+def _returns_tensor(linear) -> bool:
+    """Whether an ``nn.Linear`` (sub)class returns a tensor, as LoRA's wrapper needs: not
+    PhiMoE's router, which returns its top-k weights and indices (PEFT fails on it), and
+    is then priced as a router's weight, not a target."""
+    import torch
+
+    if type(linear) is torch.nn.Linear:
+        return True
+    try:
+        out = linear(torch.empty(1, linear.in_features, device="meta"))
+    except Exception:  # noqa: BLE001 -- a subclass we cannot call alone: taken as a linear
+        return True
+    return torch.is_tensor(out)
 
 
 def _peft_fused_targets(model_type: str) -> dict[str, tuple[str, int]]:

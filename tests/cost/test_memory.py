@@ -283,3 +283,25 @@ def test_a_cost_model_pricing_many_recipes_gives_what_each_priced_alone_gives(pm
     for recipe, parallel in pairs:
         alone = CostModel(pm, config).price(recipe, parallel)[1]
         assert shared.price(recipe, parallel)[1] == alone, (recipe, parallel)
+
+
+def test_a_linear_subclass_that_returns_no_tensor_is_not_a_lora_target(pm):
+    """PhiMoE's router is an nn.Linear that returns its top-k weights and indices: LoRA on
+    it failed inside PEFT at the first step. It is priced as a router's weight now, and the
+    run's targets (``peft_targets``) train, priced to the step."""
+    from autotune.cost.params import peft_targets
+    from autotune.run.measure import measure
+
+    config = {"model_type": "phimoe", "hidden_size": 256, "intermediate_size": 704,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 1000, "num_local_experts": 4, "num_experts_per_tok": 2,
+              "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    recipe = Recipe(method="lora", batch=1, seq_len=512)
+    predicted = predict(pm, config, recipe)
+    assert not any(lin.name == "router" for lin in predicted.arch.linears)
+    targets = peft_targets(predicted.params)[0]
+    assert "router" not in targets
+    peak = measure(config, recipe, target_modules=targets, steps=3, padded=False,
+                   planned=(predicted.family, predicted.arch, predicted.params)
+                   ).peak_tensor_bytes
+    assert -0.01 <= predicted.memory.tensor_peak / peak - 1 <= 0.02
