@@ -451,8 +451,8 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
                 saved.keep(f"{which}_norm.x32", t * width * FP32)
                 saved.keep(f"{which}_norm.rsqrt", t * width // a.head_dim * FP32)
                 if norms_trainable:
-                    saved.keep(f"{which}_norm.xhat",
-                                   t * width * (FP32 if kind.fp32_product else p.compute))
+                    xhat = FP32 if kind.fp32_product else p.compute
+                    saved.keep(f"{which}_norm.xhat", t * width * xhat)
         attention_core(saved, "attn", t, batch, seq, a, p, kernel)
         if a.rotary_saves:
             saved.keep("attn.rotary", t * a.rotary_saves)

@@ -149,8 +149,8 @@ def _unpriced_block(model) -> str | None:
     a ``layer_types`` entry other than an attention's, a block class of a hybrid, or 3-D
     weights outside an MLP's ``experts`` (JetMoE's mixture of attention heads)."""
     kinds = getattr(model.config, "layer_types", None) or ()
-    odd = sorted({k for k in kinds if isinstance(k, str) and "attention" not in k
-                  or isinstance(k, str) and "linear" in k})
+    odd = sorted({k for k in kinds
+                  if isinstance(k, str) and ("attention" not in k or "linear" in k)})
     if odd:
         return f"{', '.join(odd)} layers"
     for path, module in model.named_modules():
@@ -308,9 +308,9 @@ class _FrameSeen(Exception):
 def _frame_extra(model, places: _NormPlaces) -> int:
     """Residual-wide tensors a dense decoder layer's forward has made and still holds when
     its MLP's last linear runs, beyond the activation model's frame (the residual, or the
-    attention's output, and the MLP's input): StableLM's and GPT-BigCode's layers leave
-    the attention's input and output in their locals (2). Counted in a no-grad forward of
-    the meta build, stopped there; 0 where it cannot run."""
+    attention's output, and the MLP's input): StableLM's layer leaves the attention's input
+    and output in its locals (2), GPT-BigCode's the attention's output (1). Counted in a
+    no-grad forward of the meta build, stopped there; 0 where it cannot run."""
     import weakref
 
     import torch
