@@ -92,7 +92,7 @@ def norm(saved: Saved, name: str, t: int, width: int, p: Precision, grad_in: boo
     """A norm reading storage ``source`` (``in_bytes`` wide): what ``kind`` keeps; under
     CUDA's autocast a native ``layer_norm`` runs on an fp32 copy with an fp32 output.
     Returns the byte width of its output."""
-    fp32 = kind.native and p.cuda and p.autocast
+    fp32 = cuda_fp32_norm(kind, p)
     if fp32 and in_bytes != FP32:  # the copy is its fp32 input
         name, source, in_bytes = f"{name}.x32", "", FP32
     if grad_in or weight_trainable:
@@ -107,6 +107,11 @@ def norm(saved: Saved, name: str, t: int, width: int, p: Precision, grad_in: boo
         if weight_trainable and kind.trained[i]:
             saved.keep(f"{name}.xhat", int(t * width * kind.trained[i]))
     return FP32 if fp32 else max(in_bytes, p.residual)
+
+
+def cuda_fp32_norm(kind: NormSaves, p: Precision) -> bool:
+    """CUDA's autocast runs this norm in fp32 (torch's ``layer_norm``): fp32 output."""
+    return kind.native and p.cuda and p.autocast
 
 
 def linear(saved: Saved, name: str, source: str, t: int, fan_in: int, fan_out: int,
@@ -245,7 +250,7 @@ def attention_backward_spike(layer: Layer, hidden: int, batch: int, seq: int, p:
     """
     held = 0
     if layer.shared_norm:
-        out = FP32 if layer.norms.native and p.cuda and p.autocast else p.residual
+        out = FP32 if cuda_fp32_norm(layer.norms, p) else p.residual
         held = batch * seq * hidden * out
     if kernel not in ("eager", "math"):
         return held
