@@ -369,6 +369,10 @@ SURVEY_ARCHITECTURES = {
                           "moe_intermediate_size": 128}),
         # StarCoder's one k and v head, grouped by SDPA, and its causal-mask buffer
         ("gpt_bigcode", {"n_inner": 704}),
+        # nanochat's weightless q and k norms and its norm of the embeddings; GPT-2's and
+        # BioGPT's position embeddings added to (scaled) token embeddings: with
+        # checkpointing the frozen embeddings' output is a leaf autograd holds
+        ("nanochat", {}), ("gpt2", {"n_inner": 704}), ("biogpt", {}),
         # GPT-OSS (eager: no SDPA path): attention sinks, a softmax in the scores' dtype,
         # biased experts with a clamped gate, sliding and full layers
         ("gpt_oss", {"head_dim": 64, "num_local_experts": 4, "num_experts_per_tok": 2,

@@ -333,7 +333,9 @@ class LayerSaves(NamedTuple):
     pinned: int
     """Of ``total``, what it keeps even when checkpointed (:attr:`Saved.pinned`)."""
     down: int
-    """Of ``total``, what its down projection alone saves (dense MLPs only)."""
+    """Of ``total``, what its down projection alone saves (an MoE block: what the
+    weighting of its experts' output saves of that output): freed before the MLP's
+    backward transient."""
 
 
 def forward_frame(saved: Saved, t: int, hidden: int, inter: int, roles: dict[str, LinearRole],
@@ -400,10 +402,10 @@ def incoming_gradients(t: int, hidden: int, down: LinearRole, p: Precision,
     dtype, where that is not the residual's); a LoRA-adapted down projection's
     scaled copy for ``lora_B``; DoRA's fp32 result's gradient and its scaled half; the
     gradient of ``top_k`` weighted expert outputs per token (MoE; ``routed_bytes`` wide);
-    ``scaled``: two scaled copies of the output's gradient (a residual multiplier; measured)."""
+    ``scaled``: the output's gradient scaled by a residual multiplier, a copy."""
     grads = t * hidden * p.residual + t * top_k * hidden * routed_bytes
     if scaled:
-        grads += 2 * t * hidden * p.act
+        grads += t * hidden * p.act
     if p.act != p.residual:  # cast to the MLP's output dtype
         grads += t * hidden * p.act
     if down.adapted:
@@ -455,7 +457,7 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
             for which, width in (("q", a.heads * a.head_dim), ("k", a.kv_heads * a.head_dim)):
                 saved.keep(f"{which}_norm.x32", t * width * FP32)
                 saved.keep(f"{which}_norm.rsqrt", t * width // a.head_dim * FP32)
-                if norms_trainable:
+                if norms_trainable and a.qk_norm_weight:
                     xhat = FP32 if kind.fp32_product else p.compute
                     saved.keep(f"{which}_norm.xhat", t * width * xhat)
         attention_core(saved, "attn", t, batch, seq, a, p, kernel)
@@ -481,12 +483,16 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
     own_input = saved.storages.get("input", 0)
     if f.moe:
         _moe(saved, t, hidden, f, roles, p, mid_bytes, grad_mid)
+        # shared experts run after the routed ones go first in the backward: a recompute
+        # starts before the routed outputs' gradients exist
+        routed_first = f.shared_intermediate and not f.shared_first
         return LayerSaves(saved.total, saved.total - before_mlp,
                           moe_frame(saved, t, hidden, f, p, mid_bytes),
-                          incoming_gradients(t, hidden, LinearRole(), p, f.top_k,
+                          incoming_gradients(t, hidden, LinearRole(), p,
+                                             0 if routed_first else f.top_k,
                                              FP32 if f.fp32_routing else p.compute,
                                              layer.residual_scale), own_input,
-                          saved.pinned_total, 0)
+                          saved.pinned_total, saved.storages.get("experts.out", 0))
     mlp_roles = {n: roles.get(n, LinearRole()) for n in ("gate_proj", "up_proj", "down_proj")
                  if n != "gate_proj" or n in roles or "up_proj" not in roles}
     if "gate_up_proj" in roles:

@@ -72,6 +72,8 @@ class Attention:
     qk_norm: bool = False
     """q and k are RMS-normalised per head before the rotary embedding (Qwen3's
     ``q_norm``/``k_norm``)."""
+    qk_norm_weight: bool = True
+    """Those norms have weights (nanochat's have none: nothing more kept when training)."""
     softcap: bool = False
     """The scores are soft-capped, ``cap * tanh(s / cap)`` (Gemma 2)."""
     dropout: bool = False
@@ -268,6 +270,14 @@ class Architecture:
     """The embeddings' output is dropped out in training (GPT-2's and GPT-BigCode's
     ``embd_pdrop``): where it takes a gradient, the mask is kept to the end of the
     backward."""
+    embedding_norms: int = 0
+    """Norms the embeddings' output passes before the first layer (BLOOM's
+    ``word_embeddings_layernorm``, nanochat's): where that output takes a gradient, each
+    keeps what the layers' norms keep."""
+    embedding_reshaped: bool = False
+    """The first layer reads a tensor made from the embeddings' output (a position
+    embedding added, a dropout, a norm), not that output: where checkpointing makes a
+    frozen embedding's output a leaf that requires grad, autograd holds that leaf too."""
     buffers: int = 0
     """Bytes of the buffers the model registers beside its parameters (GPT-BigCode's
     causal mask: max positions squared booleans; rotary tables)."""

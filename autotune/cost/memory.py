@@ -576,10 +576,19 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         FP32 if a0.rotary_fp32 else w)
     tl.add("inputs", rotary, "forward")
     tl.add("stage_extras", sum((extras or {}).values()), "start")
-    # a dropout of the embeddings' output keeps its mask where that output takes a gradient
-    dropped = t * arch.hidden * dropout_mask(p, w) \
-        if arch.embedding_dropout and (full or recipe.grad_ckpt) else 0
-    tl.add("activations", dropped, "forward")
+    # where the embeddings' output takes a gradient, a dropout of it keeps its mask and
+    # norms of it (BLOOM's, nanochat's) keep what the layers' norms keep; a frozen
+    # embedding's output is then a leaf autograd holds, beside the first layer's input
+    embedded = Saved()
+    if arch.embedding_reshaped and recipe.grad_ckpt and not full:
+        embedded.keep("embedding.out", t * arch.hidden * w)
+    if full or recipe.grad_ckpt:
+        if arch.embedding_dropout:
+            embedded.keep("embedding.drop_mask", t * arch.hidden * dropout_mask(p, w))
+        for i in range(arch.embedding_norms):
+            norm(embedded, f"embedding_norm{i}", t, arch.hidden, p, True, full, w,
+                 kind=arch.layers[0].norms if arch.layers else RMS_NORM)
+    tl.add("activations", embedded.total, "forward")
 
     # -- forward: each layer's saved tensors stay until its backward; with checkpointing
     # only its input stays, and the layer is recomputed in the backward pass.
@@ -683,7 +692,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         tl.add("gradients", int(_embedding_numel(arch) * w * share.gradients),
                "backward (embeddings)")
     tl.add("inputs", -mask - rotary, "backward")
-    tl.add("activations", -dropped, "backward (embeddings)")
+    tl.add("activations", -embedded.total, "backward (embeddings)")
 
     # -- optimizer step: every gradient exists, plus the step's own scratch
     tl.spike("temporaries", int(f.scratch * share.optimizer), "optimizer")
@@ -809,11 +818,11 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
             saved -= own_input
         # the MLP backward's transient: the arriving gradient and three gradient buffers of
         # its width (fp32 behind bitsandbytes layers), the down projection's saved tensors
-        # freed by then (an MoE block frees none); later, the MLP's saved tensors freed,
-        # the attention's
+        # (an MoE block's: its experts' output, saved by the weighting) freed by then;
+        # later, the MLP's saved tensors freed, the attention's
         buffers = 3 * t * _widest_mlp(layer, not f.dequantised[i]) * f.p.act
-        mlp_transient = t * arch.hidden * f.p.residual + buffers - down if down \
-            else t * arch.hidden * c + buffers
+        arriving = f.p.residual if down and not layer.mlp.moe else c
+        mlp_transient = t * arch.hidden * arriving + buffers - down
         attention_transient = max(0, attention_backward_spike(
             layer, arch.hidden, shape.batch, shape.seq_len, f.p, kernel) - mlp_saved)
         if device == "cpu" and c != FP32 and not layer.mlp.moe:

@@ -120,7 +120,7 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         layers=tuple(_layers(cfg, linears, tensors, _routing(model), _rotary(model),
                              places, _norm_saves(model), _sdpa_call(model), _gating(model),
                              _eager_scores(model), _shared_first(model),
-                             _frame_extra(model, places))),
+                             _frame_extra(model, places), _attention_norms(kinds))),
         linears=tuple(linears),
         tensors=tuple(tensors),
         tied_embeddings=out.weight is model.get_input_embeddings().weight,
@@ -134,6 +134,8 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         is not False,
         logit_softcap=bool(getattr(cfg, "final_logit_softcapping", None)),
         embedding_dropout=model_dropout(cfg.to_dict())[2],
+        embedding_norms=(path := _embedding_path(model)).norms,
+        embedding_reshaped=path.reshaped,
         buffers=sum(b.numel() * b.element_size() for b in model.buffers()),
     )
 
@@ -208,6 +210,14 @@ def _kinds(model) -> dict[str, str]:
         elif "router" in cls or "gate" in cls:
             kinds[path] = "router"
     return kinds
+
+
+def _attention_norms(kinds: dict[str, str]) -> frozenset[int]:
+    """Layers with a norm module inside their attention, weights or none (MLA's latent
+    norms aside)."""
+    return frozenset(layer_index(f"{path}.") for path, kind in kinds.items()
+                     if kind == "norm" and _ATTENTION.search(f"{path}.")
+                     and not f"{path}.weight".endswith(_LATENT_NORMS))
 
 
 @dataclass(frozen=True)
@@ -302,7 +312,7 @@ matches tokens x hidden."""
 
 
 class _FrameSeen(Exception):
-    """Stops the probe's forward once the MLP's last linear is reached."""
+    """Stops a probe's forward where it has seen what it looks for."""
 
 
 def _frame_extra(model, places: _NormPlaces) -> int:
@@ -314,7 +324,6 @@ def _frame_extra(model, places: _NormPlaces) -> int:
     import weakref
 
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     cfg, t = model.config, _FRAME_TOKENS
     index = min(1, cfg.num_hidden_layers - 1)
@@ -329,18 +338,13 @@ def _frame_extra(model, places: _NormPlaces) -> int:
     live: dict[int, int] = {}  # storage -> elements; 0: made before the layer
     found: list[int] = []
 
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                return True  # a data-dependent check (a mask's .all()) taken as holding
-            out = func(*args, **(kwargs or {}))
-            for x in out if isinstance(out, tuple | list) else (out,):
-                if torch.is_tensor(x) and x.untyped_storage()._cdata not in owned \
-                        and x.untyped_storage()._cdata not in live:
-                    storage = x.untyped_storage()
-                    live[storage._cdata] = storage.nbytes() // x.element_size()
-                    weakref.finalize(storage, live.pop, storage._cdata, None)
-            return out
+    def track(out):
+        for x in out if isinstance(out, tuple | list) else (out,):
+            if torch.is_tensor(x) and x.untyped_storage()._cdata not in owned \
+                    and x.untyped_storage()._cdata not in live:
+                storage = x.untyped_storage()
+                live[storage._cdata] = storage.nbytes() // x.element_size()
+                weakref.finalize(storage, live.pop, storage._cdata, None)
 
     def enter(*_):
         live.update(dict.fromkeys(live, 0))
@@ -352,8 +356,7 @@ def _frame_extra(model, places: _NormPlaces) -> int:
     hooks = (layer.register_forward_pre_hook(enter),
              model.get_submodule(down[-1]).register_forward_pre_hook(seen))
     try:
-        with torch.no_grad(), Track():
-            model(input_ids=torch.zeros(1, t, dtype=torch.long, device="meta"), use_cache=False)
+        _probe_forward(model, track)
     except _FrameSeen:  # without norms the MLP reads the residual itself
         return max(found[0] - 1 - places.pre_norms, 0)
     except Exception:  # noqa: BLE001 -- a forward the meta device cannot run
@@ -362,6 +365,83 @@ def _frame_extra(model, places: _NormPlaces) -> int:
         for hook in hooks:
             hook.remove()
     return 0
+
+
+def _answering(track=None):
+    """A dispatch mode for meta-device forwards: data-dependent checks (a mask's
+    ``.all()``) taken as holding; ``track`` sees every op's output."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Answering(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                return True
+            out = func(*args, **(kwargs or {}))
+            if track:
+                track(out)
+            return out
+
+    return Answering()
+
+
+def _probe_forward(model, track=None) -> None:
+    """A no-grad forward of the meta build on a few tokens (see :func:`_answering`)."""
+    import torch
+
+    with torch.no_grad(), _answering(track):
+        model(input_ids=torch.zeros(1, _FRAME_TOKENS, dtype=torch.long, device="meta"),
+              use_cache=False)
+
+
+@dataclass(frozen=True)
+class _EmbeddingPath:
+    """What lies between the embeddings' output and the first decoder layer."""
+
+    norms: int = 0
+    """Norms on the way (BLOOM's ``word_embeddings_layernorm``; nanochat calls its final
+    norm there too)."""
+    reshaped: bool = False
+    """The first layer reads a tensor made from that output (a position embedding added,
+    a dropout, a norm), not the output itself."""
+
+
+def _embedding_path(model) -> _EmbeddingPath:
+    """The embeddings' way to the first decoder layer, seen in a forward of the meta build
+    stopped at that layer; nothing where it cannot run."""
+    import torch
+
+    first = min((path for path, _ in model.named_modules()
+                 if layer_index(f"{path}.") == 0), key=len, default=None)
+    if first is None:
+        return _EmbeddingPath()
+    calls: list[str] = []
+    embedded: list = []
+
+    def stop(_, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        raise _FrameSeen(_EmbeddingPath(len(calls), bool(embedded) and torch.is_tensor(x) and
+                                        x.untyped_storage()._cdata != embedded[0]))
+
+    def embeddings(_, __, out):
+        if torch.is_tensor(out):
+            embedded.append(out.untyped_storage()._cdata)
+
+    hooks = [model.get_submodule(first).register_forward_pre_hook(stop, with_kwargs=True)] + [
+        module.register_forward_pre_hook(lambda *_, path=path: calls.append(path))
+        for path, module in model.named_modules()
+        if layer_index(f"{path}.") is None and "norm" in type(module).__name__.lower()]
+    try:
+        hooks.append(model.get_input_embeddings().register_forward_hook(embeddings))
+        _probe_forward(model)
+    except _FrameSeen as seen:
+        return seen.args[0]
+    except Exception:  # noqa: BLE001 -- a forward the meta device cannot run
+        return _EmbeddingPath()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return _EmbeddingPath()
 
 
 def _setting(cfg, name: str, layer: int = 0):
@@ -601,7 +681,7 @@ def _first_call(model, attn: str, spot, dtype=None):
     try:
         if dtype is not None:
             model.to(dtype)
-        with Spy():
+        with Spy(), _answering():
             model(input_ids=torch.zeros(1, 8, dtype=torch.long, device="meta"))
     except _Called as called:
         return called.args[0]
@@ -809,10 +889,11 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing
             norms: NormSaves = RMS_NORM, sdpa: _SdpaCall = _SdpaCall(),
             gating: tuple[float, float] = (1.5, 0.0),
             eager: tuple[bool, float] = (True, 0.0), shared_first: bool = False,
-            frame_extra: int = 0) -> list[Layer]:
+            frame_extra: int = 0, attention_norms: frozenset[int] = frozenset()) -> list[Layer]:
     """Each decoder layer's shape, from the config and what the build put in that layer:
     experts or a dense MLP (DeepSeek's first dense layers, Qwen-MoE's ``mlp_only_layers``),
-    the dense MLP's width, norms inside the attention (q and k norms under any name)."""
+    the dense MLP's width, norms inside the attention (q and k norms under any name; in
+    ``attention_norms``' layers also weightless ones, nanochat's)."""
     h, heads = cfg.hidden_size, cfg.num_attention_heads
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * h
     settings = cfg.to_dict()
@@ -829,15 +910,17 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing
     layers = []
     for index, (own_linears, own_tensors) in enumerate(zip(per_linear, per_tensor,
                                                            strict=True)):
-        qk_norm = any(t.kind == "norm" and _ATTENTION.search(t.path)
-                      and not t.path.endswith(_LATENT_NORMS) for t in own_tensors)
+        weighted = any(t.kind == "norm" and _ATTENTION.search(t.path)
+                       and not t.path.endswith(_LATENT_NORMS) for t in own_tensors)
+        qk_norm = weighted or index in attention_norms
         d = _setting(cfg, "head_dim", index) or h // heads
         kv_heads = _setting(cfg, "num_key_value_heads", index)
         if sdpa.kv_heads and kv_heads == _setting(cfg, "num_key_value_heads", 0):
             kv_heads = sdpa.kv_heads  # layer 0's as handed over, in layers configured alike
         attention = latent or Attention(heads, kv_heads or heads, d, d,
                                         kv_broadcast=sdpa.kv_broadcast)
-        attention = replace(attention, qk_norm=qk_norm, dropout=attention_dropout,
+        attention = replace(attention, qk_norm=qk_norm, qk_norm_weight=weighted,
+                            dropout=attention_dropout,
                             rotary_saves=0 if latent else rotary.saves,
                             rotary_width=rotary.width, rotary_fp32=rotary.fp32,
                             rotary_kept=rotary.kept,

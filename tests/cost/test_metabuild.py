@@ -25,6 +25,27 @@ def test_q_and_k_norms_are_found_under_any_name():
     assert not from_transformers(CONFIGS["llama-wide"]).layers[0].attention.qk_norm
 
 
+def test_weightless_q_and_k_norms_are_found_by_their_modules():
+    """nanochat's q and k norms have no weights: found by their modules, and nothing more
+    is kept for them when the norms train."""
+    nanochat = from_transformers(CONFIGS["nanochat"]).layers[0].attention
+    assert (nanochat.qk_norm, nanochat.qk_norm_weight) == (True, False)
+    qwen3 = from_transformers(CONFIGS["qwen3-wide"]).layers[0].attention
+    assert (qwen3.qk_norm, qwen3.qk_norm_weight) == (True, True)
+
+
+def test_what_stands_between_the_embeddings_and_the_first_layer_is_read_as_built():
+    """nanochat norms the embeddings with its final norm before the first layer; GPT-2
+    adds position embeddings (the first layer reads another tensor than the embeddings'
+    output); Llama's first layer reads that output itself."""
+    nanochat = from_transformers(CONFIGS["nanochat"])
+    assert (nanochat.embedding_norms, nanochat.embedding_reshaped) == (1, True)
+    gpt2 = from_transformers(CONFIGS["gpt2"])
+    assert (gpt2.embedding_norms, gpt2.embedding_reshaped) == (0, True)
+    llama = from_transformers(CONFIGS["llama-wide"])
+    assert (llama.embedding_norms, llama.embedding_reshaped) == (0, False)
+
+
 def test_dropout_rates_and_norm_places_come_from_the_model():
     seed = from_transformers(CONFIGS["seed-oss-wide"]).layers[0]
     assert seed.attention.dropout and seed.residual_dropout
