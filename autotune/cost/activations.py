@@ -237,6 +237,23 @@ def dropout_mask(p: Precision, width: int) -> int:
     return 1 if p.dropout_mask == 1 else width
 
 
+def math_forward_spike(layer: Layer, batch: int, seq: int, p: Precision) -> int:
+    """What one layer's attention forward on SDPA's math path holds beyond what the layer
+    saves before its MLP (measured on the CPU, where it upcasts 16-bit inputs): its fp32
+    causal mask (seq x seq) and fp32 copies of q and k beside the scaled ones it saves;
+    at the softmax, its raw fp32 scores and a boolean a score, or with dropout, at the
+    end, its fp32 output and the probabilities it returns in the input's dtype; around
+    it the model's q, k and v in 16 bit (its locals: the copies are what it saves)."""
+    a, t = layer.attention, batch * seq
+    scores = batch * a.heads * seq * seq
+    if a.dropout:
+        inside = scores * p.compute + t * a.heads * (2 * a.head_dim + a.v_head_dim) * FP32
+    else:
+        inside = scores * (FP32 + 1) + t * a.heads * 2 * a.head_dim * FP32
+    return inside + seq * seq * FP32 + t * (a.heads * a.head_dim + a.kv_heads * (
+        a.head_dim + a.v_head_dim)) * p.compute
+
+
 def attention_backward_spike(layer: Layer, hidden: int, batch: int, seq: int, p: Precision,
                              kernel: str) -> int:
     """Scratch of one layer's attention backward beyond what it saved.

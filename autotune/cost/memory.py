@@ -25,6 +25,7 @@ from autotune.cost.activations import (
     attention_kernel,
     dropout_mask,
     layer_saved,
+    math_forward_spike,
     norm,
     structured,
 )
@@ -827,10 +828,14 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
             layer, arch.hidden, shape.batch, shape.seq_len, f.p, kernel) - mlp_saved)
         if device == "cpu" and c != FP32 and not layer.mlp.moe:
             frame += _cpu_gemm_packing(layer, arch.hidden, f.roles[i].get("down_proj"))
+        # SDPA's math path peaks inside the attention, before the MLP has saved anything
+        attention = math_forward_spike(layer, shape.batch, shape.seq_len, f.p) \
+            - mlp_saved if kernel == "math" else 0
         top = max(frame + _dora_top(layer, f.roles[i], t, arch.hidden, recipe, f.p, 3),
-                  f.dora[i])
+                  f.dora[i], attention)
         recompute = max(frame + grads_in + _dora_top(layer, f.roles[i], t, arch.hidden, recipe,
-                                                     f.p, 2), f.dora[i]) if recipe.grad_ckpt else 0
+                                                     f.p, 2), f.dora[i], attention + grads_in) \
+            if recipe.grad_ckpt else 0
         f.saved[kind] = saved, pinned, mlp_transient, attention_transient, top, recompute
     saved, pinned, mlp_transient, attention_transient, top, recompute = f.saved[kind]
     dq, dq_lora = f.dequantised[i], f.dequantised_lora[i]

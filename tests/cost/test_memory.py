@@ -172,14 +172,17 @@ def test_layer_norms_parallel_blocks_and_held_locals_price_the_step(pm, arch, re
     ("nanochat", Recipe(method="lora", batch=1, seq_len=512)),
     ("nanochat", Recipe(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
     ("nanochat", Recipe(method="full", precision="bf16", batch=1, seq_len=512)),
-    ("gpt2", Recipe(method="lora", batch=1, seq_len=512, grad_ckpt=True))])
-def test_weightless_norms_and_the_embeddings_way_to_the_first_layer_price_the_step(
+    ("gpt2", Recipe(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+    ("biogpt", Recipe(method="lora", batch=1, seq_len=512, grad_ckpt=True))])
+def test_weightless_norms_the_embeddings_way_and_a_math_path_attention_price_the_step(
         pm, arch, recipe):
     """nanochat's weightless q and k norms keep fp32 copies (7.1% under without them) and
     its norm of the embeddings keeps what a layer norm keeps where the embeddings' output
     takes a gradient (full: 1.9% under without it). Checkpointed, that output of frozen
     embeddings is a leaf autograd holds to the end of the backward, beside the first
-    layer's input made from it (nanochat 1.9% under without it, GPT-2 0.9%)."""
+    layer's input made from it (nanochat 1.9% under without it, GPT-2 0.9%). BioGPT's
+    attention dropout sends SDPA to its math path on the CPU, whose recompute peaks inside
+    the attention (1.2% under without that spike, 2.1% without the leaf too)."""
     row = compare(pm, CONFIGS[arch], recipe)
     assert -0.01 <= row.error <= 0.02, (arch, row.estimated, row.measured)
 
