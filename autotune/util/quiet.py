@@ -9,6 +9,10 @@ import sys
 import warnings
 
 _LOUD = False
+# loggers whose warnings are noise to autotune's user: bitsandbytes' CPU-kernel fallbacks, and
+# `kernels` (which bitsandbytes asks for a hub kernel at import) on skipping its trust check
+# offline
+_CHATTY = ("bitsandbytes", "kernels")
 
 
 def quiet_libraries() -> None:
@@ -27,7 +31,8 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         # torch on building a zero-width layer (a config's size 0, e.g. no shared expert)
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        for name in _CHATTY:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
@@ -48,7 +53,8 @@ def loud_libraries() -> None:
     _LOUD = True
     warnings.resetwarnings()
     os.environ["TRANSFORMERS_VERBOSITY"] = "warning"
-    logging.getLogger("bitsandbytes").setLevel(logging.WARNING)
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager

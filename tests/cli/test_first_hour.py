@@ -228,6 +228,23 @@ def test_generate_answers_from_a_merged_folder(config_only_run):
 
 # 11 ------------------------------------------------------------------------------------------
 
+def test_the_training_libraries_are_the_pinned_ones():
+    """The README's outputs, the measured steps and the memory model's probes are those of
+    the versions ``constraints.txt`` pins (transformers 5.25 rebuilt Falcon's attention, and
+    its ``kernels`` dependency had bitsandbytes ask the hub for a kernel at import); the
+    README's set-up installs them, and a suite run on others says so here first."""
+    from importlib.metadata import version
+
+    from autotune.util.versions import LIBRARIES
+    from benchmarks.readme import ROOT
+
+    pinned = dict(line.split("==") for line in
+                  (ROOT / "constraints.txt").read_text(encoding="utf-8").split())
+    installed = {name: version(name).split("+")[0] for name in LIBRARIES}
+    assert installed == {name: pinned[name] for name in LIBRARIES}, \
+        "install with `pip install -c constraints.txt` (README's quick start)"
+
+
 def test_readme_outputs_are_what_the_commands_print():
     """benchmarks/readme.py wrote them; every block but the eleven-card overview (eleven
     studies) is run again here, and the serving rule's figure is the one the text quotes."""

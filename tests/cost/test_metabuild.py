@@ -132,18 +132,48 @@ def test_other_names_for_a_fused_layout_price_as_the_measured_one():
         assert priced[0] == priced[1]
 
 
+def _handed_to_sdpa(config: dict) -> tuple[int, bool, int, bool]:
+    """What a real CPU forward of ``config`` (random weights, training mode) hands its first
+    SDPA call: k and v heads, whether they broadcast (fewer than q's, no ``enable_gqa``), an
+    explicit mask's heads (0: none) and whether that mask is a float one."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    seen = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.nn.functional.scaled_dot_product_attention and not seen:
+                q, k, mask = args[0], args[1], kwargs.get("attn_mask")
+                seen.append((k.shape[1], k.shape[1] < q.shape[1] and not kwargs.get("enable_gqa"),
+                             mask.shape[1] if torch.is_tensor(mask) else 0,
+                             torch.is_tensor(mask) and mask.is_floating_point()))
+            return func(*args, **kwargs)
+
+    settings = {k: v for k, v in config.items() if k != "model_type"}
+    hf_config = AutoConfig.for_model(config["model_type"], **settings)
+    hf_config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(hf_config).train()
+    with Spy():
+        model(input_ids=torch.arange(8).unsqueeze(0), attention_mask=torch.ones(1, 8, dtype=torch.long))
+    return seen[0]
+
+
 def test_what_the_model_hands_sdpa_is_read_from_its_first_call():
-    """Falcon's multi-query attention hands SDPA one k and v head to broadcast, whatever its
-    config's ``num_kv_heads`` says (no fused kernel takes that: the math path on any
-    device); its ALiBi variant hands it the scores' bias as a float mask, one per head.
-    Llama groups its k and v heads (``enable_gqa``) and masks by flag; so does GPT-BigCode,
-    one k and v head whatever its config's ``num_key_value_heads`` says."""
-    falcon = from_transformers(CONFIGS["falcon"]).layers[0].attention
-    assert (falcon.kv_broadcast, falcon.kv_heads) == (True, 1)
+    """What Falcon hands SDPA changed with transformers (5.24: its multi-query attention
+    broadcasts one k and v head, which no fused kernel takes; 5.25: the heads repeated or
+    grouped), so a real forward is the truth: its multi-query and ALiBi variants (the
+    scores' bias a float mask, one per head). Llama groups its k and v heads
+    (``enable_gqa``) and masks by flag; so does GPT-BigCode, one k and v head whatever its
+    config's ``num_key_value_heads`` says."""
+    for config in (CONFIGS["falcon"], {**CONFIGS["falcon"], "alibi": True, "multi_query": False}):
+        attention = from_transformers(config).layers[0].attention
+        assert (attention.kv_heads, attention.kv_broadcast, attention.mask_heads,
+                attention.mask_float) == _handed_to_sdpa(config), config
     alibi = from_transformers({**CONFIGS["falcon"], "alibi": True, "multi_query": False})
-    attention = alibi.layers[0].attention
-    assert (attention.kv_broadcast, attention.mask_heads, attention.mask_float) == \
-        (False, attention.heads, True)
+    assert alibi.layers[0].attention.mask_heads == alibi.layers[0].attention.heads
     llama = from_transformers(CONFIGS["llama-wide"]).layers[0].attention
     assert (llama.kv_broadcast, llama.kv_heads, llama.mask_heads) == \
         (False, CONFIGS["llama-wide"]["num_key_value_heads"], 0)
