@@ -373,6 +373,9 @@ SURVEY_ARCHITECTURES = {
         # BioGPT's position embeddings added to (scaled) token embeddings: with
         # checkpointing the frozen embeddings' output is a leaf autograd holds
         ("nanochat", {}), ("gpt2", {"n_inner": 704}), ("biogpt", {}),
+        # BitNet's norms of the attention's output and of the MLP's product; DiffLlama's two
+        # SDPA calls (two halves of v) and its norm of their output
+        ("bitnet", {}), ("diffllama", {"head_dim": 64}),
         # GPT-OSS (eager: no SDPA path): attention sinks, a softmax in the scores' dtype,
         # biased experts with a clamped gate, sliding and full layers
         ("gpt_oss", {"head_dim": 64, "num_local_experts": 4, "num_experts_per_tok": 2,

@@ -177,30 +177,32 @@ def attention_core(saved: Saved, name: str, t: int, batch: int, seq: int, a: Att
                    p: Precision, kernel: str) -> None:
     """Rotary q and k, v, the output and (fused kernels) the log-sum-exp; eager adds scores,
     SDPA's math path keeps its own fp32 copies instead (:func:`math_scores`), a masked one
-    the mask (:func:`kernel_mask`)."""
+    the mask (:func:`kernel_mask`); each further SDPA call its v, output and scores."""
     c = p.compute
-    if kernel == "math":  # its matmuls' backward needs no output
-        math_scores(saved, name, t, batch, seq, a)
-        return
-    q_bytes = t * a.heads * a.head_dim * c
     # eager repeats k and v, and so does transformers for an SDPA given a mask (no enable_gqa)
     kv_heads = a.kv_heads if kernel in ("sdpa", "flash") else a.heads
-    kernel_mask(saved, name, batch, seq, a, p, kernel)
-    saved.keep(f"{name}.q", q_bytes)
-    saved.keep(f"{name}.k", t * kv_heads * a.head_dim * c)
-    saved.keep(f"{name}.v", t * kv_heads * a.v_head_dim * c)
-    saved.keep(f"{name}.out", t * a.heads * a.v_head_dim * c)
-    if kernel == "eager":
-        scores = batch * a.heads * seq * seq
-        if a.softmax_fp32:
-            saved.keep(f"{name}.probs32", scores * FP32)
-        saved.keep(f"{name}.probs", scores * c)
-        if a.softcap:  # tanh keeps its output
-            saved.keep(f"{name}.tanh", scores * c)
-        if a.dropout:  # the dropped probabilities replace them in the matmul; and the mask
-            saved.keep(f"{name}.probs_mask", scores * dropout_mask(p, c))
-    else:
-        saved.keep(f"{name}.lse", batch * a.heads * seq * FP32)
+    if kernel != "math":
+        kernel_mask(saved, name, batch, seq, a, p, kernel)
+        saved.keep(f"{name}.q", t * a.heads * a.head_dim * c)
+        saved.keep(f"{name}.k", t * kv_heads * a.head_dim * c)
+    for call in range(a.sdpa_calls):  # more calls: the same q and k, another v
+        one = f"{name}.call{call}" if call else name
+        if kernel == "math":  # its matmuls' backward needs no output
+            math_scores(saved, one, t, batch, seq, a)
+            continue
+        saved.keep(f"{one}.v", t * kv_heads * a.v_head_dim * c)
+        saved.keep(f"{one}.out", t * a.heads * a.v_head_dim * c)
+        if kernel == "eager":
+            scores = batch * a.heads * seq * seq
+            if a.softmax_fp32:
+                saved.keep(f"{one}.probs32", scores * FP32)
+            saved.keep(f"{one}.probs", scores * c)
+            if a.softcap:  # tanh keeps its output
+                saved.keep(f"{one}.tanh", scores * c)
+            if a.dropout:  # the dropped probabilities replace them in the matmul; and the mask
+                saved.keep(f"{one}.probs_mask", scores * dropout_mask(p, c))
+        else:
+            saved.keep(f"{one}.lse", batch * a.heads * seq * FP32)
 
 
 def kernel_mask(saved: Saved, name: str, batch: int, seq: int, a: Attention, p: Precision,
@@ -456,7 +458,9 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
     out_bytes = norm(saved, "ln1", t, hidden, p, grad_in, norms_trainable, p.residual, "input",
                      kind) if layer.pre_norms else p.residual
     attn_linears = _attention_linears(a, hidden, "qkv_proj" in roles)
-    if a.heads_major and not a.mla and kernel in FUSED:  # the output follows q's layout
+    if a.out_norm:  # o_proj reads the norm's output
+        attn_linears["o_proj"] = (*attn_linears["o_proj"][:2], "attn.out_norm.out")
+    elif a.heads_major and not a.mla and kernel in FUSED:  # the output follows q's layout
         attn_linears["o_proj"] = (*attn_linears["o_proj"][:2], "attn.o_in")
     grad_attn = grad_in or any(roles.get(n, LinearRole()).trainable or
                                roles.get(n, LinearRole()).adapted for n in attn_linears)
@@ -478,6 +482,12 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
                     xhat = FP32 if kind.fp32_product else p.compute
                     saved.keep(f"{which}_norm.xhat", t * width * xhat)
         attention_core(saved, "attn", t, batch, seq, a, p, kernel)
+        if a.sdpa_calls > 1 and norms_trainable:  # the calls' outputs, concatenated, kept
+            # by the trained weights that combine them (DiffLlama's lambdas)
+            saved.keep("attn.calls_out", t * a.sdpa_calls * a.heads * a.v_head_dim * p.compute)
+        if a.out_norm:  # its output normed before o_proj, which reads the norm's output
+            norm(saved, "attn.out_norm", t, attn_linears["o_proj"][0], p, True,
+                 norms_trainable and a.out_norm_weight, p.compute, "", kind)
         if a.rotary_saves:
             saved.keep("attn.rotary", t * a.rotary_saves)
         if "qkv_proj" in roles and kernel != "math":  # v, a view of the fused output,
@@ -516,6 +526,10 @@ def layer_saved(layer: Layer, hidden: int, batch: int, seq: int, roles: dict[str
         mlp_roles["gate_up_proj"] = roles["gate_up_proj"]
     down = gated_mlp(saved, "mlp", mlp_in, t, hidden, f.intermediate, mlp_roles, p,
                      mid_bytes, grad_mid, f.activation_bytes(p.cuda and p.autocast))
+    if f.inner_norm:  # BitNet's, on the product before the down projection
+        norm(saved, "mlp.inner_norm", t, f.intermediate, p,
+             grad_mid or any(r.trainable or r.adapted for n, r in mlp_roles.items()
+                             if n != "down_proj"), norms_trainable, p.act, "", kind)
     if grad_mid and layer.output_norms > 1:  # and the MLP's
         norm(saved, "ln_mlp_out", t, hidden, p, True, norms_trainable, p.compute, "", kind)
     if grad_mid and layer.residual_dropout:

@@ -74,6 +74,13 @@ class Attention:
     ``q_norm``/``k_norm``)."""
     qk_norm_weight: bool = True
     """Those norms have weights (nanochat's have none: nothing more kept when training)."""
+    out_norm: bool = False
+    """Its output is normed before the output projection (BitNet's ``attn_sub_norm``,
+    DiffLlama's ``subln``), a norm of the layers' norms' kind."""
+    out_norm_weight: bool = True
+    """That norm has a weight (DiffLlama's has none)."""
+    sdpa_calls: int = 1
+    """SDPA calls on the same q and k, each with its own v (DiffLlama's: 2)."""
     softcap: bool = False
     """The scores are soft-capped, ``cap * tanh(s / cap)`` (Gemma 2)."""
     dropout: bool = False
@@ -154,6 +161,9 @@ class FeedForward:
     activation_saves_cuda: float = 0.0
     """:attr:`activation_saves` under CUDA's autocast, which runs ``pow`` and ``exp`` in
     fp32 (``gelu_new``: 7; 0: the same as without)."""
+    inner_norm: bool = False
+    """A norm over the intermediate before the down projection (BitNet's
+    ``ffn_sub_norm``), of the layers' norms' kind (:class:`NormSaves`)."""
 
     def activation_bytes(self, cuda_autocast: bool) -> float:
         """Bytes its activation saves per byte of its input, on the step's device."""
@@ -182,13 +192,17 @@ class NormSaves:
     weight; ``trained``: the more a trained weight keeps) and per token. The default is
     transformers' RMSNorm: an fp32 copy of the input (the input itself when fp32) and
     1/rms, and the normalised input behind a trained weight. ``native``: torch's
-    ``layer_norm`` (``nn.LayerNorm``), which CUDA's autocast runs in fp32 on an fp32 copy."""
+    ``layer_norm`` (``nn.LayerNorm``), which CUDA's autocast runs in fp32 on an fp32 copy.
+    ``backward``: the bytes per element live in its backward at its peak, its output's
+    gradient included (an RMSNorm's, measured on the CPU: 22 from a 16-bit input, five fp32
+    temporaries beside that gradient; 24 from fp32)."""
 
     keeps_input: tuple[bool, bool] = (False, True)
     wide: tuple[float, float] = (4, 0)
     trained: tuple[float, float] = (2, 4)
     token: tuple[float, float] = (4, 4)
     native: bool = False
+    backward: tuple[float, float] = (22, 24)
 
     @property
     def fp32_product(self) -> bool:

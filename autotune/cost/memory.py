@@ -818,10 +818,13 @@ def _layer(arch: Architecture, f: _Fixed, recipe: Recipe, shape: StepShape, devi
         if recipe.grad_ckpt:  # a recompute saves anew all but the input it keeps
             saved -= own_input
         # the MLP backward's transient: the arriving gradient and three gradient buffers of
-        # its width (fp32 behind bitsandbytes layers), the down projection's saved tensors
-        # (an MoE block's: its experts' output, saved by the weighting) freed by then;
-        # later, the MLP's saved tensors freed, the attention's
+        # its width (fp32 behind bitsandbytes layers) or an inner norm's backward, the down
+        # projection's saved tensors (an MoE block's: its experts' output, saved by the
+        # weighting) freed by then; later, the MLP's saved tensors freed, the attention's
         buffers = 3 * t * _widest_mlp(layer, not f.dequantised[i]) * f.p.act
+        if layer.mlp.inner_norm:  # or the norm's backward
+            buffers = max(buffers, int(t * layer.mlp.intermediate
+                                       * layer.norms.backward[f.p.act == FP32]))
         arriving = f.p.residual if down and not layer.mlp.moe else c
         mlp_transient = t * arch.hidden * arriving + buffers - down
         attention_transient = max(0, attention_backward_spike(

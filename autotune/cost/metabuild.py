@@ -113,6 +113,7 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
                             "not state-space, linear-attention or recurrent blocks; this "
                             "model's estimate would be far below its step's memory")
     places = _norm_places(tensors, cfg)
+    output = _attention_output(model)
     return Architecture(
         model_type=cfg.model_type,
         hidden=cfg.hidden_size,
@@ -120,7 +121,8 @@ def describe_model(model, config: dict, counted_by: str = "meta-build") -> Archi
         layers=tuple(_layers(cfg, linears, tensors, _routing(model), _rotary(model),
                              places, _norm_saves(model), _sdpa_call(model), _gating(model),
                              _eager_scores(model), _shared_first(model),
-                             _frame_extra(model, places), _attention_norms(kinds))),
+                             _frame_extra(model, places), output,
+                             *_attention_norms(kinds, output.norm))),
         linears=tuple(linears),
         tensors=tuple(tensors),
         tied_embeddings=out.weight is model.get_input_embeddings().weight,
@@ -212,12 +214,61 @@ def _kinds(model) -> dict[str, str]:
     return kinds
 
 
-def _attention_norms(kinds: dict[str, str]) -> frozenset[int]:
-    """Layers with a norm module inside their attention, weights or none (MLA's latent
-    norms aside)."""
-    return frozenset(layer_index(f"{path}.") for path, kind in kinds.items()
-                     if kind == "norm" and _ATTENTION.search(f"{path}.")
-                     and not f"{path}.weight".endswith(_LATENT_NORMS))
+def _attention_norms(kinds: dict[str, str], output_norm: str = ""
+                     ) -> tuple[frozenset[int], frozenset[int]]:
+    """Layers with norm modules inside their attention, weights or none (MLA's latent norms
+    aside): q and k norms, and the norm of its output named ``output_norm``."""
+    found = [(layer_index(f"{path}."), bool(output_norm) and path.endswith(f".{output_norm}"))
+             for path, kind in kinds.items()
+             if kind == "norm" and _ATTENTION.search(f"{path}.")
+             and not f"{path}.weight".endswith(_LATENT_NORMS)]
+    return (frozenset(index for index, output in found if not output),
+            frozenset(index for index, output in found if output))
+
+
+@dataclass(frozen=True)
+class _AttentionOutput:
+    """How the first layer's attention makes its output: its SDPA calls (DiffLlama's two,
+    on the same q and k with the two halves of v) and the name, inside the attention, of a
+    norm run on their output (BitNet's ``attn_sub_norm``, DiffLlama's ``subln``; "":
+    none)."""
+
+    calls: int = 1
+    norm: str = ""
+
+
+def _attention_output(model) -> _AttentionOutput:
+    """:class:`_AttentionOutput`, seen in a meta forward stopped after the first layer's
+    attention; the default where it cannot run."""
+    import torch
+
+    attention = min((path for path, _ in model.named_modules()
+                     if layer_index(f"{path}.") == 0 and _ATTENTION.search(f"{path}.")),
+                    key=len, default=None)
+    if attention is None:
+        return _AttentionOutput()
+    module = model.get_submodule(attention)
+    calls: list[str] = []
+    sdpa = [0]
+
+    def spot(func, args, kwargs):  # answers nothing: counts the calls
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            sdpa[0] += 1
+            calls.clear()  # what runs on its output follows
+
+    def stop(*_):
+        raise _Called(_AttentionOutput(max(sdpa[0], 1), next(
+            (name for name in calls
+             if "norm" in type(module.get_submodule(name)).__name__.lower()), "")))
+
+    hooks = [module.register_forward_hook(stop)] + [
+        child.register_forward_pre_hook(lambda *_, name=name: calls.append(name))
+        for name, child in module.named_modules() if name and not list(child.children())]
+    try:
+        return _first_call(model, "sdpa", spot) or _AttentionOutput()
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @dataclass(frozen=True)
@@ -249,15 +300,16 @@ def _norm_places(tensors: list[Tensor], cfg) -> _NormPlaces:
 
 
 def _norm_saves(model) -> NormSaves:
-    """What the first layer's first norm keeps for backward: run a CPU copy of it on a few
-    tokens, 16-bit and fp32, its weight frozen and trained, and collect what autograd
-    saves."""
+    """What the first layer's first residual-wide norm keeps for backward and makes in it:
+    run a CPU copy of it on a few tokens, 16-bit and fp32, its weight frozen and trained,
+    and collect what autograd saves."""
     import copy
 
     import torch
 
     norm = next((m for path, m in model.named_modules() if layer_index(f"{path}.") == 0
-                 and "norm" in type(m).__name__.lower() and not _ATTENTION.search(f"{path}.")
+                 and "norm" in type(m).__name__.lower()
+                 and not _ATTENTION.search(f"{path}.") and not _MLP.search(f"{path}.")
                  and (getattr(m, "weight", None) is None or m.weight.dim() == 1)), None)
     if norm is None:
         return RMS_NORM
@@ -277,16 +329,21 @@ def _norm_saves(model) -> NormSaves:
                      wide=tuple(frozen[1] for frozen, _ in rows),
                      trained=tuple(trained[1] - frozen[1] for frozen, trained in rows),
                      token=tuple(frozen[2] for frozen, _ in rows),
-                     native=found[torch.bfloat16, False][3])
+                     native=found[torch.bfloat16, False][3],
+                     backward=tuple(frozen[4] for frozen, _ in rows))
 
 
 _PROBE_TOKENS = 3
 
 
-def _norm_probe(norm, dtype, width: int) -> tuple[bool, float, float, bool]:
+def _norm_probe(norm, dtype, width: int) -> tuple[bool, float, float, bool, float]:
     """(keeps its input, bytes per element kept beside it, bytes per token, runs torch's
-    ``layer_norm`` on its input as it comes) of ``norm`` on a few tokens."""
+    ``layer_norm`` on its input as it comes, bytes per element its backward makes at its
+    peak) of ``norm`` on a few tokens."""
+    import weakref
+
     import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     x = torch.ones(_PROBE_TOKENS, width, dtype=dtype, requires_grad=True)
     own = {q.untyped_storage().data_ptr() for q in norm.parameters()}
@@ -303,7 +360,26 @@ def _norm_probe(norm, dtype, width: int) -> tuple[bool, float, float, bool]:
     wide = sum(t.untyped_storage().nbytes() for t in others if t.numel() == x.numel())
     token = sum(t.untyped_storage().nbytes() for t in others if t.numel() == _PROBE_TOKENS)
     native = type(out.grad_fn).__name__.startswith("NativeLayerNormBackward")
-    return keeps_input, wide / x.numel(), token / _PROBE_TOKENS, native and keeps_input
+    live: dict[int, int] = {}
+    peak = [0]
+
+    class Made(TorchDispatchMode):  # the backward's, its output's gradient first
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for made in result if isinstance(result, tuple | list) else (result,):
+                if torch.is_tensor(made) and made.numel() == x.numel():
+                    storage = made.untyped_storage()
+                    if storage._cdata not in live:
+                        live[storage._cdata] = storage.nbytes()
+                        weakref.finalize(storage, live.pop, storage._cdata, None)
+            peak[0] = max(peak[0], sum(live.values()))
+            return result
+
+    out = norm(x)
+    with Made():
+        out.backward(torch.ones_like(out))
+    return keeps_input, wide / x.numel(), token / _PROBE_TOKENS, native and keeps_input, \
+        peak[0] / x.numel()
 
 
 _FRAME_TOKENS = 37
@@ -889,11 +965,14 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing
             norms: NormSaves = RMS_NORM, sdpa: _SdpaCall = _SdpaCall(),
             gating: tuple[float, float] = (1.5, 0.0),
             eager: tuple[bool, float] = (True, 0.0), shared_first: bool = False,
-            frame_extra: int = 0, attention_norms: frozenset[int] = frozenset()) -> list[Layer]:
+            frame_extra: int = 0, output: _AttentionOutput = _AttentionOutput(),
+            attention_norms: frozenset[int] = frozenset(),
+            out_norms: frozenset[int] = frozenset()) -> list[Layer]:
     """Each decoder layer's shape, from the config and what the build put in that layer:
     experts or a dense MLP (DeepSeek's first dense layers, Qwen-MoE's ``mlp_only_layers``),
     the dense MLP's width, norms inside the attention (q and k norms under any name; in
-    ``attention_norms``' layers also weightless ones, nanochat's)."""
+    ``attention_norms``' layers also weightless ones, nanochat's; ``output.norm``, in
+    ``out_norms``' layers, that of its output)."""
     h, heads = cfg.hidden_size, cfg.num_attention_heads
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * h
     settings = cfg.to_dict()
@@ -910,8 +989,10 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing
     layers = []
     for index, (own_linears, own_tensors) in enumerate(zip(per_linear, per_tensor,
                                                            strict=True)):
+        out_weight = f".{output.norm}.weight" if output.norm else None
         weighted = any(t.kind == "norm" and _ATTENTION.search(t.path)
-                       and not t.path.endswith(_LATENT_NORMS) for t in own_tensors)
+                       and not t.path.endswith(_LATENT_NORMS)
+                       and not (out_weight and t.path.endswith(out_weight)) for t in own_tensors)
         qk_norm = weighted or index in attention_norms
         d = _setting(cfg, "head_dim", index) or h // heads
         kv_heads = _setting(cfg, "num_key_value_heads", index)
@@ -920,6 +1001,9 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing
         attention = latent or Attention(heads, kv_heads or heads, d, d,
                                         kv_broadcast=sdpa.kv_broadcast)
         attention = replace(attention, qk_norm=qk_norm, qk_norm_weight=weighted,
+                            out_norm=index in out_norms, sdpa_calls=output.calls,
+                            out_norm_weight=bool(out_weight) and any(
+                                t.path.endswith(out_weight) for t in own_tensors),
                             dropout=attention_dropout,
                             rotary_saves=0 if latent else rotary.saves,
                             rotary_width=rotary.width, rotary_fp32=rotary.fp32,
@@ -955,7 +1039,9 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing
                                     if _MLP.search(lin.path) and not _SHARED.search(lin.path)
                                     and lin.out_features == h), max(back, default=inter)),
                               activation_saves=act_saves[0],
-                              activation_saves_cuda=act_saves[1])
+                              activation_saves_cuda=act_saves[1],
+                              inner_norm=any(t.kind == "norm" and _MLP.search(t.path)
+                                             for t in own_tensors))
         layers.append(Layer(attention, mlp, output_norms=places.output_norms,
                             pre_norms=places.pre_norms, norms=norms, parallel=places.parallel,
                             shared_norm=places.shared_norm, frame_extra=frame_extra,

@@ -182,6 +182,25 @@ def test_what_the_model_hands_sdpa_is_read_from_its_first_call():
     assert (bigcode.kv_broadcast, bigcode.kv_heads) == (False, 1)
 
 
+def test_norms_inside_the_blocks_and_sdpa_calls_are_found():
+    """BitNet's ``ffn_sub_norm`` norms the MLP's product and its ``attn_sub_norm`` the
+    attention's output (not q and k: Qwen3-style q and k norms run before SDPA, and stay
+    those); DiffLlama calls SDPA twice and norms their output with a weightless norm. The
+    norm probed for what the layers' norms keep is a residual-wide one (the MLP's, called
+    at the residual's width, failed the probe, which then fell back to the default)."""
+    from autotune.cost.architecture import RMS_NORM
+
+    bitnet = from_transformers(CONFIGS["bitnet"]).layers[0]
+    assert bitnet.mlp.inner_norm and not bitnet.attention.qk_norm
+    assert (bitnet.attention.out_norm, bitnet.attention.out_norm_weight) == (True, True)
+    assert bitnet.norms is not RMS_NORM and bitnet.norms.backward[0] > 2 * 4
+    diff = from_transformers(CONFIGS["diffllama"]).layers[0].attention
+    assert (diff.sdpa_calls, diff.out_norm, diff.out_norm_weight) == (2, True, False)
+    gemma = from_transformers(CONFIGS["gemma3-wide"]).layers[0]
+    assert gemma.attention.qk_norm and not gemma.attention.out_norm
+    assert not from_transformers(CONFIGS["llama-wide"]).layers[0].mlp.inner_norm
+
+
 def test_experts_are_counted_sized_and_routed_as_built():
     """Configs name the expert count, width and top-k otherwise (ERNIE 4.5's
     ``moe_num_experts`` and ``moe_k``, Hunyuan's ``moe_topk``, OLMoE's experts as wide as
