@@ -376,6 +376,8 @@ SURVEY_ARCHITECTURES = {
         # BitNet's norms of the attention's output and of the MLP's product; DiffLlama's two
         # SDPA calls (two halves of v) and its norm of their output
         ("bitnet", {}), ("diffllama", {"head_dim": 64}),
+        # LFM2 (its attention layers; conv layers are refused): Meta's w1, w3 and w2
+        ("lfm2", {}),
         # GPT-OSS (eager: no SDPA path): attention sinks, a softmax in the scores' dtype,
         # biased experts with a clamped gate, sliding and full layers
         ("gpt_oss", {"head_dim": 64, "num_local_experts": 4, "num_experts_per_tok": 2,

@@ -259,8 +259,9 @@ def _roles(arch: Architecture, recipe: Recipe, counts: ParamCounts,
 def _linear_slots(arch: Architecture) -> list[tuple[int, str, Linear]]:
     """Each decoder-layer linear as (layer, short name, linear), cached on ``arch``."""
     if "_linear_slots" not in arch.__dict__:
+        meta = {layer_index(lin.path) for lin in arch.linears if lin.path.endswith(".w3")}
         arch.__dict__["_linear_slots"] = [
-            (i, _fused_gate(_role_key(lin.path, i), lin, arch.layers[i]), lin)
+            (i, _fused_gate(_role_key(lin.path, i, i in meta), lin, arch.layers[i]), lin)
             for lin in arch.linears
             if (i := layer_index(lin.path)) is not None and i < arch.num_layers]
     return arch.__dict__["_linear_slots"]
@@ -286,12 +287,16 @@ _ALIASES = {
 }
 """Other models' names for the linear layers the activation model places (GPT-NeoX,
 Falcon, StarCoder2, Phi, GPT-2-style Conv1D layers, Qwen's remote code)."""
+_META_MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+"""Meta's names for a gated MLP's linears (Llama's original code, LFM2, InternLM2), told
+from Qwen's remote code's ``w1`` and ``w2`` (up and gate) by a ``w3``."""
 
 
 @lru_cache(maxsize=65536)
-def _role_key(path: str, index: int) -> str:
+def _role_key(path: str, index: int, meta: bool = False) -> str:
     """A decoder-layer linear's place: its short name, in Llama's names where another
-    model names it otherwise (``mlp.fc1`` is ``up_proj``)."""
+    model names it otherwise (``mlp.fc1`` is ``up_proj``; ``meta``: its MLP has Meta's
+    ``w1``, ``w2`` and ``w3``)."""
     rest = path.split(f".{index}.", 1)[1]
     block, _, name = rest.partition(".")
     if not name and block in _ALIASES["mlp"]:  # an MLP linear straight in the layer (OPT)
@@ -302,6 +307,8 @@ def _role_key(path: str, index: int) -> str:
         return "experts"
     if name.startswith("shared_mlp."):  # Hunyuan's name for the shared experts
         return "shared_experts." + name.removeprefix("shared_mlp.")
+    if meta and _BLOCKS[block] == "mlp" and name in _META_MLP:
+        return _META_MLP[name]
     return _ALIASES[_BLOCKS[block]].get(name, name)
 
 
