@@ -378,6 +378,8 @@ SURVEY_ARCHITECTURES = {
         ("bitnet", {}), ("diffllama", {"head_dim": 64}),
         # LFM2 (its attention layers; conv layers are refused): Meta's w1, w3 and w2
         ("lfm2", {}),
+        # ModernBERT's decoder: Wi and Wo, no norm before its first layer's attention
+        ("modernbert-decoder", {}),
         # GPT-OSS (eager: no SDPA path): attention sinks, a softmax in the scores' dtype,
         # biased experts with a clamped gate, sliding and full layers
         ("gpt_oss", {"head_dim": 64, "num_local_experts": 4, "num_experts_per_tok": 2,

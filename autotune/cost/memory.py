@@ -280,13 +280,13 @@ _BLOCKS = {"self_attn": "attention", "self_attention": "attention", "attention":
 """A decoder layer's attention and MLP modules, by the names models give them."""
 _ALIASES = {
     "attention": {"query_key_value": "qkv_proj", "c_attn": "qkv_proj", "Wqkv": "qkv_proj",
-                  "dense": "o_proj", "out_proj": "o_proj", "c_proj": "o_proj"},
+                  "dense": "o_proj", "out_proj": "o_proj", "c_proj": "o_proj", "Wo": "o_proj"},
     "mlp": {"c_fc": "up_proj", "fc1": "up_proj", "dense_h_to_4h": "up_proj",
             "c_proj": "down_proj", "fc2": "down_proj", "dense_4h_to_h": "down_proj",
-            "w1": "up_proj", "w2": "gate_proj"},
+            "w1": "up_proj", "w2": "gate_proj", "Wi": "up_proj", "Wo": "down_proj"},
 }
 """Other models' names for the linear layers the activation model places (GPT-NeoX,
-Falcon, StarCoder2, Phi, GPT-2-style Conv1D layers, Qwen's remote code)."""
+Falcon, StarCoder2, Phi, GPT-2-style Conv1D layers, Qwen's remote code, ModernBERT's)."""
 _META_MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 """Meta's names for a gated MLP's linears (Llama's original code, LFM2, InternLM2), told
 from Qwen's remote code's ``w1`` and ``w2`` (up and gate) by a ``w3``."""

@@ -285,9 +285,11 @@ class _NormPlaces:
 
 
 def _norm_places(tensors: list[Tensor], cfg) -> _NormPlaces:
-    """The first layer's norms, by their weights; a parallel block by its config
-    (``use_parallel_residual``, ``parallel_attn``) or by one norm for both blocks."""
-    found = [t for t in tensors if layer_index(t.path) == 0 and t.kind == "norm"
+    """The last layer's norms, by their weights (ModernBERT's first layer has no norm
+    before its attention); a parallel block by its config (``use_parallel_residual``,
+    ``parallel_attn``) or by one norm for both blocks."""
+    last = cfg.num_hidden_layers - 1
+    found = [t for t in tensors if layer_index(t.path) == last and t.kind == "norm"
              and t.path.endswith(".weight") and not _ATTENTION.search(t.path)
              and t.numel == cfg.hidden_size]
     if len(found) == 2 and any(t.path.endswith("post_feedforward_layernorm.weight")

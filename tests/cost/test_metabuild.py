@@ -201,6 +201,13 @@ def test_norms_inside_the_blocks_and_sdpa_calls_are_found():
     assert not from_transformers(CONFIGS["llama-wide"]).layers[0].mlp.inner_norm
 
 
+def test_norm_places_are_read_past_a_first_layer_without_one():
+    """ModernBERT's first layer has no norm before its attention (an ``Identity``); its
+    layers are not parallel blocks with one shared norm, as that layer alone suggests."""
+    layer = from_transformers(CONFIGS["modernbert-decoder"]).layers[-1]
+    assert (layer.parallel, layer.shared_norm, layer.pre_norms) == (False, False, True)
+
+
 def test_experts_are_counted_sized_and_routed_as_built():
     """Configs name the expert count, width and top-k otherwise (ERNIE 4.5's
     ``moe_num_experts`` and ``moe_k``, Hunyuan's ``moe_topk``, OLMoE's experts as wide as
