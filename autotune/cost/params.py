@@ -114,6 +114,15 @@ def peft_targets(counts: ParamCounts) -> tuple[list[str], dict[str, int]]:
     return sorted({lin.name for lin in counts.targets}), dict(counts.param_ranks)
 
 
+def named_targets(arch: Architecture, recipe: Recipe, counts: ParamCounts) -> bool:
+    """Whether PEFT is given the adapter targets by name (:func:`peft_targets`) rather
+    than ``all-linear``: other targets, parameters adapted directly, or routers, which
+    PEFT's ``all-linear`` would adapt where one is a linear layer and the plan does not
+    (PhiMoE's, a linear that returns its top-k weights and indices)."""
+    return recipe.targets != ALL_LINEAR or bool(counts.target_params) or any(
+        t.kind == "router" for t in arch.tensors)
+
+
 def linear_names(arch: Architecture) -> list[str]:
     """Distinct short names of the model's linear layers, in order of appearance."""
     return list(dict.fromkeys(lin.name for lin in arch.linears))

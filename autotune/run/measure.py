@@ -44,7 +44,7 @@ def build_model(config: dict, recipe: Recipe, target_modules: list[str] | str | 
     the plan's adapter targets and expert quantisation, and passes the post-load audit
     (:mod:`autotune.run.audit`) before any step is measured.
     """
-    from autotune.cost.params import peft_targets
+    from autotune.cost.params import named_targets, peft_targets
     from autotune.run.loading import load_base, prepare
 
     if planned is None:
@@ -53,7 +53,7 @@ def build_model(config: dict, recipe: Recipe, target_modules: list[str] | str | 
 
     family, arch, counts = planned
     params = None
-    if recipe.adapter and (target_modules is not None or counts.target_params):
+    if recipe.adapter and (target_modules is not None or named_targets(arch, recipe, counts)):
         target_modules, params = peft_targets(counts)
     model = prepare(load_base(config, recipe, None, device, seed,
                               experts=family.expert_parameters(config)),

@@ -361,7 +361,7 @@ def _model(model_spec, family, recipe: Recipe, device: str, settings: RunSetting
     """The model prepared for training, the adapter targets given to PEFT, and the
     post-load audit (:mod:`autotune.run.audit`), which stops a model unlike its plan."""
     from autotune.cost.assess import architecture
-    from autotune.cost.params import ALL_LINEAR, count, peft_targets
+    from autotune.cost.params import count, named_targets, peft_targets
     from autotune.run.audit import audit
     from autotune.run.loading import load_base, prepare
 
@@ -371,7 +371,7 @@ def _model(model_spec, family, recipe: Recipe, device: str, settings: RunSetting
     base = load_base(config, recipe, path, device, settings.seed, settings.remote_code,
                      family.load_kwargs(config), family.expert_parameters(config))
     targets, params = None, None
-    if recipe.adapter and (recipe.targets != ALL_LINEAR or counts.target_params):
+    if recipe.adapter and named_targets(arch, recipe, counts):
         targets, params = peft_targets(counts)
     model = prepare(base, recipe, targets, params)
     checked = audit(model, arch, recipe, counts)

@@ -228,6 +228,19 @@ def test_modernbert_names_and_first_layer_price_the_step(pm):
     assert -0.01 <= row.error <= 0.02, (row.estimated, row.measured)
 
 
+def test_a_linear_router_outside_the_plan_gets_no_adapter(pm):
+    """PhiMoE's router is an ``nn.Linear`` that returns its top-k weights and indices: the
+    plan prices it as a router, not a target, and PEFT, given ``all-linear``, adapted it
+    anyway, so the built model failed the audit against its plan before any step. Given
+    the plan's targets by name, the step runs as priced."""
+    from benchmarks.accuracy_grid import _wide
+
+    config = _wide("phimoe", bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                   num_local_experts=4, num_experts_per_tok=2)
+    row = compare(pm, config, Recipe(method="lora", batch=1, seq_len=512))
+    assert -0.01 <= row.error <= 0.02, (row.estimated, row.measured)
+
+
 def test_experts_sized_as_built_price_the_step(pm):
     """Hunyuan's experts are as wide as its ``intermediate_size``, routed to ``moe_topk``
     of them, beside a ``shared_mlp``: read from the config's other names they were priced
