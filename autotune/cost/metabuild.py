@@ -988,10 +988,12 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing
             if index is not None and index < cfg.num_hidden_layers:
                 found[index].append(item)
     act_saves = _activation_saves(_hidden_act(cfg))
+    out_weight = f".{output.norm}.weight" if output.norm else None
     layers = []
     for index, (own_linears, own_tensors) in enumerate(zip(per_linear, per_tensor,
                                                            strict=True)):
-        out_weight = f".{output.norm}.weight" if output.norm else None
+        out_weighted = out_weight is not None and any(t.path.endswith(out_weight)
+                                                      for t in own_tensors)
         weighted = any(t.kind == "norm" and _ATTENTION.search(t.path)
                        and not t.path.endswith(_LATENT_NORMS)
                        and not (out_weight and t.path.endswith(out_weight)) for t in own_tensors)
@@ -1004,8 +1006,7 @@ def _layers(cfg, linears: list[Linear], tensors: list[Tensor], routing: _Routing
                                         kv_broadcast=sdpa.kv_broadcast)
         attention = replace(attention, qk_norm=qk_norm, qk_norm_weight=weighted,
                             out_norm=index in out_norms, sdpa_calls=output.calls,
-                            out_norm_weight=bool(out_weight) and any(
-                                t.path.endswith(out_weight) for t in own_tensors),
+                            out_norm_weight=out_weighted,
                             dropout=attention_dropout,
                             rotary_saves=0 if latent else rotary.saves,
                             rotary_width=rotary.width, rotary_fp32=rotary.fp32,
