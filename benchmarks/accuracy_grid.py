@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from autotune.cost.params import peft_targets
 from autotune.cost.recipe import Recipe
+from autotune.plugin.registry import DEFAULT_STAGE
 
 ARCHITECTURES = {
     "llama-gqa": dict(model_type="llama", hidden_size=128, intermediate_size=344,
@@ -97,6 +98,8 @@ WIDE_ARCHITECTURES = {
     # layers wide against the vocabulary: the weights and the layers' own backward, not the
     # logits, make the peak (the shape where DoRA's weight norms show)
     "llama-wide": _wide("llama"),
+    # ... with a 32k vocabulary: the logits, or TRL's chunked head, weigh as much as layers
+    "llama-wide-32k": _wide("llama", vocab_size=32000),
     # Qwen3's per-head q and k norms, dense and MoE (routing weights in the logits' dtype)
     "qwen3-wide": _wide("qwen3", head_dim=64),
     "qwen3-moe-wide": _wide("qwen3_moe", intermediate_size=512, moe_intermediate_size=256,
@@ -396,6 +399,25 @@ SURVEY: list[Case] = [
         dict(method="lora", batch=1, seq_len=512, grad_ckpt=True),
         dict(method="full", precision="bf16", batch=1, seq_len=512))]
 
+TRAINERS: list[Case] = [
+    Case("llama-wide", _r(method="lora", batch=1, seq_len=512)),
+    Case("llama-wide", _r(method="lora", batch=1, seq_len=512, grad_ckpt=True)),
+    Case("llama-wide", _r(method="dora", batch=1, seq_len=512)),
+    Case("llama-wide", _r(method="qlora", bits=4, batch=1, seq_len=512)),
+    Case("llama-wide", _r(method="full", precision="bf16", batch=1, seq_len=512)),
+    Case("llama-wide", _r(method="full", precision="amp", batch=1, seq_len=512)),
+    Case("llama-wide", _r(method="lora", batch=2, seq_len=512, stage="pt")),
+    Case("llama-wide", _r(method="lora", batch=1, seq_len=512, stage="dpo")),
+    Case("llama-wide", _r(method="full", precision="bf16", batch=1, seq_len=512, stage="dpo")),
+    Case("llama-wide-32k", _r(method="lora", batch=1, seq_len=512)),
+    Case("llama-wide-32k", _r(method="lora", batch=1, seq_len=2048, grad_ckpt=True)),
+    Case("llama-wide-32k", _r(method="lora", batch=1, seq_len=512, stage="dpo")),
+    Case("qwen3-moe-wide", _r(method="lora", batch=1, seq_len=512)),
+    Case("deepseek-v3-wide", _r(method="lora", batch=1, seq_len=512)),
+]
+"""Steps of the stages' own trainers (TRL's, as ``autotune run`` builds them: its chunked
+LM head, DPO's reference forward), measured by :func:`compare_trainer`."""
+
 GRID: list[Case] = SMALL + REAL
 FAST: list[Case] = [SMALL[i] for i in (4, 6, 11, 13, 21, 22, 26, 27, 28, 33, 38)] + [
     c for c in REAL if c.arch.endswith("-wide") and c.recipe.grad_ckpt]
@@ -428,9 +450,10 @@ def predict(pm, config: dict, recipe: Recipe, autocast: bool = True, padded: boo
     """The CPU estimate of one case: the front door's where a batch of several is
     ``padded`` (the recipe's stage pads), re-simulated for full rows or a pure 16-bit loop."""
     from autotune.cost.assess import estimate
+    from autotune.cost.layouts import MODEL_LOSS
     from autotune.cost.memory import estimate_memory
 
-    predicted = estimate(pm, config, recipe, device="cpu")
+    predicted = estimate(pm, config, recipe, device="cpu", stack=MODEL_LOSS)
     if not autocast or not padded:
         predicted.memory = estimate_memory(predicted.arch, predicted.recipe, predicted.params,
                                            device="cpu", autocast=autocast, padded=padded)
@@ -471,11 +494,32 @@ def compare(pm, arch: str | dict, recipe: Recipe, autocast: bool = True,
                       padded)
 
 
+def compare_trainer(pm, arch: str, recipe: Recipe, measured: dict | None = None) -> Comparison:
+    """The front door's CPU estimate of ``recipe`` (its stage's loss head) against a step of
+    the stage's own trainer (:func:`autotune.run.measure.measure_stage`); ``measured`` as
+    for :func:`compare`."""
+    from autotune.cost.assess import estimate
+    from autotune.run.measure import measure_stage
+
+    config = CONFIGS[arch]
+    predicted = estimate(pm, config, recipe, device="cpu")
+    key = json.dumps([config, recipe.to_dict(), "trainer"], sort_keys=True)
+    if measured is None or key not in measured:
+        peak = measure_stage(pm, config, recipe, planned=(
+            predicted.family, predicted.arch, predicted.params)).peak_tensor_bytes
+        if measured is None:
+            measured = {}
+        measured[key] = peak
+    return Comparison(arch, recipe, predicted.memory.tensor_peak, measured[key],
+                      memory=predicted.memory)
+
+
 def describe_recipe(recipe: Recipe, autocast: bool = True, padded: bool = False) -> str:
     """A short label: method, bits, precision, batch x sequence, extras."""
     precision = recipe.precision if autocast else f"pure {recipe.precision}"
-    parts = [recipe.method, f"{recipe.bits}-bit" if recipe.bits < 16 else precision,
-             f"{recipe.batch}x{recipe.seq_len}"]
+    parts = ([recipe.stage] if recipe.stage != DEFAULT_STAGE else []) + [
+        recipe.method, f"{recipe.bits}-bit" if recipe.bits < 16 else precision,
+        f"{recipe.batch}x{recipe.seq_len}"]
     if recipe.adapter:
         parts.append(f"r{recipe.rank} {recipe.targets}")
         if recipe.dropout:

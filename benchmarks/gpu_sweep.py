@@ -1,7 +1,8 @@
 """Measure real training steps on this machine's NVIDIA GPU and compare them with the estimate.
 
     python benchmarks/gpu_sweep.py [--models deepseek-7b,deepseek-v2-lite] [--layers 2]
-        [--methods full,full-bf16,lora,dora,qlora,lora-8bit,dpo] [--moe-methods lora,full-bf16]
+        [--methods full,full-bf16,lora,sft-trl,dora,qlora,lora-8bit,dpo,dpo-trl]
+        [--moe-methods lora,full-bf16]
         [--batches 1] [--seq-lens 1024,4096,8192] [--ckpt off,on] [--steps 4]
         [--budget-s 420] [--out FILE] [--device cuda|cpu]
 
@@ -16,7 +17,9 @@ profile ids or config files: ``--models benchmarks/data/falcon-7b.json --methods
 SDPA runs on its math path (fp32 probabilities), as the estimate assumes on a GPU too.
 ``dpo`` measures DPO's policy step: chosen and rejected (2 x batch sequences) through the
 adapters; the reference model's forward (adapters off, no gradient) is not run, and the
-record is the plain 2 x batch step that calibration prices. A step of several sequences
+record is the plain 2 x batch step that calibration prices. ``sft-trl`` and ``dpo-trl``
+train LoRA with the stage's own trainer, TRL's, as ``autotune run`` does (its chunked LM
+head, DPO's reference forward; ``autotune.run.measure.measure_stage``), priced so. A step of several sequences
 is padded to one length (an attention mask, the first row one token short), as the sft
 and dpo stages train and calibration prices it.
 
@@ -52,9 +55,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.* from a checkout
 METHODS = {"full": ("full", 16, "amp"), "full-bf16": ("full", 16, "bf16"),
-           "lora": ("lora", 16, "bf16"), "dora": ("dora", 16, "bf16"),
-           "qlora": ("qlora", 4, "bf16"), "lora-8bit": ("lora", 8, "bf16"),
-           "dpo": ("lora", 16, "bf16")}
+           "lora": ("lora", 16, "bf16"), "sft-trl": ("lora", 16, "bf16"),
+           "dora": ("dora", 16, "bf16"), "qlora": ("qlora", 4, "bf16"),
+           "lora-8bit": ("lora", 8, "bf16"), "dpo": ("lora", 16, "bf16"),
+           "dpo-trl": ("lora", 16, "bf16")}
+TRAINERS = {"sft-trl": "sft", "dpo-trl": "dpo"}
+"""Points trained by the stage's own trainer (TRL's, as ``autotune run`` trains)."""
 MOE = ("n_routed_experts", "num_local_experts", "num_experts")
 CPU_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
              "vocab_size": 512}
@@ -199,7 +205,8 @@ def main(argv=None) -> int:
     from autotune.catalog.models import resolve_model
     from autotune.cost.recipe import Recipe
     from autotune.plugin.manager import get_plugin_manager
-    from autotune.run.measure import measure
+    from autotune.plugin.registry import DEFAULT_STAGE
+    from autotune.run.measure import measure, measure_stage
     from benchmarks.accuracy_grid import describe_recipe
 
     cpu = args.device == "cpu"
@@ -243,7 +250,8 @@ def main(argv=None) -> int:
             method, bits, precision = METHODS[name]
             sequences = 2 if name == "dpo" else 1  # chosen and rejected
             recipe = Recipe(method=method, bits=bits, precision=precision,
-                            batch=batch * sequences, seq_len=seq_len, grad_ckpt=ckpt == "on")
+                            batch=batch * sequences, seq_len=seq_len, grad_ckpt=ckpt == "on",
+                            stage=TRAINERS.get(name, DEFAULT_STAGE))
             label = f"{model.id} {name}: {describe_recipe(recipe)}"
             if time.perf_counter() - started > args.budget_s:
                 skipped.append(label)
@@ -251,7 +259,8 @@ def main(argv=None) -> int:
             try:
                 if not cpu:
                     torch.cuda.empty_cache()
-                found = measure(config, recipe, None, args.steps, device)
+                found = measure_stage(pm, config, recipe, args.steps, device) \
+                    if name in TRAINERS else measure(config, recipe, None, args.steps, device)
                 used = nvml.at_peak(found.reserved_bytes) if nvml else None
             except torch.OutOfMemoryError:
                 print(f"{label}: out of memory (no record)", flush=True)
@@ -260,7 +269,9 @@ def main(argv=None) -> int:
                 gc.collect()
             record = calibration.record_from_measurement(
                 pm, config, recipe, found, family=model.family, source="sweep",
-                model_id=model_id + (" dpo policy step" if name == "dpo" else ""), gpu_name=gpu_name, gpu_memory=gpu_memory, device_used=used)
+                model_id=model_id + (" dpo policy step" if name == "dpo" else ""),
+                gpu_name=gpu_name, gpu_memory=gpu_memory, device_used=used,
+                trainer=name in TRAINERS)
             calibration.append(record, out)
             predicted, measured = record["predicted"], record["measured"]
             tensor_error = predicted["tensor_peak_bytes"] / measured["peak_tensor_bytes"] - 1

@@ -1,13 +1,14 @@
 """Estimated vs measured peak tensor memory of real CPU training steps.
 
-    python benchmarks/memory_accuracy.py [--small] [--sweep N] [--survey] [--fit] [--docs]
-                                         [--cached]
+    python benchmarks/memory_accuracy.py [--small] [--sweep N] [--survey] [--trainers] [--fit]
+                                         [--docs] [--cached]
 
 Runs ``benchmarks.accuracy_grid.GRID`` (the toy grid and the real-shape grid; ``--small``:
 the toy grid only) and, with ``--sweep N``, N random cases drawn by
 ``benchmarks/random_sweep.py``, and with ``--survey`` the architectures the grid does not
-hold (``accuracy_grid.SURVEY``), printing one row per case and the median, worst and
-largest under-prediction. ``--fit`` writes the grid's conformal scores and model types into
+hold (``accuracy_grid.SURVEY``), and with ``--trainers`` steps of the stages' own trainers
+(TRL's, as ``autotune run`` trains: ``accuracy_grid.TRAINERS``), printing one row per case
+and the median, worst and largest under-prediction. ``--fit`` writes the grid's conformal scores and model types into
 ``profiles/measurements/bounds.json`` (the CPU bound; the sweep and the survey are its
 held-out checks); ``--docs`` writes the tables into docs/accuracy.md. Measured peaks are
 kept in ``benchmarks/data/cpu_measured.json``; ``--cached`` reuses them (to re-estimate
@@ -25,7 +26,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* from a checkout
 
 from autotune.plugin.manager import get_plugin_manager
-from benchmarks.accuracy_grid import CONFIGS, GRID, SMALL, SURVEY, compare, describe_recipe
+from benchmarks.accuracy_grid import (
+    CONFIGS,
+    GRID,
+    SMALL,
+    SURVEY,
+    TRAINERS,
+    compare,
+    compare_trainer,
+    describe_recipe,
+)
 
 BOUNDS = Path(__file__).resolve().parents[1] / "profiles" / "measurements" / "bounds.json"
 MEASURED = Path(__file__).resolve().parent / "data" / "cpu_measured.json"
@@ -90,6 +100,9 @@ def run(pm, cases, label: str, emit, measured: dict) -> list:
         from benchmarks.random_sweep import sweep
 
         sweep(pm, int(sys.argv[sys.argv.index("--sweep") + 1]), show, measured)
+    elif cases is TRAINERS:
+        for case in cases:
+            show(compare_trainer(pm, case.arch, case.recipe, measured))
     else:
         for case in cases:
             show(compare(pm, case.arch, case.recipe, case.autocast, measured, case.padded))
@@ -102,7 +115,8 @@ def main() -> None:
     tables, measured = {}, load_measured()
     for name, cases in (("accuracy", SMALL if "--small" in sys.argv else GRID),
                         ("sweep", None if "--sweep" in sys.argv else False),
-                        ("survey", SURVEY if "--survey" in sys.argv else False)):
+                        ("survey", SURVEY if "--survey" in sys.argv else False),
+                        ("trainers", TRAINERS if "--trainers" in sys.argv else False)):
         if cases is False:
             continue
         lines = []

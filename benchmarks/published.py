@@ -1,5 +1,8 @@
 """Published single-GPU runs (``benchmarks/data/published_gpu.yaml``), priced by the estimator.
 
+Their trainers (LLaMA-Factory's, Qwen's finetune.py: transformers' Trainer) take the loss
+over the full logits, so they are priced with :data:`~autotune.cost.layouts.MODEL_LOSS`.
+
 Shared by ``benchmarks/fit_bounds.py`` (the GPU bound) and
 ``benchmarks/published_accuracy.py`` (the tables in docs/accuracy.md).
 """
@@ -42,6 +45,7 @@ def load(pm) -> list[Published]:
     from autotune.catalog.gpus import resolve_gpu
     from autotune.catalog.models import resolve_model
     from autotune.cost.assess import estimate
+    from autotune.cost.layouts import MODEL_LOSS
     from autotune.cost.objectives import tokens_per_second
     from autotune.cost.recipe import Recipe
 
@@ -60,7 +64,7 @@ def load(pm) -> list[Published]:
                     speed = series["grad_accum"] * seq_len * recipe.batch / speed
             spec = series["models"][model]
             config = spec if isinstance(spec, dict) else resolve_model(spec, pm).config
-            e = estimate(pm, config, recipe, device="cuda")
+            e = estimate(pm, config, recipe, device="cuda", stack=MODEL_LOSS)
             predicted = (tokens_per_second(e.arch, e.recipe, e.params, gpu,
                                            series.get("grad_accum", 1))
                          if gpu is not None and speed is not None else None)
@@ -74,5 +78,6 @@ def load(pm) -> list[Published]:
 def estimate_row(pm, row: Published):
     """The full estimate of a published row (architecture and counts too)."""
     from autotune.cost.assess import estimate
+    from autotune.cost.layouts import MODEL_LOSS
 
-    return estimate(pm, row.config, row.recipe, device="cuda")
+    return estimate(pm, row.config, row.recipe, device="cuda", stack=MODEL_LOSS)

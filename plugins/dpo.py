@@ -11,6 +11,8 @@ from autotune import Option, Row, Stage, hookimpl, weight_bytes
 class DirectPreference(Stage):
     name = "dpo"
     description = "direct preference optimisation (chosen and rejected)"
+    trl_scoring = True
+    reference_forward = True
     schema = ("a prompt with a chosen and a rejected answer: prompt/chosen/rejected, messages + "
               "chosen/rejected, ShareGPT conversations + chosen/rejected, or alpaca "
               "instruction/input + chosen/rejected")

@@ -6,6 +6,7 @@ from autotune import Row, Stage, hookimpl, packing
 class PreTraining(Stage):
     name = "pt"
     description = "causal LM on raw text"
+    trl_scoring = True
     schema = ("plain text: rows with 'text' (or 'content'), a .txt file of paragraphs separated "
               "by blank lines, or any sft row (its turns joined by newlines)")
     row_kinds = ("text",)

@@ -10,6 +10,7 @@ from autotune import Row, Stage, hookimpl, packing
 class SupervisedFineTuning(Stage):
     name = "sft"
     description = "supervised fine-tuning (loss on completions)"
+    trl_scoring = True
     schema = ("conversations ending in an assistant turn: alpaca (instruction, input, output), "
               "messages, ShareGPT conversations, or prompt and completion")
     row_kinds = ("conversation",)

@@ -27,7 +27,7 @@ from autotune.export.exports import TOOLS
 def command(pm, plan_file, tool, output, data, force, trust_remote_code, as_json) -> None:
     """Write PLAN_FILE as another tool's config (and the DeepSpeed or Accelerate file it
     refers to for several GPUs)."""
-    from autotune.export.exports import build, export_context, write
+    from autotune.export.exports import build, export_context, full_logits_caveat, write
     from autotune.plan.planfile import read_plan, remote_code
 
     plan = read_plan(plan_file)
@@ -36,6 +36,10 @@ def command(pm, plan_file, tool, output, data, force, trust_remote_code, as_json
     if tool in ("llamafactory", "axolotl", "trl"):
         context = export_context(pm, plan, trust_remote_code)
     export = build(tool, plan, context, data, output)
+    caveat = full_logits_caveat(pm, plan, plan_file, tool)
+    if caveat:  # shown, and written at the top of the config
+        export.notes.append(caveat)
+        export.caveats.append(caveat)
     written = write(export, force, (plan_file, data))
     result = {"schema": "autotune.export/1", "plan": plan_file, "to": tool, "path": export.path,
               "config": export.config,

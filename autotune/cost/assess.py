@@ -251,8 +251,10 @@ class CostModel:
                     sequences = stage.sequences_per_example()
                 with blame(stage, "batching"):
                     padded = stage.batching(recipe.attn) == "padded"
+                head = self.layouts.loss_head if stage.trl_scoring else "logits"
                 memory = estimate_memory(self.arch, recipe, counts, extras, self.device,
-                                         sequences, parallel, padded=padded)
+                                         sequences, parallel, padded=padded, head=head,
+                                         reference=stage.reference_forward)
                 self._priced[key] = (counts, memory, sequences)
         return self._priced[key]
 

@@ -26,6 +26,12 @@ QUANTISED_EXPERTS = "0.48"
 (``replace_parameter_4bit``)."""
 EXPERT_ADAPTERS = "0.17"
 """PEFT from which LoRA adapts parameters directly (``target_parameters``): fused experts."""
+CHUNKED_HEAD = "1.15"
+"""TRL from which its SFT and DPO trainers score tokens through a chunked LM head
+(``add_fused_lm_head``): no full logits (:mod:`autotune.cost.losshead`)."""
+MODEL_LOSS = {"trl": None}
+"""The stack of a loss over the full logits whatever the stage: the model's own
+(transformers' Trainer, LLaMA-Factory, :mod:`autotune.run.measure`'s steps)."""
 
 PER_EXPERT = {
     # model type -> (the MoE block's name, its per-expert gate, up and down linears, whether
@@ -52,6 +58,8 @@ class Layouts:
     """bitsandbytes can quantise fused experts to 4 bit."""
     expert_adapters: bool
     """PEFT can put LoRA on fused expert parameters."""
+    loss_head: str
+    """How TRL's trainers score tokens: ``chunked`` (TRL 1.15 on) or the full ``logits``."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +70,7 @@ class Layouts:
                                   f" ({'4-bit' if self.quantised_experts else '16-bit'} "
                                   f"under qlora, LoRA {'on' if self.expert_adapters else 'off'})")
         return (f"layouts: experts {experts}, default attention {self.attention}, "
-                f"adapters {self.adapter_dtype}")
+                f"adapters {self.adapter_dtype}, TRL's loss head {self.loss_head}")
 
 
 def layouts(stack: Mapping[str, str | None] | None = None) -> Layouts:
@@ -76,7 +84,8 @@ def layouts(stack: Mapping[str, str | None] | None = None) -> Layouts:
         else "eager",
         adapter_dtype="fp32" if at_least(v["peft"], FP32_ADAPTERS) else "base",
         quantised_experts=at_least(v["bitsandbytes"], QUANTISED_EXPERTS),
-        expert_adapters=at_least(v["peft"], EXPERT_ADAPTERS))
+        expert_adapters=at_least(v["peft"], EXPERT_ADAPTERS),
+        loss_head="chunked" if at_least(v["trl"], CHUNKED_HEAD) else "logits")
 
 
 def adapt(arch: Architecture, found: Layouts) -> Architecture:

@@ -38,6 +38,7 @@ from autotune.cost.architecture import (
     Tensor,
     layer_index,
 )
+from autotune.cost.losshead import chunked_head
 from autotune.cost.parallel import SINGLE, Parallel, deepspeed_optimizer_bytes, shares
 from autotune.cost.params import ParamCounts, trainable_layers
 from autotune.cost.recipe import Recipe
@@ -541,10 +542,52 @@ def _fixed(arch: Architecture, recipe: Recipe, counts: ParamCounts, device: str,
     return fixed
 
 
+def _logits_loss(tl: _Timeline, arch: Architecture, t: int, c: int,
+                 reference_layer: int | None) -> None:
+    """The model's own loss: logits, their fp32 copy, log-softmax kept for backward
+    (soft-capped logits: and the tanh's output, until the head's backward), then the
+    gradients of the log-probs and of the logits next to the saved log-probs.
+    ``reference_layer``: a reference forward runs between (its logits and their fp32
+    log-softmax at most)."""
+    logits = t * arch.vocab
+    capped = logits * c if arch.logit_softcap else 0
+    tl.add("logits", logits * c + capped, "loss")
+    if c != FP32:
+        tl.add("logits", logits * FP32, "loss")
+    tl.add("logits", logits * FP32, "loss")                     # log_softmax output
+    tl.add("logits", -logits * (c if c == FP32 else c + FP32), "loss")
+    if reference_layer is not None:
+        tl.spike("temporaries", max(reference_layer, logits * (c + FP32)),
+                 "loss (reference forward)")
+    tl.add("logits", 2 * logits * FP32, "backward (loss)")
+    tl.add("logits", -2 * logits * FP32, "backward (loss)")  # log-probs and their gradient
+    if c != FP32:
+        tl.spike("logits", logits * c, "backward (loss)")      # gradient cast back to 16 bit
+    tl.add("logits", -logits * FP32 - capped, "backward (loss)")
+
+
+def _chunked_loss(tl: _Timeline, arch: Architecture, shape: StepShape, p: Precision,
+                  final_out: int, w: int, full: bool, device: str,
+                  reference_layer: int | None) -> None:
+    """TRL's chunked LM head (:mod:`autotune.cost.losshead`): no logits, a tile buffer.
+    ``reference_layer``: a reference forward runs between (its head's forward too)."""
+    head = chunked_head(shape.batch, shape.seq_len, arch.hidden, arch.vocab,
+                        hidden_bytes=final_out, compute=p.compute, weight_bytes=w,
+                        head_trains=full, cuda=device == "cuda")
+    tl.add("logits", head.kept, "loss")
+    tl.spike("logits", head.forward, "loss")
+    if reference_layer is not None:
+        tl.spike("temporaries", max(reference_layer, shape.tokens * arch.hidden * final_out
+                                    + head.forward), "loss (reference forward)")
+    tl.spike("logits", head.backward, "backward (loss)")
+    tl.add("logits", -head.kept, "backward (loss)")
+
+
 def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
                     extras: dict[str, int] | None = None, device: str = "cuda",
                     sequences: int = 1, parallel: Parallel = SINGLE,
-                    autocast: bool = True, padded: bool = False) -> MemoryEstimate:
+                    autocast: bool = True, padded: bool = False,
+                    head: str = "logits", reference: bool = False) -> MemoryEstimate:
     """Simulate one training step (after the first) and return its peak, by component.
 
     ``sequences`` multiplies the batch (2 for preference pairs); ``extras`` are a stage's
@@ -554,7 +597,10 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     ``False`` prices a pure 16-bit loop without autocast (16-bit bases only), where PEFT's
     fp32 adapters keep an fp32 copy of every adapted layer's input. ``padded``: the stage
     pads its sequences to the longest of a micro batch, so a batch of several carries an
-    attention mask.
+    attention mask. ``head``: the loss takes the model's full ``logits``, or per-token
+    log-probabilities from TRL's ``chunked`` LM head (:mod:`autotune.cost.losshead`).
+    ``reference``: the stage runs a reference model's forward, without gradients, between
+    the policy's forward and its backward (DPO).
     """
     if parallel.deepspeed and recipe.precision == "amp":
         # DeepSpeed runs the model in 16 bit; its fp32 master weights are optimizer state
@@ -621,33 +667,28 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     # the backward, or (checkpointed layers) held by autocast's cache until the loss
     tl.add("temporaries", sum(f.cast_copies), "forward")
     final = Saved()  # the final norm, taken as the layers' are
-    norm(final, "final_norm", t, arch.hidden, p, True, full, w,
-         kind=arch.layers[-1].norms if arch.layers else RMS_NORM)
+    final_out = norm(final, "final_norm", t, arch.hidden, p, True, full, w,
+                     kind=arch.layers[-1].norms if arch.layers else RMS_NORM)
     final_norm = final.total
     head_in = t * arch.hidden * c if full else 0
     if not full and p.autocast and w == FP32:  # fp32 head: amp, or kept by bnb
         head_in = arch.head_linear.in_features * arch.head_linear.out_features * c  # weight copy
+    if head == "chunked":  # the tiles take 16-bit slices of the weight, saving nothing
+        head_in = 0
     tl.add("activations", final_norm + head_in, "forward")
     tl.add("inputs", mask - masks, "forward")  # the masks the backward does not need
     if not (a0.rotary_kept or recipe.grad_ckpt):  # cos and sin the backward does not need
         tl.add("inputs", -rotary, "forward")
         rotary = 0
 
-    # -- loss: logits, their fp32 copy, log-softmax kept for backward (soft-capped logits:
-    # and the tanh's output, until the head's backward)
-    logits = t * arch.vocab
-    capped = logits * c if arch.logit_softcap else 0
-    tl.add("logits", logits * c + capped, "loss")
-    if c != FP32:
-        tl.add("logits", logits * FP32, "loss")
-    tl.add("logits", logits * FP32, "loss")                     # log_softmax output
-    tl.add("logits", -logits * (c if c == FP32 else c + FP32), "loss")
-    # -- backward: grad of the log-probs and of the logits, next to the saved log-probs
-    tl.add("logits", 2 * logits * FP32, "backward (loss)")
-    tl.add("logits", -2 * logits * FP32, "backward (loss)")  # log-probs and their gradient
-    if c != FP32:
-        tl.spike("logits", logits * c, "backward (loss)")      # gradient cast back to 16 bit
-    tl.add("logits", -logits * FP32 - capped, "backward (loss)")
+    # a reference forward (no gradient) beside all the policy keeps: a layer's working set
+    # at most what it saves, with its input and output, then the reference's loss head
+    reference_layer = max(layer.saved + layer.top for layer in layers) \
+        + 2 * t * arch.hidden * w if reference else None
+    if head == "chunked":
+        _chunked_loss(tl, arch, shape, p, final_out, w, full, device, reference_layer)
+    else:
+        _logits_loss(tl, arch, t, c, reference_layer)
     if recipe.grad_ckpt:  # each recompute casts its layer's weights again (the forward's
         # copies go after the loss's backward: going before it under-predicts measured steps)
         tl.add("temporaries", -sum(f.cast_copies[:-1]), "backward")

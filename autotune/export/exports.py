@@ -24,6 +24,7 @@ from autotune.plugin.registry import DEFAULT_STAGE, Stage, packing, stage_named
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
 from autotune.util.files import check_new_file
+from autotune.util.units import gib
 
 TOOLS = ("llamafactory", "axolotl", "trl", "accelerate", "deepspeed")
 DATA_PLACEHOLDER = "path/to/train.jsonl"
@@ -302,6 +303,33 @@ def export_context(pm, plan: dict, remote_code: bool = False) -> ExportContext:
                          remote_code=remote_code, notes=notes,
                          stage=stage_named(pm, recipe["stage"]),
                          quantised_experts=experts, expert_targets=expert_targets)
+
+
+FULL_LOGITS = {"llamafactory": "LLaMA-Factory", "axolotl": "Axolotl"}
+"""The tools whose trainers take the loss over the full logits (transformers' Trainer)."""
+
+
+def full_logits_caveat(pm, plan: dict, path: str, tool: str) -> str | None:
+    """Where ``plan`` was priced for TRL's chunked LM head (``autotune run`` and TRL's CLI
+    train with it) and ``tool`` holds the full logits instead: the peak there, against
+    the plan's budget."""
+    from autotune.cost.layouts import MODEL_LOSS
+    from autotune.plan.service import price_plan
+
+    layouts = (plan.get("record") or {}).get("layouts") or {}
+    if (tool not in FULL_LOGITS or layouts.get("loss_head") != "chunked"
+            or not stage_named(pm, _recipe(plan)["stage"]).trl_scoring):
+        return None
+    there = price_plan(pm, plan, path, stack=MODEL_LOSS).assessment
+    planned = ((plan.get("predictions") or {}).get("memory") or {}).get("peak_bytes_high")
+    budget = (plan.get("hardware") or {}).get("budget_bytes")
+    text = (f"{FULL_LOGITS[tool]} takes the loss over the full logits, which this plan "
+            f"(priced for TRL's chunked LM head, as `autotune run` trains) never holds: up "
+            f"to {gib(there.high)} a GPU there" + (f", not {gib(planned)}" if planned else ""))
+    if budget and there.high > budget:
+        text += (f", over the plan's {gib(budget)} budget: lower its micro batch, or train "
+                 "with `autotune run` or --to trl")
+    return text
 
 
 def _experts(config: dict, family, recipe: dict, remote_code: bool, stack: dict | None

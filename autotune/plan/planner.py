@@ -34,7 +34,7 @@ from autotune.cost.recipe import Recipe
 from autotune.cost.uncertainty import CONFIDENCE, Band
 from autotune.plan import alternatives
 from autotune.plan.space import EXPERT_TARGETS, Space, parameters, suggest
-from autotune.plan.studies import Study, load_or_store
+from autotune.plan.studies import Study, code_digest, load_or_store
 from autotune.plugin.registry import STANDARD_GROUPS
 from autotune.util.errors import AutotuneError, PluginError
 
@@ -277,7 +277,8 @@ class Planner:
     def study_key(self, space: Space, budget: int) -> str:
         """A name that changes with everything the study's answer depends on."""
         payload = json.dumps({
-            "version": __version__, "layout": TRIAL_LAYOUT, "model": self.model_id,
+            "version": __version__, "code": code_digest(), "layout": TRIAL_LAYOUT,
+            "model": self.model_id,
             "config": self.config, "remote_code": self.remote_code, "stack": self.cost.stack,
             "gpu": space.gpu.id, "memory": space.gpu.memory_bytes, "budget": budget,
             "seq": space.seq_len, "stage": space.stage, "effective": space.effective_batch,

@@ -312,10 +312,12 @@ class PricedPlan:
         return self.planner.assessor(self.gpu, self.effective_batch, self.workload)
 
 
-def price_plan(pm: pluggy.PluginManager, plan: dict, path: str) -> PricedPlan:
+def price_plan(pm: pluggy.PluginManager, plan: dict, path: str,
+               stack: dict | None = None) -> PricedPlan:
     """Price ``plan`` (read from ``path``) again from its record: the same card, remote-code
     layout, data, calibration, confidence, device and library versions, so the figures are
-    the plan's own."""
+    the plan's own. ``stack``: versions to price for instead of the record's (another
+    tool's trainer, say)."""
     record = require_record(plan, path)
     recipe = Recipe(**plan["recipe"])
     model = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
@@ -333,7 +335,7 @@ def price_plan(pm: pluggy.PluginManager, plan: dict, path: str) -> PricedPlan:
                       calibrated=correction is not None, device=record.get("device", "cuda"),
                       confidence=record["confidence"], files=weight_files(model.path),
                       corrections={gpu.id: correction} if correction else {},
-                      stack=record.get("libraries"))
+                      stack={**(record.get("libraries") or {}), **(stack or {})})
     training = plan.get("training") or {}
     effective = (training.get("requested_effective_batch") or training.get("effective_batch")
                  or recipe.batch)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 from autotune.plan import sqlitestudy
@@ -56,6 +57,28 @@ class Study:
         return cls([{"state": t.state.name, "params": t.params,
                      "choices": {k: d.choices for k, d in t.distributions.items()},
                      "values": t.values, "attrs": t.user_attrs} for t in study.trials], attrs)
+
+
+PRICING = ("autotune.cost", "autotune.catalog", "autotune.plan", "autotune_plugins")
+"""The packages whose code prices and ranks a study's trials (the built-in families and
+stages among them)."""
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """A digest of the :data:`PRICING` packages' source: a stored study's figures come from
+    the code that priced them, so changed code prices anew."""
+    import hashlib
+    import importlib
+    from pathlib import Path
+
+    digest = hashlib.sha1()
+    for name in PRICING:
+        for root in importlib.import_module(name).__path__:
+            for path in sorted(Path(root).rglob("*.py")):
+                digest.update(f"{name}/{path.relative_to(root).as_posix()}".encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def default_storage() -> str:

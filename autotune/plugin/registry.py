@@ -156,6 +156,14 @@ class Stage:
     """The stage's name in other tools, by tool: ``llamafactory`` (``stage:``), ``trl``
     (the ``trl`` sub-command), ``axolotl`` (``rl:``; ``""`` for a plain SFT-style run).
     A tool missing here cannot train this stage."""
+    trl_scoring: ClassVar[bool] = False
+    """The trainer is TRL's SFT or DPO trainer (or one of their subclasses), whose loss
+    from TRL 1.15 takes per-token log-probabilities from a chunked LM head instead of the
+    full logits: the cost model prices the installed TRL's head. ``False``: the model's
+    own loss over its logits."""
+    reference_forward: ClassVar[bool] = False
+    """The trainer runs the reference model's forward (no gradient) after the policy's
+    forward and before its backward, as TRL's DPO trainer does."""
     plugin: str = ""
 
     def normalise(self, row: Row) -> dict:

@@ -254,6 +254,7 @@ def check_stack(plan: dict, model_spec, family, remote_code: bool) -> None:
     that build this model otherwise than the installed ones: its memory would not hold."""
     from autotune.cost.assess import architecture
     from autotune.cost.layouts import layouts
+    from autotune.plugin.registry import stage_named
 
     planned = (plan.get("record") or {}).get("libraries")
     if not planned or layouts(planned) == layouts():
@@ -264,6 +265,9 @@ def check_stack(plan: dict, model_spec, family, remote_code: bool) -> None:
         ("experts", there.expert_layout, here.expert_layout),
         ("4-bit fused experts", there.quantisable_experts, here.quantisable_experts),
         ("LoRA on fused experts", there.adaptable_experts, here.adaptable_experts)) if a != b]
+    if layouts(planned).loss_head == "chunked" and layouts().loss_head == "logits" \
+            and stage_named(None, plan["recipe"]["stage"]).trl_scoring:
+        differ.append("TRL's chunked loss head planned, the full logits here")
     if differ:
         versions = ", ".join(f"{k} {v}" for k, v in planned.items() if v)
         raise AutotuneError(f"plan: priced for {versions}, which build {model_spec.id} otherwise "

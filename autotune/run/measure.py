@@ -156,6 +156,130 @@ def _measure_cpu(config, recipe, target_modules, steps, seed, planned=None,
     return Measurement(peak, recipe.batch * recipe.seq_len / elapsed, "cpu", steps, losses)
 
 
+def measure_stage(pm, config: dict, recipe: Recipe, steps: int = 3, device: str = "cpu",
+                  seed: int = 0, planned=None) -> Measurement:
+    """Peak tensor bytes over optimizer steps 2..``steps`` of ``recipe.stage``'s own
+    trainer (TRL's, built as ``autotune run`` builds it), and tokens/s.
+
+    The rows are the stage's shipped example rows with every answer repeated past
+    ``recipe.seq_len`` tokens (the trainer truncates them to it); the tokenizer is the
+    byte-level one ``--random-init`` runs build. ``planned``: as for :func:`measure`.
+    """
+    import tempfile
+
+    import torch
+    from transformers import TrainerCallback
+
+    from autotune.catalog.datasets import load_rows
+    from autotune.catalog.demo import build_tokenizer, dataset_path
+    from autotune.plugin.registry import family_for, stage_named
+    from autotune.run.training import RunSettings, build_trainer, trainer_args
+
+    if steps < 2:
+        raise ValueError("need at least two steps: optimizer state exists from the second on")
+    stage = stage_named(pm, recipe.stage)
+    tokenizer = build_tokenizer(config["vocab_size"])
+    tokenizer.chat_template = (planned[0] if planned else family_for(pm, config)
+                               ).chat_template(config)
+    config = {**config, "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    rows = [_lengthened(row, 8 * recipe.seq_len) for row in load_rows(dataset_path(stage), stage)]
+    plan = {"training": {"micro_batch": recipe.batch, "grad_accum": 1, "lr_scheduler": "constant",
+                         "learning_rate": 1e-4}}
+    cpu = not device.startswith("cuda")
+    marks = _StepMarks(cpu, first_step=1)
+
+    class Marks(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            marks.begin(state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.end(state.global_step)
+
+    with tempfile.TemporaryDirectory(prefix="autotune-measure-") as folder:
+        args = trainer_args(plan, recipe, RunSettings(data="", output_dir=folder,
+                                                      max_steps=steps, seed=seed),
+                            "cpu" if cpu else "cuda", folder)
+        gc.collect()  # what earlier steps left must not be freed inside the window
+        with _allocations(cpu) as prof:  # the model and any reference copy counted too
+            model = build_model(config, recipe, None, device, seed, planned)
+            trainer = build_trainer(stage, model, tokenizer, rows, args, recipe, plan,
+                                    [Marks()])
+            trainer.train()
+        if cpu:
+            peak = _peak_in_window(prof.profiler.kineto_results.events(), first_step=1)
+        else:
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    tokens = recipe.batch * recipe.seq_len * stage.sequences_per_example() * (steps - 1)
+    return Measurement(peak, tokens / marks.seconds, "cpu" if cpu else device, steps, losses,
+                       None if cpu else torch.cuda.max_memory_reserved(device))
+
+
+class _StepMarks:
+    """Marks optimizer steps from ``first_step`` on: profiler ranges on the CPU (see
+    :func:`_peak_in_window`), a reset peak on CUDA; and times them."""
+
+    def __init__(self, cpu: bool, first_step: int):
+        self.cpu, self.first_step = cpu, first_step
+        self.open = None
+        self.seconds = 0.0
+        self.started = 0.0
+
+    def begin(self, step: int) -> None:
+        import torch
+        from torch.profiler import record_function
+
+        if step == self.first_step and not self.cpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        if self.cpu:
+            self.open = record_function(f"{STEP_MARK}{step}")
+            self.open.__enter__()
+        self.started = time.perf_counter()
+
+    def end(self, step: int) -> None:
+        import torch
+
+        if not self.cpu:
+            torch.cuda.synchronize()
+        if step > self.first_step:  # global_step counts the step just taken
+            self.seconds += time.perf_counter() - self.started
+        if self.open is not None:
+            self.open.__exit__(None, None, None)
+            self.open = None
+
+
+@contextlib.contextmanager
+def _allocations(cpu: bool):
+    """On the CPU, the profiler recording every allocation (see :func:`_peak_in_window`)."""
+    if not cpu:
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    from autotune.util.quiet import native_stderr_quiet
+
+    with native_stderr_quiet(), profile(activities=[ProfilerActivity.CPU],
+                                        profile_memory=True) as prof:
+        yield prof
+
+
+def _lengthened(row, chars: int, cut: bool = False):
+    """``row`` with each answer repeated to ``chars`` characters and its prompt cut to its
+    last turn's first 8 (``cut``), so that the answers, which take the loss, fill the
+    sequence."""
+    if isinstance(row, str):
+        return row[:8] if cut else (row + " ") * (chars // (len(row) + 1) + 1)
+    if isinstance(row, list):
+        return [_lengthened(turn, chars, cut) for turn in (row[-1:] if cut else row)]
+    if isinstance(row, dict):
+        return {k: v if k == "role" else _lengthened(v, chars, cut or k == "prompt")
+                for k, v in row.items()}
+    return row
+
+
 def _peak_in_window(events, first_step: int) -> int:
     """Largest live total of allocator events during steps ``first_step`` onwards."""
     marks = [e for e in events if e.name().startswith(STEP_MARK)

@@ -92,7 +92,7 @@ def train_plan(pm, state: dict, partial: str, final: str, rows: list, quiet: boo
             signals, lambda tracker=tracker: tracker.tokens, settings.save_every,
             settings.save_minutes and settings.save_minutes * 60,
             os.path.join(partial, checkpoints.STOP) if launched else None)
-        trainer = _trainer(stage, model, tokenizer, rows, args, recipe, plan,
+        trainer = build_trainer(stage, model, tokenizer, rows, args, recipe, plan,
                            [tracker.callback(), schedule.callback(), injector.callback()])
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -258,7 +258,8 @@ def _for_device(recipe: Recipe, device: str, notes: list[str]) -> Recipe:
     return recipe
 
 
-def _trainer(stage, model, tokenizer, rows, args, recipe, plan, callbacks):
+def build_trainer(stage, model, tokenizer, rows, args, recipe, plan, callbacks):
+    """``stage``'s trainer over ``rows``, with ``callbacks`` in place of the noisy ones."""
     from datasets import Dataset
     from transformers import PrinterCallback, ProgressCallback
 

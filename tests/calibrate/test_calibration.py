@@ -329,16 +329,22 @@ def test_gpu_sweep_on_the_cpu_writes_valid_records(tmp_path, monkeypatch, capsys
     assert "no NVIDIA GPU here" in capsys.readouterr().err
     out = tmp_path / "sweep.jsonl"
     assert sweep.main(["--device", "cpu", "--models", "deepseek-7b", "--layers", "1",
-                       "--methods", "lora", "--batches", "1", "--seq-lens", "32",
+                       "--methods", "lora,sft-trl", "--batches", "1", "--seq-lens", "32",
                        "--ckpt", "off", "--steps", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "num_hidden_layers 1 of 30" in printed and "meas tensors" in printed
     loaded = calibration.read(str(out))
-    assert loaded.skipped == 0 and len(loaded.records) == 1
-    record = loaded.records[0]
-    assert record["device"] == "cpu" and record["source"] == "sweep"
-    assert record["recipe"]["method"] == "lora" and record["recipe"]["seq_len"] == 32
-    assert record["model"]["id"].startswith("deepseek-7b[1 of 30 layers")
-    error = record["predicted"]["tensor_peak_bytes"] / record["measured"]["peak_tensor_bytes"] - 1
-    assert abs(error) < 0.1
+    assert loaded.skipped == 0 and len(loaded.records) == 2
+    for record, stage in zip(loaded.records, ("sft", "sft"), strict=True):
+        assert record["device"] == "cpu" and record["source"] == "sweep"
+        assert record["recipe"]["method"] == "lora" and record["recipe"]["seq_len"] == 32
+        assert record["recipe"]["stage"] == stage
+        assert record["model"]["id"].startswith("deepseek-7b[1 of 30 layers")
+        error = (record["predicted"]["tensor_peak_bytes"]
+                 / record["measured"]["peak_tensor_bytes"] - 1)
+        assert abs(error) < 0.1
+    # the plain step's prediction prices the full logits; TRL's (sft-trl) its chunked head,
+    # whose tile buffer is 32,768 entries wide at this 512-token vocabulary
+    plain, trl = (r["predicted"]["tensor_peak_bytes"] for r in loaded.records)
+    assert trl > plain + 31 * 32768 * 2
     assert not calibration.by_gpu(loaded.records)  # CPU records never calibrate

@@ -4,6 +4,7 @@ import pytest
 
 from benchmarks.accuracy_grid import CONFIGS, FAST, compare, describe_recipe, predict
 from autotune.cost.assess import estimate
+from autotune.cost.layouts import MODEL_LOSS
 from autotune.cost.memory import serving_bytes
 from autotune.cost.recipe import Recipe
 from autotune.cost.uncertainty import band
@@ -57,8 +58,10 @@ def test_an_sft_batch_is_priced_padded_and_a_wrapped_one_full(pm):
     padded = measure(config, recipe, steps=3).peak_tensor_bytes
     full = measure(config, recipe, steps=3, padded=False).peak_tensor_bytes
     assert padded > 1.05 * full
-    sft = estimate(pm, config, recipe, device="cpu").memory.tensor_peak
-    pt = estimate(pm, config, recipe.but(stage="pt"), device="cpu").memory.tensor_peak
+    # the measured steps take the model's own loss: priced so (MODEL_LOSS)
+    sft = estimate(pm, config, recipe, device="cpu", stack=MODEL_LOSS).memory.tensor_peak
+    pt = estimate(pm, config, recipe.but(stage="pt"), device="cpu",
+                  stack=MODEL_LOSS).memory.tensor_peak
     assert -0.01 <= sft / padded - 1 <= 0.02, (sft, padded)
     assert -0.01 <= pt / full - 1 <= 0.02, (pt, full)
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from autotune.catalog.models import resolve_model
 from autotune.cli.main import make_cli
 from autotune.cost.assess import architecture
-from autotune.cost.layouts import layouts
+from autotune.cost.layouts import MODEL_LOSS, layouts
 from autotune.plugin.registry import family_for
 from autotune.util.errors import AutotuneError
 from autotune.util.versions import at_least, library_versions, parse_stack
@@ -64,7 +64,9 @@ def test_peft_before_target_parameters_leaves_fused_experts_unadapted(pm):
 
 
 @pytest.mark.parametrize("stack, expected", [
-    ({}, dict(experts="fused", attention="sdpa", adapter_dtype="fp32")),
+    ({}, dict(experts="fused", attention="sdpa", adapter_dtype="fp32", loss_head="chunked")),
+    ({"trl": "1.14.2"}, {"loss_head": "logits"}),
+    ({"trl": "1.15"}, {"loss_head": "chunked"}),
     ({"transformers": "4.35.2"}, dict(experts="per-expert", attention="eager")),
     ({"transformers": "4.36", "torch": "2.1.0"}, dict(attention="eager")),
     ({"peft": "0.10.0"}, dict(adapter_dtype="base", expert_adapters=False)),
@@ -141,8 +143,9 @@ def test_adapters_before_peft_0_11_are_priced_in_the_bases_dtype(pm, monkeypatch
     monkeypatch.setattr(peft, "get_peft_model",
                         functools.partial(peft.get_peft_model, autocast_adapter_dtype=False))
     recipe = Recipe(method="lora", **shape)
-    old = assess(pm, CONFIGS[arch], recipe, device="cpu", stack={"peft": "0.10"})
-    new = assess(pm, CONFIGS[arch], recipe, device="cpu")
+    # the measured steps take the model's own loss (MODEL_LOSS: no TRL trainer)
+    old = assess(pm, CONFIGS[arch], recipe, device="cpu", stack={"peft": "0.10", **MODEL_LOSS})
+    new = assess(pm, CONFIGS[arch], recipe, device="cpu", stack=MODEL_LOSS)
     measured = measure(CONFIGS[arch], recipe, steps=3).peak_tensor_bytes
     assert old.params.adapter_bytes == 2 and new.params.adapter_bytes == 4
     assert old.memory.breakdown["adapters"] == 2 * old.params.trainable

@@ -779,3 +779,24 @@ AXOLOTL_FSDP = names(
     "final_state_dict_type auto_wrap_policy transformer_layer_cls_to_wrap min_num_params "
     "reshard_after_forward mixed_precision_policy"
 )
+
+
+def test_a_tool_holding_the_full_logits_is_told_what_the_plan_needs_there(pm, tmp_path,
+                                                                         monkeypatch):
+    """The plan is priced for TRL's chunked LM head (``autotune run``, TRL's CLI); LLaMA-
+    Factory and Axolotl take the loss over the full logits: 4 x 4,096 tokens of Qwen's
+    152k vocabulary are 30 GB more, far over the card the plan fits."""
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(make_cli(pm), [
+        "plan", "--model", "qwen2.5-0.5b", "--vram", "8GiB", "--seq-len", "4096",
+        "--method", "lora", "--batch", "4", "-o", "plan.yaml"])
+    assert result.exit_code == 0, result.output
+    for tool, name in (("llamafactory", "LLaMA-Factory"), ("axolotl", "Axolotl")):
+        notes = export(pm, "plan.yaml", tool, f"{tool}.yaml")["notes"]
+        said = [n for n in notes if "full logits" in n]
+        assert said and said[0].startswith(f"{name} takes the loss over the full logits")
+        assert "over the plan's 8.00 GiB budget" in said[0]
+        assert (tmp_path / f"{tool}.yaml").read_text().startswith(f"# autotune: {name}")
+    assert not [n for n in export(pm, "plan.yaml", "trl", "trl.yaml")["notes"]
+                if "full logits" in n]

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from autotune.cli.main import make_cli
 from autotune.cost.assess import estimate
+from autotune.cost.layouts import MODEL_LOSS
 from autotune.catalog.gpus import budget_gpu, resolve_gpu
 from autotune.plan.planner import Planner
 from autotune.catalog.models import resolve_model
@@ -161,6 +162,20 @@ def test_stored_study_is_reused_and_measured_trials_accumulate(pm, tmp_path):
     assert sum("measured" in t.user_attrs for t in study.trials) == 2
 
 
+def test_a_stored_study_priced_by_other_code_is_not_reused(pm, tmp_path, monkeypatch):
+    """The study's name changes with the pricing code: a cost model that changed (as TRL's
+    chunked head changed every figure) prices anew rather than serve stored figures."""
+    from autotune.plan import planner as planning
+
+    args = ["plan", "--model", "tiny", "--vram", "2GiB", "--seq-len", "64", "--storage",
+            f"sqlite:///{tmp_path / 'studies.db'}", "--json"]
+    cli = make_cli(pm)
+    first = json.loads(CliRunner().invoke(cli, args).output)["study"]
+    monkeypatch.setattr(planning, "code_digest", lambda: "changed code")
+    second = json.loads(CliRunner().invoke(cli, args).output)["study"]
+    assert second["name"] != first["name"] and not second["reused"]
+
+
 def test_out_of_memory_while_measuring_is_a_failed_trial(pm, tmp_path, monkeypatch):
     import torch
 
@@ -284,9 +299,10 @@ def test_seed_000_deepseek_7b_lora_fits_a_3090_in_16_bit(pm):
                           "quality", None)
     best = result.ranked[0].recipe
     assert best.method in ("lora", "dora") and best.bits == 16
-    # seed 000: LoRA r=16 on the seven projections "needs only about 15 GB" at 2048 tokens
+    # seed 000: LoRA r=16 on the seven projections "needs only about 15 GB" at 2048 tokens,
+    # trained with transformers' Trainer: the model's own loss over the logits
     e = estimate(pm, planner.config, Recipe(method="lora", rank=16, targets="attn,mlp",
-                                            seq_len=2048, grad_ckpt=True))
+                                            seq_len=2048, grad_ckpt=True), stack=MODEL_LOSS)
     assert 14e9 < e.memory.tensor_peak < 19e9
 
 
@@ -310,19 +326,24 @@ def test_seed_001_yuan_batch_12_with_seven_targets_is_the_expensive_one(pm):
     with checkpointing. Without checkpointing every layer keeps its activations, and every
     adapted projection its own 16-bit input copy, all scaling with the batch; next come the
     logits of a 135k vocabulary with their fp32 copies in the loss. The fix cuts the first
-    by checkpointing and fewer targets, the second by halving the batch."""
+    by checkpointing and fewer targets, the second by halving the batch. The seed trained
+    with transformers' Trainer (the model's own loss); TRL's chunked head, which
+    ``autotune run`` trains with, holds no logits: there the activations alone decide."""
     config = resolve_model("yuan2-2b", pm).config
     seq = 512
-    first = estimate(pm, config, Recipe(method="lora", rank=8, targets="attn,mlp", batch=12,
-                                        seq_len=seq))
-    second = estimate(pm, config, Recipe(method="lora", rank=8, targets="q_proj,k_proj,v_proj",
-                                         batch=6, seq_len=seq, grad_ckpt=True))
+    first, second, run = (estimate(pm, config, recipe, stack=stack) for recipe, stack in (
+        (Recipe(method="lora", rank=8, targets="attn,mlp", batch=12, seq_len=seq), MODEL_LOSS),
+        (Recipe(method="lora", rank=8, targets="q_proj,k_proj,v_proj", batch=6, seq_len=seq,
+                grad_ckpt=True), MODEL_LOSS),
+        (Recipe(method="lora", rank=8, targets="attn,mlp", batch=12, seq_len=seq), None)))
     b1, b2 = first.memory.breakdown, second.memory.breakdown
     assert sorted(b1, key=b1.get)[-2:] == ["logits", "activations"]
     assert b1["logits"] == 12 * 12 * seq * 135040  # 12 bytes per logit at the peak
     assert b2["logits"] * 2 == b1["logits"]
     assert b1["activations"] > 20 * b2["activations"]
     assert first.memory.peak > resolve_gpu("a10").memory_bytes > second.memory.peak
+    assert run.memory.breakdown["logits"] < 0.05 * b1["logits"]
+    assert run.memory.peak > resolve_gpu("a10").memory_bytes  # still out of memory
 
 
 def test_budget_card_plans(pm):

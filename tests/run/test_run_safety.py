@@ -103,7 +103,7 @@ def with_callback(monkeypatch, **events):
     """Every trainer the executor builds also runs ``events`` (name -> function)."""
     from transformers import TrainerCallback
 
-    original = training._trainer
+    original = training.build_trainer
     hook = type("Hook", (TrainerCallback,), {
         name: (lambda f: lambda self, args, state, control, **kw: f(state))(f)
         for name, f in events.items()})
@@ -113,7 +113,7 @@ def with_callback(monkeypatch, **events):
         built.add_callback(hook())
         return built
 
-    monkeypatch.setattr(training, "_trainer", trainer)
+    monkeypatch.setattr(training, "build_trainer", trainer)
 
 
 # -- the data-loss paths -----------------------------------------------------------------------
