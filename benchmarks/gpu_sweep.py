@@ -270,8 +270,7 @@ def main(argv=None) -> int:
             record = calibration.record_from_measurement(
                 pm, config, recipe, found, family=model.family, source="sweep",
                 model_id=model_id + (" dpo policy step" if name == "dpo" else ""),
-                gpu_name=gpu_name, gpu_memory=gpu_memory, device_used=used,
-                trainer=name in TRAINERS)
+                gpu_name=gpu_name, gpu_memory=gpu_memory, device_used=used)
             calibration.append(record, out)
             predicted, measured = record["predicted"], record["measured"]
             tensor_error = predicted["tensor_peak_bytes"] / measured["peak_tensor_bytes"] - 1

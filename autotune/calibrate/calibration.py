@@ -308,17 +308,16 @@ def _process_device_memory(index: int, max_reserved: int | None) -> int | None:
 def record_from_measurement(pm, config: dict, recipe, measurement, *, model_id: str,
                             family: str | None = None, source: str = "trial",
                             gpu_name: str | None = None, gpu_memory: int | None = None,
-                            device_used: int | None = None, remote_code: bool = False,
-                            trainer: bool = False) -> dict:
+                            device_used: int | None = None, remote_code: bool = False) -> dict:
     """The store record of an :class:`autotune.run.measure.Measurement` of ``recipe``.
 
     :func:`autotune.run.measure.measure` runs plain causal-LM steps, one optimizer step each,
     so the prediction is priced the same way: the default stage (no preference pairs, no
     reference model) with the model's own loss over its logits
     (:data:`~autotune.cost.layouts.MODEL_LOSS`), gradient accumulation 1, on the device
-    that measured. ``trainer``: measured with ``recipe.stage``'s own trainer instead
-    (:func:`~autotune.run.measure.measure_stage`), priced as ``autotune run`` is. On CUDA
-    the card's name and memory come from torch unless given.
+    that measured. A measurement of ``recipe.stage``'s own trainer
+    (:func:`~autotune.run.measure.measure_stage`: ``measurement.trainer``) is priced as
+    ``autotune run`` is. On CUDA the card's name and memory come from torch unless given.
     """
     from autotune.catalog.gpus import gpu_from_name
     from autotune.cost.assess import assess
@@ -333,6 +332,7 @@ def record_from_measurement(pm, config: dict, recipe, measurement, *, model_id: 
         gpu_name = torch.cuda.get_device_name(index)
         gpu_memory = torch.cuda.get_device_properties(index).total_memory
     card = gpu_from_name(gpu_name, gpu_memory or 0) if gpu_name else None
+    trainer = measurement.trainer
     result = assess(pm, config, recipe if trainer else recipe.but(stage=DEFAULT_STAGE), family,
                     "cuda" if on_gpu else "cpu", remote_code,
                     stack=None if trainer else MODEL_LOSS,

@@ -15,6 +15,8 @@ from autotune.util.errors import AutotuneError
 DATASETS = ("emotional_support_sft.jsonl", "emotional_support_dpo.jsonl", "wellbeing_notes.txt")
 """The shipped datasets (each stage names its own in ``Stage.demo``)."""
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+MIN_VOCAB = 300
+"""The smallest vocabulary :func:`build_tokenizer` builds (256 bytes, the special tokens)."""
 
 
 def dataset_path(stage: str | Stage) -> str:
@@ -52,8 +54,8 @@ def build_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 300:
-        raise ValueError("a byte-level tokenizer needs a vocabulary of at least 300")
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"a byte-level tokenizer needs a vocabulary of at least {MIN_VOCAB}")
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_trained(vocab_size)), unk_token="<unk>",
         bos_token="<s>", eos_token="</s>", pad_token="<pad>")

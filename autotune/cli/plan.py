@@ -121,8 +121,12 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
         one_card=bool(plot), measure_top=measure_top, measure_steps=measure_steps,
         output=output, stage_options=given_stage_options(), stack=stack)
     measure = None
-    if measure_top:
-        from autotune.run.measure import measure
+    if measure_top:  # the run's own steps: the stage's trainer (TRL's chunked LM head)
+        from functools import partial
+
+        from autotune.run.measure import measure_as_run
+
+        measure = partial(measure_as_run, pm)
     planned = plan(pm, request, measure)
     if planned.overview:
         report = _overview(planned)

@@ -31,6 +31,9 @@ class Measurement:
     steps: int
     losses: list[float] = field(default_factory=list)
     reserved_bytes: int | None = None
+    trainer: str | None = None
+    """The stage whose own trainer took the steps (:func:`measure_stage`); ``None``: the
+    plain causal-LM loop of :func:`measure`, the model's own loss."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -214,7 +217,21 @@ def measure_stage(pm, config: dict, recipe: Recipe, steps: int = 3, device: str 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     tokens = recipe.batch * recipe.seq_len * stage.sequences_per_example() * (steps - 1)
     return Measurement(peak, tokens / marks.seconds, "cpu" if cpu else device, steps, losses,
-                       None if cpu else torch.cuda.max_memory_reserved(device))
+                       None if cpu else torch.cuda.max_memory_reserved(device), stage.name)
+
+
+def measure_as_run(pm, config: dict, recipe: Recipe,
+                   target_modules: list[str] | str | None = None, steps: int = 3,
+                   device: str = "cpu", seed: int = 0, planned=None) -> Measurement:
+    """Steps as ``autotune run`` takes them: the stage's own trainer where it is TRL's
+    (:func:`measure_stage`; its chunked LM head, DPO's reference forward), else the plain
+    causal-LM step of :func:`measure`. ``plan --measure`` confirms its plans with this."""
+    from autotune.catalog.demo import MIN_VOCAB
+    from autotune.plugin.registry import stage_named
+
+    if stage_named(pm, recipe.stage).trl_scoring and config["vocab_size"] >= MIN_VOCAB:
+        return measure_stage(pm, config, recipe, steps, device, seed, planned)
+    return measure(config, recipe, target_modules, steps, device, seed, planned)
 
 
 class _StepMarks:

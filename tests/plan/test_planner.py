@@ -182,7 +182,7 @@ def test_out_of_memory_while_measuring_is_a_failed_trial(pm, tmp_path, monkeypat
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr("autotune.run.measure.measure", oom)
+    monkeypatch.setattr("autotune.run.measure.measure_stage", oom)  # sft: TRL's trainer
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
     result = CliRunner().invoke(make_cli(pm), [
         "plan", "--model", "tiny", "--vram", "2GiB", "--seq-len", "64", "--storage", storage,
