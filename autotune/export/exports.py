@@ -313,11 +313,11 @@ def full_logits_caveat(pm, plan: dict, path: str, tool: str) -> str | None:
     """Where ``plan`` was priced for TRL's chunked LM head (``autotune run`` and TRL's CLI
     train with it) and ``tool`` holds the full logits instead: the peak there, against
     the plan's budget."""
-    from autotune.cost.layouts import MODEL_LOSS
+    from autotune.cost.layouts import MODEL_LOSS, layouts
     from autotune.plan.service import price_plan
 
-    layouts = (plan.get("record") or {}).get("layouts") or {}
-    if (tool not in FULL_LOGITS or layouts.get("loss_head") != "chunked"
+    libraries = (plan.get("record") or {}).get("libraries")  # as it was priced
+    if (tool not in FULL_LOGITS or not libraries or layouts(libraries).loss_head != "chunked"
             or not stage_named(pm, _recipe(plan)["stage"]).trl_scoring):
         return None
     there = price_plan(pm, plan, path, stack=MODEL_LOSS).assessment
