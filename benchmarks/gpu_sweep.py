@@ -19,9 +19,9 @@ SDPA runs on its math path (fp32 probabilities), as the estimate assumes on a GP
 adapters; the reference model's forward (adapters off, no gradient) is not run, and the
 record is the plain 2 x batch step that calibration prices. ``sft-trl`` and ``dpo-trl``
 train LoRA with the stage's own trainer, TRL's, as ``autotune run`` does (its chunked LM
-head, DPO's reference forward; ``autotune.run.measure.measure_stage``), priced so. A step of several sequences
-is padded to one length (an attention mask, the first row one token short), as the sft
-and dpo stages train and calibration prices it.
+head, DPO's reference forward; ``autotune.run.measure.measure_stage``), priced so. A step
+of several sequences is padded to one length (an attention mask, the first row one token
+short), as the sft and dpo stages train and calibration prices it.
 
 The models are randomly initialised from the real configs of the named profiles with only
 ``--layers`` decoder layers (the embeddings, head and layer shapes are the real ones), so
