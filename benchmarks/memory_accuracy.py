@@ -8,13 +8,13 @@ the toy grid only) and, with ``--sweep N``, N random cases drawn by
 ``benchmarks/random_sweep.py``, and with ``--survey`` the architectures the grid does not
 hold (``accuracy_grid.SURVEY``), and with ``--trainers`` steps of the stages' own trainers
 (TRL's, as ``autotune run`` trains: ``accuracy_grid.TRAINERS``), printing one row per case
-and the median, worst and largest under-prediction. ``--fit`` writes the grid's conformal scores and model types into
-``profiles/measurements/bounds.json`` (the CPU bound; the sweep and the survey are its
-held-out checks); ``--docs`` writes the tables into docs/accuracy.md. Measured peaks are
-kept in ``benchmarks/data/cpu_measured.json``; ``--cached`` reuses them (to re-estimate
-after a change to the model without measuring again: the file records the library
-versions). CPU peaks repeat to within 0.1% (the CPU GEMM's scratch), so the errors are the
-model's, not noise.
+and the median, worst and largest under-prediction. ``--fit`` writes the grid's conformal
+scores and model types into ``profiles/measurements/bounds.json`` (the CPU bound; the
+sweep and the survey are its held-out checks); ``--docs`` writes the tables into
+docs/accuracy.md. Measured peaks are kept in ``benchmarks/data/cpu_measured.json``;
+``--cached`` reuses them (to re-estimate after a change to the model without measuring
+again: the file records the library versions). CPU peaks repeat to within 0.1% (the CPU
+GEMM's scratch), so the errors are the model's, not noise.
 """
 
 import json

@@ -21,6 +21,9 @@ CPU_TILE = (13, 29)
 """Bytes per tile element of the torch fold's temporaries (forward, backward): fp32
 copies of the tile, its exponentials, masks and gradient. Read from the function run
 alone on the CPU (the same for bf16 and fp32 tiles)."""
+CPU_SOFTCAP = 4
+"""Bytes per tile element more in that backward where the logits are soft-capped (Gemma 2's
+``cap * tanh(z / cap)``: the tanh's output is kept)."""
 ROW_FORWARD = 48
 """Bytes per scored token while the forward folds: seven fp32 statistics and the outputs."""
 ROW_KEPT = 32
@@ -40,14 +43,15 @@ class ChunkedHead:
 
 
 def chunked_head(batch: int, seq_len: int, hidden: int, vocab: int, *, hidden_bytes: int,
-                 compute: int, weight_bytes: int, head_trains: bool,
-                 cuda: bool) -> ChunkedHead:
+                 compute: int, weight_bytes: int, head_trains: bool, cuda: bool,
+                 softcap: bool = False) -> ChunkedHead:
     """The chunked head of a step of ``batch`` x ``seq_len`` tokens.
 
     ``hidden_bytes``: the final norm's output width, which the head saves (all of it: the
     scored positions are a view of it); ``compute``: the tile's width (the autocast dtype,
     else the inputs'); ``weight_bytes``: the head weight's; ``head_trains``: its gradient
-    is made (full tuning), in fp32 then cast to the weight's dtype.
+    is made (full tuning), in fp32 then cast to the weight's dtype; ``softcap``: the
+    logits are soft-capped.
     """
     rows = batch * (seq_len - 1)  # positions with a next token (all scored: an upper bound)
     n, tile_width = min(rows, TOKEN_TILE), min(vocab, VOCAB_TILE)
@@ -57,7 +61,8 @@ def chunked_head(batch: int, seq_len: int, hidden: int, vocab: int, *, hidden_by
     gathered = rows * hidden * hidden_bytes if cuda or batch > 1 else 0
     hidden_cast = n * hidden * compute if hidden_bytes != compute else 0
     weight_cast = tile_width * hidden * compute if weight_bytes != compute else 0
-    fold = (0, 0) if cuda else (tile * CPU_TILE[0], tile * CPU_TILE[1])
+    backward_fold = CPU_TILE[1] + (CPU_SOFTCAP if softcap else 0)
+    fold = (0, 0) if cuda else (tile * CPU_TILE[0], tile * backward_fold)
     weight_grad = vocab * hidden * FP32 if head_trains else 0
     # the backward returns its fp32 gradients cast to their inputs' dtypes, with the
     # buffer still held; on the CPU its fold's temporaries are the larger

@@ -573,7 +573,8 @@ def _chunked_loss(tl: _Timeline, arch: Architecture, shape: StepShape, p: Precis
     ``reference_layer``: a reference forward runs between (its head's forward too)."""
     head = chunked_head(shape.batch, shape.seq_len, arch.hidden, arch.vocab,
                         hidden_bytes=final_out, compute=p.compute, weight_bytes=w,
-                        head_trains=full, cuda=device == "cuda")
+                        head_trains=full, cuda=device == "cuda",
+                        softcap=bool(arch.logit_softcap))
     tl.add("logits", head.kept, "loss")
     tl.spike("logits", head.forward, "loss")
     if reference_layer is not None:

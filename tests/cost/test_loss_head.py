@@ -31,10 +31,12 @@ def test_a_trl_step_is_priced_with_its_chunked_head(pm, recipe):
     assert model_loss.memory.tensor_peak < 0.5 * found.peak_tensor_bytes
 
 
-@pytest.mark.parametrize("dtype, autocast, head_trains", [
-    ("bfloat16", True, False), ("float32", False, False), ("float32", True, False),
-    ("bfloat16", True, True)])
-def test_the_heads_bytes_are_what_trls_function_allocates(dtype, autocast, head_trains):
+@pytest.mark.parametrize("dtype, autocast, head_trains, softcap", [
+    ("bfloat16", True, False, None), ("float32", False, False, None),
+    ("float32", True, False, None), ("bfloat16", True, True, None),
+    ("bfloat16", True, False, 30.0)])
+def test_the_heads_bytes_are_what_trls_function_allocates(dtype, autocast, head_trains,
+                                                          softcap):
     """``_ChunkedLogProbFunction`` run alone on the CPU (the torch fold), forward and
     backward: the transients beyond its inputs, against :func:`chunked_head`'s."""
     import torch
@@ -50,7 +52,7 @@ def test_the_heads_bytes_are_what_trls_function_allocates(dtype, autocast, head_
         with record_function("forward"), torch.autocast("cpu", torch.bfloat16,
                                                         enabled=autocast):
             out = _ChunkedLogProbFunction.apply(x, weight, None, targets, 1.0, VOCAB_TILE,
-                                                None, 1.0, ("log_probs", "entropy", "is_top1"))
+                                                softcap, 1.0, ("log_probs", "entropy", "is_top1"))
         with record_function("backward"):
             out[0].sum().backward()
     found = {name: _peak(prof.profiler.kineto_results.events(), name)
@@ -58,7 +60,7 @@ def test_the_heads_bytes_are_what_trls_function_allocates(dtype, autocast, head_
     compute = 2 if autocast else x.element_size()
     head = chunked_head(1, rows + 1, hidden, vocab, hidden_bytes=x.element_size(),
                         compute=compute, weight_bytes=x.element_size(),
-                        head_trains=head_trains, cuda=False)
+                        head_trains=head_trains, cuda=False, softcap=softcap is not None)
     for phase, priced in (("forward", head.forward), ("backward", head.backward)):
         assert -64 <= priced - found[phase] <= 0.002 * found[phase], phase  # a scalar apart
 
