@@ -34,7 +34,7 @@ def command(pm, plan_file, tool, output, data, force, trust_remote_code, as_json
     trust_remote_code = trust_remote_code or remote_code(plan)  # as the plan was made
     context = None
     if tool in ("llamafactory", "axolotl", "trl"):
-        context = export_context(pm, plan, trust_remote_code)
+        context = export_context(pm, plan, trust_remote_code, plan_file)
     export = build(tool, plan, context, data, output)
     caveat = full_logits_caveat(pm, plan, plan_file, tool)
     if caveat:  # shown, and written at the top of the config

@@ -124,8 +124,13 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
     if measure_top:  # the run's own steps: the stage's trainer (TRL's chunked LM head)
         from functools import partial
 
+        from autotune.cost.layouts import layouts
         from autotune.run.measure import measure_as_run
 
+        if stack and layouts(stack) != layouts():
+            raise AutotuneError("--measure takes steps with this machine's libraries, which "
+                                "build or train the model otherwise than --stack's: give one "
+                                "or the other")
         measure = partial(measure_as_run, pm)
     planned = plan(pm, request, measure)
     if planned.overview:

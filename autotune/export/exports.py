@@ -110,7 +110,7 @@ def _stage(recipe: dict, context: ExportContext | None, tool: str) -> Stage:
     if tool not in stage.exports:
         tools = ", ".join(sorted(stage.exports)) or "none"
         raise AutotuneError(f"stage {stage.name!r} (plugin {stage.plugin!r}) cannot be "
-                            f"exported to {tool} (it can to: {tools})")
+                            f"exported to {tool} (it can go to: {tools})")
     return stage
 
 
@@ -279,16 +279,18 @@ def accelerate_config(plan: dict, deepspeed_config_file: str | None = None) -> d
 
 # --- the model's side: targets, template, layers -------------------------------------------
 
-def export_context(pm, plan: dict, remote_code: bool = False) -> ExportContext:
+def export_context(pm, plan: dict, remote_code: bool = False,
+                   path: str = "the plan") -> ExportContext:
     """LoRA target names (as ``autotune run`` gives them to PEFT), the LLaMA-Factory
-    template and the layer count, from the plan's model."""
+    template and the layer count, from the plan's model (``path``: the plan's file)."""
     from autotune.catalog.models import resolve_model
+    from autotune.plan.planfile import recorded_libraries
     from autotune.plugin.registry import family_for
 
     recipe = _recipe(plan)
     model = resolve_model(plan["model"].get("spec") or plan["model"]["id"], pm)
     family = family_for(pm, model.config, model.family)
-    stack = (plan.get("record") or {}).get("libraries")  # the versions it was planned for
+    stack = recorded_libraries(plan, path)  # the versions it was planned for
     targets = None
     if _adapter(recipe):
         targets = lora_targets(pm, model.config, family, recipe["targets"], remote_code, stack)
@@ -314,18 +316,25 @@ def full_logits_caveat(pm, plan: dict, path: str, tool: str) -> str | None:
     train with it) and ``tool`` holds the full logits instead: the peak there, against
     the plan's budget."""
     from autotune.cost.layouts import MODEL_LOSS, layouts
+    from autotune.plan.planfile import require_record
     from autotune.plan.service import price_plan
 
-    libraries = (plan.get("record") or {}).get("libraries")  # as it was priced
-    if (tool not in FULL_LOGITS or not libraries or layouts(libraries).loss_head != "chunked"
-            or not stage_named(pm, _recipe(plan)["stage"]).trl_scoring):
+    if tool not in FULL_LOGITS or not stage_named(pm, _recipe(plan)["stage"]).trl_scoring:
         return None
-    there = price_plan(pm, plan, path, stack=MODEL_LOSS).assessment
+    name = FULL_LOGITS[tool]
+    try:  # the versions it was priced for (the installed ones where it names none)
+        record = require_record(plan, path)
+        if layouts(record.get("libraries") or {}).loss_head != "chunked":
+            return None
+        there = price_plan(pm, plan, path, stack=MODEL_LOSS).assessment
+    except AutotuneError as exc:
+        return (f"{name} takes the loss over the full logits, which this plan's figures (TRL's "
+                f"chunked LM head) leave out; not priced again here: {exc}")
     planned = ((plan.get("predictions") or {}).get("memory") or {}).get("peak_bytes_high")
     budget = (plan.get("hardware") or {}).get("budget_bytes")
-    text = (f"{FULL_LOGITS[tool]} takes the loss over the full logits, which this plan "
-            f"(priced for TRL's chunked LM head, as `autotune run` trains) never holds: up "
-            f"to {gib(there.high)} a GPU there" + (f", not {gib(planned)}" if planned else ""))
+    text = (f"{name} takes the loss over the full logits, which this plan (priced for TRL's "
+            f"chunked LM head, as `autotune run` trains) never holds: up to "
+            f"{gib(there.high)} a GPU there" + (f", not {gib(planned)}" if planned else ""))
     if budget and there.high > budget:
         text += (f", over the plan's {gib(budget)} budget: lower its micro batch, or train "
                  "with `autotune run` or --to trl")

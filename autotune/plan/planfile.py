@@ -129,6 +129,18 @@ def data_path(plan: dict) -> str | None:
     return ((plan.get("record") or {}).get("data") or {}).get("path")
 
 
+def recorded_libraries(plan: dict, path: str) -> dict | None:
+    """The library versions the plan was priced for (``None``: it names none), checked."""
+    libraries = (plan.get("record") or {}).get("libraries")
+    if libraries is not None and not isinstance(libraries, dict):
+        raise AutotuneError(f"{path}: record.libraries must map libraries to versions")
+    for name, version in (libraries or {}).items():
+        if name not in LIBRARIES or not (version is None or isinstance(version, str)):
+            raise AutotuneError(f"{path}: record.libraries: {name}: {version!r} is not a "
+                                f"version of one of {', '.join(LIBRARIES)}")
+    return libraries
+
+
 def require_record(plan: dict, path: str) -> dict:
     """The plan's ``record``, checked: this layout, and its data file unchanged. A plan
     that cannot be priced as it was made is one clear line, never a silent re-price."""
@@ -147,10 +159,7 @@ def require_record(plan: dict, path: str) -> dict:
                             f"{record['device']!r}")
     if not isinstance(record.get("gpu"), dict):
         raise AutotuneError(f"{path}: record.gpu must be the card's mapping")
-    for name, version in (record.get("libraries") or {}).items():
-        if name not in LIBRARIES or not (version is None or isinstance(version, str)):
-            raise AutotuneError(f"{path}: record.libraries: {name}: {version!r} is not a "
-                                f"version of one of {', '.join(LIBRARIES)}")
+    recorded_libraries(plan, path)
     data = record.get("data")
     if data:
         if not os.path.exists(data["path"]):

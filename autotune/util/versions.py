@@ -15,7 +15,10 @@ from autotune.util.errors import AutotuneError
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "trl")
 """The libraries whose versions change what a training step allocates."""
-_VERSION = re.compile(r"^\d+(\.\d+){0,3}([.+-]?[A-Za-z0-9.+-]*)?$")
+_VERSION = re.compile(r"^[0-9]+(\.[0-9]+){0,3}((a|b|rc|\.?dev|\.?post)[0-9]*)?"
+                      r"(\+[A-Za-z0-9.]+)?$", re.ASCII)
+"""A release as pip names it: up to four numbers, a pre-, dev- or post-release tag, a
+local label (``2.5.1+cu124``, ``1.15.0rc1``)."""
 
 
 def library_versions() -> dict[str, str | None]:
@@ -41,6 +44,8 @@ def parse_stack(text: str) -> dict[str, str]:
         if not sep or not name or not value:
             raise AutotuneError(f"--stack: {item!r} is not LIBRARY=VERSION "
                                 "(e.g. transformers=4.46,peft=0.13)")
+        if name in found:
+            raise AutotuneError(f"--stack: {name} is given twice")
         if name not in LIBRARIES:
             raise AutotuneError(f"--stack: unknown library {name!r} (one of "
                                 f"{', '.join(LIBRARIES)})")

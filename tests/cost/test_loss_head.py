@@ -121,3 +121,18 @@ def test_a_plan_priced_for_the_chunked_head_is_refused_where_trl_has_none(pm, mo
         check_stack(plan, spec, family, False)
     check_stack({**plan, "recipe": Recipe(method="lora", stage="ppo").to_dict()}, spec,
                 family, False)  # a stage without TRL's trainer: nothing changes
+
+
+def test_measuring_plans_priced_for_another_trl_is_refused(pm, tmp_path, monkeypatch):
+    """``plan --measure`` takes steps with this machine's TRL: a plan priced for another
+    one's loss head would be confirmed by the wrong step."""
+    from click.testing import CliRunner
+
+    from autotune.cli.main import make_cli
+
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path))
+    result = CliRunner().invoke(make_cli(pm), [
+        "plan", "--model", "tiny", "--vram", "2GiB", "--seq-len", "64", "--measure", "1",
+        "--stack", "trl=1.14", "--storage", "none"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "--measure takes steps with this machine's libraries" in str(result.exception)

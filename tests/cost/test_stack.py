@@ -77,6 +77,12 @@ def test_layouts_follow_the_documented_thresholds(stack, expected):
     assert {k: found[k] for k in expected} == expected
 
 
+def test_versions_as_pip_names_them_are_taken():
+    assert parse_stack("torch=2.5.1+cu124,trl=1.15.0rc1,peft=0.13.0.dev0,transformers=4.46") \
+        == {"torch": "2.5.1+cu124", "trl": "1.15.0rc1", "peft": "0.13.0.dev0",
+            "transformers": "4.46"}
+
+
 def test_versions_compare_by_their_numbers():
     assert at_least("2.5.1+cu124", "2.5") and at_least("4.36", "4.36.0")
     assert not at_least("4.9", "4.36") and not at_least(None, "0.1")
@@ -87,6 +93,10 @@ def test_versions_compare_by_their_numbers():
     ("numpy=1.26", "unknown library 'numpy'"),
     ("peft=latest", "is not a version number"),
     ("", "give LIBRARY=VERSION pairs"),
+    ("trl=1.14,trl=1.16", "trl is given twice"),
+    ("trl=1e3", "is not a version number"),
+    ("trl=\uff11.14", "is not a version number"),  # a full-width digit
+    ("trl=1..14", "is not a version number"),
 ])
 def test_a_malformed_stack_is_one_named_line(pm, text, says):
     with pytest.raises(AutotuneError, match=says):

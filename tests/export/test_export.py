@@ -800,3 +800,14 @@ def test_a_tool_holding_the_full_logits_is_told_what_the_plan_needs_there(pm, tm
         assert (tmp_path / f"{tool}.yaml").read_text().startswith(f"# autotune: {name}")
     assert not [n for n in export(pm, "plan.yaml", "trl", "trl.yaml")["notes"]
                 if "full logits" in n]
+    plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    del plan["record"]["libraries"]  # priced, as explain prices it, on the installed TRL
+    (tmp_path / "nolibs.yaml").write_text(yaml.safe_dump(plan))
+    assert [n for n in export(pm, "nolibs.yaml", "axolotl", "a2.yaml")["notes"]
+            if n.startswith("Axolotl takes the loss over the full logits")]
+    plan["record"]["libraries"] = {"trl": 1.14}  # a number: one line, not a crash
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(plan))
+    result = CliRunner().invoke(make_cli(pm), ["export", "bad.yaml", "--to", "axolotl"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert str(result.exception) == ("bad.yaml: record.libraries: trl: 1.14 is not a version "
+                                     "of one of torch, transformers, peft, bitsandbytes, trl")
