@@ -255,6 +255,10 @@ class CostModel:
                 memory = estimate_memory(self.arch, recipe, counts, extras, self.device,
                                          sequences, parallel, padded=padded, head=head,
                                          reference=stage.reference_forward)
+                if head != self.layouts.loss_head:
+                    memory.notes.append(f"the loss holds the full logits: stage "
+                                        f"{stage.name!r} does not train with TRL's trainers, "
+                                        "whose chunked LM head holds none")
                 self._priced[key] = (counts, memory, sequences)
         return self._priced[key]
 

@@ -96,6 +96,9 @@ def test_the_head_follows_the_trl_version_and_the_stages_trainer(pm):
     # 4,095 x 32,768 bf16 buffer and the fp32 gradient of the head's input
     assert old.breakdown["logits"] >= 12 * 2 * 2048 * 151936
     assert new.breakdown["logits"] < 0.05 * old.breakdown["logits"]
+    ppo = CostModel(pm, qwen).price(recipe.but(stage="ppo"))[1]  # no TRL trainer: logits
+    assert ppo.breakdown["logits"] == old.breakdown["logits"]
+    assert any("'ppo' does not train with TRL's trainers" in n for n in ppo.notes)
 
     class PlainTrainer(Stage):
         name = "plain"
