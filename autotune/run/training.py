@@ -93,7 +93,7 @@ def train_plan(pm, state: dict, partial: str, final: str, rows: list, quiet: boo
             settings.save_minutes and settings.save_minutes * 60,
             os.path.join(partial, checkpoints.STOP) if launched else None)
         trainer = build_trainer(stage, model, tokenizer, rows, args, recipe, plan,
-                           [tracker.callback(), schedule.callback(), injector.callback()])
+                                [tracker.callback(), schedule.callback(), injector.callback()])
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         failure = None
