@@ -65,7 +65,11 @@ def _why(plan, recipe, result, hardware, candidate: dict) -> list[str]:
     predictions = plan.get("predictions", {})
     objective = plan.get("objective", "balanced")
     budget = hardware.get("budget_bytes")
-    if budget:
+    if budget and result.high > budget:  # an edited plan, priced again, that no longer fits
+        lines.append(f"It does not fit {hardware.get('name', 'the card')} as written: the "
+                     f"peak's upper bound is {(result.high - budget) / GiB:.2f} GiB over the "
+                     f"{budget / GiB:.2f} GiB budget; re-run `autotune plan` for one that does.")
+    elif budget:
         high = result.high
         lines.append(f"It is the {objective} pick among the recipes that fit "
                      f"{hardware.get('name', 'the card')} with "

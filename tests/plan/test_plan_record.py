@@ -120,6 +120,18 @@ def test_explain_prices_an_edited_recipe_all_over_again(pm, tmp_path):
     assert "recipe.bits 16 with method qlora" in refused(pm, path)
 
 
+def test_an_edited_plan_that_no_longer_fits_is_said_to(pm, tmp_path):
+    """A batch raised by hand past the card: explain prices it again and says it does not
+    fit (it said it fitted "with -N GiB to spare")."""
+    path = tmp_path / "plan.yaml"
+    _, document = make_plan(pm, path, CORPUS["dense-16bit"])
+    document["recipe"].update(batch=64, grad_ckpt=False)
+    document["training"].update(micro_batch=64)
+    path.write_text(yaml.safe_dump(document))
+    text = invoke(pm, "explain", path).stdout
+    assert "It does not fit" in text and "GiB over the" in text and "to spare" not in text
+
+
 def test_a_plan_for_another_stack_is_priced_for_it_and_refused_here(pm, tmp_path):
     """The record's versions price explain as the plan was priced; a run on this
     machine, whose transformers fuses the experts, refuses it in one line."""
