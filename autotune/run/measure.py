@@ -171,7 +171,6 @@ def measure_stage(pm, config: dict, recipe: Recipe, steps: int = 3, device: str 
     import tempfile
 
     import torch
-    from transformers import TrainerCallback
 
     from autotune.catalog.datasets import load_rows
     from autotune.catalog.demo import build_tokenizer, dataset_path
@@ -190,15 +189,7 @@ def measure_stage(pm, config: dict, recipe: Recipe, steps: int = 3, device: str 
     plan = {"training": {"micro_batch": recipe.batch, "grad_accum": 1, "lr_scheduler": "constant",
                          "learning_rate": 1e-4}}
     cpu = not device.startswith("cuda")
-    marks = _StepMarks(cpu, first_step=1)
-
-    class Marks(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            marks.begin(state.global_step)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            marks.end(state.global_step)
-
+    marks = _step_marks(cpu, first_step=1)
     with tempfile.TemporaryDirectory(prefix="autotune-measure-") as folder:
         args = trainer_args(plan, recipe, RunSettings(data="", output_dir=folder,
                                                       max_steps=steps, seed=seed),
@@ -207,7 +198,7 @@ def measure_stage(pm, config: dict, recipe: Recipe, steps: int = 3, device: str 
         with _allocations(cpu) as prof:  # the model and any reference copy counted too
             model = build_model(config, recipe, None, device, seed, planned)
             trainer = build_trainer(stage, model, tokenizer, rows, args, recipe, plan,
-                                    [Marks()])
+                                    [marks])
             trainer.train()
         if cpu:
             peak = _peak_in_window(prof.profiler.kineto_results.events(), first_step=1)
@@ -234,38 +225,36 @@ def measure_as_run(pm, config: dict, recipe: Recipe,
     return measure(config, recipe, target_modules, steps, device, seed, planned)
 
 
-class _StepMarks:
-    """Marks optimizer steps from ``first_step`` on: profiler ranges on the CPU (see
-    :func:`_peak_in_window`), a reset peak on CUDA; and times them."""
+def _step_marks(cpu: bool, first_step: int):
+    """A trainer callback marking optimizer steps from ``first_step`` on (profiler ranges on
+    the CPU, see :func:`_peak_in_window`; a reset peak on CUDA) and timing them
+    (``seconds``)."""
+    import torch
+    from torch.profiler import record_function
+    from transformers import TrainerCallback
 
-    def __init__(self, cpu: bool, first_step: int):
-        self.cpu, self.first_step = cpu, first_step
-        self.open = None
-        self.seconds = 0.0
-        self.started = 0.0
+    class StepMarks(TrainerCallback):
+        seconds, started, open = 0.0, 0.0, None
 
-    def begin(self, step: int) -> None:
-        import torch
-        from torch.profiler import record_function
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first_step and not cpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            if cpu:
+                self.open = record_function(f"{STEP_MARK}{state.global_step}")
+                self.open.__enter__()
+            self.started = time.perf_counter()
 
-        if step == self.first_step and not self.cpu:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        if self.cpu:
-            self.open = record_function(f"{STEP_MARK}{step}")
-            self.open.__enter__()
-        self.started = time.perf_counter()
+        def on_step_end(self, args, state, control, **kwargs):
+            if not cpu:
+                torch.cuda.synchronize()
+            if state.global_step > first_step:  # global_step counts the step just taken
+                self.seconds += time.perf_counter() - self.started
+            if self.open is not None:
+                self.open.__exit__(None, None, None)
+                self.open = None
 
-    def end(self, step: int) -> None:
-        import torch
-
-        if not self.cpu:
-            torch.cuda.synchronize()
-        if step > self.first_step:  # global_step counts the step just taken
-            self.seconds += time.perf_counter() - self.started
-        if self.open is not None:
-            self.open.__exit__(None, None, None)
-            self.open = None
+    return StepMarks()
 
 
 @contextlib.contextmanager
