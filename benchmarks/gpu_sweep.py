@@ -33,8 +33,10 @@ at the peak (reserved plus the CUDA context and library workspaces), and tokens/
 
 Each point becomes one record in the calibration store format (``autotune.measurement/1``,
 see ``autotune/calibration.py``), appended to ``profiles/measurements/<gpu-id>.jsonl``
-(``--out`` to change), which ``autotune calibrate`` fits. A table of predicted against
-measured is printed.
+(``--out`` to change), which ``autotune calibrate`` fits. Each record names the model's
+profile and layer count and the library versions that measured it, so that
+``benchmarks/gpu_accuracy.py`` prices it again with the current estimator. A table of
+predicted against measured is printed.
 
 Without a GPU it says so and exits with code 2. ``--device cpu`` runs a tiny grid on the
 CPU instead (configs shrunk to a 64-wide model): it tests this script, not the estimator's
@@ -110,10 +112,9 @@ def _split(text: str) -> list[str]:
 
 def shaped(config: dict, layers: int, cpu: bool) -> dict:
     """``config`` with ``layers`` decoder layers (and, on the CPU, a tiny width)."""
-    config = {k: v for k, v in config.items() if k not in ("layer_types", "torch_dtype")}
-    config["num_hidden_layers"] = layers
-    if "max_window_layers" in config:
-        config["max_window_layers"] = min(config["max_window_layers"], layers)
+    from autotune.catalog.models import with_layers
+
+    config = with_layers(config, layers)
     if cpu:
         heads = CPU_SHAPE["num_attention_heads"]
         groups = max(config["num_attention_heads"] // config.get("num_key_value_heads",
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
     device = "cpu" if cpu else "cuda"
     print(f"device: {gpu_name or 'CPU (tests the script only)'} ({card_id}); records -> {out}")
     unit, scale = ("MiB", 2**20) if cpu else ("GiB", 2**30)
-    rows, tensor_errors, speed_ratios, skipped = [], [], [], []
+    rows, tensor_errors, speed_ratios, skipped, failed = [], [], [], [], []
     started = time.perf_counter()
     for spec in _split(args.models):
         model = resolve_model(spec, pm)
@@ -265,12 +266,17 @@ def main(argv=None) -> int:
             except torch.OutOfMemoryError:
                 print(f"{label}: out of memory (no record)", flush=True)
                 continue
+            except Exception as exc:  # noqa: BLE001 -- one broken point must not end the sweep
+                failed.append(f"{label} ({type(exc).__name__}: {exc})")
+                print(f"{label}: failed, no record: {failed[-1]}", flush=True)
+                continue
             finally:
                 gc.collect()
             record = calibration.record_from_measurement(
                 pm, config, recipe, found, family=model.family, source="sweep",
                 model_id=model_id + (" dpo policy step" if name == "dpo" else ""),
                 gpu_name=gpu_name, gpu_memory=gpu_memory, device_used=used)
+            record["model"].update(spec=spec, layers=args.layers)  # to price it again
             calibration.append(record, out)
             predicted, measured = record["predicted"], record["measured"]
             tensor_error = predicted["tensor_peak_bytes"] / measured["peak_tensor_bytes"] - 1
@@ -297,6 +303,8 @@ def main(argv=None) -> int:
     print(table(["model", "recipe", f"pred tensors {unit}", f"meas tensors {unit}", "error",
                  f"pred peak {unit}", f"meas peak {unit}", "pred tok/s", "meas tok/s",
                  "meas/pred"], rows, right={2, 3, 4, 5, 6, 7, 8, 9}))
+    if failed:
+        print(f"{len(failed)} points failed: " + "; ".join(failed))
     if tensor_errors:
         print(f"\n{len(rows)} points in {time.perf_counter() - started:.0f} s: median |tensor "
               f"error| {100 * statistics.median(tensor_errors):.1f}%, worst "

@@ -35,6 +35,7 @@ from autotune import __version__
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
 from autotune.util.files import cache_dir, regular_file
+from autotune.util.versions import library_versions
 from autotune.cost.correction import Correction, apply  # noqa: F401 -- fitted and saved here
 from autotune.cost.memory import ALLOCATOR_SLACK, CUDA_CONTEXT
 from autotune.plugin.registry import DEFAULT_STAGE
@@ -74,8 +75,12 @@ def shipped_stores() -> list[str]:
 
 def make_record(*, gpu_name: str | None, gpu_memory: int | None, device: str, model_id: str,
                 model_params: int | None, recipe: dict, predicted: dict, measured: dict,
-                source: str) -> dict:
-    """A store record (schema :data:`SCHEMA`); the GPU's catalogue id is looked up by name."""
+                source: str, trainer: str | None = None) -> dict:
+    """A store record (schema :data:`SCHEMA`); the GPU's catalogue id is looked up by name.
+
+    ``libraries``: the installed versions that measured it; ``trainer``: the stage whose own
+    trainer took the steps (``None``: plain causal-LM steps, the model's own loss).
+    """
     if source not in SOURCES:
         raise AutotuneError(f"measurement source {source!r} is not one of {', '.join(SOURCES)}")
     gpu_id = None
@@ -98,6 +103,8 @@ def make_record(*, gpu_name: str | None, gpu_memory: int | None, device: str, mo
         "measured": {k: measured.get(k) for k in ("peak_tensor_bytes", "peak_reserved_bytes",
                                                   "device_used_bytes", "tokens_per_s")},
         "source": source,
+        "libraries": library_versions(),
+        "trainer": trainer,
     }
 
 
@@ -248,7 +255,8 @@ def record_from_run(report: dict, gpu_name: str | None, gpu_memory: int | None, 
         gpu_name=gpu_name, gpu_memory=gpu_memory, device="cuda",
         model_id=model.get("id") or model.get("spec") or "", model_params=params,
         recipe=recipe, predicted=predicted,
-        measured={**measured, "device_used_bytes": used}, source=source)
+        measured={**measured, "device_used_bytes": used}, source=source,
+        trainer=recipe.get("stage"))
 
 
 def remember_run(report: dict, pm=None, path: str | None = None) -> dict | None:
@@ -320,8 +328,6 @@ def record_from_measurement(pm, config: dict, recipe, measurement, *, model_id: 
     ``autotune run`` is. On CUDA the card's name and memory come from torch unless given.
     """
     from autotune.catalog.gpus import gpu_from_name
-    from autotune.cost.assess import assess
-    from autotune.cost.layouts import MODEL_LOSS
 
     on_gpu = measurement.device.startswith("cuda")
     if on_gpu and gpu_name is None:
@@ -333,21 +339,67 @@ def record_from_measurement(pm, config: dict, recipe, measurement, *, model_id: 
         gpu_memory = torch.cuda.get_device_properties(index).total_memory
     card = gpu_from_name(gpu_name, gpu_memory or 0) if gpu_name else None
     trainer = measurement.trainer
-    result = assess(pm, config, recipe if trainer else recipe.but(stage=DEFAULT_STAGE), family,
-                    "cuda" if on_gpu else "cpu", remote_code,
-                    stack=None if trainer else MODEL_LOSS,
-                    gpu=card if card is not None and card.has_throughput else None)
-    speed = result.raw_tokens_per_s
+    result = _assessed(pm, config, recipe, family, trainer, on_gpu, card,
+                       remote_code=remote_code)
     return make_record(
         gpu_name=gpu_name, gpu_memory=gpu_memory, device="cuda" if on_gpu else "cpu",
         model_id=model_id, model_params=result.arch.total, recipe=recipe.to_dict(),
-        predicted={"tensor_peak_bytes": result.memory.tensor_peak,
-                   "peak_bytes": result.memory.peak, "tokens_per_s": speed},
+        predicted=_predicted(result),
         measured={"peak_tensor_bytes": measurement.peak_tensor_bytes,
                   "peak_reserved_bytes": measurement.reserved_bytes,
                   "device_used_bytes": device_used,
                   "tokens_per_s": measurement.tokens_per_s},
-        source=source)
+        source=source, trainer=trainer)
+
+
+def _assessed(pm, config: dict, recipe, family, trainer, on_gpu: bool, card, *,
+              remote_code: bool = False, stack: dict | None = None):
+    """A measurement's steps priced as they ran (see :func:`record_from_measurement`) for
+    ``stack``'s libraries."""
+    from autotune.cost.assess import assess
+    from autotune.cost.layouts import MODEL_LOSS
+
+    return assess(pm, config, recipe if trainer else recipe.but(stage=DEFAULT_STAGE), family,
+                  "cuda" if on_gpu else "cpu", remote_code,
+                  stack={**(stack or {}), **({} if trainer else MODEL_LOSS)} or None,
+                  gpu=card if card is not None and card.has_throughput else None)
+
+
+def _predicted(result) -> dict:
+    """A record's ``predicted`` section from an assessment."""
+    return {"tensor_peak_bytes": result.memory.tensor_peak, "peak_bytes": result.memory.peak,
+            "tokens_per_s": result.raw_tokens_per_s}
+
+
+def priced(record: dict, pm):
+    """The current cost model's :class:`~autotune.cost.assess.Assessment` of a CUDA record's
+    steps, for the library versions that measured them, where the record names its model's
+    profile and layer count (``model.spec``, ``model.layers``: what
+    ``benchmarks/gpu_sweep.py`` writes); ``None`` where it does not, or no longer prices."""
+    model = record.get("model") or {}
+    if not model.get("spec") or not model.get("layers") or record.get("device") != "cuda":
+        return None
+    try:
+        from autotune.catalog.gpus import gpu_from_name
+        from autotune.catalog.models import resolve_model, with_layers
+        from autotune.cost.recipe import Recipe
+
+        spec = resolve_model(model["spec"], pm)
+        gpu = record.get("gpu") or {}
+        card = gpu_from_name(gpu.get("name") or "", gpu.get("memory_bytes") or 0)
+        return _assessed(pm, with_layers(spec.config, model["layers"]),
+                         Recipe(**record["recipe"]), spec.family, record.get("trainer"), True,
+                         card, stack=record.get("libraries"))
+    except Exception:  # noqa: BLE001 -- a profile that moved away: keep the stored figures
+        return None
+
+
+def price_again(record: dict, pm) -> dict:
+    """``record`` with its ``predicted`` section from :func:`priced` (as it is where that
+    gives nothing). Stored predictions go stale when the cost model changes: a fit to them
+    would correct what is already corrected."""
+    result = priced(record, pm)
+    return record if result is None else {**record, "predicted": _predicted(result)}
 
 
 def _price_again(report: dict, gpu_name, gpu_memory, pm) -> tuple[float, int] | None:

@@ -471,6 +471,16 @@ def _unknown(spec: str, catalogue: _Catalogue, detail: str = "") -> AutotuneErro
     return AutotuneError(f"unknown model {spec!r}{detail}{hint} (see `autotune models`)")
 
 
+def with_layers(config: dict, layers: int) -> dict:
+    """``config`` with only its first ``layers`` decoder layers (the embeddings, head and
+    layer shapes unchanged): a real model's shape that fits and trains fast anywhere."""
+    config = {k: v for k, v in config.items() if k not in ("layer_types", "torch_dtype")}
+    config["num_hidden_layers"] = layers
+    if "max_window_layers" in config:
+        config["max_window_layers"] = min(config["max_window_layers"], layers)
+    return config
+
+
 def resolve_model(spec: str, pm: pluggy.PluginManager) -> ModelSpec:
     """Resolve what the user typed as ``--model``.
 

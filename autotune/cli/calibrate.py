@@ -29,6 +29,7 @@ def command(stores, min_runs, reset, as_json) -> None:
     GPU and saves it, and `autotune estimate` and `autotune plan` use it from then on.
     """
     from autotune.calibrate import calibration
+    from autotune.plugin.manager import get_plugin_manager
 
     path = calibration.calibration_path()
     if reset:
@@ -42,14 +43,16 @@ def command(stores, min_runs, reset, as_json) -> None:
     loaded = calibration.read(sources)
     if loaded.skipped:
         click.echo(f"autotune: warning: {loaded.warning()}", err=True)
-    groups = calibration.by_gpu(loaded.records)
-    corrections = calibration.fit(loaded.records, min_runs)
+    pm = get_plugin_manager()
+    records = [calibration.price_again(record, pm) for record in loaded.records]
+    groups = calibration.by_gpu(records)
+    corrections = calibration.fit(records, min_runs)
     too_few = {gpu: len(group) for gpu, group in groups.items() if gpu not in corrections}
     saved = calibration.save(corrections, path, loaded.files) if corrections else None
     report = {
         "schema": SCHEMA, "sources": sources, "read": loaded.files,
         "records": len(loaded.records), "skipped": loaded.skipped,
-        "ignored": len(loaded.records) - sum(len(g) for g in groups.values()),
+        "ignored": len(records) - sum(len(g) for g in groups.values()),
         "min_runs": min_runs, "too_few": too_few,
         "corrections": {gpu: c.summary() for gpu, c in corrections.items()},
         "saved": saved,

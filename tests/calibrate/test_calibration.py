@@ -1,5 +1,6 @@
 """Calibration: the measurement store, the fit, and estimates and plans that use it."""
 
+import importlib.metadata
 import importlib.util
 import json
 import multiprocessing
@@ -127,7 +128,7 @@ def test_a_calibration_edited_past_what_a_fit_gives_is_ignored(tmp_path, cli, ke
 
 
 def test_nothing_to_fit_is_said_clearly(cli, tmp_path):
-    result = cli("calibrate")
+    result = cli("calibrate", "--store", str(tmp_path / "none.jsonl"))
     assert result.exit_code == 0 and "nothing to fit: no GPU measurements yet" in result.output
     one = tmp_path / "one.jsonl"
     calibration.append(synthetic(GiB), str(one))
@@ -340,6 +341,8 @@ def test_gpu_sweep_on_the_cpu_writes_valid_records(tmp_path, monkeypatch, capsys
         assert record["recipe"]["method"] == "lora" and record["recipe"]["seq_len"] == 32
         assert record["recipe"]["stage"] == stage
         assert record["model"]["id"].startswith("deepseek-7b[1 of 30 layers")
+        assert record["model"]["spec"] == "deepseek-7b" and record["model"]["layers"] == 1
+        assert record["libraries"]["torch"] == importlib.metadata.version("torch")
         error = (record["predicted"]["tensor_peak_bytes"]
                  / record["measured"]["peak_tensor_bytes"] - 1)
         assert abs(error) < 0.1
@@ -347,4 +350,47 @@ def test_gpu_sweep_on_the_cpu_writes_valid_records(tmp_path, monkeypatch, capsys
     # whose tile buffer is 32,768 entries wide at this 512-token vocabulary
     plain, trl = (r["predicted"]["tensor_peak_bytes"] for r in loaded.records)
     assert trl > plain + 31 * 32768 * 2
+    assert [r["trainer"] for r in loaded.records] == [None, "sft"]
     assert not calibration.by_gpu(loaded.records)  # CPU records never calibrate
+
+
+# -- (e) the GPU steps that ship --------------------------------------------------------------
+
+def _shipped_steps(pm):
+    spec = importlib.util.spec_from_file_location("gpu_accuracy",
+                                                  REPO / "benchmarks" / "gpu_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load(pm)
+
+
+def test_shipped_gpu_steps_are_never_under_predicted(pm):
+    """Every step measured on a GPU (allocated peak), priced again now: never more than 1%
+    under, nor 4% over. 8-bit steps ran random weights, whose outlier columns bitsandbytes
+    copies (the whole down projections' inputs, fp32): with that copy added they are exact."""
+    steps = _shipped_steps(pm)
+    assert len(steps) >= 40 and {s.record["gpu"]["id"] for s in steps} == {"h200"}
+    for step in steps:
+        predicted = step.assessment.memory.tensor_peak + step.outlier_copies
+        measured = step.measured["peak_tensor_bytes"]
+        assert 0.99 * measured <= predicted <= 1.04 * measured, step.label
+        if step.outlier_copies:
+            assert step.assessment.memory.tensor_peak < 0.985 * measured, step.label
+            assert predicted <= 1.01 * measured, step.label
+
+
+def test_calibration_fits_the_current_predictions_not_the_stored_ones(cli, tmp_path):
+    """Stored predictions go stale as the cost model improves: a record that names its
+    model is priced again, so a stale figure (here halved) corrects nothing."""
+    shipped = REPO / "profiles" / "measurements" / "h200.jsonl"
+    stale = tmp_path / "stale.jsonl"
+    lines = []
+    for line in shipped.read_text().splitlines():
+        record = json.loads(line)
+        record["predicted"]["tensor_peak_bytes"] //= 2
+        lines.append(json.dumps(record))
+    stale.write_text("\n".join(lines) + "\n")
+    result = cli("calibrate", "--store", str(stale), "--json")
+    assert result.exit_code == 0, result.output
+    scale = json.loads(result.output)["corrections"]["h200"]["tensor_scale"]
+    assert abs(scale - 1) < 0.002
