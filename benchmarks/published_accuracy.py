@@ -4,7 +4,8 @@
 
 Reads ``benchmarks/data/published_gpu.yaml`` (each row cites its source). ``--fit`` fits,
 on the rows marked ``split: fit`` only, the GPU bound's conformal scores
-(``profiles/measurements/bounds.json``, key ``cuda``) and the throughput model's MFU per
+(``profiles/measurements/bounds.json``, key ``cuda``; with the fit half of the project's own
+GPU steps, ``benchmarks/gpu_accuracy.py``) and the throughput model's MFU per
 method class and per-layer time (``profiles/measurements/throughput.json``); the report
 then shows error, bound coverage and width on the ``held-out`` rows, which no fit saw.
 ``--docs`` writes the tables into docs/accuracy.md.
@@ -26,13 +27,19 @@ MEASUREMENTS = Path(__file__).resolve().parents[1] / "profiles" / "measurements"
 CONFIDENCE = 0.95
 
 
-def fit_bound(rows) -> dict:
-    """Conformal scores of the fit rows (the GPU entry of bounds.json)."""
+def fit_bound(rows, steps) -> dict:
+    """Conformal scores of the fit rows and of the project's own fit GPU steps
+    (``benchmarks/gpu_accuracy.py``; their device peak as NVML read it): the GPU entry of
+    bounds.json."""
     from autotune.cost.uncertainty import score, stored
 
-    return {"label": "GPU fit", "unit": "published runs", "confidence": CONFIDENCE,
-            "scores": sorted(stored(score(r.memory, r.measured_bytes, "cuda"))
-                             for r in rows if r.split == "fit")}
+    cases = [(r.memory, r.measured_bytes) for r in rows if r.split == "fit"]
+    cases += [(s.assessment.memory, s.measured["device_used_bytes"]) for s in steps
+              if s.split == "fit" and s.measured.get("device_used_bytes")]
+    return {"label": "GPU fit", "unit": "published runs and measured GPU steps",
+            "confidence": CONFIDENCE,
+            "scores": sorted(stored(score(memory, measured, "cuda"))
+                             for memory, measured in cases)}
 
 
 def fit_throughput(pm, rows) -> dict:
@@ -89,7 +96,9 @@ def main() -> None:
         bounds_path = MEASUREMENTS / "bounds.json"
         bounds = json.loads(bounds_path.read_text()) if bounds_path.exists() else {
             "schema": "autotune.bounds/1", "devices": {}}
-        bounds["devices"]["cuda"] = fit_bound(rows)
+        from benchmarks.gpu_accuracy import load as gpu_steps
+
+        bounds["devices"]["cuda"] = fit_bound(rows, gpu_steps(pm))
         bounds_path.write_text(json.dumps(bounds, indent=1) + "\n")
         speed = fit_throughput(pm, rows)
         (MEASUREMENTS / "throughput.json").write_text(json.dumps(speed, indent=1) + "\n")

@@ -57,6 +57,10 @@ CUDA_CONTEXT = 600 * 2**20
 """CUDA context plus cuBLAS/cuDNN workspaces before any tensor (a few hundred MB)."""
 ALLOCATOR_SLACK = 0.05
 """Reserved above allocated by the caching allocator's rounding and free blocks."""
+CUBLAS_WORKSPACES = 2 * 32 * 2**20
+"""cuBLAS workspaces that torch takes from its caching allocator (so allocated memory): one
+per thread that runs matmuls, the forward's and autograd's backward thread, 32 MiB each on
+Hopper (8 MiB on older cards, priced at the larger). Measured: 64 MiB on an H200."""
 
 
 @dataclass(frozen=True)
@@ -430,6 +434,13 @@ def _cpu_gemm_packing(layer: Layer, hidden: int, down: LinearRole | None) -> int
     return inter * -(-rows // 64) * 64 * 2 + 6 * 1024
 
 
+def outlier_copies(arch: Architecture, tokens: int, element: int) -> int:
+    """What bitsandbytes' CUDA int8 matmuls save of the down projections' inputs where every
+    column holds an outlier (randomly initialised weights: measured on an H200, 44 KB a token
+    a layer of width 11008, the input's fp32 copy; trained weights have a few such columns)."""
+    return sum(tokens * _widest_mlp(layer) * element for layer in arch.layers)
+
+
 def largest_module(arch: Architecture) -> int:
     """Parameters of the largest module: what ZeRO-3 and FSDP gather at a time (cached on
     ``arch``)."""
@@ -617,6 +628,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
 
     tl = _Timeline()
     tl.add("weights", int(f.weights * share.weights), "start")
+    tl.add("temporaries", CUBLAS_WORKSPACES if device == "cuda" else 0, "start")
     adapters = counts.trainable * f.param_bytes if recipe.adapter else 0
     tl.add("adapters", int(adapters * share.weights), "start")
     tl.add("optimizer", int(optimizer * share.optimizer), "start")
@@ -754,6 +766,11 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
         notes.append(f"bitsandbytes' 8-bit layers keep their inputs on their autograd context, "
                      f"where checkpointing cannot drop them: {gib(pinned)} of activations stay "
                      "from the forward to each layer's backward")
+    if device == "cuda" and recipe.bits == 8:
+        notes.append(f"bitsandbytes' CUDA int8 matmul (LLM.int8, threshold 6.0) keeps a copy of "
+                     f"every input column holding an outlier until the layer's backward: a few "
+                     f"columns with trained weights (priced as none), nearly all of the down "
+                     f"projections' inputs with random ones (+{gib(outlier_copies(arch, t, p.act))})")
     if shape.masked and attention_kernel(arch.layers[0].attention, recipe.attn, device,
                                          True) == "masked":
         copy = gib(shape.batch * shape.seq_len ** 2 * p.compute)

@@ -76,7 +76,9 @@ def test_linear_layers_the_model_does_not_place_still_make_it_price_the_step(pm)
     for recipe in (Recipe(method="lora", batch=1, seq_len=256),
                    Recipe(method="lora", batch=1, seq_len=256, grad_ckpt=True)):
         row = compare(pm, falcon, recipe)
-        assert row.error >= 0, (row.estimated, row.measured)
+        # within the grid's 1%: oneDNN's packed weight buffers differ by a few KB with the
+        # CPU's instruction set (this step: 16 KB, 0.4%, on one machine's)
+        assert row.error >= -0.01, (row.estimated, row.measured)
 
 
 @pytest.mark.parametrize("changes", [
