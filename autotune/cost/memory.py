@@ -53,10 +53,13 @@ QUANT_STATE = (256 + 16 + 1) * 4
 EIGHT_BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
 EIGHT_BIT_BLOCK = 2048
 
-CUDA_CONTEXT = 600 * 2**20
-"""CUDA context plus cuBLAS/cuDNN workspaces before any tensor (a few hundred MB)."""
+CUDA_CONTEXT = 760 * 2**20
+"""What the process holds outside the caching allocator: the CUDA context and the
+libraries' state (measured: 758 MiB on an H200 with torch 2.11 and CUDA 13, 824 MiB once
+bitsandbytes' library is loaded; one public calculator assumes 650 MB)."""
 ALLOCATOR_SLACK = 0.05
-"""Reserved above allocated by the caching allocator's rounding and free blocks."""
+"""Reserved above allocated by the caching allocator's rounding and free blocks, at least
+(see :func:`_device_overhead`)."""
 CUBLAS_WORKSPACES = 2 * 32 * 2**20
 """cuBLAS workspaces that torch takes from its caching allocator (so allocated memory): one
 per thread that runs matmuls, the forward's and autograd's backward thread, 32 MiB each on
@@ -698,10 +701,12 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
     # at most what it saves, with its input and output, then the reference's loss head
     reference_layer = max(layer.saved + layer.top for layer in layers) \
         + 2 * t * arch.hidden * w if reference else None
+    freed = 0
     if head == "chunked":
         _chunked_loss(tl, arch, shape, p, final_out, w, full, device, reference_layer)
     else:
         _logits_loss(tl, arch, t, c, reference_layer)
+        freed = t * arch.vocab * FP32  # the loss's fp32 logits: the caching allocator keeps them
     if recipe.grad_ckpt:  # each recompute casts its layer's weights again (the forward's
         # copies go after the loss's backward: going before it under-predicts measured steps)
         tl.add("temporaries", -sum(f.cast_copies[:-1]), "backward")
@@ -758,7 +763,7 @@ def estimate_memory(arch: Architecture, recipe: Recipe, counts: ParamCounts,
 
     # -- optimizer step: every gradient exists, plus the step's own scratch
     tl.spike("temporaries", int(f.scratch * share.optimizer), "optimizer")
-    overhead = _device_overhead(tl.peak) if device == "cuda" else 0
+    overhead = _device_overhead(tl.peak, freed) if device == "cuda" else 0
     notes = list(f.notes)
     pinned = sum(layer.kept - t * arch.hidden * w for layer in layers if layer.saved) \
         if recipe.grad_ckpt and recipe.bits == 8 else 0
@@ -1078,5 +1083,8 @@ def _grads_by_layer(arch: Architecture, recipe: Recipe, counts: ParamCounts,
             for i, n in enumerate(arch.layer_params)]
 
 
-def _device_overhead(tensor_peak: int) -> int:
-    return CUDA_CONTEXT + int(ALLOCATOR_SLACK * tensor_peak)
+def _device_overhead(tensor_peak: int, freed: int = 0) -> int:
+    """The CUDA context, and what the caching allocator reserves beyond the tensors: 5% of
+    them, or a block of ``freed`` bytes it keeps and cannot reuse (the loss's fp32 logits:
+    measured on an H200, 0.8-1.1 times them for LoRA, QLoRA, 8-bit and DPO steps)."""
+    return CUDA_CONTEXT + max(int(ALLOCATOR_SLACK * tensor_peak), freed)

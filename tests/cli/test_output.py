@@ -82,7 +82,8 @@ def test_explain_a_plan(pm, tmp_path):
            "--rank", "64", "--no-grad-ckpt", "--storage", "none", "-o", plan)
     report = json.loads(invoke(pm, "explain", plan, "--json"))
     names = {c["name"] for c in report["memory"]["components"]}
-    assert {"weights", "activations", "logits", "device_overhead"} <= names
+    # TRL's chunked head frees its tiles before this step's peak: no logits there
+    assert {"weights", "activations", "temporaries", "device_overhead"} <= names
     assert any("rank 64 -> 16" == a["change"] for a in report["alternatives"])
     text = invoke(pm, "explain", plan)
     assert "alternatives" in text and "Fidelity" in text

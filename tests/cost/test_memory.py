@@ -76,8 +76,8 @@ def test_linear_layers_the_model_does_not_place_still_make_it_price_the_step(pm)
     for recipe in (Recipe(method="lora", batch=1, seq_len=256),
                    Recipe(method="lora", batch=1, seq_len=256, grad_ckpt=True)):
         row = compare(pm, falcon, recipe)
-        # within the grid's 1%: oneDNN's packed weight buffers differ by a few KB with the
-        # CPU's instruction set (this step: 16 KB, 0.4%, on one machine's)
+        # the grid's 1% rule: oneDNN's packed weight buffers differ by a few KB with the
+        # CPU's instruction set (an AMD EPYC's: 16 KB, 0.4%, more than the estimate)
         assert row.error >= -0.01, (row.estimated, row.measured)
 
 
@@ -271,7 +271,9 @@ def test_other_names_for_the_linears_and_python_activations_are_priced(pm, model
     for recipe in (Recipe(method="lora", batch=1, seq_len=256),
                    Recipe(method="lora", batch=1, seq_len=256, grad_ckpt=True)):
         row = compare(pm, config, recipe)
-        assert 0 <= row.error <= 0.15, (model_type, row.estimated, row.measured)
+        # the grid's 1% rule: oneDNN's packed weight buffers differ by a few KB with the
+        # CPU's instruction set (an AMD EPYC's: 18 KB, 0.5%, more than the estimate)
+        assert -0.01 <= row.error <= 0.15, (model_type, row.estimated, row.measured)
 
 
 def test_the_issue_case_without_autocast_keeps_fp32_copies_of_adapted_inputs(pm):

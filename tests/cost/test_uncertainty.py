@@ -8,6 +8,7 @@ import pytest
 from autotune.calibrate.calibration import Correction, apply
 from autotune.util.errors import AutotuneError
 from autotune.cost.assess import estimate
+from autotune.cost.memory import CUDA_CONTEXT
 from autotune.cost.recipe import Recipe
 from autotune.cost.uncertainty import CONFIDENCE, PRIORS, band, z
 from tests.conftest import TINY
@@ -55,7 +56,7 @@ def test_components_add_in_quadrature(memory):
     k = NormalDist().inv_cdf(CONFIDENCE)
     ups = [PRIORS[name][1] * value for name, value in memory.breakdown.items()]
     downs = [PRIORS[name][0] * value for name, value in memory.breakdown.items()]
-    slack = memory.device_overhead - (context := 600 * MiB)
+    slack = memory.device_overhead - (context := CUDA_CONTEXT)
     ups += [PRIORS["cuda_context"][1] * context, PRIORS["allocator_slack"][1] * slack]
     downs += [PRIORS["cuda_context"][0] * context, PRIORS["allocator_slack"][0] * slack]
     assert b.high - memory.peak == pytest.approx(k * math.hypot(*ups), abs=1)

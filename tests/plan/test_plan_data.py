@@ -164,7 +164,7 @@ def test_a_card_too_small_shows_the_cheapest_combination_that_fits(pm):
 
 def test_infeasible_plan_names_the_cheapest_combination(pm):
     report = plan(pm, "--method", "lora", "--rank", "64", "--targets", "all-linear",
-                  "--seq-len", "8192", "--grad-ckpt", "--optim", "adamw_torch", code=3)
+                  "--seq-len", "16384", "--grad-ckpt", "--optim", "adamw_torch", code=3)
     infeasible = report["infeasible"]
     assert infeasible["cheapest_fit"]["fits"]
     assert "Cheapest combination that fits" in infeasible["message"]
