@@ -78,8 +78,9 @@ def make_record(*, gpu_name: str | None, gpu_memory: int | None, device: str, mo
                 source: str, trainer: str | None = None) -> dict:
     """A store record (schema :data:`SCHEMA`); the GPU's catalogue id is looked up by name.
 
-    ``libraries``: the installed versions that measured it; ``trainer``: the stage whose own
-    trainer took the steps (``None``: plain causal-LM steps, the model's own loss).
+    It keeps the installed library versions that measured it (``libraries``) and
+    ``trainer``: the stage whose own trainer took the steps (``None``: plain causal-LM
+    steps, the model's own loss).
     """
     if source not in SOURCES:
         raise AutotuneError(f"measurement source {source!r} is not one of {', '.join(SOURCES)}")
@@ -385,9 +386,12 @@ def priced(record: dict, pm):
         from autotune.cost.recipe import Recipe
 
         spec = resolve_model(model["spec"], pm)
+        layers = model["layers"]
+        if type(layers) is not int or not 0 < layers <= spec.config["num_hidden_layers"]:
+            return None  # not a cut of that model: nothing to price
         gpu = record.get("gpu") or {}
         card = gpu_from_name(gpu.get("name") or "", gpu.get("memory_bytes") or 0)
-        return _assessed(pm, with_layers(spec.config, model["layers"]),
+        return _assessed(pm, with_layers(spec.config, layers),
                          Recipe(**record["recipe"]), spec.family, record.get("trainer"), True,
                          card, stack=record.get("libraries"))
     except Exception:  # noqa: BLE001 -- a profile that moved away: keep the stored figures
