@@ -9,12 +9,12 @@ Three parts:
   malformed line and counts it; it never fails on one.
 * **The fit.** :func:`fit` turns the records of each catalogue GPU (at least
   :data:`MIN_RECORDS`) into a :class:`Correction`: median ratios of measured to predicted
-  (tensor peak, reserved over allocated, tokens/s), the measured device overhead when NVML
+  (tensor peak, the allocator's reserve, tokens/s), the measured device overhead when NVML
   numbers exist, and the spread of the log ratios. :func:`save` writes them atomically to
   ``$AUTOTUNE_CACHE_DIR/calibration.json``; ``autotune calibrate`` does both.
 * **Applying it.** :func:`load` reads ``calibration.json`` (JSON only: no torch, fast) and
   :func:`apply` turns a raw :class:`~autotune.cost.memory.MemoryEstimate` into the calibrated
-  one: ``tensor_peak * tensor_scale * (1 + fragmentation) + device_overhead``;
+  one: ``tensor_peak * tensor_scale + reserve * reserve_scale + device_overhead``;
   :meth:`Correction.tokens_per_s` scales the roofline's tokens/s by the fitted efficiency.
 
 Records always carry the *raw* (uncalibrated) predictions, so a fit never feeds on itself.
@@ -41,7 +41,9 @@ from autotune.cost.memory import ALLOCATOR_SLACK, CUDA_CONTEXT
 from autotune.plugin.registry import DEFAULT_STAGE
 
 SCHEMA = "autotune.measurement/1"
-CALIBRATION_SCHEMA = "autotune.calibration/1"
+CALIBRATION_SCHEMA = "autotune.calibration/2"
+"""/2 scales the estimate's allocator reserve (``reserve_scale``); a /1 file scaled the
+tensor peak by its fragmentation and is not applied (``autotune calibrate`` refits)."""
 MEASUREMENTS_ENV = "AUTOTUNE_MEASUREMENTS"
 MIN_RECORDS = 2
 """Records a GPU needs before it gets a correction."""
@@ -477,18 +479,27 @@ def measured_peak(record: dict, overhead: int) -> float | None:
     return reserved + overhead if reserved is not None else None
 
 
+def predicted_reserve(record: dict, predicted_tensor: float) -> float:
+    """The allocator reserve a record's prediction holds: its peak less its tensors and the
+    CUDA context, at least the allocator slack (records without a predicted peak)."""
+    peak = _number(record["predicted"], "peak_bytes")
+    floor = ALLOCATOR_SLACK * predicted_tensor
+    return max(peak - predicted_tensor - CUDA_CONTEXT, floor) if peak else floor
+
+
 def fit_one(gpu: str, records: list[dict]) -> Correction:
     """The correction for one GPU's records (any number >= 1)."""
     tensor = [(_number(r["predicted"], "tensor_peak_bytes"),
                _number(r["measured"], "peak_tensor_bytes")) for r in records]
     scales = [m / p for p, m in tensor]
-    fragments, overheads, speeds = [], [], []
-    for r in records:
+    fragments, reserves, overheads, speeds = [], [], [], []
+    for r, (predicted_tensor, _) in zip(records, tensor):
         allocated = _number(r["measured"], "peak_tensor_bytes")
         reserved = _number(r["measured"], "peak_reserved_bytes")
         used = _number(r["measured"], "device_used_bytes")
         if reserved is not None:
             fragments.append(max(reserved / allocated - 1, 0.0))
+            reserves.append(max(reserved - allocated, 0.0) / predicted_reserve(r, predicted_tensor))
             if used is not None:
                 overheads.append(max(used - reserved, 0.0))
         predicted, measured = (_number(r["predicted"], "tokens_per_s"),
@@ -502,7 +513,8 @@ def fit_one(gpu: str, records: list[dict]) -> Correction:
         device_overhead=int(statistics.median(overheads)) if overheads else CUDA_CONTEXT,
         efficiency=statistics.median(speeds) if speeds else 1.0,
         overhead_source="nvml" if overheads else "prior", n_throughput=len(speeds),
-        fitted_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        fitted_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        reserve_scale=statistics.median(reserves) if reserves else 1.0)
     raw_peak, cal_peak, peak_logs = [], [], []
     for r, (predicted_tensor, _) in zip(records, tensor):
         truth = measured_peak(r, correction.device_overhead)
@@ -511,8 +523,9 @@ def fit_one(gpu: str, records: list[dict]) -> Correction:
         raw = (_number(r["predicted"], "peak_bytes")
                or predicted_tensor * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT)
         raw_peak.append((raw, truth))
-        cal_peak.append((correction.peak(predicted_tensor), truth))
-        peak_logs.append(math.log(truth / correction.peak(predicted_tensor)))
+        calibrated = correction.peak(predicted_tensor, predicted_reserve(r, predicted_tensor))
+        cal_peak.append((calibrated, truth))
+        peak_logs.append(math.log(truth / calibrated))
     raw_speed = [(p, m) for r in records
                  if (p := _number(r["predicted"], "tokens_per_s")) is not None
                  and (m := _number(r["measured"], "tokens_per_s")) is not None]
@@ -554,6 +567,11 @@ def load(path: str | None = None) -> dict[str, Correction]:
         with open(path, encoding="utf-8") as handle:
             document = json.load(handle)
         if document.get("schema") != CALIBRATION_SCHEMA:
+            if str(document.get("schema", "")).startswith("autotune.calibration/"):
+                import sys
+
+                print(f"autotune: warning: {path} was fitted by an earlier autotune and is not "
+                      "applied: run `autotune calibrate` again", file=sys.stderr)
             return {}
         return {gpu: Correction.from_dict(data)
                 for gpu, data in document.get("corrections", {}).items()}

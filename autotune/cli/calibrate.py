@@ -83,13 +83,15 @@ def render(report: dict) -> str:
     for gpu, c in report["corrections"].items():
         err = c["errors"]
         rows.append([gpu, c["n"], f"{c['tensor_scale']:.3f}", _pct(c["fragmentation"]),
+                     f"{c['reserve_scale']:.2f}",
                      f"{c['device_overhead_bytes'] / 2**30:.2f} ({c['overhead_source']})",
                      f"{c['efficiency']:.3f}" if c["n_throughput"] else "- (no data)",
                      _pct(err["peak"]["raw"]), _pct(err["peak"]["calibrated"]),
                      _pct(err["tokens_per_s"]["raw"]), _pct(err["tokens_per_s"]["calibrated"])])
-    lines += ["", table(["gpu", "runs", "tensors x", "fragmentation", "overhead GiB",
-                         "tok/s x", "peak err raw", "calibrated", "tok/s err raw",
-                         "calibrated"], rows, right={1, 2, 3, 5, 6, 7, 8, 9}), ""]
+    lines += ["", table(["gpu", "runs", "tensors x", "fragmentation", "reserve x",
+                         "overhead GiB", "tok/s x", "peak err raw", "calibrated",
+                         "tok/s err raw", "calibrated"], rows, right={1, 2, 3, 4, 6, 7, 8, 9, 10}),
+              ""]
     lines.append("errors: median |predicted / measured - 1| over the runs the correction was "
                  "fitted to (in-sample)")
     for gpu, n in report["too_few"].items():

@@ -372,7 +372,7 @@ def render(report: dict) -> str:
     said = {}
     if cal:
         said = {"calibration": f"measured tensors x{cal['tensor_scale']:.3f} ({cal['gpu']})",
-                "device_overhead": f"fragmentation {100 * cal['fragmentation']:.1f}% + "
+                "device_overhead": f"allocator reserve x{cal['reserve_scale']:.2f} + "
                                    f"{gib(cal['device_overhead_bytes'])} context "
                                    f"({cal['overhead_source']})"}
     rows = [[name.replace("_", " "), f"{nbytes / GiB:.2f}", said.get(name, "")]

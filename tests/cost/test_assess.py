@@ -6,8 +6,8 @@ from autotune import hookimpl
 from autotune.catalog.gpus import resolve_gpu
 from autotune.catalog.models import resolve_model
 from autotune.cost.assess import assess
-from autotune.cost.correction import Correction, apply
-from autotune.cost.memory import serving_bytes
+from autotune.cost.correction import Correction, apply, raw_reserve
+from autotune.cost.memory import CUDA_CONTEXT, serving_bytes
 from autotune.cost.parallel import SINGLE
 from autotune.cost.recipe import Recipe
 from autotune.plan.planner import Planner
@@ -17,7 +17,7 @@ from autotune.util.errors import AutotuneError
 
 RECIPE = Recipe(method="lora", rank=16, batch=2, seq_len=512)
 CORRECTION = Correction(gpu="a10", n=3, tensor_scale=1.1, fragmentation=0.05,
-                        device_overhead=600 * 2**20, efficiency=0.8,
+                        device_overhead=600 * 2**20, efficiency=0.8, reserve_scale=1.5,
                         spread={"tensor": 0.02, "peak": 0.03, "tokens_per_s": 0.1})
 
 
@@ -46,7 +46,9 @@ def test_a_correction_applies_once_in_the_cost_layer(pm, qwen):
     calibrated = assess(pm, qwen.config, RECIPE, qwen.family, gpu=a10, correction=CORRECTION)
     assert calibrated.raw_memory == raw.memory
     assert calibrated.memory == apply(raw.memory, CORRECTION)
-    assert calibrated.memory.peak == CORRECTION.peak(raw.memory.tensor_peak)
+    assert calibrated.memory.peak == round(
+        1.1 * raw.memory.tensor_peak + 1.5 * raw_reserve(raw.memory.device_overhead) + 600 * 2**20)
+    assert raw_reserve(raw.memory.device_overhead) == raw.memory.device_overhead - CUDA_CONTEXT
     assert calibrated.tokens_per_s == pytest.approx(0.8 * raw.tokens_per_s)
 
 
