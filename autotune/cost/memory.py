@@ -1086,5 +1086,5 @@ def _grads_by_layer(arch: Architecture, recipe: Recipe, counts: ParamCounts,
 def _device_overhead(tensor_peak: int, freed: int = 0) -> int:
     """The CUDA context, and what the caching allocator reserves beyond the tensors: 5% of
     them, or a block of ``freed`` bytes it keeps and cannot reuse (the loss's fp32 logits:
-    measured on an H200, 0.8-1.1 times them for LoRA, QLoRA, 8-bit and DPO steps)."""
+    measured on an H200, 0.8-1.3 times them for LoRA, QLoRA, 8-bit and DPO steps)."""
     return CUDA_CONTEXT + max(int(ALLOCATOR_SLACK * tensor_peak), freed)
