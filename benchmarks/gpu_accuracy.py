@@ -56,7 +56,7 @@ class Step:
 
 
 def split(label: str) -> str:
-    """``fit`` or ``held-out``, by a stable hash of the point (half and half)."""
+    """``fit`` or ``held-out``, by a stable hash of the point (about half each)."""
     return "fit" if zlib.crc32(label.encode()) % 2 == 0 else "held-out"
 
 
