@@ -36,7 +36,11 @@ from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
 from autotune.util.files import cache_dir, regular_file
 from autotune.util.versions import library_versions
-from autotune.cost.correction import Correction, apply  # noqa: F401 -- fitted and saved here
+from autotune.cost.correction import (  # noqa: F401 -- fitted and saved here
+    Correction,
+    apply,
+    raw_reserve,
+)
 from autotune.cost.memory import ALLOCATOR_SLACK, CUDA_CONTEXT
 from autotune.plugin.registry import DEFAULT_STAGE
 
@@ -484,7 +488,7 @@ def predicted_reserve(record: dict, predicted_tensor: float) -> float:
     CUDA context, at least the allocator slack (records without a predicted peak)."""
     peak = _number(record["predicted"], "peak_bytes")
     floor = ALLOCATOR_SLACK * predicted_tensor
-    return max(peak - predicted_tensor - CUDA_CONTEXT, floor) if peak else floor
+    return max(raw_reserve(peak - predicted_tensor), floor) if peak else floor
 
 
 def fit_one(gpu: str, records: list[dict]) -> Correction:
@@ -499,7 +503,8 @@ def fit_one(gpu: str, records: list[dict]) -> Correction:
         used = _number(r["measured"], "device_used_bytes")
         if reserved is not None:
             fragments.append(max(reserved / allocated - 1, 0.0))
-            reserves.append(max(reserved - allocated, 0.0) / predicted_reserve(r, predicted_tensor))
+            reserves.append(max(reserved - allocated, 0.0)
+                            / predicted_reserve(r, predicted_tensor))
             if used is not None:
                 overheads.append(max(used - reserved, 0.0))
         predicted, measured = (_number(r["predicted"], "tokens_per_s"),
