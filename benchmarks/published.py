@@ -1,10 +1,12 @@
 """Published single-GPU runs (``benchmarks/data/published_gpu.yaml``), priced by the estimator.
 
 Their trainers (LLaMA-Factory's, Qwen's finetune.py: transformers' Trainer) take the loss
-over the full logits, so they are priced with :data:`~autotune.cost.layouts.MODEL_LOSS`.
+over the full logits, so they are priced with :data:`~autotune.cost.layouts.MODEL_LOSS`, or
+with the stack a series names (``stack: {llamafactory: "0.6"}``: LLaMA-Factory's own
+preparation of a quantised base).
 
-Shared by ``benchmarks/fit_bounds.py`` (the GPU bound) and
-``benchmarks/published_accuracy.py`` (the tables in docs/accuracy.md).
+Shared by ``benchmarks/published_accuracy.py`` (the GPU bound's fit, the throughput fit and
+the tables in docs/accuracy.md) and the tests that hold the model to these runs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class Published:
     gpu: str | None
     grad_accum: int
     config: dict
+    stack: dict
+    """What the run's libraries and trainer build otherwise than the installed ones."""
 
     @property
     def error(self) -> float:
@@ -64,20 +68,21 @@ def load(pm) -> list[Published]:
                     speed = series["grad_accum"] * seq_len * recipe.batch / speed
             spec = series["models"][model]
             config = spec if isinstance(spec, dict) else resolve_model(spec, pm).config
-            e = estimate(pm, config, recipe, device="cuda", stack=MODEL_LOSS)
+            stack = series.get("stack") or MODEL_LOSS
+            e = estimate(pm, config, recipe, device="cuda", stack=stack)
             predicted = (tokens_per_second(e.arch, e.recipe, e.params, gpu,
                                            series.get("grad_accum", 1))
                          if gpu is not None and speed is not None else None)
             label = f"{model} {recipe.method} {recipe.attn} {recipe.batch}x{recipe.seq_len}"
             found.append(Published(series["name"], label, split, series["source"],
                                    int(gb * 10**9), speed, e.memory, predicted, e.recipe,
-                                   series.get("gpu"), series.get("grad_accum", 1), config))
+                                   series.get("gpu"), series.get("grad_accum", 1), config,
+                                   stack))
     return found
 
 
 def estimate_row(pm, row: Published):
     """The full estimate of a published row (architecture and counts too)."""
     from autotune.cost.assess import estimate
-    from autotune.cost.layouts import MODEL_LOSS
 
-    return estimate(pm, row.config, row.recipe, device="cuda", stack=MODEL_LOSS)
+    return estimate(pm, row.config, row.recipe, device="cuda", stack=row.stack)

@@ -27,18 +27,35 @@ MEASUREMENTS = Path(__file__).resolve().parents[1] / "profiles" / "measurements"
 CONFIDENCE = 0.95
 
 
+OVERHEAD_GRID = {"cuda_context": (0.45, 0.7, 1.0, 1.5, 2.0, 3.0),
+                 "allocator_reserve": (0.0, 0.1, 0.2, 0.5, 1.0, 2.4),
+                 "allocator_reserve_mixed": (0.5, 1.0, 1.5, 2.4, 3.0, 4.0, 6.0)}
+"""The upward widths tried for the device overhead's parts (the priors' among them)."""
+
+
 def fit_bound(rows, steps) -> dict:
-    """Conformal scores of the fit rows and of the project's own fit GPU steps
-    (``benchmarks/gpu_accuracy.py``; their device peak as NVML read it): the GPU entry of
-    bounds.json."""
-    from autotune.cost.uncertainty import score, stored
+    """The GPU entry of bounds.json: the conformal scores of the fit rows and of the
+    project's own fit GPU steps (``benchmarks/gpu_accuracy.py``; their device peak as NVML
+    read it), under the upward widths of the device overhead's parts
+    (:data:`OVERHEAD_GRID`) whose 95% bound is on average the narrowest on those cases."""
+    from autotune.cost.uncertainty import prior_widths, quantile, score, stored
 
     cases = [(r.memory, r.measured_bytes) for r in rows if r.split == "fit"]
     cases += [(s.assessment.memory, s.measured["device_used_bytes"]) for s in steps
               if s.split == "fit" and s.measured.get("device_used_bytes")]
+
+    def mean_width(ups: dict) -> float:
+        k = max(quantile([score(m, measured, "cuda", ups) for m, measured in cases],
+                         CONFIDENCE), 0)
+        return statistics.mean(
+            (m.peak + k * sum(w[1] for w in prior_widths(m, "cuda", ups).values()))
+            / measured - 1 for m, measured in cases)
+
+    ups = min((dict(zip(OVERHEAD_GRID, values, strict=True))
+               for values in itertools.product(*OVERHEAD_GRID.values())), key=mean_width)
     return {"label": "GPU fit", "unit": "published runs and measured GPU steps",
-            "confidence": CONFIDENCE,
-            "scores": sorted(stored(score(memory, measured, "cuda"))
+            "confidence": CONFIDENCE, "overhead_widths": ups,
+            "scores": sorted(stored(score(memory, measured, "cuda", ups))
                              for memory, measured in cases)}
 
 

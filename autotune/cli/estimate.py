@@ -104,7 +104,8 @@ stack_option = click.option(
     "--stack", callback=_stack, metavar="LIB=VER,...",
     help="Price for another machine's library versions (e.g. transformers=4.46,peft=0.13; "
          "the installed ones for the rest): MoE expert layout, default attention, adapter "
-         "dtype, what bitsandbytes and PEFT can do to fused experts.")
+         "dtype, what bitsandbytes and PEFT can do to fused experts; llamafactory=VER prices "
+         "a LLaMA-Factory run (full logits, a k-bit base kept in the compute dtype).")
 
 no_calibration_option = click.option(
     "--no-calibration", is_flag=True,

@@ -273,6 +273,10 @@ class Architecture:
     half_adapters: bool = False
     """LoRA adapters on a 16-bit base take its dtype (PEFT before 0.11; see
     autotune.cost.layouts), not fp32."""
+    kbit_upcast: bool = True
+    """A quantised base keeps its unquantised weights, and so its residual stream, in fp32
+    (PEFT's ``prepare_model_for_kbit_training``); else in the compute dtype (LLaMA-Factory;
+    see autotune.cost.layouts)."""
     supports_checkpointing: bool = True
     """transformers can checkpoint its layers (JetMoE's ``supports_gradient_checkpointing``
     is False: its run would stop at loading)."""

@@ -110,7 +110,8 @@ def apply(memory: MemoryEstimate, correction: Correction | None) -> MemoryEstima
     tensor = correction.tensor_peak(memory.tensor_peak)
     peak = correction.peak(memory.tensor_peak, raw_reserve(memory.device_overhead))
     breakdown = {**memory.breakdown, "calibration": tensor - memory.tensor_peak}
-    return MemoryEstimate(breakdown, tensor, peak - tensor, memory.phase, list(memory.notes))
+    return MemoryEstimate(breakdown, tensor, peak - tensor, memory.phase, list(memory.notes),
+                          memory.mixed_blocks)
 
 
 def raw_reserve(device_overhead: int) -> int:

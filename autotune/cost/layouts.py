@@ -29,6 +29,11 @@ EXPERT_ADAPTERS = "0.17"
 CHUNKED_HEAD = "1.15"
 """TRL from which its SFT and DPO trainers score tokens through a chunked LM head
 (``add_fused_lm_head``): no full logits (:mod:`autotune.cost.losshead`)."""
+LLAMA_FACTORY = "llamafactory"
+"""The trainer a stack may name (:data:`~autotune.util.versions.TRAINERS`): LLaMA-Factory
+takes the loss over the full logits (transformers' Trainer) and prepares a quantised base
+its own way, in the compute dtype (``upcast_layernorm`` is off by default; PEFT's
+``prepare_model_for_kbit_training``, which upcasts to fp32, is not called)."""
 MODEL_LOSS = {"trl": None}
 """The stack of a loss over the full logits whatever the stage: the model's own
 (transformers' Trainer, LLaMA-Factory, :mod:`autotune.run.measure`'s steps)."""
@@ -60,6 +65,10 @@ class Layouts:
     """PEFT can put LoRA on fused expert parameters."""
     loss_head: str
     """How TRL's trainers score tokens: ``chunked`` (TRL 1.15 on) or the full ``logits``."""
+    kbit_upcast: bool = True
+    """A quantised base's unquantised weights and residual stream are fp32 (PEFT's k-bit
+    preparation, as ``autotune run`` trains); ``False``: LLaMA-Factory's, the compute
+    dtype."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,7 +79,8 @@ class Layouts:
                                   f" ({'4-bit' if self.quantised_experts else '16-bit'} "
                                   f"under qlora, LoRA {'on' if self.expert_adapters else 'off'})")
         return (f"layouts: experts {experts}, default attention {self.attention}, "
-                f"adapters {self.adapter_dtype}, TRL's loss head {self.loss_head}")
+                f"adapters {self.adapter_dtype}, TRL's loss head {self.loss_head}, k-bit "
+                f"bases keep {'fp32' if self.kbit_upcast else 'the compute dtype'}")
 
 
 def layouts(stack: Mapping[str, str | None] | None = None) -> Layouts:
@@ -85,15 +95,19 @@ def layouts(stack: Mapping[str, str | None] | None = None) -> Layouts:
         adapter_dtype="fp32" if at_least(v["peft"], FP32_ADAPTERS) else "base",
         quantised_experts=at_least(v["bitsandbytes"], QUANTISED_EXPERTS),
         expert_adapters=at_least(v["peft"], EXPERT_ADAPTERS),
-        loss_head="chunked" if at_least(v["trl"], CHUNKED_HEAD) else "logits")
+        loss_head="chunked" if at_least(v["trl"], CHUNKED_HEAD) and not v.get(LLAMA_FACTORY)
+        else "logits", kbit_upcast=not v.get(LLAMA_FACTORY))
 
 
 def adapt(arch: Architecture, found: Layouts) -> Architecture:
     """``arch`` as ``found``'s stack builds it: adapters in a 16-bit base's dtype before
-    PEFT 0.11; fused experts split into transformers 4's per-expert linears (the models of
-    :data:`PER_EXPERT`), or kept fused with what bitsandbytes and PEFT can do to them."""
+    PEFT 0.11; a quantised base in the compute dtype under LLaMA-Factory; fused experts
+    split into transformers 4's per-expert linears (the models of :data:`PER_EXPERT`), or
+    kept fused with what bitsandbytes and PEFT can do to them."""
     if found.adapter_dtype == "base":
         arch = replace(arch, half_adapters=True)
+    if not found.kbit_upcast:
+        arch = replace(arch, kbit_upcast=False)
     if not arch.experts:
         return arch
     if found.experts == "per-expert" and arch.model_type in PER_EXPERT:

@@ -3,11 +3,13 @@
 Each component of the peak has a relative error below and above its value (a split normal,
 :data:`PRIORS`); independent errors add in quadrature, separately on each side. Where
 measured residuals exist (``profiles/measurements/bounds.json``, written by
-``benchmarks/fit_bounds.py``) the band is fitted instead, by split conformal calibration:
-each measured case gives a score, its residual over the sum of its components' prior
-widths, and the band at confidence c is the estimate plus the score of rank
-ceil((n + 1) c) times that sum -- each component widened in proportion to its prior
-width. The CPU grid fits tensor peaks on the CPU, published runs the peak on a GPU. A
+``benchmarks/memory_accuracy.py --fit`` and ``benchmarks/published_accuracy.py --fit``) the
+band is fitted instead, by split conformal calibration: each measured case gives a score,
+its residual over the sum of its components' prior widths, and the band at confidence c is
+the estimate plus the score of rank ceil((n + 1) c) times that sum -- each component
+widened in proportion to its prior width. The CPU grid fits tensor peaks on the CPU;
+published runs and the project's GPU steps fit the peak on a GPU, with the upward widths
+of the device overhead's parts (the context, the allocator's reserve). A
 calibration with a measured spread replaces both: its tensor error is one measured ratio,
 which moves every tensor component together, and its device overhead error is the spread
 of the measured peaks.
@@ -51,10 +53,12 @@ PRIORS: dict[str, tuple[float, float]] = {
     "calibration": (0.50, 0.50),   # a correction without a spread: one run's, unconfirmed
     # the device overhead is two terms. The CUDA context and libraries take a few hundred
     # MB to about 1 GB (758 MiB measured on an H200) against 760 MiB assumed; the caching
-    # allocator reserves 2-39% above allocated (an H200's steps) against 5%, or the loss's
-    # fp32 logits where it frees them, assumed
+    # allocator reserves 2-44% above allocated (an H200's steps) against 5%, or the loss's
+    # fp32 logits where it frees them, assumed: 0.8-1.1 of them for adapters on dense
+    # layers, 0.1-4 where the step's blocks are mixed (MemoryEstimate.mixed_blocks)
     "cuda_context": (0.30, 0.45),
-    "allocator_slack": (0.50, 2.40),
+    "allocator_reserve": (0.50, 0.50),
+    "allocator_reserve_mixed": (0.50, 2.40),
 }
 
 
@@ -124,7 +128,7 @@ def band(memory: MemoryEstimate, *, device: str = "cuda", correction=None,
             context = min(overhead, assumed)
             parts = [(d * part, u * part) for part, (d, u) in
                      ((context, PRIORS["cuda_context"]),
-                      (overhead - context, PRIORS["allocator_slack"]))]
+                      (overhead - context, PRIORS[reserve_prior(memory)]))]
         components["device_overhead"] = _bounds(overhead, k * _quadrature(parts, 0),
                                                 k * _quadrature(parts, 1))
         terms += parts
@@ -162,23 +166,34 @@ def fit_applies(model_type: str) -> bool:
     return not measured or model_type in measured
 
 
-def prior_widths(memory: MemoryEstimate, device: str) -> dict[str, tuple[float, float]]:
-    """Each component's (down, up) prior width in bytes (1 sigma): the conformal scale."""
+def reserve_prior(memory: MemoryEstimate) -> str:
+    """The prior of the allocator's reserve in ``memory``'s device overhead."""
+    return "allocator_reserve_mixed" if memory.mixed_blocks else "allocator_reserve"
+
+
+def prior_widths(memory: MemoryEstimate, device: str, ups: dict[str, float] | None = None
+                 ) -> dict[str, tuple[float, float]]:
+    """Each component's (down, up) prior width in bytes (1 sigma): the conformal scale.
+    ``ups``: fitted upward widths of the device overhead's parts (``cuda_context``,
+    ``allocator_reserve``, ``allocator_reserve_mixed``) in place of the priors'."""
     widths = {name: (PRIORS[name][0] * abs(v), PRIORS[name][1] * abs(v))
               for name, v in memory.breakdown.items()}
     if device == "cuda":
         overhead = memory.device_overhead
         context = min(overhead, CUDA_CONTEXT)
+        parts = [(name, PRIORS[name][0], (ups or {}).get(name, PRIORS[name][1]))
+                 for name in ("cuda_context", reserve_prior(memory))]
         widths["device_overhead"] = tuple(
-            d * context + u * (overhead - context) for d, u in
-            zip(PRIORS["cuda_context"], PRIORS["allocator_slack"], strict=True))
+            parts[0][side] * context + parts[1][side] * (overhead - context)
+            for side in (1, 2))
     return widths
 
 
-def score(memory: MemoryEstimate, measured: int, device: str) -> float:
+def score(memory: MemoryEstimate, measured: int, device: str,
+          ups: dict[str, float] | None = None) -> float:
     """A measured case's conformal score: its residual in units of the prior widths
-    (positive: the step used more than the estimate)."""
-    widths = prior_widths(memory, device)
+    (positive: the step used more than the estimate); ``ups`` as for :func:`prior_widths`."""
+    widths = prior_widths(memory, device, ups)
     value = memory.peak if device == "cuda" else memory.tensor_peak
     side = 1 if measured >= value else 0
     scale = sum(w[side] for w in widths.values()) or 1.0
@@ -220,7 +235,7 @@ def fitted_band(memory: MemoryEstimate, device: str, confidence: float) -> Band 
         return None
     down, up = scale
     source = f"{fit['label']} ({len(fit['scores'])} {fit['unit']})"
-    widths = prior_widths(memory, device)
+    widths = prior_widths(memory, device, fit.get("overhead_widths"))
     values = {**memory.breakdown}
     if device == "cuda":
         values["device_overhead"] = memory.device_overhead

@@ -71,6 +71,14 @@ def _recipe(plan: dict) -> dict:
     return Recipe(**plan["recipe"]).to_dict()  # validated, with qlora's bits set to 4
 
 
+def _priced_layouts(plan: dict):
+    """The layouts the plan was priced for (its recorded libraries; else the installed)."""
+    from autotune.cost.layouts import layouts
+
+    libraries = (plan.get("record") or {}).get("libraries")
+    return layouts(libraries if isinstance(libraries, dict) else None)
+
+
 def _training(plan: dict) -> dict:
     from autotune.plan.planfile import training_defaults
 
@@ -421,8 +429,9 @@ def llamafactory_config(plan: dict, context: ExportContext | None = None,
         if recipe["method"] == "dora":
             config["use_dora"] = True
     if recipe["bits"] < 16:
-        config.update({"quantization_method": "bnb", "quantization_bit": recipe["bits"],
-                       "upcast_layernorm": True})  # as prepare_model_for_kbit_training does
+        config.update({"quantization_method": "bnb", "quantization_bit": recipe["bits"]})
+        if _priced_layouts(plan).kbit_upcast:  # fp32 norms, so an fp32 residual stream, as
+            config["upcast_layernorm"] = True  # prepare_model_for_kbit_training leaves it
         if recipe["bits"] == 4:
             config.update({"quantization_type": "nf4", "double_quantization": True})
     if recipe["method"] == "freeze":

@@ -268,6 +268,9 @@ def check_stack(plan: dict, model_spec, family, remote_code: bool) -> None:
     if layouts(planned).loss_head == "chunked" and layouts().loss_head == "logits" \
             and stage_named(None, plan["recipe"]["stage"]).trl_scoring:
         differ.append("TRL's chunked loss head planned, the full logits here")
+    if not layouts(planned).kbit_upcast and plan["recipe"]["bits"] < 16:
+        differ.append("a quantised base kept in the compute dtype planned (LLaMA-Factory), "
+                      "fp32 here (PEFT's k-bit preparation)")
     if differ:
         versions = ", ".join(f"{k} {v}" for k, v in planned.items() if v)
         raise AutotuneError(f"plan: priced for {versions}, which build {model_spec.id} otherwise "

@@ -15,6 +15,10 @@ from autotune.util.errors import AutotuneError
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "trl")
 """The libraries whose versions change what a training step allocates."""
+TRAINERS = ("llamafactory",)
+"""Training programs a stack may name (``--stack llamafactory=0.9``), which prepare and
+train the model their own way. Never read from the installation: ``autotune run`` trains
+with its own loop, whatever else is installed."""
 _VERSION = re.compile(r"^[0-9]+(\.[0-9]+){0,3}((a|b|rc|\.?dev|\.?post)[0-9]*)?"
                       r"(\+[A-Za-z0-9.]+)?$", re.ASCII)
 """A release as pip names it: up to four numbers, a pre-, dev- or post-release tag, a
@@ -46,9 +50,9 @@ def parse_stack(text: str) -> dict[str, str]:
                                 "(e.g. transformers=4.46,peft=0.13)")
         if name in found:
             raise AutotuneError(f"--stack: {name} is given twice")
-        if name not in LIBRARIES:
+        if name not in LIBRARIES + TRAINERS:
             raise AutotuneError(f"--stack: unknown library {name!r} (one of "
-                                f"{', '.join(LIBRARIES)})")
+                                f"{', '.join(LIBRARIES + TRAINERS)})")
         if not _VERSION.match(value):
             raise AutotuneError(f"--stack: {name} version {value!r} is not a version number "
                                 "(e.g. 4.46 or 4.46.3)")
@@ -59,12 +63,13 @@ def parse_stack(text: str) -> dict[str, str]:
 
 
 def resolve_stack(stack: Mapping[str, str | None] | None = None) -> dict[str, str | None]:
-    """Every library's version: those in ``stack``, the installed ones for the rest."""
+    """Every library's version: those in ``stack``, the installed ones for the rest (and
+    a trainer of :data:`TRAINERS` where ``stack`` names one)."""
     given = dict(stack or {})
-    unknown = [name for name in given if name not in LIBRARIES]
+    unknown = [name for name in given if name not in LIBRARIES + TRAINERS]
     if unknown:
         raise AutotuneError(f"unknown library {unknown[0]!r} in the stack (one of "
-                            f"{', '.join(LIBRARIES)})")
+                            f"{', '.join(LIBRARIES + TRAINERS)})")
     return {**library_versions(), **given}
 
 

@@ -71,6 +71,8 @@ def test_peft_before_target_parameters_leaves_fused_experts_unadapted(pm):
     ({"transformers": "4.36", "torch": "2.1.0"}, dict(attention="eager")),
     ({"peft": "0.10.0"}, dict(adapter_dtype="base", expert_adapters=False)),
     ({"bitsandbytes": "0.47.0"}, dict(quantised_experts=False)),
+    ({}, {"kbit_upcast": True}),
+    ({"llamafactory": "0.6"}, {"loss_head": "logits", "kbit_upcast": False}),
 ])
 def test_layouts_follow_the_documented_thresholds(stack, expected):
     found = layouts(stack).to_dict()
@@ -161,6 +163,60 @@ def test_adapters_before_peft_0_11_are_priced_in_the_bases_dtype(pm, monkeypatch
     assert old.memory.breakdown["adapters"] == 2 * old.params.trainable
     assert -0.01 <= old.memory.tensor_peak / measured - 1 <= 0.02
     assert new.memory.tensor_peak / measured - 1 > 0.05
+
+
+@pytest.mark.parametrize("grad_ckpt", [True, False])
+def test_llama_factory_keeps_a_quantised_base_in_the_compute_dtype(pm, monkeypatch, grad_ckpt):
+    """LLaMA-Factory loads a 4-bit base in the compute dtype and does not call PEFT's
+    prepare_model_for_kbit_training (which upcasts the embeddings, head and norms, and with
+    them the residual stream, to fp32). A CPU step built its way is what
+    ``--stack llamafactory=0.6`` prices (within -1%..+2%); the default price is far above."""
+    import peft
+    import torch
+
+    from autotune.cost.assess import assess
+    from autotune.cost.recipe import Recipe
+    from autotune.run.measure import measure
+    from benchmarks.accuracy_grid import CONFIGS
+
+    def llama_factory(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=None):
+        # a CPU load leaves the unquantised weights as views of the memory-mapped checkpoint,
+        # which the profiler counts whole while any view lives; a GPU load copies them
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point() and type(t) in (torch.Tensor, torch.nn.Parameter):
+                t.data = t.data.clone()
+        if use_gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+            model.enable_input_require_grads()
+        return model
+
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training", llama_factory)
+    recipe = Recipe(method="qlora", bits=4, batch=2, seq_len=128, grad_ckpt=grad_ckpt)
+    factory = assess(pm, CONFIGS["llama-wide"], recipe, device="cpu",
+                     stack={"llamafactory": "0.6"})
+    peft_prepared = assess(pm, CONFIGS["llama-wide"], recipe, device="cpu", stack=MODEL_LOSS)
+    measured = measure(CONFIGS["llama-wide"], recipe, steps=3).peak_tensor_bytes
+    assert factory.arch.kbit_upcast is False and "weights" in factory.memory.breakdown
+    assert -0.01 <= factory.memory.tensor_peak / measured - 1 <= 0.02
+    assert peft_prepared.memory.tensor_peak / measured - 1 > 0.1
+
+
+def test_a_plan_priced_for_llama_factorys_preparation_is_refused_by_autotune_run(pm):
+    """``autotune run`` prepares a k-bit base with PEFT (fp32): more than a plan priced
+    for LLaMA-Factory's holds. A 16-bit plan differs in nothing the run would allocate."""
+    from autotune.cost.recipe import Recipe
+    from autotune.run.executor import check_stack
+
+    spec = resolve_model("qwen2.5-0.5b", pm)
+    family = family_for(pm, spec.config, spec.family)
+    record = {"libraries": {**library_versions(), "llamafactory": "0.6"}}
+    check_stack({"recipe": Recipe(method="lora").to_dict(), "record": record}, spec, family,
+                False)
+    with pytest.raises(AutotuneError, match="compute dtype planned .LLaMA-Factory.") as found:
+        check_stack({"recipe": Recipe(method="qlora").to_dict(), "record": record}, spec,
+                    family, False)
+    assert "\n" not in str(found.value)
 
 
 @pytest.mark.usefixtures("offline_machine")

@@ -57,8 +57,9 @@ def test_components_add_in_quadrature(memory):
     ups = [PRIORS[name][1] * value for name, value in memory.breakdown.items()]
     downs = [PRIORS[name][0] * value for name, value in memory.breakdown.items()]
     slack = memory.device_overhead - (context := CUDA_CONTEXT)
-    ups += [PRIORS["cuda_context"][1] * context, PRIORS["allocator_slack"][1] * slack]
-    downs += [PRIORS["cuda_context"][0] * context, PRIORS["allocator_slack"][0] * slack]
+    assert not memory.mixed_blocks  # LoRA on dense layers
+    ups += [PRIORS["cuda_context"][1] * context, PRIORS["allocator_reserve"][1] * slack]
+    downs += [PRIORS["cuda_context"][0] * context, PRIORS["allocator_reserve"][0] * slack]
     assert b.high - memory.peak == pytest.approx(k * math.hypot(*ups), abs=1)
     assert memory.peak - b.low == pytest.approx(k * math.hypot(*downs), abs=1)
     # the same sum from the components' own bounds
@@ -141,6 +142,46 @@ def test_a_fitted_band_is_the_conformal_quantile_times_the_prior_widths(memory, 
     assert memory.peak - b.low == pytest.approx(0.9 * sum(w[0] for w in widths.values()), abs=1)
     # too few scores for the confidence asked: the priors answer
     assert band(memory, confidence=0.99).source == "priors"
+
+
+def test_a_gpu_fit_may_refit_the_upward_widths_of_the_overhead(memory, monkeypatch):
+    from autotune.cost.uncertainty import prior_widths
+
+    ups = {"cuda_context": 2.0, "allocator_reserve": 0.1, "allocator_reserve_mixed": 3.0}
+    scores = [i / 10 for i in range(-9, 10)]
+    monkeypatch.setattr("autotune.cost.uncertainty.fits",
+                        lambda: fit_of(scores, overhead_widths=ups))
+    widths = prior_widths(memory, "cuda", ups)
+    reserve = memory.device_overhead - CUDA_CONTEXT
+    assert widths["device_overhead"] == pytest.approx(
+        (PRIORS["cuda_context"][0] * CUDA_CONTEXT + PRIORS["allocator_reserve"][0] * reserve,
+         2.0 * CUDA_CONTEXT + 0.1 * reserve))
+    assert widths["activations"] == prior_widths(memory, "cuda")["activations"]
+    b = band(memory)
+    assert b.high - memory.peak == pytest.approx(0.9 * sum(w[1] for w in widths.values()), abs=1)
+
+
+@pytest.mark.parametrize("name, recipe, mixed", [
+    ("llama-gqa", Recipe(method="lora"), False),
+    ("llama-gqa", Recipe(method="qlora", bits=4), False),
+    ("llama-gqa", Recipe(method="dora"), True),
+    ("llama-gqa", Recipe(method="full"), True),
+    ("llama-gqa", Recipe(method="freeze", freeze_layers=1), True),
+    ("deepseek-v2-moe", Recipe(method="lora"), True),
+])
+def test_mixed_blocks_widen_the_prior_reserve(pm, name, recipe, mixed):
+    """Weight-sized gradients, DoRA's weight norms or routed experts' token groups between
+    the activations make the allocator's reserve less predictable: a wider prior."""
+    from autotune.cost.uncertainty import prior_widths, reserve_prior
+
+    est = estimate(pm, TINY[name], recipe.but(batch=2, seq_len=64)).memory
+    assert est.mixed_blocks is mixed
+    assert reserve_prior(est) == ("allocator_reserve_mixed" if mixed else "allocator_reserve")
+    reserve = est.device_overhead - CUDA_CONTEXT
+    up = prior_widths(est, "cuda")["device_overhead"][1]
+    assert up == pytest.approx(PRIORS["cuda_context"][1] * CUDA_CONTEXT
+                               + PRIORS[reserve_prior(est)][1] * reserve)
+    assert apply(est, correction()).mixed_blocks is mixed  # a calibration keeps it
 
 
 def test_a_score_is_the_residual_over_the_prior_widths(memory):

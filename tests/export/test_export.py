@@ -454,6 +454,19 @@ def test_llamafactory_keys_are_its_fields(exported):
     assert fsdp["freeze_trainable_layers"] == 1 and fsdp["disable_gradient_checkpointing"]
 
 
+def test_a_quantised_base_is_exported_as_the_plan_priced_its_preparation(base_plan):
+    """A plan priced for PEFT's k-bit preparation (fp32 norms, so an fp32 residual stream)
+    asks LLaMA-Factory to upcast its norms; one priced for LLaMA-Factory's own
+    (``--stack llamafactory=...``: the compute dtype) leaves its default."""
+    from autotune.export.exports import llamafactory_config
+
+    plan = variant(base_plan, "qlora_dpo")
+    assert llamafactory_config(plan)["upcast_layernorm"] is True
+    plan["record"]["libraries"] = {**plan["record"]["libraries"], "llamafactory": "0.9"}
+    config = llamafactory_config(plan)
+    assert "upcast_layernorm" not in config and config["quantization_bit"] == 4
+
+
 LLAMAFACTORY_CHECK = r"""
 import json, os, sys
 os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
@@ -810,4 +823,5 @@ def test_a_tool_holding_the_full_logits_is_told_what_the_plan_needs_there(pm, tm
     result = CliRunner().invoke(make_cli(pm), ["export", "bad.yaml", "--to", "axolotl"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert str(result.exception) == ("bad.yaml: record.libraries: trl: 1.14 is not a version "
-                                     "of one of torch, transformers, peft, bitsandbytes, trl")
+                                     "of one of torch, transformers, peft, bitsandbytes, trl, "
+                                     "llamafactory")
