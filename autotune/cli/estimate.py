@@ -95,13 +95,14 @@ def make_recipe(method, bits, rank, alpha, lora_dropout, targets, freeze_layers,
 
 
 def _stack(ctx, param, value):
+    """Every ``--stack`` given, as one list (a library named twice is refused)."""
     from autotune.util.versions import parse_stack
 
-    return parse_stack(value) if value is not None else None
+    return parse_stack(",".join(value)) if value else None
 
 
 stack_option = click.option(
-    "--stack", callback=_stack, metavar="LIB=VER,...",
+    "--stack", callback=_stack, metavar="LIB=VER,...", multiple=True,
     help="Price for another machine's library versions (e.g. transformers=4.46,peft=0.13; "
          "the installed ones for the rest): MoE expert layout, default attention, adapter "
          "dtype, what bitsandbytes and PEFT can do to fused experts; llamafactory=VER prices "

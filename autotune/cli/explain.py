@@ -34,7 +34,7 @@ def command(pm, plan_file, as_json) -> None:
     remote-code layout, the data (checked by digest), the calibration and the confidence.
     """
     from autotune.plan import alternatives
-    from autotune.plan.planfile import data_path, read_plan
+    from autotune.plan.planfile import data_path, read_plan, recorded_libraries
     from autotune.plan.service import price_plan, question_notes
 
     plan = read_plan(plan_file)
@@ -54,7 +54,7 @@ def command(pm, plan_file, as_json) -> None:
                                   for k, v in result.breakdown.items() if v]},
         "alternatives": [a.to_dict() for a in found],
         "notes": question_notes(priced.model, recipe.seq_len, priced.gpu),
-        "run": run_command(plan_file, data_path(plan)),
+        "run": run_command(plan_file, data_path(plan), recorded_libraries(plan, plan_file)),
     }
     click.echo(json.dumps(report, indent=2) if as_json else _render(report))
 
@@ -121,9 +121,14 @@ def _render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_command(plan_file: str, data_path: str | None) -> str:
-    """How to train a plan: ``autotune run`` needs the data, which a plan only names."""
+def run_command(plan_file: str, data_path: str | None, libraries: dict | None = None) -> str:
+    """How to train a plan: ``autotune run`` needs the data, which a plan only names; a
+    plan priced for LLaMA-Factory (``libraries``, its record's) goes there as its config."""
     import shlex
 
+    from autotune.cost.layouts import LLAMA_FACTORY
+
     data = shlex.quote(data_path) if data_path else "FILE"
+    if (libraries or {}).get(LLAMA_FACTORY):
+        return f"autotune export {shlex.quote(plan_file)} --to llamafactory --data {data}"
     return f"autotune run {shlex.quote(plan_file)} --data {data}"

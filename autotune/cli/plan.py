@@ -162,7 +162,8 @@ def command(pm, model_spec, gpu, vram, seq_len, stage, effective_batch, gpus, no
         report["written"] = output
         from autotune.cli.explain import run_command
 
-        report["run"] = run_command(output, os.path.abspath(data_path) if data_path else None)
+        report["run"] = run_command(output, os.path.abspath(data_path) if data_path else None,
+                                    stack)
     click.echo(json.dumps(report, indent=2) if as_json else _render(report))
 
 

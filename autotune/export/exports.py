@@ -834,6 +834,13 @@ def build(tool: str, plan: dict, context: ExportContext | None = None, data: str
                   "far above this plan's memory; use `autotune run` or --to axolotl")
         notes.append(caveat)
         export.caveats.append(caveat)
+    if tool != "llamafactory" and recipe["bits"] < 16 and not _priced_layouts(plan).kbit_upcast:
+        caveat = ("this plan was priced for LLaMA-Factory's k-bit preparation (its unquantised "
+                  "weights and residual stream in the compute dtype); other trainers prepare "
+                  "the base with PEFT's prepare_model_for_kbit_training, in fp32, above this "
+                  "plan's memory: plan again without --stack llamafactory")
+        notes.append(caveat)
+        export.caveats.append(caveat)
     export.notes = notes
     return export
 

@@ -53,13 +53,18 @@ def parse_stack(text: str) -> dict[str, str]:
         if name not in LIBRARIES + TRAINERS:
             raise AutotuneError(f"--stack: unknown library {name!r} (one of "
                                 f"{', '.join(LIBRARIES + TRAINERS)})")
-        if not _VERSION.match(value):
+        if not is_version(value):
             raise AutotuneError(f"--stack: {name} version {value!r} is not a version number "
                                 "(e.g. 4.46 or 4.46.3)")
         found[name] = value
     if not found:
         raise AutotuneError("--stack: give LIBRARY=VERSION pairs (e.g. transformers=4.46)")
     return found
+
+
+def is_version(text: str) -> bool:
+    """Whether ``text`` is a release as pip names it (see :data:`_VERSION`)."""
+    return bool(_VERSION.match(text))
 
 
 def resolve_stack(stack: Mapping[str, str | None] | None = None) -> dict[str, str | None]:

@@ -27,7 +27,7 @@ def timed():
     found = []
     for r in rows:
         a = assess(pm, r.config, r.recipe, gpu=resolve_gpu(r.gpu),
-                   effective_batch=r.recipe.batch * r.grad_accum)
+                   effective_batch=r.recipe.batch * r.grad_accum, stack=r.stack)
         found.append((r, a))
     return found
 

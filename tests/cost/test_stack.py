@@ -90,6 +90,36 @@ def test_versions_compare_by_their_numbers():
     assert not at_least("4.9", "4.36") and not at_least(None, "0.1")
 
 
+def test_a_stack_given_twice_is_one_list(pm):
+    """Each --stack adds to one list; a library named in two is refused, not overwritten."""
+    def run(*stacks):
+        args = ["estimate", "--model", "qwen2.5-0.5b", "--method", "qlora", "--json"]
+        return CliRunner().invoke(make_cli(pm), args + [a for s in stacks for a in ("--stack", s)])
+
+    both = json.loads(run("llamafactory=0.6", "peft=0.13").stdout)
+    assert both["libraries"]["llamafactory"] == "0.6" and both["libraries"]["peft"] == "0.13"
+    assert both["layouts"]["kbit_upcast"] is False
+    twice = run("llamafactory=0.6", "llamafactory=0.7")
+    assert twice.exit_code != 0 and "llamafactory is given twice" in str(twice.exception)
+
+
+def test_a_plan_priced_for_llama_factory_is_trained_there(pm, tmp_path):
+    """The plan's 'train it' line is the LLaMA-Factory export, which `autotune run` is not."""
+    def plan(*extra):
+        out = tmp_path / f"plan{len(extra)}.yaml"
+        result = CliRunner().invoke(make_cli(pm), [
+            "plan", "--model", "tiny", "--vram", "2GiB", "--method", "qlora", "--storage",
+            "none", "--top", "1", "-o", str(out), "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["run"], out
+
+    there, path = plan("--stack", "llamafactory=0.6")
+    assert there.startswith("autotune export ") and there.endswith("--to llamafactory --data FILE")
+    assert plan()[0].startswith("autotune run ")
+    explained = CliRunner().invoke(make_cli(pm), ["explain", str(path), "--json"])
+    assert json.loads(explained.stdout)["run"] == there
+
+
 @pytest.mark.parametrize("text, says", [
     ("transformers", "is not LIBRARY=VERSION"),
     ("numpy=1.26", "unknown library 'numpy'"),

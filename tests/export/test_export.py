@@ -467,6 +467,19 @@ def test_a_quantised_base_is_exported_as_the_plan_priced_its_preparation(base_pl
     assert "upcast_layernorm" not in config and config["quantization_bit"] == 4
 
 
+def test_a_plan_priced_for_llama_factorys_preparation_warns_other_tools(pm, base_plan,
+                                                                        tmp_path):
+    plan = variant(base_plan, "qlora_dpo")
+    plan["record"]["libraries"] = {**plan["record"]["libraries"], "llamafactory": "0.9"}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    for tool, file_name in (("axolotl", "axolotl.yaml"), ("llamafactory", "lf.yaml")):
+        notes = export(pm, path, tool, tmp_path / file_name)["notes"]
+        warned = [n for n in notes if "LLaMA-Factory's k-bit preparation" in n]
+        assert bool(warned) is (tool != "llamafactory"), notes
+    assert (tmp_path / "axolotl.yaml").read_text().startswith("# autotune: this plan was priced")
+
+
 LLAMAFACTORY_CHECK = r"""
 import json, os, sys
 os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
@@ -824,4 +837,8 @@ def test_a_tool_holding_the_full_logits_is_told_what_the_plan_needs_there(pm, tm
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert str(result.exception) == ("bad.yaml: record.libraries: trl: 1.14 is not a version "
                                      "of one of torch, transformers, peft, bitsandbytes, trl, "
-                                     "llamafactory")
+                                     "llamafactory (quote it: '1.14')")
+    plan["record"]["libraries"] = {"llamafactory": "abc"}  # not a release: refused as well
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(plan))
+    result = CliRunner().invoke(make_cli(pm), ["export", "bad.yaml", "--to", "axolotl"])
+    assert result.exit_code == 1 and "'abc' is not a version" in str(result.exception)
