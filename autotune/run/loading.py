@@ -6,9 +6,13 @@ Shared by the executor (real weights from a local folder) and the measurement ha
 
 from __future__ import annotations
 
+import atexit
+import functools
 import gc
+import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 
@@ -116,11 +120,9 @@ def _load(config, recipe, path, device, seed, remote_code, extra):
     attn = HF_ATTENTION[recipe.attn]
     if recipe.bits < 16:
         if path is None:  # quantise random weights the way a checkpoint is quantised: on load
-            with tempfile.TemporaryDirectory() as folder:
-                AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype).save_pretrained(
-                    folder)
-                gc.collect()
-                return _quantised(folder, recipe, dtype, attn, device, remote_code, extra)
+            path = _random_checkpoint(json.dumps(config, sort_keys=True),
+                                      TORCH_DTYPES[recipe.weight_dtype], seed)
+            torch.manual_seed(seed)  # what follows draws alike, written now or before
         return _quantised(path, recipe, dtype, attn, device, remote_code, extra)
     if path is None:
         with torch.device(device):
@@ -130,6 +132,23 @@ def _load(config, recipe, path, device, seed, remote_code, extra):
         local_folder(path, "model weights", "config.json"), local_files_only=True,
         **{"dtype": dtype, "attn_implementation": attn, "device_map": {"": device},
            "trust_remote_code": remote_code, **(extra or {})})
+
+
+@functools.cache
+def _random_checkpoint(config: str, dtype: str, seed: int) -> str:
+    """A folder holding the randomly initialised weights of ``config`` (JSON) in ``dtype``,
+    for quantising on load: written once a process and config (building and saving is
+    most of a k-bit measurement's time), removed when the process ends."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tempfile.mkdtemp(prefix="autotune-random-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(hf_config(json.loads(config)),
+                                     dtype=getattr(torch, dtype)).save_pretrained(folder)
+    gc.collect()
+    return folder
 
 
 def _quantised(path: str, recipe: Recipe, dtype, attn: str, device: str, remote_code: bool,

@@ -1,5 +1,8 @@
 """The memory model against real CPU training steps (peaks measured to the byte)."""
 
+import json
+import os
+
 import pytest
 
 from benchmarks.accuracy_grid import CONFIGS, FAST, compare, describe_recipe, predict
@@ -336,6 +339,28 @@ def test_four_bit_keeps_embeddings_and_head_unquantised(pm):
     embedding = config["vocab_size"] * config["hidden_size"]
     # the tied 64k embedding alone is most of this model; in fp32 after kbit preparation
     assert weight_bytes(e.arch, e.recipe) > embedding * 4
+
+
+def test_random_k_bit_bases_of_one_config_share_one_saved_checkpoint():
+    """A random k-bit base is saved once, then quantised on load (as a checkpoint is): a
+    second build of the config in the process loads the same folder, the same weights."""
+    import torch
+
+    from autotune.run import loading
+
+    config = TINY["llama-s"]
+    recipe = Recipe(method="qlora", batch=1, seq_len=32)
+    first = loading.load_base(config, recipe)
+    folder = loading._random_checkpoint(json.dumps(config, sort_keys=True), "bfloat16", 0)
+    second = loading.load_base(config, recipe)
+    assert os.path.isfile(os.path.join(folder, "config.json"))
+    weights = [dict(m.named_parameters()) for m in (first, second)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k].data, weights[1][k].data) for k in weights[0])
+    eight = loading.load_base(config, recipe.but(method="lora", bits=8))  # the same bf16 file
+    assert loading._random_checkpoint.cache_info().currsize >= 1
+    embedding = "model.embed_tokens.weight"
+    assert torch.equal(dict(eight.named_parameters())[embedding].data, weights[0][embedding].data)
 
 
 def test_a_cost_model_pricing_many_recipes_gives_what_each_priced_alone_gives(pm):
