@@ -34,6 +34,7 @@ LLAMA_FACTORY = "llamafactory"
 takes the loss over the full logits (transformers' Trainer) and prepares a quantised base
 its own way, in the compute dtype (``upcast_layernorm`` is off by default; PEFT's
 ``prepare_model_for_kbit_training``, which upcasts to fp32, is not called)."""
+TRAINER_NAMES = {LLAMA_FACTORY: "LLaMA-Factory"}
 MODEL_LOSS = {"trl": None}
 """The stack of a loss over the full logits whatever the stage: the model's own
 (transformers' Trainer, LLaMA-Factory, :mod:`autotune.run.measure`'s steps)."""
@@ -69,6 +70,9 @@ class Layouts:
     """A quantised base's unquantised weights and residual stream are fp32 (PEFT's k-bit
     preparation, as ``autotune run`` trains); ``False``: LLaMA-Factory's, the compute
     dtype."""
+    trainer: str | None = None
+    """The training program the stack names (:data:`LLAMA_FACTORY`), else ``None``: the
+    stage's own (``autotune run``'s)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,9 +82,11 @@ class Layouts:
         experts = self.experts + ("" if self.experts == "per-expert" else
                                   f" ({'4-bit' if self.quantised_experts else '16-bit'} "
                                   f"under qlora, LoRA {'on' if self.expert_adapters else 'off'})")
+        loss = (f"{TRAINER_NAMES[self.trainer]}'s trainer (full logits)" if self.trainer
+                else f"TRL's loss head {self.loss_head}")
         return (f"layouts: experts {experts}, default attention {self.attention}, "
-                f"adapters {self.adapter_dtype}, TRL's loss head {self.loss_head}, k-bit "
-                f"bases keep {'fp32' if self.kbit_upcast else 'the compute dtype'}")
+                f"adapters {self.adapter_dtype}, {loss}, k-bit bases keep "
+                f"{'fp32' if self.kbit_upcast else 'the compute dtype'}")
 
 
 def layouts(stack: Mapping[str, str | None] | None = None) -> Layouts:
@@ -96,7 +102,8 @@ def layouts(stack: Mapping[str, str | None] | None = None) -> Layouts:
         quantised_experts=at_least(v["bitsandbytes"], QUANTISED_EXPERTS),
         expert_adapters=at_least(v["peft"], EXPERT_ADAPTERS),
         loss_head="chunked" if at_least(v["trl"], CHUNKED_HEAD) and not v.get(LLAMA_FACTORY)
-        else "logits", kbit_upcast=not v.get(LLAMA_FACTORY))
+        else "logits", kbit_upcast=not v.get(LLAMA_FACTORY),
+        trainer=LLAMA_FACTORY if v.get(LLAMA_FACTORY) else None)
 
 
 def adapt(arch: Architecture, found: Layouts) -> Architecture:

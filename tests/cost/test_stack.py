@@ -98,7 +98,7 @@ def test_a_stack_given_twice_is_one_list(pm):
 
     both = json.loads(run("llamafactory=0.6", "peft=0.13").stdout)
     assert both["libraries"]["llamafactory"] == "0.6" and both["libraries"]["peft"] == "0.13"
-    assert both["layouts"]["kbit_upcast"] is False
+    assert both["layouts"]["kbit_upcast"] is False and both["layouts"]["trainer"] == "llamafactory"
     twice = run("llamafactory=0.6", "llamafactory=0.7")
     assert twice.exit_code != 0 and "llamafactory is given twice" in str(twice.exception)
 
