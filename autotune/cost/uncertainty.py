@@ -124,11 +124,8 @@ def band(memory: MemoryEstimate, *, device: str = "cuda", correction=None,
         if overhead_sigma is not None:
             parts = [(overhead_sigma * memory.peak,) * 2]
         else:
-            assumed = CUDA_CONTEXT if correction is None else correction.device_overhead
-            context = min(overhead, assumed)
-            parts = [(d * part, u * part) for part, (d, u) in
-                     ((context, PRIORS["cuda_context"]),
-                      (overhead - context, PRIORS[reserve_prior(memory)]))]
+            parts = _overhead_parts(memory, CUDA_CONTEXT if correction is None
+                                    else correction.device_overhead)
         components["device_overhead"] = _bounds(overhead, k * _quadrature(parts, 0),
                                                 k * _quadrature(parts, 1))
         terms += parts
@@ -179,14 +176,20 @@ def prior_widths(memory: MemoryEstimate, device: str, ups: dict[str, float] | No
     widths = {name: (PRIORS[name][0] * abs(v), PRIORS[name][1] * abs(v))
               for name, v in memory.breakdown.items()}
     if device == "cuda":
-        overhead = memory.device_overhead
-        context = min(overhead, CUDA_CONTEXT)
-        parts = [(name, PRIORS[name][0], (ups or {}).get(name, PRIORS[name][1]))
-                 for name in ("cuda_context", reserve_prior(memory))]
-        widths["device_overhead"] = tuple(
-            parts[0][side] * context + parts[1][side] * (overhead - context)
-            for side in (1, 2))
+        parts = _overhead_parts(memory, CUDA_CONTEXT, ups)
+        widths["device_overhead"] = tuple(sum(part[side] for part in parts) for side in (0, 1))
     return widths
+
+
+def _overhead_parts(memory: MemoryEstimate, context: int, ups: dict[str, float] | None = None
+                    ) -> list[tuple[float, float]]:
+    """The (down, up) prior widths in bytes (1 sigma) of the device overhead's two parts:
+    the context (at most ``context`` of it) and the allocator's reserve (the rest);
+    ``ups`` as for :func:`prior_widths`."""
+    overhead = memory.device_overhead
+    held = min(overhead, context)
+    return [(PRIORS[name][0] * size, (ups or {}).get(name, PRIORS[name][1]) * size)
+            for name, size in (("cuda_context", held), (reserve_prior(memory), overhead - held))]
 
 
 def score(memory: MemoryEstimate, measured: int, device: str,

@@ -9,7 +9,7 @@ from autotune import __version__
 from autotune.cost.uncertainty import CONFIDENCE
 from autotune.util.atomic import write_text
 from autotune.util.errors import AutotuneError
-from autotune.util.versions import LIBRARIES, TRAINERS, is_version, resolve_stack
+from autotune.util.versions import STACK_NAMES, is_version, resolve_stack
 from autotune.catalog.lengths import BATCHINGS
 from autotune.cost.parallel import STRATEGIES
 from autotune.plugin.registry import stage_named, stage_settings
@@ -135,11 +135,11 @@ def recorded_libraries(plan: dict, path: str) -> dict | None:
     if libraries is not None and not isinstance(libraries, dict):
         raise AutotuneError(f"{path}: record.libraries must map libraries to versions")
     for name, version in (libraries or {}).items():
-        if name not in LIBRARIES + TRAINERS or not (
+        if name not in STACK_NAMES or not (
                 version is None or isinstance(version, str) and is_version(version)):
             quote = f" (quote it: '{version}')" if isinstance(version, int | float) else ""
             raise AutotuneError(f"{path}: record.libraries: {name}: {version!r} is not a "
-                                f"version of one of {', '.join(LIBRARIES + TRAINERS)}{quote}")
+                                f"version of one of {', '.join(STACK_NAMES)}{quote}")
     return libraries
 
 

@@ -19,6 +19,8 @@ TRAINERS = ("llamafactory",)
 """Training programs a stack may name (``--stack llamafactory=0.9``), which prepare and
 train the model their own way. Never read from the installation: ``autotune run`` trains
 with its own loop, whatever else is installed."""
+STACK_NAMES = LIBRARIES + TRAINERS
+"""What a stack may name."""
 _VERSION = re.compile(r"^[0-9]+(\.[0-9]+){0,3}((a|b|rc|\.?dev|\.?post)[0-9]*)?"
                       r"(\+[A-Za-z0-9.]+)?$", re.ASCII)
 """A release as pip names it: up to four numbers, a pre-, dev- or post-release tag, a
@@ -50,9 +52,9 @@ def parse_stack(text: str) -> dict[str, str]:
                                 "(e.g. transformers=4.46,peft=0.13)")
         if name in found:
             raise AutotuneError(f"--stack: {name} is given twice")
-        if name not in LIBRARIES + TRAINERS:
+        if name not in STACK_NAMES:
             raise AutotuneError(f"--stack: unknown library {name!r} (one of "
-                                f"{', '.join(LIBRARIES + TRAINERS)})")
+                                f"{', '.join(STACK_NAMES)})")
         if not is_version(value):
             raise AutotuneError(f"--stack: {name} version {value!r} is not a version number "
                                 "(e.g. 4.46 or 4.46.3)")
@@ -71,10 +73,10 @@ def resolve_stack(stack: Mapping[str, str | None] | None = None) -> dict[str, st
     """Every library's version: those in ``stack``, the installed ones for the rest (and
     a trainer of :data:`TRAINERS` where ``stack`` names one)."""
     given = dict(stack or {})
-    unknown = [name for name in given if name not in LIBRARIES + TRAINERS]
+    unknown = [name for name in given if name not in STACK_NAMES]
     if unknown:
         raise AutotuneError(f"unknown library {unknown[0]!r} in the stack (one of "
-                            f"{', '.join(LIBRARIES + TRAINERS)})")
+                            f"{', '.join(STACK_NAMES)})")
     return {**library_versions(), **given}
 
 
